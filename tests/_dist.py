@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import tempfile
 import time
@@ -53,7 +54,8 @@ def _child(fn, rank, world_size, init_file, backend, env, args, results):
                 dist.destroy_process_group()
             except Exception:  # noqa: BLE001 - teardown after a failure must not mask it
                 pass
-        _report(results, (rank, True, out))
+        # plain pickle copies tensors by value: shared-memory handles would die with the child
+        _report(results, (rank, True, pickle.dumps(out)))
     except BaseException:  # noqa: BLE001 - report everything to the parent
         _report(results, (rank, False, traceback.format_exc()))
         os._exit(1)
@@ -124,7 +126,8 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
     failed = {r: v for r, (ok, v) in got.items() if not ok}
     if failed and not expect_failure:
         raise RankFailure(_describe(got))
-    return [got[r][1] if got[r][0] else ("error", got[r][1]) for r in range(world_size)]
+    return [pickle.loads(got[r][1]) if got[r][0] else ("error", got[r][1])
+            for r in range(world_size)]
 
 
 def _describe(got: dict[int, tuple[bool, Any]]) -> str:

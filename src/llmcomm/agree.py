@@ -1,0 +1,85 @@
+"""Cross-rank agreement with deadlines: exchange small Python objects through the c10d store.
+
+Every rank of a group calls :func:`exchange` with the same ``what`` in the same order. Each rank
+writes its object under a key of its own and waits for the keys of the other ranks, polling
+until ``get_config().timeout_s``. A rank that never arrives ends the wait with
+:class:`~llmcomm.errors.CollectiveTimeoutError` that names it, instead of a hang.
+
+Used at creation (topology facts, capability probes, launch fingerprints) and, with
+``LLMCOMM_CHECK=1``, per call. It needs no device and works for gloo and NCCL groups alike.
+"""
+
+from __future__ import annotations
+
+import itertools
+import pickle
+import time
+from collections import defaultdict
+from collections.abc import Mapping
+from typing import Any
+
+from .config import get_config
+from .errors import CollectiveTimeoutError, ConfigMismatchError
+
+_seq: dict[tuple[str, str], itertools.count] = defaultdict(itertools.count)
+_POLL_S = 0.002
+
+
+def group_ranks(group: Any) -> list[int]:
+    """Global ranks of ``group`` in group-rank order."""
+    import torch.distributed as dist
+
+    return list(dist.get_process_group_ranks(group))
+
+
+def group_label(group: Any) -> str:
+    ranks = group_ranks(group)
+    return "[" + ",".join(str(r) for r in ranks) + "]"
+
+
+def _store() -> Any:
+    from torch.distributed import distributed_c10d as c10d
+
+    return c10d._get_default_store()
+
+
+def exchange(obj: Any, group: Any, what: str, timeout_s: float | None = None) -> list[Any]:
+    """All-gather ``obj`` over ``group``; returns the objects in group-rank order.
+
+    Raises CollectiveTimeoutError naming the ranks (global numbering) that did not arrive.
+    """
+    import torch.distributed as dist
+
+    ranks = group_ranks(group)
+    me = dist.get_rank()
+    if len(ranks) == 1:
+        return [obj]
+    timeout_s = get_config().timeout_s if timeout_s is None else timeout_s
+    label = group_label(group)
+    seq = next(_seq[(label, what)])
+    prefix = f"llmcomm/{label}/{what}/{seq}/"
+    store = _store()
+    store.set(prefix + str(me), pickle.dumps(obj))
+    keys = {r: prefix + str(r) for r in ranks}
+    pending = set(ranks)
+    deadline = time.monotonic() + timeout_s
+    while pending:
+        pending = {r for r in pending if not store.check([keys[r]])}
+        if not pending:
+            break
+        if time.monotonic() > deadline:
+            raise CollectiveTimeoutError(what, label, sorted(pending), timeout_s,
+                                         detail=f"rank {me} waited in llmcomm.agree.exchange")
+        time.sleep(_POLL_S)
+    return [pickle.loads(store.get(keys[r])) for r in ranks]
+
+
+def agree(fingerprint: Mapping[str, Any], group: Any, what: str) -> list[dict[str, Any]]:
+    """Exchange ``fingerprint`` and raise ConfigMismatchError listing every differing field."""
+    fps = [dict(fp) for fp in exchange(dict(fingerprint), group, what)]
+    fields = sorted(set().union(*fps))
+    diffs = {f: [fp.get(f, "<missing>") for fp in fps] for f in fields
+             if any(fp.get(f, "<missing>") != fps[0].get(f, "<missing>") for fp in fps)}
+    if diffs:
+        raise ConfigMismatchError(f"{what} on group {group_label(group)}", diffs)
+    return fps

@@ -1,0 +1,85 @@
+"""The ``torch`` allreduce backend: ``torch.distributed.all_reduce`` + llmcomm's epilogue.
+
+Spans nodes (NCCL on GPU, gloo on CPU). On a GPU the add + RMSNorm (+FP8) after the allreduce
+is one Triton kernel (:mod:`llmcomm.kernels.epilogue`); on the CPU it is
+:func:`llmcomm.reference.add_rms_norm`.
+
+Numerics: on the CPU the sum is taken in float32 (exactly the semantics of ``base.py``). NCCL
+reduces in the input dtype in its own order, so on a GPU bf16/fp16 results may differ from the
+float32 semantics by one rounding of the dtype; every rank still gets identical values.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from .. import reference
+
+logger = logging.getLogger(__name__)
+
+
+class TorchAllReduceBackend:
+    name = "torch"
+
+    def __init__(self, group: Any, hidden_size: int, dtype: torch.dtype, max_tokens: int,
+                 device: torch.device) -> None:
+        self.group = group
+        self.hidden_size = hidden_size
+        self.dtype = dtype
+        self.max_tokens = max_tokens
+        self.device = device
+        self._gpu_epilogue = device.type == "cuda"
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"backend": self.name, "epilogue": "triton" if self._gpu_epilogue else "torch"}
+
+    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if self.device.type == "cpu":
+            acc = x.float()  # a copy for low precision dtypes; sum in fp32
+            if acc.data_ptr() == x.data_ptr():
+                acc = acc.clone()
+        else:
+            acc = x.clone()
+        dist.all_reduce(acc, group=self.group)
+        return acc
+
+    def all_reduce(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        if self.device.type == "cpu":
+            out.copy_(self._reduce(x))
+        else:
+            out.copy_(x)
+            dist.all_reduce(out, group=self.group)
+
+    def all_reduce_add_rms_norm(self, x, residual, weight, eps, normed_out, residual_out,
+                                quant_scale=None, fp8_out=None) -> None:
+        summed = self._reduce(x)
+        self.epilogue(summed, residual, weight, eps, normed_out, residual_out, quant_scale,
+                      fp8_out)
+
+    def epilogue(self, summed, residual, weight, eps, normed_out, residual_out,
+                 quant_scale=None, fp8_out=None) -> None:
+        """add + RMSNorm (+FP8) of an already reduced ``summed`` into the given outputs."""
+        if self._gpu_epilogue:
+            from ..kernels.epilogue import add_rms_norm_epilogue
+
+            add_rms_norm_epilogue(summed, residual, weight, eps, normed_out, residual_out,
+                                  quant_scale=quant_scale, fp8_out=fp8_out)
+            return
+        res = reference.add_rms_norm(summed, residual, weight, eps, self.dtype, quant_scale)
+        if quant_scale is None:
+            normed, r_out = res
+        else:
+            q, r_out, normed = res
+            fp8_out.copy_(q)
+        residual_out.copy_(r_out)
+        normed_out.copy_(normed)
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,1 @@
+"""Triton kernels (``@triton.jit`` code and thin launchers); importing this package imports nothing."""

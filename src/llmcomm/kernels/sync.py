@@ -1,0 +1,91 @@
+"""Inline-PTX helpers for cross-GPU synchronisation from Triton (stock Triton 3.4+).
+
+Triton's ``tl.load``/``tl.store`` have no system-scope acquire/release and ``tl.atomic_*`` always
+returns a value (an NVLink round trip for a remote flag). These helpers emit the exact PTX:
+
+* ``ld_acquire_sys(ptrs, mask) -> int32``: ``ld.acquire.sys.global.b32`` where ``mask``; 0 elsewhere.
+* ``st_release_sys(ptrs, vals, mask)``: ``st.release.sys.global.b32`` where ``mask`` (posted, no
+  round trip; it orders every earlier write of the thread -- and, after ``tl.debug_barrier()``,
+  of the CTA -- before the flag at system scope).
+* ``globaltimer() -> int64``: ``%globaltimer`` in nanoseconds (for spin-wait deadlines).
+* ``wait_flags(...)``: spin until every selected flag reached ``target`` (wrap-safe int32
+  comparison) or the deadline passed; on expiry write an error record (see below) and return.
+
+Use one element per thread (a tensor of ``32 * num_warps`` elements) so no thread duplicates a
+remote store. Error record layout (int32), shared by every kernel of :mod:`.allreduce`::
+
+    rec[0] = 1 once any wait timed out        rec[1] |= bitmask of group ranks that did not arrive
+    rec[2] = program id that timed out        rec[3] = phase code (1..9) of that wait
+    rec[4] = the call epoch (sequence number) of that call
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def globaltimer():
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
+def ld_acquire_sys(ptrs, mask):
+    return tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.s32 p, $2, 0; mov.u32 $0, 0; "
+        "@p ld.acquire.sys.global.b32 $0, [$1]; }",
+        "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def st_release_sys(ptrs, vals, mask):
+    return tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.s32 p, $3, 0; "
+        "@p st.release.sys.global.b32 [$1], $2; mov.u32 $0, 0; }",
+        "=r,l,r,r", [ptrs, vals.to(tl.int32), mask.to(tl.int32)], dtype=tl.int32,
+        is_pure=False, pack=1)
+
+
+@triton.jit
+def record_error(state_ptr, host_err_ptr, missing_bits, pid, phase, epoch,
+                 ERR_OFF: tl.constexpr):
+    """Write the error record into device ``state[ERR_OFF:]`` and the pinned host mirror."""
+    tl.atomic_or(state_ptr + ERR_OFF + 1, missing_bits, sem="relaxed", scope="gpu")
+    tl.atomic_xchg(state_ptr + ERR_OFF + 2, pid, sem="relaxed", scope="gpu")
+    tl.atomic_xchg(state_ptr + ERR_OFF + 3, phase, sem="relaxed", scope="gpu")
+    tl.atomic_xchg(state_ptr + ERR_OFF + 4, epoch, sem="relaxed", scope="gpu")
+    tl.atomic_xchg(state_ptr + ERR_OFF + 0, 1, sem="release", scope="gpu")
+    one = tl.full([1], 1, tl.int32)
+    k = tl.arange(0, 1)
+    hp = host_err_ptr + k
+    st_release_sys(hp + 1, one * missing_bits, one)
+    st_release_sys(hp + 2, one * pid, one)
+    st_release_sys(hp + 3, one * phase, one)
+    st_release_sys(hp + 4, one * epoch, one)
+    st_release_sys(hp + 0, one, one)
+
+
+@triton.jit
+def wait_flags(flag_ptrs, peer_idx, mask, target, dead, timeout_ns, state_ptr, host_err_ptr,
+               pid, phase, epoch, ERR_OFF: tl.constexpr):
+    """Spin until ``flag >= target`` (int32, wrap-safe) for every masked element.
+
+    Returns the new ``dead`` flag (1 when this or an earlier wait gave up). With ``dead`` already
+    set it returns at once: after a timeout nothing waits again, so no call can hang.
+    """
+    d = ld_acquire_sys(flag_ptrs, mask) - target
+    pending = tl.sum((mask & (d < 0)).to(tl.int32), axis=0)
+    if dead == 0:
+        if pending > 0:
+            t0 = globaltimer()
+            while pending > 0:
+                d = ld_acquire_sys(flag_ptrs, mask) - target
+                pending = tl.sum((mask & (d < 0)).to(tl.int32), axis=0)
+                if pending > 0:
+                    if globaltimer() - t0 > timeout_ns:
+                        bits = tl.sum(tl.where(mask & (d < 0), 1 << peer_idx, 0), axis=0)
+                        record_error(state_ptr, host_err_ptr, bits, pid, phase, epoch, ERR_OFF)
+                        dead = 1
+                        pending = 0
+    tl.debug_barrier()
+    return dead
