@@ -202,7 +202,7 @@ def allreduce_fusion_decision(backend: str, facts: TopologyFacts, pp_size: int =
     if backend == "torch":
         return Decision("epilogue", (
             "torch backend: NCCL/gloo allreduce, then add + norm"
-            + (" + FP8" if quant else "") + " in one epilogue kernel",))
+            + (" + FP8" if quant else "") + " in llmcomm's epilogue (one Triton kernel on GPU)",))
     if backend == "flashinfer":
         if pp_size > 1:
             return Decision("epilogue", (

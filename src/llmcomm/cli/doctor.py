@@ -1,0 +1,185 @@
+"""``llmcomm doctor``: versions, topology facts, every backend with its availability and reason,
+and the decisions for a layout. Works on a CPU machine and under torchrun.
+
+Without torchrun the facts are this machine's (``--simulate-gpus N`` pretends N GPUs with peer
+access, ``--nodes`` spreads the world over several nodes). Under torchrun every rank gathers the
+real facts of its TP group and rank 0 prints them.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import platform
+from typing import Any
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("doctor", help="explain what llmcomm would choose here, and why")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: world)")
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--dp", type=int, default=1)
+    p.add_argument("--pcp", type=int, default=1)
+    p.add_argument("--nodes", type=int, default=1, help="nodes the world spans (simulated)")
+    p.add_argument("--hidden", type=int, default=8192)
+    p.add_argument("--simulate-gpus", type=int, default=None, metavar="N",
+                   help="pretend each node has N GPUs with full peer access (sm_90)")
+    p.add_argument("--flashinfer", choices=["probe", "current", "old", "signatureless", "absent"],
+                   default="probe", help="probe the installed FlashInfer, or assume a kind of build")
+    p.set_defaults(func=run)
+
+
+def _version(dist_name: str) -> str:
+    try:
+        return importlib.metadata.version(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _versions() -> list[tuple[str, str]]:
+    import torch
+
+    import llmcomm
+
+    rows = [("llmcomm", llmcomm.__version__), ("python", platform.python_version()),
+            ("torch", torch.__version__), ("triton", _version("triton")),
+            ("flashinfer", _version("flashinfer-python")),
+            ("cuda", str(torch.version.cuda)),
+            ("gpus", str(torch.cuda.device_count() if torch.cuda.is_available() else 0))]
+    if torch.cuda.is_available():
+        try:
+            rows.append(("nccl", ".".join(map(str, torch.cuda.nccl.version()))))
+        except Exception as e:  # noqa: BLE001
+            rows.append(("nccl", f"unknown ({e})"))
+    return rows
+
+
+def _assumed_caps(kind: str) -> Any:
+    from types import SimpleNamespace
+
+    all_patterns = ("kAllReduce", "kARResidualRMSNorm", "kARResidualRMSNormFP8Quant")
+    if kind == "absent":
+        return SimpleNamespace(available=False, agreed=True, reason="assumed absent (--flashinfer "
+                               "absent)", version=None, has_mnnvl=None, patterns=())
+    if kind == "old":
+        return SimpleNamespace(available=True, agreed=True, version="0.5.3", has_mnnvl=False,
+                               reason="assumed old build: no group= / comm_backend= kwargs",
+                               patterns=all_patterns, workspace_accepts_group=False)
+    if kind == "signatureless":
+        return SimpleNamespace(available=True, agreed=True, version="?", has_mnnvl=None,
+                               reason="assumed build whose functions have no signature metadata: "
+                                      "optional kwargs unknown, so not passed; MNNVL unknown",
+                               patterns=all_patterns, workspace_accepts_group=None)
+    return SimpleNamespace(available=True, agreed=True, version="0.6.8.post1", has_mnnvl=True,
+                           reason="assumed current build", patterns=all_patterns,
+                           workspace_accepts_group=True)
+
+
+def _local_facts(layout: Any, nodes: int, simulate: int | None) -> Any:
+    import torch
+
+    from ..topology import TopologyFacts
+
+    tp = layout.tp
+    per_node = max(1, layout.world_size // max(1, nodes))
+    tp_nodes = max(1, -(-tp // per_node))
+    cfg_mc = __import__("llmcomm.config", fromlist=["get_config"]).get_config()
+    mc = not cfg_mc.multicast_disabled
+    if simulate is not None:
+        return TopologyFacts.simulated(tp, num_nodes=tp_nodes, device_type="cuda",
+                                       multicast_allowed=mc)
+    if torch.cuda.is_available() and torch.cuda.device_count() >= min(tp, per_node):
+        n = min(tp, torch.cuda.device_count())
+        peer = all(i == j or torch.cuda.can_device_access_peer(i, j)
+                   for i in range(n) for j in range(n))
+        cc = tuple(torch.cuda.get_device_capability(0))
+        return TopologyFacts.simulated(tp, num_nodes=tp_nodes, device_type="cuda",
+                                       compute_capability=cc, peer_access=peer and tp_nodes == 1,
+                                       multicast_allowed=mc,
+                                       triton_available=importlib.util.find_spec("triton")
+                                       is not None)
+    return TopologyFacts.simulated(tp, num_nodes=tp_nodes, device_type="cpu",
+                                   compute_capability=None, triton_available=False)
+
+
+def report(layout: Any, facts: Any, fi_caps: Any, hidden: int) -> str:
+    """The doctor's text for a layout's TP group (pure: facts in, text out)."""
+    from .. import policy
+    from ..config import get_config
+
+    cfg = get_config()
+    lines = [f"layout: tp={layout.tp} pp={layout.pp} dp={layout.dp} pcp={layout.pcp} "
+             f"(world {layout.world_size}, ep {layout.ep_size})",
+             f"  tp groups: {layout.tp_groups()}", f"  ep groups: {layout.ep_groups()}",
+             f"topology of the TP group: {facts.describe()}",
+             f"env: LLMCOMM_TIMEOUT_S={cfg.timeout_s:g} LLMCOMM_CHECK={int(cfg.check)} "
+             f"multicast disabled by: {', '.join(cfg.multicast_disabled_by) or 'nothing'}",
+             f"flashinfer: {'available' if getattr(fi_caps, 'available', False) else 'unavailable'}"
+             f" ({getattr(fi_caps, 'reason', '') or getattr(fi_caps, 'version', '')})",
+             "backends:"]
+    for name, why in policy.backend_availability(facts, fi_caps, hidden).items():
+        lines.append(f"  {name:<10} {'available' if why is None else 'unavailable'}"
+                     + ("" if why is None else f": {why}"))
+    lines.append("decisions:")
+    for req in policy.REQUESTS:
+        try:
+            d = policy.resolve_allreduce_backend(req, facts, fi_caps, pp_size=layout.pp,
+                                                 hidden_size=hidden)
+        except Exception as e:  # noqa: BLE001 - the doctor shows the error a user would get
+            lines.append(f"  backend={req:<10} -> {type(e).__name__}: {e}")
+            continue
+        fus = policy.allreduce_fusion_decision(d.choice, facts, layout.pp, fi_caps)
+        fq = policy.allreduce_fusion_decision(d.choice, facts, layout.pp, fi_caps, quant=True)
+        lines.append(f"  backend={req:<10} -> {d.choice}: {'; '.join(d.reasons)}")
+        lines.append(f"      fusion: {fus}")
+        if fq.choice != fus.choice:
+            lines.append(f"      fusion+fp8: {fq}")
+    if facts.device_type == "cuda":
+        lines.append("p2p kernel strategy by message size (bytes per rank):")
+        for nbytes in (hidden * 2, 64 * hidden * 2, 1024 * hidden * 2, 8192 * hidden * 2):
+            s = policy.allreduce_strategy(nbytes, facts.world_size)
+            lines.append(f"  {nbytes:>10} B ({nbytes // (hidden * 2)} tokens bf16) -> {s}")
+    return "\n".join(lines)
+
+
+def run(args: Any) -> int:
+    from ..layout import ParallelLayout
+
+    world_env = int(os.environ.get("WORLD_SIZE", "1"))
+    distributed = "RANK" in os.environ and world_env > 1
+    tp = args.tp or (world_env if distributed else 1)
+    layout = ParallelLayout(tp=tp, pp=args.pp, dp=args.dp, pcp=args.pcp)
+    print("llmcomm doctor")
+    for k, v in _versions():
+        print(f"  {k:<11} {v}")
+    if args.flashinfer == "probe":
+        from .. import probe
+
+        fi_caps = probe.flashinfer()
+    else:
+        fi_caps = _assumed_caps(args.flashinfer)
+    if not distributed:
+        facts = _local_facts(layout, args.nodes, args.simulate_gpus)
+        print(report(layout, facts, fi_caps, args.hidden))
+        return 0
+    import torch
+    import torch.distributed as dist
+
+    from ..topology import gather_topology
+
+    layout.check_world_size(world_env)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    try:
+        groups = layout.create_groups()
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" \
+            else torch.device("cpu")
+        facts = gather_topology(groups.tp, device)
+        if dist.get_rank() == 0:
+            print(report(layout, facts, fi_caps, args.hidden))
+    finally:
+        dist.destroy_process_group()
+    return 0

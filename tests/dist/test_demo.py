@@ -1,0 +1,32 @@
+"""The main job on the CPU: TP=2 x EP=2 tiny decoder matches the single-process reference."""
+
+from llmcomm.demo.run import DemoConfig, run, summarize
+
+
+def test_demo_tp2_ep2_matches_reference():
+    cfg = DemoConfig(preset="tiny", tp=2, dp=1, batch=3, prompt=7, decode_steps=3)
+    results = run(cfg, timeout=240)
+    ok, text = summarize(cfg, results)
+    assert ok, text
+    assert "CHECK PASSED" in text
+    assert len(results[0]["steps"]) == 1 + 3
+    assert all(s["rel_err"] < 1e-4 for r in results for s in r["steps"])
+
+
+def test_demo_tp2_dp2_ep4_matches_reference():
+    cfg = DemoConfig(preset="tiny", tp=2, dp=2, batch=2, prompt=5, decode_steps=2)
+    results = run(cfg, timeout=240)
+    ok, text = summarize(cfg, results)
+    assert ok, text
+    assert results[0]["ep_group"] == [0, 1, 2, 3]
+
+
+def test_summary_flags_a_mismatch():
+    cfg = DemoConfig(preset="tiny")
+    fake = [{"rank": r, "device": "cpu", "dtype": "float32", "allreduce": "torch",
+             "fusion": "epilogue", "moe": "torch",
+             "steps": [{"step": "prefill", "rel_err": 1e-7, "ms": 1.0},
+                       {"step": "decode 0", "rel_err": 0.3 if r else 1e-7, "ms": 1.0}]}
+            for r in range(2)]
+    ok, text = summarize(cfg, fake)
+    assert not ok and "MISMATCH" in text and "CHECK FAILED" in text
