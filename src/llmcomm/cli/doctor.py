@@ -84,8 +84,9 @@ def _local_facts(layout: Any, nodes: int, simulate: int | None) -> Any:
     tp = layout.tp
     per_node = max(1, layout.world_size // max(1, nodes))
     tp_nodes = max(1, -(-tp // per_node))
-    cfg_mc = __import__("llmcomm.config", fromlist=["get_config"]).get_config()
-    mc = not cfg_mc.multicast_disabled
+    from ..config import get_config
+
+    mc = not get_config().multicast_disabled
     if simulate is not None:
         return TopologyFacts.simulated(tp, num_nodes=tp_nodes, device_type="cuda",
                                        multicast_allowed=mc)
@@ -100,7 +101,8 @@ def _local_facts(layout: Any, nodes: int, simulate: int | None) -> Any:
                                        triton_available=importlib.util.find_spec("triton")
                                        is not None)
     return TopologyFacts.simulated(tp, num_nodes=tp_nodes, device_type="cpu",
-                                   compute_capability=None, triton_available=False)
+                                   compute_capability=None,
+                                   triton_available=importlib.util.find_spec("triton") is not None)
 
 
 def report(layout: Any, facts: Any, fi_caps: Any, hidden: int) -> str:
@@ -148,7 +150,7 @@ def run(args: Any) -> int:
 
     world_env = int(os.environ.get("WORLD_SIZE", "1"))
     distributed = "RANK" in os.environ and world_env > 1
-    tp = args.tp or (world_env if distributed else 1)
+    tp = args.tp if args.tp is not None else (world_env if distributed else 1)
     layout = ParallelLayout(tp=tp, pp=args.pp, dp=args.dp, pcp=args.pcp)
     print("llmcomm doctor")
     for k, v in _versions():

@@ -1,0 +1,34 @@
+"""The doctor explains its decisions for the seed scenarios without GPUs."""
+
+import pytest
+
+from llmcomm.cli import main
+
+
+def test_doctor_cpu_tp2_pp2(capsys):
+    assert main(["doctor", "--tp", "2", "--pp", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "tp groups: [[0, 1], [2, 3]]" in out
+    assert "backend=auto       -> torch" in out
+    assert "p2p        unavailable: needs CUDA" in out
+
+
+def test_doctor_simulated_gpus_pp2_keeps_p2p_fusion_and_gates_flashinfer(capsys):
+    assert main(["doctor", "--tp", "2", "--pp", "2", "--simulate-gpus", "8",
+                 "--flashinfer", "current"]) == 0
+    out = capsys.readouterr().out
+    assert "backend=auto       -> p2p" in out
+    assert "fusion stays on with PP=2" in out
+    assert "FlashInfer fusion off with PP=2" in out
+
+
+def test_doctor_two_nodes_explicit_p2p_is_an_error(capsys):
+    assert main(["doctor", "--tp", "4", "--nodes", "2", "--simulate-gpus", "2",
+                 "--flashinfer", "old"]) == 0
+    out = capsys.readouterr().out
+    assert "backend=p2p        -> ValueError" in out and "spans 2 nodes" in out
+
+
+def test_doctor_bad_layout():
+    with pytest.raises(ValueError, match=">= 1"):
+        main(["doctor", "--tp", "0"])
