@@ -83,3 +83,32 @@ def agree(fingerprint: Mapping[str, Any], group: Any, what: str) -> list[dict[st
     if diffs:
         raise ConfigMismatchError(f"{what} on group {group_label(group)}", diffs)
     return fps
+
+
+class ArrivalLog:
+    """Per-rank "I reached call #seq of <what>" markers in the store (one key per rank,
+    overwritten), so a timed-out collective can name the ranks that never arrived."""
+
+    def __init__(self, group: Any, what: str) -> None:
+        import torch.distributed as dist
+
+        self.ranks = group_ranks(group)
+        self.label = group_label(group)
+        self.me = dist.get_rank()
+        self.prefix = f"llmcomm/arrive/{self.label}/{what}/"
+        self.seq = 0
+
+    def arrive(self) -> int:
+        self.seq += 1
+        _store().set(self.prefix + str(self.me), str(self.seq))
+        return self.seq
+
+    def missing(self, seq: int) -> list[int]:
+        """Ranks whose latest marker is below ``seq`` (they never reached that call)."""
+        store = _store()
+        out = []
+        for r in self.ranks:
+            key = self.prefix + str(r)
+            if not store.check([key]) or int(store.get(key)) < seq:
+                out.append(r)
+        return out

@@ -4,6 +4,11 @@ Spans nodes (NCCL on GPU, gloo on CPU). On a GPU the add + RMSNorm (+FP8) after 
 is one Triton kernel (:mod:`llmcomm.kernels.epilogue`); on the CPU it is
 :func:`llmcomm.reference.add_rms_norm`.
 
+Deadlines: on gloo (CPU) every collective waits at most ``LLMCOMM_TIMEOUT_S``; on expiry it
+raises CollectiveTimeoutError naming the ranks that never reached the call (per-rank arrival
+markers in the c10d store). A peer that exited raises the same error type. On NCCL the
+collective is left to NCCL's own watchdog timeout (the call must stay CUDA-graph capturable).
+
 Numerics: on the CPU the sum is taken in float32 (exactly the semantics of ``base.py``). NCCL
 reduces in the input dtype in its own order, so on a GPU bf16/fp16 results may differ from the
 float32 semantics by one rounding of the dtype; every rank still gets identical values.
@@ -17,6 +22,9 @@ from typing import Any
 import torch
 
 from .. import reference
+from ..agree import ArrivalLog
+from ..config import get_config
+from ..errors import CollectiveTimeoutError
 
 logger = logging.getLogger(__name__)
 
@@ -32,30 +40,46 @@ class TorchAllReduceBackend:
         self.max_tokens = max_tokens
         self.device = device
         self._gpu_epilogue = device.type == "cuda"
+        self._arrivals = None if device.type == "cuda" else ArrivalLog(group, "torch.all_reduce")
 
     def fingerprint(self) -> dict[str, Any]:
         return {"backend": self.name, "epilogue": "triton" if self._gpu_epilogue else "torch"}
 
     def _reduce(self, x: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
         if self.device.type == "cpu":
             acc = x.float()  # a copy for low precision dtypes; sum in fp32
             if acc.data_ptr() == x.data_ptr():
                 acc = acc.clone()
         else:
             acc = x.clone()
-        dist.all_reduce(acc, group=self.group)
+        self._collective(acc)
         return acc
 
-    def all_reduce(self, x: torch.Tensor, out: torch.Tensor) -> None:
+    def _collective(self, t: torch.Tensor) -> None:
+        """In-place sum over the group, with a deadline on gloo."""
+        import datetime
+
         import torch.distributed as dist
 
+        if self._arrivals is None:
+            dist.all_reduce(t, group=self.group)
+            return
+        seq = self._arrivals.arrive()
+        timeout = get_config().timeout_s
+        try:
+            work = dist.all_reduce(t, group=self.group, async_op=True)
+            work.wait(timeout=datetime.timedelta(seconds=timeout))
+        except RuntimeError as e:
+            missing = self._arrivals.missing(seq)
+            raise CollectiveTimeoutError("all_reduce (torch backend)", self._arrivals.label,
+                                         missing, timeout, detail=f"{type(e).__name__}: {e}") from e
+
+    def all_reduce(self, x: torch.Tensor, out: torch.Tensor) -> None:
         if self.device.type == "cpu":
             out.copy_(self._reduce(x))
         else:
             out.copy_(x)
-            dist.all_reduce(out, group=self.group)
+            self._collective(out)
 
     def all_reduce_add_rms_norm(self, x, residual, weight, eps, normed_out, residual_out,
                                 quant_scale=None, fp8_out=None) -> None:
