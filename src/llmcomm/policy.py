@@ -123,8 +123,13 @@ def _check_flashinfer(facts: TopologyFacts, fi_caps: Any, hidden_size: int | Non
                                  getattr(fi_caps, "has_mnnvl", None))
     if variant.choice == "none":
         return variant.reasons[0]
-    if variant.choice == "trtllm" and facts.world_size > 16:
-        return f"trtllm supports at most 16 ranks, the group has {facts.world_size}"
+    if variant.choice == "trtllm" and facts.world_size not in (2, 4, 8, 16):
+        return f"FlashInfer trtllm supports 2, 4, 8 or 16 ranks, the group has {facts.world_size}"
+    if hasattr(fi_caps, "accepts"):  # a real probe result: the backend's own pre-checks
+        from .allreduce.flashinfer import why_not_flashinfer
+
+        return why_not_flashinfer(fi_caps, variant=variant.choice, world_size=facts.world_size,
+                                  group_is_world=facts.is_world, hidden_size=hidden_size)
     return None
 
 
@@ -210,14 +215,19 @@ def allreduce_fusion_decision(backend: str, facts: TopologyFacts, pp_size: int =
                 "launch configs on all TP peers, which concurrent PP warm-up can break "
                 "(deadlock, vLLM PR #43616); FlashInfer allreduce + llmcomm epilogue instead",))
         patterns = tuple(getattr(fi_caps, "patterns", ()) or ())
-        want = "kARResidualRMSNormFP8Quant" if quant else "kARResidualRMSNorm"
-        if patterns and want not in patterns:
-            return Decision("epilogue", (f"this FlashInfer build lacks pattern {want}; "
+        if patterns and "kARResidualRMSNorm" not in patterns:
+            return Decision("epilogue", ("this FlashInfer build lacks pattern kARResidualRMSNorm; "
                                          "FlashInfer allreduce + llmcomm epilogue instead",))
-        if quant and facts.num_nodes > 1:
+        # our fp8 op also returns the normed output: FlashInfer's "Out" FP8 pattern
+        fp8_pattern = "kARResidualRMSNormOutFP8Quant"
+        variant = flashinfer_variant(facts.num_nodes, facts.multicast_allowed,
+                                     getattr(fi_caps, "has_mnnvl", None)).choice
+        if quant and (variant == "mnnvl" or (patterns and fp8_pattern not in patterns)):
+            why = (f"{facts.num_nodes} node(s) use FlashInfer mnnvl, which cannot quantise in its "
+                   "fused kernel" if variant == "mnnvl" else
+                   f"this FlashInfer build lacks pattern {fp8_pattern}")
             return Decision("fused+epilogue-quant", (
-                f"{facts.num_nodes} nodes: FlashInfer cannot quantise in its multi-node fused "
-                "kernel; the fused allreduce + norm is kept and FP8 runs in llmcomm's epilogue",))
+                why + "; the fused allreduce + norm is kept and FP8 runs in llmcomm's epilogue",))
         return Decision("fused", ("FlashInfer fused allreduce + residual + RMSNorm"
                                   + (" + FP8" if quant else ""),))
     raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(ALLREDUCE_BACKENDS)}")
@@ -229,7 +239,7 @@ def allreduce_fusion_decision(backend: str, facts: TopologyFacts, pp_size: int =
 #: Tuned on 2 x H200 (see docs/kernels.md); other world sizes use the entry for the next larger
 #: listed size, or the last entry.
 STRATEGY_THRESHOLDS: dict[int, tuple[int, int]] = {
-    2: (512 * 1024, 64 * 1024 * 1024),
+    2: (16 * 1024 * 1024, 16 * 1024 * 1024),
     4: (256 * 1024, 4 * 1024 * 1024),
     8: (128 * 1024, 1024 * 1024),
 }

@@ -33,6 +33,8 @@ class TopologyFacts:
         multicast_allowed: NVLink multicast may be used (never when it is disabled by env).
         multicast_reason: why (not).
         triton_available: triton imports on every rank.
+        is_world: the group holds every rank of the job (matters to libraries that would
+            otherwise rendezvous on WORLD).
     """
 
     world_size: int
@@ -45,12 +47,13 @@ class TopologyFacts:
     multicast_allowed: bool
     multicast_reason: str
     triton_available: bool
+    is_world: bool = True
 
     @classmethod
     def simulated(cls, world_size: int, num_nodes: int = 1, device_type: str = "cuda",
                   compute_capability: tuple[int, int] | None = (9, 0),
                   peer_access: bool | None = None, multicast_allowed: bool = False,
-                  triton_available: bool = True) -> "TopologyFacts":
+                  triton_available: bool = True, is_world: bool = True) -> "TopologyFacts":
         """Facts for a layout without a job: ranks spread evenly over ``num_nodes`` nodes."""
         per_node = max(1, world_size // num_nodes)
         nodes = tuple(min(r // per_node, num_nodes - 1) for r in range(world_size))
@@ -60,7 +63,8 @@ class TopologyFacts:
                    gpus_per_node=per_node if device_type == "cuda" else 0,
                    device_type=device_type, compute_capability=compute_capability,
                    peer_access=peer_access, multicast_allowed=multicast_allowed,
-                   multicast_reason="simulated", triton_available=triton_available)
+                   multicast_reason="simulated", triton_available=triton_available,
+                   is_world=is_world)
 
     def describe(self) -> str:
         cc = "n/a" if self.compute_capability is None else "sm_%d%d" % self.compute_capability
@@ -92,7 +96,7 @@ def local_facts(device: Any) -> dict[str, Any]:
     return facts
 
 
-def derive_facts(per_rank: list[dict[str, Any]]) -> TopologyFacts:
+def derive_facts(per_rank: list[dict[str, Any]], is_world: bool = True) -> TopologyFacts:
     """Group facts from the gathered per-rank facts (pure; identical on every rank)."""
     order: dict[str, int] = {}
     for f in per_rank:
@@ -122,13 +126,16 @@ def derive_facts(per_rank: list[dict[str, Any]]) -> TopologyFacts:
         gpus_per_node=min(f["device_count"] for f in per_rank),
         device_type=device_type, compute_capability=capability, peer_access=peer,
         multicast_allowed=mc, multicast_reason=why,
-        triton_available=all(f["triton"] for f in per_rank))
+        triton_available=all(f["triton"] for f in per_rank), is_world=is_world)
 
 
 def gather_topology(group: Any, device: Any) -> TopologyFacts:
     """Collective over ``group`` (with a deadline): the group's :class:`TopologyFacts`."""
+    import torch.distributed as dist
+
     from .agree import exchange
 
-    facts = derive_facts(exchange(local_facts(device), group, "topology"))
+    per_rank = exchange(local_facts(device), group, "topology")
+    facts = derive_facts(per_rank, is_world=len(per_rank) == dist.get_world_size())
     logger.debug("topology: %s", facts.describe())
     return facts

@@ -129,17 +129,19 @@ def test_missing_pattern_is_reported_not_silent():
 
 # rule 6: strategy is a pure function of size and world size
 def test_strategy_by_size():
-    lam, one = policy.STRATEGY_THRESHOLDS[2]
-    assert policy.allreduce_strategy(1, 2).choice == "lamport"
-    assert policy.allreduce_strategy(lam, 2).choice == "lamport"
-    assert policy.allreduce_strategy(lam + 1, 2).choice == "oneshot"
-    assert policy.allreduce_strategy(one + 1, 2).choice == "twoshot"
+    for w, (lam, one) in policy.STRATEGY_THRESHOLDS.items():
+        assert lam <= one, "thresholds must be ordered"
+        assert policy.allreduce_strategy(1, w).choice == "lamport"
+        assert policy.allreduce_strategy(lam, w).choice == "lamport"
+        assert policy.allreduce_strategy(lam + 1, w).choice == ("oneshot" if lam < one
+                                                                else "twoshot")
+        assert policy.allreduce_strategy(one + 1, w).choice == "twoshot"
     # unlisted world sizes use the next larger listed entry, then the last
     lam4, _ = policy.STRATEGY_THRESHOLDS[4]
-    assert policy.allreduce_strategy(lam4 + 1, 3).choice == "oneshot"
+    assert policy.allreduce_strategy(lam4 + 1, 3) == policy.allreduce_strategy(lam4 + 1, 4)
     lam8, _ = policy.STRATEGY_THRESHOLDS[8]
-    assert policy.allreduce_strategy(lam8 + 1, 16).choice == "oneshot"
     assert policy.allreduce_strategy(lam8, 16).choice == "lamport"
+    assert policy.allreduce_strategy(lam8 + 1, 16) == policy.allreduce_strategy(lam8 + 1, 8)
     with pytest.raises(ValueError):
         policy.allreduce_strategy(-1, 2)
 

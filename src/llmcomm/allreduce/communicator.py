@@ -86,11 +86,17 @@ class TPCommunicator:
         self._warned: set[str] = set()
 
         self.facts: TopologyFacts = gather_topology(group, self.device)
-        self.fi_caps = self._probe_flashinfer() if backend in ("auto", "flashinfer") else None
+        self.fi_caps = self._probe_flashinfer()  # collective on GPU groups, whatever is asked
         self.decision = policy.resolve_allreduce_backend(
             backend, self.facts, self.fi_caps, pp_size=pp_size, hidden_size=hidden_size)
         self.fusion = policy.allreduce_fusion_decision(
             self.decision.choice, self.facts, pp_size, self.fi_caps)
+        self.fusion_fp8 = policy.allreduce_fusion_decision(
+            self.decision.choice, self.facts, pp_size, self.fi_caps, quant=True)
+        for d in (self.fusion, self.fusion_fp8):
+            if d.choice != "fused" and self.decision.choice != "torch":
+                logger.warning("TPCommunicator on %s: fusion not fully used with backend %s: %s",
+                               group_label(group), self.decision.choice, d)
         self._torch = TorchAllReduceBackend(group, hidden_size, dtype, max_tokens, self.device)
         self.backend = self._make_backend(self.decision.choice)
         self.fingerprint = {
@@ -127,7 +133,10 @@ class TPCommunicator:
 
             variant = policy.flashinfer_variant(self.facts.num_nodes, self.facts.multicast_allowed,
                                                 getattr(self.fi_caps, "has_mnnvl", None))
-            return FlashInferAllReduceBackend(*args, caps=self.fi_caps, variant=variant.choice)
+            fused = self.fusion.choice
+            return FlashInferAllReduceBackend(*args, caps=self.fi_caps, variant=variant.choice,
+                                              fusion=fused, pp_size=self.pp_size,
+                                              gpus_per_node=self.facts.gpus_per_node or None)
         raise ValueError(f"unknown backend {name!r}")  # pragma: no cover
 
     # ------------------------------------------------------------------ validation
@@ -241,7 +250,10 @@ class TPCommunicator:
                  f"max_tokens={self.max_tokens}",
                  f"  topology: {self.facts.describe()}",
                  f"  backend:  {self.decision}",
-                 f"  fusion:   {self.fusion}"]
+                 f"  fusion:   {self.fusion}",
+                 f"  fp8:      {self.fusion_fp8}"]
+        for r in getattr(self.backend, "reasons", ()) or ():
+            lines.append(f"  note:     {r}")
         return "\n".join(lines)
 
     def close(self) -> None:

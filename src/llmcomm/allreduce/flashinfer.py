@@ -292,6 +292,31 @@ def check_shape_support(variant: str, world_size: int, hidden_size: int, dtype: 
                          f"the group has {world_size}")
 
 
+def why_not_flashinfer(caps: FlashInferCapabilities, *, variant: str, world_size: int,
+                       group_is_world: bool, hidden_size: int | None = None,
+                       dtype: torch.dtype | None = None, max_tokens: int = 1) -> str | None:
+    """Pure pre-check for the policy: None when the backend can be created, else why not.
+
+    Covers what ``FlashInferAllReduceBackend.__init__`` would refuse before touching a GPU:
+    availability/agreement, workspace scoping to the group, world size, hidden size and dtype.
+    """
+    if not caps.available or not caps.agreed:
+        return f"FlashInfer unavailable: {caps.reason}"
+    try:
+        workspace_scoping(caps, variant, group_is_world)
+        if hidden_size is not None and dtype is not None:
+            check_shape_support(variant, world_size, hidden_size, dtype, max_tokens)
+        elif variant == "trtllm" and world_size not in TRTLLM_WORLD_SIZES:
+            return f"FlashInfer trtllm supports TP sizes {TRTLLM_WORLD_SIZES}, got {world_size}"
+    except (BackendUnavailableError, ValueError, TypeError) as exc:
+        return str(exc)
+    if (variant == "trtllm" and caps.accepts(FUSION_FN, "use_oneshot") is not True
+            and world_size not in (2, 4, 8)):
+        return (f"use_oneshot cannot be passed (signature unknown) and FlashInfer's heuristic "
+                f"has no entry for {world_size} ranks")
+    return None
+
+
 _warned: set[str] = set()
 
 
@@ -441,6 +466,9 @@ class FlashInferAllReduceBackend:
                 f"unknown) and FlashInfer's own heuristic has no entry for {self.world_size} "
                 f"ranks (KeyError); use backend='torch' or 'p2p'")
 
+        group_is_world = self.world_size == dist.get_world_size()
+        self.scoping = workspace_scoping(caps, variant, group_is_world)[2]  # raises, no collective
+
         from ..agree import exchange
 
         # Preflight vote: either every rank enters the (collective) creation or none does.
@@ -452,7 +480,6 @@ class FlashInferAllReduceBackend:
             raise BackendUnavailableError(f"FlashInfer workspace not created: CUDA unavailable "
                                           f"on group rank(s) {bad}")
 
-        group_is_world = self.world_size == dist.get_world_size()
         import flashinfer.comm as fi_comm
 
         self._comm = fi_comm
@@ -482,7 +509,6 @@ class FlashInferAllReduceBackend:
             raise BackendUnavailableError(
                 f"FlashInfer {variant} workspace creation failed on group rank(s) "
                 + "; ".join(f"{r}: {e}" for r, e in failed.items()))
-        self._epilogue_fn = _load_epilogue()
         logger.info("FlashInfer %s backend on %d ranks: %s", variant, self.world_size,
                     "; ".join(self.reasons))
 
@@ -535,7 +561,7 @@ class FlashInferAllReduceBackend:
         if not self.plan.norm_in_kernel:
             summed = torch.empty_like(x)
             self.all_reduce(x, summed)
-            self._epilogue_fn(summed, residual, weight, eps, normed_out, residual_out,
+            run_epilogue(summed, residual, weight, eps, normed_out, residual_out,
                               quant_scale, fp8_out, self.dtype)
             return
         tensors = {"residual_in": residual, "residual_out": residual_out, "norm_out": normed_out,
@@ -574,28 +600,31 @@ def quantize_fp8_epilogue(normed: torch.Tensor, quant_scale: torch.Tensor,
     fp8_out.copy_(q.to(torch.float8_e4m3fn))
 
 
-def _load_epilogue() -> Callable[..., None]:
-    """llmcomm's add + RMSNorm (+FP8) epilogue: the Triton kernel when present, else torch."""
-    try:
-        from ..kernels.epilogue import add_rms_norm_epilogue  # type: ignore
+def run_epilogue(summed: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                 normed_out: torch.Tensor, residual_out: torch.Tensor,
+                 quant_scale: torch.Tensor | None, fp8_out: torch.Tensor | None,
+                 dtype: torch.dtype) -> None:
+    """llmcomm's add + RMSNorm (+FP8) on an already reduced ``summed``.
 
-        def run(summed, residual, weight, eps, normed_out, residual_out, quant_scale, fp8_out,
-                dtype):
+    The Triton kernel (:mod:`llmcomm.kernels.epilogue`) for CUDA tensors when it is present,
+    else :func:`llmcomm.reference.add_rms_norm` (torch ops, the documented semantics).
+    """
+    if summed.device.type == "cuda":
+        try:
+            from ..kernels.epilogue import add_rms_norm_epilogue  # type: ignore
+        except ImportError:
+            add_rms_norm_epilogue = None
+        if add_rms_norm_epilogue is not None:
             add_rms_norm_epilogue(summed, residual, weight, eps, normed_out, residual_out,
                                   quant_scale=quant_scale, fp8_out=fp8_out)
-        return run
-    except ImportError:
-        pass
+            return
     from .. import reference
 
-    def run_torch(summed, residual, weight, eps, normed_out, residual_out, quant_scale, fp8_out,
-                  dtype):
-        res = reference.add_rms_norm(summed, residual, weight, eps, dtype, quant_scale)
-        if quant_scale is None:
-            normed, r_out = res
-        else:
-            q, r_out, normed = res
-            fp8_out.copy_(q)
-        residual_out.copy_(r_out)
-        normed_out.copy_(normed)
-    return run_torch
+    res = reference.add_rms_norm(summed, residual, weight, eps, dtype, quant_scale)
+    if quant_scale is None:
+        normed, r_out = res
+    else:
+        q, r_out, normed = res
+        fp8_out.copy_(q)
+    residual_out.copy_(r_out)
+    normed_out.copy_(normed)
