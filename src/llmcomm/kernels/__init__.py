@@ -1,1 +1,1 @@
-"""Triton kernels (``@triton.jit`` code and thin launchers); importing this package imports nothing."""
+"""Triton kernels and thin launchers; importing the package itself imports nothing."""

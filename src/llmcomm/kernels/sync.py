@@ -3,7 +3,7 @@
 Triton's ``tl.load``/``tl.store`` have no system-scope acquire/release and ``tl.atomic_*`` always
 returns a value (an NVLink round trip for a remote flag). These helpers emit the exact PTX:
 
-* ``ld_acquire_sys(ptrs, mask) -> int32``: ``ld.acquire.sys.global.b32`` where ``mask``; 0 elsewhere.
+* ``ld_acquire_sys(ptrs, mask) -> int32``: ``ld.acquire.sys.global.b32`` where ``mask``, else 0.
 * ``st_release_sys(ptrs, vals, mask)``: ``st.release.sys.global.b32`` where ``mask`` (posted, no
   round trip; it orders every earlier write of the thread -- and, after ``tl.debug_barrier()``,
   of the CTA -- before the flag at system scope).
@@ -83,9 +83,25 @@ def wait_flags(flag_ptrs, peer_idx, mask, target, dead, timeout_ns, state_ptr, h
                 pending = tl.sum((mask & (d < 0)).to(tl.int32), axis=0)
                 if pending > 0:
                     if globaltimer() - t0 > timeout_ns:
-                        bits = tl.sum(tl.where(mask & (d < 0), 1 << peer_idx, 0), axis=0)
+                        one = tl.full(peer_idx.shape, 1, tl.int32)
+                        bits = tl.sum(tl.where(mask & (d < 0), one << peer_idx, 0), axis=0)
                         record_error(state_ptr, host_err_ptr, bits, pid, phase, epoch, ERR_OFF)
-                        dead = 1
-                        pending = 0
+                        dead = dead | 1
+                        pending = pending * 0
     tl.debug_barrier()
     return dead
+
+
+@triton.jit
+def pdl_wait():
+    """``griddepcontrol.wait`` (sm_90+): wait until the previous grid finished and its writes
+    are visible. Must precede every global memory access of a kernel launched with PDL."""
+    tl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def pdl_launch_dependents():
+    """``griddepcontrol.launch_dependents`` (sm_90+): the next PDL grid may start its launch."""
+    tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [],
+                              dtype=tl.int32, is_pure=False, pack=1)

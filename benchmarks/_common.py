@@ -1,0 +1,87 @@
+"""Timing and reporting helpers shared by the benchmarks.
+
+``time_graph(fn)``: run ``fn`` eagerly (warm-up, compiles), capture ``iters`` back-to-back calls
+in one CUDA graph, replay it ``reps`` times and return the median microseconds per call, the
+maximum over the ranks of ``group`` (every rank must call it the same number of times).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import sys
+
+
+def time_graph(fn, group=None, iters: int = 50, reps: int = 7, warmup: int = 3,
+               before_replay=None) -> float:
+    import torch
+    import torch.distributed as dist
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    dist.barrier(group)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(iters):
+            fn()
+    torch.cuda.synchronize()
+    dist.barrier(group)
+    ts = []
+    for _ in range(reps):
+        if before_replay is not None:
+            before_replay()
+        torch.cuda.synchronize()
+        dist.barrier(group)
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) * 1000.0 / iters)
+    med = sorted(ts)[len(ts) // 2]
+    t = torch.tensor([med], device="cuda", dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    del g
+    return float(t.item())
+
+
+def environment() -> dict:
+    """GPU name, library versions, date and command line (for result files)."""
+    import torch
+
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join([sys.executable] + sys.argv), "python": platform.python_version(),
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "gpu_count": torch.cuda.device_count() if torch.cuda.is_available() else 0}
+    try:
+        info["nccl"] = ".".join(str(v) for v in torch.cuda.nccl.version())
+    except Exception:  # noqa: BLE001
+        info["nccl"] = None
+    for mod in ("triton", "flashinfer"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001
+            info[mod] = None
+    return info
+
+
+def write_results(path_stem: str, rows: list[dict], meta: dict) -> tuple[str, str]:
+    """``rows`` (dicts with identical keys) -> ``<stem>.csv`` and ``<stem>.json``."""
+    import csv
+
+    keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "hidden", k != "tokens", k))
+    with open(path_stem + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    with open(path_stem + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    return path_stem + ".csv", path_stem + ".json"

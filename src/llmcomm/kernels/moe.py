@@ -1,0 +1,240 @@
+"""Triton kernels of the MoE ``p2p`` EP backend (one node, NVLink, symmetric memory).
+
+``@triton.jit`` code only. The launcher is :mod:`llmcomm.moe.p2p`; it documents the workspace.
+
+Protocol (``W`` ranks, grid of ``G`` programs, identical on every rank; program ``p`` handles the
+tokens ``t = p, p + G, ...`` of every source rank, so it only ever waits for program ``p`` of
+its peers):
+
+dispatch, program p:
+  1. for each own token: store the row once into every *peer* rank owning one of its experts
+     (``recv_x[d][RANK, t]``), its ids/weights into every peer (``recv_ids/recv_w``), and copy it
+     into the local experts' slots (``expert_x``); ``T`` goes to ``recv_T[d][RANK]``.
+  2. ``debug_barrier``; release-store ``epoch`` into ``flags[d][p, RANK]`` for every peer d.
+  3. acquire-spin until ``flags[RANK][p, s] == epoch`` for every peer s (deadline).
+  4. expand the received rows of each peer into local experts' slots (atomic slot cursor).
+  5. the last program to finish publishes ``counts`` and resets the cursors (graph-safe).
+combine, program p:
+  1. for each peer s and each of its tokens with local experts: ``sum_k w * expert_out[slot]``
+     in fp32, stored once into ``comb[s][RANK, t]``;  2./3. flags as above (own epoch);
+  4. for each own token: ``y = sum over ranks d in order`` of the own partial (fp32, computed
+     here) or ``comb[RANK][d, t]``.
+Epochs live in device memory (one per program, per op) and flags only ever move forward, so
+nothing host-side is frozen into a CUDA graph. Every spin has a deadline: on expiry the program
+writes an error record (device + pinned host mirror) naming the missing rank and stops waiting;
+later calls see the record and do not wait at all.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _now(USE_TIMER: tl.constexpr):
+    if USE_TIMER:
+        t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64,
+                                      is_pure=False, pack=1)
+    else:
+        t = tl.full([], 0, tl.int64)
+    return t
+
+
+@triton.jit
+def _wait_peer(flag_ptr, epoch, peer, dead, err_dev, err_host, timeout_ns, OP: tl.constexpr,
+               USE_TIMER: tl.constexpr):
+    """Spin (acquire, system scope) until ``*flag_ptr == epoch``; returns the new ``dead``."""
+    v = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
+    t0 = _now(USE_TIMER)
+    spins = tl.full([], 0, tl.int64)
+    while (v != epoch) & (dead == 0):
+        v = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
+        spins += 1
+        if USE_TIMER:
+            elapsed = _now(USE_TIMER) - t0
+        else:
+            elapsed = spins * 1000           # interpreter: 1 us per spin
+        if v != epoch:
+            if elapsed > timeout_ns:
+                code = OP * 65536 + peer + 1
+                tl.store(err_dev, code)
+                tl.store(err_host, code)
+                dead = dead | 1
+            else:
+                dead = dead | tl.load(err_dev, volatile=True)
+    return dead
+
+
+@triton.jit
+def _expand_row(row, ids, s, t, expert_x, cursor, slot_map, RANK: tl.constexpr,
+                M: tl.constexpr, H: tl.constexpr, K: tl.constexpr, L: tl.constexpr,
+                CAP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Copy ``row`` into a fresh slot of each local expert in ``ids`` (repeats share a slot)."""
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_k = tl.arange(0, BLOCK_K)
+    mk = offs_k < K
+    sm = tl.full([BLOCK_K], -1, tl.int32)
+    for k in tl.static_range(K):
+        id_k = tl.sum(tl.where(offs_k == k, ids, 0), axis=0)
+        first = tl.min(tl.where((ids == id_k) & mk, offs_k, BLOCK_K), axis=0)
+        el = id_k - RANK * L
+        if (id_k >= 0) & (el >= 0) & (el < L):
+            if first == k:
+                slot = tl.atomic_add(cursor + el, 1, sem="relaxed", scope="gpu")
+                dst = expert_x + tl.cast(el * CAP + slot, tl.int64) * H
+                tl.store(dst + offs_h, row, mask=offs_h < H)
+                entry = el * CAP + slot
+            else:
+                entry = tl.sum(tl.where(offs_k == first, sm, 0), axis=0)
+            sm = tl.where(offs_k == k, entry, sm)
+    tl.store(slot_map + tl.cast((s * M + t) * K, tl.int64) + offs_k, sm, mask=mk)
+
+
+@triton.jit
+def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
+                       recv_x, recv_ids, recv_w, recv_T, flags,
+                       expert_x, counts, cursor, done, slot_map, epoch_ptr, err_dev,
+                       err_host_addr, timeout_ns,
+                       RANK: tl.constexpr, W: tl.constexpr, G: tl.constexpr, M: tl.constexpr,
+                       H: tl.constexpr, K: tl.constexpr, L: tl.constexpr, E: tl.constexpr,
+                       CAP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                       BLOCK_L: tl.constexpr, USE_TIMER: tl.constexpr):
+    pid = tl.program_id(0)
+    err_host = err_host_addr.to(tl.pointer_type(tl.int32))
+    epoch = tl.load(epoch_ptr + pid) + 1
+    offs_h = tl.arange(0, BLOCK_H)
+    mh = offs_h < H
+    offs_k = tl.arange(0, BLOCK_K)
+    mk = offs_k < K
+    # 1. own tokens: push rows to peers (once per peer rank), expand locally
+    for t in range(pid, T, G):
+        ids = tl.load(ids_ptr + t * K + offs_k, mask=mk, other=-1).to(tl.int32)
+        ids = tl.where(mk & (ids >= 0) & (ids < E), ids, -1)
+        w = tl.load(w_ptr + t * K + offs_k, mask=mk, other=0.0).to(tl.float32)
+        row = tl.load(x_ptr + tl.cast(t, tl.int64) * H + offs_h, mask=mh)
+        owner = tl.where(ids >= 0, ids // L, -1)
+        for d in tl.static_range(W):
+            if d != RANK:
+                mrow = tl.cast(RANK * M + t, tl.int64)
+                tl.store(recv_ids[d] + mrow * K + offs_k, ids, mask=mk)
+                tl.store(recv_w[d] + mrow * K + offs_k, w, mask=mk)
+                if tl.sum((owner == d).to(tl.int32), axis=0) > 0:
+                    tl.store(recv_x[d] + mrow * H + offs_h, row, mask=mh)
+        _expand_row(row, ids, RANK, t, expert_x, cursor, slot_map, RANK, M, H, K, L, CAP,
+                    BLOCK_H, BLOCK_K)
+    for d in tl.static_range(W):
+        if d != RANK:
+            tl.store(recv_T[d] + RANK, T)
+    # 2. signal, 3. wait
+    tl.debug_barrier()
+    for d in tl.static_range(W):
+        if d != RANK:
+            tl.atomic_xchg(flags[d] + pid * W + RANK, epoch, sem="release", scope="sys")
+    dead = tl.load(err_dev, volatile=True)
+    for s in tl.static_range(W):
+        if s != RANK:
+            dead = _wait_peer(flags[RANK] + pid * W + s, epoch, s, dead, err_dev, err_host,
+                              timeout_ns, 1, USE_TIMER)
+    tl.debug_barrier()
+    # 4. rows received from peers -> local experts
+    if dead == 0:
+        for s in tl.static_range(W):
+            if s != RANK:
+                Ts = tl.load(recv_T[RANK] + s, volatile=True)
+                for t in range(pid, Ts, G):
+                    mrow = tl.cast(s * M + t, tl.int64)
+                    ids = tl.load(recv_ids[RANK] + mrow * K + offs_k, mask=mk, other=-1,
+                                  cache_modifier=".cg")
+                    owner = tl.where(ids >= 0, ids // L, -1)
+                    nmine = tl.sum((owner == RANK).to(tl.int32), axis=0)
+                    lim = tl.where(nmine > 0, H, 0)
+                    row = tl.load(recv_x[RANK] + mrow * H + offs_h, mask=offs_h < lim,
+                                  cache_modifier=".cg")
+                    _expand_row(row, ids, s, t, expert_x, cursor, slot_map, RANK, M, H, K, L,
+                                CAP, BLOCK_H, BLOCK_K)
+    tl.store(epoch_ptr + pid, epoch)
+    # 5. last program out publishes the counts and resets the cursors for the next call
+    tl.debug_barrier()
+    prev = tl.atomic_add(done, 1, sem="acq_rel", scope="gpu")
+    if prev == G - 1:
+        offs_l = tl.arange(0, BLOCK_L)
+        ml = offs_l < L
+        c = tl.atomic_xchg(cursor + offs_l, tl.zeros([BLOCK_L], tl.int32), mask=ml,
+                           sem="acq_rel", scope="gpu")
+        tl.store(counts + offs_l, c, mask=ml)
+        tl.atomic_xchg(done, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _partial(expert_out, sm, wv, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+             H: tl.constexpr, K: tl.constexpr):
+    """``sum_k w[k] * expert_out[sm[k]]`` in fp32, k ascending; entries with ``sm < 0`` skipped."""
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_H], tl.float32)
+    for k in tl.static_range(K):
+        e = tl.max(tl.where(offs_k == k, sm, -1), axis=0)
+        wk = tl.sum(tl.where(offs_k == k, wv, 0.0), axis=0)
+        if e >= 0:
+            v = tl.load(expert_out + tl.cast(e, tl.int64) * H + offs_h, mask=offs_h < H)
+            acc += wk * v.to(tl.float32)
+    return acc
+
+
+@triton.jit
+def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
+                      recv_w, recv_T, comb, flags, slot_map, epoch_ptr, err_dev,
+                      err_host_addr, timeout_ns,
+                      RANK: tl.constexpr, W: tl.constexpr, G: tl.constexpr, M: tl.constexpr,
+                      H: tl.constexpr, K: tl.constexpr, L: tl.constexpr, E: tl.constexpr,
+                      BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, USE_TIMER: tl.constexpr):
+    pid = tl.program_id(0)
+    err_host = err_host_addr.to(tl.pointer_type(tl.int32))
+    epoch = tl.load(epoch_ptr + pid) + 1
+    offs_h = tl.arange(0, BLOCK_H)
+    mh = offs_h < H
+    offs_k = tl.arange(0, BLOCK_K)
+    mk = offs_k < K
+    dead = tl.load(err_dev, volatile=True)
+    # 1. partial sums for the peers' tokens, pushed once per (token, peer)
+    if dead == 0:
+        for s in tl.static_range(W):
+            if s != RANK:
+                Ts = tl.load(recv_T[RANK] + s, volatile=True)
+                for t in range(pid, Ts, G):
+                    mrow = tl.cast(s * M + t, tl.int64)
+                    sm = tl.load(slot_map + mrow * K + offs_k, mask=mk, other=-1)
+                    if tl.max(sm, axis=0) >= 0:
+                        wv = tl.load(recv_w[RANK] + mrow * K + offs_k, mask=mk, other=0.0,
+                                     cache_modifier=".cg")
+                        acc = _partial(expert_out, sm, wv, BLOCK_H, BLOCK_K, H, K)
+                        dst = comb[s] + tl.cast(RANK * M + t, tl.int64) * H
+                        tl.store(dst + offs_h, acc.to(comb[s].dtype.element_ty), mask=mh)
+    # 2. signal, 3. wait
+    tl.debug_barrier()
+    for d in tl.static_range(W):
+        if d != RANK:
+            tl.atomic_xchg(flags[d] + pid * W + RANK, epoch, sem="release", scope="sys")
+    for s in tl.static_range(W):
+        if s != RANK:
+            dead = _wait_peer(flags[RANK] + pid * W + s, epoch, s, dead, err_dev, err_host,
+                              timeout_ns, 2, USE_TIMER)
+    tl.debug_barrier()
+    # 4. own tokens: fixed rank order, fp32
+    for t in range(pid, T, G):
+        ids = tl.load(ids_ptr + t * K + offs_k, mask=mk, other=-1).to(tl.int32)
+        ids = tl.where(mk & (ids >= 0) & (ids < E), ids, -1)
+        owner = tl.where(ids >= 0, ids // L, -1)
+        acc = tl.zeros([BLOCK_H], tl.float32)
+        for d in tl.static_range(W):
+            if d == RANK:
+                sm = tl.load(slot_map + tl.cast(RANK * M + t, tl.int64) * K + offs_k, mask=mk,
+                             other=-1)
+                if tl.max(sm, axis=0) >= 0:
+                    wv = tl.load(w_ptr + t * K + offs_k, mask=mk, other=0.0).to(tl.float32)
+                    acc += _partial(expert_out, sm, wv, BLOCK_H, BLOCK_K, H, K)
+            else:
+                if tl.sum((owner == d).to(tl.int32), axis=0) > 0:
+                    src = comb[RANK] + tl.cast(d * M + t, tl.int64) * H
+                    acc += tl.load(src + offs_h, mask=mh, cache_modifier=".cg").to(tl.float32)
+        tl.store(y_ptr + tl.cast(t, tl.int64) * H + offs_h, acc.to(y_ptr.dtype.element_ty), mask=mh)
+    tl.store(epoch_ptr + pid, epoch)

@@ -1,0 +1,208 @@
+"""The ``p2p`` EP backend: Triton kernels pushing rows over NVLink into symmetric memory.
+
+One node only. At creation (never later) it allocates one symmetric-memory buffer on the EP
+group and rendezvouses it once; regions of that buffer, per rank (``W`` ranks, ``M`` max tokens
+per rank, ``K`` top-k, ``G`` programs)::
+
+    recv_x  [W, M, H] dtype   rows pushed by each source rank (one per token and destination)
+    recv_ids[W, M, K] int32   the source token's expert ids (written for every token)
+    recv_w  [W, M, K] fp32    its weights
+    recv_T  [W]       int32   the source's token count
+    comb    [W, M, H] dtype   weighted partial sums pushed back by each expert rank
+    flags_d [G, W], flags_c [G, W] int32   monotonic per-program epochs (dispatch / combine)
+
+Local: ``expert_x [L, W*M, H]``, counts, slot cursors, the slot map ``[W, M, K]``, per-program
+epochs, and a 4-int error record (device, plus a pinned host mirror the host reads without a
+sync). The grid ``G`` is a pure function of the creation arguments and is part of the
+fingerprint. Kernels take no host counter, so dispatch/combine capture into CUDA graphs; they
+never synchronise the host. NVLink multicast is not used (plain peer loads/stores only).
+
+``simulate_dir`` (tests only) replaces symmetric memory by files mapped by every process and runs
+the same kernels under ``TRITON_INTERPRET=1`` on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from ..agree import group_ranks
+from ..config import get_config
+from ..errors import CollectiveTimeoutError
+from .backends import EPConfig, MoEBackend
+
+_ALIGN = 256
+_OPS = {1: "EPDispatcher.dispatch (p2p)", 2: "EPDispatcher.combine (p2p)"}
+
+
+def _align(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class _Workspace:
+    """One byte buffer per rank, addressable by every rank of the group."""
+
+    def __init__(self, nbytes: int, group: Any, cfg: EPConfig, simulate_dir: str | None):
+        self.nbytes = nbytes
+        W, rank = cfg.world_size, cfg.rank
+        if simulate_dir is not None:
+            import torch.distributed as dist
+
+            path = os.path.join(simulate_dir, f"ep_ws_{rank}")
+            with open(path, "wb") as f:
+                f.truncate(nbytes)
+            dist.barrier(group=group)
+            self.bufs = [torch.from_file(os.path.join(simulate_dir, f"ep_ws_{r}"), shared=True,
+                                         size=nbytes, dtype=torch.uint8) for r in range(W)]
+            self.handle = None
+        else:
+            import torch.distributed._symmetric_memory as symm_mem
+
+            local = symm_mem.empty(nbytes, dtype=torch.uint8, device=cfg.device)
+            hdl = symm_mem.rendezvous(local, group.group_name)
+            if hdl.world_size != W:
+                raise ValueError(
+                    f"p2p EP workspace was rendezvoused over {hdl.world_size} ranks but the EP "
+                    f"group has {W}; the workspace must be sized to the EP group")
+            self.bufs = [local if r == rank else hdl.get_buffer(r, [nbytes], torch.uint8)
+                         for r in range(W)]
+            self.handle = hdl
+        self.bufs[rank].zero_()
+
+    def region(self, offset: int, shape: tuple[int, ...], dtype: torch.dtype
+               ) -> tuple[torch.Tensor, ...]:
+        n = 1
+        for s in shape:
+            n *= s
+        nbytes = n * torch.empty(0, dtype=dtype).element_size()
+        return tuple(b[offset:offset + nbytes].view(dtype).view(shape) for b in self.bufs)
+
+
+class P2PBackend(MoEBackend):
+    """Single-node NVLink backend (Triton over torch symmetric memory). Graph-safe."""
+
+    name = "p2p"
+    graph_safe = True
+
+    def __init__(self, group: Any, cfg: EPConfig, num_programs: int | None = None,
+                 simulate_dir: str | None = None) -> None:
+        super().__init__(group, cfg)
+        self._sim = simulate_dir is not None
+        if not self._sim and cfg.device.type != "cuda":
+            raise ValueError(f"p2p EP backend needs a CUDA device, got {cfg.device}")
+        W, M, K, H, L = (cfg.world_size, cfg.max_tokens_per_rank, cfg.top_k, cfg.hidden_size,
+                         cfg.local_experts)
+        if num_programs is None:
+            sms = 132 if self._sim else torch.cuda.get_device_properties(
+                cfg.device).multi_processor_count
+            num_programs = min(128, sms, M)
+        self.G = int(num_programs)
+        dev = cfg.device if not self._sim else torch.device("cpu")
+        esize = torch.empty(0, dtype=cfg.dtype).element_size()
+        off = 0
+        layout = {}
+        for name, shape, dt in (("recv_x", (W, M, H), cfg.dtype),
+                                ("recv_ids", (W, M, K), torch.int32),
+                                ("recv_w", (W, M, K), torch.float32),
+                                ("recv_T", (W,), torch.int32),
+                                ("comb", (W, M, H), cfg.dtype),
+                                ("flags_d", (self.G, W), torch.int32),
+                                ("flags_c", (self.G, W), torch.int32)):
+            n = 1
+            for s in shape:
+                n *= s
+            layout[name] = (off, shape, dt)
+            off += _align(n * (esize if dt == cfg.dtype else 4))
+        self.ws = _Workspace(off, group, cfg, simulate_dir)
+        for name, (o, shape, dt) in layout.items():
+            setattr(self, name, self.ws.region(o, shape, dt))
+        self.expert_x = torch.empty(L, cfg.capacity, H, dtype=cfg.dtype, device=dev)
+        self.counts = torch.zeros(L, dtype=torch.int32, device=dev)
+        self.cursor = torch.zeros(L, dtype=torch.int32, device=dev)
+        self.done = torch.zeros(1, dtype=torch.int32, device=dev)
+        self.slot_map = torch.full((W, M, K), -1, dtype=torch.int32, device=dev)
+        self.epoch_d = torch.zeros(self.G, dtype=torch.int32, device=dev)
+        self.epoch_c = torch.zeros(self.G, dtype=torch.int32, device=dev)
+        self.err_dev = torch.zeros(4, dtype=torch.int32, device=dev)
+        self.err_host = torch.zeros(4, dtype=torch.int32, pin_memory=not self._sim)
+        self._dummy_x = torch.zeros(1, H, dtype=cfg.dtype, device=dev)
+        self._dummy_ids = torch.full((1, K), -1, dtype=torch.int32, device=dev)
+        self._dummy_w = torch.zeros(1, K, dtype=torch.float32, device=dev)
+        self.num_warps = 8 if H >= 2048 else 4
+        self.timeout_ns = int(get_config().timeout_s * 1e9)
+        self._failed: CollectiveTimeoutError | None = None
+        if not self._sim:
+            torch.cuda.synchronize(cfg.device)   # zeroed flags visible before any peer signals
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"num_programs": self.G, "workspace_bytes": self.ws.nbytes,
+                "num_warps": self.num_warps}
+
+    def _consts(self) -> dict[str, Any]:
+        c = self.cfg
+        return dict(RANK=c.rank, W=c.world_size, G=self.G, M=c.max_tokens_per_rank,
+                    H=c.hidden_size, K=c.top_k, L=c.local_experts, E=c.num_experts,
+                    BLOCK_H=_next_pow2(c.hidden_size), BLOCK_K=_next_pow2(c.top_k),
+                    USE_TIMER=not self._sim, num_warps=self.num_warps)
+
+    def dispatch(self, x, topk_ids, topk_weights):
+        from ..kernels.moe import ep_dispatch_kernel
+
+        if self._failed is not None:
+            raise self._failed
+        T = x.shape[0]
+        if T == 0:
+            x, topk_ids, topk_weights = self._dummy_x, self._dummy_ids, self._dummy_w
+        c = self.cfg
+        ep_dispatch_kernel[(self.G,)](
+            x, topk_ids, topk_weights, T,
+            self.recv_x, self.recv_ids, self.recv_w, self.recv_T, self.flags_d,
+            self.expert_x, self.counts, self.cursor, self.done, self.slot_map, self.epoch_d,
+            self.err_dev, self.err_host.data_ptr(), self.timeout_ns,
+            CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts), **self._consts())
+        return self.expert_x, self.counts, (topk_ids, topk_weights)
+
+    def combine(self, expert_out, state, num_tokens):
+        from ..kernels.moe import ep_combine_kernel
+
+        if self._failed is not None:
+            raise self._failed
+        ids, w = state
+        c = self.cfg
+        y = torch.empty(num_tokens, c.hidden_size, dtype=c.dtype, device=expert_out.device)
+        y_arg = y if num_tokens else self._dummy_x
+        ep_combine_kernel[(self.G,)](
+            expert_out, ids, w, y_arg, num_tokens,
+            self.recv_w, self.recv_T, self.comb, self.flags_c, self.slot_map, self.epoch_c,
+            self.err_dev, self.err_host.data_ptr(), self.timeout_ns, **self._consts())
+        return y
+
+    def check_errors(self, sync: bool = True) -> None:
+        if self._failed is not None:
+            raise self._failed
+        if sync and not self._sim:
+            torch.cuda.synchronize(self.cfg.device)
+        code = int(self.err_host[0])
+        if code == 0:
+            return
+        op, missing = code >> 16, (code & 0xFFFF) - 1
+        ranks = group_ranks(self.group)
+        glob = ranks[missing] if 0 <= missing < len(ranks) else missing
+        self._failed = CollectiveTimeoutError(
+            _OPS.get(op, f"op {op}"), "[" + ",".join(map(str, ranks)) + "]", [glob],
+            self.timeout_s, detail=f"group rank {missing} did not signal; the p2p workspace is "
+            f"now unusable, create a new EPDispatcher after fixing the cause")
+        raise self._failed
+
+    @property
+    def timeout_s(self) -> float:
+        return self.timeout_ns / 1e9
+
+    def close(self) -> None:
+        self.ws = None  # type: ignore[assignment]

@@ -1,0 +1,101 @@
+"""Shared data generation and checks for the MoE EP tests (CPU gloo and GPU NCCL)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from llmcomm.moe.reference import (affine_expert, check_combine_output, reference_combine,
+                                   reference_dispatch)
+
+
+def make_inputs(seed: int, world: int, tokens: list[int], num_experts: int, top_k: int,
+                hidden: int, dtype: torch.dtype, routing: str = "random"
+                ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Every rank's (x, topk_ids, topk_weights) from one seed, so each rank knows them all.
+
+    x rows are rank-tagged: x[t, 0] = source rank, x[t, 1] = t % 128, x[t, 2] = t // 128
+    (integers exact in bf16), the rest random.
+    """
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for r in range(world):
+        T = tokens[r]
+        x = torch.randn(T, hidden, generator=g)
+        x[:, 0] = r
+        x[:, 1] = torch.arange(T) % 128
+        x[:, 2] = torch.arange(T) // 128
+        if routing == "random":
+            ids = torch.stack([torch.randperm(num_experts, generator=g)[:top_k]
+                               for _ in range(T)]) if T else torch.empty(0, top_k, dtype=torch.long)
+        elif routing == "one_expert":          # every token of every rank to expert 0 (+ dups)
+            ids = torch.zeros(T, top_k, dtype=torch.long)
+        elif routing == "dups":                # repeated ids within a token
+            ids = torch.randint(0, num_experts, (T, top_k), generator=g)
+            if top_k > 1 and T:
+                ids[:, 1] = ids[:, 0]
+        elif routing == "low_experts":         # only the first expert block: others get nothing
+            ids = torch.randint(0, max(1, num_experts // world), (T, top_k), generator=g)
+        else:
+            raise ValueError(routing)
+        w = torch.rand(T, top_k, generator=g) + 0.1
+        out.append((x.to(dtype), ids, w))
+    return out
+
+
+def check_dispatch(rank: int, world: int, num_experts: int, inputs, expert_x: torch.Tensor,
+                   counts: torch.Tensor) -> int:
+    """Every received row is checked against its source row; the multiset must be exact."""
+    expected = reference_dispatch([ids for _, ids, _ in inputs], num_experts, rank)
+    L = num_experts // world
+    counts = counts.cpu()
+    assert counts.dtype == torch.int32, counts.dtype
+    assert tuple(counts.shape) == (L,), counts.shape
+    ex = expert_x.cpu()
+    n = 0
+    for le in range(L):
+        c = int(counts[le])
+        want = expected[le]
+        assert c == len(want), f"rank {rank} expert {le}: count {c} != expected {len(want)}"
+        rows = ex[le, :c].float()
+        got = []
+        for i in range(c):
+            src, t = int(rows[i, 0]), int(rows[i, 1]) + 128 * int(rows[i, 2])
+            assert 0 <= src < world and 0 <= t < inputs[src][0].shape[0], (src, t)
+            assert torch.equal(ex[le, i], inputs[src][0][t]), \
+                f"rank {rank} expert {le} row {i}: content differs from source ({src}, {t})"
+            got.append((src, t))
+        assert sorted(got) == want, f"rank {rank} expert {le}: got {sorted(got)} want {want}"
+        n += c
+    return n
+
+
+def run_experts(rank: int, num_experts: int, world: int, expert_x: torch.Tensor,
+                counts: torch.Tensor) -> torch.Tensor:
+    """expert_out: the affine test expert on valid rows, NaN (poison) everywhere else."""
+    L = num_experts // world
+    out = torch.full_like(expert_x, float("nan"))
+    cnt = counts.cpu().tolist()
+    for le in range(L):
+        c = cnt[le]
+        if c:
+            out[le, :c] = affine_expert(rank * L + le, expert_x[le, :c].double()).to(out.dtype)
+    return out
+
+
+def check_combine(rank: int, inputs, y: torch.Tensor, dtype: torch.dtype,
+                  what: str = "combine") -> float:
+    x, ids, w = inputs[rank]
+    return check_combine_output(y, reference_combine(x, ids, w), dtype, what=what)
+
+
+def roundtrip(ep: Any, rank: int, world: int, num_experts: int, inputs, dtype,
+              device="cpu") -> tuple[int, float]:
+    x, ids, w = (t.to(device) for t in inputs[rank])
+    d = ep.dispatch(x, ids, w)
+    n = check_dispatch(rank, world, num_experts, inputs, d.expert_x, d.counts)
+    out = run_experts(rank, num_experts, world, d.expert_x, d.counts)
+    y = ep.combine(out, d)
+    err = check_combine(rank, inputs, y, dtype, what=f"{ep.backend} combine")
+    return n, err

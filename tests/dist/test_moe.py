@@ -1,0 +1,193 @@
+"""EPDispatcher over gloo (CPU), world 2 and 4: routing, contract, layout and error cases.
+
+Every received row is checked against its (rank-tagged) source row; combine is checked against
+the dense float64 reference with ``check_combine_output``; expert outputs are NaN-poisoned past
+``counts`` so a backend that reads an unwritten row fails. The ``p2p`` backend runs here too, its
+Triton kernels under ``TRITON_INTERPRET=1`` over file-mapped shared memory (the protocol, not the
+GPU memory model, which ``tests/gpu/test_moe_p2p.py`` covers).
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+import torch
+
+from tests._dist import run_ranks
+from tests.dist._moe_cases import make_inputs, roundtrip
+
+E, H = 8, 12
+# (routing, tokens per rank for world 4 (world 2 takes the first two), top_k)
+CASES = [
+    ("random", [13, 0, 7, 1], 3),      # zero tokens on a rank, T not round
+    ("random", [1, 13, 0, 5], 1),      # top_k = 1
+    ("one_expert", [13, 9, 11, 2], 2),  # every token to one expert (worst-case capacity)
+    ("dups", [6, 13, 3, 0], 3),        # repeated ids inside a token
+    ("low_experts", [13, 13, 4, 8], 2),  # experts (and whole ranks) with no tokens
+]
+SIM = {"TRITON_INTERPRET": "1"}
+
+
+def _make(backend, K, M, tmp, group=None, layout=None, **kw):
+    import torch.distributed as dist
+
+    from llmcomm.moe import EPDispatcher
+
+    group = group if group is not None else dist.group.WORLD
+    if backend == "p2p-sim":
+        from llmcomm.moe.p2p import P2PBackend
+
+        return EPDispatcher(group, E, K, H, M, torch.float32, layout=layout,
+                            _backend_cls=P2PBackend,
+                            _backend_kwargs=dict(simulate_dir=tmp, num_programs=3), **kw)
+    return EPDispatcher(group, E, K, H, M, torch.float32, backend=backend, layout=layout, **kw)
+
+
+def _cases_worker(rank, world, backend, tmp, seed):
+    out = []
+    by_k: dict[int, object] = {}
+    for i, (routing, toks, K) in enumerate(CASES):
+        if K not in by_k:   # one dispatcher per top_k, reused across calls (buffer reuse)
+            by_k[K] = _make(backend, K, 13, f"{tmp}/k{K}")
+        ep = by_k[K]
+        inputs = make_inputs(seed + i, world, toks[:world], E, K, H, torch.float32, routing)
+        out.append((routing, *roundtrip(ep, rank, world, E, inputs, torch.float32)))
+    return out
+
+
+@pytest.mark.parametrize("backend", ["torch", "allgather", "p2p-sim"])
+def test_contract_every_backend_world2(backend):
+    """THE contract test: each backend vs the dense single-process reference."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in (1, 2, 3):
+            import os
+
+            os.makedirs(f"{tmp}/k{k}")
+        res = run_ranks(_cases_worker, 2, backend, tmp, 100, timeout=150,
+                        env=SIM if backend == "p2p-sim" else None)
+    for rank_res in res:
+        assert len(rank_res) == len(CASES)
+        for routing, n, err in rank_res:
+            assert err <= 2e-5, (routing, err)
+    assert sum(n for r in res for _, n, _ in r) > 0
+
+
+def _layout_worker(rank, world, tmp):
+    from llmcomm.layout import ParallelLayout
+
+    layout = ParallelLayout(tp=2, dp=2)                # EP = DP x TP = 4
+    groups = layout.create_groups()
+    errs = []
+    for backend in ("torch", "allgather"):
+        ep = _make(backend, 3, 13, tmp, group=groups.ep, layout=layout)
+        assert ep.world_size == 4 and ep.local_experts == 2 and ep.capacity == 52
+        for i, (routing, toks, K) in enumerate(CASES[:1] + CASES[2:3]):
+            inputs = make_inputs(7 + i, 4, toks, E, 3, H, torch.float32, routing)
+            errs.append(roundtrip(ep, rank, 4, E, inputs, torch.float32)[1])
+    # a workspace sized to the DP group (seed 002) is refused at creation, naming both sizes
+    try:
+        _make("torch", 3, 13, tmp, group=groups.dp, layout=layout)
+        wrong = None
+    except ValueError as e:
+        wrong = str(e)
+    return max(errs), wrong
+
+
+def test_world4_tp2_dp2_layout():
+    with tempfile.TemporaryDirectory() as tmp:
+        res = run_ranks(_layout_worker, 4, tmp, timeout=150)
+    for err, wrong in res:
+        assert err <= 2e-5
+        assert wrong is not None and "ep_size=4" in wrong and "2 ranks" in wrong, wrong
+
+
+def _p2p_sim_world4_worker(rank, world, tmp):
+    ep = _make("p2p-sim", 2, 13, tmp)
+    routing, toks, K = CASES[0]
+    inputs = make_inputs(3, 4, toks, E, 2, H, torch.float32, routing)
+    return roundtrip(ep, rank, 4, E, inputs, torch.float32)[1]
+
+
+def test_world4_p2p_sim():
+    with tempfile.TemporaryDirectory() as tmp:
+        res = run_ranks(_p2p_sim_world4_worker, 4, tmp, timeout=150, env=SIM)
+    assert max(res) <= 2e-5
+
+
+def _errors_worker(rank, world, tmp):
+    import torch.distributed as dist
+
+    from llmcomm.errors import ConfigMismatchError
+    from llmcomm.moe import EPDispatcher
+    from llmcomm.moe.backends import TorchA2ABackend
+    from llmcomm.moe.reference import check_combine_output, reference_combine
+
+    seen = {}
+
+    def expect(name, exc, fn):
+        try:
+            fn()
+        except exc as e:
+            seen[name] = str(e)
+            return
+        raise AssertionError(f"{name}: no {exc.__name__} raised")
+
+    ep = _make("torch", 2, 5, tmp)
+    x, ids, w = torch.randn(3, H), torch.tensor([[0, 1], [2, 7], [5, 5]]), torch.rand(3, 2)
+    expect("too_many_tokens", ValueError, lambda: ep.dispatch(torch.randn(6, H),
+                                                              torch.zeros(6, 2, dtype=torch.long),
+                                                              torch.rand(6, 2)))
+    expect("ids_float", TypeError, lambda: ep.dispatch(x, ids.float(), w))
+    expect("weights_int", TypeError, lambda: ep.dispatch(x, ids, ids))
+    expect("ids_range", ValueError, lambda: ep.dispatch(x, ids + 3, w))
+    expect("ids_negative", ValueError, lambda: ep.dispatch(x, ids - 1, w))
+    expect("dtype", TypeError, lambda: ep.dispatch(x.double(), ids, w))
+    expect("shape", ValueError, lambda: ep.dispatch(x, ids[:, :1], w))
+    d = ep.dispatch(x, ids, w)
+    expect("in_flight", RuntimeError, lambda: ep.dispatch(x, ids, w))
+    expect("expert_out_shape", ValueError, lambda: ep.combine(d.expert_x[:1], d))
+    expect("expert_out_dtype", TypeError, lambda: ep.combine(d.expert_x.double(), d))
+    y = ep.combine(d.expert_x.clone(), d)
+    expect("handle_reuse", ValueError, lambda: ep.combine(d.expert_x, d))
+    assert y.shape == (3, H)
+    expect("not_divisible", ValueError,
+           lambda: EPDispatcher(dist.group.WORLD, 7, 2, H, 5, torch.float32))
+    expect("top_k", ValueError, lambda: EPDispatcher(dist.group.WORLD, 8, 9, H, 5, torch.float32))
+
+    # every rank must agree on the fingerprint: rank 1 asks for another top_k
+    expect("fingerprint", ConfigMismatchError,
+           lambda: EPDispatcher(dist.group.WORLD, E, 2 + rank, H, 5, torch.float32,
+                                backend="torch"))
+
+    class NotReduced(TorchA2ABackend):
+        output_is_reduced = False  # type: ignore[misc]
+
+    expect("not_reduced_backend", TypeError,
+           lambda: EPDispatcher(dist.group.WORLD, E, 2, H, 5, torch.float32,
+                                _backend_cls=NotReduced))
+
+    class DoubleReduce(TorchA2ABackend):    # a buggy backend: the caller-side sum done again
+        def combine(self, expert_out, state, num_tokens):
+            return 2 * super().combine(expert_out, state, num_tokens)
+
+    bad = EPDispatcher(dist.group.WORLD, E, 2, H, 5, torch.float32, _backend_cls=DoubleReduce)
+    d = bad.dispatch(x, ids, w)
+    y = bad.combine(d.expert_x.clone(), d)              # identity experts
+    ref = reference_combine(x, ids, w, expert_fn=lambda e, r: r)
+    expect("double_reduce_caught", AssertionError,
+           lambda: check_combine_output(y, ref, torch.float32))
+    return seen
+
+
+def test_errors_world2():
+    with tempfile.TemporaryDirectory() as tmp:
+        res = run_ranks(_errors_worker, 2, tmp, timeout=120)
+    for seen in res:
+        assert "max_tokens_per_rank=5" in seen["too_many_tokens"]
+        assert "[0, num_experts=8)" in seen["ids_range"]
+        assert "previous dispatch" in seen["in_flight"]
+        assert "top_k" in seen["fingerprint"] and "rank 1=3" in seen["fingerprint"]
+        assert "output_is_reduced=False" in seen["not_reduced_backend"]
+        assert "more than once" in seen["double_reduce_caught"]
+        assert "divisible" in seen["not_divisible"]

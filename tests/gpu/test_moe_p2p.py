@@ -1,0 +1,136 @@
+"""GPU tests of the MoE EP backends on 2 GPUs (NCCL + NVLink): p2p vs the dense reference,
+CUDA-graph replay with fresh inputs, and a missing rank ending in CollectiveTimeoutError."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from tests._dist import run_ranks
+
+pytestmark = [pytest.mark.gpu2,
+              pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                 reason="triton is not installed")]
+
+
+def _correctness_worker(rank, world):
+    import torch
+    import torch.distributed as dist
+
+    from llmcomm.moe import EPDispatcher
+    from tests.dist._moe_cases import make_inputs, roundtrip
+
+    out = []
+    for backend in ("p2p", "torch", "allgather"):
+        for (E, K, H, M, dtype) in ((16, 3, 264, 40, torch.float32),
+                                    (256, 8, 7168, 96, torch.bfloat16)):
+            ep = EPDispatcher(dist.group.WORLD, E, K, H, M, dtype, backend=backend)
+            assert ep.backend == backend
+            for i, (routing, toks) in enumerate((("random", [37, 0]), ("random", [96, 95]),
+                                                 ("one_expert", [40, 17]), ("dups", [5, 33]),
+                                                 ("low_experts", [1, 40]))):
+                inputs = make_inputs(50 + i, world, [min(t, M) for t in toks], E, K, H, dtype,
+                                     routing)
+                n, err = roundtrip(ep, rank, world, E, inputs, dtype, device="cuda")
+                out.append((backend, H, routing, n, err))
+            ep.check_errors(sync=True)
+    auto = EPDispatcher(dist.group.WORLD, 16, 2, 64, 8, torch.bfloat16)
+    return out, str(auto.decision)
+
+
+def test_backends_match_reference_on_gpu():
+    res = run_ranks(_correctness_worker, 2, backend="nccl", timeout=500)
+    for rows, decision in res:
+        assert decision.startswith("p2p"), decision
+        for backend, H, routing, n, err in rows:
+            assert err < 2.5e-2, (backend, H, routing, err)
+
+
+def _graph_worker(rank, world):
+    import torch
+    import torch.distributed as dist
+
+    from llmcomm.moe import EPDispatcher
+    from tests.dist._moe_cases import make_inputs
+
+    E, K, H, M, T = 64, 6, 1024, 64, 50
+    dtype = torch.bfloat16
+    ep = EPDispatcher(dist.group.WORLD, E, K, H, M, dtype, backend="p2p")
+    L = E // world
+    scale = (1.0 + (torch.arange(L, device="cuda") + rank * L) / 8.0).to(dtype).view(L, 1, 1)
+    x = torch.empty(T, H, dtype=dtype, device="cuda")
+    ids = torch.empty(T, K, dtype=torch.long, device="cuda")
+    w = torch.empty(T, K, dtype=torch.float32, device="cuda")
+
+    def step():
+        d = ep.dispatch(x, ids, w)
+        return ep.combine(d.expert_x * scale, d)   # expert e: x * (1 + e/8)
+
+    def load(seed):
+        inputs = make_inputs(seed, world, [T] * world, E, K, H, dtype)
+        x.copy_(inputs[rank][0]); ids.copy_(inputs[rank][1]); w.copy_(inputs[rank][2])
+        return inputs
+
+    load(1)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = step()
+    errs = []
+    for rep in range(6):
+        inputs = load(100 + rep)
+        y.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        errs.append(_check(rank, inputs, y, dtype))
+    ep.check_errors(sync=True)
+    return errs
+
+
+def _check(rank, inputs, y, dtype):
+    from llmcomm.moe.reference import check_combine_output, reference_combine
+
+    x, ids, w = inputs[rank]
+    ref = reference_combine(x, ids, w, expert_fn=lambda e, r: r * (1.0 + e / 8.0))
+    return check_combine_output(y, ref, dtype, what="graph replay")
+
+
+def test_p2p_cuda_graph_replays_fresh_inputs():
+    res = run_ranks(_graph_worker, 2, backend="nccl", timeout=300)
+    for errs in res:
+        assert len(errs) == 6 and max(errs) < 2.5e-2
+
+
+def _timeout_worker(rank, world):
+    import torch
+    import torch.distributed as dist
+
+    from llmcomm.errors import CollectiveTimeoutError
+    from llmcomm.moe import EPDispatcher
+
+    ep = EPDispatcher(dist.group.WORLD, 8, 2, 64, 16, torch.bfloat16, backend="p2p")
+    msg = None
+    if rank == 0:                      # rank 1 never dispatches: rank 0 must not hang
+        x = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)
+        ids = torch.tensor([[0, 7]] * 4, device="cuda")
+        ep.dispatch(x, ids, torch.rand(4, 2, device="cuda"))
+        try:
+            ep.check_errors(sync=True)
+        except CollectiveTimeoutError as e:
+            msg = (e.missing_ranks, str(e))
+    dist.barrier()
+    return msg
+
+
+def test_p2p_missing_rank_times_out_naming_it():
+    res = run_ranks(_timeout_worker, 2, backend="nccl", timeout=200,
+                    env={"LLMCOMM_TIMEOUT_S": "3"})
+    assert res[0] is not None, "rank 0 did not raise CollectiveTimeoutError"
+    missing, text = res[0]
+    assert missing == [1] and "dispatch" in text, text
