@@ -19,7 +19,7 @@ def _correctness_worker(rank, world):
     import torch.distributed as dist
 
     from llmcomm.moe import EPDispatcher
-    from tests.dist._moe_cases import make_inputs, roundtrip
+    from tests.distributed._moe_cases import make_inputs, roundtrip
 
     out = []
     for backend in ("p2p", "torch", "allgather"):
@@ -52,7 +52,7 @@ def _graph_worker(rank, world):
     import torch.distributed as dist
 
     from llmcomm.moe import EPDispatcher
-    from tests.dist._moe_cases import make_inputs
+    from tests.distributed._moe_cases import make_inputs
 
     E, K, H, M, T = 64, 6, 1024, 64, 50
     dtype = torch.bfloat16

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests._dist import run_ranks
-from tests.dist._moe_cases import make_inputs, roundtrip
+from tests.distributed._moe_cases import make_inputs, roundtrip
 
 E, H = 8, 12
 # (routing, tokens per rank for world 4 (world 2 takes the first two), top_k)
