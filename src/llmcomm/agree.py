@@ -112,3 +112,33 @@ class ArrivalLog:
             if not store.check([key]) or int(store.get(key)) < seq:
                 out.append(r)
         return out
+
+
+class CallChecker:
+    """``LLMCOMM_CHECK=1``: every rank must make the same calls, in the same order, with the
+    same agreed fields (e.g. the token count of an allreduce). Each checked call exchanges
+    ``{"op", "seq", **fields}`` with a deadline; a difference is a ConfigMismatchError listing
+    each rank's value, raised before any kernel runs. Off (free) unless the variable is set;
+    skipped during CUDA-graph capture, where no host exchange can run."""
+
+    def __init__(self, group: Any, what: str) -> None:
+        self.group = group
+        self.what = what
+        self.seq = 0
+        self.world_size = len(group_ranks(group))
+
+    def __call__(self, op: str, **fields: Any) -> None:
+        self.seq += 1
+        if not get_config().check or self.world_size == 1:
+            return
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return
+        mine = {"op": op, "seq": self.seq, **fields}
+        seen = exchange(mine, self.group, f"{self.what} call")
+        diffs = {k: [s.get(k) for s in seen] for k in sorted(set().union(*seen))
+                 if any(s.get(k) != mine.get(k) for s in seen)}
+        if diffs:
+            raise ConfigMismatchError(f"LLMCOMM_CHECK: {self.what} call #{self.seq} on "
+                                      f"{group_label(self.group)}", diffs)

@@ -19,9 +19,7 @@ from typing import Any
 import torch
 
 from .. import __version__, policy
-from ..agree import agree, exchange, group_label, group_ranks
-from ..config import get_config
-from ..errors import ConfigMismatchError
+from ..agree import CallChecker, agree, group_label, group_ranks
 from ..topology import TopologyFacts, gather_topology
 from .torch_backend import TorchAllReduceBackend
 
@@ -37,10 +35,6 @@ def _group_device(group: Any) -> torch.device:
     if "nccl" in backend:
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def _is_capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 class TPCommunicator:
@@ -82,7 +76,7 @@ class TPCommunicator:
         self.ranks = group_ranks(group)
         self.world_size = len(self.ranks)
         self.label = group_label(group)
-        self._seq = 0
+        self._call_check = CallChecker(group, "TPCommunicator")
         self._warned: set[str] = set()
 
         self.facts: TopologyFacts = gather_topology(group, self.device)
@@ -186,20 +180,6 @@ class TPCommunicator:
                          f"max_tokens>={tokens}, or use backend='auto' to fall back to the torch backend for "
                          f"larger calls")
 
-    def _call_check(self, op: str, tokens: int) -> None:
-        """LLMCOMM_CHECK=1: every rank must call the same op with the same shape, in order."""
-        self._seq += 1
-        if not get_config().check or self.world_size == 1:
-            return
-        if _is_capturing():
-            return  # host-side exchange cannot be captured; checked on eager calls
-        mine = {"op": op, "tokens": tokens, "seq": self._seq}
-        seen = exchange(mine, self.group, "TPCommunicator call")
-        if any(s != mine for s in seen):
-            diffs = {k: [s.get(k) for s in seen] for k in mine if any(s.get(k) != mine[k]
-                                                                     for s in seen)}
-            raise ConfigMismatchError(f"LLMCOMM_CHECK: call #{self._seq} on {self.label}", diffs)
-
     # ------------------------------------------------------------------ public ops
     def all_reduce(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Sum of ``x`` [T, H] over the group's ranks; returns ``out`` (new if not given)."""
@@ -208,7 +188,7 @@ class TPCommunicator:
             out = torch.empty_like(x)
         else:
             self._check_tensor("out", out, tuple(x.shape))
-        self._call_check("all_reduce", tokens)
+        self._call_check("all_reduce", tokens=tokens)
         self._route("all_reduce", tokens).all_reduce(x, out)
         return out
 
@@ -232,7 +212,8 @@ class TPCommunicator:
             if quant_scale.numel() != 1:
                 raise ValueError(f"quant_scale must hold one element (a static per-tensor "
                                  f"scale), got shape {list(quant_scale.shape)}")
-        self._call_check("all_reduce_add_rms_norm", tokens)
+        self._call_check("all_reduce_add_rms_norm", tokens=tokens,
+                         fp8=quant_scale is not None)
         normed = torch.empty_like(x)
         residual_out = torch.empty_like(x)
         fp8 = (torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)

@@ -7,8 +7,9 @@ filled with the sentinel, then a group barrier. Nothing is allocated per call.
 Per call the strategy is ``policy.allreduce_strategy(T * H * itemsize, W)``: ``lamport`` (push,
 sentinel-marked data, no flags), ``oneshot`` (stage, flag barrier, pull all peers) or ``twoshot``
 (stage, barrier, reduce own share, barrier, pull the others' results). Every launch parameter
-(grid, block, warps) is a pure function of (T, H, dtype, W, :data:`KERNEL_TABLE_VERSION`), see
-:func:`launch_plan`; :meth:`P2PAllReduceBackend.fingerprint` lists the table's inputs.
+(grid, block, warps, push chunk) is a pure function of (strategy, T, H, dtype, W,
+:class:`LaunchTable`), see :func:`launch_plan`; :meth:`P2PAllReduceBackend.fingerprint` lists the
+table and :data:`KERNEL_TABLE_VERSION`.
 
 Error policy (no hang): every spin-wait in the kernels has a deadline of ``LLMCOMM_TIMEOUT_S``.
 On expiry the kernel writes an error record (missing ranks bitmask, program, phase, epoch) into
@@ -22,6 +23,7 @@ backend that timed out is broken for good (peers' epochs differ): create a new c
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -34,7 +36,7 @@ from ..errors import BackendUnavailableError, CaptureError, CollectiveTimeoutErr
 logger = logging.getLogger(__name__)
 
 #: bump whenever kernels or :func:`launch_plan` change (part of the fingerprint)
-KERNEL_TABLE_VERSION = "p2p-1"
+KERNEL_TABLE_VERSION = "p2p-2"
 MAX_PROGRAMS = 264          # flag slots per rank; flag-barrier grids never exceed this
 LAMPORT_MAX_PROGRAMS = 128  # Lamport needs every program resident (no pairwise barrier);
                             # 128 CTAs fit one per SM of a 132-SM H200 even at 16 warps
@@ -57,30 +59,88 @@ def _align(n: int, a: int = _ALIGN) -> int:
     return _cdiv(n, a) * a
 
 
+@dataclasses.dataclass(frozen=True)
+class LaunchTable:
+    """Launch knobs of :func:`launch_plan` (defaults: the tuned table of 2026-11-22).
+
+    Every rank of a group must use the same table (it is part of the fingerprint). The kernels
+    are unchanged by any value here; only grid, warps and tile sizes move.
+
+    Attributes:
+        lamport_max_programs: Lamport grid cap. Every Lamport program must be resident (no
+            pairwise barrier), so the effective cap is also ``128 * (16 // num_warps)``: 128 at
+            16 warps, 256 at <= 8 warps (2 CTAs per SM on a 132-SM H200). At most 256.
+        lamport_chunk_vecs: 16-byte vectors per thread per Lamport push iteration (power of 2);
+            more keeps more loads/stores in flight per program.
+        norm_max_warps: warps of a fused (one row per tile) program; the kernel uses
+            ``min(norm_max_warps, max(norm_min_warps, next_pow2(H) // 512))``.
+        norm_min_warps: see ``norm_max_warps``.
+        flat_block: elements per tile of the unfused kernels (power of 2).
+        flat_warps: warps of the unfused kernels.
+        oneshot_max_programs: one-shot grid cap (<= MAX_PROGRAMS flag slots).
+        twoshot_max_programs: two-shot grid cap (<= MAX_PROGRAMS flag slots).
+    """
+
+    lamport_max_programs: int = 128
+    lamport_chunk_vecs: int = 1
+    norm_max_warps: int = 16
+    norm_min_warps: int = 4
+    flat_block: int = 4096
+    flat_warps: int = 8
+    oneshot_max_programs: int = 264
+    twoshot_max_programs: int = 264
+
+    def __post_init__(self) -> None:
+        for name in ("lamport_chunk_vecs", "norm_max_warps", "norm_min_warps", "flat_block",
+                     "flat_warps"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"LaunchTable.{name} must be a power of 2, got {v}")
+        if self.norm_min_warps > self.norm_max_warps or self.norm_max_warps > 16 \
+                or self.flat_warps > 16:
+            raise ValueError(f"LaunchTable warps must satisfy norm_min_warps <= norm_max_warps "
+                             f"<= 16 and flat_warps <= 16, got {self}")
+        if not 1 <= self.lamport_max_programs <= 256:
+            raise ValueError(f"LaunchTable.lamport_max_programs must be in [1, 256], got "
+                             f"{self.lamport_max_programs}")
+        for name in ("oneshot_max_programs", "twoshot_max_programs"):
+            if not 1 <= getattr(self, name) <= MAX_PROGRAMS:
+                raise ValueError(f"LaunchTable.{name} must be in [1, {MAX_PROGRAMS}] (flag "
+                                 f"slots), got {getattr(self, name)}")
+
+    def as_dict(self) -> dict[str, int]:
+        """The knobs as a plain dict (fingerprints, result files)."""
+        return dataclasses.asdict(self)
+
+
+DEFAULT_TABLE = LaunchTable()
+
+
 def launch_plan(strategy: str, norm: bool, tokens: int, hidden: int, itemsize: int,
-                world_size: int) -> dict[str, int]:
+                world_size: int, table: LaunchTable = DEFAULT_TABLE) -> dict[str, int]:
     """Launch parameters of one call: a pure function of its arguments (identical on all ranks).
 
     Returns ``{"grid", "block", "num_warps", "chunk"}``; ``chunk`` is the Lamport push chunk.
     """
     if norm:
         block = _next_pow2(hidden)
-        num_warps = min(16, max(4, block // 512))
+        num_warps = min(table.norm_max_warps, max(table.norm_min_warps, block // 512))
         tiles = tokens
     else:
-        block = 4096
-        num_warps = 8
+        block = table.flat_block
+        num_warps = table.flat_warps
         tiles = _cdiv(tokens * hidden, block)
     nt = 32 * num_warps
-    chunk = 8 * nt if itemsize == 2 else 4 * nt  # one 16-byte vector per thread
+    vec = 8 if itemsize == 2 else 4  # elements per 16-byte vector
+    chunk = vec * nt * table.lamport_chunk_vecs
     if strategy == "lamport":
         pushes = _cdiv(tokens * hidden, chunk)
-        cap = min(LAMPORT_MAX_PROGRAMS, 128 * max(1, 16 // num_warps))
+        cap = min(table.lamport_max_programs, LAMPORT_MAX_PROGRAMS * max(1, 16 // num_warps))
         grid = min(cap, max(tiles, pushes))
     elif strategy == "oneshot":
-        grid = min(MAX_PROGRAMS, tiles)
+        grid = min(table.oneshot_max_programs, tiles)
     elif strategy == "twoshot":
-        grid = min(MAX_PROGRAMS, _cdiv(tiles, world_size))
+        grid = min(table.twoshot_max_programs, _cdiv(tiles, world_size))
     else:
         raise ValueError(f"unknown strategy {strategy!r}")
     return {"grid": max(1, grid), "block": block, "num_warps": num_warps, "chunk": chunk}
@@ -95,6 +155,9 @@ class P2PAllReduceBackend:
         dtype: bfloat16, float16 or float32.
         max_tokens: largest T of any call; sizes the workspace (2 stages of T*H + Lamport slots).
         device: this rank's CUDA device.
+        table: launch knobs (:class:`LaunchTable`; default: the tuned table). Must be equal on
+            every rank; part of :meth:`fingerprint`. Benchmarks may replace :attr:`table` between
+            calls (on every rank alike, outside capture).
 
     Semantics: see :mod:`llmcomm.allreduce.base` (fp32 sum in rank order; bitwise identical on
     every rank).
@@ -103,7 +166,7 @@ class P2PAllReduceBackend:
     name = "p2p"
 
     def __init__(self, group: Any, hidden_size: int, dtype: torch.dtype, max_tokens: int,
-                 device: torch.device) -> None:
+                 device: torch.device, table: LaunchTable | None = None) -> None:
         import torch.distributed as dist
 
         if dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -115,6 +178,8 @@ class P2PAllReduceBackend:
                              f"{hidden_size}; use backend='torch'")
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        if table is not None and not isinstance(table, LaunchTable):
+            raise TypeError(f"table must be a LaunchTable, got {type(table).__name__}")
         device = torch.device(device)
         if device.type != "cuda":
             raise ValueError(f"p2p backend needs a CUDA device, got {device}")
@@ -136,6 +201,8 @@ class P2PAllReduceBackend:
         self.dtype = dtype
         self.max_tokens = max_tokens
         self.device = device
+        #: launch knobs (see :class:`LaunchTable`); equal on every rank
+        self.table = table if table is not None else DEFAULT_TABLE
         self.ranks = list(dist.get_process_group_ranks(group))
         self.world_size = len(self.ranks)
         self.rank = dist.get_rank(group)
@@ -211,6 +278,7 @@ class P2PAllReduceBackend:
                 "world_size": self.world_size, "hidden_size": self.hidden_size,
                 "dtype": str(self.dtype), "max_tokens": self.max_tokens,
                 "max_programs": MAX_PROGRAMS, "lamport_max_programs": LAMPORT_MAX_PROGRAMS,
+                "launch_table": sorted(self.table.as_dict().items()),
                 "slot_elems": self.slot_elems, "pdl": self.use_pdl,
                 "workspace_bytes": self.workspace_bytes,
                 "strategy_table": sorted(policy.STRATEGY_THRESHOLDS.items())}
@@ -286,10 +354,11 @@ class P2PAllReduceBackend:
             return
         strat = self.strategy(tokens)
         plan = launch_plan(strat, norm, tokens, self.hidden_size, self.itemsize,
-                           self.world_size)
+                           self.world_size, self.table)
         fp8 = q is not None
         aligned = all(t.data_ptr() % 16 == 0 for t in (x, res, out, rout))
-        key = (strat, norm, fp8, aligned, w.dtype, self.use_pdl)
+        key = (strat, norm, fp8, aligned, w.dtype, self.use_pdl, plan["block"],
+               plan["num_warps"], plan["chunk"])
         if capturing and key not in self._warm:
             raise CaptureError(f"{op}: the {strat} kernel (fused={norm}, fp8={fp8}) would be "
                                f"compiled and loaded during CUDA-graph capture; run one eager "

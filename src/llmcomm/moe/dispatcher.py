@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..agree import agree, group_label, group_ranks
+from ..agree import CallChecker, agree, group_label, group_ranks
 from ..config import get_config
 from ..errors import BackendUnavailableError, CaptureError, ConfigMismatchError  # noqa: F401
 from ..policy import Decision
@@ -194,6 +194,7 @@ class EPDispatcher:
             raise
         self._generation = 0
         self._in_flight: int | None = None
+        self._call_check = CallChecker(group, "EPDispatcher")
         logger.info("EPDispatcher on %s: %s", group_label(group), self.decision)
 
     # ------------------------------------------------------------------ properties
@@ -215,6 +216,7 @@ class EPDispatcher:
                                max_tokens=self.max_tokens_per_rank, dtype=self.dtype,
                                device=self.device)
         self._check_capture()
+        self._call_check("dispatch")  # token counts may differ per rank; op and order may not
         if self._in_flight is not None:
             raise RuntimeError(
                 "EPDispatcher.dispatch called while the previous dispatch (generation "
@@ -256,6 +258,7 @@ class EPDispatcher:
             raise ValueError(f"expert_out must be on {self.device}, got {expert_out.device}")
         if not expert_out.is_contiguous():
             expert_out = expert_out.contiguous()
+        self._call_check("combine")
         self._backend.check_errors(sync=False)
         y = self._backend.combine(expert_out, handle.state, handle.num_tokens)
         self._in_flight = None
