@@ -36,6 +36,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from ._warn import warn_once
+
 logger = logging.getLogger(__name__)
 
 #: Parameters the fusion backend may pass, by function; each gets a flag in the capabilities.
@@ -371,15 +373,5 @@ def agree_flashinfer(caps: FlashInferCapabilities, group: Any) -> FlashInferCapa
     per_rank = exchange(caps.comparable(), group, "flashinfer-capabilities")
     result = reconcile(per_rank, caps)
     if not result.agreed:
-        _warn_once("flashinfer-disagree", result.reason)
+        warn_once(logger, "flashinfer-disagree", result.reason)
     return result
-
-
-_warned: set[str] = set()
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key in _warned:
-        return
-    _warned.add(key)
-    logger.warning("%s", message)

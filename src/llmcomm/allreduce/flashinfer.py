@@ -51,15 +51,16 @@ from __future__ import annotations
 
 import logging
 import re
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .._warn import warn_once
 from ..errors import BackendUnavailableError, CaptureError
 from ..probe import FUSION_FN, WORKSPACE_FN, FlashInferCapabilities
+from .epilogue import run_epilogue
 
 logger = logging.getLogger(__name__)
 
@@ -317,18 +318,6 @@ def why_not_flashinfer(caps: FlashInferCapabilities, *, variant: str, world_size
     return None
 
 
-_warned: set[str] = set()
-
-
-def _warn_once(key: str, message: str) -> None:
-    """Loudly, once per process and key: ``warnings.warn`` and the ``llmcomm`` logger."""
-    if key in _warned:
-        return
-    _warned.add(key)
-    logger.warning("%s", message)
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
 # --------------------------------------------------------------------------- comm backend
 
 def make_comm_backend(group: Any) -> Any:
@@ -513,7 +502,7 @@ class FlashInferAllReduceBackend:
                     "; ".join(self.reasons))
 
     def _report_dropped(self, what: str) -> None:
-        _warn_once(f"fi-dropped-{what}-{self._fusion_key}",
+        warn_once(logger, f"fi-dropped-{what}-{self._fusion_key}",
                    f"llmcomm: FlashInfer fusion of {what} was asked for and is not used: "
                    + "; ".join(self.reasons))
 
@@ -598,33 +587,3 @@ def quantize_fp8_epilogue(normed: torch.Tensor, quant_scale: torch.Tensor,
 
     q = torch.div(normed.float(), quant_scale.float()).clamp_(-FP8_MAX, FP8_MAX)
     fp8_out.copy_(q.to(torch.float8_e4m3fn))
-
-
-def run_epilogue(summed: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                 normed_out: torch.Tensor, residual_out: torch.Tensor,
-                 quant_scale: torch.Tensor | None, fp8_out: torch.Tensor | None,
-                 dtype: torch.dtype) -> None:
-    """llmcomm's add + RMSNorm (+FP8) on an already reduced ``summed``.
-
-    The Triton kernel (:mod:`llmcomm.kernels.epilogue`) for CUDA tensors when it is present,
-    else :func:`llmcomm.reference.add_rms_norm` (torch ops, the documented semantics).
-    """
-    if summed.device.type == "cuda":
-        try:
-            from ..kernels.epilogue import add_rms_norm_epilogue  # type: ignore
-        except ImportError:
-            add_rms_norm_epilogue = None
-        if add_rms_norm_epilogue is not None:
-            add_rms_norm_epilogue(summed, residual, weight, eps, normed_out, residual_out,
-                                  quant_scale=quant_scale, fp8_out=fp8_out)
-            return
-    from .. import reference
-
-    res = reference.add_rms_norm(summed, residual, weight, eps, dtype, quant_scale)
-    if quant_scale is None:
-        normed, r_out = res
-    else:
-        q, r_out, normed = res
-        fp8_out.copy_(q)
-    residual_out.copy_(r_out)
-    normed_out.copy_(normed)

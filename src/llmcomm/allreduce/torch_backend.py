@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from .. import reference
 from ..agree import ArrivalLog
 from ..config import get_config
 from ..errors import CollectiveTimeoutError
+from .epilogue import run_epilogue
 
 logger = logging.getLogger(__name__)
 
@@ -90,20 +90,8 @@ class TorchAllReduceBackend:
     def epilogue(self, summed, residual, weight, eps, normed_out, residual_out,
                  quant_scale=None, fp8_out=None) -> None:
         """add + RMSNorm (+FP8) of an already reduced ``summed`` into the given outputs."""
-        if self._gpu_epilogue:
-            from ..kernels.epilogue import add_rms_norm_epilogue
-
-            add_rms_norm_epilogue(summed, residual, weight, eps, normed_out, residual_out,
-                                  quant_scale=quant_scale, fp8_out=fp8_out)
-            return
-        res = reference.add_rms_norm(summed, residual, weight, eps, self.dtype, quant_scale)
-        if quant_scale is None:
-            normed, r_out = res
-        else:
-            q, r_out, normed = res
-            fp8_out.copy_(q)
-        residual_out.copy_(r_out)
-        normed_out.copy_(normed)
+        run_epilogue(summed, residual, weight, eps, normed_out, residual_out, quant_scale,
+                     fp8_out, self.dtype)
 
     def close(self) -> None:
         pass
