@@ -55,25 +55,40 @@ def _versions() -> list[tuple[str, str]]:
     return rows
 
 
-def _assumed_caps(kind: str) -> Any:
-    from types import SimpleNamespace
+_PATTERNS = ("kAllReduce", "kARResidualRMSNorm", "kARResidualRMSNormFP8Quant",
+             "kARResidualRMSNormFP4Quant", "kARResidualRMSNormOutFP8Quant",
+             "kARResidualRMSNormOutFP4Quant")
+_WS = ("backend", "world_size", "rank", "max_token_num", "hidden_dim", "dtype")
+_FUSION = ("input", "workspace", "pattern", "launch_with_pdl", "output", "residual_in",
+           "residual_out", "norm_out", "quant_out", "scale_out", "rms_gamma", "rms_eps",
+           "scale_factor", "use_oneshot", "fp32_acc")
 
-    all_patterns = ("kAllReduce", "kARResidualRMSNorm", "kARResidualRMSNormFP8Quant")
+
+def _assumed_caps(kind: str) -> Any:
+    """Capabilities of a kind of FlashInfer build, for seeing its decisions without it."""
+    from ..probe import FlashInferCapabilities, unavailable
+
     if kind == "absent":
-        return SimpleNamespace(available=False, agreed=True, reason="assumed absent (--flashinfer "
-                               "absent)", version=None, has_mnnvl=None, patterns=())
-    if kind == "old":
-        return SimpleNamespace(available=True, agreed=True, version="0.5.3", has_mnnvl=False,
-                               reason="assumed old build: no group= / comm_backend= kwargs",
-                               patterns=all_patterns, workspace_accepts_group=False)
-    if kind == "signatureless":
-        return SimpleNamespace(available=True, agreed=True, version="?", has_mnnvl=None,
-                               reason="assumed build whose functions have no signature metadata: "
-                                      "optional kwargs unknown, so not passed; MNNVL unknown",
-                               patterns=all_patterns, workspace_accepts_group=None)
-    return SimpleNamespace(available=True, agreed=True, version="0.6.8.post1", has_mnnvl=True,
-                           reason="assumed current build", patterns=all_patterns,
-                           workspace_accepts_group=True)
+        return unavailable("assumed absent (--flashinfer absent)")
+    if kind == "old":  # before the group= / comm_backend= keywords (e.g. 0.5.3)
+        return FlashInferCapabilities(
+            available=True, version="0.5.3", reason="assumed old build: no group=, no "
+            "comm_backend=, no trigger_completion_at_end=", has_allreduce_fusion=True,
+            workspace_accepts_group=False, workspace_accepts_comm_backend=False,
+            fusion_accepts_trigger_completion=False, patterns=_PATTERNS, has_mnnvl=False,
+            workspace_params=_WS, fusion_params=_FUSION)
+    if kind == "signatureless":  # builtins whose inspect.signature raises
+        return FlashInferCapabilities(
+            available=True, version="0.6.8", reason="assumed build without signature metadata: "
+            "optional keywords unknown, so not passed", has_allreduce_fusion=True,
+            workspace_accepts_group=None, workspace_accepts_comm_backend=None,
+            fusion_accepts_trigger_completion=None, patterns=_PATTERNS, has_mnnvl=None)
+    return FlashInferCapabilities(
+        available=True, version="0.6.13", reason="assumed current build", has_allreduce_fusion=True,
+        workspace_accepts_group=True, workspace_accepts_comm_backend=True,
+        fusion_accepts_trigger_completion=True, patterns=_PATTERNS, has_mnnvl=True,
+        workspace_params=_WS + ("comm_backend", "group", "gpus_per_node"),
+        fusion_params=_FUSION + ("trigger_completion_at_end",))
 
 
 def _local_facts(layout: Any, nodes: int, simulate: int | None) -> Any:
@@ -87,9 +102,10 @@ def _local_facts(layout: Any, nodes: int, simulate: int | None) -> Any:
     from ..config import get_config
 
     mc = not get_config().multicast_disabled
+    is_world = tp == layout.world_size
     if simulate is not None:
         return TopologyFacts.simulated(tp, num_nodes=tp_nodes, device_type="cuda",
-                                       multicast_allowed=mc)
+                                       multicast_allowed=mc, is_world=is_world)
     if torch.cuda.is_available() and torch.cuda.device_count() >= min(tp, per_node):
         n = min(tp, torch.cuda.device_count())
         peer = all(i == j or torch.cuda.can_device_access_peer(i, j)
@@ -97,11 +113,11 @@ def _local_facts(layout: Any, nodes: int, simulate: int | None) -> Any:
         cc = tuple(torch.cuda.get_device_capability(0))
         return TopologyFacts.simulated(tp, num_nodes=tp_nodes, device_type="cuda",
                                        compute_capability=cc, peer_access=peer and tp_nodes == 1,
-                                       multicast_allowed=mc,
+                                       multicast_allowed=mc, is_world=is_world,
                                        triton_available=importlib.util.find_spec("triton")
                                        is not None)
     return TopologyFacts.simulated(tp, num_nodes=tp_nodes, device_type="cpu",
-                                   compute_capability=None,
+                                   compute_capability=None, is_world=is_world,
                                    triton_available=importlib.util.find_spec("triton") is not None)
 
 
@@ -117,8 +133,7 @@ def report(layout: Any, facts: Any, fi_caps: Any, hidden: int) -> str:
              f"topology of the TP group: {facts.describe()}",
              f"env: LLMCOMM_TIMEOUT_S={cfg.timeout_s:g} LLMCOMM_CHECK={int(cfg.check)} "
              f"multicast disabled by: {', '.join(cfg.multicast_disabled_by) or 'nothing'}",
-             f"flashinfer: {'available' if getattr(fi_caps, 'available', False) else 'unavailable'}"
-             f" ({getattr(fi_caps, 'reason', '') or getattr(fi_caps, 'version', '')})",
+             f"flashinfer: {fi_caps.summary()}", f"  ({fi_caps.reason})",
              "backends:"]
     for name, why in policy.backend_availability(facts, fi_caps, hidden).items():
         lines.append(f"  {name:<10} {'available' if why is None else 'unavailable'}"
