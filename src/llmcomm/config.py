@@ -64,3 +64,21 @@ def get_config(env: dict[str, str] | None = None) -> Config:
         multicast_disabled_by=tuple(disabled_by),
         log_level=env.get("LLMCOMM_LOG_LEVEL", "WARNING").upper(),
     )
+
+
+@dataclass(frozen=True)
+class LauncherEnv:
+    """What torchrun (or a similar launcher) tells this process."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def launcher_env(env: dict[str, str] | None = None) -> LauncherEnv | None:
+    """``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` when set by a launcher with more than one rank."""
+    env = dict(os.environ) if env is None else env
+    if "RANK" not in env or int(env.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    return LauncherEnv(rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]),
+                       local_rank=int(env.get("LOCAL_RANK", "0")))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import os
 import platform
 from typing import Any
 
@@ -163,8 +162,11 @@ def report(layout: Any, facts: Any, fi_caps: Any, hidden: int) -> str:
 def run(args: Any) -> int:
     from ..layout import ParallelLayout
 
-    world_env = int(os.environ.get("WORLD_SIZE", "1"))
-    distributed = "RANK" in os.environ and world_env > 1
+    from ..config import launcher_env
+
+    launched = launcher_env()
+    distributed = launched is not None
+    world_env = launched.world_size if launched else 1
     tp = args.tp if args.tp is not None else (world_env if distributed else 1)
     layout = ParallelLayout(tp=tp, pp=args.pp, dp=args.dp, pcp=args.pcp)
     print("llmcomm doctor")
@@ -188,7 +190,7 @@ def run(args: Any) -> int:
     layout.check_world_size(world_env)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(launched.local_rank)
     dist.init_process_group(backend)
     try:
         groups = layout.create_groups()
