@@ -10,14 +10,22 @@ Variants (all CUDA-graph replays of --iters back-to-back calls, median of --reps
   llm_ar, llm_fused, llm_fused_fp8   llmcomm p2p backend (strategy from llmcomm.policy)
   llm_fused[lamport|oneshot|twoshot] llmcomm fused with the strategy forced (--strategies)
 
+--sweep: instead of the ladder, time the fused op (bf16) for each entry of SWEEP (forced
+strategy x LaunchTable knobs) at --sweep-tokens x --hidden, every configuration checked inline
+against the pure-torch reference first (worst relative error printed and recorded). A
+configuration that times out (e.g. a Lamport grid that is not fully resident; the sweep sets
+LLMCOMM_TIMEOUT_S=5 unless set) is recorded as an error and the backend is recreated.
+Writes <out>/allreduce_sweep_<gpu>_<date>.json.
+
 Usage: PYTHONPATH=src:. python3 benchmarks/bench_allreduce.py [--hidden 4096 8192]
-       [--tokens 1 4 ... 8192] [--check] [--strategies] [--out benchmarks/results]
+       [--tokens 1 4 ... 8192] [--check] [--strategies] [--sweep] [--out benchmarks/results]
 Writes <out>/allreduce_<gpu>_<date>.{csv,json,png}; prints a table of microseconds per call.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -27,6 +35,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import environment, time_graph, write_results  # noqa: E402
 
 FI_MAX_TOKENS = 2048
+#: --sweep: name -> (forced strategy or None for the policy, LaunchTable keyword overrides)
+SWEEP = {
+    "auto": (None, {}),
+    "lamport": ("lamport", {}),
+    "lamport_c2": ("lamport", {"lamport_chunk_vecs": 2}),
+    "lamport_w16": ("lamport", {"norm_min_warps": 16}),
+    "lamport_p256_w4": ("lamport", {"lamport_max_programs": 256, "norm_max_warps": 4}),
+    "oneshot": ("oneshot", {}),
+    "oneshot_w8": ("oneshot", {"norm_max_warps": 8}),
+    "oneshot_p132": ("oneshot", {"oneshot_max_programs": 132}),
+}
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
             "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -227,6 +246,121 @@ def worker(rank, world, args, port, out_path):
     dist.destroy_process_group()
 
 
+def sweep_worker(rank, world, args, port, out_path):
+    """--sweep: every SWEEP entry x hidden x tokens, checked then timed (fused, bf16)."""
+    os.environ.update(SAFE_ENV)
+    os.environ.setdefault("LLMCOMM_TIMEOUT_S", "5")
+    import torch
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.cuda.set_device(rank)
+    dev = torch.device("cuda", rank)
+    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=dev)
+    group = dist.new_group(list(range(world)))
+    from llmcomm import reference
+    from llmcomm.allreduce.p2p import LaunchTable, P2PAllReduceBackend, launch_plan
+
+    dtype, eps = torch.bfloat16, 1e-6
+    rows, errors = [], {}
+    t_start = time.time()
+    for H in args.hidden:
+        maxT = max(args.sweep_tokens)
+        be = P2PAllReduceBackend(group, H, dtype, maxT, dev)
+        w = (torch.rand(H, device=dev) + 0.5).to(dtype)
+        for T in args.sweep_tokens:
+            g = torch.Generator(device=dev).manual_seed(4321 + T)
+            xs = [(torch.randn(T, H, generator=g, device=dev) * 0.5).to(dtype)
+                  for _ in range(world)]
+            x0 = xs[rank]
+            res = torch.randn(T, H, generator=g, device=dev).to(dtype)
+            normed, rout = torch.empty_like(x0), torch.empty_like(x0)
+            ref_n, ref_r = reference.all_reduce_add_rms_norm(xs, res, w, eps)
+            row = {"hidden": H, "tokens": T}
+            seen = set()
+            for name, (strat, knobs) in SWEEP.items():
+                if strat == "lamport" and T * H > be.slot_elems:
+                    continue
+                table = LaunchTable(**knobs)
+                same = (strat or be.strategy(T),
+                        tuple(launch_plan(strat or be.strategy(T), True, T, H, 2, world,
+                                          table).items()))
+                if strat is not None and same in seen:
+                    continue   # identical launch to an entry already timed in this row
+                seen.add(same)
+
+                def call(strat=strat, table=table):
+                    be.force_strategy, be.table = strat, table
+                    be.all_reduce_add_rms_norm(x0, res, w, eps, normed, rout)
+
+                ok = torch.zeros(1, device=dev)
+                try:
+                    normed.fill_(float("nan"))
+                    rout.fill_(float("nan"))
+                    call()
+                    be.check_errors()
+                    err = max(_rel(normed, ref_n.float()), _rel(rout, ref_r.float()))
+                    ok.fill_(1.0 if err <= 5e-3 else 0.0)
+                except Exception:  # noqa: BLE001 - recorded; every rank agrees below
+                    err = float("nan")
+                    errors[f"{name}_{H}_{T}"] = traceback.format_exc()[-400:]
+                dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
+                plan, kern = be.last_launch or ({}, None)
+                regs = getattr(kern, "n_regs", None)
+                row[f"{name}.err"] = err
+                row[f"{name}.plan"] = f"{plan.get('grid')}x{plan.get('num_warps')}w" \
+                                      f"/c{plan.get('chunk')}/r{regs}"
+                if ok.item() == 1.0:
+                    row[name] = round(time_graph(call, group, args.iters, args.reps), 2)
+                else:   # a timed-out backend is dead on every rank: make a new one
+                    row[name] = None
+                    torch.cuda.synchronize()
+                    be.close()
+                    be = P2PAllReduceBackend(group, H, dtype, maxT, dev)
+                be.force_strategy, be.table = None, LaunchTable()
+            rows.append(row)
+            if rank == 0:
+                print(f"sweep H={H} T={T} ({time.time() - t_start:.0f} s) " +
+                      " ".join(f"{k}={row.get(k)}" for k in SWEEP), flush=True)
+        be.close()
+    if rank == 0:
+        meta = environment()
+        meta.update(world_size=world, dtype=str(dtype), iters=args.iters, reps=args.reps,
+                    errors=errors, sweep={k: [s, kn] for k, (s, kn) in SWEEP.items()},
+                    seconds=round(time.time() - t_start, 1))
+        with open(out_path + ".json", "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        print("wrote", out_path + ".json")
+        print_sweep(rows)
+        for k, e in errors.items():
+            print("ERR", k, e[-300:])
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def print_sweep(rows) -> None:
+    """us per call of every SWEEP entry (best per row marked *), then the worst check error."""
+    names = list(SWEEP)
+    print("\nsweep: fused allreduce+residual+RMSNorm, bf16, us per call (* = fastest; - = "
+          "skipped or failed)")
+    print(f"{'H':>5} {'T':>5} " + " ".join(f"{n:>16}" for n in names))
+    for r in rows:
+        vals = {n: r.get(n) for n in names if isinstance(r.get(n), float)}
+        best = min(vals, key=vals.get) if vals else None
+        cells = [(f"{vals[n]:.1f}" + ("*" if n == best else "")) if n in vals else "-"
+                 for n in names]
+        print(f"{r['hidden']:5d} {r['tokens']:5d} " + " ".join(f"{c:>16}" for c in cells))
+    errs = [(r.get(f"{n}.err"), r["hidden"], r["tokens"], n) for r in rows for n in names
+            if isinstance(r.get(f"{n}.err"), float)]
+    worst = max(errs, key=lambda e: e[0] if e[0] == e[0] else float("inf"), default=None)
+    print("sweep check: worst rel err", worst)
+    print("plans (grid x warps / push chunk / regs):")
+    for r in rows:
+        print(f"{r['hidden']:5d} {r['tokens']:5d} " +
+              " ".join(f"{n}={r.get(n + '.plan')}" for n in names if n + ".plan" in r))
+
+
 def print_table(rows) -> None:
     for H in sorted({r["hidden"] for r in rows}):
         print(f"\nhidden {H}, bf16, us per call | llm fused / fi fused | llm fused / nccl_unfused")
@@ -287,6 +421,9 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--check", action="store_true", help="verify results inline")
     p.add_argument("--strategies", action="store_true", help="also time each forced strategy")
+    p.add_argument("--sweep", action="store_true",
+                   help="time the SWEEP launch-knob grid instead of the ladder")
+    p.add_argument("--sweep-tokens", type=int, nargs="+", default=[128, 256, 512, 1024, 2048])
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                   "results"))
     args = p.parse_args()
@@ -297,6 +434,14 @@ def main() -> None:
     world = args.world or torch.cuda.device_count()
     if world < 2:
         sys.exit("needs at least 2 GPUs")
+    if args.sweep:
+        os.makedirs(args.out, exist_ok=True)
+        gpu = torch.cuda.get_device_name(0).replace(" ", "_")
+        stem = os.path.join(args.out, f"allreduce_sweep_{gpu}_x{world}_"
+                            f"{time.strftime('%Y%m%d_%H%M%S')}")
+        mp.spawn(sweep_worker, args=(world, args, 29600 + os.getpid() % 300, stem),
+                 nprocs=world, join=True)
+        return
     try:
         import flashinfer.comm  # noqa: F401  build the JIT comm module once, before the ranks
         from flashinfer.comm.trtllm_ar import get_trtllm_comm_module

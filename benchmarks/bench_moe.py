@@ -10,6 +10,13 @@ every token goes to both ranks); ``p2p``: EPDispatcher(backend="p2p") dispatch +
 limit measured on this machine is 394 GB/s.
 
     PYTHONPATH=src:. python3 benchmarks/bench_moe.py [--tokens 1,8,...] [--out benchmarks/results]
+
+``--sweep``: time the p2p backend for every SWEEP entry (constructor knobs of ``P2PBackend``) at
+``--sweep-tokens`` tokens per rank, hidden 7168 / 256 experts / top-8, one dispatcher per entry
+(``M`` = the largest token count), plus NCCL all_to_all once per token count for the ratio.
+Each entry is checked inline first: ``counts`` against the routing and the combine output
+against the float64 reference ``y = x * sum_k w`` (expert outputs = expert inputs); the worst
+relative error is printed and recorded. Writes ``<out>/moe_sweep_ep<W>.json``.
 """
 
 from __future__ import annotations
@@ -24,6 +31,20 @@ sys.path[:0] = [os.path.join(os.path.dirname(os.path.abspath(__file__)), p)
 CONFIGS = ((7168, 256, 8), (4096, 128, 8))
 TOKENS = (1, 2, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 NVLINK_GBPS = 394.0
+SWEEP_CONFIG = (7168, 256, 8)
+SWEEP_TOKENS = (1, 8, 64, 128, 4096)
+#: --sweep: name -> (P2PBackend keyword arguments, largest token count timed)
+SWEEP = {
+    "default": ({}, None),
+    "G32": ({"num_programs": 32}, 512),
+    "G8": ({"num_programs": 8}, 512),
+    "vec": ({"vector_slots": True}, None),
+    "vec_br": ({"vector_slots": True, "branchless_combine": True}, None),
+    "posted": ({"posted_flags": True}, None),
+    "pdl": ({"pdl": True}, None),
+    "all": ({"vector_slots": True, "branchless_combine": True, "posted_flags": True,
+             "pdl": True}, None),
+}
 
 
 def _worker(rank, world, tokens, programs):
@@ -90,17 +111,132 @@ def _worker(rank, world, tokens, programs):
     return rows
 
 
+def _sweep_worker(rank, world, tokens):
+    """Every SWEEP entry: a dispatcher, an inline check per token count, then graph timing."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from benchmarks._common import time_graph
+    from llmcomm.moe import EPDispatcher
+
+    H, E, K = SWEEP_CONFIG
+    dtype, M, L = torch.bfloat16, max(tokens), E // world
+    t_start = time.time()
+    inputs = {}
+    for T in tokens:
+        g = torch.Generator(device="cuda").manual_seed(99 + T + 1000 * rank)
+        x = torch.randn(T, H, device="cuda", dtype=dtype, generator=g)
+        ids = torch.rand(T, E, device="cuda", generator=g).topk(K, dim=1).indices
+        w = torch.rand(T, K, device="cuda", generator=g)
+        all_ids = [torch.empty_like(ids) for _ in range(world)]
+        dist.all_gather(all_ids, ids)
+        owner = torch.cat(all_ids) // L
+        # deduplicated (token, local expert) pairs = rows this rank's experts receive
+        want = torch.zeros(L, dtype=torch.int64, device="cuda")
+        for row in torch.cat(all_ids)[owner.eq(rank).any(dim=1)].tolist():
+            for e in set(row):
+                if e // L == rank:
+                    want[e - rank * L] += 1
+        y_ref = x.double() * w.double().sum(dim=1, keepdim=True)
+        send = x.repeat(world, 1)
+        recv, back = torch.empty_like(send), torch.empty_like(send)
+
+        def a2a(send=send, recv=recv, back=back):
+            dist.all_to_all_single(recv, send)
+            dist.all_to_all_single(back, recv)
+        inputs[T] = (x, ids, w, want, y_ref,
+                     time_graph(a2a, iters=50 if T <= 512 else 20, reps=5))
+    rows = [{"tokens": T, "nccl_a2a_us": round(inputs[T][5], 2)} for T in tokens]
+    errors = {}
+    for name, (kw, max_t) in SWEEP.items():
+        try:
+            ep = EPDispatcher(dist.group.WORLD, E, K, H, M, dtype, backend="p2p",
+                              _backend_kwargs=kw)
+        except Exception as e:  # noqa: BLE001 - identical on every rank (creation is agreed)
+            errors[name] = repr(e)[:300]
+            continue
+        for row in rows:
+            T = row["tokens"]
+            if max_t is not None and T > max_t:
+                continue
+            x, ids, w, want, y_ref, _ = inputs[T]
+
+            def p2p(x=x, ids=ids, w=w):
+                d = ep.dispatch(x, ids, w)
+                return d, ep.combine(d.expert_x, d)
+
+            d, y = p2p()
+            ep.check_errors(sync=True)
+            cnt_ok = bool(torch.equal(d.counts.long(), want))
+            err = float(((y.double() - y_ref).norm() / y_ref.norm().clamp_min(1e-30)).item())
+            bad = torch.tensor([0.0 if cnt_ok and err <= 1e-2 else 1.0], device="cuda")
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            row[f"{name}.err"] = err if cnt_ok else float("inf")
+            if bad.item() == 0.0:
+                t = time_graph(lambda: p2p(), iters=50 if T <= 512 else 20, reps=5)
+                ep.check_errors(sync=True)
+                row[name] = round(t, 2)
+                row[f"{name}/a2a"] = round(t / row["nccl_a2a_us"], 3)
+        ep.close()
+        del ep
+        torch.cuda.empty_cache()
+        if rank == 0:
+            print(f"sweep {name} {kw} done ({time.time() - t_start:.0f} s)", flush=True)
+    if rank == 0:
+        _print_sweep(rows, H, world)
+    return rows, errors, round(time.time() - t_start, 1)
+
+
+def _print_sweep(rows, H, world) -> None:
+    """us per dispatch+combine of every SWEEP entry, its ratio to NCCL a2a and % of NVLink."""
+    names = list(SWEEP)
+    print(f"\nsweep: p2p dispatch+combine, H={H}, us (ratio to NCCL a2a; * = fastest)")
+    print(f"{'T':>5} {'a2a':>7} " + " ".join(f"{n:>15}" for n in names))
+    for r in rows:
+        vals = {n: r[n] for n in names if n in r}
+        best = min(vals, key=vals.get) if vals else None
+        cells = [f"{vals[n]:.1f}({r[n + '/a2a']:.2f}){'*' if n == best else ''}"
+                 if n in vals else "-" for n in names]
+        print(f"{r['tokens']:5d} {r['nccl_a2a_us']:7.1f} " + " ".join(f"{c:>15}" for c in cells))
+    errs = [(r[f"{n}.err"], r["tokens"], n) for r in rows for n in names if f"{n}.err" in r]
+    print("sweep check: worst rel err (inf = wrong counts)", max(errs, default=None))
+    big = max((r for r in rows), key=lambda r: r["tokens"])
+    pct = {n: round(100 * (2 * big["tokens"] * (1 - (1 - 0.5) ** 8) * H * 2)
+                    / (big[n] * 1e-6) / 1e9 / NVLINK_GBPS, 1) for n in names if n in big}
+    print(f"% of NVLink at T={big['tokens']} (approx. rows to the peer = T*(1-2^-8)):", pct)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     ap.add_argument("--programs", type=int, default=None, help="p2p grid size (default: auto)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--world", type=int, default=2)
+    ap.add_argument("--sweep", action="store_true", help="time the SWEEP knob grid instead")
+    ap.add_argument("--sweep-tokens", default=",".join(map(str, SWEEP_TOKENS)))
     args = ap.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
 
+    import json
+
     from benchmarks._common import environment, write_results
     from tests._dist import run_ranks
+
+    if args.sweep:
+        stoks = [int(t) for t in args.sweep_tokens.split(",")]
+        rows, errors, secs = run_ranks(_sweep_worker, args.world, stoks, backend="nccl",
+                                       timeout=300)[0]
+        meta = environment()
+        meta.update(world=args.world, config=SWEEP_CONFIG, seconds=secs, errors=errors,
+                    sweep={k: [kw, t] for k, (kw, t) in SWEEP.items()})
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, f"moe_sweep_ep{args.world}.json")
+        with open(path, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        print(f"wrote {path}; {secs} s; errors: {errors}")
+        return
 
     res = run_ranks(_worker, args.world, tokens, args.programs, backend="nccl", timeout=560)
     rows = res[0]

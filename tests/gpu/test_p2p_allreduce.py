@@ -133,6 +133,45 @@ def test_p2p_matrix(dtype_name, hiddens, tokens, patterns):
     assert fails == [[], []], "\n".join(sum(fails, [])[:40])
 
 
+#: non-default LaunchTable knobs (the --sweep entries of benchmarks/bench_allreduce.py)
+ALT_TABLES = ({"lamport_chunk_vecs": 2}, {"norm_min_warps": 16},
+              {"lamport_max_programs": 256, "norm_max_warps": 4},
+              {"norm_max_warps": 8, "flat_block": 2048, "flat_warps": 4},
+              {"oneshot_max_programs": 132, "twoshot_max_programs": 64})
+
+
+def _table_worker(rank, world):
+    import torch
+    import torch.distributed as dist
+
+    from llmcomm.allreduce.p2p import LaunchTable
+
+    fails = []
+    for H in (4096, 8192):
+        group, be, dev = _make(torch, dist, H, torch.bfloat16, 1000)
+        scale = torch.tensor([0.05], device=dev, dtype=torch.float32)
+        for ti, knobs in enumerate(ALT_TABLES):
+            be.table = LaunchTable(**knobs)
+            for si, strat in enumerate(STRATEGIES):
+                be.force_strategy = strat
+                for T in (1, 64, 256, 1000):
+                    if strat == "lamport" and T * H > be.slot_elems:
+                        continue
+                    for pi, pattern in enumerate(("ar", "norm", "fp8")):
+                        seed = H * 7 + T * 13 + ti * 101 + si * 11 + pi
+                        f, _ = _run_case(torch, dist, group, be, rank, world, pattern, T, H,
+                                         torch.bfloat16, seed, scale, dev)
+                        fails += [f"table {knobs}: {m}" for m in f]
+        be.close()
+    return fails
+
+
+def test_p2p_launch_tables():
+    """Every strategy stays correct under the non-default launch knobs the sweep times."""
+    fails = run_ranks(_table_worker, 2, backend="nccl", timeout=240)
+    assert fails == [[], []], "\n".join(sum(fails, [])[:40])
+
+
 def _graph_worker(rank, world):
     import torch
     import torch.distributed as dist

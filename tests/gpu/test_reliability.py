@@ -136,11 +136,27 @@ def _soak_worker(rank, world, calls, every):
                 fails.append(f"call {i} T={T}: ranks differ")
     torch.cuda.synchronize()
     comm.backend.check_errors()
-    return {"fails": fails[:20], "checked": checked}
+    # above the workspace: explicit p2p refuses with the max_tokens that would fit ...
+    big = max(SIZES) + 1
+    xs, res, w = _draw(torch, 99, world, big, dev)
+    try:
+        comm.all_reduce(xs[rank])
+        fails.append("p2p accepted a call above its workspace")
+    except ValueError as e:
+        if f"max_tokens>={big}" not in str(e):
+            fails.append(f"unhelpful capacity error: {e}")
+    # ... and auto falls back to the torch backend (NCCL + epilogue kernel), still right
+    auto = llmcomm.TPCommunicator(dist.group.WORLD, H, torch.bfloat16, 64, backend="auto")
+    n, r = auto.all_reduce_add_rms_norm(xs[rank], res, w)
+    ref_n, ref_r = reference.all_reduce_add_rms_norm(xs, res, w, 1e-6)
+    if not max(_rel(n, ref_n), _rel(r, ref_r)) < 8e-3:
+        fails.append(f"auto fallback above the workspace: rel err {_rel(n, ref_n):.2e}")
+    return {"fails": fails[:20], "checked": checked, "auto": auto.decision.choice}
 
 
 def test_soak_100k_mixed_calls():
     res = run_ranks(_soak_worker, 2, 100_000, 499, backend="nccl", timeout=420)
     for r in res:
+        assert r["auto"] == "p2p"
         assert r["checked"] >= 200
         assert not r["fails"], r["fails"]

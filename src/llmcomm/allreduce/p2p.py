@@ -262,6 +262,7 @@ class P2PAllReduceBackend:
         self.force_strategy: str | None = None
         self._closed = False
         self._last_op = "all_reduce"
+        self.last_launch: tuple[dict[str, int], Any] | None = None
         logger.info("p2p backend on ranks %s: workspace %.1f MiB (max_tokens=%d, hidden=%d, %s, "
                     "Lamport slot %d elems)", self.ranks, total / 2 ** 20, max_tokens,
                     hidden_size, dtype, self.slot_elems)
@@ -374,12 +375,15 @@ class P2PAllReduceBackend:
         grid = (plan["grid"],)
         with torch.cuda.device(self.device):
             if strat == "lamport":
-                k.lamport_kernel[grid](*common, self.lamp_off, self.slot_elems, *state,
-                                       CHUNK=plan["chunk"], ELEM_BITS=8 * self.itemsize, **meta)
+                kern = k.lamport_kernel[grid](*common, self.lamp_off, self.slot_elems, *state,
+                                              CHUNK=plan["chunk"], ELEM_BITS=8 * self.itemsize,
+                                              **meta)
             else:
                 fn = k.oneshot_kernel if strat == "oneshot" else k.twoshot_kernel
-                fn[grid](*common, self.flag_off, self.stage_off, self.msg_elems, *state,
-                         NT=32 * plan["num_warps"], **meta)
+                kern = fn[grid](*common, self.flag_off, self.stage_off, self.msg_elems, *state,
+                                NT=32 * plan["num_warps"], **meta)
+        #: benchmarks only: (plan, compiled kernel or None) of the latest launch
+        self.last_launch = (plan, kern)
         self._warm.add(key)
 
     def all_reduce(self, x: torch.Tensor, out: torch.Tensor) -> None:

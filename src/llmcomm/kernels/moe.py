@@ -23,10 +23,24 @@ Epochs live in device memory (one per program, per op) and flags only ever move 
 nothing host-side is frozen into a CUDA graph. Every spin has a deadline: on expiry the program
 writes an error record (device + pinned host mirror) naming the missing rank and stops waiting;
 later calls see the record and do not wait at all.
+
+Switchable variants (``tl.constexpr``; all off = the tested default code, compiled unchanged):
+
+* ``VEC_SLOTS``: a token's local-expert slots are taken with one masked vector ``atomic_add``
+  (its K atomics in flight together) instead of K dependent scalar atomics.
+* ``BRANCHLESS``: the combine's weighted sum issues its K row loads as masked loads (no branch
+  per k), so they overlap; skipped entries leave the fp32 sum untouched (bitwise the same).
+* ``POSTED``: flags are signalled with a posted ``st.release.sys`` and polled with
+  ``ld.acquire.sys`` (one thread, then ``debug_barrier``) instead of system-scope atomics.
+  GPU only (inline PTX).
+* ``PDL``: programmatic dependent launch (sm_90+, launched with ``launch_pdl=True``):
+  ``griddepcontrol.wait`` precedes every memory access, so semantics are unchanged.
 """
 
 import triton
 import triton.language as tl
+
+from .sync import ld_acquire_sys, pdl_launch_dependents, pdl_wait, st_release_sys
 
 
 @triton.jit
@@ -40,14 +54,35 @@ def _now(USE_TIMER: tl.constexpr):
 
 
 @triton.jit
+def _flag_load(flag_ptr, POSTED: tl.constexpr, NT: tl.constexpr):
+    """Acquire load (system scope) of one flag: an atomic, or ``ld.acquire.sys`` by one thread."""
+    if POSTED:
+        i = tl.arange(0, NT)
+        v = tl.sum(ld_acquire_sys(flag_ptr + i * 0, i == 0), axis=0)
+    else:
+        v = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
+    return v
+
+
+@triton.jit
+def _flag_signal(flag_ptr, epoch, POSTED: tl.constexpr, NT: tl.constexpr):
+    """Release-store ``epoch`` into a peer's flag (after ``debug_barrier``): atomic or posted."""
+    if POSTED:
+        i = tl.arange(0, NT)
+        st_release_sys(flag_ptr + i * 0, epoch + i * 0, i == 0)
+    else:
+        tl.atomic_xchg(flag_ptr, epoch, sem="release", scope="sys")
+
+
+@triton.jit
 def _wait_peer(flag_ptr, epoch, peer, dead, err_dev, err_host, timeout_ns, OP: tl.constexpr,
-               USE_TIMER: tl.constexpr):
+               USE_TIMER: tl.constexpr, POSTED: tl.constexpr, NT: tl.constexpr):
     """Spin (acquire, system scope) until ``*flag_ptr == epoch``; returns the new ``dead``."""
-    v = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
+    v = _flag_load(flag_ptr, POSTED, NT)
     t0 = _now(USE_TIMER)
     spins = tl.full([], 0, tl.int64)
     while (v != epoch) & (dead == 0):
-        v = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
+        v = _flag_load(flag_ptr, POSTED, NT)
         spins += 1
         if USE_TIMER:
             elapsed = _now(USE_TIMER) - t0
@@ -67,8 +102,22 @@ def _wait_peer(flag_ptr, epoch, peer, dead, err_dev, err_host, timeout_ns, OP: t
 @triton.jit
 def _expand_row(row, ids, s, t, expert_x, cursor, slot_map, RANK: tl.constexpr,
                 M: tl.constexpr, H: tl.constexpr, K: tl.constexpr, L: tl.constexpr,
-                CAP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+                CAP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                VEC_SLOTS: tl.constexpr):
     """Copy ``row`` into a fresh slot of each local expert in ``ids`` (repeats share a slot)."""
+    if VEC_SLOTS:
+        _expand_row_vec(row, ids, s, t, expert_x, cursor, slot_map, RANK, M, H, K, L, CAP,
+                        BLOCK_H, BLOCK_K)
+    else:
+        _expand_row_seq(row, ids, s, t, expert_x, cursor, slot_map, RANK, M, H, K, L, CAP,
+                        BLOCK_H, BLOCK_K)
+
+
+@triton.jit
+def _expand_row_seq(row, ids, s, t, expert_x, cursor, slot_map, RANK: tl.constexpr,
+                    M: tl.constexpr, H: tl.constexpr, K: tl.constexpr, L: tl.constexpr,
+                    CAP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The default: one scalar cursor atomic per new local expert, k ascending."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_k = tl.arange(0, BLOCK_K)
     mk = offs_k < K
@@ -90,6 +139,32 @@ def _expand_row(row, ids, s, t, expert_x, cursor, slot_map, RANK: tl.constexpr,
 
 
 @triton.jit
+def _expand_row_vec(row, ids, s, t, expert_x, cursor, slot_map, RANK: tl.constexpr,
+                    M: tl.constexpr, H: tl.constexpr, K: tl.constexpr, L: tl.constexpr,
+                    CAP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``VEC_SLOTS``: every new local expert of the token takes its slot in one vector atomic."""
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_k = tl.arange(0, BLOCK_K)
+    mk = offs_k < K
+    el = ids - RANK * L
+    local = mk & (ids >= 0) & (el >= 0) & (el < L)
+    same = (ids[:, None] == ids[None, :]) & mk[None, :]
+    first = tl.min(tl.where(same, offs_k[None, :], BLOCK_K), axis=1)  # first k with this id
+    new = local & (first == offs_k)
+    slot = tl.atomic_add(cursor + tl.where(new, el, 0), tl.full([BLOCK_K], 1, tl.int32),
+                         mask=new, sem="relaxed", scope="gpu")
+    entry = tl.where(new, el * CAP + slot, -1)
+    # repeats share the entry of their first occurrence
+    shared = tl.max(tl.where(offs_k[None, :] == first[:, None], entry[None, :], -1), axis=1)
+    sm = tl.where(local, shared, -1)
+    for k in tl.static_range(K):
+        e = tl.max(tl.where((offs_k == k) & new, entry, -1), axis=0)
+        if e >= 0:
+            tl.store(expert_x + tl.cast(e, tl.int64) * H + offs_h, row, mask=offs_h < H)
+    tl.store(slot_map + tl.cast((s * M + t) * K, tl.int64) + offs_k, sm, mask=mk)
+
+
+@triton.jit
 def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                        recv_x, recv_ids, recv_w, recv_T, flags,
                        expert_x, counts, cursor, done, slot_map, epoch_ptr, err_dev,
@@ -97,7 +172,13 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                        RANK: tl.constexpr, W: tl.constexpr, G: tl.constexpr, M: tl.constexpr,
                        H: tl.constexpr, K: tl.constexpr, L: tl.constexpr, E: tl.constexpr,
                        CAP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                       BLOCK_L: tl.constexpr, USE_TIMER: tl.constexpr):
+                       BLOCK_L: tl.constexpr, USE_TIMER: tl.constexpr,
+                       VEC_SLOTS: tl.constexpr = False, BRANCHLESS: tl.constexpr = False,
+                       POSTED: tl.constexpr = False, PDL: tl.constexpr = False,
+                       NT: tl.constexpr = 256):
+    if PDL:  # nothing is touched before the previous grid finished
+        pdl_wait()
+        pdl_launch_dependents()
     pid = tl.program_id(0)
     err_host = err_host_addr.to(tl.pointer_type(tl.int32))
     epoch = tl.load(epoch_ptr + pid) + 1
@@ -120,7 +201,7 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                 if tl.sum((owner == d).to(tl.int32), axis=0) > 0:
                     tl.store(recv_x[d] + mrow * H + offs_h, row, mask=mh)
         _expand_row(row, ids, RANK, t, expert_x, cursor, slot_map, RANK, M, H, K, L, CAP,
-                    BLOCK_H, BLOCK_K)
+                    BLOCK_H, BLOCK_K, VEC_SLOTS)
     for d in tl.static_range(W):
         if d != RANK:
             tl.store(recv_T[d] + RANK, T)
@@ -128,12 +209,12 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
     tl.debug_barrier()
     for d in tl.static_range(W):
         if d != RANK:
-            tl.atomic_xchg(flags[d] + pid * W + RANK, epoch, sem="release", scope="sys")
+            _flag_signal(flags[d] + pid * W + RANK, epoch, POSTED, NT)
     dead = tl.load(err_dev, volatile=True)
     for s in tl.static_range(W):
         if s != RANK:
             dead = _wait_peer(flags[RANK] + pid * W + s, epoch, s, dead, err_dev, err_host,
-                              timeout_ns, 1, USE_TIMER)
+                              timeout_ns, 1, USE_TIMER, POSTED, NT)
     tl.debug_barrier()
     # 4. rows received from peers -> local experts
     if dead == 0:
@@ -150,7 +231,7 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                     row = tl.load(recv_x[RANK] + mrow * H + offs_h, mask=offs_h < lim,
                                   cache_modifier=".cg")
                     _expand_row(row, ids, s, t, expert_x, cursor, slot_map, RANK, M, H, K, L,
-                                CAP, BLOCK_H, BLOCK_K)
+                                CAP, BLOCK_H, BLOCK_K, VEC_SLOTS)
     tl.store(epoch_ptr + pid, epoch)
     # 5. last program out publishes the counts and resets the cursors for the next call
     tl.debug_barrier()
@@ -166,17 +247,26 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
 
 @triton.jit
 def _partial(expert_out, sm, wv, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-             H: tl.constexpr, K: tl.constexpr):
-    """``sum_k w[k] * expert_out[sm[k]]`` in fp32, k ascending; entries with ``sm < 0`` skipped."""
+             H: tl.constexpr, K: tl.constexpr, BRANCHLESS: tl.constexpr):
+    """``sum_k w[k] * expert_out[sm[k]]`` in fp32, k ascending; entries with ``sm < 0`` skipped.
+
+    ``BRANCHLESS``: masked loads instead of a branch per k (the loads overlap); a skipped entry
+    leaves ``acc`` unchanged, so the result is bitwise the same.
+    """
     offs_h = tl.arange(0, BLOCK_H)
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_H], tl.float32)
     for k in tl.static_range(K):
         e = tl.max(tl.where(offs_k == k, sm, -1), axis=0)
         wk = tl.sum(tl.where(offs_k == k, wv, 0.0), axis=0)
-        if e >= 0:
-            v = tl.load(expert_out + tl.cast(e, tl.int64) * H + offs_h, mask=offs_h < H)
-            acc += wk * v.to(tl.float32)
+        if BRANCHLESS:
+            v = tl.load(expert_out + tl.cast(tl.maximum(e, 0), tl.int64) * H + offs_h,
+                        mask=(offs_h < H) & (e >= 0), other=0.0)
+            acc = tl.where(e >= 0, acc + wk * v.to(tl.float32), acc)
+        else:
+            if e >= 0:
+                v = tl.load(expert_out + tl.cast(e, tl.int64) * H + offs_h, mask=offs_h < H)
+                acc += wk * v.to(tl.float32)
     return acc
 
 
@@ -186,7 +276,13 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
                       err_host_addr, timeout_ns,
                       RANK: tl.constexpr, W: tl.constexpr, G: tl.constexpr, M: tl.constexpr,
                       H: tl.constexpr, K: tl.constexpr, L: tl.constexpr, E: tl.constexpr,
-                      BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, USE_TIMER: tl.constexpr):
+                      BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, USE_TIMER: tl.constexpr,
+                      VEC_SLOTS: tl.constexpr = False, BRANCHLESS: tl.constexpr = False,
+                      POSTED: tl.constexpr = False, PDL: tl.constexpr = False,
+                      NT: tl.constexpr = 256):
+    if PDL:  # nothing is touched before the previous grid finished
+        pdl_wait()
+        pdl_launch_dependents()
     pid = tl.program_id(0)
     err_host = err_host_addr.to(tl.pointer_type(tl.int32))
     epoch = tl.load(epoch_ptr + pid) + 1
@@ -206,18 +302,18 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
                     if tl.max(sm, axis=0) >= 0:
                         wv = tl.load(recv_w[RANK] + mrow * K + offs_k, mask=mk, other=0.0,
                                      cache_modifier=".cg")
-                        acc = _partial(expert_out, sm, wv, BLOCK_H, BLOCK_K, H, K)
+                        acc = _partial(expert_out, sm, wv, BLOCK_H, BLOCK_K, H, K, BRANCHLESS)
                         dst = comb[s] + tl.cast(RANK * M + t, tl.int64) * H
                         tl.store(dst + offs_h, acc.to(comb[s].dtype.element_ty), mask=mh)
     # 2. signal, 3. wait
     tl.debug_barrier()
     for d in tl.static_range(W):
         if d != RANK:
-            tl.atomic_xchg(flags[d] + pid * W + RANK, epoch, sem="release", scope="sys")
+            _flag_signal(flags[d] + pid * W + RANK, epoch, POSTED, NT)
     for s in tl.static_range(W):
         if s != RANK:
             dead = _wait_peer(flags[RANK] + pid * W + s, epoch, s, dead, err_dev, err_host,
-                              timeout_ns, 2, USE_TIMER)
+                              timeout_ns, 2, USE_TIMER, POSTED, NT)
     tl.debug_barrier()
     # 4. own tokens: fixed rank order, fp32
     for t in range(pid, T, G):
@@ -231,7 +327,7 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
                              other=-1)
                 if tl.max(sm, axis=0) >= 0:
                     wv = tl.load(w_ptr + t * K + offs_k, mask=mk, other=0.0).to(tl.float32)
-                    acc += _partial(expert_out, sm, wv, BLOCK_H, BLOCK_K, H, K)
+                    acc += _partial(expert_out, sm, wv, BLOCK_H, BLOCK_K, H, K, BRANCHLESS)
             else:
                 if tl.sum((owner == d).to(tl.int32), axis=0) > 0:
                     src = comb[RANK] + tl.cast(d * M + t, tl.int64) * H

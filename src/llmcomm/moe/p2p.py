@@ -13,8 +13,10 @@ per rank, ``K`` top-k, ``G`` programs)::
 
 Local: ``expert_x [L, W*M, H]``, counts, slot cursors, the slot map ``[W, M, K]``, per-program
 epochs, and a 4-int error record (device, plus a pinned host mirror the host reads without a
-sync). The grid ``G`` is a pure function of the creation arguments and is part of the
-fingerprint. Kernels take no host counter, so dispatch/combine capture into CUDA graphs; they
+sync). The grid ``G`` and every launch knob (``num_warps``, the kernel variants ``vector_slots``,
+``branchless_combine``, ``posted_flags``, ``pdl``; see :mod:`llmcomm.kernels.moe`) are pure
+functions of the creation arguments and are part of the fingerprint; the defaults are the
+tested configuration. Kernels take no host counter, so dispatch/combine capture into CUDA graphs; they
 never synchronise the host. NVLink multicast is not used (plain peer loads/stores only).
 
 ``simulate_dir`` (tests only) replaces symmetric memory by files mapped by every process and runs
@@ -91,13 +93,38 @@ class P2PBackend(MoEBackend):
     graph_safe = True
 
     def __init__(self, group: Any, cfg: EPConfig, num_programs: int | None = None,
-                 simulate_dir: str | None = None) -> None:
+                 simulate_dir: str | None = None, num_warps: int | None = None,
+                 vector_slots: bool = False, branchless_combine: bool = False,
+                 posted_flags: bool = False, pdl: bool = False) -> None:
+        """Allocate and rendezvous the workspace (collective over ``group``).
+
+        Args:
+            num_programs: grid ``G`` of both kernels (default ``min(128, SMs, M)``); must be
+                equal on every rank.
+            simulate_dir: tests only, see the module docstring.
+            num_warps: warps per program (default 8 for H >= 2048, else 4; power of 2, <= 16).
+            vector_slots, branchless_combine, posted_flags, pdl: kernel variants
+                (``VEC_SLOTS``, ``BRANCHLESS``, ``POSTED``, ``PDL`` in
+                :mod:`llmcomm.kernels.moe`); all off by default. ``posted_flags`` and ``pdl``
+                need a GPU (sm_90+ for ``pdl``), not the simulation.
+        """
         super().__init__(group, cfg)
         self._sim = simulate_dir is not None
         if not self._sim and cfg.device.type != "cuda":
             raise ValueError(f"p2p EP backend needs a CUDA device, got {cfg.device}")
+        if num_warps is None:
+            num_warps = 8 if cfg.hidden_size >= 2048 else 4
+        if num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps must be a power of 2 <= 16, got {num_warps}")
+        if self._sim and (posted_flags or pdl):
+            raise ValueError("posted_flags and pdl use inline PTX: not available in the "
+                             "TRITON_INTERPRET simulation")
+        if pdl and torch.cuda.get_device_capability(cfg.device) < (9, 0):
+            raise ValueError("pdl needs sm_90 or newer")
         W, M, K, H, L = (cfg.world_size, cfg.max_tokens_per_rank, cfg.top_k, cfg.hidden_size,
                          cfg.local_experts)
+        if num_programs is not None and num_programs < 1:
+            raise ValueError(f"num_programs must be >= 1, got {num_programs}")
         if num_programs is None:
             sms = 132 if self._sim else torch.cuda.get_device_properties(
                 cfg.device).multi_processor_count
@@ -134,7 +161,9 @@ class P2PBackend(MoEBackend):
         self._dummy_x = torch.zeros(1, H, dtype=cfg.dtype, device=dev)
         self._dummy_ids = torch.full((1, K), -1, dtype=torch.int32, device=dev)
         self._dummy_w = torch.zeros(1, K, dtype=torch.float32, device=dev)
-        self.num_warps = 8 if H >= 2048 else 4
+        self.num_warps = int(num_warps)
+        self.variants = {"VEC_SLOTS": bool(vector_slots), "BRANCHLESS": bool(branchless_combine),
+                         "POSTED": bool(posted_flags), "PDL": bool(pdl)}
         self.timeout_ns = int(get_config().timeout_s * 1e9)
         self._failed: CollectiveTimeoutError | None = None
         if not self._sim:
@@ -142,14 +171,16 @@ class P2PBackend(MoEBackend):
 
     def fingerprint(self) -> dict[str, Any]:
         return {"num_programs": self.G, "workspace_bytes": self.ws.nbytes,
-                "num_warps": self.num_warps}
+                "num_warps": self.num_warps, **{k.lower(): v for k, v in self.variants.items()}}
 
     def _consts(self) -> dict[str, Any]:
         c = self.cfg
+        extra = {"launch_pdl": True} if self.variants["PDL"] else {}
         return dict(RANK=c.rank, W=c.world_size, G=self.G, M=c.max_tokens_per_rank,
                     H=c.hidden_size, K=c.top_k, L=c.local_experts, E=c.num_experts,
                     BLOCK_H=_next_pow2(c.hidden_size), BLOCK_K=_next_pow2(c.top_k),
-                    USE_TIMER=not self._sim, num_warps=self.num_warps)
+                    USE_TIMER=not self._sim, num_warps=self.num_warps,
+                    NT=32 * self.num_warps, **self.variants, **extra)
 
     def dispatch(self, x, topk_ids, topk_weights):
         from ..kernels.moe import ep_dispatch_kernel
