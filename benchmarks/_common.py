@@ -85,3 +85,15 @@ def write_results(path_stem: str, rows: list[dict], meta: dict) -> tuple[str, st
     with open(path_stem + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     return path_stem + ".csv", path_stem + ".json"
+
+
+def progress(items, enabled: bool, desc: str):
+    """``items`` wrapped in a tqdm progress bar (stderr) on the reporting rank, when tqdm is
+    installed (``pip install llmcomm[bench]``); the plain iterable otherwise."""
+    if not enabled:
+        return items
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, unit="size", file=sys.stderr, leave=False)

@@ -32,7 +32,7 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import environment, time_graph, write_results  # noqa: E402
+from _common import environment, progress, time_graph, write_results  # noqa: E402
 
 FI_MAX_TOKENS = 2048
 #: --sweep: name -> (forced strategy or None for the policy, LaunchTable keyword overrides)
@@ -96,7 +96,7 @@ def worker(rank, world, args, port, out_path):
             errors[f"fi_setup_{H}"] = traceback.format_exc()[-600:]
         w = (torch.rand(H, device=dev) + 0.5).to(dtype)
         scale = torch.tensor([0.05], device=dev)
-        for T in args.tokens:
+        for T in progress(args.tokens, rank == 0, f"allreduce H={H}"):
             g = torch.Generator(device=dev).manual_seed(1234 + T)
             xs = [(torch.randn(T, H, generator=g, device=dev) * 0.5).to(dtype)
                   for _ in range(world)]

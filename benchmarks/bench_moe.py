@@ -51,7 +51,7 @@ def _worker(rank, world, tokens, programs):
     import torch
     import torch.distributed as dist
 
-    from benchmarks._common import time_graph
+    from benchmarks._common import progress, time_graph
     from llmcomm.moe import EPDispatcher
 
     rows = []
@@ -61,7 +61,7 @@ def _worker(rank, world, tokens, programs):
         kw = {} if programs is None else {"_backend_kwargs": {"num_programs": programs}}
         ep = EPDispatcher(dist.group.WORLD, E, K, H, M, dtype, backend="p2p", **kw)
         g = torch.Generator(device="cuda").manual_seed(1234 + rank)
-        for T in tokens:
+        for T in progress(tokens, rank == 0, f"moe H={H}"):
             x = torch.randn(T, H, device="cuda", dtype=dtype, generator=g)
             ids = torch.rand(T, E, device="cuda", generator=g).topk(K, dim=1).indices
             w = torch.rand(T, K, device="cuda", generator=g)
