@@ -142,3 +142,32 @@ class CallChecker:
         if diffs:
             raise ConfigMismatchError(f"LLMCOMM_CHECK: {self.what} call #{self.seq} on "
                                       f"{group_label(self.group)}", diffs)
+
+
+class TimedCollectives:
+    """Deadlines for ``torch.distributed`` collectives on host (gloo) groups.
+
+    ``run(op, launch)`` calls ``launch(async_op)``: on a CPU group with ``async_op=True`` and
+    waits at most ``LLMCOMM_TIMEOUT_S`` for the returned work, turning an expiry or a dead peer
+    into :class:`CollectiveTimeoutError` that names the ranks which never reached this call
+    (from :class:`ArrivalLog`). On a CUDA (NCCL) group it calls ``launch(False)`` and adds nothing:
+    the call must stay capturable in CUDA graphs, and NCCL's own watchdog timeout applies.
+    """
+
+    def __init__(self, group: Any, what: str, device_type: str) -> None:
+        self.arrivals = ArrivalLog(group, what) if device_type == "cpu" else None
+
+    def run(self, op: str, launch: Any) -> None:
+        if self.arrivals is None:
+            launch(False)
+            return
+        import datetime
+
+        seq = self.arrivals.arrive()
+        timeout = get_config().timeout_s
+        try:
+            work = launch(True)
+            work.wait(timeout=datetime.timedelta(seconds=timeout))
+        except RuntimeError as e:
+            raise CollectiveTimeoutError(op, self.arrivals.label, self.arrivals.missing(seq),
+                                         timeout, detail=f"{type(e).__name__}: {e}") from e

@@ -5,6 +5,7 @@ import math
 import os
 import time
 
+import pytest
 import torch
 
 from llmcomm.errors import CollectiveTimeoutError, LlmcommError
@@ -109,3 +110,34 @@ def test_nan_inf_propagate_to_their_rows_only_and_zero_tokens_work():
     ref_n, ref_r = reference.all_reduce_add_rms_norm(out["xs"], out["res"], out["w"], 1e-6)
     assert torch.allclose(normed[0], ref_n[0], rtol=1e-5, atol=1e-6)
     assert out["empty"] == (0, H) and out["n0"] == (0, H)
+
+
+def _moe_skip_worker(rank, world, backend):
+    import llmcomm
+
+    ep = llmcomm.EPDispatcher(torch.distributed.group.WORLD, num_experts=4, top_k=2,
+                              hidden_size=H, max_tokens_per_rank=8, dtype=torch.float32,
+                              backend=backend)
+    x = torch.randn(5, H)
+    ids = torch.tensor([[0, 3], [1, 2], [2, 3], [0, 1], [3, 0]])
+    w = torch.rand(5, 2)
+    d = ep.dispatch(x, ids, w)
+    ep.combine(d.expert_x.clone(), d)  # one full round on both ranks
+    if rank == 1:
+        time.sleep(6)  # rank 1 never dispatches again
+        return "skipped"
+    t0 = time.monotonic()
+    try:
+        d = ep.dispatch(x, ids, w)
+        ep.combine(d.expert_x.clone(), d)
+    except CollectiveTimeoutError as e:
+        return {"missing": e.missing_ranks, "elapsed": time.monotonic() - t0, "msg": str(e)}
+    return "no error"
+
+
+@pytest.mark.parametrize("backend", ["torch", "allgather"])
+def test_moe_rank_that_never_dispatches_is_named_within_deadline(backend):
+    r0 = run_ranks(_moe_skip_worker, 2, backend, env=FAST, timeout=60)[0]
+    assert isinstance(r0, dict), r0
+    assert r0["missing"] == [1] and r0["elapsed"] < 4.0
+    assert "dispatch" in r0["msg"] and backend in r0["msg"]

@@ -21,9 +21,7 @@ from typing import Any
 
 import torch
 
-from ..agree import ArrivalLog
-from ..config import get_config
-from ..errors import CollectiveTimeoutError
+from ..agree import TimedCollectives
 from .epilogue import run_epilogue
 
 logger = logging.getLogger(__name__)
@@ -40,7 +38,7 @@ class TorchAllReduceBackend:
         self.max_tokens = max_tokens
         self.device = device
         self._gpu_epilogue = device.type == "cuda"
-        self._arrivals = None if device.type == "cuda" else ArrivalLog(group, "torch.all_reduce")
+        self._timed = TimedCollectives(group, "torch.all_reduce", device.type)
 
     def fingerprint(self) -> dict[str, Any]:
         return {"backend": self.name, "epilogue": "triton" if self._gpu_epilogue else "torch"}
@@ -57,22 +55,10 @@ class TorchAllReduceBackend:
 
     def _collective(self, t: torch.Tensor) -> None:
         """In-place sum over the group, with a deadline on gloo."""
-        import datetime
-
         import torch.distributed as dist
 
-        if self._arrivals is None:
-            dist.all_reduce(t, group=self.group)
-            return
-        seq = self._arrivals.arrive()
-        timeout = get_config().timeout_s
-        try:
-            work = dist.all_reduce(t, group=self.group, async_op=True)
-            work.wait(timeout=datetime.timedelta(seconds=timeout))
-        except RuntimeError as e:
-            missing = self._arrivals.missing(seq)
-            raise CollectiveTimeoutError("all_reduce (torch backend)", self._arrivals.label,
-                                         missing, timeout, detail=f"{type(e).__name__}: {e}") from e
+        self._timed.run("all_reduce (torch backend)",
+                        lambda async_op: dist.all_reduce(t, group=self.group, async_op=async_op))
 
     def all_reduce(self, x: torch.Tensor, out: torch.Tensor) -> None:
         if self.device.type == "cpu":

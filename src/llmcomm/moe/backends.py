@@ -29,6 +29,8 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 
+from ..agree import TimedCollectives
+
 
 @dataclass(frozen=True)
 class EPConfig:
@@ -170,7 +172,21 @@ class _A2AState:
     recv_w: torch.Tensor             # [N_recv, K] float32
 
 
-class TorchA2ABackend(MoEBackend):
+class _CollectiveBackend(MoEBackend):
+    """Backends built on torch.distributed collectives: deadlines on gloo (see
+    :class:`llmcomm.agree.TimedCollectives`), plain capturable calls on NCCL."""
+
+    def __init__(self, group: Any, cfg: EPConfig) -> None:
+        super().__init__(group, cfg)
+        self._timed = TimedCollectives(group, f"EPDispatcher.{self.name}", cfg.device.type)
+
+    def _run(self, op: str, collective: Any, *args: Any, **kwargs: Any) -> None:
+        """``collective(*args, group=..., async_op=...)`` under the deadline."""
+        self._timed.run(f"{op} ({self.name} EP backend)",
+                        lambda a: collective(*args, group=self.group, async_op=a, **kwargs))
+
+
+class TorchA2ABackend(_CollectiveBackend):
     """``all_to_all_single`` of deduplicated rows; spans nodes; syncs the host (not graph-safe)."""
 
     name = "torch"
@@ -185,7 +201,7 @@ class TorchA2ABackend(MoEBackend):
             hit.scatter_(1, owner, True)
         send_counts = hit.sum(dim=0)                                       # [W]
         recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+        self._run("dispatch", dist.all_to_all_single, recv_counts, send_counts)
         both = torch.stack([send_counts, recv_counts]).cpu()               # the one host sync
         send_splits, recv_splits = both[0].tolist(), both[1].tolist()
         send_idx = [hit[:, d].nonzero().flatten() for d in range(W)]
@@ -195,8 +211,9 @@ class TorchA2ABackend(MoEBackend):
         n_recv = sum(recv_splits)
         recv_x = torch.empty(n_recv, cfg.hidden_size, dtype=x.dtype, device=x.device)
         recv_meta = torch.empty(n_recv, 2 * cfg.top_k, dtype=torch.int32, device=x.device)
-        dist.all_to_all_single(recv_x, send_x, recv_splits, send_splits, group=self.group)
-        dist.all_to_all_single(recv_meta, send_meta, recv_splits, send_splits, group=self.group)
+        self._run("dispatch", dist.all_to_all_single, recv_x, send_x, recv_splits, send_splits)
+        self._run("dispatch", dist.all_to_all_single, recv_meta, send_meta, recv_splits,
+                  send_splits)
         recv_ids, recv_w = _unpack_meta(recv_meta, cfg.top_k)
         ex = _new_expert_x(cfg)
         counts, slot = expand_to_experts(recv_x, recv_ids, cfg, ex)
@@ -208,8 +225,8 @@ class TorchA2ABackend(MoEBackend):
         partial = weighted_partial(expert_out, state.slot, state.recv_w).to(cfg.dtype)
         back = torch.empty(sum(state.send_splits), cfg.hidden_size, dtype=cfg.dtype,
                            device=expert_out.device)
-        dist.all_to_all_single(back, partial, state.send_splits, state.recv_splits,
-                               group=self.group)
+        self._run("combine", dist.all_to_all_single, back, partial, state.send_splits,
+                  state.recv_splits)
         y = torch.zeros(num_tokens, cfg.hidden_size, dtype=torch.float32, device=back.device)
         start = 0
         for d in range(cfg.world_size):                 # fixed rank order, no duplicate index
@@ -226,7 +243,7 @@ class _AGState:
     weights: torch.Tensor            # [W * M, K] float32
 
 
-class AllGatherBackend(MoEBackend):
+class AllGatherBackend(_CollectiveBackend):
     """``all_gather`` (padded to ``M`` rows) + local selection + ``reduce_scatter``; graph-safe."""
 
     name = "allgather"
@@ -240,9 +257,9 @@ class AllGatherBackend(MoEBackend):
 
     def _all_gather(self, out: torch.Tensor, inp: torch.Tensor) -> None:
         if self._tensor_forms:
-            dist.all_gather_into_tensor(out, inp, group=self.group)
+            self._run("dispatch", dist.all_gather_into_tensor, out, inp)
         else:
-            dist.all_gather(list(out.chunk(self.cfg.world_size)), inp, group=self.group)
+            self._run("dispatch", dist.all_gather, list(out.chunk(self.cfg.world_size)), inp)
 
     def dispatch(self, x, topk_ids, topk_weights):
         cfg = self.cfg
@@ -270,8 +287,8 @@ class AllGatherBackend(MoEBackend):
         partial = weighted_partial(expert_out, state.slot, state.weights).to(cfg.dtype)
         out = torch.empty(M, cfg.hidden_size, dtype=cfg.dtype, device=expert_out.device)
         if self._tensor_forms:
-            dist.reduce_scatter_tensor(out, partial, group=self.group)
+            self._run("combine", dist.reduce_scatter_tensor, out, partial)
         else:   # gloo: all_reduce then take this rank's block (same sum, more traffic)
-            dist.all_reduce(partial, group=self.group)
+            self._run("combine", dist.all_reduce, partial)
             out.copy_(partial[cfg.rank * M:(cfg.rank + 1) * M])
         return out[:num_tokens].clone()
