@@ -169,6 +169,8 @@ class P2PAllReduceBackend:
                  device: torch.device, table: LaunchTable | None = None) -> None:
         import torch.distributed as dist
 
+        from ..agree import exchange
+
         if dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise TypeError(f"p2p backend supports bfloat16, float16, float32; got {dtype}")
         if hidden_size % 8:
@@ -239,10 +241,11 @@ class P2PAllReduceBackend:
                     symm_mem.enable_symm_mem_for_group(group_name)
                 except Exception:  # noqa: BLE001 - deprecated / already enabled
                     pass
+            # every rank must arrive before torch's rendezvous, which has no deadline of ours
+            exchange("ready", group, "p2p allreduce workspace")
             self._hdl = symm_mem.rendezvous(self._buf, group_name)
             off = self._buf.data_ptr() - self._hdl.buffer_ptrs[self._hdl.rank]
-            offs = [None] * W
-            dist.all_gather_object(offs, off, group=group)
+            offs = exchange(off, group, "p2p allreduce workspace offsets")
             if len(set(offs)) != 1:
                 raise BackendUnavailableError(f"symmetric buffer offsets differ across ranks "
                                               f"({offs}); cannot address peers")
@@ -254,9 +257,8 @@ class P2PAllReduceBackend:
             self._dummy_scale = torch.ones(1, dtype=torch.float32, device=device)
             self._dummy_fp8 = torch.empty(1, dtype=torch.float8_e4m3fn, device=device)
             torch.cuda.synchronize(device)
-            ok = torch.ones(1, device=device)
-            dist.all_reduce(ok, group=group)  # nobody writes into a peer before it is ready
-            torch.cuda.synchronize(device)
+            # nobody writes into a peer before it is ready (host barrier with a deadline)
+            exchange("initialised", group, "p2p allreduce workspace")
         self._warm: set[tuple] = set()
         #: tests/benchmarks only: force "lamport" | "oneshot" | "twoshot" (None = policy)
         self.force_strategy: str | None = None

@@ -85,7 +85,7 @@ def worker(rank: int, world: int, cfg: DemoConfig) -> dict:
 
     static_ids = torch.empty(cfg.batch, dtype=torch.long, device=device)
     pos = torch.full((1,), cfg.prompt, dtype=torch.long, device=device)
-    graph = None
+    graph, static_out = None, None
     for s in range(cfg.decode_steps):
         ids = torch.randint(0, p.vocab, (cfg.batch,), generator=g).to(device)
         static_ids.copy_(ids)

@@ -283,7 +283,7 @@ class AllGatherBackend(_CollectiveBackend):
 
     def combine(self, expert_out, state: _AGState, num_tokens):
         cfg = self.cfg
-        W, M = cfg.world_size, cfg.max_tokens_per_rank
+        M = cfg.max_tokens_per_rank
         partial = weighted_partial(expert_out, state.slot, state.weights).to(cfg.dtype)
         out = torch.empty(M, cfg.hidden_size, dtype=cfg.dtype, device=expert_out.device)
         if self._tensor_forms:

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ..agree import group_ranks
+from ..agree import exchange, group_ranks
 from ..config import get_config
 from ..errors import CollectiveTimeoutError
 from .backends import EPConfig, MoEBackend
@@ -67,6 +67,8 @@ class _Workspace:
             import torch.distributed._symmetric_memory as symm_mem
 
             local = symm_mem.empty(nbytes, dtype=torch.uint8, device=cfg.device)
+            # every rank must arrive before torch's rendezvous, which has no deadline of ours
+            exchange("ready", group, "p2p EP workspace")
             hdl = symm_mem.rendezvous(local, group.group_name)
             if hdl.world_size != W:
                 raise ValueError(
@@ -76,6 +78,8 @@ class _Workspace:
                          for r in range(W)]
             self.handle = hdl
         self.bufs[rank].zero_()
+        if simulate_dir is None:
+            torch.cuda.synchronize(cfg.device)  # zeroed before any peer may write into it
 
     def region(self, offset: int, shape: tuple[int, ...], dtype: torch.dtype
                ) -> tuple[torch.Tensor, ...]:
