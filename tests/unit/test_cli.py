@@ -32,3 +32,19 @@ def test_doctor_two_nodes_explicit_p2p_is_an_error(capsys):
 def test_doctor_bad_layout():
     with pytest.raises(ValueError, match=">= 1"):
         main(["doctor", "--tp", "0"])
+
+
+def test_bench_without_gpus_says_what_it_needs():
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has GPUs: the sweep would really run")
+    with pytest.raises(SystemExit, match="2 or more CUDA GPUs"):
+        main(["bench", "allreduce", "--hidden", "4096"])
+
+
+def test_bench_finds_the_sweeps_in_the_source_tree():
+    from llmcomm.cli.bench import find_sweep
+
+    assert find_sweep("allreduce").name == "bench_allreduce.py"
+    assert find_sweep("moe").name == "bench_moe.py"
