@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .. import __version__, policy
+from .._warn import warn_once
 from ..agree import CallChecker, agree, group_label, group_ranks
 from ..topology import TopologyFacts, gather_topology
 from .torch_backend import TorchAllReduceBackend
@@ -87,16 +88,18 @@ class TPCommunicator:
             self.decision.choice, self.facts, pp_size, self.fi_caps)
         self.fusion_fp8 = policy.allreduce_fusion_decision(
             self.decision.choice, self.facts, pp_size, self.fi_caps, quant=True)
-        for d in (self.fusion, self.fusion_fp8):
+        for d in (self.fusion, self.fusion_fp8):  # fusion asked for and not used is never silent
             if d.choice != "fused" and self.decision.choice != "torch":
-                logger.warning("TPCommunicator on %s: fusion not fully used with backend %s: %s",
-                               group_label(group), self.decision.choice, d)
+                warn_once(logger, f"fusion:{self.decision.choice}:{d}",
+                          f"TPCommunicator on {self.label}: fusion not fully used with backend "
+                          f"{self.decision.choice}: {d}")
         self._torch = TorchAllReduceBackend(group, hidden_size, dtype, max_tokens, self.device)
         self.backend = self._make_backend(self.decision.choice)
         self.fingerprint = {
             "llmcomm_version": __version__, "world_size": self.world_size,
             "hidden_size": hidden_size, "dtype": str(dtype), "max_tokens": max_tokens,
-            "backend": self.decision.choice, "fusion": self.fusion.choice, "pp_size": pp_size,
+            "backend": self.decision.choice, "fusion": self.fusion.choice,
+            "fusion_fp8": self.fusion_fp8.choice, "pp_size": pp_size,
             "strategy_table": sorted(policy.STRATEGY_THRESHOLDS.items()),
             **{f"backend.{k}": v for k, v in self.backend.fingerprint().items()},
         }
@@ -108,10 +111,8 @@ class TPCommunicator:
     def _probe_flashinfer(self) -> Any:
         if self.device.type != "cuda":
             return None
-        try:
-            from .. import probe
-        except ImportError:  # pragma: no cover - probe ships with llmcomm
-            return None
+        from .. import probe
+
         return probe.agree_flashinfer(probe.flashinfer(), self.group)
 
     def _make_backend(self, name: str) -> Any:
