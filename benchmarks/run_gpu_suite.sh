@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One device call for everything GPU: tests, demos, benchmarks, sweeps, logs into $OUT (or
+# ./gpu_out). Each step has its own time limit so a slow step cannot eat the others; the order is
+# by priority (correctness first). Usage, from the repository root on a node with 2+ GPUs:
+#   [WITH_FLASHINFER=1] [STEPS="tests demo bench sweep"] bash benchmarks/run_gpu_suite.sh
+set -u
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONPATH="src:.:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+OUT="${OUT:-gpu_out}"; mkdir -p "$OUT"
+STEPS="${STEPS:-tests demo bench sweep}"
+step() {  # name, limit in seconds, command...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name (limit ${limit}s)"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$?" >> "$OUT/$name.log"
+  tail -n 25 "$OUT/$name.log"
+}
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'nccl', torch.cuda.nccl.version())"
+case " $STEPS " in *" tests "*)
+  step gpu_tests 330 python3 -m pytest -q -p no:cacheprovider tests/gpu ;; esac
+case " $STEPS " in *" demo "*)
+  step demo_llama 120 python3 -m llmcomm.cli demo --device cuda --preset llama-8b
+  step demo_dsv3 150 python3 -m llmcomm.cli demo --device cuda --preset deepseek-v3 ;; esac
+case " $STEPS " in *" bench "*)
+  step bench_allreduce 240 python3 benchmarks/bench_allreduce.py --check --strategies --out "$OUT"
+  step bench_moe 150 python3 benchmarks/bench_moe.py --out "$OUT" ;; esac
+case " $STEPS " in *" sweep "*)
+  step sweep_allreduce 90 python3 benchmarks/bench_allreduce.py --sweep --reps 7 --out "$OUT"
+  step sweep_moe 90 python3 benchmarks/bench_moe.py --sweep --out "$OUT" ;; esac
