@@ -2,7 +2,8 @@
 # One device call for everything GPU: tests, demos, benchmarks, sweeps, logs into $OUT (or
 # ./gpu_out). Each step has its own time limit so a slow step cannot eat the others; the order is
 # by priority (correctness first). Usage, from the repository root on a node with 2+ GPUs:
-#   [WITH_FLASHINFER=1] [STEPS="tests demo bench sweep"] bash benchmarks/run_gpu_suite.sh
+#   [STEPS="tests demo bench sweep"] bash benchmarks/run_gpu_suite.sh
+# FlashInfer is benchmarked and tested when importable (install the wheels first; CUDA_HOME set).
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH="src:.:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
