@@ -55,18 +55,26 @@ def _rel(a, b) -> float:
     return float(((a - b).norm() / b.norm().clamp_min(1e-30)).item())
 
 
-def worker(rank, world, args, port, out_path):
+def _init_rank(rank, world, port):
+    """NCCL process group for this rank (multicast off); returns (device, group of all ranks)."""
     os.environ.update(SAFE_ENV)
     import torch
     import torch.distributed as dist
-    import torch.nn.functional as F
 
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.cuda.set_device(rank)
     dev = torch.device("cuda", rank)
     dist.init_process_group("nccl", rank=rank, world_size=world, device_id=dev)
-    group = dist.new_group(list(range(world)))
+    return dev, dist.new_group(list(range(world)))
+
+
+def worker(rank, world, args, port, out_path):
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    dev, group = _init_rank(rank, world, port)
     gname = group.group_name
     from llmcomm import reference
     from llmcomm.allreduce.p2p import P2PAllReduceBackend
@@ -248,17 +256,11 @@ def worker(rank, world, args, port, out_path):
 
 def sweep_worker(rank, world, args, port, out_path):
     """--sweep: every SWEEP entry x hidden x tokens, checked then timed (fused, bf16)."""
-    os.environ.update(SAFE_ENV)
     os.environ.setdefault("LLMCOMM_TIMEOUT_S", "5")
     import torch
     import torch.distributed as dist
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.cuda.set_device(rank)
-    dev = torch.device("cuda", rank)
-    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=dev)
-    group = dist.new_group(list(range(world)))
+    dev, group = _init_rank(rank, world, port)
     from llmcomm import reference
     from llmcomm.allreduce.p2p import LaunchTable, P2PAllReduceBackend, launch_plan
 

@@ -231,24 +231,20 @@ def _probe_flashinfer() -> FlashInferCapabilities:
                if m is not None or not callable(f)]
     has_fusion = not missing
 
-    ws_params = ar_params = None
-    ws_var_kw = ar_var_kw = False
-    if callable(ws_fn):
-        ws_params, ws_var_kw, err = signature_params(ws_fn)
+    def read(fn: Any, name: str, optional: str) -> tuple[frozenset[str] | None, bool]:
+        """The parameters of ``fn`` (None = unknown), whether it takes **kwargs; notes why."""
+        if not callable(fn):
+            return None, False
+        params, var_kw, err = signature_params(fn)
         if err:
-            notes.append(f"{WORKSPACE_FN}: {err}; `group` and `comm_backend` are unknown and "
-                         f"will not be passed")
-        elif ws_var_kw:
-            notes.append(f"{WORKSPACE_FN} takes **kwargs; parameters it does not name are unknown "
+            notes.append(f"{name}: {err}; {optional} unknown and will not be passed")
+        elif var_kw:
+            notes.append(f"{name} takes **kwargs; parameters it does not name are unknown "
                          f"and will not be passed")
-    if callable(ar_fn):
-        ar_params, ar_var_kw, err = signature_params(ar_fn)
-        if err:
-            notes.append(f"{FUSION_FN}: {err}; `trigger_completion_at_end` is unknown and will "
-                         f"not be passed")
-        elif ar_var_kw:
-            notes.append(f"{FUSION_FN} takes **kwargs; parameters it does not name are unknown "
-                         f"and will not be passed")
+        return params, var_kw
+
+    ws_params, ws_var_kw = read(ws_fn, WORKSPACE_FN, "`group` and `comm_backend` are")
+    ar_params, ar_var_kw = read(ar_fn, FUSION_FN, "`trigger_completion_at_end` is")
 
     accepts_group = _accepts(ws_params, ws_var_kw, "group")
     accepts_cb = _accepts(ws_params, ws_var_kw, "comm_backend")

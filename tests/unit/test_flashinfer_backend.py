@@ -17,18 +17,10 @@ from llmcomm.allreduce import flashinfer as fib
 from llmcomm.errors import BackendUnavailableError
 from llmcomm.topology import TopologyFacts
 from tests._dist import run_ranks
-from tests.unit.test_probe import CALLS, install_fake, make_fake
+from tests.unit.test_probe import CALLS, fake, install_fake, make_fake  # noqa: F401 (fake: fixture)
 
 WORLD_GROUP = object()  # stands in for a process group in the pure tests
 
-
-@pytest.fixture
-def fake(monkeypatch):
-    def use(kind: str) -> probe.FlashInferCapabilities:
-        install_fake(kind, monkeypatch)
-        return probe.flashinfer(refresh=True)
-    yield use
-    probe.flashinfer(refresh=True)
 
 
 def _ws_kwargs(caps, variant="trtllm", group_is_world=False, **over):
