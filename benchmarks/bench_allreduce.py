@@ -42,6 +42,13 @@ SWEEP = {
     "lamport_c2": ("lamport", {"lamport_chunk_vecs": 2}),
     "lamport_w16": ("lamport", {"norm_min_warps": 16}),
     "lamport_p256_w4": ("lamport", {"lamport_max_programs": 256, "norm_max_warps": 4}),
+    "rows": ("lamport", {"lamport_rows_min_tiles": 1}),
+    "rows_lag2": ("lamport", {"lamport_rows_min_tiles": 1, "lamport_lag": 2}),
+    "rows_p256_w4": ("lamport", {"lamport_rows_min_tiles": 1, "lamport_max_programs": 256,
+                                 "norm_max_warps": 4}),
+    "rows_p256_w4_lag2": ("lamport", {"lamport_rows_min_tiles": 1, "lamport_max_programs": 256,
+                                      "norm_max_warps": 4, "lamport_lag": 2}),
+    "rows_w16": ("lamport", {"lamport_rows_min_tiles": 1, "norm_min_warps": 16}),
     "oneshot": ("oneshot", {}),
     "oneshot_w8": ("oneshot", {"norm_max_warps": 8}),
     "oneshot_p132": ("oneshot", {"oneshot_max_programs": 132}),
@@ -269,7 +276,8 @@ def sweep_worker(rank, world, args, port, out_path):
     t_start = time.time()
     for H in args.hidden:
         maxT = max(args.sweep_tokens)
-        be = P2PAllReduceBackend(group, H, dtype, maxT, dev)
+        lam_bytes = args.sweep_lamport_mib << 20
+        be = P2PAllReduceBackend(group, H, dtype, maxT, dev, lamport_max_bytes=lam_bytes)
         w = (torch.rand(H, device=dev) + 0.5).to(dtype)
         for T in args.sweep_tokens:
             g = torch.Generator(device=dev).manual_seed(4321 + T)
@@ -312,14 +320,15 @@ def sweep_worker(rank, world, args, port, out_path):
                 regs = getattr(kern, "n_regs", None)
                 row[f"{name}.err"] = err
                 row[f"{name}.plan"] = f"{plan.get('grid')}x{plan.get('num_warps')}w" \
-                                      f"/c{plan.get('chunk')}/r{regs}"
+                                      f"/c{plan.get('chunk')}/rows{plan.get('rows')}/r{regs}"
                 if ok.item() == 1.0:
                     row[name] = round(time_graph(call, group, args.iters, args.reps), 2)
                 else:   # a timed-out backend is dead on every rank: make a new one
                     row[name] = None
                     torch.cuda.synchronize()
                     be.close()
-                    be = P2PAllReduceBackend(group, H, dtype, maxT, dev)
+                    be = P2PAllReduceBackend(group, H, dtype, maxT, dev,
+                                             lamport_max_bytes=lam_bytes)
                 be.force_strategy, be.table = None, LaunchTable()
             rows.append(row)
             if rank == 0:
@@ -426,6 +435,9 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true",
                    help="time the SWEEP launch-knob grid instead of the ladder")
     p.add_argument("--sweep-tokens", type=int, nargs="+", default=[128, 256, 512, 1024, 2048])
+    p.add_argument("--sweep-lamport-mib", type=int, default=32,
+                   help="--sweep: Lamport slot size, so forced Lamport runs above the policy's "
+                        "threshold (MiB per rank)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                   "results"))
     args = p.parse_args()

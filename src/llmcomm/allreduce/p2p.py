@@ -36,7 +36,7 @@ from ..errors import BackendUnavailableError, CaptureError, CollectiveTimeoutErr
 logger = logging.getLogger(__name__)
 
 #: bump whenever kernels or :func:`launch_plan` change (part of the fingerprint)
-KERNEL_TABLE_VERSION = "p2p-2"
+KERNEL_TABLE_VERSION = "p2p-3"
 MAX_PROGRAMS = 264          # flag slots per rank; flag-barrier grids never exceed this
 LAMPORT_MAX_PROGRAMS = 128  # Lamport needs every program resident (no pairwise barrier);
                             # 128 CTAs fit one per SM of a 132-SM H200 even at 16 warps
@@ -72,6 +72,11 @@ class LaunchTable:
             16 warps, 256 at <= 8 warps (2 CTAs per SM on a 132-SM H200). At most 256.
         lamport_chunk_vecs: 16-byte vectors per thread per Lamport push iteration (power of 2);
             more keeps more loads/stores in flight per program.
+        lamport_rows_min_tiles: Lamport calls with at least this many tiles (rows when fused,
+            ``flat_block`` chunks otherwise) use the software-pipelined ``lamport_rows_kernel``
+            (each program pushes its tile ``i + lamport_lag`` then reduces tile ``i``); smaller
+            ones use ``lamport_kernel`` (all pushes, then all reduces). 0 = never.
+        lamport_lag: tiles a program pushes ahead of the one it reduces (1..4).
         norm_max_warps: warps of a fused (one row per tile) program; the kernel uses
             ``min(norm_max_warps, max(norm_min_warps, next_pow2(H) // 512))``.
         norm_min_warps: see ``norm_max_warps``.
@@ -83,6 +88,8 @@ class LaunchTable:
 
     lamport_max_programs: int = 128
     lamport_chunk_vecs: int = 1
+    lamport_rows_min_tiles: int = 0
+    lamport_lag: int = 1
     norm_max_warps: int = 16
     norm_min_warps: int = 4
     flat_block: int = 4096
@@ -100,6 +107,10 @@ class LaunchTable:
                 or self.flat_warps > 16:
             raise ValueError(f"LaunchTable warps must satisfy norm_min_warps <= norm_max_warps "
                              f"<= 16 and flat_warps <= 16, got {self}")
+        if not 1 <= self.lamport_lag <= 4 or self.lamport_rows_min_tiles < 0:
+            raise ValueError(f"LaunchTable needs 1 <= lamport_lag <= 4 and "
+                             f"lamport_rows_min_tiles >= 0, got {self.lamport_lag}, "
+                             f"{self.lamport_rows_min_tiles}")
         if not 1 <= self.lamport_max_programs <= 256:
             raise ValueError(f"LaunchTable.lamport_max_programs must be in [1, 256], got "
                              f"{self.lamport_max_programs}")
@@ -120,7 +131,8 @@ def launch_plan(strategy: str, norm: bool, tokens: int, hidden: int, itemsize: i
                 world_size: int, table: LaunchTable = DEFAULT_TABLE) -> dict[str, int]:
     """Launch parameters of one call: a pure function of its arguments (identical on all ranks).
 
-    Returns ``{"grid", "block", "num_warps", "chunk"}``; ``chunk`` is the Lamport push chunk.
+    Returns ``{"grid", "block", "num_warps", "chunk", "rows", "lag"}``: ``chunk`` is the push
+    chunk of ``lamport_kernel``; ``rows`` = 1 selects ``lamport_rows_kernel`` with ``lag``.
     """
     if norm:
         block = _next_pow2(hidden)
@@ -133,17 +145,22 @@ def launch_plan(strategy: str, norm: bool, tokens: int, hidden: int, itemsize: i
     nt = 32 * num_warps
     vec = 8 if itemsize == 2 else 4  # elements per 16-byte vector
     chunk = vec * nt * table.lamport_chunk_vecs
+    rows = 0
     if strategy == "lamport":
-        pushes = _cdiv(tokens * hidden, chunk)
         cap = min(table.lamport_max_programs, LAMPORT_MAX_PROGRAMS * max(1, 16 // num_warps))
-        grid = min(cap, max(tiles, pushes))
+        rows = int(0 < table.lamport_rows_min_tiles <= tiles)
+        if rows:
+            grid = min(cap, tiles)
+        else:
+            grid = min(cap, max(tiles, _cdiv(tokens * hidden, chunk)))
     elif strategy == "oneshot":
         grid = min(table.oneshot_max_programs, tiles)
     elif strategy == "twoshot":
         grid = min(table.twoshot_max_programs, _cdiv(tiles, world_size))
     else:
         raise ValueError(f"unknown strategy {strategy!r}")
-    return {"grid": max(1, grid), "block": block, "num_warps": num_warps, "chunk": chunk}
+    return {"grid": max(1, grid), "block": block, "num_warps": num_warps, "chunk": chunk,
+            "rows": rows, "lag": table.lamport_lag}
 
 
 class P2PAllReduceBackend:
@@ -158,6 +175,9 @@ class P2PAllReduceBackend:
         table: launch knobs (:class:`LaunchTable`; default: the tuned table). Must be equal on
             every rank; part of :meth:`fingerprint`. Benchmarks may replace :attr:`table` between
             calls (on every rank alike, outside capture).
+        lamport_max_bytes: size of one Lamport receive slot (bytes per rank); default: the
+            policy's Lamport threshold for this world size. Benchmarks pass more to time forced
+            Lamport calls above the threshold.
 
     Semantics: see :mod:`llmcomm.allreduce.base` (fp32 sum in rank order; bitwise identical on
     every rank).
@@ -166,7 +186,8 @@ class P2PAllReduceBackend:
     name = "p2p"
 
     def __init__(self, group: Any, hidden_size: int, dtype: torch.dtype, max_tokens: int,
-                 device: torch.device, table: LaunchTable | None = None) -> None:
+                 device: torch.device, table: LaunchTable | None = None,
+                 lamport_max_bytes: int | None = None) -> None:
         import torch.distributed as dist
 
         from ..agree import exchange
@@ -220,7 +241,9 @@ class P2PAllReduceBackend:
         # ---- workspace layout (bytes), identical on every rank
         W = self.world_size
         self.msg_elems = max_tokens * hidden_size
-        lamport_max = self._lamport_max_bytes()
+        if lamport_max_bytes is not None and lamport_max_bytes < 1:
+            raise ValueError(f"lamport_max_bytes must be >= 1, got {lamport_max_bytes}")
+        lamport_max = lamport_max_bytes or self._lamport_max_bytes()
         self.slot_elems = _align(min(self.msg_elems, _cdiv(lamport_max, self.itemsize)), 256)
         self.flag_off = 0
         self.stage_off = _align(MAX_PROGRAMS * W * 4)
@@ -361,7 +384,7 @@ class P2PAllReduceBackend:
         fp8 = q is not None
         aligned = all(t.data_ptr() % 16 == 0 for t in (x, res, out, rout))
         key = (strat, norm, fp8, aligned, w.dtype, self.use_pdl, plan["block"],
-               plan["num_warps"], plan["chunk"])
+               plan["num_warps"], plan["chunk"], plan["rows"], plan["lag"])
         if capturing and key not in self._warm:
             raise CaptureError(f"{op}: the {strat} kernel (fused={norm}, fp8={fp8}) would be "
                                f"compiled and loaded during CUDA-graph capture; run one eager "
@@ -376,7 +399,11 @@ class P2PAllReduceBackend:
         state = (self._state, self._host_err.data_ptr(), self._timeout_ns)
         grid = (plan["grid"],)
         with torch.cuda.device(self.device):
-            if strat == "lamport":
+            if strat == "lamport" and plan["rows"]:
+                kern = k.lamport_rows_kernel[grid](*common, self.lamp_off, self.slot_elems,
+                                                   *state, LAG=plan["lag"],
+                                                   ELEM_BITS=8 * self.itemsize, **meta)
+            elif strat == "lamport":
                 kern = k.lamport_kernel[grid](*common, self.lamp_off, self.slot_elems, *state,
                                               CHUNK=plan["chunk"], ELEM_BITS=8 * self.itemsize,
                                               **meta)

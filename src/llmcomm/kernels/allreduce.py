@@ -72,7 +72,7 @@ def _tile(t, T, H, NORM: tl.constexpr, BLOCK: tl.constexpr):
     k = tl.arange(0, BLOCK)
     if NORM:
         offs = tl.multiple_of(t * H, 8) + k
-        m = (k < H) & (t < T)
+        m = (k < H) & (k * 0 + t < T)  # (block-shaped: the CPU interpreter needs it)
     else:
         offs = tl.multiple_of(t * BLOCK, BLOCK) + k
         m = offs < T * H
@@ -262,12 +262,70 @@ def _sentinel(BLOCK: tl.constexpr, DT: tl.constexpr, ELEM_BITS: tl.constexpr):
     return s
 
 
+@triton.jit
+def _lamport_push(x_ptr, tab, lamp_off, buf, slot_elems, offs, m, RANK: tl.constexpr,
+                  W: tl.constexpr, DT: tl.constexpr):
+    """Store ``x[offs]`` into slot ``[buf][RANK]`` of every peer (-0.0 sent as +0.0)."""
+    v = tl.load(x_ptr + offs, mask=m, other=0.0)
+    v = tl.where(v == 0, tl.zeros_like(v), v)  # -0.0 is the sentinel: send +0.0
+    for r in tl.static_range(W):
+        if r != RANK:
+            dst = _region(tab, r, lamp_off, DT) + (buf * W + RANK) * slot_elems
+            tl.store(dst + offs, v, mask=m)
+
+
+@triton.jit
+def _lamport_reduce(t, T, H, x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, q_ptr, scale_ptr, eps,
+                    mybase, buf, slot_elems, dead, timeout_ns, state_ptr, host_err, pid, epoch,
+                    RANK: tl.constexpr, W: tl.constexpr, NORM: tl.constexpr, FP8: tl.constexpr,
+                    BLOCK: tl.constexpr, ELEM_BITS: tl.constexpr):
+    """Tile ``t``: poll my slots until no sentinel is left, reduce in rank order (fp32), reset
+    the slots to the sentinel, write the outputs. Returns the new ``dead`` flag."""
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    offs, m, k = _tile(t, T, H, NORM, BLOCK)
+    if NORM:  # issue these loads before polling so their latency overlaps the wait
+        res_v = tl.load(res_ptr + offs, mask=m, other=0.0)
+        w_v = tl.load(w_ptr + k, mask=m, other=0.0)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for r in tl.static_range(W):
+        if r == RANK:
+            v = tl.load(x_ptr + offs, mask=m, other=0.0)
+            v = tl.where(v == 0, tl.zeros_like(v), v)
+        else:
+            src = mybase + (buf * W + r) * slot_elems + offs
+            v = tl.load(src, mask=m, other=0.0, volatile=True)
+            pending = tl.sum((m & _is_sentinel(v, ELEM_BITS)).to(tl.int32), axis=0)
+            if dead == 0:
+                if pending > 0:
+                    t0 = globaltimer()
+                    while pending > 0:
+                        v = tl.load(src, mask=m, other=0.0, volatile=True)
+                        pending = tl.sum((m & _is_sentinel(v, ELEM_BITS)).to(tl.int32), axis=0)
+                        if pending > 0:
+                            if globaltimer() - t0 > timeout_ns:
+                                record_error(state_ptr, host_err, 1 << r, pid, 4 + NORM, epoch,
+                                             ERR_OFF)
+                                dead = dead | 1
+                                pending = pending * 0
+            tl.store(src, _sentinel(BLOCK, DT, ELEM_BITS), mask=m)
+        acc += v.to(tl.float32)
+    if NORM:
+        r_v = (acc + res_v.to(tl.float32)).to(DT)
+        tl.store(rout_ptr + offs, r_v, mask=m)
+        _norm_w(r_v, w_v, offs, m, out_ptr, q_ptr, scale_ptr, eps, H, FP8)
+    else:
+        tl.store(out_ptr + offs, acc.to(DT), mask=m)
+    return dead
+
+
 @triton.jit(do_not_specialize=["T"])
 def lamport_kernel(x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, q_ptr, scale_ptr, eps, T, H,
                    peers_ptr, lamp_off, slot_elems, state_ptr, host_err_ptr, timeout_ns,
                    RANK: tl.constexpr, W: tl.constexpr, NORM: tl.constexpr, FP8: tl.constexpr,
                    BLOCK: tl.constexpr, CHUNK: tl.constexpr, ELEM_BITS: tl.constexpr,
                    PDL: tl.constexpr):
+    """Small messages: all pushes first (flat ``CHUNK``s spread over every program, so one
+    long row still uses the whole grid), then every tile of this program is polled/reduced."""
     if PDL:  # programmatic dependent launch: nothing is touched before the previous grid ends
         pdl_wait()
         pdl_launch_dependents()
@@ -284,13 +342,7 @@ def lamport_kernel(x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, q_ptr, scale_ptr, e
     kc = tl.arange(0, CHUNK)
     for c in range(pid, tl.cdiv(N, CHUNK), NP):
         offs = tl.multiple_of(c * CHUNK, CHUNK) + kc
-        m = offs < N
-        v = tl.load(x_ptr + offs, mask=m, other=0.0)
-        v = tl.where(v == 0, tl.zeros_like(v), v)  # -0.0 is the sentinel: send +0.0
-        for r in tl.static_range(W):
-            if r != RANK:
-                dst = _region(tab, r, lamp_off, DT) + (buf * W + RANK) * slot_elems
-                tl.store(dst + offs, v, mask=m)
+        _lamport_push(x_ptr, tab, lamp_off, buf, slot_elems, offs, offs < N, RANK, W, DT)
     _arrive(state_ptr, epoch)
     # 2) poll my slots, reduce in rank order, reset the slots to the sentinel
     if NORM:
@@ -298,39 +350,48 @@ def lamport_kernel(x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, q_ptr, scale_ptr, e
     else:
         n_tiles = tl.cdiv(N, BLOCK)
     mybase = _region(tab, RANK, lamp_off, DT)
-    sent = _sentinel(BLOCK, DT, ELEM_BITS)
     for t in range(pid, n_tiles, NP):
-        offs, m, k = _tile(t, T, H, NORM, BLOCK)
-        if NORM:  # issue these loads before polling so their latency overlaps the wait
-            res_v = tl.load(res_ptr + offs, mask=m, other=0.0)
-            w_v = tl.load(w_ptr + k, mask=m, other=0.0)
-        acc = tl.zeros([BLOCK], tl.float32)
-        for r in tl.static_range(W):
-            if r == RANK:
-                v = tl.load(x_ptr + offs, mask=m, other=0.0)
-                v = tl.where(v == 0, tl.zeros_like(v), v)
-            else:
-                src = mybase + (buf * W + r) * slot_elems + offs
-                v = tl.load(src, mask=m, other=0.0, volatile=True)
-                pending = tl.sum((m & _is_sentinel(v, ELEM_BITS)).to(tl.int32), axis=0)
-                if dead == 0:
-                    if pending > 0:
-                        t0 = globaltimer()
-                        while pending > 0:
-                            v = tl.load(src, mask=m, other=0.0, volatile=True)
-                            pending = tl.sum((m & _is_sentinel(v, ELEM_BITS)).to(tl.int32),
-                                             axis=0)
-                            if pending > 0:
-                                if globaltimer() - t0 > timeout_ns:
-                                    record_error(state_ptr, host_err, 1 << r, pid, 4 + NORM,
-                                                 epoch, ERR_OFF)
-                                    dead = dead | 1
-                                    pending = pending * 0
-                tl.store(src, sent, mask=m)
-            acc += v.to(tl.float32)
-        if NORM:
-            r_v = (acc + res_v.to(tl.float32)).to(DT)
-            tl.store(rout_ptr + offs, r_v, mask=m)
-            _norm_w(r_v, w_v, offs, m, out_ptr, q_ptr, scale_ptr, eps, H, FP8)
-        else:
-            tl.store(out_ptr + offs, acc.to(DT), mask=m)
+        dead = _lamport_reduce(t, T, H, x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, q_ptr,
+                               scale_ptr, eps, mybase, buf, slot_elems, dead, timeout_ns,
+                               state_ptr, host_err, pid, epoch, RANK, W, NORM, FP8, BLOCK,
+                               ELEM_BITS)
+
+
+@triton.jit(do_not_specialize=["T"])
+def lamport_rows_kernel(x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, q_ptr, scale_ptr, eps, T, H,
+                        peers_ptr, lamp_off, slot_elems, state_ptr, host_err_ptr, timeout_ns,
+                        RANK: tl.constexpr, W: tl.constexpr, NORM: tl.constexpr,
+                        FP8: tl.constexpr, BLOCK: tl.constexpr, LAG: tl.constexpr,
+                        ELEM_BITS: tl.constexpr, PDL: tl.constexpr):
+    """Larger messages: software-pipelined Lamport. Program ``p`` owns tiles ``p, p + G, ...``
+    on every rank, pushes its tile ``i + LAG`` and then reduces its tile ``i``: the peer's copy
+    of tile ``i`` was pushed by the peer's program ``p`` about ``LAG`` iterations earlier, so the
+    epilogue of one tile overlaps the NVLink transfer of the next ones."""
+    if PDL:  # programmatic dependent launch: nothing is touched before the previous grid ends
+        pdl_wait()
+        pdl_launch_dependents()
+    pid = tl.program_id(0)
+    NP = tl.num_programs(0)
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    epoch = tl.load(state_ptr, volatile=True)
+    dead = tl.load(state_ptr + ERR_OFF, volatile=True)
+    host_err = host_err_ptr.to(tl.pointer_type(tl.int32))
+    tab = peers_ptr.to(tl.pointer_type(tl.int64))
+    buf = (epoch % 3).to(tl.int64)
+    if NORM:
+        n_tiles = T
+    else:
+        n_tiles = tl.cdiv(T * H, BLOCK)
+    n_mine = tl.cdiv(n_tiles - pid, NP)
+    for i in tl.static_range(LAG):  # _tile masks tiles past the end
+        offs, m, k = _tile(pid + i * NP, T, H, NORM, BLOCK)
+        _lamport_push(x_ptr, tab, lamp_off, buf, slot_elems, offs, m, RANK, W, DT)
+    _arrive(state_ptr, epoch)
+    mybase = _region(tab, RANK, lamp_off, DT)
+    for i in range(0, n_mine):
+        offs, m, k = _tile(pid + (i + LAG) * NP, T, H, NORM, BLOCK)
+        _lamport_push(x_ptr, tab, lamp_off, buf, slot_elems, offs, m, RANK, W, DT)
+        dead = _lamport_reduce(pid + i * NP, T, H, x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr,
+                               q_ptr, scale_ptr, eps, mybase, buf, slot_elems, dead, timeout_ns,
+                               state_ptr, host_err, pid, epoch, RANK, W, NORM, FP8, BLOCK,
+                               ELEM_BITS)

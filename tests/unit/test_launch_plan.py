@@ -1,0 +1,36 @@
+"""launch_plan / LaunchTable: pure, validated, and the Lamport kernel choice follows the table."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmcomm.allreduce.p2p import DEFAULT_TABLE, LaunchTable, launch_plan
+
+
+def test_rows_kernel_only_from_the_tile_threshold_on():
+    t = LaunchTable(lamport_rows_min_tiles=256, lamport_lag=2)
+    assert launch_plan("lamport", True, 255, 4096, 2, 2, t)["rows"] == 0
+    big = launch_plan("lamport", True, 256, 4096, 2, 2, t)
+    assert big["rows"] == 1 and big["lag"] == 2
+    assert big["grid"] == min(t.lamport_max_programs, 256)
+    # unfused tiles are flat blocks: 64 x 4096 elements = 64 tiles of 4096
+    assert launch_plan("lamport", False, 64, 4096, 2, 2, t)["rows"] == 0
+    assert launch_plan("lamport", False, 256, 4096, 2, 2, t)["rows"] == 1
+    # 0 = never; other strategies never use it
+    assert launch_plan("lamport", True, 4096, 4096, 2, 2, LaunchTable())["rows"] == 0
+    assert launch_plan("oneshot", True, 4096, 4096, 2, 2, t)["rows"] == 0
+
+
+def test_plan_is_a_pure_function():
+    args = ("lamport", True, 300, 5120, 2, 2, DEFAULT_TABLE)
+    assert launch_plan(*args) == launch_plan(*args)
+    p = launch_plan("lamport", True, 1, 8192, 2, 2)
+    assert p["grid"] > 1, "one long row is pushed by many programs in the chunked kernel"
+
+
+@pytest.mark.parametrize("knobs", [{"lamport_lag": 0}, {"lamport_lag": 5},
+                                   {"lamport_rows_min_tiles": -1},
+                                   {"lamport_chunk_vecs": 3}, {"lamport_max_programs": 300}])
+def test_bad_tables_are_refused(knobs):
+    with pytest.raises(ValueError, match="LaunchTable"):
+        LaunchTable(**knobs)
