@@ -239,7 +239,7 @@ def allreduce_fusion_decision(backend: str, facts: TopologyFacts, pp_size: int =
 #: Tuned on 2 x H200 (see docs/kernels.md); other world sizes use the entry for the next larger
 #: listed size, or the last entry.
 STRATEGY_THRESHOLDS: dict[int, tuple[int, int]] = {
-    2: (4 * 1024 * 1024, 16 * 1024 * 1024),
+    2: (32 * 1024 * 1024, 32 * 1024 * 1024),   # Lamport (pipelined rows) beats both up to 32 MiB
     4: (256 * 1024, 4 * 1024 * 1024),
     8: (128 * 1024, 1024 * 1024),
 }

@@ -260,8 +260,8 @@ def _missing_peer_worker(rank, world):
 
     H, dtype = 4096, torch.bfloat16
     report = []
-    for strat, T in (("lamport", 4), ("oneshot", 64), ("twoshot", 64)):
-        group, be, dev = _make(torch, dist, H, dtype, 64)
+    for strat, T in (("lamport", 4), ("lamport", 200), ("oneshot", 64), ("twoshot", 64)):
+        group, be, dev = _make(torch, dist, H, dtype, 256)
         be.force_strategy = strat
         x = torch.randn(T, H, device=dev, dtype=dtype)
         out = torch.empty_like(x)
@@ -285,6 +285,7 @@ def test_p2p_missing_peer_times_out():
     got = run_ranks(_missing_peer_worker, 2, backend="nccl", timeout=120,
                     env={"LLMCOMM_TIMEOUT_S": "2"})
     rep = got[0]
-    assert [r[0] for r in rep] == ["lamport", "oneshot", "twoshot"]
+    # lamport at 4 tokens: chunked kernel; at 200 tokens: the pipelined rows kernel
+    assert [r[0] for r in rep] == ["lamport", "lamport", "oneshot", "twoshot"]
     for strat, missing, _elapsed, msg in rep:
         assert missing == [1], f"{strat}: expected an error naming rank 1, got {missing}: {msg}"

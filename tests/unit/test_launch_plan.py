@@ -17,7 +17,8 @@ def test_rows_kernel_only_from_the_tile_threshold_on():
     assert launch_plan("lamport", False, 64, 4096, 2, 2, t)["rows"] == 0
     assert launch_plan("lamport", False, 256, 4096, 2, 2, t)["rows"] == 1
     # 0 = never; other strategies never use it
-    assert launch_plan("lamport", True, 4096, 4096, 2, 2, LaunchTable())["rows"] == 0
+    never = LaunchTable(lamport_rows_min_tiles=0)
+    assert launch_plan("lamport", True, 4096, 4096, 2, 2, never)["rows"] == 0
     assert launch_plan("oneshot", True, 4096, 4096, 2, 2, t)["rows"] == 0
 
 

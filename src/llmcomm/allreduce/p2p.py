@@ -88,7 +88,7 @@ class LaunchTable:
 
     lamport_max_programs: int = 128
     lamport_chunk_vecs: int = 1
-    lamport_rows_min_tiles: int = 0
+    lamport_rows_min_tiles: int = 128
     lamport_lag: int = 1
     norm_max_warps: int = 16
     norm_min_warps: int = 4
