@@ -38,20 +38,17 @@ FI_MAX_TOKENS = 2048
 #: --sweep: name -> (forced strategy or None for the policy, LaunchTable keyword overrides)
 SWEEP = {
     "auto": (None, {}),
-    "lamport": ("lamport", {}),
-    "lamport_c2": ("lamport", {"lamport_chunk_vecs": 2}),
-    "lamport_w16": ("lamport", {"norm_min_warps": 16}),
-    "lamport_p256_w4": ("lamport", {"lamport_max_programs": 256, "norm_max_warps": 4}),
+    "chunked": ("lamport", {"lamport_rows_min_tiles": 0}),
+    "chunked_c2": ("lamport", {"lamport_rows_min_tiles": 0, "lamport_chunk_vecs": 2}),
     "rows": ("lamport", {"lamport_rows_min_tiles": 1}),
     "rows_lag2": ("lamport", {"lamport_rows_min_tiles": 1, "lamport_lag": 2}),
+    "rows_p256": ("lamport", {"lamport_rows_min_tiles": 1, "lamport_max_programs": 256}),
+    "rows_p256_w8": ("lamport", {"lamport_rows_min_tiles": 1, "lamport_max_programs": 256,
+                                 "norm_max_warps": 8}),
     "rows_p256_w4": ("lamport", {"lamport_rows_min_tiles": 1, "lamport_max_programs": 256,
                                  "norm_max_warps": 4}),
-    "rows_p256_w4_lag2": ("lamport", {"lamport_rows_min_tiles": 1, "lamport_max_programs": 256,
-                                      "norm_max_warps": 4, "lamport_lag": 2}),
-    "rows_w16": ("lamport", {"lamport_rows_min_tiles": 1, "norm_min_warps": 16}),
     "oneshot": ("oneshot", {}),
-    "oneshot_w8": ("oneshot", {"norm_max_warps": 8}),
-    "oneshot_p132": ("oneshot", {"oneshot_max_programs": 132}),
+    "twoshot": ("twoshot", {}),
 }
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
             "NVSHMEM_DISABLE_NVLS": "1"}

@@ -30,6 +30,8 @@ Strategies:
 * ``lamport_kernel``: push own chunks into every peer's slot; the slot holds -0.0 ("not yet
   written", inputs' -0.0 is sent as +0.0) until the data lands; poll own slots with volatile
   loads, reduce, then reset the slot to -0.0. No flags, no fences.
+* ``lamport_rows_kernel``: the same protocol, software-pipelined per program over its tiles
+  (push tile ``i + LAG``, then poll/reduce tile ``i``), so the epilogue overlaps the transfer.
 * ``oneshot_kernel``: stage own tiles, per-program flag barrier (release/acquire, system scope),
   pull every peer's tiles, reduce.
 * ``twoshot_kernel``: stage, barrier, reduce the tiles this rank owns and publish the result
