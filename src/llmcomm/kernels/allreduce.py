@@ -285,14 +285,15 @@ def _lamport_reduce(t, T, H, x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, q_ptr, sc
     the slots to the sentinel, write the outputs. Returns the new ``dead`` flag."""
     DT: tl.constexpr = x_ptr.dtype.element_ty
     offs, m, k = _tile(t, T, H, NORM, BLOCK)
-    if NORM:  # issue these loads before polling so their latency overlaps the wait
+    # issue the local loads before polling so their latency overlaps the wait
+    own = tl.load(x_ptr + offs, mask=m, other=0.0)
+    if NORM:
         res_v = tl.load(res_ptr + offs, mask=m, other=0.0)
         w_v = tl.load(w_ptr + k, mask=m, other=0.0)
     acc = tl.zeros([BLOCK], tl.float32)
     for r in tl.static_range(W):
         if r == RANK:
-            v = tl.load(x_ptr + offs, mask=m, other=0.0)
-            v = tl.where(v == 0, tl.zeros_like(v), v)
+            v = tl.where(own == 0, tl.zeros_like(own), own)
         else:
             src = mybase + (buf * W + r) * slot_elems + offs
             v = tl.load(src, mask=m, other=0.0, volatile=True)
@@ -384,15 +385,18 @@ def lamport_rows_kernel(x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, q_ptr, scale_p
         n_tiles = T
     else:
         n_tiles = tl.cdiv(T * H, BLOCK)
-    n_mine = tl.cdiv(n_tiles - pid, NP)
+    n_mine = tl.cdiv(n_tiles - pid, NP)  # >= 1: the grid never exceeds the tile count
     for i in tl.static_range(LAG):  # _tile masks tiles past the end
         offs, m, k = _tile(pid + i * NP, T, H, NORM, BLOCK)
         _lamport_push(x_ptr, tab, lamp_off, buf, slot_elems, offs, m, RANK, W, DT)
-    _arrive(state_ptr, epoch)
     mybase = _region(tab, RANK, lamp_off, DT)
     for i in range(0, n_mine):
         offs, m, k = _tile(pid + (i + LAG) * NP, T, H, NORM, BLOCK)
         _lamport_push(x_ptr, tab, lamp_off, buf, slot_elems, offs, m, RANK, W, DT)
+        if i == n_mine - 1:
+            # the arrive atomic stalls the program for a round trip: take it while the last
+            # tile is still in flight anyway, not in front of the pushes
+            _arrive(state_ptr, epoch)
         dead = _lamport_reduce(pid + i * NP, T, H, x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr,
                                q_ptr, scale_ptr, eps, mybase, buf, slot_elems, dead, timeout_ns,
                                state_ptr, host_err, pid, epoch, RANK, W, NORM, FP8, BLOCK,
