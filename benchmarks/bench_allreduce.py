@@ -42,6 +42,7 @@ SWEEP = {
     "chunked_c2": ("lamport", {"lamport_rows_min_tiles": 0, "lamport_chunk_vecs": 2}),
     "rows": ("lamport", {"lamport_rows_min_tiles": 1}),
     "rows_lag2": ("lamport", {"lamport_rows_min_tiles": 1, "lamport_lag": 2}),
+    "rows_narrow": ("lamport", {"lamport_rows_min_tiles": 1, "lamport_rows_wide_tiles": 0}),
     "rows_p256": ("lamport", {"lamport_rows_min_tiles": 1, "lamport_max_programs": 256}),
     "rows_p256_w8": ("lamport", {"lamport_rows_min_tiles": 1, "lamport_max_programs": 256,
                                  "norm_max_warps": 8}),

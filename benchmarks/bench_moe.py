@@ -11,12 +11,16 @@ limit measured on this machine is 394 GB/s.
 
     PYTHONPATH=src:. python3 benchmarks/bench_moe.py [--tokens 1,8,...] [--out benchmarks/results]
 
-``--sweep``: time the p2p backend for every SWEEP entry (constructor knobs of ``P2PBackend``) at
-``--sweep-tokens`` tokens per rank, hidden 7168 / 256 experts / top-8, one dispatcher per entry
-(``M`` = the largest token count), plus NCCL all_to_all once per token count for the ratio.
-Each entry is checked inline first: ``counts`` against the routing and the combine output
-against the float64 reference ``y = x * sum_k w`` (expert outputs = expert inputs); the worst
-relative error is printed and recorded. Writes ``<out>/moe_sweep_ep<W>.json``.
+``--p2p-kwargs '{"protocol": "lamport"}'``: P2PBackend keyword arguments (JSON) of the timed p2p
+backend (``--programs N`` is the same as ``{"num_programs": N}``).
+
+``--sweep``: time the p2p backend for every SWEEP entry (constructor knobs of ``P2PBackend``;
+``--sweep-only a,b`` for a subset) at ``--sweep-tokens`` tokens per rank, hidden 7168 / 256
+experts / top-8, one dispatcher per entry (``M`` = the largest token count), plus NCCL
+all_to_all once per token count for the ratio. Each entry is checked inline first: ``counts``
+against the routing and the combine output against the float64 reference
+``y = x * sum_k w`` (expert outputs = expert inputs); the worst relative error is printed and
+recorded. Writes ``<out>/moe_sweep_ep<W>.json``.
 """
 
 from __future__ import annotations
@@ -44,10 +48,21 @@ SWEEP = {
     "pdl": ({"pdl": True}, None),
     "all": ({"vector_slots": True, "branchless_combine": True, "posted_flags": True,
              "pdl": True}, None),
+    # protocol "lamport": tile_tokens (dispatch) / combine_tile_tokens, num_warps, pdl
+    "lam": ({"protocol": "lamport"}, None),
+    "lam_t1": ({"protocol": "lamport", "tile_tokens": 1}, None),
+    "lam_t4": ({"protocol": "lamport", "tile_tokens": 4}, None),
+    "lam_c2w16": ({"protocol": "lamport", "combine_tile_tokens": 2, "num_warps": 16}, None),
+    "lam_t4c2w16": ({"protocol": "lamport", "tile_tokens": 4, "combine_tile_tokens": 2,
+                     "num_warps": 16}, None),
+    "lam_w4": ({"protocol": "lamport", "num_warps": 4}, 512),
+    "lam_pdl": ({"protocol": "lamport", "pdl": True}, None),
+    "lam_G64": ({"protocol": "lamport", "num_programs": 64}, None),
+    "lam_s0": ({"protocol": "lamport", "shift": 0}, None),
 }
 
 
-def _worker(rank, world, tokens, programs):
+def _worker(rank, world, tokens, p2p_kwargs):
     import torch
     import torch.distributed as dist
 
@@ -58,8 +73,8 @@ def _worker(rank, world, tokens, programs):
     dtype = torch.bfloat16
     M = max(tokens)
     for H, E, K in CONFIGS:
-        kw = {} if programs is None else {"_backend_kwargs": {"num_programs": programs}}
-        ep = EPDispatcher(dist.group.WORLD, E, K, H, M, dtype, backend="p2p", **kw)
+        ep = EPDispatcher(dist.group.WORLD, E, K, H, M, dtype, backend="p2p",
+                          _backend_kwargs=p2p_kwargs or None)
         g = torch.Generator(device="cuda").manual_seed(1234 + rank)
         for T in progress(tokens, rank == 0, f"moe H={H}"):
             x = torch.randn(T, H, device="cuda", dtype=dtype, generator=g)
@@ -71,7 +86,7 @@ def _worker(rank, world, tokens, programs):
                               for d in range(world) if d != rank))
             iters = 50 if T <= 512 else 20
 
-            def p2p():
+            def p2p(ep=ep):
                 d = ep.dispatch(x, ids, w)
                 ep.combine(d.expert_x, d)
 
@@ -111,7 +126,7 @@ def _worker(rank, world, tokens, programs):
     return rows
 
 
-def _sweep_worker(rank, world, tokens):
+def _sweep_worker(rank, world, tokens, names):
     """Every SWEEP entry: a dispatcher, an inline check per token count, then graph timing."""
     import time
 
@@ -150,7 +165,8 @@ def _sweep_worker(rank, world, tokens):
                      time_graph(a2a, iters=50 if T <= 512 else 20, reps=5))
     rows = [{"tokens": T, "nccl_a2a_us": round(inputs[T][5], 2)} for T in tokens]
     errors = {}
-    for name, (kw, max_t) in SWEEP.items():
+    for name in names:
+        kw, max_t = SWEEP[name]
         try:
             ep = EPDispatcher(dist.group.WORLD, E, K, H, M, dtype, backend="p2p",
                               _backend_kwargs=kw)
@@ -163,7 +179,7 @@ def _sweep_worker(rank, world, tokens):
                 continue
             x, ids, w, want, y_ref, _ = inputs[T]
 
-            def p2p(x=x, ids=ids, w=w):
+            def p2p(x=x, ids=ids, w=w, ep=ep):
                 d = ep.dispatch(x, ids, w)
                 return d, ep.combine(d.expert_x, d)
 
@@ -185,13 +201,12 @@ def _sweep_worker(rank, world, tokens):
         if rank == 0:
             print(f"sweep {name} {kw} done ({time.time() - t_start:.0f} s)", flush=True)
     if rank == 0:
-        _print_sweep(rows, H, world)
+        _print_sweep(rows, H, world, names)
     return rows, errors, round(time.time() - t_start, 1)
 
 
-def _print_sweep(rows, H, world) -> None:
+def _print_sweep(rows, H, world, names) -> None:
     """us per dispatch+combine of every SWEEP entry, its ratio to NCCL a2a and % of NVLink."""
-    names = list(SWEEP)
     print(f"\nsweep: p2p dispatch+combine, H={H}, us (ratio to NCCL a2a; * = fastest)")
     print(f"{'T':>5} {'a2a':>7} " + " ".join(f"{n:>15}" for n in names))
     for r in rows:
@@ -216,21 +231,37 @@ def main() -> None:
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--sweep", action="store_true", help="time the SWEEP knob grid instead")
     ap.add_argument("--sweep-tokens", default=",".join(map(str, SWEEP_TOKENS)))
+    ap.add_argument("--sweep-only", default="",
+                    help=f"comma-separated SWEEP entries (default all: {','.join(SWEEP)})")
+    ap.add_argument("--p2p-kwargs", default="",
+                    help='P2PBackend keyword arguments as JSON, e.g. \'{"protocol": "lamport"}\'')
     args = ap.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
-
+    names = [n for n in args.sweep_only.split(",") if n] or list(SWEEP)
+    unknown = [n for n in names if n not in SWEEP]
+    if unknown:
+        ap.error(f"--sweep-only: unknown entries {unknown}; known: {list(SWEEP)}")
     import json
+
+    try:
+        p2p_kwargs = json.loads(args.p2p_kwargs) if args.p2p_kwargs else {}
+    except ValueError as e:
+        ap.error(f"--p2p-kwargs must be a JSON object: {e}")
+    if not isinstance(p2p_kwargs, dict):
+        ap.error("--p2p-kwargs must be a JSON object, e.g. '{\"protocol\": \"lamport\"}'")
+    if args.programs is not None:
+        p2p_kwargs["num_programs"] = args.programs
 
     from benchmarks._common import environment, write_results
     from tests._dist import run_ranks
 
     if args.sweep:
         stoks = [int(t) for t in args.sweep_tokens.split(",")]
-        rows, errors, secs = run_ranks(_sweep_worker, args.world, stoks, backend="nccl",
-                                       timeout=300)[0]
+        rows, errors, secs = run_ranks(_sweep_worker, args.world, stoks, names,
+                                       backend="nccl", timeout=580)[0]
         meta = environment()
         meta.update(world=args.world, config=SWEEP_CONFIG, seconds=secs, errors=errors,
-                    sweep={k: [kw, t] for k, (kw, t) in SWEEP.items()})
+                    sweep={k: list(SWEEP[k]) for k in names})
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, f"moe_sweep_ep{args.world}.json")
         with open(path, "w") as f:
@@ -238,10 +269,11 @@ def main() -> None:
         print(f"wrote {path}; {secs} s; errors: {errors}")
         return
 
-    res = run_ranks(_worker, args.world, tokens, args.programs, backend="nccl", timeout=560)
+    res = run_ranks(_worker, args.world, tokens, p2p_kwargs, backend="nccl", timeout=560)
     rows = res[0]
     meta = environment()
-    meta.update(world=args.world, note=__doc__.split("\n\n")[1].replace("\n", " "))
+    meta.update(world=args.world, note=__doc__.split("\n\n")[1].replace("\n", " "),
+                p2p_kwargs=p2p_kwargs)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"moe_ep{args.world}")
     csv_path, json_path = write_results(stem, rows, meta)

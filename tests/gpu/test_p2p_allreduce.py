@@ -138,7 +138,7 @@ ALT_TABLES = ({"lamport_chunk_vecs": 2}, {"norm_min_warps": 16},
               {"lamport_max_programs": 256, "norm_max_warps": 4},
               {"norm_max_warps": 8, "flat_block": 2048, "flat_warps": 4},
               {"oneshot_max_programs": 132, "twoshot_max_programs": 64},
-              {"lamport_rows_min_tiles": 1},
+              {"lamport_rows_min_tiles": 1, "lamport_rows_wide_tiles": 0},
               {"lamport_rows_min_tiles": 1, "lamport_lag": 2, "lamport_max_programs": 256,
                "norm_max_warps": 4})
 

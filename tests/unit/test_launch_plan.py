@@ -12,7 +12,12 @@ def test_rows_kernel_only_from_the_tile_threshold_on():
     assert launch_plan("lamport", True, 255, 4096, 2, 2, t)["rows"] == 0
     big = launch_plan("lamport", True, 256, 4096, 2, 2, t)
     assert big["rows"] == 1 and big["lag"] == 2
-    assert big["grid"] == min(t.lamport_max_programs, 256)
+    assert big["grid"] == 256, "<= lamport_rows_wide_tiles at 8 warps: one program per row"
+    narrow = LaunchTable(lamport_rows_min_tiles=256, lamport_rows_wide_tiles=0)
+    assert launch_plan("lamport", True, 256, 4096, 2, 2, narrow)["grid"] == 128
+    # 16 warps (H=8192): only 128 programs are resident, wide or not
+    assert launch_plan("lamport", True, 256, 8192, 2, 2, t)["grid"] == 128
+    assert launch_plan("lamport", True, 1024, 4096, 2, 2, t)["grid"] == 128
     # unfused tiles are flat blocks: 64 x 4096 elements = 64 tiles of 4096
     assert launch_plan("lamport", False, 64, 4096, 2, 2, t)["rows"] == 0
     assert launch_plan("lamport", False, 256, 4096, 2, 2, t)["rows"] == 1
@@ -31,6 +36,7 @@ def test_plan_is_a_pure_function():
 
 @pytest.mark.parametrize("knobs", [{"lamport_lag": 0}, {"lamport_lag": 5},
                                    {"lamport_rows_min_tiles": -1},
+                                   {"lamport_rows_wide_tiles": -1},
                                    {"lamport_chunk_vecs": 3}, {"lamport_max_programs": 300}])
 def test_bad_tables_are_refused(knobs):
     with pytest.raises(ValueError, match="LaunchTable"):

@@ -36,7 +36,7 @@ from ..errors import BackendUnavailableError, CaptureError, CollectiveTimeoutErr
 logger = logging.getLogger(__name__)
 
 #: bump whenever kernels or :func:`launch_plan` change (part of the fingerprint)
-KERNEL_TABLE_VERSION = "p2p-3"
+KERNEL_TABLE_VERSION = "p2p-4"
 MAX_PROGRAMS = 264          # flag slots per rank; flag-barrier grids never exceed this
 LAMPORT_MAX_PROGRAMS = 128  # Lamport needs every program resident (no pairwise barrier);
                             # 128 CTAs fit one per SM of a 132-SM H200 even at 16 warps
@@ -77,6 +77,10 @@ class LaunchTable:
             (each program pushes its tile ``i + lamport_lag`` then reduces tile ``i``); smaller
             ones use ``lamport_kernel`` (all pushes, then all reduces). 0 = never.
         lamport_lag: tiles a program pushes ahead of the one it reduces (1..4).
+        lamport_rows_wide_tiles: a rows-kernel call with at most this many tiles gets one
+            program per tile (up to the resident cap of ``128 * (16 // num_warps)``, at most
+            256) instead of ``lamport_max_programs``: with one tile each there is nothing to
+            pipeline, and more programs keep more rows in flight. 0 = never.
         norm_max_warps: warps of a fused (one row per tile) program; the kernel uses
             ``min(norm_max_warps, max(norm_min_warps, next_pow2(H) // 512))``.
         norm_min_warps: see ``norm_max_warps``.
@@ -88,8 +92,9 @@ class LaunchTable:
 
     lamport_max_programs: int = 128
     lamport_chunk_vecs: int = 1
-    lamport_rows_min_tiles: int = 128
+    lamport_rows_min_tiles: int = 64
     lamport_lag: int = 1
+    lamport_rows_wide_tiles: int = 256
     norm_max_warps: int = 16
     norm_min_warps: int = 4
     flat_block: int = 4096
@@ -107,10 +112,11 @@ class LaunchTable:
                 or self.flat_warps > 16:
             raise ValueError(f"LaunchTable warps must satisfy norm_min_warps <= norm_max_warps "
                              f"<= 16 and flat_warps <= 16, got {self}")
-        if not 1 <= self.lamport_lag <= 4 or self.lamport_rows_min_tiles < 0:
-            raise ValueError(f"LaunchTable needs 1 <= lamport_lag <= 4 and "
-                             f"lamport_rows_min_tiles >= 0, got {self.lamport_lag}, "
-                             f"{self.lamport_rows_min_tiles}")
+        if not 1 <= self.lamport_lag <= 4 or self.lamport_rows_min_tiles < 0 \
+                or self.lamport_rows_wide_tiles < 0:
+            raise ValueError(f"LaunchTable needs 1 <= lamport_lag <= 4, lamport_rows_min_tiles "
+                             f">= 0 and lamport_rows_wide_tiles >= 0, got {self.lamport_lag}, "
+                             f"{self.lamport_rows_min_tiles}, {self.lamport_rows_wide_tiles}")
         if not 1 <= self.lamport_max_programs <= 256:
             raise ValueError(f"LaunchTable.lamport_max_programs must be in [1, 256], got "
                              f"{self.lamport_max_programs}")
@@ -149,7 +155,9 @@ def launch_plan(strategy: str, norm: bool, tokens: int, hidden: int, itemsize: i
     if strategy == "lamport":
         cap = min(table.lamport_max_programs, LAMPORT_MAX_PROGRAMS * max(1, 16 // num_warps))
         rows = int(0 < table.lamport_rows_min_tiles <= tiles)
-        if rows:
+        if rows and tiles <= table.lamport_rows_wide_tiles:
+            grid = min(256, LAMPORT_MAX_PROGRAMS * max(1, 16 // num_warps), tiles)
+        elif rows:
             grid = min(cap, tiles)
         else:
             grid = min(cap, max(tiles, _cdiv(tokens * hidden, chunk)))
