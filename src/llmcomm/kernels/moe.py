@@ -24,7 +24,8 @@ nothing host-side is frozen into a CUDA graph. Every spin has a deadline: on exp
 writes an error record (device + pinned host mirror) naming the missing rank and stops waiting;
 later calls see the record and do not wait at all.
 
-Switchable variants (``tl.constexpr``; all off = the tested default code, compiled unchanged):
+Switchable variants (``tl.constexpr``; the launcher turns ``VEC_SLOTS`` and ``BRANCHLESS`` on
+by default on a GPU, see :class:`llmcomm.moe.p2p.P2PBackend`):
 
 * ``VEC_SLOTS``: a token's local-expert slots are taken with one masked vector ``atomic_add``
   (its K atomics in flight together) instead of K dependent scalar atomics.

@@ -98,7 +98,7 @@ class P2PBackend(MoEBackend):
 
     def __init__(self, group: Any, cfg: EPConfig, num_programs: int | None = None,
                  simulate_dir: str | None = None, num_warps: int | None = None,
-                 vector_slots: bool = False, branchless_combine: bool = False,
+                 vector_slots: bool | None = None, branchless_combine: bool | None = None,
                  posted_flags: bool = False, pdl: bool = False) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
@@ -109,8 +109,10 @@ class P2PBackend(MoEBackend):
             num_warps: warps per program (default 8 for H >= 2048, else 4; power of 2, <= 16).
             vector_slots, branchless_combine, posted_flags, pdl: kernel variants
                 (``VEC_SLOTS``, ``BRANCHLESS``, ``POSTED``, ``PDL`` in
-                :mod:`llmcomm.kernels.moe`); all off by default. ``posted_flags`` and ``pdl``
-                need a GPU (sm_90+ for ``pdl``), not the simulation.
+                :mod:`llmcomm.kernels.moe`). ``vector_slots`` and ``branchless_combine``
+                default to on on a GPU (the fastest variant in every sweep) and off in the
+                simulation (the interpreter cannot run the masked vector atomic); ``posted_flags``
+                and ``pdl`` default to off and need a GPU (sm_90+ for ``pdl``).
         """
         super().__init__(group, cfg)
         self._sim = simulate_dir is not None
@@ -166,6 +168,10 @@ class P2PBackend(MoEBackend):
         self._dummy_ids = torch.full((1, K), -1, dtype=torch.int32, device=dev)
         self._dummy_w = torch.zeros(1, K, dtype=torch.float32, device=dev)
         self.num_warps = int(num_warps)
+        if vector_slots is None:
+            vector_slots = not self._sim
+        if branchless_combine is None:
+            branchless_combine = not self._sim
         self.variants = {"VEC_SLOTS": bool(vector_slots), "BRANCHLESS": bool(branchless_combine),
                          "POSTED": bool(posted_flags), "PDL": bool(pdl)}
         self.timeout_ns = int(get_config().timeout_s * 1e9)
