@@ -20,6 +20,10 @@ def test_doctor_simulated_gpus_pp2_keeps_p2p_fusion_and_gates_flashinfer(capsys)
     assert "backend=auto       -> p2p" in out
     assert "fusion stays on with PP=2" in out
     assert "FlashInfer fusion off with PP=2" in out
+    # the kernel each size gets (policy strategy + launch plan), W=2
+    assert "(1 tokens bf16) -> lamport" in out and "lamport_kernel grid=" in out
+    assert "(1024 tokens bf16) -> lamport" in out and "lamport_rows_kernel grid=128" in out
+    assert "(8192 tokens bf16) -> twoshot" in out
 
 
 def test_doctor_two_nodes_explicit_p2p_is_an_error(capsys):

@@ -152,10 +152,17 @@ def report(layout: Any, facts: Any, fi_caps: Any, hidden: int) -> str:
         if fq.choice != fus.choice:
             lines.append(f"      fusion+fp8: {fq}")
     if facts.device_type == "cuda":
-        lines.append("p2p kernel strategy by message size (bytes per rank):")
-        for nbytes in (hidden * 2, 64 * hidden * 2, 1024 * hidden * 2, 8192 * hidden * 2):
+        from ..allreduce.p2p import launch_plan
+
+        lines.append("p2p kernel strategy by message size (bytes per rank; fused launch plan):")
+        for tokens in (1, 64, 1024, 8192):
+            nbytes = tokens * hidden * 2
             s = policy.allreduce_strategy(nbytes, facts.world_size)
-            lines.append(f"  {nbytes:>10} B ({nbytes // (hidden * 2)} tokens bf16) -> {s}")
+            plan = launch_plan(s.choice, True, tokens, hidden, 2, facts.world_size)
+            kern = {"lamport": "lamport_rows_kernel" if plan["rows"] else "lamport_kernel",
+                    "oneshot": "oneshot_kernel", "twoshot": "twoshot_kernel"}[s.choice]
+            lines.append(f"  {nbytes:>10} B ({tokens} tokens bf16) -> {s}; {kern} "
+                         f"grid={plan['grid']} warps={plan['num_warps']}")
     return "\n".join(lines)
 
 
