@@ -183,7 +183,10 @@ def _graph_worker(rank, world):
 
     H, dtype = 4096, torch.bfloat16
     group, be, dev = _make(torch, dist, H, dtype, 1024)
-    sizes = [(1, "lamport"), (7, "lamport"), (300, "oneshot"), (1000, "twoshot")]
+    # chunked Lamport (1, 7 tokens), pipelined rows Lamport (200: one program per row; 1000:
+    # 128 programs, several rows each), one-shot, two-shot
+    sizes = [(1, "lamport"), (7, "lamport"), (200, "lamport"), (1000, "lamport"),
+             (300, "oneshot"), (1000, "twoshot")]
     slots = []
     for i, (T, strat) in enumerate(sizes):
         xs, res, w = _inputs(torch, 100 + i, world, T, H, dtype, dev)
