@@ -40,14 +40,16 @@ SWEEP_TOKENS = (1, 8, 64, 128, 4096)
 #: --sweep: name -> (P2PBackend keyword arguments, largest token count timed)
 SWEEP = {
     "default": ({}, None),
-    "G32": ({"num_programs": 32}, 512),
-    "G8": ({"num_programs": 8}, 512),
+    "r1round": ({"round_tokens": 4096}, None),      # one round: no pipelining (session 2)
+    "r4": ({"round_tokens": 4}, None),
+    "r16": ({"round_tokens": 16}, None),
+    "G256": ({"num_programs": 256}, None),
+    "G256r8": ({"num_programs": 256, "round_tokens": 8}, None),
+    "w16": ({"num_warps": 16}, None),
+    "G64": ({"num_programs": 64}, None),
     "seq": ({"vector_slots": False, "branchless_combine": False}, None),
-    "vec": ({"vector_slots": True, "branchless_combine": False}, None),
     "posted": ({"posted_flags": True}, None),
     "pdl": ({"pdl": True}, None),
-    "all": ({"vector_slots": True, "branchless_combine": True, "posted_flags": True,
-             "pdl": True}, None),
 }
 
 

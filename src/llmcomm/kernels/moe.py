@@ -41,17 +41,41 @@ by default on a GPU, see :class:`llmcomm.moe.p2p.P2PBackend`):
 import triton
 import triton.language as tl
 
-from .sync import ld_acquire_sys, pdl_launch_dependents, pdl_wait, st_release_sys
+from .sync import (globaltimer_uniform, ld_acquire_sys, load_uniform, pdl_launch_dependents,
+                   pdl_wait, st_release_sys)
 
 
 @triton.jit
-def _now(USE_TIMER: tl.constexpr):
+def _now(USE_TIMER: tl.constexpr, NT: tl.constexpr):
+    """``%globaltimer`` (ns), uniform over the program; 0 in the interpreter."""
     if USE_TIMER:
-        t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64,
-                                      is_pure=False, pack=1)
+        t = globaltimer_uniform(NT)
     else:
         t = tl.full([], 0, tl.int64)
     return t
+
+
+@triton.jit
+def _dead(err_dev, NT: tl.constexpr):
+    """The error flag (non-zero once any wait on this rank gave up), uniform over the program."""
+    return load_uniform(err_dev, True, 0, NT)
+
+
+@triton.jit
+def _expired(t0, spins, timeout_ns, USE_TIMER: tl.constexpr, NT: tl.constexpr):
+    """Uniform over the program (the timer read is), so every thread gives up together."""
+    if USE_TIMER:
+        elapsed = _now(USE_TIMER, NT) - t0
+    else:
+        elapsed = spins * 1000           # interpreter: 1 us per spin
+    return elapsed > timeout_ns
+
+
+@triton.jit
+def _fail(err_dev, err_host, OP: tl.constexpr, peer):
+    code = OP * 65536 + peer + 1
+    tl.store(err_dev, code)
+    tl.store(err_host, code)
 
 
 @triton.jit
@@ -76,28 +100,43 @@ def _flag_signal(flag_ptr, epoch, POSTED: tl.constexpr, NT: tl.constexpr):
 
 
 @triton.jit
-def _wait_peer(flag_ptr, epoch, peer, dead, err_dev, err_host, timeout_ns, OP: tl.constexpr,
+def _wait_peer(flag_ptr, target, peer, dead, err_dev, err_host, timeout_ns, OP: tl.constexpr,
                USE_TIMER: tl.constexpr, POSTED: tl.constexpr, NT: tl.constexpr):
-    """Spin (acquire, system scope) until ``*flag_ptr == epoch``; returns the new ``dead``."""
-    v = _flag_load(flag_ptr, POSTED, NT)
-    t0 = _now(USE_TIMER)
+    """Spin (acquire, system scope) until ``*flag_ptr >= target`` (int32, wrap-safe: flags only
+    move forward); returns the new ``dead``. Returns at once when ``dead`` is set."""
+    v = target
+    if dead == 0:
+        v = _flag_load(flag_ptr, POSTED, NT)
+    t0 = _now(USE_TIMER, NT)
     spins = tl.full([], 0, tl.int64)
-    while (v != epoch) & (dead == 0):
+    while ((v - target) < 0) & (dead == 0):
         v = _flag_load(flag_ptr, POSTED, NT)
         spins += 1
-        if USE_TIMER:
-            elapsed = _now(USE_TIMER) - t0
-        else:
-            elapsed = spins * 1000           # interpreter: 1 us per spin
-        if v != epoch:
-            if elapsed > timeout_ns:
-                code = OP * 65536 + peer + 1
-                tl.store(err_dev, code)
-                tl.store(err_host, code)
+        if (v - target) < 0:
+            if _expired(t0, spins, timeout_ns, USE_TIMER, NT):
+                _fail(err_dev, err_host, OP, peer)
                 dead = dead | 1
             else:
-                dead = dead | tl.load(err_dev, volatile=True)
+                dead = dead | _dead(err_dev, NT)
     return dead
+
+
+@triton.jit
+def _signal_peers(flags, pid, value, RANK: tl.constexpr, W: tl.constexpr,
+                  POSTED: tl.constexpr, NT: tl.constexpr):
+    """Release ``value`` into ``flags[d][pid, RANK]`` of every peer d: every earlier write of
+    this program (``debug_barrier`` first) is visible to a peer that acquires it."""
+    tl.debug_barrier()
+    for d in tl.static_range(W):
+        if d != RANK:
+            _flag_signal(flags[d] + pid * W + RANK, value, POSTED, NT)
+
+
+@triton.jit
+def _rounds(T, pid, G: tl.constexpr, CHUNK: tl.constexpr):
+    """(tokens of program ``pid`` among ``T``, its rounds of ``CHUNK`` tokens, at least 1)."""
+    n = tl.maximum(tl.cdiv(T - pid, G), 0)
+    return n, tl.maximum(tl.cdiv(n, CHUNK), 1)
 
 
 @triton.jit
@@ -140,6 +179,35 @@ def _expand_row_seq(row, ids, s, t, expert_x, cursor, slot_map, RANK: tl.constex
 
 
 @triton.jit
+def _take_slots(ids, valid, cursor, RANK: tl.constexpr, L: tl.constexpr, CAP: tl.constexpr,
+                K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Slots of one token (``ids`` [BLOCK_K], ``valid`` scalar) in its local experts.
+
+    Every new local expert takes its slot in one masked vector ``atomic_add`` (its K atomics in
+    flight together); repeated ids share the entry of their first occurrence. Returns
+    ``(new, entry, sm)`` [BLOCK_K]: ``new`` marks first occurrences that took a slot, ``entry``
+    is ``el * CAP + slot`` there (else -1), ``sm`` the token's slot-map row (entry or -1).
+    Always 1-D: the return value of a vector atomic is only used in this shape (the one the GPU
+    tests cover), never in a 2-D layout whose replicated threads might not receive it.
+    """
+    offs_k = tl.arange(0, BLOCK_K)
+    mk = offs_k < K
+    el = ids - RANK * L
+    valid_k = (offs_k * 0 + valid.to(tl.int32)) != 0   # (a full vector: the interpreter
+    local = mk & (ids >= 0) & (el >= 0) & (el < L) & valid_k  # rejects a broadcast 0-d mask)
+    same = (ids[:, None] == ids[None, :]) & mk[None, :]
+    first = tl.min(tl.where(same, offs_k[None, :], BLOCK_K), axis=1)  # first k with this id
+    new = local & (first == offs_k)
+    slot = tl.atomic_add(cursor + tl.where(new, el, 0), tl.full([BLOCK_K], 1, tl.int32),
+                         mask=new, sem="relaxed", scope="gpu")
+    new = new & (slot < CAP)             # cannot fail (CAP is the worst case); never write OOB
+    entry = tl.where(new, el * CAP + slot, -1)
+    shared = tl.max(tl.where(offs_k[None, :] == first[:, None], entry[None, :], -1), axis=1)
+    sm = tl.where(local, shared, -1)
+    return new, entry, sm
+
+
+@triton.jit
 def _expand_row_vec(row, ids, s, t, expert_x, cursor, slot_map, RANK: tl.constexpr,
                     M: tl.constexpr, H: tl.constexpr, K: tl.constexpr, L: tl.constexpr,
                     CAP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -147,22 +215,58 @@ def _expand_row_vec(row, ids, s, t, expert_x, cursor, slot_map, RANK: tl.constex
     offs_h = tl.arange(0, BLOCK_H)
     offs_k = tl.arange(0, BLOCK_K)
     mk = offs_k < K
-    el = ids - RANK * L
-    local = mk & (ids >= 0) & (el >= 0) & (el < L)
-    same = (ids[:, None] == ids[None, :]) & mk[None, :]
-    first = tl.min(tl.where(same, offs_k[None, :], BLOCK_K), axis=1)  # first k with this id
-    new = local & (first == offs_k)
-    slot = tl.atomic_add(cursor + tl.where(new, el, 0), tl.full([BLOCK_K], 1, tl.int32),
-                         mask=new, sem="relaxed", scope="gpu")
-    entry = tl.where(new, el * CAP + slot, -1)
-    # repeats share the entry of their first occurrence
-    shared = tl.max(tl.where(offs_k[None, :] == first[:, None], entry[None, :], -1), axis=1)
-    sm = tl.where(local, shared, -1)
+    new, entry, sm = _take_slots(ids, t >= 0, cursor, RANK, L, CAP, K, BLOCK_K)
     for k in tl.static_range(K):
         e = tl.max(tl.where((offs_k == k) & new, entry, -1), axis=0)
         if e >= 0:
             tl.store(expert_x + tl.cast(e, tl.int64) * H + offs_h, row, mask=offs_h < H)
     tl.store(slot_map + tl.cast((s * M + t) * K, tl.int64) + offs_k, sm, mask=mk)
+
+
+@triton.jit
+def _send_token(t, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w, expert_x, cursor, slot_map,
+                RANK: tl.constexpr, W: tl.constexpr, M: tl.constexpr, H: tl.constexpr,
+                K: tl.constexpr, L: tl.constexpr, E: tl.constexpr, CAP: tl.constexpr,
+                BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, VEC_SLOTS: tl.constexpr):
+    """Own token ``t``: its ids/weights to every peer, its row once to every peer owning one of
+    its experts, and copies into the local experts' slots."""
+    offs_h = tl.arange(0, BLOCK_H)
+    mh = offs_h < H
+    offs_k = tl.arange(0, BLOCK_K)
+    mk = offs_k < K
+    ids = tl.load(ids_ptr + t * K + offs_k, mask=mk, other=-1).to(tl.int32)
+    ids = tl.where(mk & (ids >= 0) & (ids < E), ids, -1)
+    w = tl.load(w_ptr + t * K + offs_k, mask=mk, other=0.0).to(tl.float32)
+    row = tl.load(x_ptr + tl.cast(t, tl.int64) * H + offs_h, mask=mh)
+    owner = tl.where(ids >= 0, ids // L, -1)
+    for d in tl.static_range(W):
+        if d != RANK:
+            mrow = tl.cast(RANK * M + t, tl.int64)
+            tl.store(recv_ids[d] + mrow * K + offs_k, ids, mask=mk)
+            tl.store(recv_w[d] + mrow * K + offs_k, w, mask=mk)
+            if tl.sum((owner == d).to(tl.int32), axis=0) > 0:
+                tl.store(recv_x[d] + mrow * H + offs_h, row, mask=mh)
+    _expand_row(row, ids, RANK, t, expert_x, cursor, slot_map, RANK, M, H, K, L, CAP,
+                BLOCK_H, BLOCK_K, VEC_SLOTS)
+
+
+@triton.jit
+def _recv_token(s, t, recv_x, recv_ids, expert_x, cursor, slot_map, RANK: tl.constexpr,
+                M: tl.constexpr, H: tl.constexpr, K: tl.constexpr, L: tl.constexpr,
+                CAP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                VEC_SLOTS: tl.constexpr):
+    """Token ``t`` of peer ``s`` (already acquired): its row into the local experts' slots."""
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_k = tl.arange(0, BLOCK_K)
+    mk = offs_k < K
+    mrow = tl.cast(s * M + t, tl.int64)
+    ids = tl.load(recv_ids[RANK] + mrow * K + offs_k, mask=mk, other=-1, cache_modifier=".cg")
+    owner = tl.where(ids >= 0, ids // L, -1)
+    nmine = tl.sum((owner == RANK).to(tl.int32), axis=0)
+    lim = tl.where(nmine > 0, H, 0)
+    row = tl.load(recv_x[RANK] + mrow * H + offs_h, mask=offs_h < lim, cache_modifier=".cg")
+    _expand_row(row, ids, s, t, expert_x, cursor, slot_map, RANK, M, H, K, L, CAP, BLOCK_H,
+                BLOCK_K, VEC_SLOTS)
 
 
 @triton.jit
@@ -173,7 +277,8 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                        RANK: tl.constexpr, W: tl.constexpr, G: tl.constexpr, M: tl.constexpr,
                        H: tl.constexpr, K: tl.constexpr, L: tl.constexpr, E: tl.constexpr,
                        CAP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                       BLOCK_L: tl.constexpr, USE_TIMER: tl.constexpr,
+                       BLOCK_L: tl.constexpr, BLOCK_W: tl.constexpr, CHUNK: tl.constexpr,
+                       USE_TIMER: tl.constexpr,
                        VEC_SLOTS: tl.constexpr = False, BRANCHLESS: tl.constexpr = False,
                        POSTED: tl.constexpr = False, PDL: tl.constexpr = False,
                        NT: tl.constexpr = 256):
@@ -183,58 +288,50 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
     pid = tl.program_id(0)
     err_host = err_host_addr.to(tl.pointer_type(tl.int32))
     epoch = tl.load(epoch_ptr + pid) + 1
-    offs_h = tl.arange(0, BLOCK_H)
-    mh = offs_h < H
-    offs_k = tl.arange(0, BLOCK_K)
-    mk = offs_k < K
-    # 1. own tokens: push rows to peers (once per peer rank), expand locally
-    for t in range(pid, T, G):
-        ids = tl.load(ids_ptr + t * K + offs_k, mask=mk, other=-1).to(tl.int32)
-        ids = tl.where(mk & (ids >= 0) & (ids < E), ids, -1)
-        w = tl.load(w_ptr + t * K + offs_k, mask=mk, other=0.0).to(tl.float32)
-        row = tl.load(x_ptr + tl.cast(t, tl.int64) * H + offs_h, mask=mh)
-        owner = tl.where(ids >= 0, ids // L, -1)
-        for d in tl.static_range(W):
-            if d != RANK:
-                mrow = tl.cast(RANK * M + t, tl.int64)
-                tl.store(recv_ids[d] + mrow * K + offs_k, ids, mask=mk)
-                tl.store(recv_w[d] + mrow * K + offs_k, w, mask=mk)
-                if tl.sum((owner == d).to(tl.int32), axis=0) > 0:
-                    tl.store(recv_x[d] + mrow * H + offs_h, row, mask=mh)
-        _expand_row(row, ids, RANK, t, expert_x, cursor, slot_map, RANK, M, H, K, L, CAP,
-                    BLOCK_H, BLOCK_K, VEC_SLOTS)
-    for d in tl.static_range(W):
+    base = epoch * 65536                      # round r of this call signals base + r + 1
+    offs_w = tl.arange(0, BLOCK_W)
+    n_own, r_own = _rounds(T, pid, G, CHUNK)
+    for d in tl.static_range(W):              # released with round 0
         if d != RANK:
             tl.store(recv_T[d] + RANK, T)
-    # 2. signal, 3. wait
-    tl.debug_barrier()
-    for d in tl.static_range(W):
-        if d != RANK:
-            _flag_signal(flags[d] + pid * W + RANK, epoch, POSTED, NT)
-    dead = tl.load(err_dev, volatile=True)
-    for s in tl.static_range(W):
-        if s != RANK:
-            dead = _wait_peer(flags[RANK] + pid * W + s, epoch, s, dead, err_dev, err_host,
-                              timeout_ns, 1, USE_TIMER, POSTED, NT)
-    tl.debug_barrier()
-    # 4. rows received from peers -> local experts
-    if dead == 0:
-        for s in tl.static_range(W):
-            if s != RANK:
-                Ts = tl.load(recv_T[RANK] + s, volatile=True)
-                for t in range(pid, Ts, G):
-                    mrow = tl.cast(s * M + t, tl.int64)
-                    ids = tl.load(recv_ids[RANK] + mrow * K + offs_k, mask=mk, other=-1,
-                                  cache_modifier=".cg")
-                    owner = tl.where(ids >= 0, ids // L, -1)
-                    nmine = tl.sum((owner == RANK).to(tl.int32), axis=0)
-                    lim = tl.where(nmine > 0, H, 0)
-                    row = tl.load(recv_x[RANK] + mrow * H + offs_h, mask=offs_h < lim,
-                                  cache_modifier=".cg")
-                    _expand_row(row, ids, s, t, expert_x, cursor, slot_map, RANK, M, H, K, L,
-                                CAP, BLOCK_H, BLOCK_K, VEC_SLOTS)
+    dead = _dead(err_dev, NT)
+    n_in = tl.zeros([BLOCK_W], tl.int32)      # peers' token counts for this program
+    r_in = tl.full([BLOCK_W], 1, tl.int32)    # peers' rounds (1 until round 0 told us)
+    r = 0
+    more = True
+    while more:
+        # send own round r (tokens pid + j*G, j in [r*CHUNK, r*CHUNK + CHUNK)), then signal it
+        if r < r_own:
+            for j in range(r * CHUNK, tl.minimum(r * CHUNK + CHUNK, n_own)):
+                _send_token(pid + j * G, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w,
+                            expert_x, cursor, slot_map, RANK, W, M, H, K, L, E, CAP, BLOCK_H,
+                            BLOCK_K, VEC_SLOTS)
+            _signal_peers(flags, pid, base + r + 1, RANK, W, POSTED, NT)
+        # receive every peer's round r - 1 while our round r is on the wire
+        rr = r - 1
+        if rr >= 0:
+            for s in tl.static_range(W):
+                if s != RANK:
+                    rs = tl.sum(tl.where(offs_w == s, r_in, 0), axis=0)
+                    if rr < rs:
+                        dead = _wait_peer(flags[RANK] + pid * W + s, base + rr + 1, s, dead,
+                                          err_dev, err_host, timeout_ns, 1, USE_TIMER,
+                                          POSTED, NT)
+                        if dead == 0:
+                            if rr == 0:
+                                ns, rs = _rounds(load_uniform(recv_T[RANK] + s, True, 0, NT),
+                                                 pid, G, CHUNK)
+                                n_in = tl.where(offs_w == s, ns, n_in)
+                                r_in = tl.where(offs_w == s, rs, r_in)
+                            ns = tl.sum(tl.where(offs_w == s, n_in, 0), axis=0)
+                            for j in range(rr * CHUNK, tl.minimum(rr * CHUNK + CHUNK, ns)):
+                                _recv_token(s, pid + j * G, recv_x, recv_ids, expert_x, cursor,
+                                            slot_map, RANK, M, H, K, L, CAP, BLOCK_H, BLOCK_K,
+                                            VEC_SLOTS)
+        r += 1
+        more = (r < r_own) | (r - 1 < tl.max(tl.where(dead == 0, r_in, 0), axis=0))
     tl.store(epoch_ptr + pid, epoch)
-    # 5. last program out publishes the counts and resets the cursors for the next call
+    # the last program out publishes the counts and resets the cursors for the next call
     tl.debug_barrier()
     prev = tl.atomic_add(done, 1, sem="acq_rel", scope="gpu")
     if prev == G - 1:
@@ -272,12 +369,60 @@ def _partial(expert_out, sm, wv, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 
 
 @triton.jit
+def _push_partial(s, t, expert_out, recv_w, comb, slot_map, RANK: tl.constexpr,
+                  M: tl.constexpr, H: tl.constexpr, K: tl.constexpr, BLOCK_H: tl.constexpr,
+                  BLOCK_K: tl.constexpr, BRANCHLESS: tl.constexpr):
+    """Token ``t`` of peer ``s``: the weighted sum of its rows in our experts (fp32), rounded to
+    the dtype once, into ``comb[s][RANK, t]`` (only if it has a local expert)."""
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_k = tl.arange(0, BLOCK_K)
+    mk = offs_k < K
+    mrow = tl.cast(s * M + t, tl.int64)
+    sm = tl.load(slot_map + mrow * K + offs_k, mask=mk, other=-1)
+    if tl.max(sm, axis=0) >= 0:
+        wv = tl.load(recv_w[RANK] + mrow * K + offs_k, mask=mk, other=0.0, cache_modifier=".cg")
+        acc = _partial(expert_out, sm, wv, BLOCK_H, BLOCK_K, H, K, BRANCHLESS)
+        dst = comb[s] + tl.cast(RANK * M + t, tl.int64) * H
+        tl.store(dst + offs_h, acc.to(comb[s].dtype.element_ty), mask=offs_h < H)
+
+
+@triton.jit
+def _finish_token(t, expert_out, ids_ptr, w_ptr, y_ptr, comb, slot_map, RANK: tl.constexpr,
+                  W: tl.constexpr, M: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
+                  L: tl.constexpr, E: tl.constexpr, BLOCK_H: tl.constexpr,
+                  BLOCK_K: tl.constexpr, BRANCHLESS: tl.constexpr):
+    """Own token ``t``: ``y = sum over ranks d in order`` of the own partial (fp32, computed
+    here) or ``comb[RANK][d, t]`` (already acquired)."""
+    offs_h = tl.arange(0, BLOCK_H)
+    mh = offs_h < H
+    offs_k = tl.arange(0, BLOCK_K)
+    mk = offs_k < K
+    ids = tl.load(ids_ptr + t * K + offs_k, mask=mk, other=-1).to(tl.int32)
+    ids = tl.where(mk & (ids >= 0) & (ids < E), ids, -1)
+    owner = tl.where(ids >= 0, ids // L, -1)
+    acc = tl.zeros([BLOCK_H], tl.float32)
+    for d in tl.static_range(W):
+        if d == RANK:
+            sm = tl.load(slot_map + tl.cast(RANK * M + t, tl.int64) * K + offs_k, mask=mk,
+                         other=-1)
+            if tl.max(sm, axis=0) >= 0:
+                wv = tl.load(w_ptr + t * K + offs_k, mask=mk, other=0.0).to(tl.float32)
+                acc += _partial(expert_out, sm, wv, BLOCK_H, BLOCK_K, H, K, BRANCHLESS)
+        else:
+            if tl.sum((owner == d).to(tl.int32), axis=0) > 0:
+                src = comb[RANK] + tl.cast(d * M + t, tl.int64) * H
+                acc += tl.load(src + offs_h, mask=mh, cache_modifier=".cg").to(tl.float32)
+    tl.store(y_ptr + tl.cast(t, tl.int64) * H + offs_h, acc.to(y_ptr.dtype.element_ty), mask=mh)
+
+
+@triton.jit
 def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
                       recv_w, recv_T, comb, flags, slot_map, epoch_ptr, err_dev,
                       err_host_addr, timeout_ns,
                       RANK: tl.constexpr, W: tl.constexpr, G: tl.constexpr, M: tl.constexpr,
                       H: tl.constexpr, K: tl.constexpr, L: tl.constexpr, E: tl.constexpr,
-                      BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, USE_TIMER: tl.constexpr,
+                      BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr,
+                      CHUNK: tl.constexpr, USE_TIMER: tl.constexpr,
                       VEC_SLOTS: tl.constexpr = False, BRANCHLESS: tl.constexpr = False,
                       POSTED: tl.constexpr = False, PDL: tl.constexpr = False,
                       NT: tl.constexpr = 256):
@@ -287,51 +432,44 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
     pid = tl.program_id(0)
     err_host = err_host_addr.to(tl.pointer_type(tl.int32))
     epoch = tl.load(epoch_ptr + pid) + 1
-    offs_h = tl.arange(0, BLOCK_H)
-    mh = offs_h < H
-    offs_k = tl.arange(0, BLOCK_K)
-    mk = offs_k < K
-    dead = tl.load(err_dev, volatile=True)
-    # 1. partial sums for the peers' tokens, pushed once per (token, peer)
-    if dead == 0:
-        for s in tl.static_range(W):
-            if s != RANK:
-                Ts = tl.load(recv_T[RANK] + s, volatile=True)
-                for t in range(pid, Ts, G):
-                    mrow = tl.cast(s * M + t, tl.int64)
-                    sm = tl.load(slot_map + mrow * K + offs_k, mask=mk, other=-1)
-                    if tl.max(sm, axis=0) >= 0:
-                        wv = tl.load(recv_w[RANK] + mrow * K + offs_k, mask=mk, other=0.0,
-                                     cache_modifier=".cg")
-                        acc = _partial(expert_out, sm, wv, BLOCK_H, BLOCK_K, H, K, BRANCHLESS)
-                        dst = comb[s] + tl.cast(RANK * M + t, tl.int64) * H
-                        tl.store(dst + offs_h, acc.to(comb[s].dtype.element_ty), mask=mh)
-    # 2. signal, 3. wait
-    tl.debug_barrier()
-    for d in tl.static_range(W):
-        if d != RANK:
-            _flag_signal(flags[d] + pid * W + RANK, epoch, POSTED, NT)
+    base = epoch * 65536
+    offs_w = tl.arange(0, BLOCK_W)
+    dead = _dead(err_dev, NT)
+    n_own, r_own = _rounds(T, pid, G, CHUNK)
+    # the peers' token counts (from the dispatch; read before any signal, see docs/moe.md)
+    n_in = tl.zeros([BLOCK_W], tl.int32)
+    r_in = tl.zeros([BLOCK_W], tl.int32)
     for s in tl.static_range(W):
         if s != RANK:
-            dead = _wait_peer(flags[RANK] + pid * W + s, epoch, s, dead, err_dev, err_host,
-                              timeout_ns, 2, USE_TIMER, POSTED, NT)
-    tl.debug_barrier()
-    # 4. own tokens: fixed rank order, fp32
-    for t in range(pid, T, G):
-        ids = tl.load(ids_ptr + t * K + offs_k, mask=mk, other=-1).to(tl.int32)
-        ids = tl.where(mk & (ids >= 0) & (ids < E), ids, -1)
-        owner = tl.where(ids >= 0, ids // L, -1)
-        acc = tl.zeros([BLOCK_H], tl.float32)
-        for d in tl.static_range(W):
-            if d == RANK:
-                sm = tl.load(slot_map + tl.cast(RANK * M + t, tl.int64) * K + offs_k, mask=mk,
-                             other=-1)
-                if tl.max(sm, axis=0) >= 0:
-                    wv = tl.load(w_ptr + t * K + offs_k, mask=mk, other=0.0).to(tl.float32)
-                    acc += _partial(expert_out, sm, wv, BLOCK_H, BLOCK_K, H, K, BRANCHLESS)
-            else:
-                if tl.sum((owner == d).to(tl.int32), axis=0) > 0:
-                    src = comb[RANK] + tl.cast(d * M + t, tl.int64) * H
-                    acc += tl.load(src + offs_h, mask=mh, cache_modifier=".cg").to(tl.float32)
-        tl.store(y_ptr + tl.cast(t, tl.int64) * H + offs_h, acc.to(y_ptr.dtype.element_ty), mask=mh)
+            ns, rs = _rounds(load_uniform(recv_T[RANK] + s, True, 0, NT), pid, G, CHUNK)
+            n_in = tl.where(offs_w == s, ns, n_in)
+            r_in = tl.where(offs_w == s, rs, r_in)
+    r = 0
+    more = True
+    while more:
+        # push the partials of every peer's round r, then signal it to that peer
+        for s in tl.static_range(W):
+            if s != RANK:
+                rs = tl.sum(tl.where(offs_w == s, r_in, 0), axis=0)
+                if r < rs:
+                    ns = tl.sum(tl.where(offs_w == s, n_in, 0), axis=0)
+                    if dead == 0:
+                        for j in range(r * CHUNK, tl.minimum(r * CHUNK + CHUNK, ns)):
+                            _push_partial(s, pid + j * G, expert_out, recv_w, comb, slot_map,
+                                          RANK, M, H, K, BLOCK_H, BLOCK_K, BRANCHLESS)
+                    tl.debug_barrier()
+                    _flag_signal(flags[s] + pid * W + RANK, base + r + 1, POSTED, NT)
+        # finish own round r - 1 (the peers pushed it while we pushed round r)
+        rr = r - 1
+        if (rr >= 0) & (rr < r_own):
+            for d in tl.static_range(W):
+                if d != RANK:
+                    dead = _wait_peer(flags[RANK] + pid * W + d, base + rr + 1, d, dead,
+                                      err_dev, err_host, timeout_ns, 2, USE_TIMER, POSTED, NT)
+            tl.debug_barrier()
+            for j in range(rr * CHUNK, tl.minimum(rr * CHUNK + CHUNK, n_own)):
+                _finish_token(pid + j * G, expert_out, ids_ptr, w_ptr, y_ptr, comb, slot_map,
+                              RANK, W, M, H, K, L, E, BLOCK_H, BLOCK_K, BRANCHLESS)
+        r += 1
+        more = (r - 1 < r_own) | (r < tl.max(r_in, axis=0))
     tl.store(epoch_ptr + pid, epoch)

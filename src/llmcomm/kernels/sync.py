@@ -8,8 +8,17 @@ returns a value (an NVLink round trip for a remote flag). These helpers emit the
   round trip; it orders every earlier write of the thread -- and, after ``tl.debug_barrier()``,
   of the CTA -- before the flag at system scope).
 * ``globaltimer() -> int64``: ``%globaltimer`` in nanoseconds (for spin-wait deadlines).
+* ``load_uniform(ptr, mask, other, NT)`` / ``globaltimer_uniform(NT)``: one volatile scalar
+  load / one timer read whose value every thread of the program sees (see below).
 * ``wait_flags(...)``: spin until every selected flag reached ``target`` (wrap-safe int32
   comparison) or the deadline passed; on expiry write an error record (see below) and return.
+
+Triton treats a scalar as uniform across the threads of a program, but a volatile scalar load
+(or a timer read) is executed by every thread, and while a peer's write is landing some threads
+can see the old value and others the new one: a loop or branch on it then diverges inside the
+program (and its reductions and barriers no longer match). Every value a spin loop branches on
+must come from a reduction (``tl.sum``/``tl.max``), which hands every thread the same result;
+``load_uniform`` and ``globaltimer_uniform`` do that for one scalar.
 
 Use one element per thread (a tensor of ``32 * num_warps`` elements) so no thread duplicates a
 remote store. Error record layout (int32), shared by every kernel of :mod:`.allreduce`::
@@ -27,6 +36,25 @@ import triton.language as tl
 def globaltimer():
     return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64,
                                      is_pure=False, pack=1)
+
+
+@triton.jit
+def globaltimer_uniform(NT: tl.constexpr):
+    """``%globaltimer`` (ns), the same value in every thread (max over the threads' reads)."""
+    i = tl.arange(0, NT)
+    t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer; // $1", "=l,r", [i],
+                                  dtype=tl.int64, is_pure=False, pack=1)
+    return tl.max(t, axis=0)
+
+
+@triton.jit
+def load_uniform(ptr, mask, other, NT: tl.constexpr):
+    """Volatile load of the scalar ``*ptr`` (``other`` where not ``mask``) by one thread, handed
+    to every thread of the program through a reduction, so a branch on it is uniform."""
+    i = tl.arange(0, NT)
+    m = (i == 0) & ((i * 0 + mask) != 0)  # a full vector (the interpreter rejects a 0-d mask)
+    v = tl.load(ptr + i * 0, mask=m, other=other, volatile=True)
+    return tl.sum(tl.where(i == 0, v, 0), axis=0)
 
 
 @triton.jit

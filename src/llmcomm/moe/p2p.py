@@ -99,7 +99,8 @@ class P2PBackend(MoEBackend):
     def __init__(self, group: Any, cfg: EPConfig, num_programs: int | None = None,
                  simulate_dir: str | None = None, num_warps: int | None = None,
                  vector_slots: bool | None = None, branchless_combine: bool | None = None,
-                 posted_flags: bool = False, pdl: bool = False) -> None:
+                 posted_flags: bool = False, pdl: bool = False,
+                 round_tokens: int | None = None) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -107,12 +108,18 @@ class P2PBackend(MoEBackend):
                 equal on every rank.
             simulate_dir: tests only, see the module docstring.
             num_warps: warps per program (default 8 for H >= 2048, else 4; power of 2, <= 16).
+            round_tokens: tokens of one program per round (``CHUNK`` in
+                :mod:`llmcomm.kernels.moe`): every round of sends is signalled on its own, so
+                a peer expands (dispatch) or sums (combine) round r - 1 while round r is on
+                the wire. Default: a quarter of a program's share at ``max_tokens_per_rank``
+                (at most 4 rounds; one round for small batches).
             vector_slots, branchless_combine, posted_flags, pdl: kernel variants
                 (``VEC_SLOTS``, ``BRANCHLESS``, ``POSTED``, ``PDL`` in
-                :mod:`llmcomm.kernels.moe`). ``vector_slots`` and ``branchless_combine``
-                default to on on a GPU (the fastest variant in every sweep) and off in the
-                simulation (the interpreter cannot run the masked vector atomic); ``posted_flags``
-                and ``pdl`` default to off and need a GPU (sm_90+ for ``pdl``).
+                :mod:`llmcomm.kernels.moe`). ``vector_slots`` defaults to on (the fastest
+                variant in every sweep; the simulation runs it too), ``branchless_combine`` to
+                on on a GPU and off in the simulation (the interpreter rejects its masked load
+                with a per-k scalar mask); ``posted_flags`` and ``pdl`` default to off and need
+                a GPU (sm_90+ for ``pdl``).
         """
         super().__init__(group, cfg)
         self._sim = simulate_dir is not None
@@ -136,6 +143,12 @@ class P2PBackend(MoEBackend):
                 cfg.device).multi_processor_count
             num_programs = min(128, sms, M)
         self.G = int(num_programs)
+        if round_tokens is None:
+            share = -(-M // self.G)                    # a program's tokens at capacity
+            round_tokens = max(1, -(-share // 4))
+        if not isinstance(round_tokens, int) or round_tokens < 1:
+            raise ValueError(f"round_tokens must be an int >= 1, got {round_tokens!r}")
+        self.round_tokens = round_tokens
         dev = cfg.device if not self._sim else torch.device("cpu")
         esize = torch.empty(0, dtype=cfg.dtype).element_size()
         off = 0
@@ -169,7 +182,7 @@ class P2PBackend(MoEBackend):
         self._dummy_w = torch.zeros(1, K, dtype=torch.float32, device=dev)
         self.num_warps = int(num_warps)
         if vector_slots is None:
-            vector_slots = not self._sim
+            vector_slots = True
         if branchless_combine is None:
             branchless_combine = not self._sim
         self.variants = {"VEC_SLOTS": bool(vector_slots), "BRANCHLESS": bool(branchless_combine),
@@ -181,7 +194,8 @@ class P2PBackend(MoEBackend):
 
     def fingerprint(self) -> dict[str, Any]:
         return {"num_programs": self.G, "workspace_bytes": self.ws.nbytes,
-                "num_warps": self.num_warps, **{k.lower(): v for k, v in self.variants.items()}}
+                "num_warps": self.num_warps, "round_tokens": self.round_tokens,
+                **{k.lower(): v for k, v in self.variants.items()}}
 
     def _consts(self) -> dict[str, Any]:
         c = self.cfg
@@ -189,6 +203,7 @@ class P2PBackend(MoEBackend):
         return dict(RANK=c.rank, W=c.world_size, G=self.G, M=c.max_tokens_per_rank,
                     H=c.hidden_size, K=c.top_k, L=c.local_experts, E=c.num_experts,
                     BLOCK_H=_next_pow2(c.hidden_size), BLOCK_K=_next_pow2(c.top_k),
+                    BLOCK_W=_next_pow2(c.world_size), CHUNK=self.round_tokens,
                     USE_TIMER=not self._sim, num_warps=self.num_warps,
                     NT=32 * self.num_warps, **self.variants, **extra)
 
