@@ -40,16 +40,14 @@ SWEEP_TOKENS = (1, 8, 64, 128, 4096)
 #: --sweep: name -> (P2PBackend keyword arguments, largest token count timed)
 SWEEP = {
     "default": ({}, None),
-    "r1round": ({"round_tokens": 4096}, None),      # one round: no pipelining (session 2)
-    "r4": ({"round_tokens": 4}, None),
-    "r16": ({"round_tokens": 16}, None),
-    "G256": ({"num_programs": 256}, None),
-    "G256r8": ({"num_programs": 256, "round_tokens": 8}, None),
+    "t1": ({"tile_tokens": 1}, None),              # one token per step (session 2 shape)
+    "t4": ({"tile_tokens": 4}, None),
+    "c2": ({"combine_tile_tokens": 2}, None),
+    "t4c2": ({"tile_tokens": 4, "combine_tile_tokens": 2}, None),
+    "t4c2w16": ({"tile_tokens": 4, "combine_tile_tokens": 2, "num_warps": 16}, None),
     "w16": ({"num_warps": 16}, None),
-    "G64": ({"num_programs": 64}, None),
-    "seq": ({"vector_slots": False, "branchless_combine": False}, None),
+    "1round": ({"round_tokens": 4096}, None),      # no pipelining of rounds
     "posted": ({"posted_flags": True}, None),
-    "pdl": ({"pdl": True}, None),
 }
 
 

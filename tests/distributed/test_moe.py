@@ -28,6 +28,12 @@ CASES = [
     ("low_experts", [13, 13, 4, 8], 2),  # experts (and whole ranks) with no tokens
 ]
 SIM = {"TRITON_INTERPRET": "1"}
+#: p2p kernel shapes the simulation covers: name -> P2PBackend knobs (3 programs, M = 13, so a
+#: program owns up to 5 tokens): the defaults (tiles of 2, rounds of 2 tokens), tiles that
+#: straddle round ends, and one round with one token per step
+P2P_SIM = {"p2p-sim": {},
+           "p2p-sim-t4c2r3": {"tile_tokens": 4, "combine_tile_tokens": 2, "round_tokens": 3},
+           "p2p-sim-t1r13": {"tile_tokens": 1, "round_tokens": 13}}
 
 
 def _make(backend, K, M, tmp, group=None, layout=None, **kw):
@@ -36,12 +42,13 @@ def _make(backend, K, M, tmp, group=None, layout=None, **kw):
     from llmcomm.moe import EPDispatcher
 
     group = group if group is not None else dist.group.WORLD
-    if backend == "p2p-sim":
+    if backend in P2P_SIM:
         from llmcomm.moe.p2p import P2PBackend
 
         return EPDispatcher(group, E, K, H, M, torch.float32, layout=layout,
                             _backend_cls=P2PBackend,
-                            _backend_kwargs=dict(simulate_dir=tmp, num_programs=3), **kw)
+                            _backend_kwargs=dict(simulate_dir=tmp, num_programs=3,
+                                                 **P2P_SIM[backend]), **kw)
     return EPDispatcher(group, E, K, H, M, torch.float32, backend=backend, layout=layout, **kw)
 
 
@@ -63,7 +70,7 @@ NEEDS_TRITON = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
 
 
 @pytest.mark.parametrize("backend", ["torch", "allgather",
-                                     pytest.param("p2p-sim", marks=NEEDS_TRITON)])
+                                     *(pytest.param(n, marks=NEEDS_TRITON) for n in P2P_SIM)])
 def test_contract_every_backend_world2(backend):
     """THE contract test: each backend vs the dense single-process reference."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,7 +79,7 @@ def test_contract_every_backend_world2(backend):
 
             os.makedirs(f"{tmp}/k{k}")
         res = run_ranks(_cases_worker, 2, backend, tmp, 100, timeout=150,
-                        env=SIM if backend == "p2p-sim" else None)
+                        env=SIM if backend in P2P_SIM else None)
     for rank_res in res:
         assert len(rank_res) == len(CASES)
         for routing, n, err in rank_res:

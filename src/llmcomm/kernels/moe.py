@@ -140,55 +140,15 @@ def _rounds(T, pid, G: tl.constexpr, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _expand_row(row, ids, s, t, expert_x, cursor, slot_map, RANK: tl.constexpr,
-                M: tl.constexpr, H: tl.constexpr, K: tl.constexpr, L: tl.constexpr,
-                CAP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                VEC_SLOTS: tl.constexpr):
-    """Copy ``row`` into a fresh slot of each local expert in ``ids`` (repeats share a slot)."""
-    if VEC_SLOTS:
-        _expand_row_vec(row, ids, s, t, expert_x, cursor, slot_map, RANK, M, H, K, L, CAP,
-                        BLOCK_H, BLOCK_K)
-    else:
-        _expand_row_seq(row, ids, s, t, expert_x, cursor, slot_map, RANK, M, H, K, L, CAP,
-                        BLOCK_H, BLOCK_K)
-
-
-@triton.jit
-def _expand_row_seq(row, ids, s, t, expert_x, cursor, slot_map, RANK: tl.constexpr,
-                    M: tl.constexpr, H: tl.constexpr, K: tl.constexpr, L: tl.constexpr,
-                    CAP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The default: one scalar cursor atomic per new local expert, k ascending."""
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_k = tl.arange(0, BLOCK_K)
-    mk = offs_k < K
-    sm = tl.full([BLOCK_K], -1, tl.int32)
-    for k in tl.static_range(K):
-        id_k = tl.sum(tl.where(offs_k == k, ids, 0), axis=0)
-        first = tl.min(tl.where((ids == id_k) & mk, offs_k, BLOCK_K), axis=0)
-        el = id_k - RANK * L
-        if (id_k >= 0) & (el >= 0) & (el < L):
-            if first == k:
-                slot = tl.atomic_add(cursor + el, 1, sem="relaxed", scope="gpu")
-                dst = expert_x + tl.cast(el * CAP + slot, tl.int64) * H
-                tl.store(dst + offs_h, row, mask=offs_h < H)
-                entry = el * CAP + slot
-            else:
-                entry = tl.sum(tl.where(offs_k == first, sm, 0), axis=0)
-            sm = tl.where(offs_k == k, entry, sm)
-    tl.store(slot_map + tl.cast((s * M + t) * K, tl.int64) + offs_k, sm, mask=mk)
-
-
-@triton.jit
 def _take_slots(ids, valid, cursor, RANK: tl.constexpr, L: tl.constexpr, CAP: tl.constexpr,
                 K: tl.constexpr, BLOCK_K: tl.constexpr):
     """Slots of one token (``ids`` [BLOCK_K], ``valid`` scalar) in its local experts.
 
     Every new local expert takes its slot in one masked vector ``atomic_add`` (its K atomics in
     flight together); repeated ids share the entry of their first occurrence. Returns
-    ``(new, entry, sm)`` [BLOCK_K]: ``new`` marks first occurrences that took a slot, ``entry``
-    is ``el * CAP + slot`` there (else -1), ``sm`` the token's slot-map row (entry or -1).
-    Always 1-D: the return value of a vector atomic is only used in this shape (the one the GPU
-    tests cover), never in a 2-D layout whose replicated threads might not receive it.
+    ``(entry, sm)`` [BLOCK_K]: ``entry = el * CAP + slot`` at first occurrences that took a slot
+    (else -1), ``sm`` the token's slot-map row (its entry for every local id, else -1). Always
+    1-D: the return value of a vector atomic is only used in the shape the GPU tests cover.
     """
     offs_k = tl.arange(0, BLOCK_K)
     mk = offs_k < K
@@ -204,69 +164,94 @@ def _take_slots(ids, valid, cursor, RANK: tl.constexpr, L: tl.constexpr, CAP: tl
     entry = tl.where(new, el * CAP + slot, -1)
     shared = tl.max(tl.where(offs_k[None, :] == first[:, None], entry[None, :], -1), axis=1)
     sm = tl.where(local, shared, -1)
-    return new, entry, sm
+    return entry, sm
 
 
 @triton.jit
-def _expand_row_vec(row, ids, s, t, expert_x, cursor, slot_map, RANK: tl.constexpr,
-                    M: tl.constexpr, H: tl.constexpr, K: tl.constexpr, L: tl.constexpr,
-                    CAP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``VEC_SLOTS``: every new local expert of the token takes its slot in one vector atomic."""
+def _expand_tile(row, ids, vt, s, t64, expert_x, cursor, slot_map, RANK: tl.constexpr,
+                 M: tl.constexpr, H: tl.constexpr, K: tl.constexpr, L: tl.constexpr,
+                 CAP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Copy the valid (``vt`` [TB]) rows of ``row`` [TB, BLOCK_H] (tokens ``t64`` of source rank
+    ``s``) into fresh slots of their local experts; write ``slot_map[s, t, :]``.
+
+    Slots are taken token by token with :func:`_take_slots` (the TB vector atomics are
+    independent, so they are in flight together); the row copies are 2-D stores.
+    """
+    TB: tl.constexpr = row.shape[0]
     offs_h = tl.arange(0, BLOCK_H)
     offs_k = tl.arange(0, BLOCK_K)
+    offs_b = tl.arange(0, TB)
     mk = offs_k < K
-    new, entry, sm = _take_slots(ids, t >= 0, cursor, RANK, L, CAP, K, BLOCK_K)
+    entry = tl.full([TB, BLOCK_K], -1, tl.int32)
+    sm = tl.full([TB, BLOCK_K], -1, tl.int32)
+    for b in tl.static_range(TB):
+        sel = offs_b[:, None] == b
+        ids_b = tl.sum(tl.where(sel, ids, 0), axis=0)
+        v_b = tl.sum(tl.where(offs_b == b, vt.to(tl.int32), 0), axis=0) > 0
+        entry_b, sm_b = _take_slots(ids_b, v_b, cursor, RANK, L, CAP, K, BLOCK_K)
+        entry = tl.where(sel, entry_b[None, :], entry)
+        sm = tl.where(sel, sm_b[None, :], sm)
     for k in tl.static_range(K):
-        e = tl.max(tl.where((offs_k == k) & new, entry, -1), axis=0)
-        if e >= 0:
-            tl.store(expert_x + tl.cast(e, tl.int64) * H + offs_h, row, mask=offs_h < H)
-    tl.store(slot_map + tl.cast((s * M + t) * K, tl.int64) + offs_k, sm, mask=mk)
+        e = tl.max(tl.where(offs_k[None, :] == k, entry, -1), axis=1)
+        dst = expert_x + tl.cast(tl.maximum(e, 0), tl.int64)[:, None] * H + offs_h[None, :]
+        tl.store(dst, row, mask=(e >= 0)[:, None] & (offs_h < H)[None, :])
+    tl.store(slot_map + (s * M + t64)[:, None] * K + offs_k[None, :], sm,
+             mask=vt[:, None] & mk[None, :])
 
 
 @triton.jit
-def _send_token(t, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w, expert_x, cursor, slot_map,
-                RANK: tl.constexpr, W: tl.constexpr, M: tl.constexpr, H: tl.constexpr,
-                K: tl.constexpr, L: tl.constexpr, E: tl.constexpr, CAP: tl.constexpr,
-                BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, VEC_SLOTS: tl.constexpr):
-    """Own token ``t``: its ids/weights to every peer, its row once to every peer owning one of
-    its experts, and copies into the local experts' slots."""
+def _tile(j, jend, pid, G: tl.constexpr, TB: tl.constexpr):
+    """Tokens ``pid + (j + b) * G`` for ``b < TB`` (valid where ``j + b < jend``), as int64."""
+    jj = j + tl.arange(0, TB)
+    vt = jj < jend
+    return tl.cast(pid + jj * G, tl.int64), vt
+
+
+@triton.jit
+def _send_tile(t64, vt, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w, expert_x, cursor,
+               slot_map, RANK: tl.constexpr, W: tl.constexpr, M: tl.constexpr, H: tl.constexpr,
+               K: tl.constexpr, L: tl.constexpr, E: tl.constexpr, CAP: tl.constexpr,
+               BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Own tokens ``t64`` [TB]: ids/weights to every peer, each row once to every peer owning
+    one of its experts, and copies into the local experts' slots."""
     offs_h = tl.arange(0, BLOCK_H)
     mh = offs_h < H
     offs_k = tl.arange(0, BLOCK_K)
-    mk = offs_k < K
-    ids = tl.load(ids_ptr + t * K + offs_k, mask=mk, other=-1).to(tl.int32)
-    ids = tl.where(mk & (ids >= 0) & (ids < E), ids, -1)
-    w = tl.load(w_ptr + t * K + offs_k, mask=mk, other=0.0).to(tl.float32)
-    row = tl.load(x_ptr + tl.cast(t, tl.int64) * H + offs_h, mask=mh)
+    m2 = vt[:, None] & (offs_k < K)[None, :]
+    ids = tl.load(ids_ptr + t64[:, None] * K + offs_k[None, :], mask=m2, other=-1).to(tl.int32)
+    ids = tl.where(m2 & (ids >= 0) & (ids < E), ids, -1)
+    w = tl.load(w_ptr + t64[:, None] * K + offs_k[None, :], mask=m2, other=0.0).to(tl.float32)
+    row = tl.load(x_ptr + t64[:, None] * H + offs_h[None, :], mask=vt[:, None] & mh[None, :])
     owner = tl.where(ids >= 0, ids // L, -1)
     for d in tl.static_range(W):
         if d != RANK:
-            mrow = tl.cast(RANK * M + t, tl.int64)
-            tl.store(recv_ids[d] + mrow * K + offs_k, ids, mask=mk)
-            tl.store(recv_w[d] + mrow * K + offs_k, w, mask=mk)
-            if tl.sum((owner == d).to(tl.int32), axis=0) > 0:
-                tl.store(recv_x[d] + mrow * H + offs_h, row, mask=mh)
-    _expand_row(row, ids, RANK, t, expert_x, cursor, slot_map, RANK, M, H, K, L, CAP,
-                BLOCK_H, BLOCK_K, VEC_SLOTS)
+            mrow = RANK * M + t64
+            tl.store(recv_ids[d] + mrow[:, None] * K + offs_k[None, :], ids, mask=m2)
+            tl.store(recv_w[d] + mrow[:, None] * K + offs_k[None, :], w, mask=m2)
+            to_d = vt & (tl.sum((owner == d).to(tl.int32), axis=1) > 0)
+            tl.store(recv_x[d] + mrow[:, None] * H + offs_h[None, :], row,
+                     mask=to_d[:, None] & mh[None, :])
+    _expand_tile(row, ids, vt, RANK, t64, expert_x, cursor, slot_map, RANK, M, H, K, L, CAP,
+                 BLOCK_H, BLOCK_K)
 
 
 @triton.jit
-def _recv_token(s, t, recv_x, recv_ids, expert_x, cursor, slot_map, RANK: tl.constexpr,
-                M: tl.constexpr, H: tl.constexpr, K: tl.constexpr, L: tl.constexpr,
-                CAP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                VEC_SLOTS: tl.constexpr):
-    """Token ``t`` of peer ``s`` (already acquired): its row into the local experts' slots."""
+def _recv_tile(s, t64, vt, recv_x, recv_ids, expert_x, cursor, slot_map, RANK: tl.constexpr,
+               M: tl.constexpr, H: tl.constexpr, K: tl.constexpr, L: tl.constexpr,
+               CAP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Tokens ``t64`` of peer ``s`` (already acquired): their rows into local experts' slots."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_k = tl.arange(0, BLOCK_K)
-    mk = offs_k < K
-    mrow = tl.cast(s * M + t, tl.int64)
-    ids = tl.load(recv_ids[RANK] + mrow * K + offs_k, mask=mk, other=-1, cache_modifier=".cg")
+    m2 = vt[:, None] & (offs_k < K)[None, :]
+    mrow = s * M + t64
+    ids = tl.load(recv_ids[RANK] + mrow[:, None] * K + offs_k[None, :], mask=m2, other=-1,
+                  cache_modifier=".cg")
     owner = tl.where(ids >= 0, ids // L, -1)
-    nmine = tl.sum((owner == RANK).to(tl.int32), axis=0)
-    lim = tl.where(nmine > 0, H, 0)
-    row = tl.load(recv_x[RANK] + mrow * H + offs_h, mask=offs_h < lim, cache_modifier=".cg")
-    _expand_row(row, ids, s, t, expert_x, cursor, slot_map, RANK, M, H, K, L, CAP, BLOCK_H,
-                BLOCK_K, VEC_SLOTS)
+    mine = vt & (tl.sum((owner == RANK).to(tl.int32), axis=1) > 0)
+    row = tl.load(recv_x[RANK] + mrow[:, None] * H + offs_h[None, :],
+                  mask=mine[:, None] & (offs_h < H)[None, :], cache_modifier=".cg")
+    _expand_tile(row, ids, vt, s, t64, expert_x, cursor, slot_map, RANK, M, H, K, L, CAP,
+                 BLOCK_H, BLOCK_K)
 
 
 @triton.jit
@@ -278,10 +263,8 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                        H: tl.constexpr, K: tl.constexpr, L: tl.constexpr, E: tl.constexpr,
                        CAP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                        BLOCK_L: tl.constexpr, BLOCK_W: tl.constexpr, CHUNK: tl.constexpr,
-                       USE_TIMER: tl.constexpr,
-                       VEC_SLOTS: tl.constexpr = False, BRANCHLESS: tl.constexpr = False,
-                       POSTED: tl.constexpr = False, PDL: tl.constexpr = False,
-                       NT: tl.constexpr = 256):
+                       TB: tl.constexpr, USE_TIMER: tl.constexpr, POSTED: tl.constexpr = False,
+                       PDL: tl.constexpr = False, NT: tl.constexpr = 256):
     if PDL:  # nothing is touched before the previous grid finished
         pdl_wait()
         pdl_launch_dependents()
@@ -302,10 +285,11 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
     while more:
         # send own round r (tokens pid + j*G, j in [r*CHUNK, r*CHUNK + CHUNK)), then signal it
         if r < r_own:
-            for j in range(r * CHUNK, tl.minimum(r * CHUNK + CHUNK, n_own)):
-                _send_token(pid + j * G, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w,
-                            expert_x, cursor, slot_map, RANK, W, M, H, K, L, E, CAP, BLOCK_H,
-                            BLOCK_K, VEC_SLOTS)
+            jend = tl.minimum(r * CHUNK + CHUNK, n_own)
+            for j in range(r * CHUNK, jend, TB):
+                t64, vt = _tile(j, jend, pid, G, TB)
+                _send_tile(t64, vt, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w, expert_x,
+                           cursor, slot_map, RANK, W, M, H, K, L, E, CAP, BLOCK_H, BLOCK_K)
             _signal_peers(flags, pid, base + r + 1, RANK, W, POSTED, NT)
         # receive every peer's round r - 1 while our round r is on the wire
         rr = r - 1
@@ -324,10 +308,11 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                                 n_in = tl.where(offs_w == s, ns, n_in)
                                 r_in = tl.where(offs_w == s, rs, r_in)
                             ns = tl.sum(tl.where(offs_w == s, n_in, 0), axis=0)
-                            for j in range(rr * CHUNK, tl.minimum(rr * CHUNK + CHUNK, ns)):
-                                _recv_token(s, pid + j * G, recv_x, recv_ids, expert_x, cursor,
-                                            slot_map, RANK, M, H, K, L, CAP, BLOCK_H, BLOCK_K,
-                                            VEC_SLOTS)
+                            jend = tl.minimum(rr * CHUNK + CHUNK, ns)
+                            for j in range(rr * CHUNK, jend, TB):
+                                t64, vt = _tile(j, jend, pid, G, TB)
+                                _recv_tile(s, t64, vt, recv_x, recv_ids, expert_x, cursor,
+                                           slot_map, RANK, M, H, K, L, CAP, BLOCK_H, BLOCK_K)
         r += 1
         more = (r < r_own) | (r - 1 < tl.max(tl.where(dead == 0, r_in, 0), axis=0))
     tl.store(epoch_ptr + pid, epoch)
@@ -344,75 +329,72 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
 
 
 @triton.jit
-def _partial(expert_out, sm, wv, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-             H: tl.constexpr, K: tl.constexpr, BRANCHLESS: tl.constexpr):
-    """``sum_k w[k] * expert_out[sm[k]]`` in fp32, k ascending; entries with ``sm < 0`` skipped.
-
-    ``BRANCHLESS``: masked loads instead of a branch per k (the loads overlap); a skipped entry
-    leaves ``acc`` unchanged, so the result is bitwise the same.
-    """
+def _partial_tile(expert_out, sm, wv, H: tl.constexpr, K: tl.constexpr,
+                  BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[TB, BLOCK_H] fp32: ``sum_k wv[:, k] * expert_out[sm[:, k]]``, k ascending, entries with
+    ``sm < 0`` skipped. Masked loads (no branch per k), so the K row loads overlap; a skipped
+    entry leaves the sum untouched (bitwise the same as skipping it)."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([sm.shape[0], BLOCK_H], tl.float32)
     for k in tl.static_range(K):
-        e = tl.max(tl.where(offs_k == k, sm, -1), axis=0)
-        wk = tl.sum(tl.where(offs_k == k, wv, 0.0), axis=0)
-        if BRANCHLESS:
-            v = tl.load(expert_out + tl.cast(tl.maximum(e, 0), tl.int64) * H + offs_h,
-                        mask=(offs_h < H) & (e >= 0), other=0.0)
-            acc = tl.where(e >= 0, acc + wk * v.to(tl.float32), acc)
-        else:
-            if e >= 0:
-                v = tl.load(expert_out + tl.cast(e, tl.int64) * H + offs_h, mask=offs_h < H)
-                acc += wk * v.to(tl.float32)
+        e = tl.max(tl.where(offs_k[None, :] == k, sm, -1), axis=1)
+        wk = tl.sum(tl.where(offs_k[None, :] == k, wv, 0.0), axis=1)
+        ok = e >= 0
+        v = tl.load(expert_out + tl.cast(tl.maximum(e, 0), tl.int64)[:, None] * H
+                    + offs_h[None, :], mask=ok[:, None] & (offs_h < H)[None, :], other=0.0)
+        acc = tl.where(ok[:, None], acc + wk[:, None] * v.to(tl.float32), acc)
     return acc
 
 
 @triton.jit
-def _push_partial(s, t, expert_out, recv_w, comb, slot_map, RANK: tl.constexpr,
-                  M: tl.constexpr, H: tl.constexpr, K: tl.constexpr, BLOCK_H: tl.constexpr,
-                  BLOCK_K: tl.constexpr, BRANCHLESS: tl.constexpr):
-    """Token ``t`` of peer ``s``: the weighted sum of its rows in our experts (fp32), rounded to
-    the dtype once, into ``comb[s][RANK, t]`` (only if it has a local expert)."""
+def _push_tile(s, t64, vt, expert_out, recv_w, comb, slot_map, RANK: tl.constexpr,
+               M: tl.constexpr, H: tl.constexpr, K: tl.constexpr, BLOCK_H: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """Tokens ``t64`` of peer ``s``: the weighted sum of their rows in our experts (fp32),
+    rounded to the dtype once, into ``comb[s][RANK, t]`` (tokens with a local expert only)."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_k = tl.arange(0, BLOCK_K)
-    mk = offs_k < K
-    mrow = tl.cast(s * M + t, tl.int64)
-    sm = tl.load(slot_map + mrow * K + offs_k, mask=mk, other=-1)
-    if tl.max(sm, axis=0) >= 0:
-        wv = tl.load(recv_w[RANK] + mrow * K + offs_k, mask=mk, other=0.0, cache_modifier=".cg")
-        acc = _partial(expert_out, sm, wv, BLOCK_H, BLOCK_K, H, K, BRANCHLESS)
-        dst = comb[s] + tl.cast(RANK * M + t, tl.int64) * H
-        tl.store(dst + offs_h, acc.to(comb[s].dtype.element_ty), mask=offs_h < H)
+    m2 = vt[:, None] & (offs_k < K)[None, :]
+    mrow = s * M + t64
+    sm = tl.load(slot_map + mrow[:, None] * K + offs_k[None, :], mask=m2, other=-1)
+    wv = tl.load(recv_w[RANK] + mrow[:, None] * K + offs_k[None, :], mask=m2, other=0.0,
+                 cache_modifier=".cg")
+    acc = _partial_tile(expert_out, sm, wv, H, K, BLOCK_H, BLOCK_K)
+    has = vt & (tl.max(sm, axis=1) >= 0)
+    dst = comb[s] + (RANK * M + t64)[:, None] * H + offs_h[None, :]
+    tl.store(dst, acc.to(comb[s].dtype.element_ty), mask=has[:, None] & (offs_h < H)[None, :])
 
 
 @triton.jit
-def _finish_token(t, expert_out, ids_ptr, w_ptr, y_ptr, comb, slot_map, RANK: tl.constexpr,
-                  W: tl.constexpr, M: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
-                  L: tl.constexpr, E: tl.constexpr, BLOCK_H: tl.constexpr,
-                  BLOCK_K: tl.constexpr, BRANCHLESS: tl.constexpr):
-    """Own token ``t``: ``y = sum over ranks d in order`` of the own partial (fp32, computed
+def _finish_tile(t64, vt, expert_out, ids_ptr, w_ptr, y_ptr, comb, slot_map,
+                 RANK: tl.constexpr, W: tl.constexpr, M: tl.constexpr, H: tl.constexpr,
+                 K: tl.constexpr, L: tl.constexpr, E: tl.constexpr, BLOCK_H: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """Own tokens ``t64``: ``y = sum over ranks d in order`` of the own partial (fp32, computed
     here) or ``comb[RANK][d, t]`` (already acquired)."""
     offs_h = tl.arange(0, BLOCK_H)
-    mh = offs_h < H
+    mh = (offs_h < H)[None, :]
     offs_k = tl.arange(0, BLOCK_K)
-    mk = offs_k < K
-    ids = tl.load(ids_ptr + t * K + offs_k, mask=mk, other=-1).to(tl.int32)
-    ids = tl.where(mk & (ids >= 0) & (ids < E), ids, -1)
+    m2 = vt[:, None] & (offs_k < K)[None, :]
+    ids = tl.load(ids_ptr + t64[:, None] * K + offs_k[None, :], mask=m2, other=-1).to(tl.int32)
+    ids = tl.where(m2 & (ids >= 0) & (ids < E), ids, -1)
     owner = tl.where(ids >= 0, ids // L, -1)
-    acc = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([t64.shape[0], BLOCK_H], tl.float32)
     for d in tl.static_range(W):
         if d == RANK:
-            sm = tl.load(slot_map + tl.cast(RANK * M + t, tl.int64) * K + offs_k, mask=mk,
+            sm = tl.load(slot_map + (RANK * M + t64)[:, None] * K + offs_k[None, :], mask=m2,
                          other=-1)
-            if tl.max(sm, axis=0) >= 0:
-                wv = tl.load(w_ptr + t * K + offs_k, mask=mk, other=0.0).to(tl.float32)
-                acc += _partial(expert_out, sm, wv, BLOCK_H, BLOCK_K, H, K, BRANCHLESS)
+            wv = tl.load(w_ptr + t64[:, None] * K + offs_k[None, :], mask=m2,
+                         other=0.0).to(tl.float32)
+            acc += _partial_tile(expert_out, sm, wv, H, K, BLOCK_H, BLOCK_K)
         else:
-            if tl.sum((owner == d).to(tl.int32), axis=0) > 0:
-                src = comb[RANK] + tl.cast(d * M + t, tl.int64) * H
-                acc += tl.load(src + offs_h, mask=mh, cache_modifier=".cg").to(tl.float32)
-    tl.store(y_ptr + tl.cast(t, tl.int64) * H + offs_h, acc.to(y_ptr.dtype.element_ty), mask=mh)
+            from_d = vt & (tl.sum((owner == d).to(tl.int32), axis=1) > 0)
+            src = comb[RANK] + (d * M + t64)[:, None] * H + offs_h[None, :]
+            acc += tl.load(src, mask=from_d[:, None] & mh, other=0.0,
+                           cache_modifier=".cg").to(tl.float32)
+    tl.store(y_ptr + t64[:, None] * H + offs_h[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=vt[:, None] & mh)
 
 
 @triton.jit
@@ -422,8 +404,7 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
                       RANK: tl.constexpr, W: tl.constexpr, G: tl.constexpr, M: tl.constexpr,
                       H: tl.constexpr, K: tl.constexpr, L: tl.constexpr, E: tl.constexpr,
                       BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr,
-                      CHUNK: tl.constexpr, USE_TIMER: tl.constexpr,
-                      VEC_SLOTS: tl.constexpr = False, BRANCHLESS: tl.constexpr = False,
+                      CHUNK: tl.constexpr, TB: tl.constexpr, USE_TIMER: tl.constexpr,
                       POSTED: tl.constexpr = False, PDL: tl.constexpr = False,
                       NT: tl.constexpr = 256):
     if PDL:  # nothing is touched before the previous grid finished
@@ -454,9 +435,11 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
                 if r < rs:
                     ns = tl.sum(tl.where(offs_w == s, n_in, 0), axis=0)
                     if dead == 0:
-                        for j in range(r * CHUNK, tl.minimum(r * CHUNK + CHUNK, ns)):
-                            _push_partial(s, pid + j * G, expert_out, recv_w, comb, slot_map,
-                                          RANK, M, H, K, BLOCK_H, BLOCK_K, BRANCHLESS)
+                        jend = tl.minimum(r * CHUNK + CHUNK, ns)
+                        for j in range(r * CHUNK, jend, TB):
+                            t64, vt = _tile(j, jend, pid, G, TB)
+                            _push_tile(s, t64, vt, expert_out, recv_w, comb, slot_map, RANK, M,
+                                       H, K, BLOCK_H, BLOCK_K)
                     tl.debug_barrier()
                     _flag_signal(flags[s] + pid * W + RANK, base + r + 1, POSTED, NT)
         # finish own round r - 1 (the peers pushed it while we pushed round r)
@@ -467,9 +450,11 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
                     dead = _wait_peer(flags[RANK] + pid * W + d, base + rr + 1, d, dead,
                                       err_dev, err_host, timeout_ns, 2, USE_TIMER, POSTED, NT)
             tl.debug_barrier()
-            for j in range(rr * CHUNK, tl.minimum(rr * CHUNK + CHUNK, n_own)):
-                _finish_token(pid + j * G, expert_out, ids_ptr, w_ptr, y_ptr, comb, slot_map,
-                              RANK, W, M, H, K, L, E, BLOCK_H, BLOCK_K, BRANCHLESS)
+            jend = tl.minimum(rr * CHUNK + CHUNK, n_own)
+            for j in range(rr * CHUNK, jend, TB):
+                t64, vt = _tile(j, jend, pid, G, TB)
+                _finish_tile(t64, vt, expert_out, ids_ptr, w_ptr, y_ptr, comb, slot_map, RANK,
+                             W, M, H, K, L, E, BLOCK_H, BLOCK_K)
         r += 1
         more = (r - 1 < r_own) | (r < tl.max(r_in, axis=0))
     tl.store(epoch_ptr + pid, epoch)

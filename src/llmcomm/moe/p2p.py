@@ -13,11 +13,12 @@ per rank, ``K`` top-k, ``G`` programs)::
 
 Local: ``expert_x [L, W*M, H]``, counts, slot cursors, the slot map ``[W, M, K]``, per-program
 epochs, and a 4-int error record (device, plus a pinned host mirror the host reads without a
-sync). The grid ``G`` and every launch knob (``num_warps``, the kernel variants ``vector_slots``,
-``branchless_combine``, ``posted_flags``, ``pdl``; see :mod:`llmcomm.kernels.moe`) are pure
-functions of the creation arguments and are part of the fingerprint; the defaults are the
-tested configuration. Kernels take no host counter, so dispatch/combine capture into CUDA graphs; they
-never synchronise the host. NVLink multicast is not used (plain peer loads/stores only).
+sync). The grid ``G`` and every launch knob (``num_warps``, ``tile_tokens``,
+``combine_tile_tokens``, ``round_tokens``, ``posted_flags``, ``pdl``; see
+:mod:`llmcomm.kernels.moe`) are pure functions of the creation arguments and are part of the
+fingerprint; the defaults are the tested configuration. Kernels take no host counter, so
+dispatch/combine capture into CUDA graphs; they never synchronise the host. NVLink multicast is
+not used (plain peer loads/stores only).
 
 ``simulate_dir`` (tests only) replaces symmetric memory by files mapped by every process and runs
 the same kernels under ``TRITON_INTERPRET=1`` on CPU.
@@ -98,9 +99,9 @@ class P2PBackend(MoEBackend):
 
     def __init__(self, group: Any, cfg: EPConfig, num_programs: int | None = None,
                  simulate_dir: str | None = None, num_warps: int | None = None,
-                 vector_slots: bool | None = None, branchless_combine: bool | None = None,
-                 posted_flags: bool = False, pdl: bool = False,
-                 round_tokens: int | None = None) -> None:
+                 tile_tokens: int = 2, combine_tile_tokens: int = 1,
+                 round_tokens: int | None = None, posted_flags: bool = False,
+                 pdl: bool = False) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -113,13 +114,13 @@ class P2PBackend(MoEBackend):
                 a peer expands (dispatch) or sums (combine) round r - 1 while round r is on
                 the wire. Default: a quarter of a program's share at ``max_tokens_per_rank``
                 (at most 4 rounds; one round for small batches).
-            vector_slots, branchless_combine, posted_flags, pdl: kernel variants
-                (``VEC_SLOTS``, ``BRANCHLESS``, ``POSTED``, ``PDL`` in
-                :mod:`llmcomm.kernels.moe`). ``vector_slots`` defaults to on (the fastest
-                variant in every sweep; the simulation runs it too), ``branchless_combine`` to
-                on on a GPU and off in the simulation (the interpreter rejects its masked load
-                with a per-k scalar mask); ``posted_flags`` and ``pdl`` default to off and need
-                a GPU (sm_90+ for ``pdl``).
+            tile_tokens, combine_tile_tokens: tokens one program handles per loop step in
+                dispatch / combine (``TB``; powers of 2, <= 8): their loads and slot atomics
+                are in flight together, so a program is not one token's latency chain after
+                another. More need more registers (the combine's fp32 sums most).
+            posted_flags, pdl: kernel variants (``POSTED``, ``PDL`` in
+                :mod:`llmcomm.kernels.moe`), off by default; they need a GPU (sm_90+ for
+                ``pdl``).
         """
         super().__init__(group, cfg)
         self._sim = simulate_dir is not None
@@ -181,12 +182,11 @@ class P2PBackend(MoEBackend):
         self._dummy_ids = torch.full((1, K), -1, dtype=torch.int32, device=dev)
         self._dummy_w = torch.zeros(1, K, dtype=torch.float32, device=dev)
         self.num_warps = int(num_warps)
-        if vector_slots is None:
-            vector_slots = True
-        if branchless_combine is None:
-            branchless_combine = not self._sim
-        self.variants = {"VEC_SLOTS": bool(vector_slots), "BRANCHLESS": bool(branchless_combine),
-                         "POSTED": bool(posted_flags), "PDL": bool(pdl)}
+        for name, v in (("tile_tokens", tile_tokens), ("combine_tile_tokens", combine_tile_tokens)):
+            if not isinstance(v, int) or v < 1 or v > 8 or v & (v - 1):
+                raise ValueError(f"{name} must be a power of 2 in [1, 8], got {v!r}")
+        self.tiles = (tile_tokens, combine_tile_tokens)
+        self.variants = {"POSTED": bool(posted_flags), "PDL": bool(pdl)}
         self.timeout_ns = int(get_config().timeout_s * 1e9)
         self._failed: CollectiveTimeoutError | None = None
         if not self._sim:
@@ -195,6 +195,7 @@ class P2PBackend(MoEBackend):
     def fingerprint(self) -> dict[str, Any]:
         return {"num_programs": self.G, "workspace_bytes": self.ws.nbytes,
                 "num_warps": self.num_warps, "round_tokens": self.round_tokens,
+                "tile_tokens": self.tiles[0], "combine_tile_tokens": self.tiles[1],
                 **{k.lower(): v for k, v in self.variants.items()}}
 
     def _consts(self) -> dict[str, Any]:
@@ -221,7 +222,8 @@ class P2PBackend(MoEBackend):
             self.recv_x, self.recv_ids, self.recv_w, self.recv_T, self.flags_d,
             self.expert_x, self.counts, self.cursor, self.done, self.slot_map, self.epoch_d,
             self.err_dev, self.err_host.data_ptr(), self.timeout_ns,
-            CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts), **self._consts())
+            CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts), TB=self.tiles[0],
+            **self._consts())
         return self.expert_x, self.counts, (topk_ids, topk_weights)
 
     def combine(self, expert_out, state, num_tokens):
@@ -236,7 +238,8 @@ class P2PBackend(MoEBackend):
         ep_combine_kernel[(self.G,)](
             expert_out, ids, w, y_arg, num_tokens,
             self.recv_w, self.recv_T, self.comb, self.flags_c, self.slot_map, self.epoch_c,
-            self.err_dev, self.err_host.data_ptr(), self.timeout_ns, **self._consts())
+            self.err_dev, self.err_host.data_ptr(), self.timeout_ns, TB=self.tiles[1],
+            **self._consts())
         return y
 
     def check_errors(self, sync: bool = True) -> None:
