@@ -40,14 +40,13 @@ SWEEP_TOKENS = (1, 8, 64, 128, 4096)
 #: --sweep: name -> (P2PBackend keyword arguments, largest token count timed)
 SWEEP = {
     "default": ({}, None),
-    "t1": ({"tile_tokens": 1}, None),              # one token per step (session 2 shape)
-    "t4": ({"tile_tokens": 4}, None),
+    "atomic_flags": ({"posted_flags": False}, None),   # session-2 signalling
+    "w8": ({"num_warps": 8}, None),
+    "t2": ({"tile_tokens": 2}, None),
     "c2": ({"combine_tile_tokens": 2}, None),
-    "t4c2": ({"tile_tokens": 4, "combine_tile_tokens": 2}, None),
-    "t4c2w16": ({"tile_tokens": 4, "combine_tile_tokens": 2, "num_warps": 16}, None),
-    "w16": ({"num_warps": 16}, None),
-    "1round": ({"round_tokens": 4096}, None),      # no pipelining of rounds
-    "posted": ({"posted_flags": True}, None),
+    "1round": ({"round_tokens": 4096}, None),          # no pipelining of rounds
+    "G64": ({"num_programs": 64}, None),
+    "pdl": ({"pdl": True}, None),
 }
 
 

@@ -99,8 +99,8 @@ class P2PBackend(MoEBackend):
 
     def __init__(self, group: Any, cfg: EPConfig, num_programs: int | None = None,
                  simulate_dir: str | None = None, num_warps: int | None = None,
-                 tile_tokens: int = 2, combine_tile_tokens: int = 1,
-                 round_tokens: int | None = None, posted_flags: bool = False,
+                 tile_tokens: int = 1, combine_tile_tokens: int = 1,
+                 round_tokens: int | None = None, posted_flags: bool | None = None,
                  pdl: bool = False) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
@@ -108,28 +108,33 @@ class P2PBackend(MoEBackend):
             num_programs: grid ``G`` of both kernels (default ``min(128, SMs, M)``); must be
                 equal on every rank.
             simulate_dir: tests only, see the module docstring.
-            num_warps: warps per program (default 8 for H >= 2048, else 4; power of 2, <= 16).
+            num_warps: warps per program (default 16 for H >= 4096, 8 for H >= 2048, else 4;
+                power of 2, <= 16).
             round_tokens: tokens of one program per round (``CHUNK`` in
                 :mod:`llmcomm.kernels.moe`): every round of sends is signalled on its own, so
                 a peer expands (dispatch) or sums (combine) round r - 1 while round r is on
                 the wire. Default: a quarter of a program's share at ``max_tokens_per_rank``
                 (at most 4 rounds; one round for small batches).
             tile_tokens, combine_tile_tokens: tokens one program handles per loop step in
-                dispatch / combine (``TB``; powers of 2, <= 8): their loads and slot atomics
-                are in flight together, so a program is not one token's latency chain after
-                another. More need more registers (the combine's fp32 sums most).
-            posted_flags, pdl: kernel variants (``POSTED``, ``PDL`` in
-                :mod:`llmcomm.kernels.moe`), off by default; they need a GPU (sm_90+ for
-                ``pdl``).
+                dispatch / combine (``TB``; powers of 2, <= 8; default 1): their loads and slot
+                atomics are in flight together. More need more registers (the combine's fp32
+                sums most); the session-3 sweep found no gain (docs/moe.md).
+            posted_flags: signal with a posted ``st.release.sys`` and poll with
+                ``ld.acquire.sys`` (``POSTED``) instead of system-scope atomics. Default on on a
+                GPU (fastest in the session-3 sweep at every size), off in the simulation
+                (inline PTX).
+            pdl: programmatic dependent launch (``PDL``, sm_90+), off by default.
         """
         super().__init__(group, cfg)
         self._sim = simulate_dir is not None
         if not self._sim and cfg.device.type != "cuda":
             raise ValueError(f"p2p EP backend needs a CUDA device, got {cfg.device}")
         if num_warps is None:
-            num_warps = 8 if cfg.hidden_size >= 2048 else 4
+            num_warps = 16 if cfg.hidden_size >= 4096 else 8 if cfg.hidden_size >= 2048 else 4
         if num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps must be a power of 2 <= 16, got {num_warps}")
+        if posted_flags is None:
+            posted_flags = not self._sim
         if self._sim and (posted_flags or pdl):
             raise ValueError("posted_flags and pdl use inline PTX: not available in the "
                              "TRITON_INTERPRET simulation")
