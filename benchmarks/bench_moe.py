@@ -7,7 +7,8 @@ top-k. ``nccl_ag_rs``: all_gather of every token then reduce_scatter (the engine
 every token goes to both ranks); ``p2p``: EPDispatcher(backend="p2p") dispatch + combine
 (expert outputs = expert inputs). ``p2p_GBps``: bytes that cross NVLink in one direction
 (deduplicated rows to the peer, dispatch + combine) divided by the time; the one-way NVLink
-limit measured on this machine is 394 GB/s.
+limit measured on this machine is 394 GB/s. ``p2p_dispatch_us`` / ``p2p_combine_us``: each half
+alone (graph replays of the backend's dispatch, or of its combine on the last dispatch's state).
 
     PYTHONPATH=src:. python3 benchmarks/bench_moe.py [--tokens 1,8,...] [--out benchmarks/results]
 
@@ -95,6 +96,13 @@ def _worker(rank, world, tokens, p2p_kwargs):
 
             t_p2p = time_graph(p2p, iters=iters)
             ep.check_errors(sync=True)
+            # each half alone, through the backend (EPDispatcher pairs dispatch with combine)
+            be = ep._backend
+            ex, _, state = be.dispatch(x, ids, w)
+            t_disp = time_graph(lambda be=be: be.dispatch(x, ids, w), iters=iters)
+            t_comb = time_graph(lambda be=be, ex=ex, state=state: be.combine(ex, state, T),
+                                iters=iters)
+            ep.check_errors(sync=True)
             t_ag = time_graph(ag_rs, iters=iters)
             t_a2a = time_graph(a2a, iters=iters)
             peer_rows = torch.tensor([to_peer], device="cuda", dtype=torch.float64)
@@ -104,6 +112,7 @@ def _worker(rank, world, tokens, p2p_kwargs):
             rows.append({"hidden": H, "experts": E, "top_k": K, "tokens": T,
                          "nccl_ag_rs_us": round(t_ag, 2), "nccl_a2a_us": round(t_a2a, 2),
                          "p2p_us": round(t_p2p, 2), "p2p_over_a2a": round(t_p2p / t_a2a, 3),
+                         "p2p_dispatch_us": round(t_disp, 2), "p2p_combine_us": round(t_comb, 2),
                          "p2p_GBps": round(gbps, 1),
                          "p2p_pct_nvlink": round(100 * gbps / NVLINK_GBPS, 1)})
             if rank == 0:
@@ -284,12 +293,12 @@ def main() -> None:
     csv_path, json_path = write_results(stem, rows, meta)
     print(f"wrote {csv_path} {json_path}")
     print("| hidden/experts | tokens | nccl ag+rs us | nccl a2a us | p2p us | p2p/a2a | p2p GB/s "
-          "| % of 394 |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| % of 394 | dispatch alone | combine alone |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['hidden']}/{r['experts']} | {r['tokens']} | {r['nccl_ag_rs_us']} | "
               f"{r['nccl_a2a_us']} | {r['p2p_us']} | {r['p2p_over_a2a']} | {r['p2p_GBps']} | "
-              f"{r['p2p_pct_nvlink']} |")
+              f"{r['p2p_pct_nvlink']} | {r['p2p_dispatch_us']} | {r['p2p_combine_us']} |")
     try:
         import matplotlib
 

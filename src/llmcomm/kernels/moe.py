@@ -3,39 +3,52 @@
 ``@triton.jit`` code only. The launcher is :mod:`llmcomm.moe.p2p`; it documents the workspace.
 
 Protocol (``W`` ranks, grid of ``G`` programs, identical on every rank; program ``p`` handles the
-tokens ``t = p, p + G, ...`` of every source rank, so it only ever waits for program ``p`` of
-its peers):
+tokens ``t = p + j*G`` of every source rank, so it only ever waits for program ``p`` of its
+peers). A program's tokens go in *rounds* of ``CHUNK`` tokens (``round_tokens``), each round in
+steps of ``TB`` tokens (``tile_tokens`` / ``combine_tile_tokens``), and every round is signalled
+on its own: flags only move forward, round ``r`` of call ``e`` (a per-program epoch in device
+memory) releases ``e * 65536 + r + 1`` and a waiter spins until the flag is ``>=`` that (int32,
+wrap-safe). A program has ``max(1, ceil(n / CHUNK))`` rounds for its ``n`` tokens, so both sides
+count the same rounds from the same token count.
 
-dispatch, program p:
-  1. for each own token: store the row once into every *peer* rank owning one of its experts
-     (``recv_x[d][RANK, t]``), its ids/weights into every peer (``recv_ids/recv_w``), and copy it
-     into the local experts' slots (``expert_x``); ``T`` goes to ``recv_T[d][RANK]``.
-  2. ``debug_barrier``; release-store ``epoch`` into ``flags[d][p, RANK]`` for every peer d.
-  3. acquire-spin until ``flags[RANK][p, s] == epoch`` for every peer s (deadline).
-  4. expand the received rows of each peer into local experts' slots (atomic slot cursor).
-  5. the last program to finish publishes ``counts`` and resets the cursors (graph-safe).
-combine, program p:
-  1. for each peer s and each of its tokens with local experts: ``sum_k w * expert_out[slot]``
-     in fp32, stored once into ``comb[s][RANK, t]``;  2./3. flags as above (own epoch);
-  4. for each own token: ``y = sum over ranks d in order`` of the own partial (fp32, computed
-     here) or ``comb[RANK][d, t]``.
-Epochs live in device memory (one per program, per op) and flags only ever move forward, so
-nothing host-side is frozen into a CUDA graph. Every spin has a deadline: on expiry the program
-writes an error record (device + pinned host mirror) naming the missing rank and stops waiting;
-later calls see the record and do not wait at all.
+dispatch, program p, iteration r:
+  1. own round r: for each own token, its ids/weights into every peer (``recv_ids/recv_w``), its
+     row once into every peer owning one of its experts (``recv_x[d][RANK, t]``), copies into
+     the local experts' slots (``expert_x``, slots from a per-expert cursor atomic); then
+     ``debug_barrier`` and release the round's value into ``flags[d][p, RANK]`` of every peer.
+     ``T`` itself goes to ``recv_T[d][RANK]`` before round 0, so it is released with it.
+  2. every peer's round r - 1 (acquired with a deadline; round 0 also brings that peer's count,
+     hence its number of rounds): expand its rows into the local experts' slots. Receiving one
+     round behind sending keeps our round r on the wire while round r - 1 is expanded.
+  3. the last program to finish publishes ``counts`` and resets the cursors (graph-safe).
+combine, program p, iteration r:
+  1. for each peer s, its round r: ``sum_k w * expert_out[slot]`` in fp32 for each token with a
+     local expert, stored once into ``comb[s][RANK, t]``; signal the round to s.
+  2. own round r - 1 (acquired from every peer): ``y = sum over ranks d in order`` of the own
+     partial (fp32, computed here) or ``comb[RANK][d, t]``.
+The combine reads ``recv_T``/``recv_w`` only before it signals, and a peer's next dispatch, which
+overwrites them, cannot start before it has every round of this combine: no buffer is rewritten
+while it is read. Nothing host-side is frozen into a CUDA graph. Every spin has a deadline: on
+expiry the program writes an error record (device + pinned host mirror) naming the missing rank
+and stops waiting; later calls see the record and do not wait at all.
 
-Switchable variants (``tl.constexpr``; the launcher turns ``VEC_SLOTS`` and ``BRANCHLESS`` on
-by default on a GPU, see :class:`llmcomm.moe.p2p.P2PBackend`):
+Every value a spin loop branches on is uniform over the program's threads (flags come from an
+atomic, whose result Triton broadcasts, or from one thread's ``ld.acquire.sys`` through a
+reduction; counts, the error flag and the timer through :func:`.sync.load_uniform` /
+:func:`.sync.globaltimer_uniform`): a volatile scalar load executed by every thread can return
+different values while a peer's write lands, and a branch on it would split the program.
 
-* ``VEC_SLOTS``: a token's local-expert slots are taken with one masked vector ``atomic_add``
-  (its K atomics in flight together) instead of K dependent scalar atomics.
-* ``BRANCHLESS``: the combine's weighted sum issues its K row loads as masked loads (no branch
-  per k), so they overlap; skipped entries leave the fp32 sum untouched (bitwise the same).
+Switchable variants (``tl.constexpr``; see :class:`llmcomm.moe.p2p.P2PBackend` for defaults):
+
 * ``POSTED``: flags are signalled with a posted ``st.release.sys`` and polled with
-  ``ld.acquire.sys`` (one thread, then ``debug_barrier``) instead of system-scope atomics.
-  GPU only (inline PTX).
+  ``ld.acquire.sys`` (one thread, then a reduction) instead of system-scope atomics. GPU only
+  (inline PTX); on by default there.
 * ``PDL``: programmatic dependent launch (sm_90+, launched with ``launch_pdl=True``):
   ``griddepcontrol.wait`` precedes every memory access, so semantics are unchanged.
+
+Slots of a token's local experts are taken with one masked vector ``atomic_add`` (its K
+atomics in flight together), always 1-D (:func:`_take_slots`); the combine's K expert-row loads
+are masked loads (no branch per k), so they overlap.
 """
 
 import triton
