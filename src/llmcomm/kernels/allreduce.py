@@ -49,8 +49,8 @@ arrive and finishes without waiting again (later calls skip their waits too).
 import triton
 import triton.language as tl
 
-from .sync import (globaltimer, pdl_launch_dependents, pdl_wait, record_error, st_release_sys,
-                   wait_flags)
+from .sync import (globaltimer_uniform, pdl_launch_dependents, pdl_wait, record_error,
+                   st_release_sys, wait_flags)
 
 ERR_OFF = tl.constexpr(8)
 
@@ -300,12 +300,12 @@ def _lamport_reduce(t, T, H, x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, q_ptr, sc
             pending = tl.sum((m & _is_sentinel(v, ELEM_BITS)).to(tl.int32), axis=0)
             if dead == 0:
                 if pending > 0:
-                    t0 = globaltimer()
+                    t0 = globaltimer_uniform(32)
                     while pending > 0:
                         v = tl.load(src, mask=m, other=0.0, volatile=True)
                         pending = tl.sum((m & _is_sentinel(v, ELEM_BITS)).to(tl.int32), axis=0)
                         if pending > 0:
-                            if globaltimer() - t0 > timeout_ns:
+                            if globaltimer_uniform(32) - t0 > timeout_ns:
                                 record_error(state_ptr, host_err, 1 << r, pid, 4 + NORM, epoch,
                                              ERR_OFF)
                                 dead = dead | 1

@@ -7,9 +7,9 @@ returns a value (an NVLink round trip for a remote flag). These helpers emit the
 * ``st_release_sys(ptrs, vals, mask)``: ``st.release.sys.global.b32`` where ``mask`` (posted, no
   round trip; it orders every earlier write of the thread -- and, after ``tl.debug_barrier()``,
   of the CTA -- before the flag at system scope).
-* ``globaltimer() -> int64``: ``%globaltimer`` in nanoseconds (for spin-wait deadlines).
-* ``load_uniform(ptr, mask, other, NT)`` / ``globaltimer_uniform(NT)``: one volatile scalar
-  load / one timer read whose value every thread of the program sees (see below).
+* ``globaltimer_uniform(NT) -> int64``: ``%globaltimer`` in nanoseconds (spin-wait deadlines),
+  the same value in every thread of the program (see below).
+* ``load_uniform(ptr, mask, other, NT)``: one volatile scalar load every thread sees alike.
 * ``wait_flags(...)``: spin until every selected flag reached ``target`` (wrap-safe int32
   comparison) or the deadline passed; on expiry write an error record (see below) and return.
 
@@ -30,12 +30,6 @@ remote store. Error record layout (int32), shared by every kernel of :mod:`.allr
 
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def globaltimer():
-    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64,
-                                     is_pure=False, pack=1)
 
 
 @triton.jit
@@ -105,12 +99,12 @@ def wait_flags(flag_ptrs, peer_idx, mask, target, dead, timeout_ns, state_ptr, h
     pending = tl.sum((mask & (d < 0)).to(tl.int32), axis=0)
     if dead == 0:
         if pending > 0:
-            t0 = globaltimer()
+            t0 = globaltimer_uniform(32)
             while pending > 0:
                 d = ld_acquire_sys(flag_ptrs, mask) - target
                 pending = tl.sum((mask & (d < 0)).to(tl.int32), axis=0)
                 if pending > 0:
-                    if globaltimer() - t0 > timeout_ns:
+                    if globaltimer_uniform(32) - t0 > timeout_ns:
                         one = tl.full(peer_idx.shape, 1, tl.int32)
                         bits = tl.sum(tl.where(mask & (d < 0), one << peer_idx, 0), axis=0)
                         record_error(state_ptr, host_err_ptr, bits, pid, phase, epoch, ERR_OFF)
