@@ -206,3 +206,24 @@ def test_errors_world2():
         assert "output_is_reduced=False" in seen["not_reduced_backend"]
         assert "more than once" in seen["double_reduce_caught"]
         assert "divisible" in seen["not_divisible"]
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"tile_tokens": 3}, "tile_tokens must be a power of 2 in [1, 8], got 3"),
+    ({"combine_tile_tokens": 16}, "combine_tile_tokens must be a power of 2 in [1, 8]"),
+    ({"round_tokens": 0}, "round_tokens must be an int >= 1, got 0"),
+    ({"num_warps": 3}, "num_warps must be a power of 2 <= 16"),
+    ({"posted_flags": True}, "inline PTX"),
+    ({"num_programs": 0}, "num_programs must be >= 1"),
+])
+def test_p2p_knob_validation(kw, words, tmp_path):
+    """Bad P2PBackend knobs are refused before any workspace or collective, naming the fix."""
+    import re
+
+    from llmcomm.moe.backends import EPConfig
+    from llmcomm.moe.p2p import P2PBackend
+
+    cfg = EPConfig(rank=0, world_size=2, num_experts=E, top_k=2, hidden_size=H,
+                   max_tokens_per_rank=4, dtype=torch.float32, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match=re.escape(words)):
+        P2PBackend(None, cfg, simulate_dir=str(tmp_path), **kw)

@@ -133,6 +133,10 @@ class P2PBackend(MoEBackend):
             num_warps = 16 if cfg.hidden_size >= 4096 else 8 if cfg.hidden_size >= 2048 else 4
         if num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps must be a power of 2 <= 16, got {num_warps}")
+        for name, v in (("tile_tokens", tile_tokens), ("combine_tile_tokens", combine_tile_tokens)):
+            if not isinstance(v, int) or v < 1 or v > 8 or v & (v - 1):
+                raise ValueError(f"{name} must be a power of 2 in [1, 8], got {v!r}")
+        self.tiles = (tile_tokens, combine_tile_tokens)
         if posted_flags is None:
             posted_flags = not self._sim
         if self._sim and (posted_flags or pdl):
@@ -187,10 +191,6 @@ class P2PBackend(MoEBackend):
         self._dummy_ids = torch.full((1, K), -1, dtype=torch.int32, device=dev)
         self._dummy_w = torch.zeros(1, K, dtype=torch.float32, device=dev)
         self.num_warps = int(num_warps)
-        for name, v in (("tile_tokens", tile_tokens), ("combine_tile_tokens", combine_tile_tokens)):
-            if not isinstance(v, int) or v < 1 or v > 8 or v & (v - 1):
-                raise ValueError(f"{name} must be a power of 2 in [1, 8], got {v!r}")
-        self.tiles = (tile_tokens, combine_tile_tokens)
         self.variants = {"POSTED": bool(posted_flags), "PDL": bool(pdl)}
         self.timeout_ns = int(get_config().timeout_s * 1e9)
         self._failed: CollectiveTimeoutError | None = None
