@@ -2,13 +2,16 @@
 # One device call for everything GPU: tests, demos, benchmarks, sweeps, logs into $OUT (or
 # ./gpu_out). Each step has its own time limit so a slow step cannot eat the others; the order is
 # by priority (correctness first). Usage, from the repository root on a node with 2+ GPUs:
-#   [STEPS="tests demo bench sweep"] bash benchmarks/run_gpu_suite.sh
+#   [STEPS="tests demo bench sweep"] [WORLD=4] bash benchmarks/run_gpu_suite.sh
+# WORLD (default 2) is the TP / EP size of the benchmarks; tests/gpu picks its own (gpu4 tests,
+# e.g. PP=2 x TP=2, run when 4 GPUs are visible).
 # FlashInfer is benchmarked and tested when importable (install the wheels first; CUDA_HOME set).
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH="src:.:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 OUT="${OUT:-gpu_out}"; mkdir -p "$OUT"
 STEPS="${STEPS:-tests demo bench sweep}"
+WORLD="${WORLD:-2}"
 step() {  # name, limit in seconds, command...
   local name=$1 limit=$2; shift 2
   echo "=== $name (limit ${limit}s)"
@@ -23,8 +26,8 @@ case " $STEPS " in *" demo "*)
   step demo_llama 120 python3 -m llmcomm.cli demo --device cuda --preset llama-8b
   step demo_dsv3 150 python3 -m llmcomm.cli demo --device cuda --preset deepseek-v3 ;; esac
 case " $STEPS " in *" bench "*)
-  step bench_allreduce 240 python3 benchmarks/bench_allreduce.py --check --strategies --out "$OUT"
-  step bench_moe 150 python3 benchmarks/bench_moe.py --out "$OUT" ;; esac
+  step bench_allreduce 240 python3 benchmarks/bench_allreduce.py --check --strategies --world "$WORLD" --out "$OUT"
+  step bench_moe 150 python3 benchmarks/bench_moe.py --world "$WORLD" --out "$OUT" ;; esac
 case " $STEPS " in *" sweep "*)
   step sweep_allreduce 90 python3 benchmarks/bench_allreduce.py --sweep --reps 7 --out "$OUT"
   step sweep_moe 90 python3 benchmarks/bench_moe.py --sweep --out "$OUT" ;; esac
