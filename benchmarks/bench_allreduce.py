@@ -11,7 +11,7 @@ Variants (all CUDA-graph replays of --iters back-to-back calls, median of --reps
   llm_fused[lamport|oneshot|twoshot] llmcomm fused with the strategy forced (--strategies)
 
 --sweep: instead of the ladder, time the fused op (bf16) for each entry of SWEEP (forced
-strategy x LaunchTable knobs) at --sweep-tokens x --hidden, every configuration checked inline
+strategy x LaunchTable knobs; --sweep-only a,b for a subset) at --sweep-tokens x --hidden, every configuration checked inline
 against the pure-torch reference first (worst relative error printed and recorded). A
 configuration that times out (e.g. a Lamport grid that is not fully resident; the sweep sets
 LLMCOMM_TIMEOUT_S=5 unless set) is recorded as an error and the backend is recreated.
@@ -287,7 +287,7 @@ def sweep_worker(rank, world, args, port, out_path):
             ref_n, ref_r = reference.all_reduce_add_rms_norm(xs, res, w, eps)
             row = {"hidden": H, "tokens": T}
             seen = set()
-            for name, (strat, knobs) in SWEEP.items():
+            for name, (strat, knobs) in args.sweep_entries.items():
                 if strat == "lamport" and T * H > be.slot_elems:
                     continue
                 table = LaunchTable(**knobs)
@@ -331,26 +331,26 @@ def sweep_worker(rank, world, args, port, out_path):
             rows.append(row)
             if rank == 0:
                 print(f"sweep H={H} T={T} ({time.time() - t_start:.0f} s) " +
-                      " ".join(f"{k}={row.get(k)}" for k in SWEEP), flush=True)
+                      " ".join(f"{k}={row.get(k)}" for k in args.sweep_entries), flush=True)
         be.close()
     if rank == 0:
         meta = environment()
         meta.update(world_size=world, dtype=str(dtype), iters=args.iters, reps=args.reps,
-                    errors=errors, sweep={k: [s, kn] for k, (s, kn) in SWEEP.items()},
+                    errors=errors, sweep={k: [s, kn] for k, (s, kn) in args.sweep_entries.items()},
                     seconds=round(time.time() - t_start, 1))
         with open(out_path + ".json", "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
         print("wrote", out_path + ".json")
-        print_sweep(rows)
+        print_sweep(rows, list(args.sweep_entries))
         for k, e in errors.items():
             print("ERR", k, e[-300:])
     dist.barrier()
     dist.destroy_process_group()
 
 
-def print_sweep(rows) -> None:
-    """us per call of every SWEEP entry (best per row marked *), then the worst check error."""
-    names = list(SWEEP)
+def print_sweep(rows, names) -> None:
+    """us per call of the SWEEP entries ``names`` (best per row marked *), then the worst
+    check error."""
     print("\nsweep: fused allreduce+residual+RMSNorm, bf16, us per call (* = fastest; - = "
           "skipped or failed)")
     print(f"{'H':>5} {'T':>5} " + " ".join(f"{n:>16}" for n in names))
@@ -438,7 +438,14 @@ def main() -> None:
                         "threshold (MiB per rank)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                   "results"))
+    p.add_argument("--sweep-only", default="",
+                   help="comma-separated SWEEP entries to time (default: all)")
     args = p.parse_args()
+    names = [n for n in args.sweep_only.split(",") if n] or list(SWEEP)
+    unknown = sorted(set(names) - set(SWEEP))
+    if unknown:
+        p.error(f"--sweep-only: unknown entries {unknown}; known: {list(SWEEP)}")
+    args.sweep_entries = {n: SWEEP[n] for n in names}
     os.environ.update(SAFE_ENV)
     import torch
     import torch.multiprocessing as mp

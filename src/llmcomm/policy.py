@@ -236,11 +236,14 @@ def allreduce_fusion_decision(backend: str, facts: TopologyFacts, pp_size: int =
 # --------------------------------------------------------------------------- kernel strategy
 
 #: world_size -> (largest message for the Lamport push, largest for one-shot), in bytes per rank.
-#: Tuned on 2 x H200 (see docs/kernels.md); other world sizes use the entry for the next larger
-#: listed size, or the last entry.
+#: W=2 tuned on 2 x H200, W=4 measured on 4 x H200 (docs/kernels.md); W=8 is a guess. Other
+#: world sizes use the entry for the next larger listed size, or the last entry.
 STRATEGY_THRESHOLDS: dict[int, tuple[int, int]] = {
     2: (32 * 1024 * 1024, 32 * 1024 * 1024),   # Lamport (pipelined rows) beats both up to 32 MiB
-    4: (256 * 1024, 4 * 1024 * 1024),
+    # 4 x H200, 2026-11-22: two-shot beats one-shot from 2 MiB (21.5 vs 29.4 us at 4096 x 256
+    # bf16); at 1 MiB one-shot is ahead or even. Lamport beats one-shot up to 256 KiB, the
+    # largest size timed (8.6 vs 9.2 us at 8192 x 16); larger Lamport sizes are untimed at W=4.
+    4: (256 * 1024, 1024 * 1024),
     8: (128 * 1024, 1024 * 1024),
 }
 
