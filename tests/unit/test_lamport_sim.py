@@ -3,7 +3,8 @@
 Checks, per case: outputs against a float64 reference, this rank's data pushed (with -0.0 sent
 as +0.0) into every peer's slot of the current buffer, its own receive slots reset to the
 sentinel, the device epoch advanced once, and no error recorded. Covers the chunked kernel and
-the software-pipelined rows kernel (lag 1-3, programs owning several tiles, fused and flat).
+the software-pipelined rows kernel (lag 1-3, programs owning several tiles, fused and flat), at
+W = 2..6 (one and two polling groups of four ranks).
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ CASES = [
     [20, 48, True, True, 3, 3, 1, 6, 4],
     [7, 96, False, True, 1, 2, 1, 3, 5],
     [9, 64, False, False, 1, 3, 2, 8, 3],
+    # grouped polling (four ranks per group): one full group, two groups, a lone own rank
+    [6, 64, True, False, 1, 4, 2, 8, 0],
+    [11, 48, True, True, 2, 4, 3, 4, 1],
+    [5, 64, False, False, 1, 6, 5, 8, 2],
+    [4, 32, True, True, 1, 5, 4, 4, 7],
 ]
 
 

@@ -277,12 +277,51 @@ def _lamport_push(x_ptr, tab, lamp_off, buf, slot_elems, offs, m, RANK: tl.const
 
 
 @triton.jit
+def _lamport_get(own, mybase, buf, slot_elems, offs, m, r: tl.constexpr, RANK: tl.constexpr,
+                 W: tl.constexpr):
+    """Rank ``r``'s contribution to a tile: ``own`` (-0.0 as +0.0) for ``r == RANK``, a volatile
+    read of my slot ``[buf][r]`` for a peer, zeros for ``r >= W`` (a padded group member)."""
+    if r == RANK:
+        v = tl.where(own == 0, tl.zeros_like(own), own)
+    elif r < W:
+        v = tl.load(mybase + (buf * W + r) * slot_elems + offs, mask=m, other=0.0, volatile=True)
+    else:
+        v = tl.zeros_like(own)
+    return v
+
+
+@triton.jit
+def _lamport_late(v, m, r: tl.constexpr, RANK: tl.constexpr, W: tl.constexpr,
+                  ELEM_BITS: tl.constexpr):
+    """Bit ``1 << r`` if peer ``r`` still has a sentinel in the tile (a CTA-uniform value)."""
+    if r != RANK and r < W:
+        n = tl.sum((m & _is_sentinel(v, ELEM_BITS)).to(tl.int32), axis=0)
+        late = (n > 0).to(tl.int32) << r
+    else:
+        late = 0
+    return late
+
+
+@triton.jit
+def _lamport_reset(mybase, buf, slot_elems, offs, m, r: tl.constexpr, RANK: tl.constexpr,
+                   W: tl.constexpr, BLOCK: tl.constexpr, DT: tl.constexpr,
+                   ELEM_BITS: tl.constexpr):
+    if r != RANK and r < W:
+        tl.store(mybase + (buf * W + r) * slot_elems + offs, _sentinel(BLOCK, DT, ELEM_BITS),
+                 mask=m)
+
+
+@triton.jit
 def _lamport_reduce(t, T, H, x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, q_ptr, scale_ptr, eps,
                     mybase, buf, slot_elems, dead, timeout_ns, state_ptr, host_err, pid, epoch,
                     RANK: tl.constexpr, W: tl.constexpr, NORM: tl.constexpr, FP8: tl.constexpr,
                     BLOCK: tl.constexpr, ELEM_BITS: tl.constexpr):
     """Tile ``t``: poll my slots until no sentinel is left, reduce in rank order (fp32), reset
-    the slots to the sentinel, write the outputs. Returns the new ``dead`` flag."""
+    the slots to the sentinel, write the outputs. Returns the new ``dead`` flag.
+
+    Ranks are taken in groups of four: the four slot reads of a group are issued together and
+    polled together, so a group costs one local round trip per poll (W <= 4: one group),
+    where one rank at a time cost W - 1 of them."""
     DT: tl.constexpr = x_ptr.dtype.element_ty
     offs, m, k = _tile(t, T, H, NORM, BLOCK)
     # issue the local loads before polling so their latency overlaps the wait
@@ -291,27 +330,44 @@ def _lamport_reduce(t, T, H, x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, q_ptr, sc
         res_v = tl.load(res_ptr + offs, mask=m, other=0.0)
         w_v = tl.load(w_ptr + k, mask=m, other=0.0)
     acc = tl.zeros([BLOCK], tl.float32)
-    for r in tl.static_range(W):
-        if r == RANK:
-            v = tl.where(own == 0, tl.zeros_like(own), own)
-        else:
-            src = mybase + (buf * W + r) * slot_elems + offs
-            v = tl.load(src, mask=m, other=0.0, volatile=True)
-            pending = tl.sum((m & _is_sentinel(v, ELEM_BITS)).to(tl.int32), axis=0)
-            if dead == 0:
-                if pending > 0:
-                    t0 = globaltimer_uniform(32)
-                    while pending > 0:
-                        v = tl.load(src, mask=m, other=0.0, volatile=True)
-                        pending = tl.sum((m & _is_sentinel(v, ELEM_BITS)).to(tl.int32), axis=0)
-                        if pending > 0:
-                            if globaltimer_uniform(32) - t0 > timeout_ns:
-                                record_error(state_ptr, host_err, 1 << r, pid, 4 + NORM, epoch,
-                                             ERR_OFF)
-                                dead = dead | 1
-                                pending = pending * 0
-            tl.store(src, _sentinel(BLOCK, DT, ELEM_BITS), mask=m)
-        acc += v.to(tl.float32)
+    for g in tl.static_range(0, W, 4):
+        v0 = _lamport_get(own, mybase, buf, slot_elems, offs, m, g, RANK, W)
+        v1 = _lamport_get(own, mybase, buf, slot_elems, offs, m, g + 1, RANK, W)
+        v2 = _lamport_get(own, mybase, buf, slot_elems, offs, m, g + 2, RANK, W)
+        v3 = _lamport_get(own, mybase, buf, slot_elems, offs, m, g + 3, RANK, W)
+        late = (_lamport_late(v0, m, g, RANK, W, ELEM_BITS)
+                | _lamport_late(v1, m, g + 1, RANK, W, ELEM_BITS)
+                | _lamport_late(v2, m, g + 2, RANK, W, ELEM_BITS)
+                | _lamport_late(v3, m, g + 3, RANK, W, ELEM_BITS))
+        if dead == 0:
+            if late != 0:
+                t0 = globaltimer_uniform(32)
+                while late != 0:
+                    v0 = _lamport_get(own, mybase, buf, slot_elems, offs, m, g, RANK, W)
+                    v1 = _lamport_get(own, mybase, buf, slot_elems, offs, m, g + 1, RANK, W)
+                    v2 = _lamport_get(own, mybase, buf, slot_elems, offs, m, g + 2, RANK, W)
+                    v3 = _lamport_get(own, mybase, buf, slot_elems, offs, m, g + 3, RANK, W)
+                    late = (_lamport_late(v0, m, g, RANK, W, ELEM_BITS)
+                            | _lamport_late(v1, m, g + 1, RANK, W, ELEM_BITS)
+                            | _lamport_late(v2, m, g + 2, RANK, W, ELEM_BITS)
+                            | _lamport_late(v3, m, g + 3, RANK, W, ELEM_BITS))
+                    if late != 0:
+                        if globaltimer_uniform(32) - t0 > timeout_ns:
+                            record_error(state_ptr, host_err, late, pid, 4 + NORM, epoch,
+                                         ERR_OFF)
+                            dead = dead | 1
+                            late = late * 0
+        _lamport_reset(mybase, buf, slot_elems, offs, m, g, RANK, W, BLOCK, DT, ELEM_BITS)
+        _lamport_reset(mybase, buf, slot_elems, offs, m, g + 1, RANK, W, BLOCK, DT, ELEM_BITS)
+        _lamport_reset(mybase, buf, slot_elems, offs, m, g + 2, RANK, W, BLOCK, DT, ELEM_BITS)
+        _lamport_reset(mybase, buf, slot_elems, offs, m, g + 3, RANK, W, BLOCK, DT, ELEM_BITS)
+        acc += v0.to(tl.float32)   # rank order; padded members (r >= W) add exact zeros
+        if g + 1 < W:
+            acc += v1.to(tl.float32)
+        if g + 2 < W:
+            acc += v2.to(tl.float32)
+        if g + 3 < W:
+            acc += v3.to(tl.float32)
     if NORM:
         r_v = (acc + res_v.to(tl.float32)).to(DT)
         tl.store(rout_ptr + offs, r_v, mask=m)
