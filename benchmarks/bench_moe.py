@@ -48,6 +48,11 @@ SWEEP = {
     "1round": ({"round_tokens": 4096}, None),          # no pipelining of rounds
     "G64": ({"num_programs": 64}, None),
     "pdl": ({"pdl": True}, None),
+    # protocol "lamport" (experimental, not GPU-verified): defaults (1-token tiles, shift G/2),
+    # 2-token dispatch tiles (the session-3 branch default), shift 0
+    "lam": ({"protocol": "lamport"}, None),
+    "lam_t2": ({"protocol": "lamport", "tile_tokens": 2}, None),
+    "lam_s0": ({"protocol": "lamport", "shift": 0}, None),
 }
 
 

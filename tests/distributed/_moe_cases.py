@@ -99,3 +99,17 @@ def roundtrip(ep: Any, rank: int, world: int, num_experts: int, inputs, dtype,
     y = ep.combine(out, d)
     err = check_combine(rank, inputs, y, dtype, what=f"{ep.backend} combine")
     return n, err
+
+
+def assert_lamport_sentinel(ep, rank: int, where: str) -> None:
+    """Every ``protocol="lamport"`` receive slot of this rank is the sentinel again (nothing sent
+    and left unread, nothing read and left unreset, no reset overtaken by a late write)."""
+    be = ep._backend
+    bad = []
+    for name in ("lx", "lmeta", "lcnt", "lcomb"):
+        reg = getattr(be, name)[rank]
+        ib = {2: torch.int16, 4: torch.int32, 8: torch.int64}[reg.element_size()]
+        idx = (reg.view(ib).cpu() != torch.iinfo(ib).min).nonzero()
+        if len(idx):
+            bad.append(f"{name}: {len(idx)} slots not reset, e.g. {idx[:3].tolist()}")
+    assert not bad, f"rank {rank} {where}: " + "; ".join(bad)

@@ -4,7 +4,11 @@ Every received row is checked against its (rank-tagged) source row; combine is c
 the dense float64 reference with ``check_combine_output``; expert outputs are NaN-poisoned past
 ``counts`` so a backend that reads an unwritten row fails. The ``p2p`` backend runs here too, its
 Triton kernels under ``TRITON_INTERPRET=1`` over file-mapped shared memory (the protocol, not the
-GPU memory model, which ``tests/gpu/test_moe_p2p.py`` covers).
+GPU memory model, which ``tests/gpu/test_moe_p2p.py`` covers), with both protocols (``flags`` and
+the experimental ``lamport``, see ``P2P_SIM``): every routing case, world 4, six consecutive
+calls on one dispatcher per protocol (lamport buffer rotation and sentinel reset; outputs of the
+two protocols bitwise equal), a missing peer ending in ``CollectiveTimeoutError``, and the
+lamport kernels with every program of a grid running concurrently (``_interp_threads``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import pytest
 import torch
 
 from tests._dist import run_ranks
-from tests.distributed._moe_cases import make_inputs, roundtrip
+from tests.distributed._moe_cases import (assert_lamport_sentinel, check_combine, check_dispatch,
+                                          make_inputs, roundtrip, run_experts)
 
 E, H = 8, 12
 # (routing, tokens per rank for world 4 (world 2 takes the first two), top_k)
@@ -30,10 +35,15 @@ CASES = [
 SIM = {"TRITON_INTERPRET": "1"}
 #: p2p kernel shapes the simulation covers: name -> P2PBackend knobs (3 programs, M = 13, so a
 #: program owns up to 5 tokens): the defaults (tiles of 2, rounds of 2 tokens), tiles that
-#: straddle round ends, and one round with one token per step
+#: straddle round ends, and one round with one token per step; protocol "lamport" with its
+#: defaults (1-token tiles), the session-3 branch's dispatch tiles (2), and 4/2-token tiles
 P2P_SIM = {"p2p-sim": {},
            "p2p-sim-t4c2r3": {"tile_tokens": 4, "combine_tile_tokens": 2, "round_tokens": 3},
-           "p2p-sim-t1r13": {"tile_tokens": 1, "round_tokens": 13}}
+           "p2p-sim-t1r13": {"tile_tokens": 1, "round_tokens": 13},
+           "p2p-sim-lamport": {"protocol": "lamport"},
+           "p2p-sim-lamport-t2": {"protocol": "lamport", "tile_tokens": 2},
+           "p2p-sim-lamport-t4c2": {"protocol": "lamport", "tile_tokens": 4,
+                                    "combine_tile_tokens": 2}}
 
 
 def _make(backend, K, M, tmp, group=None, layout=None, **kw):
@@ -45,7 +55,7 @@ def _make(backend, K, M, tmp, group=None, layout=None, **kw):
     if backend in P2P_SIM:
         from llmcomm.moe.p2p import P2PBackend
 
-        return EPDispatcher(group, E, K, H, M, torch.float32, layout=layout,
+        return EPDispatcher(group, E, K, H, M, kw.pop("dtype", torch.float32), layout=layout,
                             _backend_cls=P2PBackend,
                             _backend_kwargs=dict(simulate_dir=tmp, num_programs=3,
                                                  **P2P_SIM[backend]), **kw)
@@ -116,18 +126,88 @@ def test_world4_tp2_dp2_layout():
         assert wrong is not None and "ep_size=4" in wrong and "2 ranks" in wrong, wrong
 
 
-def _p2p_sim_world4_worker(rank, world, tmp):
-    ep = _make("p2p-sim", 2, 13, tmp)
+def _p2p_sim_world4_worker(rank, world, tmp, backend):
+    ep = _make(backend, 2, 13, tmp)
     routing, toks, K = CASES[0]
     inputs = make_inputs(3, 4, toks, E, 2, H, torch.float32, routing)
     return roundtrip(ep, rank, 4, E, inputs, torch.float32)[1]
 
 
 @NEEDS_TRITON
-def test_world4_p2p_sim():
+@pytest.mark.parametrize("backend", ["p2p-sim", "p2p-sim-lamport"])
+def test_world4_p2p_sim(backend):
     with tempfile.TemporaryDirectory() as tmp:
-        res = run_ranks(_p2p_sim_world4_worker, 4, tmp, timeout=150, env=SIM)
+        res = run_ranks(_p2p_sim_world4_worker, 4, tmp, backend, timeout=150, env=SIM)
     assert max(res) <= 2e-5
+
+
+def _repeat_worker(rank, world, tmp):
+    """Both protocols, one dispatcher each, 6 consecutive dispatch/combine pairs with changing
+    token counts (0 and M included): every receive buffer of the lamport rotation is used twice
+    and its sentinel reset is exercised; the combine outputs of the two protocols must be
+    bitwise equal (fixed-order fp32 sums; no FMA contraction in the interpreter)."""
+    import os
+
+    eps = {}
+    for b in ("p2p-sim", "p2p-sim-lamport"):
+        os.makedirs(f"{tmp}/{b}", exist_ok=True)
+        eps[b] = _make(b, 3, 9, f"{tmp}/{b}", dtype=torch.bfloat16)
+    tokens = [[9, 2], [0, 5], [3, 0], [1, 9], [7, 7], [2, 1]]
+    errs, same = [], True
+    for i, toks in enumerate(tokens):
+        inputs = make_inputs(40 + i, world, toks, E, 3, H, torch.bfloat16,
+                             ("random", "dups")[i % 2])
+        ys = []
+        for b, ep in eps.items():
+            x, ids, w = inputs[rank]
+            d = ep.dispatch(x, ids, w)
+            check_dispatch(rank, world, E, inputs, d.expert_x, d.counts)
+            y = ep.combine(run_experts(rank, E, world, d.expert_x, d.counts), d)
+            errs.append(check_combine(rank, inputs, y, torch.bfloat16, what=b))
+            ys.append(y)
+        same = same and torch.equal(ys[0].view(torch.int16), ys[1].view(torch.int16))
+    for ep in eps.values():
+        ep.check_errors()
+    return max(errs), same
+
+
+@NEEDS_TRITON
+def test_p2p_sim_repeated_calls_both_protocols():
+    with tempfile.TemporaryDirectory() as tmp:
+        res = run_ranks(_repeat_worker, 2, tmp, timeout=150, env=SIM)
+    for err, same in res:
+        assert err <= 2.5e-2
+        assert same, "flags and lamport combine outputs differ bitwise"
+
+
+def _missing_peer_worker(rank, world, tmp, backend):
+    import torch.distributed as dist
+
+    from llmcomm.errors import CollectiveTimeoutError
+
+    ep = _make(backend, 2, 4, tmp)
+    ep._backend.timeout_ns = 1_000_000      # 1 ms = 1000 interpreter spins
+    msg = None
+    if rank == 0:                           # rank 1 never dispatches: rank 0 must not hang
+        x = torch.randn(3, H)
+        d = ep.dispatch(x, torch.tensor([[0, 7], [5, 1], [2, 2]]), torch.rand(3, 2))
+        try:
+            ep.check_errors()
+        except CollectiveTimeoutError as e:
+            msg = (e.missing_ranks, str(e))
+        assert d is not None
+    dist.barrier()
+    return msg
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("backend", ["p2p-sim", "p2p-sim-lamport"])
+def test_p2p_sim_missing_peer_times_out(backend):
+    with tempfile.TemporaryDirectory() as tmp:
+        res = run_ranks(_missing_peer_worker, 2, tmp, backend, timeout=150, env=SIM)
+    assert res[0] is not None, "rank 0 did not raise CollectiveTimeoutError"
+    missing, text = res[0]
+    assert missing == [1] and "dispatch" in text, text
 
 
 def _errors_worker(rank, world, tmp):
@@ -215,6 +295,18 @@ def test_errors_world2():
     ({"num_warps": 3}, "num_warps must be a power of 2 <= 16"),
     ({"posted_flags": True}, "inline PTX"),
     ({"num_programs": 0}, "num_programs must be >= 1"),
+    ({"protocol": "lamprey"}, "protocol must be 'flags' or 'lamport', got 'lamprey'"),
+    ({"shift": 0}, "shift applies to protocol='lamport' only"),
+    ({"protocol": "flags", "shift": 1}, "shift applies to protocol='lamport' only"),
+    ({"protocol": "lamport", "shift": 1}, "shift must be 0 in the TRITON_INTERPRET simulation"),
+    ({"protocol": "lamport", "round_tokens": 2},
+     "round_tokens and posted_flags apply to protocol='flags' only"),
+    ({"protocol": "lamport", "posted_flags": False},
+     "round_tokens and posted_flags apply to protocol='flags' only"),
+    ({"protocol": "lamport", "tile_tokens": 3}, "tile_tokens must be a power of 2 in [1, 8]"),
+    ({"protocol": "lamport", "combine_tile_tokens": 16},
+     "combine_tile_tokens must be a power of 2 in [1, 8]"),
+    ({"protocol": "lamport", "pdl": True}, "inline PTX"),
 ])
 def test_p2p_knob_validation(kw, words, tmp_path):
     """Bad P2PBackend knobs are refused before any workspace or collective, naming the fix."""
@@ -227,3 +319,46 @@ def test_p2p_knob_validation(kw, words, tmp_path):
                    max_tokens_per_rank=4, dtype=torch.float32, device=torch.device("cpu"))
     with pytest.raises(ValueError, match=re.escape(words)):
         P2PBackend(None, cfg, simulate_dir=str(tmp_path), **kw)
+
+
+def _concurrent_worker(rank, world, tmp, E_, kw, G, shift, seed):
+    """The lamport kernels with every program of a grid running concurrently (one thread each,
+    ``_interp_threads``), so ``shift != 0`` (program p waits for program p - shift of the peer)
+    and GPU-like orderings run on CPU. Consecutive back-to-back calls with changing T (0, M, T
+    not a multiple of the tile, ranks with different T), each checked against the reference;
+    after every call (both ranks quiescent) every receive slot must be the sentinel again."""
+    import torch.distributed as dist
+
+    from llmcomm.moe import EPDispatcher
+    from llmcomm.moe.p2p import P2PBackend
+    from tests.distributed._interp_threads import install
+
+    install(seed=seed + rank)
+    M, K = 9, 3
+    ep = EPDispatcher(dist.group.WORLD, E_, K, H, M, torch.float32, _backend_cls=P2PBackend,
+                      _backend_kwargs=dict(simulate_dir=tmp, num_programs=G, **kw))
+    ep._backend.shift = shift   # the constructor refuses shift != 0 for the sequential sim
+    seqs = [[M, 5, 2], [3, M, 0], [M, M, M], [1, 0, 7], [7, M, 4], [M, 1, M], [0, 4, 5]]
+    errs = []
+    for i, toks in enumerate(seqs):
+        inputs = make_inputs(seed * 100 + i, world, toks[:world], E_, K, H, torch.float32,
+                             ("random", "dups", "one_expert")[i % 3])
+        errs.append(roundtrip(ep, rank, world, E_, inputs, torch.float32)[1])
+        dist.barrier()
+        assert_lamport_sentinel(ep, rank, f"after call {i} (tokens {toks[:world]})")
+        dist.barrier()
+    ep.check_errors()
+    return max(errs)
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("world, E_, kw, G, shift", [
+    (2, 8, {"tile_tokens": 4, "combine_tile_tokens": 2}, 4, 2),   # tiles past M, shift G/2
+    (2, 8, {}, 2, 1),                                             # several iterations/program
+    (3, 6, {"tile_tokens": 2, "combine_tile_tokens": 4}, 3, 1),   # W=3
+], ids=["w2-t4c2-G4s2", "w2-t1-G2s1", "w3-t2c4-G3s1"])
+def test_p2p_sim_lamport_concurrent_programs(world, E_, kw, G, shift):
+    with tempfile.TemporaryDirectory() as tmp:
+        res = run_ranks(_concurrent_worker, world, tmp, E_, {"protocol": "lamport", **kw}, G,
+                        shift, 5, timeout=200, env=SIM)
+    assert max(res) <= 2e-5

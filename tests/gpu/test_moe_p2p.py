@@ -1,5 +1,10 @@
 """GPU tests of the MoE EP backends on 2 GPUs (NCCL + NVLink): p2p vs the dense reference,
-CUDA-graph replay with fresh inputs, and a missing rank ending in CollectiveTimeoutError."""
+CUDA-graph replay with fresh inputs, and a missing rank ending in CollectiveTimeoutError.
+
+The p2p backend runs with both protocols (``"flags"`` and the experimental ``"lamport"``, the
+latter also with other tile sizes, 16 warps and ``shift=0``), see ``P2P_VARIANTS``; the lamport
+variants also check that every receive slot is back to the sentinel after each call.
+``-k lamport`` selects the lamport tests only."""
 
 from __future__ import annotations
 
@@ -9,12 +14,23 @@ import pytest
 
 from tests._dist import run_ranks
 
+#: name -> P2PBackend keyword arguments
+P2P_VARIANTS = {
+    "p2p": {},
+    "p2p-flags": {"protocol": "flags"},
+    "p2p-lamport": {"protocol": "lamport"},
+    "p2p-lamport-t4c2": {"protocol": "lamport", "tile_tokens": 4, "combine_tile_tokens": 2},
+    "p2p-lamport-t2-w16-s0": {"protocol": "lamport", "tile_tokens": 2, "num_warps": 16,
+                              "shift": 0},
+}
+LAMPORT = [n for n in P2P_VARIANTS if "lamport" in n]
+
 pytestmark = [pytest.mark.gpu2,
               pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                  reason="triton is not installed")]
 
 
-def _correctness_worker(rank, world):
+def _correctness_worker(rank, world, names):
     import torch
     import torch.distributed as dist
 
@@ -22,10 +38,12 @@ def _correctness_worker(rank, world):
     from tests.distributed._moe_cases import make_inputs, roundtrip
 
     out = []
-    for backend in ("p2p", "torch", "allgather"):
+    for name in names:
+        backend, kw = ("p2p", P2P_VARIANTS[name]) if name in P2P_VARIANTS else (name, {})
         for (E, K, H, M, dtype) in ((16, 3, 264, 40, torch.float32),
                                     (256, 8, 7168, 96, torch.bfloat16)):
-            ep = EPDispatcher(dist.group.WORLD, E, K, H, M, dtype, backend=backend)
+            ep = EPDispatcher(dist.group.WORLD, E, K, H, M, dtype, backend=backend,
+                              _backend_kwargs=kw or None)
             assert ep.backend == backend
             for i, (routing, toks) in enumerate((("random", [37, 0]), ("random", [96, 95]),
                                                  ("one_expert", [40, 17]), ("dups", [5, 33]),
@@ -33,21 +51,24 @@ def _correctness_worker(rank, world):
                 inputs = make_inputs(50 + i, world, [min(t, M) for t in toks], E, K, H, dtype,
                                      routing)
                 n, err = roundtrip(ep, rank, world, E, inputs, dtype, device="cuda")
-                out.append((backend, H, routing, n, err))
+                out.append((name, H, routing, n, err))
             ep.check_errors(sync=True)
     auto = EPDispatcher(dist.group.WORLD, 16, 2, 64, 8, torch.bfloat16)
     return out, str(auto.decision)
 
 
-def test_backends_match_reference_on_gpu():
-    res = run_ranks(_correctness_worker, 2, backend="nccl", timeout=500)
+@pytest.mark.parametrize("names", [("p2p", "torch", "allgather"), *((n,) for n in LAMPORT)],
+                         ids=lambda names: "+".join(names))
+def test_backends_match_reference_on_gpu(names):
+    res = run_ranks(_correctness_worker, 2, names, backend="nccl", timeout=500)
     for rows, decision in res:
+        assert len(rows) == 10 * len(names)
         assert decision.startswith("p2p"), decision
         for backend, H, routing, n, err in rows:
             assert err < 2.5e-2, (backend, H, routing, err)
 
 
-def _graph_worker(rank, world):
+def _graph_worker(rank, world, kw):
     import torch
     import torch.distributed as dist
 
@@ -56,7 +77,8 @@ def _graph_worker(rank, world):
 
     E, K, H, M, T = 64, 6, 1024, 64, 50
     dtype = torch.bfloat16
-    ep = EPDispatcher(dist.group.WORLD, E, K, H, M, dtype, backend="p2p")
+    ep = EPDispatcher(dist.group.WORLD, E, K, H, M, dtype, backend="p2p",
+                      _backend_kwargs=kw or None)
     L = E // world
     scale = (1.0 + (torch.arange(L, device="cuda") + rank * L) / 8.0).to(dtype).view(L, 1, 1)
     x = torch.empty(T, H, dtype=dtype, device="cuda")
@@ -83,7 +105,7 @@ def _graph_worker(rank, world):
     with torch.cuda.graph(g):
         y = step()
     errs = []
-    for rep in range(6):
+    for rep in range(7):        # > 2 rotations of the lamport buffers
         inputs = load(100 + rep)
         y.fill_(float("nan"))
         g.replay()
@@ -101,20 +123,22 @@ def _check(rank, inputs, y, dtype):
     return check_combine_output(y, ref, dtype, what="graph replay")
 
 
-def test_p2p_cuda_graph_replays_fresh_inputs():
-    res = run_ranks(_graph_worker, 2, backend="nccl", timeout=300)
+@pytest.mark.parametrize("variant", ["p2p-flags", "p2p-lamport", "p2p-lamport-t4c2"])
+def test_p2p_cuda_graph_replays_fresh_inputs(variant):
+    res = run_ranks(_graph_worker, 2, P2P_VARIANTS[variant], backend="nccl", timeout=300)
     for errs in res:
-        assert len(errs) == 6 and max(errs) < 2.5e-2
+        assert len(errs) == 7 and max(errs) < 2.5e-2
 
 
-def _timeout_worker(rank, world):
+def _timeout_worker(rank, world, kw):
     import torch
     import torch.distributed as dist
 
     from llmcomm.errors import CollectiveTimeoutError
     from llmcomm.moe import EPDispatcher
 
-    ep = EPDispatcher(dist.group.WORLD, 8, 2, 64, 16, torch.bfloat16, backend="p2p")
+    ep = EPDispatcher(dist.group.WORLD, 8, 2, 64, 16, torch.bfloat16, backend="p2p",
+                      _backend_kwargs=kw or None)
     msg = None
     if rank == 0:                      # rank 1 never dispatches: rank 0 must not hang
         x = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)
@@ -128,9 +152,45 @@ def _timeout_worker(rank, world):
     return msg
 
 
-def test_p2p_missing_rank_times_out_naming_it():
-    res = run_ranks(_timeout_worker, 2, backend="nccl", timeout=200,
+@pytest.mark.parametrize("variant", ["p2p-flags", "p2p-lamport"])
+def test_p2p_missing_rank_times_out_naming_it(variant):
+    res = run_ranks(_timeout_worker, 2, P2P_VARIANTS[variant], backend="nccl", timeout=200,
                     env={"LLMCOMM_TIMEOUT_S": "3"})
     assert res[0] is not None, "rank 0 did not raise CollectiveTimeoutError"
     missing, text = res[0]
     assert missing == [1] and "dispatch" in text, text
+
+
+def _sentinel_worker(rank, world, kw):
+    """Consecutive eager calls with changing T; after each (synchronised, both ranks idle)
+    every lamport receive slot must be the sentinel again. Names the first call and region
+    that keep data (sent and never read / reset overtaken by a late write) or go wrong."""
+    import torch
+    import torch.distributed as dist
+
+    from llmcomm.moe import EPDispatcher
+    from tests.distributed._moe_cases import assert_lamport_sentinel, make_inputs, roundtrip
+
+    out = []
+    for (E, K, H, M, dtype) in ((16, 3, 264, 40, torch.float32),
+                                (256, 8, 7168, 96, torch.bfloat16)):
+        ep = EPDispatcher(dist.group.WORLD, E, K, H, M, dtype, backend="p2p",
+                          _backend_kwargs={"protocol": "lamport", **kw})
+        for i, toks in enumerate(([M, M], [1, 8], [37, 0], [M, 5], [0, M], [17, 33], [M, M])):
+            inputs = make_inputs(70 + i, world, toks, E, K, H, dtype, "random")
+            n, err = roundtrip(ep, rank, world, E, inputs, dtype, device="cuda")
+            torch.cuda.synchronize()
+            dist.barrier()
+            assert_lamport_sentinel(ep, rank, f"H={H} call {i} tokens {toks}")
+            dist.barrier()
+            out.append(err)
+        ep.check_errors(sync=True)
+    return out
+
+
+@pytest.mark.parametrize("variant", LAMPORT)
+def test_p2p_lamport_slots_back_to_sentinel(variant):
+    res = run_ranks(_sentinel_worker, 2, P2P_VARIANTS[variant], backend="nccl", timeout=280,
+                    env={"LLMCOMM_TIMEOUT_S": "5"})
+    for errs in res:
+        assert max(errs) < 2.5e-2

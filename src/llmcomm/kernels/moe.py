@@ -1,15 +1,22 @@
 """Triton kernels of the MoE ``p2p`` EP backend (one node, NVLink, symmetric memory).
 
 ``@triton.jit`` code only. The launcher is :mod:`llmcomm.moe.p2p`; it documents the workspace.
+Two protocols, chosen per backend (``P2PBackend(protocol=...)``): ``"flags"`` (the default,
+GPU-verified) and ``"lamport"`` (experimental, not GPU-verified; after the flags kernels, at the
+end of this module). Both give the same ``expert_x``/``counts`` contract and the same combine
+arithmetic (per-rank partial sums ``sum_k w * expert_out`` in fp32, k ascending, the peers'
+partials rounded to the dtype, then summed over ranks in fixed rank order), so the output never
+depends on timing.
 
-Protocol (``W`` ranks, grid of ``G`` programs, identical on every rank; program ``p`` handles the
-tokens ``t = p + j*G`` of every source rank, so it only ever waits for program ``p`` of its
-peers). A program's tokens go in *rounds* of ``CHUNK`` tokens (``round_tokens``), each round in
-steps of ``TB`` tokens (``tile_tokens`` / ``combine_tile_tokens``), and every round is signalled
-on its own: flags only move forward, round ``r`` of call ``e`` (a per-program epoch in device
-memory) releases ``e * 65536 + r + 1`` and a waiter spins until the flag is ``>=`` that (int32,
-wrap-safe). A program has ``max(1, ceil(n / CHUNK))`` rounds for its ``n`` tokens, so both sides
-count the same rounds from the same token count.
+Protocol ``"flags"`` (``ep_dispatch_kernel`` / ``ep_combine_kernel``; ``W`` ranks, grid of
+``G`` programs, identical on every rank; program ``p`` handles the tokens ``t = p + j*G`` of
+every source rank, so it only ever waits for program ``p`` of its peers). A program's tokens
+go in *rounds* of ``CHUNK`` tokens (``round_tokens``), each round in steps of ``TB`` tokens
+(``tile_tokens`` / ``combine_tile_tokens``), and every round is signalled on its own: flags
+only move forward, round ``r`` of call ``e`` (a per-program epoch in device memory) releases
+``e * 65536 + r + 1`` and a waiter spins until the flag is ``>=`` that (int32, wrap-safe).
+A program has ``max(1, ceil(n / CHUNK))`` rounds for its ``n`` tokens, so both sides count the
+same rounds from the same token count.
 
 dispatch, program p, iteration r:
   1. own round r: for each own token, its ids/weights into every peer (``recv_ids/recv_w``), its
@@ -38,7 +45,43 @@ reduction; counts, the error flag and the timer through :func:`.sync.load_unifor
 :func:`.sync.globaltimer_uniform`): a volatile scalar load executed by every thread can return
 different values while a peer's write lands, and a branch on it would split the program.
 
-Switchable variants (``tl.constexpr``; see :class:`llmcomm.moe.p2p.P2PBackend` for defaults):
+Protocol ``"lamport"`` (``ep_dispatch_lamport_kernel`` / ``ep_combine_lamport_kernel``;
+experimental, not GPU-verified): no flags, no system-scope fence, no waiting for a whole
+program's sends. Every receive slot of the workspace starts as a *sentinel* (the sign bit alone:
+``-0.0`` for float rows, ``INT_MIN`` for int32 meta and counts); senders write ``-0.0`` as
+``+0.0`` (the only value change, invisible to every arithmetic use), so a receiver knows an
+element has landed when it is no longer the sentinel, polls with volatile loads until no element
+of what it needs is, and then writes the sentinel back. Receive buffers come in ``NBUF = 3``
+copies, selected by a per-program index in device memory that advances every call (``buf = call
+mod 3``): a slot is reset in call ``e`` and written again only in call ``e + 3``, which the peer
+cannot start before this rank has started call ``e + 2`` (the peer's dispatch ``e + 2`` waits
+for this rank's counts of that call), long after call ``e`` ended: the reset never races the
+peer's write. No host counter is involved. Tokens are handled in tiles of ``TB`` consecutive
+tokens (``[TB, BLOCK_H]`` rows; ``tile_tokens`` / ``combine_tile_tokens``); there are no rounds.
+
+dispatch, program p (own tiles ``p, p+G, ...``; received tiles ``q, q+G, ...`` with
+``q = (p + SHIFT) mod G``; by default ``SHIFT = G/2`` on GPU so that with few tokens sending and
+receiving run on different SMs, 0 in the interpreter whose programs run one after another):
+  * store the own token count into ``lcnt[d][buf, RANK, p]`` of every peer (one slot per
+    receiving program, so every program polls and resets only its own);
+  * iteration i: send own tile i (meta = ids + weight bits to every peer, the rows to peers
+    owning one of their experts, local copies via :func:`_expand_tile`), then receive tile i-1
+    of every peer: poll the count (first tile only) and the meta until nothing is the sentinel
+    (a decision made uniform over the program through :func:`.sync.uniform`); barrier; re-read
+    the meta (only these values are used: replicated volatile loads of a small tile can disagree
+    across warps, see ``docs/wip/moe_lamport_review_s3.md``), poll the rows of the tokens with a
+    local expert; barrier; reset, keep the weights (``wloc``) for the combine, expand into local
+    experts.
+  * record the peers' counts (``peer_T``), advance ``buf``; the last program out publishes
+    ``counts`` and resets the cursors (as in ``"flags"``).
+combine, program p:
+  * iteration i: push the partial sums of the peers' tile ``p + i*G`` (``lcomb[s][buf, RANK]``,
+    rows with at least one local expert), then finish own tile ``q + (i-1)*G``: own partial
+    (fp32), poll + reset each peer's partial, sum in fixed rank order, store ``y``.
+A missing peer leaves its slots at the sentinel: the poll's deadline writes the error record.
+
+Switchable variants (``tl.constexpr``; see :class:`llmcomm.moe.p2p.P2PBackend` for defaults;
+``POSTED`` is ``"flags"`` only, ``PDL`` applies to both protocols):
 
 * ``POSTED``: flags are signalled with a posted ``st.release.sys`` and polled with
   ``ld.acquire.sys`` (one thread, then a reduction) instead of system-scope atomics. GPU only
@@ -55,7 +98,7 @@ import triton
 import triton.language as tl
 
 from .sync import (globaltimer_uniform, ld_acquire_sys, load_uniform, pdl_launch_dependents,
-                   pdl_wait, st_release_sys)
+                   pdl_wait, st_release_sys, uniform)
 
 
 @triton.jit
@@ -471,3 +514,356 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
         r += 1
         more = (r - 1 < r_own) | (r < tl.max(r_in, axis=0))
     tl.store(epoch_ptr + pid, epoch)
+
+
+# ---------------------------------------------------------------------------------------------
+# protocol "lamport": the data carries its own arrival (no flags, no fences, no grid barrier)
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _is_sent(v, BITS: tl.constexpr):
+    """True where the bit pattern of ``v`` is the sentinel (sign bit only: -0.0 / INT_MIN)."""
+    # exact bit-pattern equality (a shift test would depend on integer promotion rules)
+    if BITS == 16:
+        r = v.to(tl.int16, bitcast=True) == -32768
+    elif BITS == 32:
+        r = v.to(tl.int32, bitcast=True) == -2147483648
+    else:
+        r = v.to(tl.int64, bitcast=True) == (tl.full([], 1, tl.int64) << 63)
+    return r
+
+
+@triton.jit
+def _sent_like(v, BITS: tl.constexpr):
+    """A tensor of ``v``'s shape and dtype filled with the sentinel bit pattern."""
+    if BITS == 16:
+        s = tl.full(v.shape, -32768, tl.int16)
+    elif BITS == 32:
+        s = tl.full(v.shape, -2147483648, tl.int32)
+    else:
+        s = tl.full(v.shape, 1, tl.int64) << 63
+    return s.to(v.dtype, bitcast=True)
+
+
+@triton.jit
+def _lamport_send_tile(c, x_ptr, ids_ptr, w_ptr, T, buf, lx, lmeta, expert_x, cursor, slot_map,
+                       RANK: tl.constexpr, W: tl.constexpr, M: tl.constexpr, H: tl.constexpr,
+                       K: tl.constexpr, L: tl.constexpr, E: tl.constexpr, CAP: tl.constexpr,
+                       BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, TB: tl.constexpr):
+    """Own tokens ``[c*TB, c*TB+TB)``: meta to every peer, the row to peers owning one of its
+    experts (``-0.0`` sent as ``+0.0``), then the local copies."""
+    offs_h = tl.arange(0, BLOCK_H)
+    mh = offs_h < H
+    offs_k = tl.arange(0, BLOCK_K)
+    mk = offs_k < K
+    t = c * TB + tl.arange(0, TB)
+    vt = t < T
+    t64 = tl.cast(t, tl.int64)
+    m2 = vt[:, None] & mk[None, :]
+    ids = tl.load(ids_ptr + t64[:, None] * K + offs_k[None, :], mask=m2, other=-1).to(tl.int32)
+    ids = tl.where(m2 & (ids >= 0) & (ids < E), ids, -1)
+    w = tl.load(w_ptr + t64[:, None] * K + offs_k[None, :], mask=m2, other=0.0).to(tl.float32)
+    row = tl.load(x_ptr + t64[:, None] * H + offs_h[None, :], mask=vt[:, None] & mh[None, :])
+    wbits = tl.where(w == 0, 0.0, w).to(tl.int32, bitcast=True)
+    rowc = tl.where(row == 0, tl.zeros_like(row), row)
+    owner = tl.where(ids >= 0, ids // L, -1)
+    base = (buf * W + RANK) * M + t64
+    for d in tl.static_range(W):
+        if d != RANK:
+            mp = lmeta[d] + base[:, None] * (2 * K) + offs_k[None, :]
+            tl.store(mp, ids, mask=m2)
+            tl.store(mp + K, wbits, mask=m2)
+            to_d = vt & (tl.sum((owner == d).to(tl.int32), axis=1) > 0)
+            tl.store(lx[d] + base[:, None] * H + offs_h[None, :], rowc,
+                     mask=to_d[:, None] & mh[None, :])
+    _expand_tile(row, ids, vt, RANK, t64, expert_x, cursor, slot_map, RANK, M, H, K, L, CAP,
+                 BLOCK_H, BLOCK_K)
+
+
+@triton.jit
+def _lamport_poll_meta(cnt_ptr, need, ts_known, bound, mp, t, M: tl.constexpr,
+                       K: tl.constexpr, BLOCK_K: tl.constexpr, NT: tl.constexpr):
+    """One poll round of a received tile's count (when ``need``) and meta (tokens ``t < bound``).
+
+    Returns (count, next bound, pending), all uniform over the program. Only the *decision* is
+    taken from these loads: on a GPU the ``[TB, BLOCK_K]`` meta is replicated over many threads,
+    every replica issues its own volatile load (and the compiler may duplicate the load into
+    several layouts), so the copies a thread holds may still be the sentinel while the copy that
+    was counted has landed. The caller re-reads the meta after a barrier (see
+    :func:`_lamport_recv_tile`) and uses only that.
+    """
+    offs_k = tl.arange(0, BLOCK_K)
+    mk = offs_k < K
+    c_raw = load_uniform(cnt_ptr, need, 0, NT)  # branched on: must be uniform
+    ml = (t < bound)[:, None] & mk[None, :]
+    ids = tl.load(mp + offs_k[None, :], mask=ml, other=-1, volatile=True)
+    wb = tl.load(mp + K + offs_k[None, :], mask=ml, other=0, volatile=True)
+    cnt_pend = need & (c_raw == -2147483648)
+    ts = tl.where(need, c_raw, ts_known)
+    nbound = tl.where(cnt_pend, M, ts)   # bound >= every later bound
+    m2 = (t < nbound)[:, None] & mk[None, :]
+    meta_pend = tl.sum(tl.sum((m2 & ((ids == -2147483648) | (wb == -2147483648))).to(tl.int32),
+                              axis=1), axis=0)
+    pending = uniform(cnt_pend.to(tl.int32) + meta_pend, NT)
+    return ts, nbound, pending
+
+
+@triton.jit
+def _lamport_recv_tile(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor,
+                       slot_map, wloc, err_dev, err_host, timeout_ns, RANK: tl.constexpr,
+                       W: tl.constexpr, G: tl.constexpr, M: tl.constexpr, H: tl.constexpr,
+                       K: tl.constexpr, L: tl.constexpr, CAP: tl.constexpr,
+                       BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, TB: tl.constexpr,
+                       BITS: tl.constexpr, USE_TIMER: tl.constexpr, NT: tl.constexpr):
+    """Tokens ``[c*TB, c*TB+TB)`` of source ``s``: wait until they landed (deadline), reset the
+    slots to the sentinel, expand into local experts. ``ts_known < 0``: the source's token
+    count is not known yet and is polled (and reset) too. Returns (count, dead).
+
+    1. poll count + meta until (uniformly) nothing is the sentinel; 2. barrier, re-read the meta
+    (every copy now sees the landed values: a later read after a barrier cannot return an older
+    value than one already observed), take ``mine`` from it and poll the rows of those tokens;
+    3. barrier (every read done), reset, expand from the re-read values only."""
+    offs_h = tl.arange(0, BLOCK_H)
+    mh = offs_h < H
+    offs_k = tl.arange(0, BLOCK_K)
+    mk = offs_k < K
+    t = c * TB + tl.arange(0, TB)
+    t64 = tl.cast(t, tl.int64)
+    need = ts_known < 0
+    cnt_ptr = lcnt[RANK] + (buf * W + s) * G + pid
+    base = (buf * W + s) * M + t64
+    mp = lmeta[RANK] + base[:, None] * (2 * K)
+    rp = lx[RANK] + base[:, None] * H
+    bound = tl.where(need, M, ts_known)
+    ts, bound, pending = _lamport_poll_meta(cnt_ptr, need, ts_known, bound, mp, t, M, K,
+                                            BLOCK_K, NT)
+    t0 = _now(USE_TIMER, NT)
+    spins = tl.full([], 0, tl.int64)
+    while (pending > 0) & (dead == 0):
+        ts, bound, pending = _lamport_poll_meta(cnt_ptr, need, ts_known, bound, mp, t, M, K,
+                                                BLOCK_K, NT)
+        spins += 1
+        if pending > 0:
+            if _expired(t0, spins, timeout_ns, USE_TIMER, NT):
+                _fail(err_dev, err_host, 1, s)
+                dead = dead | 1
+            else:
+                dead = dead | _dead(err_dev, NT)
+    vt = t < ts
+    m2 = vt[:, None] & mk[None, :]
+    ids = tl.full([TB, BLOCK_K], -1, tl.int32)
+    wb = tl.zeros([TB, BLOCK_K], tl.int32)
+    mine = vt & False
+    row = tl.zeros([TB, BLOCK_H], lx[RANK].dtype.element_ty)
+    if dead == 0:
+        tl.debug_barrier()   # every sample the decision came from precedes the re-read
+        ids = tl.load(mp + offs_k[None, :], mask=m2, other=-1, volatile=True)
+        wb = tl.load(mp + K + offs_k[None, :], mask=m2, other=0, volatile=True)
+        owner = tl.where(ids >= 0, ids // L, -1)
+        mine = vt & (tl.sum((owner == RANK).to(tl.int32), axis=1) > 0)
+        row, dead = _poll_rows(rp + offs_h[None, :], mine[:, None] & mh[None, :], dead, s,
+                               err_dev, err_host, timeout_ns, 1, BITS, USE_TIMER, NT)
+        # (_poll_rows ends with a barrier: no reset below overtakes any thread's read)
+    if dead == 0:
+        if need:
+            tl.store(cnt_ptr, -2147483648)
+        tl.store(mp + offs_k[None, :], tl.full([TB, BLOCK_K], -2147483648, tl.int32), mask=m2)
+        tl.store(mp + K + offs_k[None, :], tl.full([TB, BLOCK_K], -2147483648, tl.int32),
+                 mask=m2)
+        tl.store(rp + offs_h[None, :], _sent_like(row, BITS),
+                 mask=mine[:, None] & mh[None, :])
+        tl.store(wloc + (s * M + t64)[:, None] * K + offs_k[None, :],
+                 wb.to(tl.float32, bitcast=True), mask=m2)
+        _expand_tile(row, ids, vt, s, t64, expert_x, cursor, slot_map, RANK, M, H, K, L, CAP,
+                     BLOCK_H, BLOCK_K)
+    else:
+        ts = ts * 0
+    return ts, dead
+
+
+@triton.jit
+def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
+                               expert_x, counts, cursor, done, slot_map, wloc, peer_T, buf_ptr,
+                               err_dev, err_host_addr, timeout_ns,
+                               RANK: tl.constexpr, W: tl.constexpr, G: tl.constexpr,
+                               M: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
+                               L: tl.constexpr, E: tl.constexpr, CAP: tl.constexpr,
+                               BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                               BLOCK_L: tl.constexpr, BLOCK_W: tl.constexpr, TB: tl.constexpr,
+                               BITS: tl.constexpr, NBUF: tl.constexpr, SHIFT: tl.constexpr,
+                               USE_TIMER: tl.constexpr, PDL: tl.constexpr = False,
+                               NT: tl.constexpr = 256):
+    """Lamport dispatch; see the module docstring. Tiles of ``TB`` tokens; program ``p`` sends
+    own tiles ``p, p+G, ...`` and receives the same tiles of every peer, one tile behind."""
+    if PDL:  # nothing is touched before the previous grid finished
+        pdl_wait()
+        pdl_launch_dependents()
+    pid = tl.program_id(0)
+    err_host = err_host_addr.to(tl.pointer_type(tl.int32))
+    buf = tl.load(buf_ptr + pid)
+    dead = _dead(err_dev, NT)
+    offs_w = tl.arange(0, BLOCK_W)
+    is_peer = (offs_w < W) & (offs_w != RANK)
+    for d in tl.static_range(W):
+        if d != RANK:
+            tl.store(lcnt[d] + (buf * W + RANK) * G + pid, T)
+    n_own = tl.cdiv(T, TB)
+    tsv = tl.full([BLOCK_W], -1, tl.int32)       # peers' token counts, -1 = not known yet
+    rbase = (pid + SHIFT) % G                    # received tiles: rbase, rbase + G, ...
+    i = tl.full([], 0, tl.int32)
+    more = n_own > 0
+    more = more | (W > 1)
+    while more:
+        c = pid + i * G
+        if c < n_own:
+            _lamport_send_tile(c, x_ptr, ids_ptr, w_ptr, T, buf, lx, lmeta, expert_x, cursor,
+                               slot_map, RANK, W, M, H, K, L, E, CAP, BLOCK_H, BLOCK_K, TB)
+        if i > 0:
+            cr = rbase + (i - 1) * G
+            for s in tl.static_range(W):
+                if s != RANK:
+                    ts = tl.sum(tl.where(offs_w == s, tsv, 0), axis=0)
+                    if (dead == 0) & ((ts < 0) | (cr * TB < ts)):
+                        ts, dead = _lamport_recv_tile(
+                            cr, s, ts, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor,
+                            slot_map, wloc, err_dev, err_host, timeout_ns, RANK, W, G, M, H,
+                            K, L, CAP, BLOCK_H, BLOCK_K, TB, BITS, USE_TIMER, NT)
+                        tsv = tl.where(offs_w == s, ts, tsv)
+        i += 1
+        cn = pid + i * G
+        big = tl.where(is_peer, tl.where(tsv < 0, 2147483647, tsv), 0)
+        want_recv = ((rbase + (i - 1) * G) * TB < tl.max(big, axis=0)) & (dead == 0)
+        more = (cn < n_own) | want_recv
+    tl.store(peer_T + offs_w, tl.maximum(tsv, 0), mask=is_peer)
+    tl.store(buf_ptr + pid, (buf + 1) % NBUF)
+    # the last program out publishes the counts and resets the cursors for the next call
+    tl.debug_barrier()
+    prev = tl.atomic_add(done, 1, sem="acq_rel", scope="gpu")
+    if prev == G - 1:
+        offs_l = tl.arange(0, BLOCK_L)
+        ml = offs_l < L
+        cnt = tl.atomic_xchg(cursor + offs_l, tl.zeros([BLOCK_L], tl.int32), mask=ml,
+                             sem="acq_rel", scope="gpu")
+        tl.store(counts + offs_l, cnt, mask=ml)
+        tl.atomic_xchg(done, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _poll_rows(ptrs, mask, dead, peer, err_dev, err_host, timeout_ns, OP: tl.constexpr,
+               BITS: tl.constexpr, USE_TIMER: tl.constexpr, NT: tl.constexpr):
+    """Volatile-load ``ptrs`` until no masked element is the sentinel (or the deadline).
+
+    The loop condition is made uniform explicitly (``uniform``). A tile with fewer elements than
+    threads is replicated: its copies are loaded independently and the one returned need not be
+    the one counted, so it is re-read after a barrier. Ends with a barrier, so a reset store
+    issued after it (whatever its layout) never overtakes a read of this poll."""
+    v = tl.load(ptrs, mask=mask, other=0.0, volatile=True)
+    pending = uniform(tl.sum(tl.sum((mask & _is_sent(v, BITS)).to(tl.int32), axis=1), axis=0),
+                      NT)
+    t0 = _now(USE_TIMER, NT)
+    spins = tl.full([], 0, tl.int64)
+    while (pending > 0) & (dead == 0):
+        v = tl.load(ptrs, mask=mask, other=0.0, volatile=True)
+        pending = uniform(tl.sum(tl.sum((mask & _is_sent(v, BITS)).to(tl.int32), axis=1),
+                                 axis=0), NT)
+        spins += 1
+        if pending > 0:
+            if _expired(t0, spins, timeout_ns, USE_TIMER, NT):
+                _fail(err_dev, err_host, OP, peer)
+                dead = dead | 1
+            else:
+                dead = dead | _dead(err_dev, NT)
+    if ptrs.numel < NT:   # replicated layout: re-read, every copy now sees the landed values
+        tl.debug_barrier()
+        v = tl.load(ptrs, mask=mask, other=0.0, volatile=True)
+    tl.debug_barrier()
+    return v, dead
+
+
+@triton.jit
+def ep_combine_lamport_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T, lcomb, slot_map, wloc,
+                              peer_T, buf_ptr, err_dev, err_host_addr, timeout_ns,
+                              RANK: tl.constexpr, W: tl.constexpr, G: tl.constexpr,
+                              M: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
+                              L: tl.constexpr, E: tl.constexpr, BLOCK_H: tl.constexpr,
+                              BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr, TB: tl.constexpr,
+                              BITS: tl.constexpr, NBUF: tl.constexpr, SHIFT: tl.constexpr,
+                              USE_TIMER: tl.constexpr, PDL: tl.constexpr = False,
+                              NT: tl.constexpr = 256):
+    """Lamport combine; see the module docstring. Program ``p`` pushes the partial sums of the
+    peers' tiles ``p, p+G, ...`` and finishes its own tiles one iteration behind."""
+    if PDL:  # nothing is touched before the previous grid finished
+        pdl_wait()
+        pdl_launch_dependents()
+    pid = tl.program_id(0)
+    err_host = err_host_addr.to(tl.pointer_type(tl.int32))
+    buf = tl.load(buf_ptr + pid)
+    dead = _dead(err_dev, NT)
+    offs_h = tl.arange(0, BLOCK_H)
+    mh = offs_h < H
+    offs_k = tl.arange(0, BLOCK_K)
+    mk = offs_k < K
+    offs_w = tl.arange(0, BLOCK_W)
+    is_peer = (offs_w < W) & (offs_w != RANK)
+    tsv = tl.load(peer_T + offs_w, mask=is_peer, other=0)
+    max_ts = tl.max(tsv, axis=0)
+    n_own = tl.cdiv(T, TB)
+    i = tl.full([], 0, tl.int32)
+    obase = (pid + SHIFT) % G                    # own tiles: obase, obase + G, ...
+    more = (pid * TB < max_ts) | (obase < n_own)
+    while more:
+        c = pid + i * G
+        t = c * TB + tl.arange(0, TB)
+        t64 = tl.cast(t, tl.int64)
+        # 1. partial sums of the peers' tokens of tile c, pushed once per (token, peer)
+        for s in tl.static_range(W):
+            if s != RANK:
+                ts = tl.sum(tl.where(offs_w == s, tsv, 0), axis=0)
+                if (dead == 0) & (c * TB < ts):
+                    vt = t < ts
+                    m2 = vt[:, None] & mk[None, :]
+                    r = (s * M + t64)[:, None] * K + offs_k[None, :]
+                    sm = tl.load(slot_map + r, mask=m2, other=-1)
+                    wv = tl.load(wloc + r, mask=m2, other=0.0)
+                    accp = _partial_tile(expert_out, sm, wv, H, K, BLOCK_H, BLOCK_K)
+                    has = vt & (tl.max(sm, axis=1) >= 0)
+                    out = accp.to(lcomb[s].dtype.element_ty)
+                    out = tl.where(out == 0, tl.zeros_like(out), out)
+                    dst = lcomb[s] + ((buf * W + RANK) * M + t64)[:, None] * H + offs_h[None, :]
+                    tl.store(dst, out, mask=has[:, None] & mh[None, :])
+        # 2. own tile c - G: own partial + the peers' partials, fixed rank order, fp32
+        co = obase + (i - 1) * G
+        if (i > 0) & (co < n_own):
+            to = co * TB + tl.arange(0, TB)
+            to64 = tl.cast(to, tl.int64)
+            vo = to < T
+            mo = vo[:, None] & mk[None, :]
+            ids = tl.load(ids_ptr + to64[:, None] * K + offs_k[None, :], mask=mo,
+                          other=-1).to(tl.int32)
+            ids = tl.where(mo & (ids >= 0) & (ids < E), ids, -1)
+            owner = tl.where(ids >= 0, ids // L, -1)
+            sm = tl.load(slot_map + (RANK * M + to64)[:, None] * K + offs_k[None, :], mask=mo,
+                         other=-1)
+            wv = tl.load(w_ptr + to64[:, None] * K + offs_k[None, :], mask=mo,
+                         other=0.0).to(tl.float32)
+            part = _partial_tile(expert_out, sm, wv, H, K, BLOCK_H, BLOCK_K)
+            acco = tl.zeros([TB, BLOCK_H], tl.float32)
+            for d in tl.static_range(W):
+                if d == RANK:
+                    acco += part
+                else:
+                    from_d = vo & (tl.sum((owner == d).to(tl.int32), axis=1) > 0)
+                    mrow = from_d[:, None] & mh[None, :]
+                    src = lcomb[RANK] + ((buf * W + d) * M + to64)[:, None] * H + offs_h[None, :]
+                    v, dead = _poll_rows(src, mrow, dead, d, err_dev, err_host, timeout_ns, 2,
+                                         BITS, USE_TIMER, NT)
+                    if dead == 0:
+                        tl.store(src, _sent_like(v, BITS), mask=mrow)
+                    acco += v.to(tl.float32)
+            tl.store(y_ptr + to64[:, None] * H + offs_h[None, :], acco.to(y_ptr.dtype.element_ty),
+                     mask=vo[:, None] & mh[None, :])
+        i += 1
+        cn = pid + i * G
+        more = (cn * TB < max_ts) | (obase + (i - 1) * G < n_own)
+    tl.store(buf_ptr + pid, (buf + 1) % NBUF)

@@ -10,6 +10,8 @@ returns a value (an NVLink round trip for a remote flag). These helpers emit the
 * ``globaltimer_uniform(NT) -> int64``: ``%globaltimer`` in nanoseconds (spin-wait deadlines),
   the same value in every thread of the program (see below).
 * ``load_uniform(ptr, mask, other, NT)``: one volatile scalar load every thread sees alike.
+* ``uniform(x, NT)``: thread 0's value of a scalar computed from volatile loads, handed to every
+  thread (the MoE ``"lamport"`` polls; see below).
 * ``wait_flags(...)``: spin until every selected flag reached ``target`` (wrap-safe int32
   comparison) or the deadline passed; on expiry write an error record (see below) and return.
 
@@ -49,6 +51,20 @@ def load_uniform(ptr, mask, other, NT: tl.constexpr):
     m = (i == 0) & ((i * 0 + mask) != 0)  # a full vector (the interpreter rejects a 0-d mask)
     v = tl.load(ptr + i * 0, mask=m, other=other, volatile=True)
     return tl.sum(tl.where(i == 0, v, 0), axis=0)
+
+
+@triton.jit
+def uniform(x, NT: tl.constexpr):
+    """Thread 0's value of the scalar ``x``, handed to every thread of the program (a reduction
+    over an ``NT``-vector, so it goes through shared memory and a barrier).
+
+    A scalar computed from volatile loads is *not* uniform on a GPU even when every step looks
+    scalar: a small tensor (e.g. ``[TB, BLOCK_K]``) is replicated over many threads, each replica
+    issues its own volatile load (and the compiler may even duplicate the load into several
+    layouts), and reductions over replicated dimensions stay per warp. Every value a loop or
+    branch depends on must come through here (or ``load_uniform`` / ``globaltimer_uniform``)."""
+    i = tl.arange(0, NT)
+    return tl.sum(tl.where(i == 0, x, 0), axis=0)
 
 
 @triton.jit

@@ -1,8 +1,10 @@
 """The ``p2p`` EP backend: Triton kernels pushing rows over NVLink into symmetric memory.
 
 One node only. At creation (never later) it allocates one symmetric-memory buffer on the EP
-group and rendezvouses it once; regions of that buffer, per rank (``W`` ranks, ``M`` max tokens
-per rank, ``K`` top-k, ``G`` programs)::
+group and rendezvouses it once. Two protocols (``protocol=``, see :mod:`llmcomm.kernels.moe`):
+``"flags"`` (the default, GPU-verified) and ``"lamport"`` (experimental, not GPU-verified).
+Regions of that buffer, per rank (``W`` ranks, ``M`` max tokens per rank, ``K`` top-k, ``G``
+programs), for ``protocol="flags"`` (zero-initialised)::
 
     recv_x  [W, M, H] dtype   rows pushed by each source rank (one per token and destination)
     recv_ids[W, M, K] int32   the source token's expert ids (written for every token)
@@ -11,10 +13,20 @@ per rank, ``K`` top-k, ``G`` programs)::
     comb    [W, M, H] dtype   weighted partial sums pushed back by each expert rank
     flags_d [G, W], flags_c [G, W] int32   monotonic per-program epochs (dispatch / combine)
 
+and for ``protocol="lamport"`` (``NBUF = 3`` rotating copies, every element initialised to the
+sentinel bit pattern, sign bit only; each receiver resets what it consumed)::
+
+    lx    [NBUF, W, M, H]  dtype  rows pushed by each source rank
+    lmeta [NBUF, W, M, 2K] int32  ids, then the fp32 weight bits, of every source token
+    lcnt  [NBUF, W, G]     int32  the source's token count, one slot per receiving program
+    lcomb [NBUF, W, M, H]  dtype  weighted partial sums pushed back by each expert rank
+
 Local: ``expert_x [L, W*M, H]``, counts, slot cursors, the slot map ``[W, M, K]``, per-program
-epochs, and a 4-int error record (device, plus a pinned host mirror the host reads without a
-sync). The grid ``G`` and every launch knob (``num_warps``, ``tile_tokens``,
-``combine_tile_tokens``, ``round_tokens``, ``posted_flags``, ``pdl``; see
+epochs (``"flags"``) or buffer indices (``"lamport"``, plus the peers' weights ``wloc [W, M, K]``
+and token counts ``peer_T [W]`` kept for the combine), and a 4-int error record (device, plus a
+pinned host mirror the host reads without a sync). The grid ``G`` and every launch knob
+(``protocol``, ``num_warps``, ``tile_tokens``, ``combine_tile_tokens``, ``pdl``, the ``"flags"``
+knobs ``round_tokens``, ``posted_flags``, the ``"lamport"`` knob ``shift``; see
 :mod:`llmcomm.kernels.moe`) are pure functions of the creation arguments and are part of the
 fingerprint; the defaults are the tested configuration. Kernels take no host counter, so
 dispatch/combine capture into CUDA graphs; they never synchronise the host. NVLink multicast is
@@ -37,6 +49,7 @@ from ..errors import CollectiveTimeoutError
 from .backends import EPConfig, MoEBackend
 
 _ALIGN = 256
+NBUF = 3   # "lamport": receive buffers rotated per call (per program), so a reset never races
 _OPS = {1: "EPDispatcher.dispatch (p2p)", 2: "EPDispatcher.combine (p2p)"}
 
 
@@ -101,7 +114,7 @@ class P2PBackend(MoEBackend):
                  simulate_dir: str | None = None, num_warps: int | None = None,
                  tile_tokens: int = 1, combine_tile_tokens: int = 1,
                  round_tokens: int | None = None, posted_flags: bool | None = None,
-                 pdl: bool = False) -> None:
+                 pdl: bool = False, protocol: str = "flags", shift: int | None = None) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -118,15 +131,38 @@ class P2PBackend(MoEBackend):
             tile_tokens, combine_tile_tokens: tokens one program handles per loop step in
                 dispatch / combine (``TB``; powers of 2, <= 8; default 1): their loads and slot
                 atomics are in flight together. More need more registers (the combine's fp32
-                sums most); the session-3 sweep found no gain (docs/moe.md).
+                sums most); the session-3 sweep found no gain (docs/moe.md). Both protocols.
             posted_flags: signal with a posted ``st.release.sys`` and poll with
                 ``ld.acquire.sys`` (``POSTED``) instead of system-scope atomics. Default on on a
                 GPU (fastest in the session-3 sweep at every size), off in the simulation
                 (inline PTX).
-            pdl: programmatic dependent launch (``PDL``, sm_90+), off by default.
+            pdl: programmatic dependent launch (``PDL``, sm_90+), off by default. Both protocols.
+            protocol: ``"flags"`` (default; per-program monotonic flags, system-scope
+                release/acquire) or ``"lamport"`` (experimental, not GPU-verified:
+                sentinel-initialised receive buffers, the data signals its own arrival; see
+                :mod:`llmcomm.kernels.moe`). ``round_tokens`` and ``posted_flags`` belong to
+                ``"flags"``: leave them unset with ``"lamport"``.
+            shift: ``"lamport"`` only: program ``p`` receives (dispatch) and finishes its own
+                tokens (combine) of tile ``(p + shift) mod G``, so that with fewer tokens than
+                programs, sending and receiving run on different SMs. Default ``G // 2`` on GPU;
+                must be 0 in the simulation (its programs run one after another, so program p
+                may only wait for program p of its peers). A non-zero shift needs every program
+                of the grid resident at once (``G`` <= free SMs).
         """
         super().__init__(group, cfg)
         self._sim = simulate_dir is not None
+        if protocol not in ("flags", "lamport"):
+            raise ValueError(f"protocol must be 'flags' or 'lamport', got {protocol!r}")
+        lamport = protocol == "lamport"
+        if lamport and (round_tokens is not None or posted_flags is not None):
+            raise ValueError("round_tokens and posted_flags apply to protocol='flags' only "
+                             "(protocol='lamport' has no rounds and no flags): leave them unset")
+        if not lamport and shift is not None:
+            raise ValueError("shift applies to protocol='lamport' only (the 'flags' kernels pair "
+                             "program p with program p of every peer): leave it unset")
+        if self._sim and shift:
+            raise ValueError("shift must be 0 in the TRITON_INTERPRET simulation (its programs "
+                             "run one after another): pass shift=0 or leave it unset")
         if not self._sim and cfg.device.type != "cuda":
             raise ValueError(f"p2p EP backend needs a CUDA device, got {cfg.device}")
         if num_warps is None:
@@ -137,8 +173,11 @@ class P2PBackend(MoEBackend):
             if not isinstance(v, int) or v < 1 or v > 8 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of 2 in [1, 8], got {v!r}")
         self.tiles = (tile_tokens, combine_tile_tokens)
+        esize = torch.empty(0, dtype=cfg.dtype).element_size()
+        if lamport and esize not in (2, 4, 8):
+            raise ValueError(f"protocol='lamport' needs a 16, 32 or 64-bit dtype, got {cfg.dtype}")
         if posted_flags is None:
-            posted_flags = not self._sim
+            posted_flags = not self._sim and not lamport
         if self._sim and (posted_flags or pdl):
             raise ValueError("posted_flags and pdl use inline PTX: not available in the "
                              "TRITON_INTERPRET simulation")
@@ -153,23 +192,38 @@ class P2PBackend(MoEBackend):
                 cfg.device).multi_processor_count
             num_programs = min(128, sms, M)
         self.G = int(num_programs)
-        if round_tokens is None:
-            share = -(-M // self.G)                    # a program's tokens at capacity
-            round_tokens = max(1, -(-share // 4))
-        if not isinstance(round_tokens, int) or round_tokens < 1:
-            raise ValueError(f"round_tokens must be an int >= 1, got {round_tokens!r}")
-        self.round_tokens = round_tokens
+        self.protocol = protocol
+        if lamport:
+            if shift is None:
+                shift = 0 if self._sim else self.G // 2
+            if not isinstance(shift, int) or not 0 <= shift < self.G:
+                raise ValueError(f"shift must be an int in [0, num_programs={self.G}), "
+                                 f"got {shift!r}")
+        else:
+            if round_tokens is None:
+                share = -(-M // self.G)                    # a program's tokens at capacity
+                round_tokens = max(1, -(-share // 4))
+            if not isinstance(round_tokens, int) or round_tokens < 1:
+                raise ValueError(f"round_tokens must be an int >= 1, got {round_tokens!r}")
+        self.round_tokens = round_tokens     # None for "lamport"
+        self.shift = shift                   # None for "flags"
         dev = cfg.device if not self._sim else torch.device("cpu")
-        esize = torch.empty(0, dtype=cfg.dtype).element_size()
         off = 0
         layout = {}
-        for name, shape, dt in (("recv_x", (W, M, H), cfg.dtype),
-                                ("recv_ids", (W, M, K), torch.int32),
-                                ("recv_w", (W, M, K), torch.float32),
-                                ("recv_T", (W,), torch.int32),
-                                ("comb", (W, M, H), cfg.dtype),
-                                ("flags_d", (self.G, W), torch.int32),
-                                ("flags_c", (self.G, W), torch.int32)):
+        if lamport:
+            regions = (("lx", (NBUF, W, M, H), cfg.dtype),
+                       ("lmeta", (NBUF, W, M, 2 * K), torch.int32),
+                       ("lcnt", (NBUF, W, self.G), torch.int32),
+                       ("lcomb", (NBUF, W, M, H), cfg.dtype))
+        else:
+            regions = (("recv_x", (W, M, H), cfg.dtype),
+                       ("recv_ids", (W, M, K), torch.int32),
+                       ("recv_w", (W, M, K), torch.float32),
+                       ("recv_T", (W,), torch.int32),
+                       ("comb", (W, M, H), cfg.dtype),
+                       ("flags_d", (self.G, W), torch.int32),
+                       ("flags_c", (self.G, W), torch.int32))
+        for name, shape, dt in regions:
             n = 1
             for s in shape:
                 n *= s
@@ -178,13 +232,29 @@ class P2PBackend(MoEBackend):
         self.ws = _Workspace(off, group, cfg, simulate_dir)
         for name, (o, shape, dt) in layout.items():
             setattr(self, name, self.ws.region(o, shape, dt))
+        if lamport:   # every receive slot starts as the sentinel (sign bit only)
+            for name in ("lx", "lmeta", "lcnt", "lcomb"):
+                region = getattr(self, name)[cfg.rank]
+                ibits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[region.element_size()]
+                region.view(ibits).fill_(torch.iinfo(ibits).min)
+            if not self._sim:
+                torch.cuda.synchronize(cfg.device)
+            # no peer may write into this rank's buffer before the fill (the backend must be
+            # safe on its own, not only behind EPDispatcher's agree())
+            exchange("sentinel", group, "p2p EP lamport workspace")
         self.expert_x = torch.empty(L, cfg.capacity, H, dtype=cfg.dtype, device=dev)
         self.counts = torch.zeros(L, dtype=torch.int32, device=dev)
         self.cursor = torch.zeros(L, dtype=torch.int32, device=dev)
         self.done = torch.zeros(1, dtype=torch.int32, device=dev)
         self.slot_map = torch.full((W, M, K), -1, dtype=torch.int32, device=dev)
-        self.epoch_d = torch.zeros(self.G, dtype=torch.int32, device=dev)
-        self.epoch_c = torch.zeros(self.G, dtype=torch.int32, device=dev)
+        if lamport:
+            self.wloc = torch.zeros(W, M, K, dtype=torch.float32, device=dev)
+            self.peer_T = torch.zeros(W, dtype=torch.int32, device=dev)
+            self.buf_d = torch.zeros(self.G, dtype=torch.int32, device=dev)
+            self.buf_c = torch.zeros(self.G, dtype=torch.int32, device=dev)
+        else:
+            self.epoch_d = torch.zeros(self.G, dtype=torch.int32, device=dev)
+            self.epoch_c = torch.zeros(self.G, dtype=torch.int32, device=dev)
         self.err_dev = torch.zeros(4, dtype=torch.int32, device=dev)
         self.err_host = torch.zeros(4, dtype=torch.int32, pin_memory=not self._sim)
         self._dummy_x = torch.zeros(1, H, dtype=cfg.dtype, device=dev)
@@ -199,6 +269,7 @@ class P2PBackend(MoEBackend):
 
     def fingerprint(self) -> dict[str, Any]:
         return {"num_programs": self.G, "workspace_bytes": self.ws.nbytes,
+                "protocol": self.protocol, "shift": self.shift,
                 "num_warps": self.num_warps, "round_tokens": self.round_tokens,
                 "tile_tokens": self.tiles[0], "combine_tile_tokens": self.tiles[1],
                 **{k.lower(): v for k, v in self.variants.items()}}
@@ -213,8 +284,19 @@ class P2PBackend(MoEBackend):
                     USE_TIMER=not self._sim, num_warps=self.num_warps,
                     NT=32 * self.num_warps, **self.variants, **extra)
 
+    def _lamport_consts(self, tb: int) -> dict[str, Any]:
+        c = self.cfg
+        extra = {"launch_pdl": True} if self.variants["PDL"] else {}
+        return dict(RANK=c.rank, W=c.world_size, G=self.G, M=c.max_tokens_per_rank,
+                    H=c.hidden_size, K=c.top_k, L=c.local_experts, E=c.num_experts,
+                    BLOCK_H=_next_pow2(c.hidden_size), BLOCK_K=_next_pow2(c.top_k),
+                    BLOCK_W=_next_pow2(c.world_size), TB=tb,
+                    BITS=8 * torch.empty(0, dtype=c.dtype).element_size(), NBUF=NBUF,
+                    SHIFT=self.shift, USE_TIMER=not self._sim, PDL=self.variants["PDL"],
+                    num_warps=self.num_warps, NT=32 * self.num_warps, **extra)
+
     def dispatch(self, x, topk_ids, topk_weights):
-        from ..kernels.moe import ep_dispatch_kernel
+        from ..kernels.moe import ep_dispatch_kernel, ep_dispatch_lamport_kernel
 
         if self._failed is not None:
             raise self._failed
@@ -222,6 +304,14 @@ class P2PBackend(MoEBackend):
         if T == 0:
             x, topk_ids, topk_weights = self._dummy_x, self._dummy_ids, self._dummy_w
         c = self.cfg
+        if self.protocol == "lamport":
+            ep_dispatch_lamport_kernel[(self.G,)](
+                x, topk_ids, topk_weights, T, self.lx, self.lmeta, self.lcnt,
+                self.expert_x, self.counts, self.cursor, self.done, self.slot_map, self.wloc,
+                self.peer_T, self.buf_d, self.err_dev, self.err_host.data_ptr(),
+                self.timeout_ns, CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts),
+                **self._lamport_consts(self.tiles[0]))
+            return self.expert_x, self.counts, (topk_ids, topk_weights)
         ep_dispatch_kernel[(self.G,)](
             x, topk_ids, topk_weights, T,
             self.recv_x, self.recv_ids, self.recv_w, self.recv_T, self.flags_d,
@@ -232,7 +322,7 @@ class P2PBackend(MoEBackend):
         return self.expert_x, self.counts, (topk_ids, topk_weights)
 
     def combine(self, expert_out, state, num_tokens):
-        from ..kernels.moe import ep_combine_kernel
+        from ..kernels.moe import ep_combine_kernel, ep_combine_lamport_kernel
 
         if self._failed is not None:
             raise self._failed
@@ -240,6 +330,12 @@ class P2PBackend(MoEBackend):
         c = self.cfg
         y = torch.empty(num_tokens, c.hidden_size, dtype=c.dtype, device=expert_out.device)
         y_arg = y if num_tokens else self._dummy_x
+        if self.protocol == "lamport":
+            ep_combine_lamport_kernel[(self.G,)](
+                expert_out, ids, w, y_arg, num_tokens, self.lcomb, self.slot_map, self.wloc,
+                self.peer_T, self.buf_c, self.err_dev, self.err_host.data_ptr(),
+                self.timeout_ns, **self._lamport_consts(self.tiles[1]))
+            return y
         ep_combine_kernel[(self.G,)](
             expert_out, ids, w, y_arg, num_tokens,
             self.recv_w, self.recv_T, self.comb, self.flags_c, self.slot_map, self.epoch_c,
