@@ -9,6 +9,10 @@ every token goes to both ranks); ``p2p``: EPDispatcher(backend="p2p") dispatch +
 (deduplicated rows to the peer, dispatch + combine) divided by the time; the one-way NVLink
 limit measured on this machine is 394 GB/s. ``p2p_dispatch_us`` / ``p2p_combine_us``: each half
 alone (graph replays of the backend's dispatch, or of its combine on the last dispatch's state).
+``p2p_decode_us`` (tokens <= DECODE_M): the same through a decode dispatcher created with
+``max_tokens_per_rank = DECODE_M`` (what an engine builds for its decode batches), whose default
+protocol may differ (``llmcomm.policy.ep_p2p_protocol``; ``p2p_decode_protocol``); the ``p2p``
+column's dispatcher is sized for the largest token count.
 
     PYTHONPATH=src:. python3 benchmarks/bench_moe.py [--tokens 1,8,...] [--out benchmarks/results]
 
@@ -36,6 +40,7 @@ sys.path[:0] = [os.path.join(os.path.dirname(os.path.abspath(__file__)), p)
 CONFIGS = ((7168, 256, 8), (4096, 128, 8))
 TOKENS = (1, 2, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 NVLINK_GBPS = 394.0
+DECODE_M = 128   # max_tokens_per_rank of the decode dispatcher (p2p_decode_us)
 SWEEP_CONFIG = (7168, 256, 8)
 SWEEP_TOKENS = (1, 8, 64, 128, 4096)
 #: --sweep: name -> (P2PBackend keyword arguments, largest token count timed)
@@ -48,11 +53,12 @@ SWEEP = {
     "1round": ({"round_tokens": 4096}, None),          # no pipelining of rounds
     "G64": ({"num_programs": 64}, None),
     "pdl": ({"pdl": True}, None),
-    # protocol "lamport" (experimental, not GPU-verified): defaults (1-token tiles, shift G/2),
-    # 2-token dispatch tiles (the session-3 branch default), shift 0
+    # protocol "lamport" (what protocol="auto" picks for a decode dispatcher at EP=2; "default"
+    # here is flags: M = 4096): defaults (1-token tiles, shift 0), 2-token dispatch tiles, and
+    # shift G/2 = 64 (needs every program resident, see P2PBackend)
     "lam": ({"protocol": "lamport"}, None),
     "lam_t2": ({"protocol": "lamport", "tile_tokens": 2}, None),
-    "lam_s0": ({"protocol": "lamport", "shift": 0}, None),
+    "lam_half": ({"protocol": "lamport", "shift": 64}, None),
 }
 
 
@@ -69,6 +75,8 @@ def _worker(rank, world, tokens, p2p_kwargs):
     for H, E, K in CONFIGS:
         ep = EPDispatcher(dist.group.WORLD, E, K, H, M, dtype, backend="p2p",
                           _backend_kwargs=p2p_kwargs or None)
+        small = EPDispatcher(dist.group.WORLD, E, K, H, min(M, DECODE_M), dtype, backend="p2p",
+                             _backend_kwargs=p2p_kwargs or None)
         g = torch.Generator(device="cuda").manual_seed(1234 + rank)
         for T in progress(tokens, rank == 0, f"moe H={H}"):
             x = torch.randn(T, H, device="cuda", dtype=dtype, generator=g)
@@ -101,6 +109,10 @@ def _worker(rank, world, tokens, p2p_kwargs):
 
             t_p2p = time_graph(p2p, iters=iters)
             ep.check_errors(sync=True)
+            t_dec = None
+            if T <= small.max_tokens_per_rank:
+                t_dec = time_graph(lambda small=small: p2p(small), iters=iters)
+                small.check_errors(sync=True)
             # each half alone, through the backend (EPDispatcher pairs dispatch with combine)
             be = ep._backend
             ex, _, state = be.dispatch(x, ids, w)
@@ -119,11 +131,16 @@ def _worker(rank, world, tokens, p2p_kwargs):
                          "p2p_us": round(t_p2p, 2), "p2p_over_a2a": round(t_p2p / t_a2a, 3),
                          "p2p_dispatch_us": round(t_disp, 2), "p2p_combine_us": round(t_comb, 2),
                          "p2p_GBps": round(gbps, 1),
-                         "p2p_pct_nvlink": round(100 * gbps / NVLINK_GBPS, 1)})
+                         "p2p_pct_nvlink": round(100 * gbps / NVLINK_GBPS, 1),
+                         "p2p_decode_us": None if t_dec is None else round(t_dec, 2),
+                         "p2p_decode_over_a2a": None if t_dec is None else round(t_dec / t_a2a,
+                                                                                 3),
+                         "p2p_decode_protocol": small._backend.protocol})
             if rank == 0:
                 print(rows[-1], flush=True)
         ep.close()
-        del ep
+        small.close()
+        del ep, small
         torch.cuda.empty_cache()
     return rows
 
@@ -298,12 +315,15 @@ def main() -> None:
     csv_path, json_path = write_results(stem, rows, meta)
     print(f"wrote {csv_path} {json_path}")
     print("| hidden/experts | tokens | nccl ag+rs us | nccl a2a us | p2p us | p2p/a2a | p2p GB/s "
-          "| % of 394 | dispatch alone | combine alone |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| % of 394 | dispatch alone | combine alone | decode p2p us (protocol) | decode/a2a |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        dec = ("-", "-") if r["p2p_decode_us"] is None else (
+            f"{r['p2p_decode_us']} ({r['p2p_decode_protocol']})", r["p2p_decode_over_a2a"])
         print(f"| {r['hidden']}/{r['experts']} | {r['tokens']} | {r['nccl_ag_rs_us']} | "
               f"{r['nccl_a2a_us']} | {r['p2p_us']} | {r['p2p_over_a2a']} | {r['p2p_GBps']} | "
-              f"{r['p2p_pct_nvlink']} | {r['p2p_dispatch_us']} | {r['p2p_combine_us']} |")
+              f"{r['p2p_pct_nvlink']} | {r['p2p_dispatch_us']} | {r['p2p_combine_us']} | "
+              f"{dec[0]} | {dec[1]} |")
     try:
         import matplotlib
 
@@ -318,6 +338,11 @@ def main() -> None:
                                ("nccl_a2a_us", "NCCL all_to_all x2"),
                                ("p2p_us", "llmcomm p2p dispatch+combine")):
                 ax.plot(ts, [r[key] for r in sub], marker="o", label=label)
+            dec = [r for r in sub if r["p2p_decode_us"] is not None]
+            if dec:
+                ax.plot([r["tokens"] for r in dec], [r["p2p_decode_us"] for r in dec],
+                        marker="x", label=f"llmcomm p2p, decode dispatcher (M={DECODE_M}, "
+                                          f"{dec[0]['p2p_decode_protocol']})")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("tokens per rank")

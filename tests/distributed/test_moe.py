@@ -5,7 +5,7 @@ the dense float64 reference with ``check_combine_output``; expert outputs are Na
 ``counts`` so a backend that reads an unwritten row fails. The ``p2p`` backend runs here too, its
 Triton kernels under ``TRITON_INTERPRET=1`` over file-mapped shared memory (the protocol, not the
 GPU memory model, which ``tests/gpu/test_moe_p2p.py`` covers), with both protocols (``flags`` and
-the experimental ``lamport``, see ``P2P_SIM``): every routing case, world 4, six consecutive
+``lamport``, see ``P2P_SIM``): every routing case, world 4, six consecutive
 calls on one dispatcher per protocol (lamport buffer rotation and sentinel reset; outputs of the
 two protocols bitwise equal), a missing peer ending in ``CollectiveTimeoutError``, and the
 lamport kernels with every program of a grid running concurrently (``_interp_threads``).
@@ -34,16 +34,19 @@ CASES = [
 ]
 SIM = {"TRITON_INTERPRET": "1"}
 #: p2p kernel shapes the simulation covers: name -> P2PBackend knobs (3 programs, M = 13, so a
-#: program owns up to 5 tokens): the defaults (tiles of 2, rounds of 2 tokens), tiles that
-#: straddle round ends, and one round with one token per step; protocol "lamport" with its
-#: defaults (1-token tiles), the session-3 branch's dispatch tiles (2), and 4/2-token tiles
-P2P_SIM = {"p2p-sim": {},
+#: program owns up to 5 tokens): protocol "flags" with its defaults, tiles that straddle round
+#: ends, and one round with one token per step; protocol "lamport" with its defaults (1-token
+#: tiles), 2-token dispatch tiles, and 4/2-token tiles. (No entry relies on protocol="auto",
+#: which picks lamport for these small dispatchers at world 2 and flags at world 4.)
+P2P_SIM = {"p2p-sim": {"protocol": "flags"},
            "p2p-sim-t4c2r3": {"tile_tokens": 4, "combine_tile_tokens": 2, "round_tokens": 3},
            "p2p-sim-t1r13": {"tile_tokens": 1, "round_tokens": 13},
            "p2p-sim-lamport": {"protocol": "lamport"},
            "p2p-sim-lamport-t2": {"protocol": "lamport", "tile_tokens": 2},
            "p2p-sim-lamport-t4c2": {"protocol": "lamport", "tile_tokens": 4,
                                     "combine_tile_tokens": 2}}
+#: the default protocol="auto" (lamport here: world 2, M <= 128); used by the repeat test only
+P2P_SIM_AUTO = {"p2p-sim-auto": {}}
 
 
 def _make(backend, K, M, tmp, group=None, layout=None, **kw):
@@ -52,13 +55,14 @@ def _make(backend, K, M, tmp, group=None, layout=None, **kw):
     from llmcomm.moe import EPDispatcher
 
     group = group if group is not None else dist.group.WORLD
-    if backend in P2P_SIM:
+    if backend in P2P_SIM or backend in P2P_SIM_AUTO:
         from llmcomm.moe.p2p import P2PBackend
 
         return EPDispatcher(group, E, K, H, M, kw.pop("dtype", torch.float32), layout=layout,
                             _backend_cls=P2PBackend,
                             _backend_kwargs=dict(simulate_dir=tmp, num_programs=3,
-                                                 **P2P_SIM[backend]), **kw)
+                                                 **{**P2P_SIM, **P2P_SIM_AUTO}[backend]),
+                            **kw)
     return EPDispatcher(group, E, K, H, M, torch.float32, backend=backend, layout=layout, **kw)
 
 
@@ -142,14 +146,15 @@ def test_world4_p2p_sim(backend):
 
 
 def _repeat_worker(rank, world, tmp):
-    """Both protocols, one dispatcher each, 6 consecutive dispatch/combine pairs with changing
-    token counts (0 and M included): every receive buffer of the lamport rotation is used twice
-    and its sentinel reset is exercised; the combine outputs of the two protocols must be
-    bitwise equal (fixed-order fp32 sums; no FMA contraction in the interpreter)."""
+    """Both protocols, one dispatcher each (flags explicitly, lamport as the default
+    protocol="auto" picks it here), 6 consecutive dispatch/combine pairs with changing token
+    counts (0 and M included): every receive buffer of the lamport rotation is used twice and its
+    sentinel reset is exercised; the combine outputs of the two protocols must be bitwise equal
+    (fixed-order fp32 sums; no FMA contraction in the interpreter)."""
     import os
 
     eps = {}
-    for b in ("p2p-sim", "p2p-sim-lamport"):
+    for b in ("p2p-sim", "p2p-sim-auto"):
         os.makedirs(f"{tmp}/{b}", exist_ok=True)
         eps[b] = _make(b, 3, 9, f"{tmp}/{b}", dtype=torch.bfloat16)
     tokens = [[9, 2], [0, 5], [3, 0], [1, 9], [7, 7], [2, 1]]
@@ -168,16 +173,18 @@ def _repeat_worker(rank, world, tmp):
         same = same and torch.equal(ys[0].view(torch.int16), ys[1].view(torch.int16))
     for ep in eps.values():
         ep.check_errors()
-    return max(errs), same
+    return max(errs), same, [str(ep.decision) for ep in eps.values()]
 
 
 @NEEDS_TRITON
 def test_p2p_sim_repeated_calls_both_protocols():
     with tempfile.TemporaryDirectory() as tmp:
         res = run_ranks(_repeat_worker, 2, tmp, timeout=150, env=SIM)
-    for err, same in res:
+    for err, same, decisions in res:
         assert err <= 2.5e-2
         assert same, "flags and lamport combine outputs differ bitwise"
+        assert "protocol flags (requested explicitly)" in decisions[0], decisions
+        assert "protocol lamport (max_tokens_per_rank 9 <= 128 at EP=2" in decisions[1], decisions
 
 
 def _missing_peer_worker(rank, world, tmp, backend):
@@ -295,8 +302,8 @@ def test_errors_world2():
     ({"num_warps": 3}, "num_warps must be a power of 2 <= 16"),
     ({"posted_flags": True}, "inline PTX"),
     ({"num_programs": 0}, "num_programs must be >= 1"),
-    ({"protocol": "lamprey"}, "protocol must be 'flags' or 'lamport', got 'lamprey'"),
-    ({"shift": 0}, "shift applies to protocol='lamport' only"),
+    ({"protocol": "lamprey"}, "protocol must be 'auto', 'flags' or 'lamport', got 'lamprey'"),
+    ({"protocol": "flags", "shift": 0}, "shift applies to protocol='lamport' only"),
     ({"protocol": "flags", "shift": 1}, "shift applies to protocol='lamport' only"),
     ({"protocol": "lamport", "shift": 1}, "shift must be 0 in the TRITON_INTERPRET simulation"),
     ({"protocol": "lamport", "round_tokens": 2},

@@ -1,9 +1,10 @@
 """GPU tests of the MoE EP backends on 2 GPUs (NCCL + NVLink): p2p vs the dense reference,
 CUDA-graph replay with fresh inputs, and a missing rank ending in CollectiveTimeoutError.
 
-The p2p backend runs with both protocols (``"flags"`` and the experimental ``"lamport"``, the
-latter also with other tile sizes, 16 warps and ``shift=0``), see ``P2P_VARIANTS``; the lamport
-variants also check that every receive slot is back to the sentinel after each call.
+The p2p backend runs with its default (``protocol="auto"``: lamport for these small dispatchers
+at EP=2) and both protocols explicitly (``"flags"``, and ``"lamport"`` also with other tile sizes,
+16 warps and a non-zero ``shift``), see ``P2P_VARIANTS``; the lamport variants also check that
+every receive slot is back to the sentinel after each call.
 ``-k lamport`` selects the lamport tests only."""
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ P2P_VARIANTS = {
     "p2p-flags": {"protocol": "flags"},
     "p2p-lamport": {"protocol": "lamport"},
     "p2p-lamport-t4c2": {"protocol": "lamport", "tile_tokens": 4, "combine_tile_tokens": 2},
-    "p2p-lamport-t2-w16-s0": {"protocol": "lamport", "tile_tokens": 2, "num_warps": 16,
-                              "shift": 0},
+    "p2p-lamport-t2-w16-shift20": {"protocol": "lamport", "tile_tokens": 2, "num_warps": 16,
+                                   "shift": 20},
 }
 LAMPORT = [n for n in P2P_VARIANTS if "lamport" in n]
 
@@ -57,13 +58,14 @@ def _correctness_worker(rank, world, names):
     return out, str(auto.decision)
 
 
-@pytest.mark.parametrize("names", [("p2p", "torch", "allgather"), *((n,) for n in LAMPORT)],
+@pytest.mark.parametrize("names", [("p2p", "torch", "allgather"), ("p2p-flags",),
+                                   *((n,) for n in LAMPORT)],
                          ids=lambda names: "+".join(names))
 def test_backends_match_reference_on_gpu(names):
     res = run_ranks(_correctness_worker, 2, names, backend="nccl", timeout=500)
     for rows, decision in res:
         assert len(rows) == 10 * len(names)
-        assert decision.startswith("p2p"), decision
+        assert decision.startswith("p2p") and "protocol lamport" in decision, decision
         for backend, H, routing, n, err in rows:
             assert err < 2.5e-2, (backend, H, routing, err)
 

@@ -163,3 +163,18 @@ def test_decisions_are_deterministic():
     facts = TopologyFacts.simulated(8)
     assert policy.resolve_allreduce_backend("auto", facts) == \
         policy.resolve_allreduce_backend("auto", facts)
+
+
+def test_ep_p2p_protocol_lamport_only_for_small_dispatchers_where_measured():
+    small = policy.LAMPORT_EP_MAX_TOKENS
+    d = policy.ep_p2p_protocol(2, small, 2)
+    assert d.choice == "lamport" and f"<= {small} at EP=2" in str(d)
+    assert policy.ep_p2p_protocol(2, 1, 4).choice == "lamport"
+    big = policy.ep_p2p_protocol(2, small + 1, 2)
+    assert big.choice == "flags" and f"max_tokens_per_rank {small + 1} > {small}" in str(big)
+    unmeasured = policy.ep_p2p_protocol(4, 8, 2)
+    assert unmeasured.choice == "flags" and "the group has 4 ranks" in str(unmeasured)
+    odd = policy.ep_p2p_protocol(2, 8, 1)
+    assert odd.choice == "flags" and "16/32/64-bit" in str(odd)
+    with pytest.raises(ValueError, match="max_tokens_per_rank"):
+        policy.ep_p2p_protocol(2, 0, 2)

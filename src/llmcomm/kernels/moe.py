@@ -1,9 +1,9 @@
 """Triton kernels of the MoE ``p2p`` EP backend (one node, NVLink, symmetric memory).
 
 ``@triton.jit`` code only. The launcher is :mod:`llmcomm.moe.p2p`; it documents the workspace.
-Two protocols, chosen per backend (``P2PBackend(protocol=...)``): ``"flags"`` (the default,
-GPU-verified) and ``"lamport"`` (experimental, not GPU-verified; after the flags kernels, at the
-end of this module). Both give the same ``expert_x``/``counts`` contract and the same combine
+Two protocols, chosen per backend (``P2PBackend(protocol=...)``, by default through
+:func:`llmcomm.policy.ep_p2p_protocol`): ``"flags"`` and ``"lamport"`` (after the flags kernels,
+at the end of this module); both pass the GPU tests (``tests/gpu/test_moe_p2p.py``). Both give the same ``expert_x``/``counts`` contract and the same combine
 arithmetic (per-rank partial sums ``sum_k w * expert_out`` in fp32, k ascending, the peers'
 partials rounded to the dtype, then summed over ranks in fixed rank order), so the output never
 depends on timing.
@@ -45,8 +45,7 @@ reduction; counts, the error flag and the timer through :func:`.sync.load_unifor
 :func:`.sync.globaltimer_uniform`): a volatile scalar load executed by every thread can return
 different values while a peer's write lands, and a branch on it would split the program.
 
-Protocol ``"lamport"`` (``ep_dispatch_lamport_kernel`` / ``ep_combine_lamport_kernel``;
-experimental, not GPU-verified): no flags, no system-scope fence, no waiting for a whole
+Protocol ``"lamport"`` (``ep_dispatch_lamport_kernel`` / ``ep_combine_lamport_kernel``): no flags, no system-scope fence, no waiting for a whole
 program's sends. Every receive slot of the workspace starts as a *sentinel* (the sign bit alone:
 ``-0.0`` for float rows, ``INT_MIN`` for int32 meta and counts); senders write ``-0.0`` as
 ``+0.0`` (the only value change, invisible to every arithmetic use), so a receiver knows an

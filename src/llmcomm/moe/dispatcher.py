@@ -182,6 +182,10 @@ class EPDispatcher:
                        hidden_size=hidden_size, max_tokens_per_rank=max_tokens_per_rank,
                        dtype=dtype, device=device)
         self._backend: MoEBackend = cls(group, cfg, **(_backend_kwargs or {}))
+        sub = getattr(self._backend, "protocol_decision", None)
+        if sub is not None:      # the p2p backend's protocol and why, in the same record
+            self.decision = Decision(self.decision.choice, self.decision.reasons + (
+                f"protocol {sub}",))
         fp = {"num_experts": num_experts, "top_k": top_k, "hidden_size": hidden_size,
               "max_tokens_per_rank": max_tokens_per_rank, "capacity": self.capacity,
               "dtype": str(dtype), "backend": self._backend.name, "group_size": world,

@@ -2,7 +2,7 @@
 
 One node only. At creation (never later) it allocates one symmetric-memory buffer on the EP
 group and rendezvouses it once. Two protocols (``protocol=``, see :mod:`llmcomm.kernels.moe`):
-``"flags"`` (the default, GPU-verified) and ``"lamport"`` (experimental, not GPU-verified).
+``"flags"`` and ``"lamport"``, chosen by :func:`llmcomm.policy.ep_p2p_protocol` unless given.
 Regions of that buffer, per rank (``W`` ranks, ``M`` max tokens per rank, ``K`` top-k, ``G``
 programs), for ``protocol="flags"`` (zero-initialised)::
 
@@ -46,6 +46,7 @@ import torch
 from ..agree import exchange, group_ranks
 from ..config import get_config
 from ..errors import CollectiveTimeoutError
+from ..policy import Decision, ep_p2p_protocol
 from .backends import EPConfig, MoEBackend
 
 _ALIGN = 256
@@ -114,7 +115,7 @@ class P2PBackend(MoEBackend):
                  simulate_dir: str | None = None, num_warps: int | None = None,
                  tile_tokens: int = 1, combine_tile_tokens: int = 1,
                  round_tokens: int | None = None, posted_flags: bool | None = None,
-                 pdl: bool = False, protocol: str = "flags", shift: int | None = None) -> None:
+                 pdl: bool = False, protocol: str = "auto", shift: int | None = None) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -137,22 +138,37 @@ class P2PBackend(MoEBackend):
                 GPU (fastest in the session-3 sweep at every size), off in the simulation
                 (inline PTX).
             pdl: programmatic dependent launch (``PDL``, sm_90+), off by default. Both protocols.
-            protocol: ``"flags"`` (default; per-program monotonic flags, system-scope
-                release/acquire) or ``"lamport"`` (experimental, not GPU-verified:
-                sentinel-initialised receive buffers, the data signals its own arrival; see
-                :mod:`llmcomm.kernels.moe`). ``round_tokens`` and ``posted_flags`` belong to
-                ``"flags"``: leave them unset with ``"lamport"``.
+            protocol: ``"auto"`` (default: :func:`llmcomm.policy.ep_p2p_protocol` -- lamport
+                for small dispatchers at EP=2, flags otherwise; a flags-only knob given picks
+                flags, ``shift`` picks lamport), ``"flags"`` (per-program monotonic flags,
+                system-scope release/acquire) or ``"lamport"`` (sentinel-initialised receive
+                buffers, the data signals its own arrival; see :mod:`llmcomm.kernels.moe`).
+                ``round_tokens`` and ``posted_flags`` belong to ``"flags"``: leave them unset
+                with ``"lamport"``. ``self.protocol_decision`` says what was chosen and why.
             shift: ``"lamport"`` only: program ``p`` receives (dispatch) and finishes its own
                 tokens (combine) of tile ``(p + shift) mod G``, so that with fewer tokens than
-                programs, sending and receiving run on different SMs. Default ``G // 2`` on GPU;
-                must be 0 in the simulation (its programs run one after another, so program p
-                may only wait for program p of its peers). A non-zero shift needs every program
-                of the grid resident at once (``G`` <= free SMs).
+                programs, sending and receiving run on different SMs. Default 0. A non-zero
+                shift is 1-2 us faster at small batches (docs/moe.md) but needs every program
+                of the grid resident at once (``G`` <= free SMs, nothing else occupying them,
+                e.g. no compute overlapped on another stream), else the programs can wait on
+                each other until the deadline; it must be 0 in the simulation (its programs
+                run one after another).
         """
         super().__init__(group, cfg)
         self._sim = simulate_dir is not None
-        if protocol not in ("flags", "lamport"):
-            raise ValueError(f"protocol must be 'flags' or 'lamport', got {protocol!r}")
+        if protocol not in ("auto", "flags", "lamport"):
+            raise ValueError(f"protocol must be 'auto', 'flags' or 'lamport', got {protocol!r}")
+        esize = torch.empty(0, dtype=cfg.dtype).element_size()
+        if protocol != "auto":
+            self.protocol_decision = Decision(protocol, ("requested explicitly",))
+        elif round_tokens is not None or posted_flags is not None:
+            self.protocol_decision = Decision("flags", ("round_tokens / posted_flags given",))
+        elif shift is not None:
+            self.protocol_decision = Decision("lamport", ("shift given",))
+        else:
+            self.protocol_decision = ep_p2p_protocol(cfg.world_size, cfg.max_tokens_per_rank,
+                                                     esize)
+        protocol = self.protocol_decision.choice
         lamport = protocol == "lamport"
         if lamport and (round_tokens is not None or posted_flags is not None):
             raise ValueError("round_tokens and posted_flags apply to protocol='flags' only "
@@ -173,7 +189,6 @@ class P2PBackend(MoEBackend):
             if not isinstance(v, int) or v < 1 or v > 8 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of 2 in [1, 8], got {v!r}")
         self.tiles = (tile_tokens, combine_tile_tokens)
-        esize = torch.empty(0, dtype=cfg.dtype).element_size()
         if lamport and esize not in (2, 4, 8):
             raise ValueError(f"protocol='lamport' needs a 16, 32 or 64-bit dtype, got {cfg.dtype}")
         if posted_flags is None:
@@ -195,7 +210,7 @@ class P2PBackend(MoEBackend):
         self.protocol = protocol
         if lamport:
             if shift is None:
-                shift = 0 if self._sim else self.G // 2
+                shift = 0
             if not isinstance(shift, int) or not 0 <= shift < self.G:
                 raise ValueError(f"shift must be an int in [0, num_programs={self.G}), "
                                  f"got {shift!r}")
