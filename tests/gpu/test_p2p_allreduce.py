@@ -125,7 +125,7 @@ def _matrix_worker(rank, world, dtype_name, hiddens, tokens, patterns):
 @pytest.mark.parametrize("dtype_name,hiddens,tokens,patterns", [
     ("bfloat16", (2880, 4096, 5120, 8192), (1, 7, 64, 1000, 4096), ("ar", "norm", "fp8")),
     ("float16", (2880, 8192), (1, 7, 64, 1000), ("ar", "norm", "fp8")),
-    ("float32", (4096, 5120), (1, 7, 64, 1000), ("ar", "norm")),
+    ("float32", (64, 4096, 5120), (1, 7, 64, 1000), ("ar", "norm")),  # 64: 2-warp rows
 ])
 def test_p2p_matrix(dtype_name, hiddens, tokens, patterns):
     fails = run_ranks(_matrix_worker, 2, dtype_name, hiddens, tokens, patterns,

@@ -27,6 +27,17 @@ def test_rows_kernel_only_from_the_tile_threshold_on():
     assert launch_plan("oneshot", True, 4096, 4096, 2, 2, t)["rows"] == 0
 
 
+@pytest.mark.parametrize("hidden", [8, 16, 40, 64, 96, 128, 256, 2880, 8192])
+def test_fused_rows_never_have_more_threads_than_elements(hidden):
+    """A Lamport-polled element held by two threads would be two volatile loads that can
+    disagree; the fused (one row per tile) plan keeps 32 * num_warps <= block."""
+    for strategy in ("lamport", "oneshot", "twoshot"):
+        p = launch_plan(strategy, True, 3, hidden, 2, 2)
+        assert p["block"] >= hidden and p["block"] & (p["block"] - 1) == 0
+        assert 32 * p["num_warps"] <= p["block"], p
+    assert launch_plan("lamport", True, 3, 8192, 2, 2)["num_warps"] == 16
+
+
 def test_plan_is_a_pure_function():
     args = ("lamport", True, 300, 5120, 2, 2, DEFAULT_TABLE)
     assert launch_plan(*args) == launch_plan(*args)

@@ -141,8 +141,11 @@ def launch_plan(strategy: str, norm: bool, tokens: int, hidden: int, itemsize: i
     chunk of ``lamport_kernel``; ``rows`` = 1 selects ``lamport_rows_kernel`` with ``lag``.
     """
     if norm:
-        block = _next_pow2(hidden)
-        num_warps = min(table.norm_max_warps, max(table.norm_min_warps, block // 512))
+        # never more threads than row elements: a polled element held by two threads is two
+        # volatile loads that can disagree while a peer's write lands (docs/kernels.md)
+        block = max(32, _next_pow2(hidden))
+        num_warps = min(table.norm_max_warps, max(table.norm_min_warps, block // 512),
+                        block // 32)
         tiles = tokens
     else:
         block = table.flat_block
