@@ -43,7 +43,8 @@ def case(T, H, norm, rows, lag, W, rank, grid_cap, epoch):
     plan = launch_plan("lamport", norm, T, H, 4, W, table)
     common = (xs[rank], res, w, out, rout, torch.empty(1), torch.ones(1), 1e-6, T, H,
               bases.data_ptr())
-    meta = dict(RANK=rank, W=W, NORM=norm, FP8=False, BLOCK=plan["block"], PDL=False)
+    meta = dict(RANK=rank, W=W, NORM=norm, FP8=False, BLOCK=plan["block"], PDL=False,
+                NT=32 * plan["num_warps"])
     grid = (min(plan["grid"], grid_cap),)
     if rows:
         K.lamport_rows_kernel[grid](*common, 0, slot, state, host_err.data_ptr(), 10 ** 9,

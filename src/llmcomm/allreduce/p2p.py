@@ -405,8 +405,8 @@ class P2PAllReduceBackend:
                   scale if fp8 else self._dummy_scale, float(eps), tokens, self.hidden_size,
                   self._peers.data_ptr())
         meta = dict(RANK=self.rank, W=self.world_size, NORM=norm, FP8=fp8, BLOCK=plan["block"],
-                    num_warps=plan["num_warps"], num_stages=1, PDL=self.use_pdl,
-                    launch_pdl=self.use_pdl)
+                    NT=32 * plan["num_warps"], num_warps=plan["num_warps"], num_stages=1,
+                    PDL=self.use_pdl, launch_pdl=self.use_pdl)
         state = (self._state, self._host_err.data_ptr(), self._timeout_ns)
         grid = (plan["grid"],)
         with torch.cuda.device(self.device):
@@ -421,7 +421,7 @@ class P2PAllReduceBackend:
             else:
                 fn = k.oneshot_kernel if strat == "oneshot" else k.twoshot_kernel
                 kern = fn[grid](*common, self.flag_off, self.stage_off, self.msg_elems, *state,
-                                NT=32 * plan["num_warps"], **meta)
+                                **meta)
         #: benchmarks only: (plan, compiled kernel or None) of the latest launch
         self.last_launch = (plan, kern)
         self._warm.add(key)

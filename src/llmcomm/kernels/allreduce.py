@@ -49,10 +49,25 @@ arrive and finishes without waiting again (later calls skip their waits too).
 import triton
 import triton.language as tl
 
-from .sync import (globaltimer_uniform, pdl_launch_dependents, pdl_wait, record_error,
-                   st_release_sys, wait_flags)
+from .sync import (globaltimer_uniform, load_uniform, pdl_launch_dependents, pdl_wait,
+                   record_error, st_release_sys, wait_flags)
 
 ERR_OFF = tl.constexpr(8)
+
+
+@triton.jit
+def _prologue(state_ptr, host_err_ptr, peers_ptr, NT: tl.constexpr, PDL: tl.constexpr):
+    """Every kernel's start: (PDL wait), then ``(epoch, dead, host_err, tab)``: the call epoch,
+    the error flag (uniform over the program: it is branched on, and another program of this
+    rank may set it while the threads read it), the host error mirror and the peer table."""
+    if PDL:  # programmatic dependent launch: nothing is touched before the previous grid ends
+        pdl_wait()
+        pdl_launch_dependents()
+    epoch = tl.load(state_ptr, volatile=True)  # nobody writes it before every program read it
+    dead = load_uniform(state_ptr + ERR_OFF, True, 0, NT)
+    host_err = host_err_ptr.to(tl.pointer_type(tl.int32))
+    tab = peers_ptr.to(tl.pointer_type(tl.int64))
+    return epoch, dead, host_err, tab
 
 
 @triton.jit
@@ -146,16 +161,10 @@ def oneshot_kernel(x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, q_ptr, scale_ptr, e
                    peers_ptr, flag_off, stage_off, msg_elems, state_ptr, host_err_ptr, timeout_ns,
                    RANK: tl.constexpr, W: tl.constexpr, NORM: tl.constexpr, FP8: tl.constexpr,
                    BLOCK: tl.constexpr, NT: tl.constexpr, PDL: tl.constexpr):
-    if PDL:  # programmatic dependent launch: nothing is touched before the previous grid ends
-        pdl_wait()
-        pdl_launch_dependents()
+    epoch, dead, host_err, tab = _prologue(state_ptr, host_err_ptr, peers_ptr, NT, PDL)
     pid = tl.program_id(0)
     NP = tl.num_programs(0)
     DT: tl.constexpr = x_ptr.dtype.element_ty
-    epoch = tl.load(state_ptr, volatile=True)
-    dead = tl.load(state_ptr + ERR_OFF, volatile=True)
-    host_err = host_err_ptr.to(tl.pointer_type(tl.int32))
-    tab = peers_ptr.to(tl.pointer_type(tl.int64))
     par_off = stage_off + (epoch % 2).to(tl.int64) * msg_elems * (DT.primitive_bitwidth // 8)
     if NORM:
         n_tiles = T
@@ -186,16 +195,10 @@ def twoshot_kernel(x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, q_ptr, scale_ptr, e
                    peers_ptr, flag_off, stage_off, msg_elems, state_ptr, host_err_ptr, timeout_ns,
                    RANK: tl.constexpr, W: tl.constexpr, NORM: tl.constexpr, FP8: tl.constexpr,
                    BLOCK: tl.constexpr, NT: tl.constexpr, PDL: tl.constexpr):
-    if PDL:  # programmatic dependent launch: nothing is touched before the previous grid ends
-        pdl_wait()
-        pdl_launch_dependents()
+    epoch, dead, host_err, tab = _prologue(state_ptr, host_err_ptr, peers_ptr, NT, PDL)
     pid = tl.program_id(0)
     NP = tl.num_programs(0)
     DT: tl.constexpr = x_ptr.dtype.element_ty
-    epoch = tl.load(state_ptr, volatile=True)
-    dead = tl.load(state_ptr + ERR_OFF, volatile=True)
-    host_err = host_err_ptr.to(tl.pointer_type(tl.int32))
-    tab = peers_ptr.to(tl.pointer_type(tl.int64))
     par_off = stage_off + (epoch % 2).to(tl.int64) * msg_elems * (DT.primitive_bitwidth // 8)
     if NORM:
         n_tiles = T
@@ -303,6 +306,22 @@ def _lamport_late(v, m, r: tl.constexpr, RANK: tl.constexpr, W: tl.constexpr,
 
 
 @triton.jit
+def _lamport_read4(own, mybase, buf, slot_elems, offs, m, g: tl.constexpr, RANK: tl.constexpr,
+                   W: tl.constexpr, ELEM_BITS: tl.constexpr):
+    """Ranks ``g .. g + 3``: their contributions (reads issued together) and the bitmask of the
+    peers among them whose slot still holds a sentinel."""
+    v0 = _lamport_get(own, mybase, buf, slot_elems, offs, m, g, RANK, W)
+    v1 = _lamport_get(own, mybase, buf, slot_elems, offs, m, g + 1, RANK, W)
+    v2 = _lamport_get(own, mybase, buf, slot_elems, offs, m, g + 2, RANK, W)
+    v3 = _lamport_get(own, mybase, buf, slot_elems, offs, m, g + 3, RANK, W)
+    late = (_lamport_late(v0, m, g, RANK, W, ELEM_BITS)
+            | _lamport_late(v1, m, g + 1, RANK, W, ELEM_BITS)
+            | _lamport_late(v2, m, g + 2, RANK, W, ELEM_BITS)
+            | _lamport_late(v3, m, g + 3, RANK, W, ELEM_BITS))
+    return v0, v1, v2, v3, late
+
+
+@triton.jit
 def _lamport_reset(mybase, buf, slot_elems, offs, m, r: tl.constexpr, RANK: tl.constexpr,
                    W: tl.constexpr, BLOCK: tl.constexpr, DT: tl.constexpr,
                    ELEM_BITS: tl.constexpr):
@@ -315,7 +334,7 @@ def _lamport_reset(mybase, buf, slot_elems, offs, m, r: tl.constexpr, RANK: tl.c
 def _lamport_reduce(t, T, H, x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, q_ptr, scale_ptr, eps,
                     mybase, buf, slot_elems, dead, timeout_ns, state_ptr, host_err, pid, epoch,
                     RANK: tl.constexpr, W: tl.constexpr, NORM: tl.constexpr, FP8: tl.constexpr,
-                    BLOCK: tl.constexpr, ELEM_BITS: tl.constexpr):
+                    BLOCK: tl.constexpr, ELEM_BITS: tl.constexpr, NT: tl.constexpr):
     """Tile ``t``: poll my slots until no sentinel is left, reduce in rank order (fp32), reset
     the slots to the sentinel, write the outputs. Returns the new ``dead`` flag.
 
@@ -331,28 +350,16 @@ def _lamport_reduce(t, T, H, x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, q_ptr, sc
         w_v = tl.load(w_ptr + k, mask=m, other=0.0)
     acc = tl.zeros([BLOCK], tl.float32)
     for g in tl.static_range(0, W, 4):
-        v0 = _lamport_get(own, mybase, buf, slot_elems, offs, m, g, RANK, W)
-        v1 = _lamport_get(own, mybase, buf, slot_elems, offs, m, g + 1, RANK, W)
-        v2 = _lamport_get(own, mybase, buf, slot_elems, offs, m, g + 2, RANK, W)
-        v3 = _lamport_get(own, mybase, buf, slot_elems, offs, m, g + 3, RANK, W)
-        late = (_lamport_late(v0, m, g, RANK, W, ELEM_BITS)
-                | _lamport_late(v1, m, g + 1, RANK, W, ELEM_BITS)
-                | _lamport_late(v2, m, g + 2, RANK, W, ELEM_BITS)
-                | _lamport_late(v3, m, g + 3, RANK, W, ELEM_BITS))
+        v0, v1, v2, v3, late = _lamport_read4(own, mybase, buf, slot_elems, offs, m, g, RANK,
+                                              W, ELEM_BITS)
         if dead == 0:
             if late != 0:
-                t0 = globaltimer_uniform(32)
+                t0 = globaltimer_uniform(NT)
                 while late != 0:
-                    v0 = _lamport_get(own, mybase, buf, slot_elems, offs, m, g, RANK, W)
-                    v1 = _lamport_get(own, mybase, buf, slot_elems, offs, m, g + 1, RANK, W)
-                    v2 = _lamport_get(own, mybase, buf, slot_elems, offs, m, g + 2, RANK, W)
-                    v3 = _lamport_get(own, mybase, buf, slot_elems, offs, m, g + 3, RANK, W)
-                    late = (_lamport_late(v0, m, g, RANK, W, ELEM_BITS)
-                            | _lamport_late(v1, m, g + 1, RANK, W, ELEM_BITS)
-                            | _lamport_late(v2, m, g + 2, RANK, W, ELEM_BITS)
-                            | _lamport_late(v3, m, g + 3, RANK, W, ELEM_BITS))
+                    v0, v1, v2, v3, late = _lamport_read4(own, mybase, buf, slot_elems, offs, m,
+                                                          g, RANK, W, ELEM_BITS)
                     if late != 0:
-                        if globaltimer_uniform(32) - t0 > timeout_ns:
+                        if globaltimer_uniform(NT) - t0 > timeout_ns:
                             record_error(state_ptr, host_err, late, pid, 4 + NORM, epoch,
                                          ERR_OFF)
                             dead = dead | 1
@@ -382,19 +389,13 @@ def lamport_kernel(x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, q_ptr, scale_ptr, e
                    peers_ptr, lamp_off, slot_elems, state_ptr, host_err_ptr, timeout_ns,
                    RANK: tl.constexpr, W: tl.constexpr, NORM: tl.constexpr, FP8: tl.constexpr,
                    BLOCK: tl.constexpr, CHUNK: tl.constexpr, ELEM_BITS: tl.constexpr,
-                   PDL: tl.constexpr):
+                   NT: tl.constexpr, PDL: tl.constexpr):
     """Small messages: all pushes first (flat ``CHUNK``s spread over every program, so one
     long row still uses the whole grid), then every tile of this program is polled/reduced."""
-    if PDL:  # programmatic dependent launch: nothing is touched before the previous grid ends
-        pdl_wait()
-        pdl_launch_dependents()
+    epoch, dead, host_err, tab = _prologue(state_ptr, host_err_ptr, peers_ptr, NT, PDL)
     pid = tl.program_id(0)
     NP = tl.num_programs(0)
     DT: tl.constexpr = x_ptr.dtype.element_ty
-    epoch = tl.load(state_ptr, volatile=True)
-    dead = tl.load(state_ptr + ERR_OFF, volatile=True)
-    host_err = host_err_ptr.to(tl.pointer_type(tl.int32))
-    tab = peers_ptr.to(tl.pointer_type(tl.int64))
     N = T * H
     buf = (epoch % 3).to(tl.int64)
     # 1) push my chunks into every peer's slot [buf][RANK]
@@ -413,7 +414,7 @@ def lamport_kernel(x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, q_ptr, scale_ptr, e
         dead = _lamport_reduce(t, T, H, x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, q_ptr,
                                scale_ptr, eps, mybase, buf, slot_elems, dead, timeout_ns,
                                state_ptr, host_err, pid, epoch, RANK, W, NORM, FP8, BLOCK,
-                               ELEM_BITS)
+                               ELEM_BITS, NT)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -421,21 +422,15 @@ def lamport_rows_kernel(x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, q_ptr, scale_p
                         peers_ptr, lamp_off, slot_elems, state_ptr, host_err_ptr, timeout_ns,
                         RANK: tl.constexpr, W: tl.constexpr, NORM: tl.constexpr,
                         FP8: tl.constexpr, BLOCK: tl.constexpr, LAG: tl.constexpr,
-                        ELEM_BITS: tl.constexpr, PDL: tl.constexpr):
+                        ELEM_BITS: tl.constexpr, NT: tl.constexpr, PDL: tl.constexpr):
     """Larger messages: software-pipelined Lamport. Program ``p`` owns tiles ``p, p + G, ...``
     on every rank, pushes its tile ``i + LAG`` and then reduces its tile ``i``: the peer's copy
     of tile ``i`` was pushed by the peer's program ``p`` about ``LAG`` iterations earlier, so the
     epilogue of one tile overlaps the NVLink transfer of the next ones."""
-    if PDL:  # programmatic dependent launch: nothing is touched before the previous grid ends
-        pdl_wait()
-        pdl_launch_dependents()
+    epoch, dead, host_err, tab = _prologue(state_ptr, host_err_ptr, peers_ptr, NT, PDL)
     pid = tl.program_id(0)
     NP = tl.num_programs(0)
     DT: tl.constexpr = x_ptr.dtype.element_ty
-    epoch = tl.load(state_ptr, volatile=True)
-    dead = tl.load(state_ptr + ERR_OFF, volatile=True)
-    host_err = host_err_ptr.to(tl.pointer_type(tl.int32))
-    tab = peers_ptr.to(tl.pointer_type(tl.int64))
     buf = (epoch % 3).to(tl.int64)
     if NORM:
         n_tiles = T
@@ -456,4 +451,4 @@ def lamport_rows_kernel(x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, q_ptr, scale_p
         dead = _lamport_reduce(pid + i * NP, T, H, x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr,
                                q_ptr, scale_ptr, eps, mybase, buf, slot_elems, dead, timeout_ns,
                                state_ptr, host_err, pid, epoch, RANK, W, NORM, FP8, BLOCK,
-                               ELEM_BITS)
+                               ELEM_BITS, NT)
