@@ -24,6 +24,10 @@ def test_doctor_simulated_gpus_pp2_keeps_p2p_fusion_and_gates_flashinfer(capsys)
     assert "(1 tokens bf16) -> lamport" in out and "lamport_kernel grid=" in out
     assert "(1024 tokens bf16) -> lamport" in out and "lamport_rows_kernel grid=128" in out
     assert "(8192 tokens bf16) -> twoshot" in out
+    # EP = DP x PCP x TP = 2 here: lamport for a decode dispatcher, flags for a large one
+    assert "MoE p2p protocol (EP=2, bf16)" in out
+    assert "  128 -> lamport (max_tokens_per_rank 128 <= 128 at EP=2" in out
+    assert " 4096 -> flags (max_tokens_per_rank 4096 > 128" in out
 
 
 def test_doctor_two_nodes_explicit_p2p_is_an_error(capsys):

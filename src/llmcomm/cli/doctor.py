@@ -163,6 +163,10 @@ def report(layout: Any, facts: Any, fi_caps: Any, hidden: int) -> str:
                     "oneshot": "oneshot_kernel", "twoshot": "twoshot_kernel"}[s.choice]
             lines.append(f"  {nbytes:>10} B ({tokens} tokens bf16) -> {s}; {kern} "
                          f"grid={plan['grid']} warps={plan['num_warps']}")
+        lines.append(f"MoE p2p protocol (EP={layout.ep_size}, bf16) by max_tokens_per_rank "
+                     f"(protocol='auto'):")
+        for m in (policy.LAMPORT_EP_MAX_TOKENS, 4096):
+            lines.append(f"  {m:>5} -> {policy.ep_p2p_protocol(layout.ep_size, m, 2)}")
     return "\n".join(lines)
 
 

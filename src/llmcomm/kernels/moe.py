@@ -310,6 +310,22 @@ def _recv_tile(s, t64, vt, recv_x, recv_ids, expert_x, cursor, slot_map, RANK: t
 
 
 @triton.jit
+def _publish_counts(done, cursor, counts, G: tl.constexpr, L: tl.constexpr,
+                    BLOCK_L: tl.constexpr):
+    """End of a dispatch: the last of the ``G`` programs out publishes the per-expert slot
+    cursors as ``counts`` and resets them (and ``done``) for the next call (graph-safe)."""
+    tl.debug_barrier()
+    prev = tl.atomic_add(done, 1, sem="acq_rel", scope="gpu")
+    if prev == G - 1:
+        offs_l = tl.arange(0, BLOCK_L)
+        ml = offs_l < L
+        c = tl.atomic_xchg(cursor + offs_l, tl.zeros([BLOCK_L], tl.int32), mask=ml,
+                           sem="acq_rel", scope="gpu")
+        tl.store(counts + offs_l, c, mask=ml)
+        tl.atomic_xchg(done, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
 def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                        recv_x, recv_ids, recv_w, recv_T, flags,
                        expert_x, counts, cursor, done, slot_map, epoch_ptr, err_dev,
@@ -371,16 +387,7 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
         r += 1
         more = (r < r_own) | (r - 1 < tl.max(tl.where(dead == 0, r_in, 0), axis=0))
     tl.store(epoch_ptr + pid, epoch)
-    # the last program out publishes the counts and resets the cursors for the next call
-    tl.debug_barrier()
-    prev = tl.atomic_add(done, 1, sem="acq_rel", scope="gpu")
-    if prev == G - 1:
-        offs_l = tl.arange(0, BLOCK_L)
-        ml = offs_l < L
-        c = tl.atomic_xchg(cursor + offs_l, tl.zeros([BLOCK_L], tl.int32), mask=ml,
-                           sem="acq_rel", scope="gpu")
-        tl.store(counts + offs_l, c, mask=ml)
-        tl.atomic_xchg(done, 0, sem="relaxed", scope="gpu")
+    _publish_counts(done, cursor, counts, G, L, BLOCK_L)
 
 
 @triton.jit
@@ -736,16 +743,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
         more = (cn < n_own) | want_recv
     tl.store(peer_T + offs_w, tl.maximum(tsv, 0), mask=is_peer)
     tl.store(buf_ptr + pid, (buf + 1) % NBUF)
-    # the last program out publishes the counts and resets the cursors for the next call
-    tl.debug_barrier()
-    prev = tl.atomic_add(done, 1, sem="acq_rel", scope="gpu")
-    if prev == G - 1:
-        offs_l = tl.arange(0, BLOCK_L)
-        ml = offs_l < L
-        cnt = tl.atomic_xchg(cursor + offs_l, tl.zeros([BLOCK_L], tl.int32), mask=ml,
-                             sem="acq_rel", scope="gpu")
-        tl.store(counts + offs_l, cnt, mask=ml)
-        tl.atomic_xchg(done, 0, sem="relaxed", scope="gpu")
+    _publish_counts(done, cursor, counts, G, L, BLOCK_L)
 
 
 @triton.jit
