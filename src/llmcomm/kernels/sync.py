@@ -108,19 +108,22 @@ def wait_flags(flag_ptrs, peer_idx, mask, target, dead, timeout_ns, state_ptr, h
                pid, phase, epoch, ERR_OFF: tl.constexpr):
     """Spin until ``flag >= target`` (int32, wrap-safe) for every masked element.
 
-    Returns the new ``dead`` flag (1 when this or an earlier wait gave up). With ``dead`` already
-    set it returns at once: after a timeout nothing waits again, so no call can hang.
+    ``flag_ptrs``, ``peer_idx``, ``mask``: one element per thread of the program (``32 *
+    num_warps``), so the deadline timer read over them is uniform too. Returns the new ``dead``
+    flag (1 when this or an earlier wait gave up). With ``dead`` already set it returns at once:
+    after a timeout nothing waits again, so no call can hang.
     """
+    NT: tl.constexpr = peer_idx.shape[0]
     d = ld_acquire_sys(flag_ptrs, mask) - target
     pending = tl.sum((mask & (d < 0)).to(tl.int32), axis=0)
     if dead == 0:
         if pending > 0:
-            t0 = globaltimer_uniform(32)
+            t0 = globaltimer_uniform(NT)
             while pending > 0:
                 d = ld_acquire_sys(flag_ptrs, mask) - target
                 pending = tl.sum((mask & (d < 0)).to(tl.int32), axis=0)
                 if pending > 0:
-                    if globaltimer_uniform(32) - t0 > timeout_ns:
+                    if globaltimer_uniform(NT) - t0 > timeout_ns:
                         one = tl.full(peer_idx.shape, 1, tl.int32)
                         bits = tl.sum(tl.where(mask & (d < 0), one << peer_idx, 0), axis=0)
                         record_error(state_ptr, host_err_ptr, bits, pid, phase, epoch, ERR_OFF)
