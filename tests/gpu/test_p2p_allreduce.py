@@ -292,3 +292,5 @@ def test_p2p_missing_peer_times_out():
     assert [r[0] for r in rep] == ["lamport", "lamport", "oneshot", "twoshot"]
     for strat, missing, _elapsed, msg in rep:
         assert missing == [1], f"{strat}: expected an error naming rank 1, got {missing}: {msg}"
+        # the kernel's own bitmask too (not only the host's re-derivation from the flags)
+        assert "kernel mask 0x2;" in msg, f"{strat}: the kernel's mask does not name rank 1: {msg}"
