@@ -265,9 +265,12 @@ def allreduce_strategy(num_bytes: int, world_size: int) -> Decision:
 # --------------------------------------------------------------------------- MoE p2p protocol
 
 #: The p2p EP backend runs ``protocol="lamport"`` by default up to this many tokens per rank
-#: (``max_tokens_per_rank``, i.e. a decode dispatcher) at EP=2. Measured on 2 x H200, hidden 7168,
-#: 256 experts top-8 (docs/moe.md): lamport (shift 0) 17.3 / 18.1 / 21.7 / 27.1 us vs flags 19.6 /
-#: 19.9 / 25.2 / 29.9 us at 1 / 8 / 64 / 128 tokens; at 4096 tokens flags is ahead (559 vs 608).
+#: (``max_tokens_per_rank``, i.e. a decode dispatcher) at EP=2. Measured on 2 x H200, top-8
+#: (docs/moe.md), dispatch + combine at 1 / 8 / 64 / 128 tokens: hidden 7168, 256 experts, sweep:
+#: lamport (shift 0) 17.3 / 18.1 / 21.7 / 27.1 us vs flags 19.6 / 19.9 / 25.2 / 29.9; ladder: 19.5 /
+#: 18.6 / 21.4 / 27.9 vs 18.1 / 19.8 / 25.9 / 31.4 (one token the exception); hidden 4096, 128
+#: experts: 14.6 / 15.6 / 16.6 / 20.2 vs 17.1 / 17.7 / 20.2 / 22.5. At 4096 tokens flags is ahead
+#: (559 vs 608 us).
 LAMPORT_EP_MAX_TOKENS = 128
 #: EP sizes where lamport was measured faster; others keep flags until measured.
 LAMPORT_EP_WORLD_SIZES = (2,)

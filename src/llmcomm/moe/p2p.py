@@ -148,7 +148,7 @@ class P2PBackend(MoEBackend):
             shift: ``"lamport"`` only: program ``p`` receives (dispatch) and finishes its own
                 tokens (combine) of tile ``(p + shift) mod G``, so that with fewer tokens than
                 programs, sending and receiving run on different SMs. Default 0. A non-zero
-                shift is 1-2 us faster at small batches (docs/moe.md) but needs every program
+                shift is 0.3-1.7 us faster at small batches (docs/moe.md) but needs every program
                 of the grid resident at once (``G`` <= free SMs, nothing else occupying them,
                 e.g. no compute overlapped on another stream), else the programs can wait on
                 each other until the deadline; it must be 0 in the simulation (its programs
