@@ -187,7 +187,7 @@ def test_p2p_sim_repeated_calls_both_protocols():
         assert "protocol lamport (max_tokens_per_rank 9 <= 128 at EP=2" in decisions[1], decisions
 
 
-def _missing_peer_worker(rank, world, tmp, backend):
+def _missing_peer_worker(rank, world, tmp, backend, absent=1):
     import torch.distributed as dist
 
     from llmcomm.errors import CollectiveTimeoutError
@@ -195,7 +195,7 @@ def _missing_peer_worker(rank, world, tmp, backend):
     ep = _make(backend, 2, 4, tmp)
     ep._backend.timeout_ns = 1_000_000      # 1 ms = 1000 interpreter spins
     msg = None
-    if rank == 0:                           # rank 1 never dispatches: rank 0 must not hang
+    if rank != absent:                      # the absent rank never dispatches: no one may hang
         x = torch.randn(3, H)
         d = ep.dispatch(x, torch.tensor([[0, 7], [5, 1], [2, 2]]), torch.rand(3, 2))
         try:
@@ -215,6 +215,18 @@ def test_p2p_sim_missing_peer_times_out(backend):
     assert res[0] is not None, "rank 0 did not raise CollectiveTimeoutError"
     missing, text = res[0]
     assert missing == [1] and "dispatch" in text, text
+
+
+@NEEDS_TRITON
+def test_p2p_sim_missing_peer_among_present_ones_is_named():
+    """World 4, rank 3 absent: the flags kernels poll every peer's flag at once; ranks 0-2 each
+    see two peers arrive and must name exactly the one that did not."""
+    with tempfile.TemporaryDirectory() as tmp:
+        res = run_ranks(_missing_peer_worker, 4, tmp, "p2p-sim", 3, timeout=200, env=SIM)
+    for rank in range(3):
+        assert res[rank] is not None, f"rank {rank} did not raise CollectiveTimeoutError"
+        missing, text = res[rank]
+        assert missing == [3] and "dispatch" in text, (rank, text)
 
 
 def _errors_worker(rank, world, tmp):

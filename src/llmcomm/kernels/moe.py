@@ -24,29 +24,30 @@ dispatch, program p, iteration r:
      the local experts' slots (``expert_x``, slots from a per-expert cursor atomic); then
      ``debug_barrier`` and release the round's value into ``flags[d][p, RANK]`` of every peer.
      ``T`` itself goes to ``recv_T[d][RANK]`` before round 0, so it is released with it.
-  2. every peer's round r - 1 (acquired with a deadline; round 0 also brings that peer's count,
-     hence its number of rounds): expand its rows into the local experts' slots. Receiving one
-     round behind sending keeps our round r on the wire while round r - 1 is expanded.
+  2. every peer's round r - 1 (all peers' flags acquired in one poll, one thread per peer, with
+     a deadline; round 0 also brings every peer's count, read in one load, hence its number of
+     rounds): expand its rows into the local experts' slots. Receiving one round behind sending
+     keeps our round r on the wire while round r - 1 is expanded.
   3. the last program to finish publishes ``counts`` and resets the cursors (graph-safe).
 combine, program p, iteration r:
   1. for each peer s, its round r: ``sum_k w * expert_out[slot]`` in fp32 for each token with a
      local expert, stored once into ``comb[s][RANK, t]``; signal the round to s.
-  2. own round r - 1 (acquired from every peer): ``y = sum over ranks d in order`` of the own
-     partial (fp32, computed here) or ``comb[RANK][d, t]``.
+  2. own round r - 1 (acquired from every peer in one poll): ``y = sum over ranks d in order``
+     of the own partial (fp32, computed here) or ``comb[RANK][d, t]``.
 The combine reads ``recv_T``/``recv_w`` only before it signals, and a peer's next dispatch, which
 overwrites them, cannot start before it has every round of this combine: no buffer is rewritten
 while it is read. Nothing host-side is frozen into a CUDA graph. Every spin has a deadline: on
 expiry the program writes an error record (device + pinned host mirror) naming the missing rank
 and stops waiting; later calls see the record and do not wait at all.
 
-Every value a spin loop branches on is uniform over the program's threads (flags come from an
-atomic, whose result Triton broadcasts, or from one thread's ``ld.acquire.sys`` through a
-reduction; counts, the error flag and the timer through :func:`.sync.load_uniform` /
-:func:`.sync.globaltimer_uniform`): a volatile scalar load executed by every thread can return
-different values while a peer's write lands, and a branch on it would split the program.
+Every value a spin loop branches on is uniform over the program's threads (flags and counts are
+read one thread per peer and combined by reductions; the error flag and the timer through
+:func:`.sync.load_uniform` / :func:`.sync.globaltimer_uniform`): a volatile scalar load executed
+by every thread can return different values while a peer's write lands, and a branch on it
+would split the program.
 
-Protocol ``"lamport"`` (``ep_dispatch_lamport_kernel`` / ``ep_combine_lamport_kernel``): no flags, no system-scope fence, no waiting for a whole
-program's sends. Every receive slot of the workspace starts as a *sentinel* (the sign bit alone:
+Protocol ``"lamport"`` (``ep_dispatch_lamport_kernel`` / ``ep_combine_lamport_kernel``): no
+flags, no system-scope fence, no waiting for a whole program's sends. Every receive slot of the workspace starts as a *sentinel* (the sign bit alone:
 ``-0.0`` for float rows, ``INT_MIN`` for int32 meta and counts); senders write ``-0.0`` as
 ``+0.0`` (the only value change, invisible to every arithmetic use), so a receiver knows an
 element has landed when it is no longer the sentinel, polls with volatile loads until no element
@@ -134,17 +135,6 @@ def _fail(err_dev, err_host, OP: tl.constexpr, peer):
 
 
 @triton.jit
-def _flag_load(flag_ptr, POSTED: tl.constexpr, NT: tl.constexpr):
-    """Acquire load (system scope) of one flag: an atomic, or ``ld.acquire.sys`` by one thread."""
-    if POSTED:
-        i = tl.arange(0, NT)
-        v = tl.sum(ld_acquire_sys(flag_ptr + i * 0, i == 0), axis=0)
-    else:
-        v = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
-    return v
-
-
-@triton.jit
 def _flag_signal(flag_ptr, epoch, POSTED: tl.constexpr, NT: tl.constexpr):
     """Release-store ``epoch`` into a peer's flag (after ``debug_barrier``): atomic or posted."""
     if POSTED:
@@ -155,25 +145,71 @@ def _flag_signal(flag_ptr, epoch, POSTED: tl.constexpr, NT: tl.constexpr):
 
 
 @triton.jit
-def _wait_peer(flag_ptr, target, peer, dead, err_dev, err_host, timeout_ns, OP: tl.constexpr,
-               USE_TIMER: tl.constexpr, POSTED: tl.constexpr, NT: tl.constexpr):
-    """Spin (acquire, system scope) until ``*flag_ptr >= target`` (int32, wrap-safe: flags only
-    move forward); returns the new ``dead``. Returns at once when ``dead`` is set."""
-    v = target
-    if dead == 0:
-        v = _flag_load(flag_ptr, POSTED, NT)
+def _lanes(vec, BLOCK_W: tl.constexpr, NT: tl.constexpr):
+    """``vec`` [BLOCK_W] (one entry per rank) spread over one thread per rank: [NT], lane ``i``
+    holds ``vec[i]`` (0 past BLOCK_W), so no value is held (and loaded) by two threads."""
+    i = tl.arange(0, NT)
+    offs_w = tl.arange(0, BLOCK_W)
+    return tl.sum(tl.where(i[:, None] == offs_w[None, :], vec[None, :], 0), axis=1)
+
+
+@triton.jit
+def _wait_peers(flag_row, target, need, dead, err_dev, err_host, timeout_ns, OP: tl.constexpr,
+                USE_TIMER: tl.constexpr, POSTED: tl.constexpr, BLOCK_W: tl.constexpr,
+                NT: tl.constexpr):
+    """Spin (acquire, system scope) until ``flag_row[s] >= target`` (int32, wrap-safe: flags
+    only move forward) for every rank ``s`` with ``need[s]`` ([BLOCK_W] bool). Every needed flag
+    is read in the same poll, one thread per rank (``ld.acquire.sys``, or an atomic), so W - 1
+    peers cost one round trip, not W - 1; "still pending" is a reduction, uniform over the
+    program. Returns the new ``dead``; at once when ``dead`` is set. On expiry the lowest rank
+    still behind is named."""
+    i = tl.arange(0, NT)
+    lane = _lanes(need.to(tl.int32), BLOCK_W, NT) != 0
+    ptrs = flag_row + tl.where(lane, i, 0)
+    if POSTED:
+        v = ld_acquire_sys(ptrs, lane)
+    else:
+        v = tl.atomic_add(ptrs, tl.zeros([NT], tl.int32), mask=lane, sem="acquire", scope="sys")
+    behind = lane & ((v - target) < 0)
+    pending = tl.sum(behind.to(tl.int32), axis=0)
     t0 = _now(USE_TIMER, NT)
     spins = tl.full([], 0, tl.int64)
-    while ((v - target) < 0) & (dead == 0):
-        v = _flag_load(flag_ptr, POSTED, NT)
+    while (pending > 0) & (dead == 0):
+        if POSTED:
+            v = ld_acquire_sys(ptrs, lane)
+        else:
+            v = tl.atomic_add(ptrs, tl.zeros([NT], tl.int32), mask=lane, sem="acquire",
+                              scope="sys")
+        behind = lane & ((v - target) < 0)
+        pending = tl.sum(behind.to(tl.int32), axis=0)
         spins += 1
-        if (v - target) < 0:
+        if pending > 0:
             if _expired(t0, spins, timeout_ns, USE_TIMER, NT):
-                _fail(err_dev, err_host, OP, peer)
+                _fail(err_dev, err_host, OP, tl.min(tl.where(behind, i, NT), axis=0))
                 dead = dead | 1
             else:
                 dead = dead | _dead(err_dev, NT)
     return dead
+
+
+@triton.jit
+def _peer_rounds(recv_T_row, pid, RANK: tl.constexpr, W: tl.constexpr, G: tl.constexpr,
+                 CHUNK: tl.constexpr, BLOCK_W: tl.constexpr, NT: tl.constexpr):
+    """Every peer's token count (``recv_T_row[s]``, already released to us) read in one load,
+    one thread per peer; returns ``(n_in, r_in)`` [BLOCK_W]: this program's share of each
+    peer's tokens and its rounds (uniform: every value comes out of a reduction)."""
+    i = tl.arange(0, NT)
+    lane = (i < W) & (i != RANK)
+    cnt = tl.load(recv_T_row + tl.where(lane, i, 0), mask=lane, other=0, volatile=True)
+    offs_w = tl.arange(0, BLOCK_W)
+    n_in = tl.zeros([BLOCK_W], tl.int32)
+    r_in = tl.zeros([BLOCK_W], tl.int32)
+    for s in tl.static_range(W):
+        if s != RANK:
+            ns, rs = _rounds(tl.sum(tl.where(i == s, cnt, 0), axis=0), pid, G, CHUNK)
+            n_in = tl.where(offs_w == s, ns, n_in)
+            r_in = tl.where(offs_w == s, rs, r_in)
+    return n_in, r_in
 
 
 @triton.jit
@@ -365,19 +401,17 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
         # receive every peer's round r - 1 while our round r is on the wire
         rr = r - 1
         if rr >= 0:
-            for s in tl.static_range(W):
-                if s != RANK:
-                    rs = tl.sum(tl.where(offs_w == s, r_in, 0), axis=0)
-                    if rr < rs:
-                        dead = _wait_peer(flags[RANK] + pid * W + s, base + rr + 1, s, dead,
-                                          err_dev, err_host, timeout_ns, 1, USE_TIMER,
-                                          POSTED, NT)
-                        if dead == 0:
-                            if rr == 0:
-                                ns, rs = _rounds(load_uniform(recv_T[RANK] + s, True, 0, NT),
-                                                 pid, G, CHUNK)
-                                n_in = tl.where(offs_w == s, ns, n_in)
-                                r_in = tl.where(offs_w == s, rs, r_in)
+            # every peer with a round rr at once (round 0 also brings its count, hence rounds)
+            need = (offs_w < W) & (offs_w != RANK) & (rr < r_in)
+            dead = _wait_peers(flags[RANK] + pid * W, base + rr + 1, need, dead, err_dev,
+                               err_host, timeout_ns, 1, USE_TIMER, POSTED, BLOCK_W, NT)
+            if dead == 0:
+                if rr == 0:
+                    n_in, r_in = _peer_rounds(recv_T[RANK], pid, RANK, W, G, CHUNK, BLOCK_W, NT)
+                for s in tl.static_range(W):
+                    if s != RANK:
+                        rs = tl.sum(tl.where(offs_w == s, r_in, 0), axis=0)
+                        if rr < rs:
                             ns = tl.sum(tl.where(offs_w == s, n_in, 0), axis=0)
                             jend = tl.minimum(rr * CHUNK + CHUNK, ns)
                             for j in range(rr * CHUNK, jend, TB):
@@ -480,13 +514,7 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
     dead = _dead(err_dev, NT)
     n_own, r_own = _rounds(T, pid, G, CHUNK)
     # the peers' token counts (from the dispatch; read before any signal, see docs/moe.md)
-    n_in = tl.zeros([BLOCK_W], tl.int32)
-    r_in = tl.zeros([BLOCK_W], tl.int32)
-    for s in tl.static_range(W):
-        if s != RANK:
-            ns, rs = _rounds(load_uniform(recv_T[RANK] + s, True, 0, NT), pid, G, CHUNK)
-            n_in = tl.where(offs_w == s, ns, n_in)
-            r_in = tl.where(offs_w == s, rs, r_in)
+    n_in, r_in = _peer_rounds(recv_T[RANK], pid, RANK, W, G, CHUNK, BLOCK_W, NT)
     r = 0
     more = True
     while more:
@@ -507,10 +535,9 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
         # finish own round r - 1 (the peers pushed it while we pushed round r)
         rr = r - 1
         if (rr >= 0) & (rr < r_own):
-            for d in tl.static_range(W):
-                if d != RANK:
-                    dead = _wait_peer(flags[RANK] + pid * W + d, base + rr + 1, d, dead,
-                                      err_dev, err_host, timeout_ns, 2, USE_TIMER, POSTED, NT)
+            dead = _wait_peers(flags[RANK] + pid * W, base + rr + 1,
+                               (offs_w < W) & (offs_w != RANK), dead, err_dev, err_host,
+                               timeout_ns, 2, USE_TIMER, POSTED, BLOCK_W, NT)
             tl.debug_barrier()
             jend = tl.minimum(rr * CHUNK + CHUNK, n_own)
             for j in range(rr * CHUNK, jend, TB):
