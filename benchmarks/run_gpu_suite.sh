@@ -29,5 +29,11 @@ case " $STEPS " in *" bench "*)
   step bench_allreduce 240 python3 benchmarks/bench_allreduce.py --check --strategies --world "$WORLD" --out "$OUT"
   step bench_moe 150 python3 benchmarks/bench_moe.py --world "$WORLD" --out "$OUT" ;; esac
 case " $STEPS " in *" sweep "*)
-  step sweep_allreduce 90 python3 benchmarks/bench_allreduce.py --sweep --reps 7 --out "$OUT"
+  if [ "$WORLD" -gt 2 ]; then   # W>2: where Lamport / one-shot / two-shot cross (docs/kernels.md)
+    step sweep_allreduce 240 python3 benchmarks/bench_allreduce.py --sweep --reps 7 --world "$WORLD" \
+      --sweep-only auto,chunked,rows,rows_p256,oneshot,twoshot \
+      --sweep-tokens 1 4 16 64 128 256 512 1024 2048 --out "$OUT"
+  else
+    step sweep_allreduce 90 python3 benchmarks/bench_allreduce.py --sweep --reps 7 --out "$OUT"
+  fi
   step sweep_moe 90 python3 benchmarks/bench_moe.py --sweep --out "$OUT" ;; esac
