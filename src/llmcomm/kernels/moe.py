@@ -330,17 +330,19 @@ def _send_tile(t64, vt, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w, expert_
 def _recv_tile(s, t64, vt, recv_x, recv_ids, expert_x, cursor, slot_map, RANK: tl.constexpr,
                M: tl.constexpr, H: tl.constexpr, K: tl.constexpr, L: tl.constexpr,
                CAP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Tokens ``t64`` of peer ``s`` (already acquired): their rows into local experts' slots."""
+    """Tokens ``t64`` of peer ``s`` (already acquired): their rows into local experts' slots.
+
+    The rows are loaded together with the ids, not after them (one round trip, not two): a
+    token the peer did not send here (no local expert) reads a stale row, which
+    :func:`_expand_tile` never stores (it takes slots for local experts only)."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_k = tl.arange(0, BLOCK_K)
     m2 = vt[:, None] & (offs_k < K)[None, :]
     mrow = s * M + t64
     ids = tl.load(recv_ids[RANK] + mrow[:, None] * K + offs_k[None, :], mask=m2, other=-1,
                   cache_modifier=".cg")
-    owner = tl.where(ids >= 0, ids // L, -1)
-    mine = vt & (tl.sum((owner == RANK).to(tl.int32), axis=1) > 0)
     row = tl.load(recv_x[RANK] + mrow[:, None] * H + offs_h[None, :],
-                  mask=mine[:, None] & (offs_h < H)[None, :], cache_modifier=".cg")
+                  mask=vt[:, None] & (offs_h < H)[None, :], cache_modifier=".cg")
     _expand_tile(row, ids, vt, s, t64, expert_x, cursor, slot_map, RANK, M, H, K, L, CAP,
                  BLOCK_H, BLOCK_K)
 
