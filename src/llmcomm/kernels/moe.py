@@ -465,27 +465,33 @@ def _push_tile(s, t64, vt, expert_out, recv_w, comb, slot_map, RANK: tl.constexp
 
 
 @triton.jit
-def _finish_tile(t64, vt, expert_out, ids_ptr, w_ptr, y_ptr, comb, slot_map,
-                 RANK: tl.constexpr, W: tl.constexpr, M: tl.constexpr, H: tl.constexpr,
-                 K: tl.constexpr, L: tl.constexpr, E: tl.constexpr, BLOCK_H: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
-    """Own tokens ``t64``: ``y = sum over ranks d in order`` of the own partial (fp32, computed
-    here) or ``comb[RANK][d, t]`` (already acquired)."""
-    offs_h = tl.arange(0, BLOCK_H)
-    mh = (offs_h < H)[None, :]
+def _own_part(t64, vt, expert_out, ids_ptr, w_ptr, slot_map, RANK: tl.constexpr,
+              M: tl.constexpr, H: tl.constexpr, K: tl.constexpr, L: tl.constexpr,
+              E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Own tokens ``t64``: ``(part, owner)``, the partial sum of their rows in our own experts
+    (fp32, [TB, BLOCK_H]) and the rank owning each of their top-k experts ([TB, BLOCK_K]).
+    Local data only, so it can be computed before the peers' partials arrive."""
     offs_k = tl.arange(0, BLOCK_K)
     m2 = vt[:, None] & (offs_k < K)[None, :]
     ids = tl.load(ids_ptr + t64[:, None] * K + offs_k[None, :], mask=m2, other=-1).to(tl.int32)
     ids = tl.where(m2 & (ids >= 0) & (ids < E), ids, -1)
-    owner = tl.where(ids >= 0, ids // L, -1)
+    sm = tl.load(slot_map + (RANK * M + t64)[:, None] * K + offs_k[None, :], mask=m2, other=-1)
+    wv = tl.load(w_ptr + t64[:, None] * K + offs_k[None, :], mask=m2, other=0.0).to(tl.float32)
+    return _partial_tile(expert_out, sm, wv, H, K, BLOCK_H, BLOCK_K), \
+        tl.where(ids >= 0, ids // L, -1)
+
+
+@triton.jit
+def _finish_tile(part, owner, t64, vt, y_ptr, comb, RANK: tl.constexpr, W: tl.constexpr,
+                 M: tl.constexpr, H: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Own tokens ``t64``: ``y = sum over ranks d in order`` of the own partial ``part`` or
+    ``comb[RANK][d, t]`` (already acquired)."""
+    offs_h = tl.arange(0, BLOCK_H)
+    mh = (offs_h < H)[None, :]
     acc = tl.zeros([t64.shape[0], BLOCK_H], tl.float32)
     for d in tl.static_range(W):
         if d == RANK:
-            sm = tl.load(slot_map + (RANK * M + t64)[:, None] * K + offs_k[None, :], mask=m2,
-                         other=-1)
-            wv = tl.load(w_ptr + t64[:, None] * K + offs_k[None, :], mask=m2,
-                         other=0.0).to(tl.float32)
-            acc += _partial_tile(expert_out, sm, wv, H, K, BLOCK_H, BLOCK_K)
+            acc += part
         else:
             from_d = vt & (tl.sum((owner == d).to(tl.int32), axis=1) > 0)
             src = comb[RANK] + (d * M + t64)[:, None] * H + offs_h[None, :]
@@ -537,15 +543,22 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
         # finish own round r - 1 (the peers pushed it while we pushed round r)
         rr = r - 1
         if (rr >= 0) & (rr < r_own):
+            j0 = rr * CHUNK
+            jend = tl.minimum(j0 + CHUNK, n_own)
+            # a round of one tile (every small batch): its own partial overlaps the wait
+            t64, vt = _tile(j0, jend, pid, G, TB)
+            part, owner = _own_part(t64, vt, expert_out, ids_ptr, w_ptr, slot_map, RANK, M, H,
+                                    K, L, E, BLOCK_H, BLOCK_K)
             dead = _wait_peers(flags[RANK] + pid * W, base + rr + 1,
                                (offs_w < W) & (offs_w != RANK), dead, err_dev, err_host,
                                timeout_ns, 2, USE_TIMER, POSTED, BLOCK_W, NT)
             tl.debug_barrier()
-            jend = tl.minimum(rr * CHUNK + CHUNK, n_own)
-            for j in range(rr * CHUNK, jend, TB):
+            _finish_tile(part, owner, t64, vt, y_ptr, comb, RANK, W, M, H, BLOCK_H)
+            for j in range(j0 + TB, jend, TB):
                 t64, vt = _tile(j, jend, pid, G, TB)
-                _finish_tile(t64, vt, expert_out, ids_ptr, w_ptr, y_ptr, comb, slot_map, RANK,
-                             W, M, H, K, L, E, BLOCK_H, BLOCK_K)
+                part, owner = _own_part(t64, vt, expert_out, ids_ptr, w_ptr, slot_map, RANK,
+                                        M, H, K, L, E, BLOCK_H, BLOCK_K)
+                _finish_tile(part, owner, t64, vt, y_ptr, comb, RANK, W, M, H, BLOCK_H)
         r += 1
         more = (r - 1 < r_own) | (r < tl.max(r_in, axis=0))
     tl.store(epoch_ptr + pid, epoch)
