@@ -1,12 +1,12 @@
 """Triton kernels of the MoE ``p2p`` EP backend (one node, NVLink, symmetric memory).
 
-``@triton.jit`` code only. The launcher is :mod:`llmcomm.moe.p2p`; it documents the workspace.
-Two protocols, chosen per backend (``P2PBackend(protocol=...)``, by default through
-:func:`llmcomm.policy.ep_p2p_protocol`): ``"flags"`` and ``"lamport"`` (after the flags kernels,
-at the end of this module); both pass the GPU tests (``tests/gpu/test_moe_p2p.py``). Both give the same ``expert_x``/``counts`` contract and the same combine
-arithmetic (per-rank partial sums ``sum_k w * expert_out`` in fp32, k ascending, the peers'
-partials rounded to the dtype, then summed over ranks in fixed rank order), so the output never
-depends on timing.
+``@triton.jit`` code only. The launcher is :mod:`llmcomm.moe.p2p`; it documents the workspace. Two
+protocols, chosen per backend (``P2PBackend(protocol=...)``, by default through
+:func:`llmcomm.policy.ep_p2p_protocol`): ``"flags"`` and ``"lamport"`` (after the flags kernels, at
+the end of this module); both pass the GPU tests (``tests/gpu/test_moe_p2p.py``). Both give the
+same ``expert_x``/``counts`` contract and the same combine arithmetic (per-rank partial sums
+``sum_k w * expert_out`` in fp32, k ascending, the peers' partials rounded to the dtype, then
+summed over ranks in fixed rank order), so the output never depends on timing.
 
 Protocol ``"flags"`` (``ep_dispatch_kernel`` / ``ep_combine_kernel``; ``W`` ranks, grid of
 ``G`` programs, identical on every rank; program ``p`` handles the tokens ``t = p + j*G`` of
@@ -46,18 +46,19 @@ read one thread per peer and combined by reductions; the error flag and the time
 by every thread can return different values while a peer's write lands, and a branch on it
 would split the program.
 
-Protocol ``"lamport"`` (``ep_dispatch_lamport_kernel`` / ``ep_combine_lamport_kernel``): no
-flags, no system-scope fence, no waiting for a whole program's sends. Every receive slot of the workspace starts as a *sentinel* (the sign bit alone:
-``-0.0`` for float rows, ``INT_MIN`` for int32 meta and counts); senders write ``-0.0`` as
-``+0.0`` (the only value change, invisible to every arithmetic use), so a receiver knows an
-element has landed when it is no longer the sentinel, polls with volatile loads until no element
-of what it needs is, and then writes the sentinel back. Receive buffers come in ``NBUF = 3``
-copies, selected by a per-program index in device memory that advances every call (``buf = call
-mod 3``): a slot is reset in call ``e`` and written again only in call ``e + 3``, which the peer
-cannot start before this rank has started call ``e + 2`` (the peer's dispatch ``e + 2`` waits
-for this rank's counts of that call), long after call ``e`` ended: the reset never races the
-peer's write. No host counter is involved. Tokens are handled in tiles of ``TB`` consecutive
-tokens (``[TB, BLOCK_H]`` rows; ``tile_tokens`` / ``combine_tile_tokens``); there are no rounds.
+Protocol ``"lamport"`` (``ep_dispatch_lamport_kernel`` / ``ep_combine_lamport_kernel``): no flags,
+no system-scope fence, no waiting for a whole program's sends. Every receive slot of the workspace
+starts as a *sentinel* (the sign bit alone: ``-0.0`` for float rows, ``INT_MIN`` for int32 meta and
+counts); senders write ``-0.0`` as ``+0.0`` (the only value change, invisible to every arithmetic
+use), so a receiver knows an element has landed when it is no longer the sentinel, polls with
+volatile loads until no element of what it needs is, and then writes the sentinel back. Receive
+buffers come in ``NBUF = 3`` copies, selected by a per-program index in device memory that advances
+every call (``buf = call mod 3``): a slot is reset in call ``e`` and written again only in call
+``e + 3``, which the peer cannot start before this rank has started call ``e + 2`` (the peer's
+dispatch ``e + 2`` waits for this rank's counts of that call), long after call ``e`` ended: the reset never
+races the peer's write. No host counter is involved. Tokens are handled in tiles of ``TB``
+consecutive tokens (``[TB, BLOCK_H]`` rows; ``tile_tokens`` / ``combine_tile_tokens``); there are
+no rounds.
 
 dispatch, program p (own tiles ``p, p+G, ...``; received tiles ``q, q+G, ...`` with
 ``q = (p + SHIFT) mod G``; by default ``SHIFT = G/2`` on GPU so that with few tokens sending and
