@@ -56,9 +56,9 @@ buffers come in ``NBUF = 3`` copies, selected by a per-program index in device m
 every call (``buf = call mod 3``): a slot is reset in call ``e`` and written again only in call
 ``e + 3``, which the peer cannot start before this rank has started call ``e + 2`` (the peer's
 dispatch ``e + 2`` waits for this rank's counts of that call), long after call ``e`` ended: the
-reset never races the peer's write. No host counter is involved. Tokens are handled in tiles of ``TB``
-consecutive tokens (``[TB, BLOCK_H]`` rows; ``tile_tokens`` / ``combine_tile_tokens``); there are
-no rounds.
+reset never races the peer's write. No host counter is involved. Tokens are handled in tiles of
+``TB`` consecutive tokens (``[TB, BLOCK_H]`` rows; ``tile_tokens`` / ``combine_tile_tokens``);
+there are no rounds.
 
 dispatch, program p (own tiles ``p, p+G, ...``; received tiles ``q, q+G, ...`` with
 ``q = (p + SHIFT) mod G``; by default ``SHIFT = G/2`` on GPU so that with few tokens sending and
