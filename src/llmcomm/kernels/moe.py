@@ -300,6 +300,23 @@ def _tile(j, jend, pid, G: tl.constexpr, TB: tl.constexpr):
 
 
 @triton.jit
+def _own_tokens(t64, vt, x_ptr, ids_ptr, w_ptr, H: tl.constexpr, K: tl.constexpr,
+                L: tl.constexpr, E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Own tokens ``t64`` (valid where ``vt``) as both protocols send them: ``(m2, ids, w, row,
+    owner)``: the [TB, BLOCK_K] mask, expert ids (out-of-range -> -1), fp32 weights, the
+    [TB, BLOCK_H] rows and the rank owning each expert (-1 for none)."""
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_k = tl.arange(0, BLOCK_K)
+    m2 = vt[:, None] & (offs_k < K)[None, :]
+    ids = tl.load(ids_ptr + t64[:, None] * K + offs_k[None, :], mask=m2, other=-1).to(tl.int32)
+    ids = tl.where(m2 & (ids >= 0) & (ids < E), ids, -1)
+    w = tl.load(w_ptr + t64[:, None] * K + offs_k[None, :], mask=m2, other=0.0).to(tl.float32)
+    row = tl.load(x_ptr + t64[:, None] * H + offs_h[None, :],
+                  mask=vt[:, None] & (offs_h < H)[None, :])
+    return m2, ids, w, row, tl.where(ids >= 0, ids // L, -1)
+
+
+@triton.jit
 def _send_tile(t64, vt, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w, expert_x, cursor,
                slot_map, RANK: tl.constexpr, W: tl.constexpr, M: tl.constexpr, H: tl.constexpr,
                K: tl.constexpr, L: tl.constexpr, E: tl.constexpr, CAP: tl.constexpr,
@@ -309,12 +326,8 @@ def _send_tile(t64, vt, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w, expert_
     offs_h = tl.arange(0, BLOCK_H)
     mh = offs_h < H
     offs_k = tl.arange(0, BLOCK_K)
-    m2 = vt[:, None] & (offs_k < K)[None, :]
-    ids = tl.load(ids_ptr + t64[:, None] * K + offs_k[None, :], mask=m2, other=-1).to(tl.int32)
-    ids = tl.where(m2 & (ids >= 0) & (ids < E), ids, -1)
-    w = tl.load(w_ptr + t64[:, None] * K + offs_k[None, :], mask=m2, other=0.0).to(tl.float32)
-    row = tl.load(x_ptr + t64[:, None] * H + offs_h[None, :], mask=vt[:, None] & mh[None, :])
-    owner = tl.where(ids >= 0, ids // L, -1)
+    m2, ids, w, row, owner = _own_tokens(t64, vt, x_ptr, ids_ptr, w_ptr, H, K, L, E, BLOCK_H,
+                                         BLOCK_K)
     for d in tl.static_range(W):
         if d != RANK:
             mrow = RANK * M + t64
@@ -605,18 +618,13 @@ def _lamport_send_tile(c, x_ptr, ids_ptr, w_ptr, T, buf, lx, lmeta, expert_x, cu
     offs_h = tl.arange(0, BLOCK_H)
     mh = offs_h < H
     offs_k = tl.arange(0, BLOCK_K)
-    mk = offs_k < K
     t = c * TB + tl.arange(0, TB)
     vt = t < T
     t64 = tl.cast(t, tl.int64)
-    m2 = vt[:, None] & mk[None, :]
-    ids = tl.load(ids_ptr + t64[:, None] * K + offs_k[None, :], mask=m2, other=-1).to(tl.int32)
-    ids = tl.where(m2 & (ids >= 0) & (ids < E), ids, -1)
-    w = tl.load(w_ptr + t64[:, None] * K + offs_k[None, :], mask=m2, other=0.0).to(tl.float32)
-    row = tl.load(x_ptr + t64[:, None] * H + offs_h[None, :], mask=vt[:, None] & mh[None, :])
+    m2, ids, w, row, owner = _own_tokens(t64, vt, x_ptr, ids_ptr, w_ptr, H, K, L, E, BLOCK_H,
+                                         BLOCK_K)
     wbits = tl.where(w == 0, 0.0, w).to(tl.int32, bitcast=True)
     rowc = tl.where(row == 0, tl.zeros_like(row), row)
-    owner = tl.where(ids >= 0, ids // L, -1)
     base = (buf * W + RANK) * M + t64
     for d in tl.static_range(W):
         if d != RANK:
