@@ -59,6 +59,8 @@ SWEEP = {
     "lam": ({"protocol": "lamport"}, None),
     "lam_t2": ({"protocol": "lamport", "tile_tokens": 2}, None),
     "lam_half": ({"protocol": "lamport", "shift": 64}, None),
+    # flags whatever M (with --sweep-tokens <= 128 "default" is lamport: protocol="auto")
+    "flags": ({"protocol": "flags"}, None),
 }
 
 

@@ -270,8 +270,11 @@ def allreduce_strategy(num_bytes: int, world_size: int) -> Decision:
 #: lamport (shift 0) 17.3 / 18.1 / 21.7 / 27.1 us vs flags 19.6 / 19.9 / 25.2 / 29.9; ladder: 19.5 /
 #: 18.6 / 21.4 / 27.9 vs 18.1 / 19.8 / 25.9 / 31.4 (one token the exception); hidden 4096, 128
 #: experts: 14.6 / 15.6 / 16.6 / 20.2 vs 17.1 / 17.7 / 20.2 / 22.5. At 4096 tokens flags is ahead
-#: (559 vs 608 us). The flags kernels gained 1.4-1.6 us at one token after these runs (docs/moe.md,
-#: A/B); re-time both in one run before moving this.
+#: (559 vs 608 us). The flags kernels gained 1.4-1.6 us at one token after these runs; re-timed in
+#: session 5 at hidden 7168 (two runs, M = 128, 1 / 8 / 64 / 128 tokens): lamport 18.5 / 19.2 / 22.4
+#: / 28.1 vs flags 17.9 / 18.9 / 22.5 / 27.9, and 17.9 / 19.2 / 21.8 / 26.4 vs 18.0 / 19.9 / 22.6 /
+#: 28.0 -- a tie within run-to-run noise (the sign flips), so lamport stays (ahead by ~1.5 us at
+#: hidden 4096 in session 4; hidden 4096 not re-timed against the improved flags).
 LAMPORT_EP_MAX_TOKENS = 128
 #: EP sizes where lamport was measured faster; others keep flags until measured.
 LAMPORT_EP_WORLD_SIZES = (2,)
