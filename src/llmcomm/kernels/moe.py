@@ -20,10 +20,11 @@ same rounds from the same token count.
 
 dispatch, program p, iteration r:
   1. own round r: for each own token, its ids/weights into every peer (``recv_ids/recv_w``), its
-     row once into every peer owning one of its experts (``recv_x[d][RANK, t]``), copies into
-     the local experts' slots (``expert_x``, slots from a per-expert cursor atomic); then
-     ``debug_barrier`` and release the round's value into ``flags[d][p, RANK]`` of every peer.
-     ``T`` itself goes to ``recv_T[d][RANK]`` before round 0, so it is released with it.
+     row once into every peer owning one of its experts (``recv_x[d][RANK, t]``); then
+     ``debug_barrier`` and release the round's value into ``flags[d][p, RANK]`` of every peer;
+     then the copies into the local experts' slots (``expert_x``, slots from a per-expert cursor
+     atomic), which the peers do not wait for. ``T`` itself goes to ``recv_T[d][RANK]`` before
+     round 0, so it is released with it.
   2. every peer's round r - 1 (all peers' flags acquired in one poll, one thread per peer, with
      a deadline; round 0 also brings every peer's count, read in one load, hence its number of
      rounds): expand its rows into the local experts' slots. Receiving one round behind sending
@@ -61,18 +62,18 @@ reset never races the peer's write. No host counter is involved. Tokens are hand
 there are no rounds.
 
 dispatch, program p (own tiles ``p, p+G, ...``; received tiles ``q, q+G, ...`` with
-``q = (p + SHIFT) mod G``; by default ``SHIFT = G/2`` on GPU so that with few tokens sending and
-receiving run on different SMs, 0 in the interpreter whose programs run one after another):
+``q = (p + SHIFT) mod G``; ``SHIFT = 0`` by default, see :class:`llmcomm.moe.p2p.P2PBackend`):
   * store the own token count into ``lcnt[d][buf, RANK, p]`` of every peer (one slot per
     receiving program, so every program polls and resets only its own);
   * iteration i: send own tile i (meta = ids + weight bits to every peer, the rows to peers
-    owning one of their experts, local copies via :func:`_expand_tile`), then receive tile i-1
+    owning one of their experts) and claim its local slots (:func:`_claim_slots`: one vector
+    atomic, not waited for until the next iteration copies the rows), then receive tile i-1
     of every peer: poll the count (first tile only) and the meta until nothing is the sentinel
     (a decision made uniform over the program through :func:`.sync.uniform`); barrier; re-read
     the meta (only these values are used: replicated volatile loads of a small tile can disagree
     across warps, see ``docs/wip/moe_lamport_review_s3.md``), poll the rows of the tokens with a
     local expert; barrier; reset, keep the weights (``wloc``) for the combine, expand into local
-    experts.
+    experts; then copy own tile i-1 into the slots claimed in iteration i-1.
   * record the peers' counts (``peer_T``), advance ``buf``; the last program out publishes
     ``counts`` and resets the cursors (as in ``"flags"``).
 combine, program p:
@@ -91,7 +92,7 @@ Switchable variants (``tl.constexpr``; see :class:`llmcomm.moe.p2p.P2PBackend` f
   ``griddepcontrol.wait`` precedes every memory access, so semantics are unchanged.
 
 Slots of a token's local experts are taken with one masked vector ``atomic_add`` (its K
-atomics in flight together), always 1-D (:func:`_take_slots`); the combine's K expert-row loads
+atomics in flight together), always 1-D (:func:`_claim_slots`); the combine's K expert-row loads
 are masked loads (no branch per k), so they overlap.
 """
 
@@ -232,31 +233,59 @@ def _rounds(T, pid, G: tl.constexpr, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _take_slots(ids, valid, cursor, RANK: tl.constexpr, L: tl.constexpr, CAP: tl.constexpr,
-                K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Slots of one token (``ids`` [BLOCK_K], ``valid`` scalar) in its local experts.
-
-    Every new local expert takes its slot in one masked vector ``atomic_add`` (its K atomics in
-    flight together); repeated ids share the entry of their first occurrence. Returns
-    ``(entry, sm)`` [BLOCK_K]: ``entry = el * CAP + slot`` at first occurrences that took a slot
-    (else -1), ``sm`` the token's slot-map row (its entry for every local id, else -1). Always
-    1-D: the return value of a vector atomic is only used in the shape the GPU tests cover.
-    """
+def _slot_masks(ids, vt, RANK: tl.constexpr, L: tl.constexpr, K: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """For ``R`` tokens (``ids`` [R, BLOCK_K], valid ``vt`` [R]): ``(el, local, first, new)``
+    [R, BLOCK_K]: the local expert index, whether the id is a local expert of a valid token, the
+    first k with the same id, and whether this k takes a slot (first occurrence, local)."""
     offs_k = tl.arange(0, BLOCK_K)
     mk = offs_k < K
     el = ids - RANK * L
-    valid_k = (offs_k * 0 + valid.to(tl.int32)) != 0   # (a full vector: the interpreter
-    local = mk & (ids >= 0) & (el >= 0) & (el < L) & valid_k  # rejects a broadcast 0-d mask)
-    same = (ids[:, None] == ids[None, :]) & mk[None, :]
-    first = tl.min(tl.where(same, offs_k[None, :], BLOCK_K), axis=1)  # first k with this id
-    new = local & (first == offs_k)
-    slot = tl.atomic_add(cursor + tl.where(new, el, 0), tl.full([BLOCK_K], 1, tl.int32),
-                         mask=new, sem="relaxed", scope="gpu")
+    local = mk[None, :] & (ids >= 0) & (el >= 0) & (el < L) & vt[:, None]
+    same = (ids[:, :, None] == ids[:, None, :]) & mk[None, None, :]
+    first = tl.min(tl.where(same, offs_k[None, None, :], BLOCK_K), axis=2)
+    return el, local, first, local & (first == offs_k[None, :])
+
+
+@triton.jit
+def _claim_slots(ids, vt, cursor, RANK: tl.constexpr, L: tl.constexpr, K: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """Take a slot for every new local expert of ``R`` tokens in *one* masked vector
+    ``atomic_add`` on the per-expert cursors (all in flight together, one round trip). Returns
+    the raw slots [R, BLOCK_K] (meaningful where :func:`_slot_masks` says ``new``); nothing
+    waits for them until they are used, so a caller may issue this early and use the slots late
+    (:func:`_place_rows`). The atomic itself is 1-D (the tile is reshaped, in order, around
+    it): the return value of a vector atomic is only used in that shape."""
+    R: tl.constexpr = ids.shape[0]
+    N: tl.constexpr = R * BLOCK_K
+    el, local, first, new = _slot_masks(ids, vt, RANK, L, K, BLOCK_K)
+    slot = tl.atomic_add(cursor + tl.reshape(tl.where(new, el, 0), [N]),
+                         tl.full([N], 1, tl.int32), mask=tl.reshape(new, [N]), sem="relaxed",
+                         scope="gpu")
+    return tl.reshape(slot, [R, BLOCK_K])
+
+
+@triton.jit
+def _place_rows(row, ids, vt, slot, srow, expert_x, slot_map, RANK: tl.constexpr,
+                H: tl.constexpr, K: tl.constexpr, L: tl.constexpr, CAP: tl.constexpr,
+                BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Copy the valid (``vt`` [R]) rows of ``row`` [R, BLOCK_H] into the slots ``slot`` taken by
+    :func:`_claim_slots` for the same ``ids``; write their slot-map rows ``slot_map[srow]``
+    (``srow`` [R] = ``source * M + token``): the entry ``el * CAP + slot`` of every local id
+    (repeated ids share their first occurrence's), -1 for the others."""
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_k = tl.arange(0, BLOCK_K)
+    el, local, first, new = _slot_masks(ids, vt, RANK, L, K, BLOCK_K)
     new = new & (slot < CAP)             # cannot fail (CAP is the worst case); never write OOB
     entry = tl.where(new, el * CAP + slot, -1)
-    shared = tl.max(tl.where(offs_k[None, :] == first[:, None], entry[None, :], -1), axis=1)
-    sm = tl.where(local, shared, -1)
-    return entry, sm
+    shared = tl.max(tl.where(offs_k[None, None, :] == first[:, :, None], entry[:, None, :], -1),
+                    axis=2)
+    for k in tl.static_range(K):
+        e = tl.max(tl.where(offs_k[None, :] == k, entry, -1), axis=1)
+        dst = expert_x + tl.cast(tl.maximum(e, 0), tl.int64)[:, None] * H + offs_h[None, :]
+        tl.store(dst, row, mask=(e >= 0)[:, None] & (offs_h < H)[None, :])
+    tl.store(slot_map + srow[:, None] * K + offs_k[None, :], tl.where(local, shared, -1),
+             mask=vt[:, None] & (offs_k < K)[None, :])
 
 
 @triton.jit
@@ -264,31 +293,11 @@ def _expand_tile(row, ids, vt, s, t64, expert_x, cursor, slot_map, RANK: tl.cons
                  M: tl.constexpr, H: tl.constexpr, K: tl.constexpr, L: tl.constexpr,
                  CAP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """Copy the valid (``vt`` [TB]) rows of ``row`` [TB, BLOCK_H] (tokens ``t64`` of source rank
-    ``s``) into fresh slots of their local experts; write ``slot_map[s, t, :]``.
-
-    Slots are taken token by token with :func:`_take_slots` (the TB vector atomics are
-    independent, so they are in flight together); the row copies are 2-D stores.
-    """
-    TB: tl.constexpr = row.shape[0]
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_b = tl.arange(0, TB)
-    mk = offs_k < K
-    entry = tl.full([TB, BLOCK_K], -1, tl.int32)
-    sm = tl.full([TB, BLOCK_K], -1, tl.int32)
-    for b in tl.static_range(TB):
-        sel = offs_b[:, None] == b
-        ids_b = tl.sum(tl.where(sel, ids, 0), axis=0)
-        v_b = tl.sum(tl.where(offs_b == b, vt.to(tl.int32), 0), axis=0) > 0
-        entry_b, sm_b = _take_slots(ids_b, v_b, cursor, RANK, L, CAP, K, BLOCK_K)
-        entry = tl.where(sel, entry_b[None, :], entry)
-        sm = tl.where(sel, sm_b[None, :], sm)
-    for k in tl.static_range(K):
-        e = tl.max(tl.where(offs_k[None, :] == k, entry, -1), axis=1)
-        dst = expert_x + tl.cast(tl.maximum(e, 0), tl.int64)[:, None] * H + offs_h[None, :]
-        tl.store(dst, row, mask=(e >= 0)[:, None] & (offs_h < H)[None, :])
-    tl.store(slot_map + (s * M + t64)[:, None] * K + offs_k[None, :], sm,
-             mask=vt[:, None] & mk[None, :])
+    ``s``) into fresh slots of their local experts; write ``slot_map[s, t, :]``: one
+    :func:`_claim_slots` for the tile, then :func:`_place_rows`."""
+    slot = _claim_slots(ids, vt, cursor, RANK, L, K, BLOCK_K)
+    _place_rows(row, ids, vt, slot, s * M + t64, expert_x, slot_map, RANK, H, K, L, CAP,
+                BLOCK_H, BLOCK_K)
 
 
 @triton.jit
@@ -317,12 +326,12 @@ def _own_tokens(t64, vt, x_ptr, ids_ptr, w_ptr, H: tl.constexpr, K: tl.constexpr
 
 
 @triton.jit
-def _send_tile(t64, vt, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w, expert_x, cursor,
-               slot_map, RANK: tl.constexpr, W: tl.constexpr, M: tl.constexpr, H: tl.constexpr,
-               K: tl.constexpr, L: tl.constexpr, E: tl.constexpr, CAP: tl.constexpr,
-               BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+def _send_tile(t64, vt, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w, RANK: tl.constexpr,
+               W: tl.constexpr, M: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
+               L: tl.constexpr, E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """Own tokens ``t64`` [TB]: ids/weights to every peer, each row once to every peer owning
-    one of its experts, and copies into the local experts' slots."""
+    one of its experts (the local copies come after the round is signalled:
+    :func:`_copy_own_tile`)."""
     offs_h = tl.arange(0, BLOCK_H)
     mh = offs_h < H
     offs_k = tl.arange(0, BLOCK_K)
@@ -336,6 +345,17 @@ def _send_tile(t64, vt, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w, expert_
             to_d = vt & (tl.sum((owner == d).to(tl.int32), axis=1) > 0)
             tl.store(recv_x[d] + mrow[:, None] * H + offs_h[None, :], row,
                      mask=to_d[:, None] & mh[None, :])
+
+
+@triton.jit
+def _copy_own_tile(t64, vt, x_ptr, ids_ptr, w_ptr, expert_x, cursor, slot_map,
+                   RANK: tl.constexpr, M: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
+                   L: tl.constexpr, E: tl.constexpr, CAP: tl.constexpr, BLOCK_H: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """Own tokens ``t64`` [TB] into the local experts' slots (loaded again: the rows are in L2
+    from the send, and the signal to the peers does not wait for these copies)."""
+    m2, ids, w, row, owner = _own_tokens(t64, vt, x_ptr, ids_ptr, w_ptr, H, K, L, E, BLOCK_H,
+                                         BLOCK_K)
     _expand_tile(row, ids, vt, RANK, t64, expert_x, cursor, slot_map, RANK, M, H, K, L, CAP,
                  BLOCK_H, BLOCK_K)
 
@@ -411,9 +431,13 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
             jend = tl.minimum(r * CHUNK + CHUNK, n_own)
             for j in range(r * CHUNK, jend, TB):
                 t64, vt = _tile(j, jend, pid, G, TB)
-                _send_tile(t64, vt, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w, expert_x,
-                           cursor, slot_map, RANK, W, M, H, K, L, E, CAP, BLOCK_H, BLOCK_K)
+                _send_tile(t64, vt, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w, RANK, W,
+                           M, H, K, L, E, BLOCK_H, BLOCK_K)
             _signal_peers(flags, pid, base + r + 1, RANK, W, POSTED, NT)
+            for j in range(r * CHUNK, jend, TB):
+                t64, vt = _tile(j, jend, pid, G, TB)
+                _copy_own_tile(t64, vt, x_ptr, ids_ptr, w_ptr, expert_x, cursor, slot_map, RANK,
+                               M, H, K, L, E, CAP, BLOCK_H, BLOCK_K)
         # receive every peer's round r - 1 while our round r is on the wire
         rr = r - 1
         if rr >= 0:
@@ -609,12 +633,13 @@ def _sent_like(v, BITS: tl.constexpr):
 
 
 @triton.jit
-def _lamport_send_tile(c, x_ptr, ids_ptr, w_ptr, T, buf, lx, lmeta, expert_x, cursor, slot_map,
-                       RANK: tl.constexpr, W: tl.constexpr, M: tl.constexpr, H: tl.constexpr,
-                       K: tl.constexpr, L: tl.constexpr, E: tl.constexpr, CAP: tl.constexpr,
-                       BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, TB: tl.constexpr):
-    """Own tokens ``[c*TB, c*TB+TB)``: meta to every peer, the row to peers owning one of its
-    experts (``-0.0`` sent as ``+0.0``), then the local copies."""
+def _lamport_send_tile(c, x_ptr, ids_ptr, w_ptr, T, buf, lx, lmeta, RANK: tl.constexpr,
+                       W: tl.constexpr, M: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
+                       L: tl.constexpr, E: tl.constexpr, BLOCK_H: tl.constexpr,
+                       BLOCK_K: tl.constexpr, TB: tl.constexpr):
+    """Own tokens ``[c*TB, c*TB+TB)`` (none when ``c*TB >= T``): meta to every peer, the row to
+    peers owning one of its experts (``-0.0`` sent as ``+0.0``). Returns ``(row, ids, vt,
+    t64)`` for the local copies, which the caller makes later."""
     offs_h = tl.arange(0, BLOCK_H)
     mh = offs_h < H
     offs_k = tl.arange(0, BLOCK_K)
@@ -634,8 +659,7 @@ def _lamport_send_tile(c, x_ptr, ids_ptr, w_ptr, T, buf, lx, lmeta, expert_x, cu
             to_d = vt & (tl.sum((owner == d).to(tl.int32), axis=1) > 0)
             tl.store(lx[d] + base[:, None] * H + offs_h[None, :], rowc,
                      mask=to_d[:, None] & mh[None, :])
-    _expand_tile(row, ids, vt, RANK, t64, expert_x, cursor, slot_map, RANK, M, H, K, L, CAP,
-                 BLOCK_H, BLOCK_K)
+    return row, ids, vt, t64
 
 
 @triton.jit
@@ -771,11 +795,19 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
     i = tl.full([], 0, tl.int32)
     more = n_own > 0
     more = more | (W > 1)
+    # own tile of the previous iteration: sent, slots claimed, rows not yet copied (below)
+    orow = tl.zeros([TB, BLOCK_H], x_ptr.dtype.element_ty)
+    oids = tl.full([TB, BLOCK_K], -1, tl.int32)
+    ovt = tl.arange(0, TB) < 0
+    ot64 = tl.zeros([TB], tl.int64)
+    oslot = tl.zeros([TB, BLOCK_K], tl.int32)
     while more:
-        c = pid + i * G
-        if c < n_own:
-            _lamport_send_tile(c, x_ptr, ids_ptr, w_ptr, T, buf, lx, lmeta, expert_x, cursor,
-                               slot_map, RANK, W, M, H, K, L, E, CAP, BLOCK_H, BLOCK_K, TB)
+        # send own tile i and claim its slots; nothing waits for the claim until the next
+        # iteration, so its round trip overlaps the receive instead of preceding it
+        row, ids, vt, t64 = _lamport_send_tile(pid + i * G, x_ptr, ids_ptr, w_ptr, T, buf, lx,
+                                               lmeta, RANK, W, M, H, K, L, E, BLOCK_H, BLOCK_K,
+                                               TB)
+        slot = _claim_slots(ids, vt, cursor, RANK, L, K, BLOCK_K)
         if i > 0:
             cr = rbase + (i - 1) * G
             for s in tl.static_range(W):
@@ -787,11 +819,16 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                             slot_map, wloc, err_dev, err_host, timeout_ns, RANK, W, G, M, H,
                             K, L, CAP, BLOCK_H, BLOCK_K, TB, BITS, USE_TIMER, NT)
                         tsv = tl.where(offs_w == s, ts, tsv)
+        _place_rows(orow, oids, ovt, oslot, RANK * M + ot64, expert_x, slot_map, RANK, H, K, L,
+                    CAP, BLOCK_H, BLOCK_K)
+        orow, oids, ovt, ot64, oslot = row, ids, vt, t64, slot
         i += 1
         cn = pid + i * G
         big = tl.where(is_peer, tl.where(tsv < 0, 2147483647, tsv), 0)
         want_recv = ((rbase + (i - 1) * G) * TB < tl.max(big, axis=0)) & (dead == 0)
         more = (cn < n_own) | want_recv
+    _place_rows(orow, oids, ovt, oslot, RANK * M + ot64, expert_x, slot_map, RANK, H, K, L, CAP,
+                BLOCK_H, BLOCK_K)
     tl.store(peer_T + offs_w, tl.maximum(tsv, 0), mask=is_peer)
     tl.store(buf_ptr + pid, (buf + 1) % NBUF)
     _publish_counts(done, cursor, counts, G, L, BLOCK_L)
