@@ -61,8 +61,7 @@ reset never races the peer's write. No host counter is involved. Tokens are hand
 there are no rounds.
 
 dispatch, program p (own tiles ``p, p+G, ...``; received tiles ``q, q+G, ...`` with
-``q = (p + SHIFT) mod G``; by default ``SHIFT = G/2`` on GPU so that with few tokens sending and
-receiving run on different SMs, 0 in the interpreter whose programs run one after another):
+``q = (p + SHIFT) mod G``; ``SHIFT = 0`` by default, see :class:`llmcomm.moe.p2p.P2PBackend`):
   * store the own token count into ``lcnt[d][buf, RANK, p]`` of every peer (one slot per
     receiving program, so every program polls and resets only its own);
   * iteration i: send own tile i (meta = ids + weight bits to every peer, the rows to peers
