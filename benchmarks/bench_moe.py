@@ -61,6 +61,9 @@ SWEEP = {
     "lam_half": ({"protocol": "lamport", "shift": 64}, None),
     # flags whatever M (with --sweep-tokens <= 128 "default" is lamport: protocol="auto")
     "flags": ({"protocol": "flags"}, None),
+    # lamport combine without / with the column split of small batches (default 4 at H >= 2048)
+    "lam_cs1": ({"protocol": "lamport", "combine_split": 1}, None),
+    "lam_cs8": ({"protocol": "lamport", "combine_split": 8}, None),
 }
 
 

@@ -465,14 +465,14 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
 
 
 @triton.jit
-def _partial_tile(expert_out, sm, wv, H: tl.constexpr, K: tl.constexpr,
-                  BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[TB, BLOCK_H] fp32: ``sum_k wv[:, k] * expert_out[sm[:, k]]``, k ascending, entries with
-    ``sm < 0`` skipped. Masked loads (no branch per k), so the K row loads overlap; a skipped
-    entry leaves the sum untouched (bitwise the same as skipping it)."""
-    offs_h = tl.arange(0, BLOCK_H)
+def _partial_tile(expert_out, sm, wv, col0, H: tl.constexpr, K: tl.constexpr,
+                  BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[TB, BLOCK_C] fp32: ``sum_k wv[:, k] * expert_out[sm[:, k], col0:col0 + BLOCK_C]``, k
+    ascending, entries with ``sm < 0`` skipped. Masked loads (no branch per k), so the K row
+    loads overlap; a skipped entry leaves the sum untouched (bitwise the same as skipping it)."""
+    offs_h = col0 + tl.arange(0, BLOCK_C)
     offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([sm.shape[0], BLOCK_H], tl.float32)
+    acc = tl.zeros([sm.shape[0], BLOCK_C], tl.float32)
     for k in tl.static_range(K):
         e = tl.max(tl.where(offs_k[None, :] == k, sm, -1), axis=1)
         wk = tl.sum(tl.where(offs_k[None, :] == k, wv, 0.0), axis=1)
@@ -496,7 +496,7 @@ def _push_tile(s, t64, vt, expert_out, recv_w, comb, slot_map, RANK: tl.constexp
     sm = tl.load(slot_map + mrow[:, None] * K + offs_k[None, :], mask=m2, other=-1)
     wv = tl.load(recv_w[RANK] + mrow[:, None] * K + offs_k[None, :], mask=m2, other=0.0,
                  cache_modifier=".cg")
-    acc = _partial_tile(expert_out, sm, wv, H, K, BLOCK_H, BLOCK_K)
+    acc = _partial_tile(expert_out, sm, wv, 0, H, K, BLOCK_H, BLOCK_K)
     has = vt & (tl.max(sm, axis=1) >= 0)
     dst = comb[s] + (RANK * M + t64)[:, None] * H + offs_h[None, :]
     tl.store(dst, acc.to(comb[s].dtype.element_ty), mask=has[:, None] & (offs_h < H)[None, :])
@@ -515,7 +515,7 @@ def _own_part(t64, vt, expert_out, ids_ptr, w_ptr, slot_map, RANK: tl.constexpr,
     ids = tl.where(m2 & (ids >= 0) & (ids < E), ids, -1)
     sm = tl.load(slot_map + (RANK * M + t64)[:, None] * K + offs_k[None, :], mask=m2, other=-1)
     wv = tl.load(w_ptr + t64[:, None] * K + offs_k[None, :], mask=m2, other=0.0).to(tl.float32)
-    return _partial_tile(expert_out, sm, wv, H, K, BLOCK_H, BLOCK_K), \
+    return _partial_tile(expert_out, sm, wv, 0, H, K, BLOCK_H, BLOCK_K), \
         tl.where(ids >= 0, ids // L, -1)
 
 
@@ -867,6 +867,79 @@ def _poll_rows(ptrs, mask, dead, peer, err_dev, err_host, timeout_ns, OP: tl.con
 
 
 @triton.jit
+def _lamport_push(c, col0, tsv, buf, expert_out, lcomb, slot_map, wloc, RANK: tl.constexpr,
+                  W: tl.constexpr, M: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
+                  BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr,
+                  TB: tl.constexpr):
+    """Columns ``[col0, col0 + BLOCK_C)`` of the partial sums of every peer's tile ``c``, pushed
+    once per (token, peer) into ``lcomb[s][buf, RANK]`` (tokens with a local expert only;
+    ``-0.0`` sent as ``+0.0``)."""
+    offs_h = col0 + tl.arange(0, BLOCK_C)
+    mh = offs_h < H
+    offs_k = tl.arange(0, BLOCK_K)
+    mk = offs_k < K
+    offs_w = tl.arange(0, BLOCK_W)
+    t = c * TB + tl.arange(0, TB)
+    t64 = tl.cast(t, tl.int64)
+    for s in tl.static_range(W):
+        if s != RANK:
+            ts = tl.sum(tl.where(offs_w == s, tsv, 0), axis=0)
+            if c * TB < ts:
+                vt = t < ts
+                m2 = vt[:, None] & mk[None, :]
+                r = (s * M + t64)[:, None] * K + offs_k[None, :]
+                sm = tl.load(slot_map + r, mask=m2, other=-1)
+                wv = tl.load(wloc + r, mask=m2, other=0.0)
+                accp = _partial_tile(expert_out, sm, wv, col0, H, K, BLOCK_C, BLOCK_K)
+                has = vt & (tl.max(sm, axis=1) >= 0)
+                out = accp.to(lcomb[s].dtype.element_ty)
+                out = tl.where(out == 0, tl.zeros_like(out), out)
+                dst = lcomb[s] + ((buf * W + RANK) * M + t64)[:, None] * H + offs_h[None, :]
+                tl.store(dst, out, mask=has[:, None] & mh[None, :])
+
+
+@triton.jit
+def _lamport_finish(co, col0, T, dead, buf, expert_out, ids_ptr, w_ptr, y_ptr, lcomb, slot_map,
+                    err_dev, err_host, timeout_ns, RANK: tl.constexpr, W: tl.constexpr,
+                    M: tl.constexpr, H: tl.constexpr, K: tl.constexpr, L: tl.constexpr,
+                    E: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                    TB: tl.constexpr, BITS: tl.constexpr, USE_TIMER: tl.constexpr,
+                    NT: tl.constexpr):
+    """Columns ``[col0, col0 + BLOCK_C)`` of own tile ``co``: own partial (fp32) and each peer's
+    (polled, then reset), summed in fixed rank order into ``y``. Returns ``dead``."""
+    offs_h = col0 + tl.arange(0, BLOCK_C)
+    mh = offs_h < H
+    offs_k = tl.arange(0, BLOCK_K)
+    mk = offs_k < K
+    to = co * TB + tl.arange(0, TB)
+    to64 = tl.cast(to, tl.int64)
+    vo = to < T
+    mo = vo[:, None] & mk[None, :]
+    ids = tl.load(ids_ptr + to64[:, None] * K + offs_k[None, :], mask=mo, other=-1).to(tl.int32)
+    ids = tl.where(mo & (ids >= 0) & (ids < E), ids, -1)
+    owner = tl.where(ids >= 0, ids // L, -1)
+    sm = tl.load(slot_map + (RANK * M + to64)[:, None] * K + offs_k[None, :], mask=mo, other=-1)
+    wv = tl.load(w_ptr + to64[:, None] * K + offs_k[None, :], mask=mo, other=0.0).to(tl.float32)
+    part = _partial_tile(expert_out, sm, wv, col0, H, K, BLOCK_C, BLOCK_K)
+    acco = tl.zeros([TB, BLOCK_C], tl.float32)
+    for d in tl.static_range(W):
+        if d == RANK:
+            acco += part
+        else:
+            from_d = vo & (tl.sum((owner == d).to(tl.int32), axis=1) > 0)
+            mrow = from_d[:, None] & mh[None, :]
+            src = lcomb[RANK] + ((buf * W + d) * M + to64)[:, None] * H + offs_h[None, :]
+            v, dead = _poll_rows(src, mrow, dead, d, err_dev, err_host, timeout_ns, 2, BITS,
+                                 USE_TIMER, NT)
+            if dead == 0:
+                tl.store(src, _sent_like(v, BITS), mask=mrow)
+            acco += v.to(tl.float32)
+    tl.store(y_ptr + to64[:, None] * H + offs_h[None, :], acco.to(y_ptr.dtype.element_ty),
+             mask=vo[:, None] & mh[None, :])
+    return dead
+
+
+@triton.jit
 def ep_combine_lamport_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T, lcomb, slot_map, wloc,
                               peer_T, buf_ptr, err_dev, err_host_addr, timeout_ns,
                               RANK: tl.constexpr, W: tl.constexpr, G: tl.constexpr,
@@ -874,10 +947,14 @@ def ep_combine_lamport_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T, lcomb, slot_
                               L: tl.constexpr, E: tl.constexpr, BLOCK_H: tl.constexpr,
                               BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr, TB: tl.constexpr,
                               BITS: tl.constexpr, NBUF: tl.constexpr, SHIFT: tl.constexpr,
-                              USE_TIMER: tl.constexpr, PDL: tl.constexpr = False,
-                              NT: tl.constexpr = 256):
-    """Lamport combine; see the module docstring. Program ``p`` pushes the partial sums of the
-    peers' tiles ``p, p+G, ...`` and finishes its own tiles one iteration behind."""
+                              SPLIT: tl.constexpr, USE_TIMER: tl.constexpr,
+                              PDL: tl.constexpr = False, NT: tl.constexpr = 256):
+    """Lamport combine; see the module docstring. When every rank's tiles times ``SPLIT`` fit
+    the grid (a small batch), program ``p`` handles column chunk ``p mod SPLIT`` of tile
+    ``p // SPLIT`` (push the peers', finish own tile ``q // SPLIT``, chunk ``q mod SPLIT``, ``q =
+    (p + SHIFT) mod G``), so one token's K weighted expert rows are summed on SPLIT SMs instead
+    of one. Otherwise program ``p`` pushes the peers' tiles ``p, p+G, ...`` (whole rows) and
+    finishes its own tiles one iteration behind."""
     if PDL:  # nothing is touched before the previous grid finished
         pdl_wait()
         pdl_launch_dependents()
@@ -885,70 +962,35 @@ def ep_combine_lamport_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T, lcomb, slot_
     err_host = err_host_addr.to(tl.pointer_type(tl.int32))
     buf = tl.load(buf_ptr + pid)
     dead = _dead(err_dev, NT)
-    offs_h = tl.arange(0, BLOCK_H)
-    mh = offs_h < H
-    offs_k = tl.arange(0, BLOCK_K)
-    mk = offs_k < K
     offs_w = tl.arange(0, BLOCK_W)
     is_peer = (offs_w < W) & (offs_w != RANK)
     tsv = tl.load(peer_T + offs_w, mask=is_peer, other=0)
     max_ts = tl.max(tsv, axis=0)
     n_own = tl.cdiv(T, TB)
-    i = tl.full([], 0, tl.int32)
-    obase = (pid + SHIFT) % G                    # own tiles: obase, obase + G, ...
-    more = (pid * TB < max_ts) | (obase < n_own)
-    while more:
-        c = pid + i * G
-        t = c * TB + tl.arange(0, TB)
-        t64 = tl.cast(t, tl.int64)
-        # 1. partial sums of the peers' tokens of tile c, pushed once per (token, peer)
-        for s in tl.static_range(W):
-            if s != RANK:
-                ts = tl.sum(tl.where(offs_w == s, tsv, 0), axis=0)
-                if (dead == 0) & (c * TB < ts):
-                    vt = t < ts
-                    m2 = vt[:, None] & mk[None, :]
-                    r = (s * M + t64)[:, None] * K + offs_k[None, :]
-                    sm = tl.load(slot_map + r, mask=m2, other=-1)
-                    wv = tl.load(wloc + r, mask=m2, other=0.0)
-                    accp = _partial_tile(expert_out, sm, wv, H, K, BLOCK_H, BLOCK_K)
-                    has = vt & (tl.max(sm, axis=1) >= 0)
-                    out = accp.to(lcomb[s].dtype.element_ty)
-                    out = tl.where(out == 0, tl.zeros_like(out), out)
-                    dst = lcomb[s] + ((buf * W + RANK) * M + t64)[:, None] * H + offs_h[None, :]
-                    tl.store(dst, out, mask=has[:, None] & mh[None, :])
-        # 2. own tile c - G: own partial + the peers' partials, fixed rank order, fp32
-        co = obase + (i - 1) * G
-        if (i > 0) & (co < n_own):
-            to = co * TB + tl.arange(0, TB)
-            to64 = tl.cast(to, tl.int64)
-            vo = to < T
-            mo = vo[:, None] & mk[None, :]
-            ids = tl.load(ids_ptr + to64[:, None] * K + offs_k[None, :], mask=mo,
-                          other=-1).to(tl.int32)
-            ids = tl.where(mo & (ids >= 0) & (ids < E), ids, -1)
-            owner = tl.where(ids >= 0, ids // L, -1)
-            sm = tl.load(slot_map + (RANK * M + to64)[:, None] * K + offs_k[None, :], mask=mo,
-                         other=-1)
-            wv = tl.load(w_ptr + to64[:, None] * K + offs_k[None, :], mask=mo,
-                         other=0.0).to(tl.float32)
-            part = _partial_tile(expert_out, sm, wv, H, K, BLOCK_H, BLOCK_K)
-            acco = tl.zeros([TB, BLOCK_H], tl.float32)
-            for d in tl.static_range(W):
-                if d == RANK:
-                    acco += part
-                else:
-                    from_d = vo & (tl.sum((owner == d).to(tl.int32), axis=1) > 0)
-                    mrow = from_d[:, None] & mh[None, :]
-                    src = lcomb[RANK] + ((buf * W + d) * M + to64)[:, None] * H + offs_h[None, :]
-                    v, dead = _poll_rows(src, mrow, dead, d, err_dev, err_host, timeout_ns, 2,
-                                         BITS, USE_TIMER, NT)
-                    if dead == 0:
-                        tl.store(src, _sent_like(v, BITS), mask=mrow)
-                    acco += v.to(tl.float32)
-            tl.store(y_ptr + to64[:, None] * H + offs_h[None, :], acco.to(y_ptr.dtype.element_ty),
-                     mask=vo[:, None] & mh[None, :])
-        i += 1
-        cn = pid + i * G
-        more = (cn * TB < max_ts) | (obase + (i - 1) * G < n_own)
+    obase = (pid + SHIFT) % G                    # own tiles / units: obase, obase + G, ...
+    # every rank knows every rank's token count here, so all take the same branch
+    CW: tl.constexpr = BLOCK_H // SPLIT
+    if tl.cdiv(tl.maximum(max_ts, T), TB) * SPLIT <= G:
+        if dead == 0:
+            _lamport_push(pid // SPLIT, (pid % SPLIT) * CW, tsv, buf, expert_out, lcomb,
+                          slot_map, wloc, RANK, W, M, H, K, CW, BLOCK_K, BLOCK_W, TB)
+        if obase // SPLIT < n_own:
+            dead = _lamport_finish(obase // SPLIT, (obase % SPLIT) * CW, T, dead, buf,
+                                   expert_out, ids_ptr, w_ptr, y_ptr, lcomb, slot_map, err_dev,
+                                   err_host, timeout_ns, RANK, W, M, H, K, L, E, CW, BLOCK_K, TB,
+                                   BITS, USE_TIMER, NT)
+    else:
+        i = tl.full([], 0, tl.int32)
+        more = (pid * TB < max_ts) | (obase < n_own)
+        while more:
+            if dead == 0:
+                _lamport_push(pid + i * G, 0, tsv, buf, expert_out, lcomb, slot_map, wloc, RANK,
+                              W, M, H, K, BLOCK_H, BLOCK_K, BLOCK_W, TB)
+            co = obase + (i - 1) * G
+            if (i > 0) & (co < n_own):
+                dead = _lamport_finish(co, 0, T, dead, buf, expert_out, ids_ptr, w_ptr, y_ptr,
+                                       lcomb, slot_map, err_dev, err_host, timeout_ns, RANK, W, M,
+                                       H, K, L, E, BLOCK_H, BLOCK_K, TB, BITS, USE_TIMER, NT)
+            i += 1
+            more = ((pid + i * G) * TB < max_ts) | (obase + (i - 1) * G < n_own)
     tl.store(buf_ptr + pid, (buf + 1) % NBUF)
