@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# A/B of this branch (wip/s5-next: late own-slot copies in both dispatch kernels + the lamport
-# combine's column split of small batches) against main, on 2 GPUs. Prepare locally, from a
+# A/B of this branch (wip/s5-next: late own-slot copies in both dispatch kernels, the lamport
+# combine's column split of small batches, relaxed count publication) against main, on 2 GPUs. Prepare locally, from a
 # checkout of main (the device gets the working tree, not .git; _ab is untracked, so it travels):
 #   rm -rf _ab && mkdir _ab && git archive wip/s5-next src benchmarks tests | tar -x -C _ab
 #   git show wip/s5-next:benchmarks/ab_s5_next.sh > _ab_s5_next.sh
@@ -15,7 +15,8 @@ bench)
   PYTHONPATH=src:. timeout 120 python3 benchmarks/bench_moe.py --sweep --sweep-tokens 1,8,32,64,128 \
     --sweep-only lam,flags --out "$OUT/a_sweep" 2>&1 | tail -9
   PYTHONPATH=_ab/src:_ab timeout 150 python3 _ab/benchmarks/bench_moe.py --sweep \
-    --sweep-tokens 1,8,32,64,128 --sweep-only lam,lam_cs1,flags --out "$OUT/b_sweep" 2>&1 | tail -9
+    --sweep-tokens 1,8,32,64,128 --sweep-only lam,lam_cs1,lam_acqrel,flags,flags_acqrel \
+    --out "$OUT/b_sweep" 2>&1 | tail -9
   for v in a b; do
     if [ $v = a ]; then root=.; else root=_ab; fi
     PYTHONPATH=$root/src:$root timeout 150 python3 $root/benchmarks/bench_moe.py --tokens 1,8,128 \

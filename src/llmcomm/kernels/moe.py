@@ -383,16 +383,33 @@ def _recv_tile(s, t64, vt, recv_x, recv_ids, expert_x, cursor, slot_map, RANK: t
 
 @triton.jit
 def _publish_counts(done, cursor, counts, G: tl.constexpr, L: tl.constexpr,
-                    BLOCK_L: tl.constexpr):
+                    BLOCK_L: tl.constexpr, ACQ_REL: tl.constexpr = False):
     """End of a dispatch: the last of the ``G`` programs out publishes the per-expert slot
-    cursors as ``counts`` and resets them (and ``done``) for the next call (graph-safe)."""
+    cursors as ``counts`` and resets them (and ``done``) for the next call (graph-safe).
+
+    Relaxed atomics by default (``ACQ_REL`` restores acq_rel): a release here would wait for
+    every outstanding store of the program -- its expert rows and, above all, its rows and meta
+    in flight to the peers over NVLink -- and the count needs none of them. It needs every
+    program's cursor increments, and those are complete before the program's ``done``
+    increment: each thread has used the value its slot atomic returned (the slot is in the
+    address of a later store) before the barrier, so that read-modify-write was performed at the
+    L2, where atomics on one address are serialised; the last program's exchange comes after the
+    ``done`` increment that made it last. Expert rows and counts are seen by later kernels
+    (kernel boundary)."""
     tl.debug_barrier()
-    prev = tl.atomic_add(done, 1, sem="acq_rel", scope="gpu")
+    if ACQ_REL:
+        prev = tl.atomic_add(done, 1, sem="acq_rel", scope="gpu")
+    else:
+        prev = tl.atomic_add(done, 1, sem="relaxed", scope="gpu")
     if prev == G - 1:
         offs_l = tl.arange(0, BLOCK_L)
         ml = offs_l < L
-        c = tl.atomic_xchg(cursor + offs_l, tl.zeros([BLOCK_L], tl.int32), mask=ml,
-                           sem="acq_rel", scope="gpu")
+        if ACQ_REL:
+            c = tl.atomic_xchg(cursor + offs_l, tl.zeros([BLOCK_L], tl.int32), mask=ml,
+                               sem="acq_rel", scope="gpu")
+        else:
+            c = tl.atomic_xchg(cursor + offs_l, tl.zeros([BLOCK_L], tl.int32), mask=ml,
+                               sem="relaxed", scope="gpu")
         tl.store(counts + offs_l, c, mask=ml)
         tl.atomic_xchg(done, 0, sem="relaxed", scope="gpu")
 
@@ -407,7 +424,8 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                        CAP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                        BLOCK_L: tl.constexpr, BLOCK_W: tl.constexpr, CHUNK: tl.constexpr,
                        TB: tl.constexpr, USE_TIMER: tl.constexpr, POSTED: tl.constexpr = False,
-                       PDL: tl.constexpr = False, NT: tl.constexpr = 256):
+                       PDL: tl.constexpr = False, NT: tl.constexpr = 256,
+                       ACQ_REL: tl.constexpr = False):
     if PDL:  # nothing is touched before the previous grid finished
         pdl_wait()
         pdl_launch_dependents()
@@ -461,7 +479,7 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
         r += 1
         more = (r < r_own) | (r - 1 < tl.max(tl.where(dead == 0, r_in, 0), axis=0))
     tl.store(epoch_ptr + pid, epoch)
-    _publish_counts(done, cursor, counts, G, L, BLOCK_L)
+    _publish_counts(done, cursor, counts, G, L, BLOCK_L, ACQ_REL)
 
 
 @triton.jit
@@ -774,7 +792,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                BLOCK_L: tl.constexpr, BLOCK_W: tl.constexpr, TB: tl.constexpr,
                                BITS: tl.constexpr, NBUF: tl.constexpr, SHIFT: tl.constexpr,
                                USE_TIMER: tl.constexpr, PDL: tl.constexpr = False,
-                               NT: tl.constexpr = 256):
+                               NT: tl.constexpr = 256, ACQ_REL: tl.constexpr = False):
     """Lamport dispatch; see the module docstring. Tiles of ``TB`` tokens; program ``p`` sends
     own tiles ``p, p+G, ...`` and receives the same tiles of every peer, one tile behind."""
     if PDL:  # nothing is touched before the previous grid finished
@@ -831,7 +849,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                 BLOCK_H, BLOCK_K)
     tl.store(peer_T + offs_w, tl.maximum(tsv, 0), mask=is_peer)
     tl.store(buf_ptr + pid, (buf + 1) % NBUF)
-    _publish_counts(done, cursor, counts, G, L, BLOCK_L)
+    _publish_counts(done, cursor, counts, G, L, BLOCK_L, ACQ_REL)
 
 
 @triton.jit

@@ -116,7 +116,7 @@ class P2PBackend(MoEBackend):
                  tile_tokens: int = 1, combine_tile_tokens: int = 1,
                  round_tokens: int | None = None, posted_flags: bool | None = None,
                  pdl: bool = False, protocol: str = "auto", shift: int | None = None,
-                 combine_split: int | None = None) -> None:
+                 combine_split: int | None = None, _acq_rel_publish: bool = False) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -236,6 +236,7 @@ class P2PBackend(MoEBackend):
         elif combine_split is not None:
             raise ValueError("combine_split applies to protocol='lamport' only: leave it unset")
         self.combine_split = combine_split   # None for "flags"
+        self._acq_rel_publish = bool(_acq_rel_publish)   # A/B only: see _publish_counts
         self.round_tokens = round_tokens     # None for "lamport"
         self.shift = shift                   # None for "flags"
         dev = cfg.device if not self._sim else torch.device("cpu")
@@ -304,6 +305,7 @@ class P2PBackend(MoEBackend):
                 "num_warps": self.num_warps, "round_tokens": self.round_tokens,
                 "tile_tokens": self.tiles[0], "combine_tile_tokens": self.tiles[1],
                 "combine_split": self.combine_split,
+                "acq_rel_publish": self._acq_rel_publish,
                 **{k.lower(): v for k, v in self.variants.items()}}
 
     def _consts(self) -> dict[str, Any]:
@@ -342,7 +344,7 @@ class P2PBackend(MoEBackend):
                 self.expert_x, self.counts, self.cursor, self.done, self.slot_map, self.wloc,
                 self.peer_T, self.buf_d, self.err_dev, self.err_host.data_ptr(),
                 self.timeout_ns, CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts),
-                **self._lamport_consts(self.tiles[0]))
+                ACQ_REL=self._acq_rel_publish, **self._lamport_consts(self.tiles[0]))
             return self.expert_x, self.counts, (topk_ids, topk_weights)
         ep_dispatch_kernel[(self.G,)](
             x, topk_ids, topk_weights, T,
@@ -350,7 +352,7 @@ class P2PBackend(MoEBackend):
             self.expert_x, self.counts, self.cursor, self.done, self.slot_map, self.epoch_d,
             self.err_dev, self.err_host.data_ptr(), self.timeout_ns,
             CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts), TB=self.tiles[0],
-            **self._consts())
+            ACQ_REL=self._acq_rel_publish, **self._consts())
         return self.expert_x, self.counts, (topk_ids, topk_weights)
 
     def combine(self, expert_out, state, num_tokens):
