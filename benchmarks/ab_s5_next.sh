@@ -15,7 +15,7 @@ bench)
   PYTHONPATH=src:. timeout 120 python3 benchmarks/bench_moe.py --sweep --sweep-tokens 1,8,32,64,128 \
     --sweep-only lam,flags --out "$OUT/a_sweep" 2>&1 | tail -9
   PYTHONPATH=_ab/src:_ab timeout 150 python3 _ab/benchmarks/bench_moe.py --sweep \
-    --sweep-tokens 1,8,32,64,128 --sweep-only lam,lam_cs1,lam_acqrel,flags,flags_acqrel \
+    --sweep-tokens 1,8,32,64,128 --sweep-only lam,lam_cs1,lam_cs2,lam_acqrel,flags,flags_acqrel \
     --out "$OUT/b_sweep" 2>&1 | tail -9
   for v in a b; do
     if [ $v = a ]; then root=.; else root=_ab; fi

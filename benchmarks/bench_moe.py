@@ -63,6 +63,7 @@ SWEEP = {
     "flags": ({"protocol": "flags"}, None),
     # lamport combine without / with the column split of small batches (default 4 at H >= 2048)
     "lam_cs1": ({"protocol": "lamport", "combine_split": 1}, None),
+    "lam_cs2": ({"protocol": "lamport", "combine_split": 2}, None),
     "lam_cs8": ({"protocol": "lamport", "combine_split": 8}, None),
     # the dispatch's count publication with acq_rel atomics (main's) instead of relaxed
     "lam_acqrel": ({"protocol": "lamport", "_acq_rel_publish": True}, None),
