@@ -2,7 +2,7 @@
 # Everything GPU: tests, demos, benchmarks, sweeps, logs into $OUT (or ./gpu_out). Each step has
 # its own time limit so a slow step cannot eat the others; the order is by priority (correctness
 # first). A device call lasts at most 600 s: pick the STEPS that fit one call (session 5 on
-# 2 x H200: tests ~4 min, tests_moe ~8 min, demo ~2 min, bench ~6 min, sweep ~3 min).
+# 2 x H200: tests ~5 min, tests_moe ~8 min, demo ~2 min, bench ~6 min, sweep ~3 min).
 # Usage, from the repository root on a node with 2+ GPUs:
 #   [STEPS="tests tests_moe demo bench sweep"] [WORLD=4] bash benchmarks/run_gpu_suite.sh
 # WORLD (default 2) is the TP / EP size of the benchmarks; tests/gpu picks its own (gpu4 tests,
