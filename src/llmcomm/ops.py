@@ -19,16 +19,21 @@ mode. The fake implementations give output shapes and dtypes::
     llmcomm::moe_combine(expert_out [L, capacity, H], num_tokens, key) -> y [num_tokens, H]
 
 ``moe_combine`` combines the dispatch in flight on that dispatcher (one at a time, as in eager
-mode; the dispatcher keeps its handle between the two ops).
+mode; the dispatcher keeps its handle between the two ops). Every op is registered as an ORDERED
+side effect, so the compiler keeps each call, once, in program order (without that, dead-code
+elimination drops an allreduce whose result is unused: ``tests/distributed/test_compile.py``).
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import weakref
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 _OBJECTS: dict[str, weakref.ref] = {}
 _KEYS = itertools.count()
@@ -125,3 +130,29 @@ def moe_combine(expert_out: torch.Tensor, num_tokens: int, key: str) -> torch.Te
 @moe_combine.register_fake
 def _(expert_out, num_tokens, key):
     return expert_out.new_empty(num_tokens, _lookup(key).hidden_size)
+
+
+def _mark_ordered(*names: str) -> None:
+    """Declare the ops ORDERED-effectful: torch.compile then neither drops one whose outputs are
+    unused (every rank must make every collective call) nor merges two equal calls nor reorders
+    them against each other (``moe_combine`` uses the state its ``moe_dispatch`` left). The
+    registration is a private API of torch whose home moved between releases; without it the
+    ops are still correct wherever their results are used in program order."""
+    for name in names:
+        try:
+            try:
+                torch.library._register_effectful_op(name, torch.library.EffectType.ORDERED)
+            except AttributeError:   # older torch: the effects module of the HOPs
+                from torch._higher_order_ops import effects
+
+                effects._register_effectful_op(getattr(torch.ops.llmcomm, name.split("::")[1])
+                                               .default, effects._EffectType.ORDERED)
+        except Exception as e:  # noqa: BLE001 - never fail communicator creation over this
+            logger.warning("could not mark %s as an ordered side effect for torch.compile "
+                           "(%s): an llmcomm call whose result is unused may be dropped from a "
+                           "compiled graph", name, e)
+
+
+_mark_ordered("llmcomm::all_reduce", "llmcomm::all_reduce_out", "llmcomm::all_reduce_add_rms_norm",
+              "llmcomm::all_reduce_add_rms_norm_fp8", "llmcomm::moe_dispatch",
+              "llmcomm::moe_combine")

@@ -138,3 +138,32 @@ def test_ep_dispatcher_under_torch_compile(backend, tmp_path):
         assert after_3 == 1, f"expected one graph for 3 token counts, got {after_3}"
         assert graphs[0].count("torch.ops.llmcomm.moe_dispatch(") == 1, graphs[0]
         assert graphs[0].count("torch.ops.llmcomm.moe_combine(") == 1, graphs[0]
+
+
+def _effects_worker(rank, world):
+    import torch.distributed as dist
+
+    import llmcomm
+
+    comm = llmcomm.TPCommunicator(dist.group.WORLD, HIDDEN, torch.float32, max_tokens=64)
+
+    def f(x):
+        comm.all_reduce(x)           # result unused: still a collective every rank must make
+        y = comm.all_reduce(x)
+        z = comm.all_reduce(x)       # an equal call: not to be merged with the one above
+        return y + z
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    x = torch.randn(5, HIDDEN)
+    before = comm._call_check.seq    # counts the calls that ran
+    y = compiled(x)
+    return comm._call_check.seq - before, y
+
+
+def test_compiled_collectives_are_neither_dropped_nor_merged():
+    """The ops are registered ORDERED-effectful; without that, AOT / inductor dead-code
+    elimination drops the unused allreduce (2 calls instead of 3)."""
+    res = run_ranks(_effects_worker, 2, timeout=120)
+    for calls, y in res:
+        assert calls == 3, calls
+    assert torch.equal(res[0][1], res[1][1])
