@@ -13,6 +13,17 @@ def test_demo_tp2_ep2_matches_reference():
     assert all(s["rel_err"] < 1e-4 for r in results for s in r["steps"])
 
 
+def test_demo_under_torch_compile_matches_reference():
+    """The whole sharded decoder (attention with a KV cache, fused allreduce + RMSNorm, EP
+    dispatch / combine) compiles with fullgraph=True: llmcomm's calls are custom ops."""
+    cfg = DemoConfig(preset="tiny", tp=2, dp=1, batch=3, prompt=7, decode_steps=3, compile=True)
+    results = run(cfg, timeout=240)
+    ok, text = summarize(cfg, results)
+    assert ok, text
+    assert "torch.compile(fullgraph=True)" in text
+    assert all(s["rel_err"] < 1e-4 for r in results for s in r["steps"])
+
+
 def test_demo_tp2_dp2_ep4_matches_reference():
     cfg = DemoConfig(preset="tiny", tp=2, dp=2, batch=2, prompt=5, decode_steps=2)
     results = run(cfg, timeout=240)

@@ -104,6 +104,9 @@ class TPCommunicator:
             **{f"backend.{k}": v for k, v in self.backend.fingerprint().items()},
         }
         agree(self.fingerprint, group, "TPCommunicator fingerprint")
+        from .. import ops
+
+        self._op_key = ops.register(self)   # what torch.compile'd graphs call (llmcomm.ops)
         logger.info("TPCommunicator on %s: backend %s; fusion %s", self.label, self.decision,
                     self.fusion)
 
@@ -183,7 +186,13 @@ class TPCommunicator:
 
     # ------------------------------------------------------------------ public ops
     def all_reduce(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Sum of ``x`` [T, H] over the group's ranks; returns ``out`` (new if not given)."""
+        """Sum of ``x`` [T, H] over the group's ranks; returns ``out`` (new if not given).
+        Under ``torch.compile`` one opaque op (:mod:`llmcomm.ops`)."""
+        if torch.compiler.is_compiling():
+            if out is None:
+                return torch.ops.llmcomm.all_reduce(x, self._op_key)
+            torch.ops.llmcomm.all_reduce_out(x, out, self._op_key)
+            return out
         tokens = self._check_input(x)
         if out is None:
             out = torch.empty_like(x)
@@ -201,8 +210,15 @@ class TPCommunicator:
         Shapes: x, residual ``[T, H]`` (communicator dtype); weight ``[H]`` (dtype or float32).
         Returns ``(normed, residual_out)``, or ``(normed_fp8, residual_out, normed)`` when
         ``quant_scale`` (a float32 tensor of one element, the dequantisation scale) is given.
-        Exact semantics: :mod:`llmcomm.allreduce.base`.
+        Exact semantics: :mod:`llmcomm.allreduce.base`. Under ``torch.compile`` one opaque op
+        (:mod:`llmcomm.ops`).
         """
+        if torch.compiler.is_compiling():
+            if quant_scale is None:
+                return torch.ops.llmcomm.all_reduce_add_rms_norm(x, residual, weight, float(eps),
+                                                                 self._op_key)
+            return torch.ops.llmcomm.all_reduce_add_rms_norm_fp8(x, residual, weight, float(eps),
+                                                                 quant_scale, self._op_key)
         tokens = self._check_input(x)
         self._check_tensor("residual", residual, tuple(x.shape))
         self._check_tensor("weight", weight, (self.hidden_size,), (self.dtype, torch.float32))

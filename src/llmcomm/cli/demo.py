@@ -21,6 +21,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--allreduce-backend", default="auto")
     p.add_argument("--moe-backend", default="auto")
     p.add_argument("--no-graphs", action="store_true", help="decode without CUDA graphs")
+    p.add_argument("--compile", action="store_true",
+                   help="run the model's forward under torch.compile(fullgraph=True): aot_eager "
+                        "on cpu, inductor on cuda (llmcomm calls are single custom ops)")
     p.add_argument("--timeout", type=float, default=900.0)
     p.set_defaults(func=run)
 
@@ -39,7 +42,7 @@ def run(args: Any) -> int:
     cfg = DemoConfig(preset=preset, tp=args.tp, dp=args.dp, device=device, batch=args.batch,
                      prompt=args.prompt, decode_steps=args.steps,
                      allreduce_backend=args.allreduce_backend, moe_backend=args.moe_backend,
-                     graphs=not args.no_graphs)
+                     graphs=not args.no_graphs, compile=args.compile)
     results = run_demo(cfg, timeout=args.timeout)
     ok, text = summarize(cfg, results)
     print(text)

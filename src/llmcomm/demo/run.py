@@ -27,6 +27,7 @@ class DemoConfig:
     allreduce_backend: str = "auto"
     moe_backend: str = "auto"
     graphs: bool = True
+    compile: bool = False
     seed: int = 0
 
     @property
@@ -66,6 +67,10 @@ def worker(rank: int, world: int, cfg: DemoConfig) -> dict:
     model = ShardedModel(p, w, Shard(tp_rank, cfg.tp, ep_rank, len(groups.ranks["ep"])), comm,
                          ep, cfg.batch, max_len, device, dtype)
     ref = ReferenceModel(p, w, cfg.batch, max_len, device)
+    forward = model.forward
+    if cfg.compile:   # every llmcomm call is one custom op in the graph (llmcomm.ops)
+        forward = torch.compile(model.forward, fullgraph=True,
+                                backend="inductor" if device.type == "cuda" else "aot_eager")
     del w
     g = torch.Generator(device="cpu").manual_seed(1000 + dp_rank)  # tokens differ per DP replica
     prompt = torch.randint(0, p.vocab, (cfg.batch * cfg.prompt,), generator=g).to(device)
@@ -77,7 +82,7 @@ def worker(rank: int, world: int, cfg: DemoConfig) -> dict:
 
     _sync(device)
     t0 = time.perf_counter()
-    out = model.forward(prompt)
+    out = forward(prompt)
     _sync(device)
     prefill_ms = (time.perf_counter() - t0) * 1e3
     check("prefill", out, prompt)
@@ -96,7 +101,7 @@ def worker(rank: int, world: int, cfg: DemoConfig) -> dict:
             graph.replay()
             out = static_out
         else:
-            out = model.forward(static_ids, pos)
+            out = forward(static_ids, pos)
         _sync(device)
         ms = (time.perf_counter() - t0) * 1e3
         # the reference sees the same step; its KV cache advances in step with the model's
@@ -106,7 +111,7 @@ def worker(rank: int, world: int, cfg: DemoConfig) -> dict:
         if graph is None and cfg.graphs and device.type == "cuda" and s + 1 < cfg.decode_steps:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                static_out = model.forward(static_ids, pos)
+                static_out = forward(static_ids, pos)
     info = {"rank": rank, "tp_group": groups.ranks["tp"], "ep_group": groups.ranks["ep"],
             "allreduce": str(comm.decision), "fusion": str(comm.fusion),
             "moe": str(ep.decision) if ep is not None else "(no MoE layer)", "steps": steps,
@@ -137,7 +142,8 @@ def summarize(cfg: DemoConfig, results: list[dict]) -> tuple[bool, str]:
              + f"), tp={cfg.tp} dp={cfg.dp} -> ep={cfg.tp * cfg.dp}, world {cfg.world}, "
              f"{results[0]['device']}, {results[0]['dtype']}",
              f"batch {cfg.batch}, prompt {cfg.prompt} tokens, {cfg.decode_steps} decode steps"
-             + (" (CUDA graphs after the first)" if cfg.graphs and cfg.device == "cuda" else ""),
+             + (" (CUDA graphs after the first)" if cfg.graphs and cfg.device == "cuda" else "")
+             + (", forward under torch.compile(fullgraph=True)" if cfg.compile else ""),
              "", "decisions (rank 0):",
              f"  allreduce: {results[0]['allreduce']}",
              f"  fusion:    {results[0]['fusion']}",

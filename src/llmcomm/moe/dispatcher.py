@@ -42,6 +42,11 @@ EP_BACKENDS = ("torch", "allgather", "p2p")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+#: ``DispatchHandle.generation`` of a dispatch made inside a torch.compile'd graph (the
+#: dispatcher keeps the real handle for ``llmcomm::moe_combine``)
+_COMPILED = -1
+
+
 @dataclass
 class DispatchHandle:
     """What ``combine`` needs from its ``dispatch`` (opaque to callers)."""
@@ -199,6 +204,10 @@ class EPDispatcher:
         self._generation = 0
         self._in_flight: int | None = None
         self._call_check = CallChecker(group, "EPDispatcher")
+        from .. import ops
+
+        self._op_key = ops.register(self)      # what torch.compile'd graphs call (llmcomm.ops)
+        self._compiled_in_flight: DispatchResult | None = None
         logger.info("EPDispatcher on %s: %s", group_label(group), self.decision)
 
     # ------------------------------------------------------------------ properties
@@ -214,7 +223,13 @@ class EPDispatcher:
     # ------------------------------------------------------------------ calls
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> DispatchResult:
-        """Send each token once to every rank owning one of its experts; see the module doc."""
+        """Send each token once to every rank owning one of its experts; see the module doc.
+        Under ``torch.compile`` one opaque op (:mod:`llmcomm.ops`)."""
+        if torch.compiler.is_compiling():
+            expert_x, counts = torch.ops.llmcomm.moe_dispatch(x, topk_ids, topk_weights,
+                                                              self._op_key)
+            return DispatchResult(expert_x, counts,
+                                  DispatchHandle(x.shape[0], _COMPILED, None))
         validate_dispatch_args(x, topk_ids, topk_weights, top_k=self.top_k,
                                hidden_size=self.hidden_size, num_experts=self.num_experts,
                                max_tokens=self.max_tokens_per_rank, dtype=self.dtype,
@@ -237,7 +252,13 @@ class EPDispatcher:
 
     def combine(self, expert_out: torch.Tensor, handle: DispatchResult | DispatchHandle
                 ) -> torch.Tensor:
-        """``y[t] = sum_k topk_weights[t, k] * expert_out(t, k)``: reduced exactly once."""
+        """``y[t] = sum_k topk_weights[t, k] * expert_out(t, k)``: reduced exactly once.
+        Under ``torch.compile`` one opaque op (:mod:`llmcomm.ops`), combining the dispatch in
+        flight."""
+        if torch.compiler.is_compiling():
+            if isinstance(handle, DispatchResult):
+                handle = handle.handle
+            return torch.ops.llmcomm.moe_combine(expert_out, handle.num_tokens, self._op_key)
         if isinstance(handle, DispatchResult):
             handle = handle.handle
         if not isinstance(handle, DispatchHandle):
