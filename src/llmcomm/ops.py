@@ -42,7 +42,7 @@ _KEYS = itertools.count()
 def register(obj: Any) -> str:
     """A process-unique key under which the ops find ``obj`` (held weakly)."""
     key = f"{type(obj).__name__}#{next(_KEYS)}"
-    _OBJECTS[key] = weakref.ref(obj)
+    _OBJECTS[key] = weakref.ref(obj, lambda _ref, key=key: _OBJECTS.pop(key, None))
     return key
 
 
