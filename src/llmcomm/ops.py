@@ -42,7 +42,7 @@ _KEYS = itertools.count()
 def register(obj: Any) -> str:
     """A process-unique key under which the ops find ``obj`` (held weakly)."""
     key = f"{type(obj).__name__}#{next(_KEYS)}"
-    _OBJECTS[key] = weakref.ref(obj)
+    _OBJECTS[key] = weakref.ref(obj, lambda _ref, key=key: _OBJECTS.pop(key, None))
     return key
 
 
@@ -138,19 +138,27 @@ def _mark_ordered(*names: str) -> None:
     them against each other (``moe_combine`` uses the state its ``moe_dispatch`` left). The
     registration is a private API of torch whose home moved between releases; without it the
     ops are still correct wherever their results are used in program order."""
-    for name in names:
-        try:
-            try:
-                torch.library._register_effectful_op(name, torch.library.EffectType.ORDERED)
-            except AttributeError:   # older torch: the effects module of the HOPs
-                from torch._higher_order_ops import effects
+    def new_api(name):
+        torch.library._register_effectful_op(name, torch.library.EffectType.ORDERED)
 
-                effects._register_effectful_op(getattr(torch.ops.llmcomm, name.split("::")[1])
-                                               .default, effects._EffectType.ORDERED)
-        except Exception as e:  # noqa: BLE001 - never fail communicator creation over this
-            logger.warning("could not mark %s as an ordered side effect for torch.compile "
-                           "(%s): an llmcomm call whose result is unused may be dropped from a "
-                           "compiled graph", name, e)
+    def old_api(name):   # older torch: the effects module of the higher-order ops
+        from torch._higher_order_ops import effects
+
+        op = getattr(torch.ops.llmcomm, name.split("::")[1]).default
+        effects._register_effectful_op(op, effects._EffectType.ORDERED)
+
+    for name in names:
+        errors = []
+        for register_effect in (new_api, old_api):
+            try:
+                register_effect(name)
+                break
+            except Exception as e:  # noqa: BLE001 - never fail communicator creation over this
+                errors.append(repr(e))
+        else:
+            logger.warning("could not mark %s as an ordered side effect for torch.compile (%s): "
+                           "an llmcomm call whose result is unused may be dropped from a "
+                           "compiled graph", name, "; ".join(errors))
 
 
 _mark_ordered("llmcomm::all_reduce", "llmcomm::all_reduce_out", "llmcomm::all_reduce_add_rms_norm",
