@@ -41,6 +41,10 @@ CONFIGS = ((7168, 256, 8), (4096, 128, 8))
 TOKENS = (1, 2, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 NVLINK_GBPS = 394.0
 DECODE_M = 128   # max_tokens_per_rank of the decode dispatcher (p2p_decode_us)
+#: issue 4's NCCL baseline: ../shared/reference/measured_anchors.md, "a2a_eq", hidden 7168,
+#: 256 experts, top-8, EP=2 on 2 x H200 (us per dispatch + combine pair, by tokens per rank);
+#: reported beside the a2a column this script measures (which was ~10 us slower at small sizes)
+ANCHOR_A2A_7168 = {1: 24.1, 8: 25.0, 64: 41.1, 128: 46.7, 512: 106.5, 2048: 259.0}
 SWEEP_CONFIG = (7168, 256, 8)
 SWEEP_TOKENS = (1, 8, 64, 128, 4096)
 #: --sweep: name -> (P2PBackend keyword arguments, largest token count timed)
@@ -135,7 +139,12 @@ def _worker(rank, world, tokens, p2p_kwargs):
             dist.all_reduce(peer_rows, op=dist.ReduceOp.MAX)
             nbytes = 2 * peer_rows.item() * H * 2          # dispatch + combine, one direction
             gbps = nbytes / (t_p2p * 1e-6) / 1e9
+            anchor = ANCHOR_A2A_7168.get(T) if (H, E, K, world) == (7168, 256, 8, 2) else None
+            best = min(t_p2p, t_dec if t_dec is not None else float("inf"))
             rows.append({"hidden": H, "experts": E, "top_k": K, "tokens": T,
+                         "anchor_a2a_us": anchor,
+                         "best_p2p_over_anchor_a2a": None if anchor is None else round(
+                             best / anchor, 3),
                          "nccl_ag_rs_us": round(t_ag, 2), "nccl_a2a_us": round(t_a2a, 2),
                          "p2p_us": round(t_p2p, 2), "p2p_over_a2a": round(t_p2p / t_a2a, 3),
                          "p2p_dispatch_us": round(t_disp, 2), "p2p_combine_us": round(t_comb, 2),
@@ -324,15 +333,17 @@ def main() -> None:
     csv_path, json_path = write_results(stem, rows, meta)
     print(f"wrote {csv_path} {json_path}")
     print("| hidden/experts | tokens | nccl ag+rs us | nccl a2a us | p2p us | p2p/a2a | p2p GB/s "
-          "| % of 394 | dispatch alone | combine alone | decode p2p us (protocol) | decode/a2a |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| % of 394 | dispatch alone | combine alone | decode p2p us (protocol) | decode/a2a "
+          "| best / anchor a2a |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         dec = ("-", "-") if r["p2p_decode_us"] is None else (
             f"{r['p2p_decode_us']} ({r['p2p_decode_protocol']})", r["p2p_decode_over_a2a"])
         print(f"| {r['hidden']}/{r['experts']} | {r['tokens']} | {r['nccl_ag_rs_us']} | "
               f"{r['nccl_a2a_us']} | {r['p2p_us']} | {r['p2p_over_a2a']} | {r['p2p_GBps']} | "
               f"{r['p2p_pct_nvlink']} | {r['p2p_dispatch_us']} | {r['p2p_combine_us']} | "
-              f"{dec[0]} | {dec[1]} |")
+              f"{dec[0]} | {dec[1]} | "
+              f"{'-' if r['anchor_a2a_us'] is None else r['best_p2p_over_anchor_a2a']} |")
     try:
         import matplotlib
 

@@ -2,7 +2,7 @@
 # Everything GPU: tests, demos, benchmarks, sweeps, logs into $OUT (or ./gpu_out). Each step has
 # its own time limit so a slow step cannot eat the others; the order is by priority (correctness
 # first). A device call lasts at most 600 s: pick the STEPS that fit one call (session 5 on
-# 2 x H200: tests ~5 min, tests_moe ~8 min, demo ~2 min, bench ~6 min, sweep ~3 min).
+# 2 x H200: tests ~5 min, tests_moe ~8 min, demo ~4 min, bench ~6 min, sweep ~3 min).
 # Usage, from the repository root on a node with 2+ GPUs:
 #   [STEPS="tests tests_moe demo bench sweep"] [WORLD=4] bash benchmarks/run_gpu_suite.sh
 # WORLD (default 2) is the TP / EP size of the benchmarks; tests/gpu picks its own (gpu4 tests,
@@ -29,7 +29,9 @@ case " $STEPS " in *" tests_moe "*)
   step gpu_tests_moe 560 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_moe_p2p.py ;; esac
 case " $STEPS " in *" demo "*)
   step demo_llama 120 python3 -m llmcomm.cli demo --device cuda --preset llama-8b
-  step demo_dsv3 150 python3 -m llmcomm.cli demo --device cuda --preset deepseek-v3 ;; esac
+  step demo_dsv3 150 python3 -m llmcomm.cli demo --device cuda --preset deepseek-v3
+  step demo_dsv3_compile 200 python3 -m llmcomm.cli demo --device cuda --preset deepseek-v3 \
+    --compile ;; esac
 case " $STEPS " in *" bench "*)
   step bench_allreduce 240 python3 benchmarks/bench_allreduce.py --check --strategies --world "$WORLD" --out "$OUT"
   step bench_moe 150 python3 benchmarks/bench_moe.py --world "$WORLD" --out "$OUT" ;; esac
