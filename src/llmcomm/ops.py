@@ -132,6 +132,18 @@ def _(expert_out, num_tokens, key):
     return expert_out.new_empty(num_tokens, _lookup(key).hidden_size)
 
 
+#: op name -> whether it is registered as an ORDERED side effect (see ``_mark_ordered``)
+ORDERED: dict[str, bool] = {}
+
+
+def describe() -> str:
+    """One line for ``llmcomm doctor``: the custom ops and whether their ordering holds."""
+    ok = sum(ORDERED.values())
+    return (f"{len(ORDERED)} custom ops ({', '.join(n.split('::')[1] for n in ORDERED)}); "
+            f"ordered side effects: {ok}/{len(ORDERED)}"
+            + ("" if ok == len(ORDERED) else " (see the warning logged at import)"))
+
+
 def _mark_ordered(*names: str) -> None:
     """Declare the ops ORDERED-effectful: torch.compile then neither drops one whose outputs are
     unused (every rank must make every collective call) nor merges two equal calls nor reorders
@@ -152,10 +164,12 @@ def _mark_ordered(*names: str) -> None:
         for register_effect in (new_api, old_api):
             try:
                 register_effect(name)
+                ORDERED[name] = True
                 break
             except Exception as e:  # noqa: BLE001 - never fail communicator creation over this
                 errors.append(repr(e))
         else:
+            ORDERED[name] = False
             logger.warning("could not mark %s as an ordered side effect for torch.compile (%s): "
                            "an llmcomm call whose result is unused may be dropped from a "
                            "compiled graph", name, "; ".join(errors))

@@ -11,6 +11,8 @@ def test_doctor_cpu_tp2_pp2(capsys):
     assert "tp groups: [[0, 1], [2, 3]]" in out
     assert "backend=auto       -> torch" in out
     assert "p2p        unavailable: needs CUDA" in out
+    assert "torch.compile: 6 custom ops (all_reduce, all_reduce_out" in out
+    assert "ordered side effects: 6/6" in out
 
 
 def test_doctor_simulated_gpus_pp2_keeps_p2p_fusion_and_gates_flashinfer(capsys):

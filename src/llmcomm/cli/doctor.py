@@ -120,6 +120,12 @@ def _local_facts(layout: Any, nodes: int, simulate: int | None) -> Any:
                                    triton_available=importlib.util.find_spec("triton") is not None)
 
 
+def _compile_support() -> str:
+    from .. import ops
+
+    return ops.describe()
+
+
 def report(layout: Any, facts: Any, fi_caps: Any, hidden: int) -> str:
     """The doctor's text for a layout's TP group (pure: facts in, text out)."""
     from .. import policy
@@ -133,6 +139,7 @@ def report(layout: Any, facts: Any, fi_caps: Any, hidden: int) -> str:
              f"env: LLMCOMM_TIMEOUT_S={cfg.timeout_s:g} LLMCOMM_CHECK={int(cfg.check)} "
              f"multicast disabled by: {', '.join(cfg.multicast_disabled_by) or 'nothing'}",
              f"flashinfer: {fi_caps.summary()}", f"  ({fi_caps.reason})",
+             f"torch.compile: {_compile_support()}",
              "backends:"]
     for name, why in policy.backend_availability(facts, fi_caps, hidden).items():
         lines.append(f"  {name:<10} {'available' if why is None else 'unavailable'}"
