@@ -813,40 +813,32 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
     i = tl.full([], 0, tl.int32)
     more = n_own > 0
     more = more | (W > 1)
-    # own tile of the previous iteration: sent, slots claimed, rows not yet copied (below)
-    orow = tl.zeros([TB, BLOCK_H], x_ptr.dtype.element_ty)
-    oids = tl.full([TB, BLOCK_K], -1, tl.int32)
-    ovt = tl.arange(0, TB) < 0
-    ot64 = tl.zeros([TB], tl.int64)
-    oslot = tl.zeros([TB, BLOCK_K], tl.int32)
     while more:
-        # send own tile i and claim its slots; nothing waits for the claim until the next
-        # iteration, so its round trip overlaps the receive instead of preceding it
+        # send own tile i and claim its slots; nothing waits for the claim until the rows are
+        # placed after the receive, so its round trip overlaps the poll instead of preceding it.
+        # The receive is of the peers' tile i (not i - 1): with the decode grid (G >= tiles)
+        # a program has one tile, and nothing is carried across iterations (triton 3.6 fails
+        # to compile a loop-carried [TB, BLOCK_H] row here: RemoveLayoutConversions)
         row, ids, vt, t64 = _lamport_send_tile(pid + i * G, x_ptr, ids_ptr, w_ptr, T, buf, lx,
                                                lmeta, RANK, W, M, H, K, L, E, BLOCK_H, BLOCK_K,
                                                TB)
         slot = _claim_slots(ids, vt, cursor, RANK, L, K, BLOCK_K)
-        if i > 0:
-            cr = rbase + (i - 1) * G
-            for s in tl.static_range(W):
-                if s != RANK:
-                    ts = tl.sum(tl.where(offs_w == s, tsv, 0), axis=0)
-                    if (dead == 0) & ((ts < 0) | (cr * TB < ts)):
-                        ts, dead = _lamport_recv_tile(
-                            cr, s, ts, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor,
-                            slot_map, wloc, err_dev, err_host, timeout_ns, RANK, W, G, M, H,
-                            K, L, CAP, BLOCK_H, BLOCK_K, TB, BITS, USE_TIMER, NT)
-                        tsv = tl.where(offs_w == s, ts, tsv)
-        _place_rows(orow, oids, ovt, oslot, RANK * M + ot64, expert_x, slot_map, RANK, H, K, L,
-                    CAP, BLOCK_H, BLOCK_K)
-        orow, oids, ovt, ot64, oslot = row, ids, vt, t64, slot
+        cr = rbase + i * G
+        for s in tl.static_range(W):
+            if s != RANK:
+                ts = tl.sum(tl.where(offs_w == s, tsv, 0), axis=0)
+                if (dead == 0) & ((ts < 0) | (cr * TB < ts)):
+                    ts, dead = _lamport_recv_tile(
+                        cr, s, ts, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor,
+                        slot_map, wloc, err_dev, err_host, timeout_ns, RANK, W, G, M, H,
+                        K, L, CAP, BLOCK_H, BLOCK_K, TB, BITS, USE_TIMER, NT)
+                    tsv = tl.where(offs_w == s, ts, tsv)
+        _place_rows(row, ids, vt, slot, RANK * M + t64, expert_x, slot_map, RANK, H, K, L, CAP,
+                    BLOCK_H, BLOCK_K)
         i += 1
-        cn = pid + i * G
         big = tl.where(is_peer, tl.where(tsv < 0, 2147483647, tsv), 0)
-        want_recv = ((rbase + (i - 1) * G) * TB < tl.max(big, axis=0)) & (dead == 0)
-        more = (cn < n_own) | want_recv
-    _place_rows(orow, oids, ovt, oslot, RANK * M + ot64, expert_x, slot_map, RANK, H, K, L, CAP,
-                BLOCK_H, BLOCK_K)
+        want_recv = ((rbase + i * G) * TB < tl.max(big, axis=0)) & (dead == 0)
+        more = (pid + i * G < n_own) | want_recv
     tl.store(peer_T + offs_w, tl.maximum(tsv, 0), mask=is_peer)
     tl.store(buf_ptr + pid, (buf + 1) % NBUF)
     _publish_counts(done, cursor, counts, G, L, BLOCK_L, ACQ_REL)
