@@ -46,7 +46,8 @@ P2P_SIM = {"p2p-sim": {"protocol": "flags"},
            "p2p-sim-lamport-t2": {"protocol": "lamport", "tile_tokens": 2},
            "p2p-sim-lamport-t4c2": {"protocol": "lamport", "tile_tokens": 4,
                                     "combine_tile_tokens": 2},
-           # 8 programs: up to 2 tokens per rank take the column-split combine (4 chunks)
+           # 8 programs: up to 2 tokens per rank take the column-split combine in 4 chunks, 3-4
+           # tokens in 2
            "p2p-sim-lamport-cs4": {"protocol": "lamport", "combine_split": 4,
                                    "num_programs": 8}}
 #: the default protocol="auto" (lamport here: world 2, M <= 128); used by the repeat test only
@@ -153,7 +154,7 @@ def _repeat_worker(rank, world, tmp):
     """Both protocols, one dispatcher each (flags explicitly, lamport as the default
     protocol="auto" picks it here, and lamport with the column-split combine on 8 programs),
     8 consecutive dispatch/combine pairs with changing token counts (0 and M included; the split
-    path for at most 2 tokens per rank, whole rows otherwise): every receive buffer of the
+    path in 4 chunks for at most 2 tokens per rank, in 2 chunks for 3-4, whole rows otherwise): every receive buffer of the
     lamport rotation is used twice and its sentinel reset is exercised across both combine
     paths; the combine outputs must be bitwise equal (fixed-order fp32 sums; no FMA contraction
     in the interpreter)."""

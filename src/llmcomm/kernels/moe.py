@@ -950,6 +950,27 @@ def _lamport_finish(co, col0, T, dead, buf, expert_out, ids_ptr, w_ptr, y_ptr, l
 
 
 @triton.jit
+def _lamport_split_combine(pid, obase, n_own, T, dead, tsv, buf, expert_out, ids_ptr, w_ptr,
+                           y_ptr, lcomb, slot_map, wloc, err_dev, err_host, timeout_ns,
+                           RANK: tl.constexpr, W: tl.constexpr, M: tl.constexpr,
+                           H: tl.constexpr, K: tl.constexpr, L: tl.constexpr, E: tl.constexpr,
+                           CW: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr,
+                           TB: tl.constexpr, BITS: tl.constexpr, USE_TIMER: tl.constexpr,
+                           NT: tl.constexpr, S: tl.constexpr):
+    """A small batch's combine, ``S`` column chunks of ``CW`` per tile (every tile's chunks fit
+    the grid): program ``pid`` pushes chunk ``pid mod S`` of the peers' tile ``pid // S`` and
+    finishes chunk ``obase mod S`` of its own tile ``obase // S``. Returns ``dead``."""
+    if dead == 0:
+        _lamport_push(pid // S, (pid % S) * CW, tsv, buf, expert_out, lcomb, slot_map, wloc,
+                      RANK, W, M, H, K, CW, BLOCK_K, BLOCK_W, TB)
+    if obase // S < n_own:
+        dead = _lamport_finish(obase // S, (obase % S) * CW, T, dead, buf, expert_out, ids_ptr,
+                               w_ptr, y_ptr, lcomb, slot_map, err_dev, err_host, timeout_ns,
+                               RANK, W, M, H, K, L, E, CW, BLOCK_K, TB, BITS, USE_TIMER, NT)
+    return dead
+
+
+@triton.jit
 def ep_combine_lamport_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T, lcomb, slot_map, wloc,
                               peer_T, buf_ptr, err_dev, err_host_addr, timeout_ns,
                               RANK: tl.constexpr, W: tl.constexpr, G: tl.constexpr,
@@ -978,17 +999,21 @@ def ep_combine_lamport_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T, lcomb, slot_
     max_ts = tl.max(tsv, axis=0)
     n_own = tl.cdiv(T, TB)
     obase = (pid + SHIFT) % G                    # own tiles / units: obase, obase + G, ...
-    # every rank knows every rank's token count here, so all take the same branch
-    CW: tl.constexpr = BLOCK_H // SPLIT
-    if tl.cdiv(tl.maximum(max_ts, T), TB) * SPLIT <= G:
-        if dead == 0:
-            _lamport_push(pid // SPLIT, (pid % SPLIT) * CW, tsv, buf, expert_out, lcomb,
-                          slot_map, wloc, RANK, W, M, H, K, CW, BLOCK_K, BLOCK_W, TB)
-        if obase // SPLIT < n_own:
-            dead = _lamport_finish(obase // SPLIT, (obase % SPLIT) * CW, T, dead, buf,
-                                   expert_out, ids_ptr, w_ptr, y_ptr, lcomb, slot_map, err_dev,
-                                   err_host, timeout_ns, RANK, W, M, H, K, L, E, CW, BLOCK_K, TB,
-                                   BITS, USE_TIMER, NT)
+    # every rank knows every rank's token count here, so all take the same branch: SPLIT
+    # chunks per tile when they fit the grid, else half as many (session 6: 2 chunks were
+    # 2 us faster than whole rows at 64 tokens, where 4 do not fit 128 programs)
+    HALF: tl.constexpr = (SPLIT + 1) // 2
+    tiles = tl.cdiv(tl.maximum(max_ts, T), TB)
+    if tiles * SPLIT <= G:
+        dead = _lamport_split_combine(pid, obase, n_own, T, dead, tsv, buf, expert_out, ids_ptr,
+                                      w_ptr, y_ptr, lcomb, slot_map, wloc, err_dev, err_host,
+                                      timeout_ns, RANK, W, M, H, K, L, E, BLOCK_H // SPLIT,
+                                      BLOCK_K, BLOCK_W, TB, BITS, USE_TIMER, NT, SPLIT)
+    elif tiles * HALF <= G:
+        dead = _lamport_split_combine(pid, obase, n_own, T, dead, tsv, buf, expert_out, ids_ptr,
+                                      w_ptr, y_ptr, lcomb, slot_map, wloc, err_dev, err_host,
+                                      timeout_ns, RANK, W, M, H, K, L, E, BLOCK_H // HALF,
+                                      BLOCK_K, BLOCK_W, TB, BITS, USE_TIMER, NT, HALF)
     else:
         i = tl.full([], 0, tl.int32)
         more = (pid * TB < max_ts) | (obase < n_own)
