@@ -65,6 +65,15 @@ SWEEP = {
     "lam_half": ({"protocol": "lamport", "shift": 64}, None),
     # flags whatever M (with --sweep-tokens <= 128 "default" is lamport: protocol="auto")
     "flags": ({"protocol": "flags"}, None),
+    # lamport combine without / with the column split of small batches (default 4 at H >= 2048)
+    "lam_cs1": ({"protocol": "lamport", "combine_split": 1}, None),
+    "lam_cs2": ({"protocol": "lamport", "combine_split": 2}, None),
+    "lam_cs8": ({"protocol": "lamport", "combine_split": 8}, None),
+    # the dispatch's count publication with acq_rel atomics (main's) instead of relaxed
+    "lam_acqrel": ({"protocol": "lamport", "_acq_rel_publish": True}, None),
+    "flags_acqrel": ({"protocol": "flags", "_acq_rel_publish": True}, None),
+    # large batches: two programs per SM at 16 warps (session 3 timed 256 programs at 8 warps)
+    "G256": ({"num_programs": 256}, None),
 }
 
 

@@ -95,6 +95,22 @@ def install(seed: int = 0, max_sleep_us: float = 50.0) -> None:
         self._restore_args_dev(args_dev, args_hst, kwargs, kwargs_hst)
 
     ge.__call__ = call
+
+    # A nested jit call patches triton.language again, iterating the callee's module globals;
+    # another thread can add to those meanwhile (e.g. ``__warningregistry__`` of a warning),
+    # and the iteration raises "dictionary changed size during iteration" (seen once in
+    # session 6). Retry: a half-applied patch only installs what the retry installs again.
+    patch_lang = I._patch_lang
+
+    def patch_lang_retrying(fn):
+        for _ in range(99):
+            try:
+                return patch_lang(fn)
+            except RuntimeError as e:
+                if "changed size during iteration" not in str(e):
+                    raise
+        return patch_lang(fn)
+    I._patch_lang = patch_lang_retrying
     sys.setswitchinterval(1e-4)
     cls._llmcomm_threaded = True
     del triton

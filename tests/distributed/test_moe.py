@@ -33,10 +33,11 @@ CASES = [
     ("low_experts", [13, 13, 4, 8], 2),  # experts (and whole ranks) with no tokens
 ]
 SIM = {"TRITON_INTERPRET": "1"}
-#: p2p kernel shapes the simulation covers: name -> P2PBackend knobs (3 programs, M = 13, so a
-#: program owns up to 5 tokens): protocol "flags" with its defaults, tiles that straddle round
-#: ends, and one round with one token per step; protocol "lamport" with its defaults (1-token
-#: tiles), 2-token dispatch tiles, and 4/2-token tiles. (No entry relies on protocol="auto",
+#: p2p kernel shapes the simulation covers: name -> P2PBackend knobs (3 programs unless said,
+#: M = 13, so a program owns up to 5 tokens): protocol "flags" with its defaults, tiles that
+#: straddle round ends, and one round with one token per step; protocol "lamport" with its
+#: defaults (1-token tiles), 2-token dispatch tiles, 4/2-token tiles, and the column-split
+#: combine (its split path is taken in ``_repeat_worker``, where batches are small enough). (No entry relies on protocol="auto",
 #: which picks lamport for these small dispatchers at world 2 and flags at world 4.)
 P2P_SIM = {"p2p-sim": {"protocol": "flags"},
            "p2p-sim-t4c2r3": {"tile_tokens": 4, "combine_tile_tokens": 2, "round_tokens": 3},
@@ -44,7 +45,11 @@ P2P_SIM = {"p2p-sim": {"protocol": "flags"},
            "p2p-sim-lamport": {"protocol": "lamport"},
            "p2p-sim-lamport-t2": {"protocol": "lamport", "tile_tokens": 2},
            "p2p-sim-lamport-t4c2": {"protocol": "lamport", "tile_tokens": 4,
-                                    "combine_tile_tokens": 2}}
+                                    "combine_tile_tokens": 2},
+           # 8 programs: up to 2 tokens per rank take the column-split combine in 4 chunks, 3-4
+           # tokens in 2
+           "p2p-sim-lamport-cs4": {"protocol": "lamport", "combine_split": 4,
+                                   "num_programs": 8}}
 #: the default protocol="auto" (lamport here: world 2, M <= 128); used by the repeat test only
 P2P_SIM_AUTO = {"p2p-sim-auto": {}}
 
@@ -60,8 +65,8 @@ def _make(backend, K, M, tmp, group=None, layout=None, **kw):
 
         return EPDispatcher(group, E, K, H, M, kw.pop("dtype", torch.float32), layout=layout,
                             _backend_cls=P2PBackend,
-                            _backend_kwargs=dict(simulate_dir=tmp, num_programs=3,
-                                                 **{**P2P_SIM, **P2P_SIM_AUTO}[backend]),
+                            _backend_kwargs=dict(simulate_dir=tmp, **{
+                                "num_programs": 3, **{**P2P_SIM, **P2P_SIM_AUTO}[backend]}),
                             **kw)
     return EPDispatcher(group, E, K, H, M, torch.float32, backend=backend, layout=layout, **kw)
 
@@ -147,17 +152,19 @@ def test_world4_p2p_sim(backend):
 
 def _repeat_worker(rank, world, tmp):
     """Both protocols, one dispatcher each (flags explicitly, lamport as the default
-    protocol="auto" picks it here), 6 consecutive dispatch/combine pairs with changing token
-    counts (0 and M included): every receive buffer of the lamport rotation is used twice and its
-    sentinel reset is exercised; the combine outputs of the two protocols must be bitwise equal
-    (fixed-order fp32 sums; no FMA contraction in the interpreter)."""
+    protocol="auto" picks it here, and lamport with the column-split combine on 8 programs),
+    8 consecutive dispatch/combine pairs with changing token counts (0 and M included; the split
+    path in 4 chunks for at most 2 tokens per rank, in 2 chunks for 3-4, whole rows otherwise): every receive buffer of the
+    lamport rotation is used twice and its sentinel reset is exercised across both combine
+    paths; the combine outputs must be bitwise equal (fixed-order fp32 sums; no FMA contraction
+    in the interpreter)."""
     import os
 
     eps = {}
-    for b in ("p2p-sim", "p2p-sim-auto"):
+    for b in ("p2p-sim", "p2p-sim-auto", "p2p-sim-lamport-cs4"):
         os.makedirs(f"{tmp}/{b}", exist_ok=True)
         eps[b] = _make(b, 3, 9, f"{tmp}/{b}", dtype=torch.bfloat16)
-    tokens = [[9, 2], [0, 5], [3, 0], [1, 9], [7, 7], [2, 1]]
+    tokens = [[9, 2], [0, 5], [1, 2], [3, 0], [1, 9], [0, 1], [7, 7], [2, 1]]
     errs, same = [], True
     for i, toks in enumerate(tokens):
         inputs = make_inputs(40 + i, world, toks, E, 3, H, torch.bfloat16,
@@ -170,7 +177,8 @@ def _repeat_worker(rank, world, tmp):
             y = ep.combine(run_experts(rank, E, world, d.expert_x, d.counts), d)
             errs.append(check_combine(rank, inputs, y, torch.bfloat16, what=b))
             ys.append(y)
-        same = same and torch.equal(ys[0].view(torch.int16), ys[1].view(torch.int16))
+        same = same and all(torch.equal(ys[0].view(torch.int16), y.view(torch.int16))
+                            for y in ys[1:])
     for ep in eps.values():
         ep.check_errors()
     return max(errs), same, [str(ep.decision) for ep in eps.values()]
@@ -326,6 +334,8 @@ def test_errors_world2():
     ({"protocol": "lamport", "combine_tile_tokens": 16},
      "combine_tile_tokens must be a power of 2 in [1, 8]"),
     ({"protocol": "lamport", "pdl": True}, "inline PTX"),
+    ({"protocol": "lamport", "combine_split": 3}, "combine_split must be a power of 2 in [1, 16]"),
+    ({"protocol": "flags", "combine_split": 2}, "combine_split applies to protocol='lamport'"),
 ])
 def test_p2p_knob_validation(kw, words, tmp_path):
     """Bad P2PBackend knobs are refused before any workspace or collective, naming the fix."""

@@ -48,7 +48,8 @@ def _correctness_worker(rank, world, names):
             assert ep.backend == backend
             for i, (routing, toks) in enumerate((("random", [37, 0]), ("random", [96, 95]),
                                                  ("one_expert", [40, 17]), ("dups", [5, 33]),
-                                                 ("low_experts", [1, 40]))):
+                                                 ("low_experts", [1, 40]),
+                                                 ("random", [3, 9]))):   # lamport: split combine
                 inputs = make_inputs(50 + i, world, [min(t, M) for t in toks], E, K, H, dtype,
                                      routing)
                 n, err = roundtrip(ep, rank, world, E, inputs, dtype, device="cuda")
@@ -64,7 +65,7 @@ def _correctness_worker(rank, world, names):
 def test_backends_match_reference_on_gpu(names):
     res = run_ranks(_correctness_worker, 2, names, backend="nccl", timeout=500)
     for rows, decision in res:
-        assert len(rows) == 10 * len(names)
+        assert len(rows) == 12 * len(names)
         assert decision.startswith("p2p") and "protocol lamport" in decision, decision
         for backend, H, routing, n, err in rows:
             assert err < 2.5e-2, (backend, H, routing, err)

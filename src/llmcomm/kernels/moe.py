@@ -20,10 +20,11 @@ same rounds from the same token count.
 
 dispatch, program p, iteration r:
   1. own round r: for each own token, its ids/weights into every peer (``recv_ids/recv_w``), its
-     row once into every peer owning one of its experts (``recv_x[d][RANK, t]``), copies into
-     the local experts' slots (``expert_x``, slots from a per-expert cursor atomic); then
-     ``debug_barrier`` and release the round's value into ``flags[d][p, RANK]`` of every peer.
-     ``T`` itself goes to ``recv_T[d][RANK]`` before round 0, so it is released with it.
+     row once into every peer owning one of its experts (``recv_x[d][RANK, t]``); then
+     ``debug_barrier`` and release the round's value into ``flags[d][p, RANK]`` of every peer;
+     then the copies into the local experts' slots (``expert_x``, slots from a per-expert cursor
+     atomic), which the peers do not wait for. ``T`` itself goes to ``recv_T[d][RANK]`` before
+     round 0, so it is released with it.
   2. every peer's round r - 1 (all peers' flags acquired in one poll, one thread per peer, with
      a deadline; round 0 also brings every peer's count, read in one load, hence its number of
      rounds): expand its rows into the local experts' slots. Receiving one round behind sending
@@ -65,13 +66,14 @@ dispatch, program p (own tiles ``p, p+G, ...``; received tiles ``q, q+G, ...`` w
   * store the own token count into ``lcnt[d][buf, RANK, p]`` of every peer (one slot per
     receiving program, so every program polls and resets only its own);
   * iteration i: send own tile i (meta = ids + weight bits to every peer, the rows to peers
-    owning one of their experts, local copies via :func:`_expand_tile`), then receive tile i-1
+    owning one of their experts) and claim its local slots (:func:`_claim_slots`: one vector
+    atomic, not waited for until the next iteration copies the rows), then receive tile i-1
     of every peer: poll the count (first tile only) and the meta until nothing is the sentinel
     (a decision made uniform over the program through :func:`.sync.uniform`); barrier; re-read
     the meta (only these values are used: replicated volatile loads of a small tile can disagree
     across warps, see ``docs/wip/moe_lamport_review_s3.md``), poll the rows of the tokens with a
     local expert; barrier; reset, keep the weights (``wloc``) for the combine, expand into local
-    experts.
+    experts; then copy own tile i-1 into the slots claimed in iteration i-1.
   * record the peers' counts (``peer_T``), advance ``buf``; the last program out publishes
     ``counts`` and resets the cursors (as in ``"flags"``).
 combine, program p:
@@ -90,7 +92,7 @@ Switchable variants (``tl.constexpr``; see :class:`llmcomm.moe.p2p.P2PBackend` f
   ``griddepcontrol.wait`` precedes every memory access, so semantics are unchanged.
 
 Slots of a token's local experts are taken with one masked vector ``atomic_add`` (its K
-atomics in flight together), always 1-D (:func:`_take_slots`); the combine's K expert-row loads
+atomics in flight together), always 1-D (:func:`_claim_slots`); the combine's K expert-row loads
 are masked loads (no branch per k), so they overlap.
 """
 
@@ -231,31 +233,59 @@ def _rounds(T, pid, G: tl.constexpr, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _take_slots(ids, valid, cursor, RANK: tl.constexpr, L: tl.constexpr, CAP: tl.constexpr,
-                K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Slots of one token (``ids`` [BLOCK_K], ``valid`` scalar) in its local experts.
-
-    Every new local expert takes its slot in one masked vector ``atomic_add`` (its K atomics in
-    flight together); repeated ids share the entry of their first occurrence. Returns
-    ``(entry, sm)`` [BLOCK_K]: ``entry = el * CAP + slot`` at first occurrences that took a slot
-    (else -1), ``sm`` the token's slot-map row (its entry for every local id, else -1). Always
-    1-D: the return value of a vector atomic is only used in the shape the GPU tests cover.
-    """
+def _slot_masks(ids, vt, RANK: tl.constexpr, L: tl.constexpr, K: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """For ``R`` tokens (``ids`` [R, BLOCK_K], valid ``vt`` [R]): ``(el, local, first, new)``
+    [R, BLOCK_K]: the local expert index, whether the id is a local expert of a valid token, the
+    first k with the same id, and whether this k takes a slot (first occurrence, local)."""
     offs_k = tl.arange(0, BLOCK_K)
     mk = offs_k < K
     el = ids - RANK * L
-    valid_k = (offs_k * 0 + valid.to(tl.int32)) != 0   # (a full vector: the interpreter
-    local = mk & (ids >= 0) & (el >= 0) & (el < L) & valid_k  # rejects a broadcast 0-d mask)
-    same = (ids[:, None] == ids[None, :]) & mk[None, :]
-    first = tl.min(tl.where(same, offs_k[None, :], BLOCK_K), axis=1)  # first k with this id
-    new = local & (first == offs_k)
-    slot = tl.atomic_add(cursor + tl.where(new, el, 0), tl.full([BLOCK_K], 1, tl.int32),
-                         mask=new, sem="relaxed", scope="gpu")
+    local = mk[None, :] & (ids >= 0) & (el >= 0) & (el < L) & vt[:, None]
+    same = (ids[:, :, None] == ids[:, None, :]) & mk[None, None, :]
+    first = tl.min(tl.where(same, offs_k[None, None, :], BLOCK_K), axis=2)
+    return el, local, first, local & (first == offs_k[None, :])
+
+
+@triton.jit
+def _claim_slots(ids, vt, cursor, RANK: tl.constexpr, L: tl.constexpr, K: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """Take a slot for every new local expert of ``R`` tokens in *one* masked vector
+    ``atomic_add`` on the per-expert cursors (all in flight together, one round trip). Returns
+    the raw slots [R, BLOCK_K] (meaningful where :func:`_slot_masks` says ``new``); nothing
+    waits for them until they are used, so a caller may issue this early and use the slots late
+    (:func:`_place_rows`). The atomic itself is 1-D (the tile is reshaped, in order, around
+    it): the return value of a vector atomic is only used in that shape."""
+    R: tl.constexpr = ids.shape[0]
+    N: tl.constexpr = R * BLOCK_K
+    el, local, first, new = _slot_masks(ids, vt, RANK, L, K, BLOCK_K)
+    slot = tl.atomic_add(cursor + tl.reshape(tl.where(new, el, 0), [N]),
+                         tl.full([N], 1, tl.int32), mask=tl.reshape(new, [N]), sem="relaxed",
+                         scope="gpu")
+    return tl.reshape(slot, [R, BLOCK_K])
+
+
+@triton.jit
+def _place_rows(row, ids, vt, slot, srow, expert_x, slot_map, RANK: tl.constexpr,
+                H: tl.constexpr, K: tl.constexpr, L: tl.constexpr, CAP: tl.constexpr,
+                BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Copy the valid (``vt`` [R]) rows of ``row`` [R, BLOCK_H] into the slots ``slot`` taken by
+    :func:`_claim_slots` for the same ``ids``; write their slot-map rows ``slot_map[srow]``
+    (``srow`` [R] = ``source * M + token``): the entry ``el * CAP + slot`` of every local id
+    (repeated ids share their first occurrence's), -1 for the others."""
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_k = tl.arange(0, BLOCK_K)
+    el, local, first, new = _slot_masks(ids, vt, RANK, L, K, BLOCK_K)
     new = new & (slot < CAP)             # cannot fail (CAP is the worst case); never write OOB
     entry = tl.where(new, el * CAP + slot, -1)
-    shared = tl.max(tl.where(offs_k[None, :] == first[:, None], entry[None, :], -1), axis=1)
-    sm = tl.where(local, shared, -1)
-    return entry, sm
+    shared = tl.max(tl.where(offs_k[None, None, :] == first[:, :, None], entry[:, None, :], -1),
+                    axis=2)
+    for k in tl.static_range(K):
+        e = tl.max(tl.where(offs_k[None, :] == k, entry, -1), axis=1)
+        dst = expert_x + tl.cast(tl.maximum(e, 0), tl.int64)[:, None] * H + offs_h[None, :]
+        tl.store(dst, row, mask=(e >= 0)[:, None] & (offs_h < H)[None, :])
+    tl.store(slot_map + srow[:, None] * K + offs_k[None, :], tl.where(local, shared, -1),
+             mask=vt[:, None] & (offs_k < K)[None, :])
 
 
 @triton.jit
@@ -263,31 +293,11 @@ def _expand_tile(row, ids, vt, s, t64, expert_x, cursor, slot_map, RANK: tl.cons
                  M: tl.constexpr, H: tl.constexpr, K: tl.constexpr, L: tl.constexpr,
                  CAP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """Copy the valid (``vt`` [TB]) rows of ``row`` [TB, BLOCK_H] (tokens ``t64`` of source rank
-    ``s``) into fresh slots of their local experts; write ``slot_map[s, t, :]``.
-
-    Slots are taken token by token with :func:`_take_slots` (the TB vector atomics are
-    independent, so they are in flight together); the row copies are 2-D stores.
-    """
-    TB: tl.constexpr = row.shape[0]
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_b = tl.arange(0, TB)
-    mk = offs_k < K
-    entry = tl.full([TB, BLOCK_K], -1, tl.int32)
-    sm = tl.full([TB, BLOCK_K], -1, tl.int32)
-    for b in tl.static_range(TB):
-        sel = offs_b[:, None] == b
-        ids_b = tl.sum(tl.where(sel, ids, 0), axis=0)
-        v_b = tl.sum(tl.where(offs_b == b, vt.to(tl.int32), 0), axis=0) > 0
-        entry_b, sm_b = _take_slots(ids_b, v_b, cursor, RANK, L, CAP, K, BLOCK_K)
-        entry = tl.where(sel, entry_b[None, :], entry)
-        sm = tl.where(sel, sm_b[None, :], sm)
-    for k in tl.static_range(K):
-        e = tl.max(tl.where(offs_k[None, :] == k, entry, -1), axis=1)
-        dst = expert_x + tl.cast(tl.maximum(e, 0), tl.int64)[:, None] * H + offs_h[None, :]
-        tl.store(dst, row, mask=(e >= 0)[:, None] & (offs_h < H)[None, :])
-    tl.store(slot_map + (s * M + t64)[:, None] * K + offs_k[None, :], sm,
-             mask=vt[:, None] & mk[None, :])
+    ``s``) into fresh slots of their local experts; write ``slot_map[s, t, :]``: one
+    :func:`_claim_slots` for the tile, then :func:`_place_rows`."""
+    slot = _claim_slots(ids, vt, cursor, RANK, L, K, BLOCK_K)
+    _place_rows(row, ids, vt, slot, s * M + t64, expert_x, slot_map, RANK, H, K, L, CAP,
+                BLOCK_H, BLOCK_K)
 
 
 @triton.jit
@@ -316,12 +326,12 @@ def _own_tokens(t64, vt, x_ptr, ids_ptr, w_ptr, H: tl.constexpr, K: tl.constexpr
 
 
 @triton.jit
-def _send_tile(t64, vt, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w, expert_x, cursor,
-               slot_map, RANK: tl.constexpr, W: tl.constexpr, M: tl.constexpr, H: tl.constexpr,
-               K: tl.constexpr, L: tl.constexpr, E: tl.constexpr, CAP: tl.constexpr,
-               BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+def _send_tile(t64, vt, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w, RANK: tl.constexpr,
+               W: tl.constexpr, M: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
+               L: tl.constexpr, E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """Own tokens ``t64`` [TB]: ids/weights to every peer, each row once to every peer owning
-    one of its experts, and copies into the local experts' slots."""
+    one of its experts (the local copies come after the round is signalled:
+    :func:`_copy_own_tile`)."""
     offs_h = tl.arange(0, BLOCK_H)
     mh = offs_h < H
     offs_k = tl.arange(0, BLOCK_K)
@@ -335,6 +345,17 @@ def _send_tile(t64, vt, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w, expert_
             to_d = vt & (tl.sum((owner == d).to(tl.int32), axis=1) > 0)
             tl.store(recv_x[d] + mrow[:, None] * H + offs_h[None, :], row,
                      mask=to_d[:, None] & mh[None, :])
+
+
+@triton.jit
+def _copy_own_tile(t64, vt, x_ptr, ids_ptr, w_ptr, expert_x, cursor, slot_map,
+                   RANK: tl.constexpr, M: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
+                   L: tl.constexpr, E: tl.constexpr, CAP: tl.constexpr, BLOCK_H: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """Own tokens ``t64`` [TB] into the local experts' slots (loaded again: the rows are in L2
+    from the send, and the signal to the peers does not wait for these copies)."""
+    m2, ids, w, row, owner = _own_tokens(t64, vt, x_ptr, ids_ptr, w_ptr, H, K, L, E, BLOCK_H,
+                                         BLOCK_K)
     _expand_tile(row, ids, vt, RANK, t64, expert_x, cursor, slot_map, RANK, M, H, K, L, CAP,
                  BLOCK_H, BLOCK_K)
 
@@ -362,16 +383,33 @@ def _recv_tile(s, t64, vt, recv_x, recv_ids, expert_x, cursor, slot_map, RANK: t
 
 @triton.jit
 def _publish_counts(done, cursor, counts, G: tl.constexpr, L: tl.constexpr,
-                    BLOCK_L: tl.constexpr):
+                    BLOCK_L: tl.constexpr, ACQ_REL: tl.constexpr = False):
     """End of a dispatch: the last of the ``G`` programs out publishes the per-expert slot
-    cursors as ``counts`` and resets them (and ``done``) for the next call (graph-safe)."""
+    cursors as ``counts`` and resets them (and ``done``) for the next call (graph-safe).
+
+    Relaxed atomics by default (``ACQ_REL`` restores acq_rel): a release here would wait for
+    every outstanding store of the program -- its expert rows and, above all, its rows and meta
+    in flight to the peers over NVLink -- and the count needs none of them. It needs every
+    program's cursor increments, and those are complete before the program's ``done``
+    increment: each thread has used the value its slot atomic returned (the slot is in the
+    address of a later store) before the barrier, so that read-modify-write was performed at the
+    L2, where atomics on one address are serialised; the last program's exchange comes after the
+    ``done`` increment that made it last. Expert rows and counts are seen by later kernels
+    (kernel boundary)."""
     tl.debug_barrier()
-    prev = tl.atomic_add(done, 1, sem="acq_rel", scope="gpu")
+    if ACQ_REL:
+        prev = tl.atomic_add(done, 1, sem="acq_rel", scope="gpu")
+    else:
+        prev = tl.atomic_add(done, 1, sem="relaxed", scope="gpu")
     if prev == G - 1:
         offs_l = tl.arange(0, BLOCK_L)
         ml = offs_l < L
-        c = tl.atomic_xchg(cursor + offs_l, tl.zeros([BLOCK_L], tl.int32), mask=ml,
-                           sem="acq_rel", scope="gpu")
+        if ACQ_REL:
+            c = tl.atomic_xchg(cursor + offs_l, tl.zeros([BLOCK_L], tl.int32), mask=ml,
+                               sem="acq_rel", scope="gpu")
+        else:
+            c = tl.atomic_xchg(cursor + offs_l, tl.zeros([BLOCK_L], tl.int32), mask=ml,
+                               sem="relaxed", scope="gpu")
         tl.store(counts + offs_l, c, mask=ml)
         tl.atomic_xchg(done, 0, sem="relaxed", scope="gpu")
 
@@ -386,7 +424,8 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                        CAP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                        BLOCK_L: tl.constexpr, BLOCK_W: tl.constexpr, CHUNK: tl.constexpr,
                        TB: tl.constexpr, USE_TIMER: tl.constexpr, POSTED: tl.constexpr = False,
-                       PDL: tl.constexpr = False, NT: tl.constexpr = 256):
+                       PDL: tl.constexpr = False, NT: tl.constexpr = 256,
+                       ACQ_REL: tl.constexpr = False):
     if PDL:  # nothing is touched before the previous grid finished
         pdl_wait()
         pdl_launch_dependents()
@@ -410,9 +449,13 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
             jend = tl.minimum(r * CHUNK + CHUNK, n_own)
             for j in range(r * CHUNK, jend, TB):
                 t64, vt = _tile(j, jend, pid, G, TB)
-                _send_tile(t64, vt, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w, expert_x,
-                           cursor, slot_map, RANK, W, M, H, K, L, E, CAP, BLOCK_H, BLOCK_K)
+                _send_tile(t64, vt, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w, RANK, W,
+                           M, H, K, L, E, BLOCK_H, BLOCK_K)
             _signal_peers(flags, pid, base + r + 1, RANK, W, POSTED, NT)
+            for j in range(r * CHUNK, jend, TB):
+                t64, vt = _tile(j, jend, pid, G, TB)
+                _copy_own_tile(t64, vt, x_ptr, ids_ptr, w_ptr, expert_x, cursor, slot_map, RANK,
+                               M, H, K, L, E, CAP, BLOCK_H, BLOCK_K)
         # receive every peer's round r - 1 while our round r is on the wire
         rr = r - 1
         if rr >= 0:
@@ -436,18 +479,18 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
         r += 1
         more = (r < r_own) | (r - 1 < tl.max(tl.where(dead == 0, r_in, 0), axis=0))
     tl.store(epoch_ptr + pid, epoch)
-    _publish_counts(done, cursor, counts, G, L, BLOCK_L)
+    _publish_counts(done, cursor, counts, G, L, BLOCK_L, ACQ_REL)
 
 
 @triton.jit
-def _partial_tile(expert_out, sm, wv, H: tl.constexpr, K: tl.constexpr,
-                  BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[TB, BLOCK_H] fp32: ``sum_k wv[:, k] * expert_out[sm[:, k]]``, k ascending, entries with
-    ``sm < 0`` skipped. Masked loads (no branch per k), so the K row loads overlap; a skipped
-    entry leaves the sum untouched (bitwise the same as skipping it)."""
-    offs_h = tl.arange(0, BLOCK_H)
+def _partial_tile(expert_out, sm, wv, col0, H: tl.constexpr, K: tl.constexpr,
+                  BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[TB, BLOCK_C] fp32: ``sum_k wv[:, k] * expert_out[sm[:, k], col0:col0 + BLOCK_C]``, k
+    ascending, entries with ``sm < 0`` skipped. Masked loads (no branch per k), so the K row
+    loads overlap; a skipped entry leaves the sum untouched (bitwise the same as skipping it)."""
+    offs_h = col0 + tl.arange(0, BLOCK_C)
     offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([sm.shape[0], BLOCK_H], tl.float32)
+    acc = tl.zeros([sm.shape[0], BLOCK_C], tl.float32)
     for k in tl.static_range(K):
         e = tl.max(tl.where(offs_k[None, :] == k, sm, -1), axis=1)
         wk = tl.sum(tl.where(offs_k[None, :] == k, wv, 0.0), axis=1)
@@ -471,7 +514,7 @@ def _push_tile(s, t64, vt, expert_out, recv_w, comb, slot_map, RANK: tl.constexp
     sm = tl.load(slot_map + mrow[:, None] * K + offs_k[None, :], mask=m2, other=-1)
     wv = tl.load(recv_w[RANK] + mrow[:, None] * K + offs_k[None, :], mask=m2, other=0.0,
                  cache_modifier=".cg")
-    acc = _partial_tile(expert_out, sm, wv, H, K, BLOCK_H, BLOCK_K)
+    acc = _partial_tile(expert_out, sm, wv, 0, H, K, BLOCK_H, BLOCK_K)
     has = vt & (tl.max(sm, axis=1) >= 0)
     dst = comb[s] + (RANK * M + t64)[:, None] * H + offs_h[None, :]
     tl.store(dst, acc.to(comb[s].dtype.element_ty), mask=has[:, None] & (offs_h < H)[None, :])
@@ -490,7 +533,7 @@ def _own_part(t64, vt, expert_out, ids_ptr, w_ptr, slot_map, RANK: tl.constexpr,
     ids = tl.where(m2 & (ids >= 0) & (ids < E), ids, -1)
     sm = tl.load(slot_map + (RANK * M + t64)[:, None] * K + offs_k[None, :], mask=m2, other=-1)
     wv = tl.load(w_ptr + t64[:, None] * K + offs_k[None, :], mask=m2, other=0.0).to(tl.float32)
-    return _partial_tile(expert_out, sm, wv, H, K, BLOCK_H, BLOCK_K), \
+    return _partial_tile(expert_out, sm, wv, 0, H, K, BLOCK_H, BLOCK_K), \
         tl.where(ids >= 0, ids // L, -1)
 
 
@@ -608,12 +651,13 @@ def _sent_like(v, BITS: tl.constexpr):
 
 
 @triton.jit
-def _lamport_send_tile(c, x_ptr, ids_ptr, w_ptr, T, buf, lx, lmeta, expert_x, cursor, slot_map,
-                       RANK: tl.constexpr, W: tl.constexpr, M: tl.constexpr, H: tl.constexpr,
-                       K: tl.constexpr, L: tl.constexpr, E: tl.constexpr, CAP: tl.constexpr,
-                       BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, TB: tl.constexpr):
-    """Own tokens ``[c*TB, c*TB+TB)``: meta to every peer, the row to peers owning one of its
-    experts (``-0.0`` sent as ``+0.0``), then the local copies."""
+def _lamport_send_tile(c, x_ptr, ids_ptr, w_ptr, T, buf, lx, lmeta, RANK: tl.constexpr,
+                       W: tl.constexpr, M: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
+                       L: tl.constexpr, E: tl.constexpr, BLOCK_H: tl.constexpr,
+                       BLOCK_K: tl.constexpr, TB: tl.constexpr):
+    """Own tokens ``[c*TB, c*TB+TB)`` (none when ``c*TB >= T``): meta to every peer, the row to
+    peers owning one of its experts (``-0.0`` sent as ``+0.0``). Returns ``(row, ids, vt,
+    t64)`` for the local copies, which the caller makes later."""
     offs_h = tl.arange(0, BLOCK_H)
     mh = offs_h < H
     offs_k = tl.arange(0, BLOCK_K)
@@ -633,8 +677,7 @@ def _lamport_send_tile(c, x_ptr, ids_ptr, w_ptr, T, buf, lx, lmeta, expert_x, cu
             to_d = vt & (tl.sum((owner == d).to(tl.int32), axis=1) > 0)
             tl.store(lx[d] + base[:, None] * H + offs_h[None, :], rowc,
                      mask=to_d[:, None] & mh[None, :])
-    _expand_tile(row, ids, vt, RANK, t64, expert_x, cursor, slot_map, RANK, M, H, K, L, CAP,
-                 BLOCK_H, BLOCK_K)
+    return row, ids, vt, t64
 
 
 @triton.jit
@@ -749,7 +792,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                BLOCK_L: tl.constexpr, BLOCK_W: tl.constexpr, TB: tl.constexpr,
                                BITS: tl.constexpr, NBUF: tl.constexpr, SHIFT: tl.constexpr,
                                USE_TIMER: tl.constexpr, PDL: tl.constexpr = False,
-                               NT: tl.constexpr = 256):
+                               NT: tl.constexpr = 256, ACQ_REL: tl.constexpr = False):
     """Lamport dispatch; see the module docstring. Tiles of ``TB`` tokens; program ``p`` sends
     own tiles ``p, p+G, ...`` and receives the same tiles of every peer, one tile behind."""
     if PDL:  # nothing is touched before the previous grid finished
@@ -771,29 +814,34 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
     more = n_own > 0
     more = more | (W > 1)
     while more:
-        c = pid + i * G
-        if c < n_own:
-            _lamport_send_tile(c, x_ptr, ids_ptr, w_ptr, T, buf, lx, lmeta, expert_x, cursor,
-                               slot_map, RANK, W, M, H, K, L, E, CAP, BLOCK_H, BLOCK_K, TB)
-        if i > 0:
-            cr = rbase + (i - 1) * G
-            for s in tl.static_range(W):
-                if s != RANK:
-                    ts = tl.sum(tl.where(offs_w == s, tsv, 0), axis=0)
-                    if (dead == 0) & ((ts < 0) | (cr * TB < ts)):
-                        ts, dead = _lamport_recv_tile(
-                            cr, s, ts, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor,
-                            slot_map, wloc, err_dev, err_host, timeout_ns, RANK, W, G, M, H,
-                            K, L, CAP, BLOCK_H, BLOCK_K, TB, BITS, USE_TIMER, NT)
-                        tsv = tl.where(offs_w == s, ts, tsv)
+        # send own tile i and claim its slots; nothing waits for the claim until the rows are
+        # placed after the receive, so its round trip overlaps the poll instead of preceding it.
+        # The receive is of the peers' tile i (not i - 1): with the decode grid (G >= tiles)
+        # a program has one tile, and nothing is carried across iterations (triton 3.6 fails
+        # to compile a loop-carried [TB, BLOCK_H] row here: RemoveLayoutConversions)
+        row, ids, vt, t64 = _lamport_send_tile(pid + i * G, x_ptr, ids_ptr, w_ptr, T, buf, lx,
+                                               lmeta, RANK, W, M, H, K, L, E, BLOCK_H, BLOCK_K,
+                                               TB)
+        slot = _claim_slots(ids, vt, cursor, RANK, L, K, BLOCK_K)
+        cr = rbase + i * G
+        for s in tl.static_range(W):
+            if s != RANK:
+                ts = tl.sum(tl.where(offs_w == s, tsv, 0), axis=0)
+                if (dead == 0) & ((ts < 0) | (cr * TB < ts)):
+                    ts, dead = _lamport_recv_tile(
+                        cr, s, ts, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor,
+                        slot_map, wloc, err_dev, err_host, timeout_ns, RANK, W, G, M, H,
+                        K, L, CAP, BLOCK_H, BLOCK_K, TB, BITS, USE_TIMER, NT)
+                    tsv = tl.where(offs_w == s, ts, tsv)
+        _place_rows(row, ids, vt, slot, RANK * M + t64, expert_x, slot_map, RANK, H, K, L, CAP,
+                    BLOCK_H, BLOCK_K)
         i += 1
-        cn = pid + i * G
         big = tl.where(is_peer, tl.where(tsv < 0, 2147483647, tsv), 0)
-        want_recv = ((rbase + (i - 1) * G) * TB < tl.max(big, axis=0)) & (dead == 0)
-        more = (cn < n_own) | want_recv
+        want_recv = ((rbase + i * G) * TB < tl.max(big, axis=0)) & (dead == 0)
+        more = (pid + i * G < n_own) | want_recv
     tl.store(peer_T + offs_w, tl.maximum(tsv, 0), mask=is_peer)
     tl.store(buf_ptr + pid, (buf + 1) % NBUF)
-    _publish_counts(done, cursor, counts, G, L, BLOCK_L)
+    _publish_counts(done, cursor, counts, G, L, BLOCK_L, ACQ_REL)
 
 
 @triton.jit
@@ -829,6 +877,100 @@ def _poll_rows(ptrs, mask, dead, peer, err_dev, err_host, timeout_ns, OP: tl.con
 
 
 @triton.jit
+def _lamport_push(c, col0, tsv, buf, expert_out, lcomb, slot_map, wloc, RANK: tl.constexpr,
+                  W: tl.constexpr, M: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
+                  BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr,
+                  TB: tl.constexpr):
+    """Columns ``[col0, col0 + BLOCK_C)`` of the partial sums of every peer's tile ``c``, pushed
+    once per (token, peer) into ``lcomb[s][buf, RANK]`` (tokens with a local expert only;
+    ``-0.0`` sent as ``+0.0``)."""
+    offs_h = col0 + tl.arange(0, BLOCK_C)
+    mh = offs_h < H
+    offs_k = tl.arange(0, BLOCK_K)
+    mk = offs_k < K
+    offs_w = tl.arange(0, BLOCK_W)
+    t = c * TB + tl.arange(0, TB)
+    t64 = tl.cast(t, tl.int64)
+    for s in tl.static_range(W):
+        if s != RANK:
+            ts = tl.sum(tl.where(offs_w == s, tsv, 0), axis=0)
+            if c * TB < ts:
+                vt = t < ts
+                m2 = vt[:, None] & mk[None, :]
+                r = (s * M + t64)[:, None] * K + offs_k[None, :]
+                sm = tl.load(slot_map + r, mask=m2, other=-1)
+                wv = tl.load(wloc + r, mask=m2, other=0.0)
+                accp = _partial_tile(expert_out, sm, wv, col0, H, K, BLOCK_C, BLOCK_K)
+                has = vt & (tl.max(sm, axis=1) >= 0)
+                out = accp.to(lcomb[s].dtype.element_ty)
+                out = tl.where(out == 0, tl.zeros_like(out), out)
+                dst = lcomb[s] + ((buf * W + RANK) * M + t64)[:, None] * H + offs_h[None, :]
+                tl.store(dst, out, mask=has[:, None] & mh[None, :])
+
+
+@triton.jit
+def _lamport_finish(co, col0, T, dead, buf, expert_out, ids_ptr, w_ptr, y_ptr, lcomb, slot_map,
+                    err_dev, err_host, timeout_ns, RANK: tl.constexpr, W: tl.constexpr,
+                    M: tl.constexpr, H: tl.constexpr, K: tl.constexpr, L: tl.constexpr,
+                    E: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                    TB: tl.constexpr, BITS: tl.constexpr, USE_TIMER: tl.constexpr,
+                    NT: tl.constexpr):
+    """Columns ``[col0, col0 + BLOCK_C)`` of own tile ``co``: own partial (fp32) and each peer's
+    (polled, then reset), summed in fixed rank order into ``y``. Returns ``dead``."""
+    offs_h = col0 + tl.arange(0, BLOCK_C)
+    mh = offs_h < H
+    offs_k = tl.arange(0, BLOCK_K)
+    mk = offs_k < K
+    to = co * TB + tl.arange(0, TB)
+    to64 = tl.cast(to, tl.int64)
+    vo = to < T
+    mo = vo[:, None] & mk[None, :]
+    ids = tl.load(ids_ptr + to64[:, None] * K + offs_k[None, :], mask=mo, other=-1).to(tl.int32)
+    ids = tl.where(mo & (ids >= 0) & (ids < E), ids, -1)
+    owner = tl.where(ids >= 0, ids // L, -1)
+    sm = tl.load(slot_map + (RANK * M + to64)[:, None] * K + offs_k[None, :], mask=mo, other=-1)
+    wv = tl.load(w_ptr + to64[:, None] * K + offs_k[None, :], mask=mo, other=0.0).to(tl.float32)
+    part = _partial_tile(expert_out, sm, wv, col0, H, K, BLOCK_C, BLOCK_K)
+    acco = tl.zeros([TB, BLOCK_C], tl.float32)
+    for d in tl.static_range(W):
+        if d == RANK:
+            acco += part
+        else:
+            from_d = vo & (tl.sum((owner == d).to(tl.int32), axis=1) > 0)
+            mrow = from_d[:, None] & mh[None, :]
+            src = lcomb[RANK] + ((buf * W + d) * M + to64)[:, None] * H + offs_h[None, :]
+            v, dead = _poll_rows(src, mrow, dead, d, err_dev, err_host, timeout_ns, 2, BITS,
+                                 USE_TIMER, NT)
+            if dead == 0:
+                tl.store(src, _sent_like(v, BITS), mask=mrow)
+            acco += v.to(tl.float32)
+    tl.store(y_ptr + to64[:, None] * H + offs_h[None, :], acco.to(y_ptr.dtype.element_ty),
+             mask=vo[:, None] & mh[None, :])
+    return dead
+
+
+@triton.jit
+def _lamport_split_combine(pid, obase, n_own, T, dead, tsv, buf, expert_out, ids_ptr, w_ptr,
+                           y_ptr, lcomb, slot_map, wloc, err_dev, err_host, timeout_ns,
+                           RANK: tl.constexpr, W: tl.constexpr, M: tl.constexpr,
+                           H: tl.constexpr, K: tl.constexpr, L: tl.constexpr, E: tl.constexpr,
+                           CW: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr,
+                           TB: tl.constexpr, BITS: tl.constexpr, USE_TIMER: tl.constexpr,
+                           NT: tl.constexpr, S: tl.constexpr):
+    """A small batch's combine, ``S`` column chunks of ``CW`` per tile (every tile's chunks fit
+    the grid): program ``pid`` pushes chunk ``pid mod S`` of the peers' tile ``pid // S`` and
+    finishes chunk ``obase mod S`` of its own tile ``obase // S``. Returns ``dead``."""
+    if dead == 0:
+        _lamport_push(pid // S, (pid % S) * CW, tsv, buf, expert_out, lcomb, slot_map, wloc,
+                      RANK, W, M, H, K, CW, BLOCK_K, BLOCK_W, TB)
+    if obase // S < n_own:
+        dead = _lamport_finish(obase // S, (obase % S) * CW, T, dead, buf, expert_out, ids_ptr,
+                               w_ptr, y_ptr, lcomb, slot_map, err_dev, err_host, timeout_ns,
+                               RANK, W, M, H, K, L, E, CW, BLOCK_K, TB, BITS, USE_TIMER, NT)
+    return dead
+
+
+@triton.jit
 def ep_combine_lamport_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T, lcomb, slot_map, wloc,
                               peer_T, buf_ptr, err_dev, err_host_addr, timeout_ns,
                               RANK: tl.constexpr, W: tl.constexpr, G: tl.constexpr,
@@ -836,10 +978,14 @@ def ep_combine_lamport_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T, lcomb, slot_
                               L: tl.constexpr, E: tl.constexpr, BLOCK_H: tl.constexpr,
                               BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr, TB: tl.constexpr,
                               BITS: tl.constexpr, NBUF: tl.constexpr, SHIFT: tl.constexpr,
-                              USE_TIMER: tl.constexpr, PDL: tl.constexpr = False,
-                              NT: tl.constexpr = 256):
-    """Lamport combine; see the module docstring. Program ``p`` pushes the partial sums of the
-    peers' tiles ``p, p+G, ...`` and finishes its own tiles one iteration behind."""
+                              SPLIT: tl.constexpr, USE_TIMER: tl.constexpr,
+                              PDL: tl.constexpr = False, NT: tl.constexpr = 256):
+    """Lamport combine; see the module docstring. When every rank's tiles times ``SPLIT`` fit
+    the grid (a small batch), program ``p`` handles column chunk ``p mod SPLIT`` of tile
+    ``p // SPLIT`` (push the peers', finish own tile ``q // SPLIT``, chunk ``q mod SPLIT``, ``q =
+    (p + SHIFT) mod G``), so one token's K weighted expert rows are summed on SPLIT SMs instead
+    of one. Otherwise program ``p`` pushes the peers' tiles ``p, p+G, ...`` (whole rows) and
+    finishes its own tiles one iteration behind."""
     if PDL:  # nothing is touched before the previous grid finished
         pdl_wait()
         pdl_launch_dependents()
@@ -847,70 +993,39 @@ def ep_combine_lamport_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T, lcomb, slot_
     err_host = err_host_addr.to(tl.pointer_type(tl.int32))
     buf = tl.load(buf_ptr + pid)
     dead = _dead(err_dev, NT)
-    offs_h = tl.arange(0, BLOCK_H)
-    mh = offs_h < H
-    offs_k = tl.arange(0, BLOCK_K)
-    mk = offs_k < K
     offs_w = tl.arange(0, BLOCK_W)
     is_peer = (offs_w < W) & (offs_w != RANK)
     tsv = tl.load(peer_T + offs_w, mask=is_peer, other=0)
     max_ts = tl.max(tsv, axis=0)
     n_own = tl.cdiv(T, TB)
-    i = tl.full([], 0, tl.int32)
-    obase = (pid + SHIFT) % G                    # own tiles: obase, obase + G, ...
-    more = (pid * TB < max_ts) | (obase < n_own)
-    while more:
-        c = pid + i * G
-        t = c * TB + tl.arange(0, TB)
-        t64 = tl.cast(t, tl.int64)
-        # 1. partial sums of the peers' tokens of tile c, pushed once per (token, peer)
-        for s in tl.static_range(W):
-            if s != RANK:
-                ts = tl.sum(tl.where(offs_w == s, tsv, 0), axis=0)
-                if (dead == 0) & (c * TB < ts):
-                    vt = t < ts
-                    m2 = vt[:, None] & mk[None, :]
-                    r = (s * M + t64)[:, None] * K + offs_k[None, :]
-                    sm = tl.load(slot_map + r, mask=m2, other=-1)
-                    wv = tl.load(wloc + r, mask=m2, other=0.0)
-                    accp = _partial_tile(expert_out, sm, wv, H, K, BLOCK_H, BLOCK_K)
-                    has = vt & (tl.max(sm, axis=1) >= 0)
-                    out = accp.to(lcomb[s].dtype.element_ty)
-                    out = tl.where(out == 0, tl.zeros_like(out), out)
-                    dst = lcomb[s] + ((buf * W + RANK) * M + t64)[:, None] * H + offs_h[None, :]
-                    tl.store(dst, out, mask=has[:, None] & mh[None, :])
-        # 2. own tile c - G: own partial + the peers' partials, fixed rank order, fp32
-        co = obase + (i - 1) * G
-        if (i > 0) & (co < n_own):
-            to = co * TB + tl.arange(0, TB)
-            to64 = tl.cast(to, tl.int64)
-            vo = to < T
-            mo = vo[:, None] & mk[None, :]
-            ids = tl.load(ids_ptr + to64[:, None] * K + offs_k[None, :], mask=mo,
-                          other=-1).to(tl.int32)
-            ids = tl.where(mo & (ids >= 0) & (ids < E), ids, -1)
-            owner = tl.where(ids >= 0, ids // L, -1)
-            sm = tl.load(slot_map + (RANK * M + to64)[:, None] * K + offs_k[None, :], mask=mo,
-                         other=-1)
-            wv = tl.load(w_ptr + to64[:, None] * K + offs_k[None, :], mask=mo,
-                         other=0.0).to(tl.float32)
-            part = _partial_tile(expert_out, sm, wv, H, K, BLOCK_H, BLOCK_K)
-            acco = tl.zeros([TB, BLOCK_H], tl.float32)
-            for d in tl.static_range(W):
-                if d == RANK:
-                    acco += part
-                else:
-                    from_d = vo & (tl.sum((owner == d).to(tl.int32), axis=1) > 0)
-                    mrow = from_d[:, None] & mh[None, :]
-                    src = lcomb[RANK] + ((buf * W + d) * M + to64)[:, None] * H + offs_h[None, :]
-                    v, dead = _poll_rows(src, mrow, dead, d, err_dev, err_host, timeout_ns, 2,
-                                         BITS, USE_TIMER, NT)
-                    if dead == 0:
-                        tl.store(src, _sent_like(v, BITS), mask=mrow)
-                    acco += v.to(tl.float32)
-            tl.store(y_ptr + to64[:, None] * H + offs_h[None, :], acco.to(y_ptr.dtype.element_ty),
-                     mask=vo[:, None] & mh[None, :])
-        i += 1
-        cn = pid + i * G
-        more = (cn * TB < max_ts) | (obase + (i - 1) * G < n_own)
+    obase = (pid + SHIFT) % G                    # own tiles / units: obase, obase + G, ...
+    # every rank knows every rank's token count here, so all take the same branch: SPLIT
+    # chunks per tile when they fit the grid, else half as many (session 6: 2 chunks were
+    # 2 us faster than whole rows at 64 tokens, where 4 do not fit 128 programs)
+    HALF: tl.constexpr = (SPLIT + 1) // 2
+    tiles = tl.cdiv(tl.maximum(max_ts, T), TB)
+    if tiles * SPLIT <= G:
+        dead = _lamport_split_combine(pid, obase, n_own, T, dead, tsv, buf, expert_out, ids_ptr,
+                                      w_ptr, y_ptr, lcomb, slot_map, wloc, err_dev, err_host,
+                                      timeout_ns, RANK, W, M, H, K, L, E, BLOCK_H // SPLIT,
+                                      BLOCK_K, BLOCK_W, TB, BITS, USE_TIMER, NT, SPLIT)
+    elif tiles * HALF <= G:
+        dead = _lamport_split_combine(pid, obase, n_own, T, dead, tsv, buf, expert_out, ids_ptr,
+                                      w_ptr, y_ptr, lcomb, slot_map, wloc, err_dev, err_host,
+                                      timeout_ns, RANK, W, M, H, K, L, E, BLOCK_H // HALF,
+                                      BLOCK_K, BLOCK_W, TB, BITS, USE_TIMER, NT, HALF)
+    else:
+        i = tl.full([], 0, tl.int32)
+        more = (pid * TB < max_ts) | (obase < n_own)
+        while more:
+            if dead == 0:
+                _lamport_push(pid + i * G, 0, tsv, buf, expert_out, lcomb, slot_map, wloc, RANK,
+                              W, M, H, K, BLOCK_H, BLOCK_K, BLOCK_W, TB)
+            co = obase + (i - 1) * G
+            if (i > 0) & (co < n_own):
+                dead = _lamport_finish(co, 0, T, dead, buf, expert_out, ids_ptr, w_ptr, y_ptr,
+                                       lcomb, slot_map, err_dev, err_host, timeout_ns, RANK, W, M,
+                                       H, K, L, E, BLOCK_H, BLOCK_K, TB, BITS, USE_TIMER, NT)
+            i += 1
+            more = ((pid + i * G) * TB < max_ts) | (obase + (i - 1) * G < n_own)
     tl.store(buf_ptr + pid, (buf + 1) % NBUF)

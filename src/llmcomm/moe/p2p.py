@@ -115,7 +115,8 @@ class P2PBackend(MoEBackend):
                  simulate_dir: str | None = None, num_warps: int | None = None,
                  tile_tokens: int = 1, combine_tile_tokens: int = 1,
                  round_tokens: int | None = None, posted_flags: bool | None = None,
-                 pdl: bool = False, protocol: str = "auto", shift: int | None = None) -> None:
+                 pdl: bool = False, protocol: str = "auto", shift: int | None = None,
+                 combine_split: int | None = None, _acq_rel_publish: bool = False) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -153,6 +154,11 @@ class P2PBackend(MoEBackend):
                 e.g. no compute overlapped on another stream), else the programs can wait on
                 each other until the deadline; it must be 0 in the simulation (its programs
                 run one after another).
+            combine_split: ``"lamport"`` only: when every rank's token tiles times this fit the
+                grid (a small batch), the combine splits each token's hidden dimension into this
+                many column chunks on as many programs (SMs), so a token's K weighted expert rows
+                are not summed on one SM alone. Power of 2 <= 16; default 4 for hidden >= 2048,
+                else 1 (no split).
         """
         super().__init__(group, cfg)
         self._sim = simulate_dir is not None
@@ -220,6 +226,17 @@ class P2PBackend(MoEBackend):
                 round_tokens = max(1, -(-share // 4))
             if not isinstance(round_tokens, int) or round_tokens < 1:
                 raise ValueError(f"round_tokens must be an int >= 1, got {round_tokens!r}")
+        if lamport:
+            if combine_split is None:
+                combine_split = 4 if cfg.hidden_size >= 2048 else 1
+            if not isinstance(combine_split, int) or combine_split < 1 or combine_split > 16 \
+                    or combine_split & (combine_split - 1):
+                raise ValueError(f"combine_split must be a power of 2 in [1, 16], got "
+                                 f"{combine_split!r}")
+        elif combine_split is not None:
+            raise ValueError("combine_split applies to protocol='lamport' only: leave it unset")
+        self.combine_split = combine_split   # None for "flags"
+        self._acq_rel_publish = bool(_acq_rel_publish)   # A/B only: see _publish_counts
         self.round_tokens = round_tokens     # None for "lamport"
         self.shift = shift                   # None for "flags"
         dev = cfg.device if not self._sim else torch.device("cpu")
@@ -287,6 +304,8 @@ class P2PBackend(MoEBackend):
                 "protocol": self.protocol, "shift": self.shift,
                 "num_warps": self.num_warps, "round_tokens": self.round_tokens,
                 "tile_tokens": self.tiles[0], "combine_tile_tokens": self.tiles[1],
+                "combine_split": self.combine_split,
+                "acq_rel_publish": self._acq_rel_publish,
                 **{k.lower(): v for k, v in self.variants.items()}}
 
     def _consts(self) -> dict[str, Any]:
@@ -325,7 +344,7 @@ class P2PBackend(MoEBackend):
                 self.expert_x, self.counts, self.cursor, self.done, self.slot_map, self.wloc,
                 self.peer_T, self.buf_d, self.err_dev, self.err_host.data_ptr(),
                 self.timeout_ns, CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts),
-                **self._lamport_consts(self.tiles[0]))
+                ACQ_REL=self._acq_rel_publish, **self._lamport_consts(self.tiles[0]))
             return self.expert_x, self.counts, (topk_ids, topk_weights)
         ep_dispatch_kernel[(self.G,)](
             x, topk_ids, topk_weights, T,
@@ -333,7 +352,7 @@ class P2PBackend(MoEBackend):
             self.expert_x, self.counts, self.cursor, self.done, self.slot_map, self.epoch_d,
             self.err_dev, self.err_host.data_ptr(), self.timeout_ns,
             CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts), TB=self.tiles[0],
-            **self._consts())
+            ACQ_REL=self._acq_rel_publish, **self._consts())
         return self.expert_x, self.counts, (topk_ids, topk_weights)
 
     def combine(self, expert_out, state, num_tokens):
@@ -349,7 +368,8 @@ class P2PBackend(MoEBackend):
             ep_combine_lamport_kernel[(self.G,)](
                 expert_out, ids, w, y_arg, num_tokens, self.lcomb, self.slot_map, self.wloc,
                 self.peer_T, self.buf_c, self.err_dev, self.err_host.data_ptr(),
-                self.timeout_ns, **self._lamport_consts(self.tiles[1]))
+                self.timeout_ns, SPLIT=min(self.combine_split, _next_pow2(c.hidden_size)),
+                **self._lamport_consts(self.tiles[1]))
             return y
         ep_combine_kernel[(self.G,)](
             expert_out, ids, w, y_arg, num_tokens,
