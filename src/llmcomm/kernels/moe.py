@@ -67,16 +67,20 @@ dispatch, program p (own tiles ``p, p+G, ...``; received tiles ``q, q+G, ...`` w
     receiving program, so every program polls and resets only its own);
   * iteration i: send own tile i (meta = ids + weight bits to every peer, the rows to peers
     owning one of their experts) and claim its local slots (:func:`_claim_slots`: one vector
-    atomic, not waited for until the next iteration copies the rows), then receive tile i-1
-    of every peer: poll the count (first tile only) and the meta until nothing is the sentinel
+    atomic, not waited for until the rows are copied at the end of the iteration), then
+    receive tile ``q + i*G`` of every peer: poll the count (first tile only) and the meta until nothing is the sentinel
     (a decision made uniform over the program through :func:`.sync.uniform`); barrier; re-read
     the meta (only these values are used: replicated volatile loads of a small tile can disagree
     across warps, see ``docs/wip/moe_lamport_review_s3.md``), poll the rows of the tokens with a
     local expert; barrier; reset, keep the weights (``wloc``) for the combine, expand into local
-    experts; then copy own tile i-1 into the slots claimed in iteration i-1.
+    experts; then copy own tile i into the slots claimed at its send. Nothing is carried
+    from one iteration to the next (with the decode grid a program has one tile anyway;
+    triton 3.6 cannot compile a loop-carried row here).
   * record the peers' counts (``peer_T``), advance ``buf``; the last program out publishes
     ``counts`` and resets the cursors (as in ``"flags"``).
-combine, program p:
+combine, program p (small batches, when every rank's tiles times ``SPLIT`` -- else times
+``SPLIT / 2`` -- fit the grid: tile ``p // S``, column chunk ``p mod S`` of it, pushed and
+finished in one step, see :func:`_lamport_split_combine`; otherwise whole rows):
   * iteration i: push the partial sums of the peers' tile ``p + i*G`` (``lcomb[s][buf, RANK]``,
     rows with at least one local expert), then finish own tile ``q + (i-1)*G``: own partial
     (fp32), poll + reset each peer's partial, sum in fixed rank order, store ``y``.
@@ -794,7 +798,8 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                USE_TIMER: tl.constexpr, PDL: tl.constexpr = False,
                                NT: tl.constexpr = 256, ACQ_REL: tl.constexpr = False):
     """Lamport dispatch; see the module docstring. Tiles of ``TB`` tokens; program ``p`` sends
-    own tiles ``p, p+G, ...`` and receives the same tiles of every peer, one tile behind."""
+    own tiles ``p, p+G, ...`` and receives tiles ``q, q+G, ...`` (``q = (p + SHIFT) mod G``)
+    of every peer, the own tile's rows copied after each receive."""
     if PDL:  # nothing is touched before the previous grid finished
         pdl_wait()
         pdl_launch_dependents()

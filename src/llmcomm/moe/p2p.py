@@ -157,8 +157,9 @@ class P2PBackend(MoEBackend):
             combine_split: ``"lamport"`` only: when every rank's token tiles times this fit the
                 grid (a small batch), the combine splits each token's hidden dimension into this
                 many column chunks on as many programs (SMs), so a token's K weighted expert rows
-                are not summed on one SM alone. Power of 2 <= 16; default 4 for hidden >= 2048,
-                else 1 (no split).
+                are not summed on one SM alone; when they do not fit but half as many chunks
+                do, half as many. Power of 2 <= 16; default 4 for hidden >= 2048, else 1 (no
+                split).
         """
         super().__init__(group, cfg)
         self._sim = simulate_dir is not None
