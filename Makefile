@@ -1,5 +1,8 @@
 # make demo  - the main job: a TP x EP decoder run across processes, checked against a reference
 # make test  - the CPU test suite (GPU tests are marked and skipped without GPUs)
+# make compile-check [TRITON=3.6.0] - every GPU kernel compiled for sm_90 by that Triton release,
+#              no GPU needed (the device image has 3.6; `make test` uses the newest): a venv of
+#              its own, .venv-triton-<version>
 # Both create .venv on first use and install what they need (the CPU torch build without a GPU).
 
 PY      ?= python3
@@ -7,8 +10,10 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.llmcomm-installed
 DEMO_ARGS ?=
+TRITON  ?= 3.6.0
+TVENV   := .venv-triton-$(TRITON)
 
-.PHONY: demo test bench-allreduce bench-moe doctor clean
+.PHONY: demo test compile-check bench-allreduce bench-moe doctor clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -30,6 +35,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+compile-check:
+	test -x $(TVENV)/bin/python || $(PY) -m venv $(TVENV)
+	$(TVENV)/bin/python -m pip install -q triton==$(TRITON) pytest torch==2.13.0
+	PYTHONPATH=src:. $(TVENV)/bin/python -m pytest -q -p no:cacheprovider tests/unit/test_kernel_compile.py
+
 doctor: $(STAMP)
 	$(BIN)/llmcomm doctor --tp 2 --pp 2
 
@@ -40,4 +50,4 @@ bench-moe: $(STAMP)
 	$(BIN)/llmcomm bench moe
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-triton-* build *.egg-info src/*.egg-info .pytest_cache

@@ -4,10 +4,9 @@ The CPU simulation runs the kernels in Triton's interpreter, which never compile
 that a Triton release cannot compile is otherwise found only on the device (session 6: a
 loop-carried ``[TB, BLOCK_H]`` row made triton 3.6's ``RemoveLayoutConversions`` abort while 3.9
 compiled it). This test compiles the shapes the launchers use by default, down to a cubin
-(Triton's bundled ``ptxas``). To check the device image's Triton without a device::
-
-    python -m venv /tmp/t36 && /tmp/t36/bin/pip install triton==3.6.0
-    PYTHONPATH=src:<a dir holding torch> /tmp/t36/bin/python -m pytest tests/unit/test_kernel_compile.py
+(Triton's bundled ``ptxas``). To check the device image's Triton (3.6) without a device:
+``make compile-check`` (``TRITON=<version>`` for another release; a venv of its own). With 3.6
+this test fails on the session-5 lamport dispatch (commit 2f9feae) and passes on the fix.
 
 Kernel signatures are spelled out below by argument name; a kernel that gains an argument fails
 here with a ``KeyError`` naming it, and its type goes into ``_TYPES``.
