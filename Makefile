@@ -37,7 +37,7 @@ test: $(STAMP)
 
 compile-check:
 	test -x $(TVENV)/bin/python || $(PY) -m venv $(TVENV)
-	$(TVENV)/bin/python -m pip install -q triton==$(TRITON) pytest torch==2.13.0
+	$(TVENV)/bin/python -m pip install -q triton==$(TRITON) pytest numpy torch==2.13.0
 	PYTHONPATH=src:. $(TVENV)/bin/python -m pytest -q -p no:cacheprovider tests/unit/test_kernel_compile.py
 
 doctor: $(STAMP)
