@@ -37,8 +37,9 @@ SIM = {"TRITON_INTERPRET": "1"}
 #: M = 13, so a program owns up to 5 tokens): protocol "flags" with its defaults, tiles that
 #: straddle round ends, and one round with one token per step; protocol "lamport" with its
 #: defaults (1-token tiles), 2-token dispatch tiles, 4/2-token tiles, and the column-split
-#: combine (its split path is taken in ``_repeat_worker``, where batches are small enough). (No entry relies on protocol="auto",
-#: which picks lamport for these small dispatchers at world 2 and flags at world 4.)
+#: combine (its split path is taken in ``_repeat_worker``, where batches are small enough).
+#: (No entry relies on protocol="auto", which picks lamport for these small dispatchers at
+#: world 2 and flags at world 4.)
 P2P_SIM = {"p2p-sim": {"protocol": "flags"},
            "p2p-sim-t4c2r3": {"tile_tokens": 4, "combine_tile_tokens": 2, "round_tokens": 3},
            "p2p-sim-t1r13": {"tile_tokens": 1, "round_tokens": 13},
@@ -84,8 +85,8 @@ def _cases_worker(rank, world, backend, tmp, seed):
 
 
 NEEDS_TRITON = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                  reason="the p2p kernels run under TRITON_INTERPRET=1: needs triton "
-                                         "(pip install triton; `make test` installs it)")
+                                  reason="the p2p kernels run under TRITON_INTERPRET=1: needs "
+                                         "triton (pip install triton; `make test` installs it)")
 
 
 @pytest.mark.parametrize("backend", ["torch", "allgather",
@@ -154,8 +155,8 @@ def _repeat_worker(rank, world, tmp):
     """Both protocols, one dispatcher each (flags explicitly, lamport as the default
     protocol="auto" picks it here, and lamport with the column-split combine on 8 programs),
     8 consecutive dispatch/combine pairs with changing token counts (0 and M included; the split
-    path in 4 chunks for at most 2 tokens per rank, in 2 chunks for 3-4, whole rows otherwise): every receive buffer of the
-    lamport rotation is used twice and its sentinel reset is exercised across both combine
+    path in 4 chunks for at most 2 tokens per rank, in 2 chunks for 3-4, whole rows otherwise):
+    every receive buffer of the lamport rotation is used twice and its sentinel reset is exercised across both combine
     paths; the combine outputs must be bitwise equal (fixed-order fp32 sums; no FMA contraction
     in the interpreter)."""
     import os

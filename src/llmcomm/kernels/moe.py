@@ -68,8 +68,9 @@ dispatch, program p (own tiles ``p, p+G, ...``; received tiles ``q, q+G, ...`` w
   * iteration i: send own tile i (meta = ids + weight bits to every peer, the rows to peers
     owning one of their experts) and claim its local slots (:func:`_claim_slots`: one vector
     atomic, not waited for until the rows are copied at the end of the iteration), then
-    receive tile ``q + i*G`` of every peer: poll the count (first tile only) and the meta until nothing is the sentinel
-    (a decision made uniform over the program through :func:`.sync.uniform`); barrier; re-read
+    receive tile ``q + i*G`` of every peer: poll the count (first tile only) and the meta until
+    nothing is the sentinel (a decision made uniform over the program through
+    :func:`.sync.uniform`); barrier; re-read
     the meta (only these values are used: replicated volatile loads of a small tile can disagree
     across warps, see ``docs/wip/moe_lamport_review_s3.md``), poll the rows of the tokens with a
     local expert; barrier; reset, keep the weights (``wloc``) for the combine, expand into local
