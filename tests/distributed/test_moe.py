@@ -156,9 +156,9 @@ def _repeat_worker(rank, world, tmp):
     protocol="auto" picks it here, and lamport with the column-split combine on 8 programs),
     8 consecutive dispatch/combine pairs with changing token counts (0 and M included; the split
     path in 4 chunks for at most 2 tokens per rank, in 2 chunks for 3-4, whole rows otherwise):
-    every receive buffer of the lamport rotation is used twice and its sentinel reset is exercised across both combine
-    paths; the combine outputs must be bitwise equal (fixed-order fp32 sums; no FMA contraction
-    in the interpreter)."""
+    every receive buffer of the lamport rotation is used twice and its sentinel reset is
+    exercised across the combine paths; the combine outputs must be bitwise equal (fixed-order
+    fp32 sums; no FMA contraction in the interpreter)."""
     import os
 
     eps = {}
