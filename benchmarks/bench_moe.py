@@ -72,6 +72,9 @@ SWEEP = {
     # the dispatch's count publication with acq_rel atomics (main's) instead of relaxed
     "lam_acqrel": ({"protocol": "lamport", "_acq_rel_publish": True}, None),
     "flags_acqrel": ({"protocol": "flags", "_acq_rel_publish": True}, None),
+    # flags rounds phased (send the round, signal, copy own, receive), as before session 7,
+    # instead of interleaved token by token (the default)
+    "phased": ({"protocol": "flags", "interleave": False}, None),
     # large batches: two programs per SM at 16 warps (session 3 timed 256 programs at 8 warps)
     "G256": ({"num_programs": 256}, None),
 }

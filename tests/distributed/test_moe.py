@@ -43,6 +43,8 @@ SIM = {"TRITON_INTERPRET": "1"}
 P2P_SIM = {"p2p-sim": {"protocol": "flags"},
            "p2p-sim-t4c2r3": {"tile_tokens": 4, "combine_tile_tokens": 2, "round_tokens": 3},
            "p2p-sim-t1r13": {"tile_tokens": 1, "round_tokens": 13},
+           # the phased rounds (interleave=False; the default interleaves), 2-token tiles
+           "p2p-sim-phased": {"interleave": False, "tile_tokens": 2, "round_tokens": 3},
            "p2p-sim-lamport": {"protocol": "lamport"},
            "p2p-sim-lamport-t2": {"protocol": "lamport", "tile_tokens": 2},
            "p2p-sim-lamport-t4c2": {"protocol": "lamport", "tile_tokens": 4,

@@ -43,9 +43,15 @@ _AR = dict(RANK=1, W=W, NORM=True, FP8=False, BLOCK=8192, PDL=True, NT=512)
 #: (module, kernel, constexprs, num_warps): the launchers' defaults at hidden 7168, EP/TP = 2
 CASES = {
     "moe-flags-dispatch": ("moe", "ep_dispatch_kernel",
-                           dict(_MOE, M=4096, CAP=8192, CHUNK=8, POSTED=True, ACQ_REL=False), 16),
+                           dict(_MOE, M=4096, CAP=8192, CHUNK=8, POSTED=True, ACQ_REL=False,
+                                INTERLEAVE=True), 16),
+    "moe-flags-dispatch-phased": ("moe", "ep_dispatch_kernel",
+                                  dict(_MOE, M=4096, CAP=8192, CHUNK=8, POSTED=True,
+                                       ACQ_REL=False, INTERLEAVE=False), 16),
     "moe-flags-combine": ("moe", "ep_combine_kernel",
-                          dict(_MOE, M=4096, CHUNK=8, POSTED=True), 16),
+                          dict(_MOE, M=4096, CHUNK=8, POSTED=True, INTERLEAVE=True), 16),
+    "moe-flags-combine-phased": ("moe", "ep_combine_kernel",
+                                 dict(_MOE, M=4096, CHUNK=8, POSTED=True, INTERLEAVE=False), 16),
     "moe-lamport-dispatch": ("moe", "ep_dispatch_lamport_kernel",
                              dict(_MOE, M=128, CAP=256, BITS=16, NBUF=3, SHIFT=0,
                                   ACQ_REL=False), 16),

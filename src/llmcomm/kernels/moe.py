@@ -336,7 +336,7 @@ def _send_tile(t64, vt, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w, RANK: t
                L: tl.constexpr, E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """Own tokens ``t64`` [TB]: ids/weights to every peer, each row once to every peer owning
     one of its experts (the local copies come after the round is signalled:
-    :func:`_copy_own_tile`)."""
+    :func:`_copy_own_tile`, or at once: :func:`_send_expand_tile`). Returns ``(row, ids)``."""
     offs_h = tl.arange(0, BLOCK_H)
     mh = offs_h < H
     offs_k = tl.arange(0, BLOCK_K)
@@ -350,6 +350,7 @@ def _send_tile(t64, vt, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w, RANK: t
             to_d = vt & (tl.sum((owner == d).to(tl.int32), axis=1) > 0)
             tl.store(recv_x[d] + mrow[:, None] * H + offs_h[None, :], row,
                      mask=to_d[:, None] & mh[None, :])
+    return row, ids
 
 
 @triton.jit
@@ -361,6 +362,20 @@ def _copy_own_tile(t64, vt, x_ptr, ids_ptr, w_ptr, expert_x, cursor, slot_map,
     from the send, and the signal to the peers does not wait for these copies)."""
     m2, ids, w, row, owner = _own_tokens(t64, vt, x_ptr, ids_ptr, w_ptr, H, K, L, E, BLOCK_H,
                                          BLOCK_K)
+    _expand_tile(row, ids, vt, RANK, t64, expert_x, cursor, slot_map, RANK, M, H, K, L, CAP,
+                 BLOCK_H, BLOCK_K)
+
+
+@triton.jit
+def _send_expand_tile(t64, vt, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w, expert_x, cursor,
+                      slot_map, RANK: tl.constexpr, W: tl.constexpr, M: tl.constexpr,
+                      H: tl.constexpr, K: tl.constexpr, L: tl.constexpr, E: tl.constexpr,
+                      CAP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Own tokens ``t64`` [TB]: :func:`_send_tile`, then the same rows (still in registers) into
+    the local experts' slots (``INTERLEAVE``: no second load, and the NVLink stores and the
+    local HBM stores of one token are in flight together)."""
+    row, ids = _send_tile(t64, vt, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w, RANK, W, M,
+                          H, K, L, E, BLOCK_H, BLOCK_K)
     _expand_tile(row, ids, vt, RANK, t64, expert_x, cursor, slot_map, RANK, M, H, K, L, CAP,
                  BLOCK_H, BLOCK_K)
 
@@ -430,7 +445,8 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                        BLOCK_L: tl.constexpr, BLOCK_W: tl.constexpr, CHUNK: tl.constexpr,
                        TB: tl.constexpr, USE_TIMER: tl.constexpr, POSTED: tl.constexpr = False,
                        PDL: tl.constexpr = False, NT: tl.constexpr = 256,
-                       ACQ_REL: tl.constexpr = False):
+                       ACQ_REL: tl.constexpr = False, INTERLEAVE: tl.constexpr = False):
+    """Flags dispatch; see the module docstring (``INTERLEAVE``: its own section there)."""
     if PDL:  # nothing is touched before the previous grid finished
         pdl_wait()
         pdl_launch_dependents()
@@ -448,41 +464,82 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
     r_in = tl.full([BLOCK_W], 1, tl.int32)    # peers' rounds (1 until round 0 told us)
     r = 0
     more = True
-    while more:
-        # send own round r (tokens pid + j*G, j in [r*CHUNK, r*CHUNK + CHUNK)), then signal it
-        if r < r_own:
-            jend = tl.minimum(r * CHUNK + CHUNK, n_own)
-            for j in range(r * CHUNK, jend, TB):
-                t64, vt = _tile(j, jend, pid, G, TB)
-                _send_tile(t64, vt, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w, RANK, W,
-                           M, H, K, L, E, BLOCK_H, BLOCK_K)
-            _signal_peers(flags, pid, base + r + 1, RANK, W, POSTED, NT)
-            for j in range(r * CHUNK, jend, TB):
-                t64, vt = _tile(j, jend, pid, G, TB)
-                _copy_own_tile(t64, vt, x_ptr, ids_ptr, w_ptr, expert_x, cursor, slot_map, RANK,
-                               M, H, K, L, E, CAP, BLOCK_H, BLOCK_K)
-        # receive every peer's round r - 1 while our round r is on the wire
-        rr = r - 1
-        if rr >= 0:
-            # every peer with a round rr at once (round 0 also brings its count, hence rounds)
-            need = (offs_w < W) & (offs_w != RANK) & (rr < r_in)
-            dead = _wait_peers(flags[RANK] + pid * W, base + rr + 1, need, dead, err_dev,
-                               err_host, timeout_ns, 1, USE_TIMER, POSTED, BLOCK_W, NT)
-            if dead == 0:
-                if rr == 0:
+    if INTERLEAVE:
+        while more:
+            # wait for every peer's round r - 1, then own round r (send + expand) and the peers'
+            # round r - 1 (expand) token by token, then signal own round r
+            rr = r - 1
+            if rr >= 0:
+                need = (offs_w < W) & (offs_w != RANK) & (rr < r_in)
+                dead = _wait_peers(flags[RANK] + pid * W, base + rr + 1, need, dead, err_dev,
+                                   err_host, timeout_ns, 1, USE_TIMER, POSTED, BLOCK_W, NT)
+                if (dead == 0) & (rr == 0):
                     n_in, r_in = _peer_rounds(recv_T[RANK], pid, RANK, W, G, CHUNK, BLOCK_W, NT)
+            jown = tl.where(r < r_own, tl.minimum(r * CHUNK + CHUNK, n_own) - r * CHUNK, 0)
+            jin = tl.where((rr >= 0) & (rr < r_in) & (dead == 0),
+                           tl.minimum(rr * CHUNK + CHUNK, n_in) - rr * CHUNK, 0)
+            # a round of one own tile (small batches): send it, signal, then expand it
+            one = (jown >= 1) & (jown <= TB)
+            for jj in range(0, tl.maximum(jown, tl.max(jin, axis=0)), TB):
+                if jj < jown:
+                    t64, vt = _tile(r * CHUNK + jj, r * CHUNK + jown, pid, G, TB)
+                    if one:
+                        row, ids = _send_tile(t64, vt, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids,
+                                              recv_w, RANK, W, M, H, K, L, E, BLOCK_H, BLOCK_K)
+                        _signal_peers(flags, pid, base + r + 1, RANK, W, POSTED, NT)
+                        _expand_tile(row, ids, vt, RANK, t64, expert_x, cursor, slot_map, RANK,
+                                     M, H, K, L, CAP, BLOCK_H, BLOCK_K)
+                    else:
+                        _send_expand_tile(t64, vt, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids,
+                                          recv_w, expert_x, cursor, slot_map, RANK, W, M, H, K,
+                                          L, E, CAP, BLOCK_H, BLOCK_K)
                 for s in tl.static_range(W):
                     if s != RANK:
-                        rs = tl.sum(tl.where(offs_w == s, r_in, 0), axis=0)
-                        if rr < rs:
-                            ns = tl.sum(tl.where(offs_w == s, n_in, 0), axis=0)
-                            jend = tl.minimum(rr * CHUNK + CHUNK, ns)
-                            for j in range(rr * CHUNK, jend, TB):
-                                t64, vt = _tile(j, jend, pid, G, TB)
-                                _recv_tile(s, t64, vt, recv_x, recv_ids, expert_x, cursor,
-                                           slot_map, RANK, M, H, K, L, CAP, BLOCK_H, BLOCK_K)
-        r += 1
-        more = (r < r_own) | (r - 1 < tl.max(tl.where(dead == 0, r_in, 0), axis=0))
+                        js = tl.sum(tl.where(offs_w == s, jin, 0), axis=0)
+                        if jj < js:
+                            t64, vt = _tile(rr * CHUNK + jj, rr * CHUNK + js, pid, G, TB)
+                            _recv_tile(s, t64, vt, recv_x, recv_ids, expert_x, cursor, slot_map,
+                                       RANK, M, H, K, L, CAP, BLOCK_H, BLOCK_K)
+            if (r < r_own) & ((jown < 1) | (jown > TB)):   # (a round without tokens too)
+                _signal_peers(flags, pid, base + r + 1, RANK, W, POSTED, NT)
+            r += 1
+            more = (r < r_own) | (r - 1 < tl.max(tl.where(dead == 0, r_in, 0), axis=0))
+    else:
+        while more:
+            # send own round r (tokens pid + j*G, j in [r*CHUNK, r*CHUNK + CHUNK)), then signal it
+            if r < r_own:
+                jend = tl.minimum(r * CHUNK + CHUNK, n_own)
+                for j in range(r * CHUNK, jend, TB):
+                    t64, vt = _tile(j, jend, pid, G, TB)
+                    _send_tile(t64, vt, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w, RANK, W,
+                               M, H, K, L, E, BLOCK_H, BLOCK_K)
+                _signal_peers(flags, pid, base + r + 1, RANK, W, POSTED, NT)
+                for j in range(r * CHUNK, jend, TB):
+                    t64, vt = _tile(j, jend, pid, G, TB)
+                    _copy_own_tile(t64, vt, x_ptr, ids_ptr, w_ptr, expert_x, cursor, slot_map, RANK,
+                                   M, H, K, L, E, CAP, BLOCK_H, BLOCK_K)
+            # receive every peer's round r - 1 while our round r is on the wire
+            rr = r - 1
+            if rr >= 0:
+                # every peer with a round rr at once (round 0 also brings its count, hence rounds)
+                need = (offs_w < W) & (offs_w != RANK) & (rr < r_in)
+                dead = _wait_peers(flags[RANK] + pid * W, base + rr + 1, need, dead, err_dev,
+                                   err_host, timeout_ns, 1, USE_TIMER, POSTED, BLOCK_W, NT)
+                if dead == 0:
+                    if rr == 0:
+                        n_in, r_in = _peer_rounds(recv_T[RANK], pid, RANK, W, G, CHUNK, BLOCK_W, NT)
+                    for s in tl.static_range(W):
+                        if s != RANK:
+                            rs = tl.sum(tl.where(offs_w == s, r_in, 0), axis=0)
+                            if rr < rs:
+                                ns = tl.sum(tl.where(offs_w == s, n_in, 0), axis=0)
+                                jend = tl.minimum(rr * CHUNK + CHUNK, ns)
+                                for j in range(rr * CHUNK, jend, TB):
+                                    t64, vt = _tile(j, jend, pid, G, TB)
+                                    _recv_tile(s, t64, vt, recv_x, recv_ids, expert_x, cursor,
+                                               slot_map, RANK, M, H, K, L, CAP, BLOCK_H, BLOCK_K)
+            r += 1
+            more = (r < r_own) | (r - 1 < tl.max(tl.where(dead == 0, r_in, 0), axis=0))
     tl.store(epoch_ptr + pid, epoch)
     _publish_counts(done, cursor, counts, G, L, BLOCK_L, ACQ_REL)
 
@@ -571,7 +628,8 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
                       BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr,
                       CHUNK: tl.constexpr, TB: tl.constexpr, USE_TIMER: tl.constexpr,
                       POSTED: tl.constexpr = False, PDL: tl.constexpr = False,
-                      NT: tl.constexpr = 256):
+                      NT: tl.constexpr = 256, INTERLEAVE: tl.constexpr = False):
+    """Flags combine; see the module docstring (``INTERLEAVE``: its own section there)."""
     if PDL:  # nothing is touched before the previous grid finished
         pdl_wait()
         pdl_launch_dependents()
@@ -586,42 +644,90 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
     n_in, r_in = _peer_rounds(recv_T[RANK], pid, RANK, W, G, CHUNK, BLOCK_W, NT)
     r = 0
     more = True
-    while more:
-        # push the partials of every peer's round r, then signal it to that peer
-        for s in tl.static_range(W):
-            if s != RANK:
-                rs = tl.sum(tl.where(offs_w == s, r_in, 0), axis=0)
-                if r < rs:
-                    ns = tl.sum(tl.where(offs_w == s, n_in, 0), axis=0)
-                    if dead == 0:
-                        jend = tl.minimum(r * CHUNK + CHUNK, ns)
-                        for j in range(r * CHUNK, jend, TB):
-                            t64, vt = _tile(j, jend, pid, G, TB)
-                            _push_tile(s, t64, vt, expert_out, recv_w, comb, slot_map, RANK, M,
-                                       H, K, BLOCK_H, BLOCK_K)
-                    tl.debug_barrier()
-                    _flag_signal(flags[s] + pid * W + RANK, base + r + 1, POSTED, NT)
-        # finish own round r - 1 (the peers pushed it while we pushed round r)
-        rr = r - 1
-        if (rr >= 0) & (rr < r_own):
-            j0 = rr * CHUNK
-            jend = tl.minimum(j0 + CHUNK, n_own)
-            # a round of one tile (every small batch): its own partial overlaps the wait
-            t64, vt = _tile(j0, jend, pid, G, TB)
-            part, owner = _own_part(t64, vt, expert_out, ids_ptr, w_ptr, slot_map, RANK, M, H,
-                                    K, L, E, BLOCK_H, BLOCK_K)
-            dead = _wait_peers(flags[RANK] + pid * W, base + rr + 1,
-                               (offs_w < W) & (offs_w != RANK), dead, err_dev, err_host,
-                               timeout_ns, 2, USE_TIMER, POSTED, BLOCK_W, NT)
-            tl.debug_barrier()
-            _finish_tile(part, owner, t64, vt, y_ptr, comb, RANK, W, M, H, BLOCK_H)
-            for j in range(j0 + TB, jend, TB):
-                t64, vt = _tile(j, jend, pid, G, TB)
-                part, owner = _own_part(t64, vt, expert_out, ids_ptr, w_ptr, slot_map, RANK,
-                                        M, H, K, L, E, BLOCK_H, BLOCK_K)
+    if INTERLEAVE:
+        while more:
+            # wait for every peer's partials of own round r - 1, then push the peers' round r
+            # and finish own round r - 1 token by token, then signal round r to every peer. An
+            # own round of one tile (small batches) keeps the order of the other loop: push,
+            # signal, then its own partial, the wait and the finish.
+            rr = r - 1
+            fin = (rr >= 0) & (rr < r_own)
+            jown = tl.where(fin, tl.minimum(rr * CHUNK + CHUNK, n_own) - rr * CHUNK, 0)
+            jin = tl.where((r < r_in) & (dead == 0),
+                           tl.minimum(r * CHUNK + CHUNK, n_in) - r * CHUNK, 0)
+            many = jown > TB
+            if fin & many:
+                dead = _wait_peers(flags[RANK] + pid * W, base + rr + 1,
+                                   (offs_w < W) & (offs_w != RANK), dead, err_dev, err_host,
+                                   timeout_ns, 2, USE_TIMER, POSTED, BLOCK_W, NT)
+                tl.debug_barrier()
+            for jj in range(0, tl.maximum(tl.where(many, jown, 0), tl.max(jin, axis=0)), TB):
+                for s in tl.static_range(W):
+                    if s != RANK:
+                        js = tl.sum(tl.where(offs_w == s, jin, 0), axis=0)
+                        if jj < js:
+                            t64, vt = _tile(r * CHUNK + jj, r * CHUNK + js, pid, G, TB)
+                            _push_tile(s, t64, vt, expert_out, recv_w, comb, slot_map, RANK,
+                                       M, H, K, BLOCK_H, BLOCK_K)
+                if many & (jj < jown):
+                    t64, vt = _tile(rr * CHUNK + jj, rr * CHUNK + jown, pid, G, TB)
+                    part, owner = _own_part(t64, vt, expert_out, ids_ptr, w_ptr, slot_map,
+                                            RANK, M, H, K, L, E, BLOCK_H, BLOCK_K)
+                    _finish_tile(part, owner, t64, vt, y_ptr, comb, RANK, W, M, H, BLOCK_H)
+            if tl.max(tl.where(r < r_in, 1, 0), axis=0) > 0:
+                tl.debug_barrier()
+                for s in tl.static_range(W):
+                    if s != RANK:
+                        if tl.sum(tl.where(offs_w == s, r_in, 0), axis=0) > r:
+                            _flag_signal(flags[s] + pid * W + RANK, base + r + 1, POSTED, NT)
+            if fin & (jown <= TB):
+                t64, vt = _tile(rr * CHUNK, rr * CHUNK + jown, pid, G, TB)
+                part, owner = _own_part(t64, vt, expert_out, ids_ptr, w_ptr, slot_map, RANK, M,
+                                        H, K, L, E, BLOCK_H, BLOCK_K)
+                dead = _wait_peers(flags[RANK] + pid * W, base + rr + 1,
+                                   (offs_w < W) & (offs_w != RANK), dead, err_dev, err_host,
+                                   timeout_ns, 2, USE_TIMER, POSTED, BLOCK_W, NT)
+                tl.debug_barrier()
                 _finish_tile(part, owner, t64, vt, y_ptr, comb, RANK, W, M, H, BLOCK_H)
-        r += 1
-        more = (r - 1 < r_own) | (r < tl.max(r_in, axis=0))
+            r += 1
+            more = (r - 1 < r_own) | (r < tl.max(r_in, axis=0))
+    else:
+        while more:
+            # push the partials of every peer's round r, then signal it to that peer
+            for s in tl.static_range(W):
+                if s != RANK:
+                    rs = tl.sum(tl.where(offs_w == s, r_in, 0), axis=0)
+                    if r < rs:
+                        ns = tl.sum(tl.where(offs_w == s, n_in, 0), axis=0)
+                        if dead == 0:
+                            jend = tl.minimum(r * CHUNK + CHUNK, ns)
+                            for j in range(r * CHUNK, jend, TB):
+                                t64, vt = _tile(j, jend, pid, G, TB)
+                                _push_tile(s, t64, vt, expert_out, recv_w, comb, slot_map, RANK, M,
+                                           H, K, BLOCK_H, BLOCK_K)
+                        tl.debug_barrier()
+                        _flag_signal(flags[s] + pid * W + RANK, base + r + 1, POSTED, NT)
+            # finish own round r - 1 (the peers pushed it while we pushed round r)
+            rr = r - 1
+            if (rr >= 0) & (rr < r_own):
+                j0 = rr * CHUNK
+                jend = tl.minimum(j0 + CHUNK, n_own)
+                # a round of one tile (every small batch): its own partial overlaps the wait
+                t64, vt = _tile(j0, jend, pid, G, TB)
+                part, owner = _own_part(t64, vt, expert_out, ids_ptr, w_ptr, slot_map, RANK, M, H,
+                                        K, L, E, BLOCK_H, BLOCK_K)
+                dead = _wait_peers(flags[RANK] + pid * W, base + rr + 1,
+                                   (offs_w < W) & (offs_w != RANK), dead, err_dev, err_host,
+                                   timeout_ns, 2, USE_TIMER, POSTED, BLOCK_W, NT)
+                tl.debug_barrier()
+                _finish_tile(part, owner, t64, vt, y_ptr, comb, RANK, W, M, H, BLOCK_H)
+                for j in range(j0 + TB, jend, TB):
+                    t64, vt = _tile(j, jend, pid, G, TB)
+                    part, owner = _own_part(t64, vt, expert_out, ids_ptr, w_ptr, slot_map, RANK,
+                                            M, H, K, L, E, BLOCK_H, BLOCK_K)
+                    _finish_tile(part, owner, t64, vt, y_ptr, comb, RANK, W, M, H, BLOCK_H)
+            r += 1
+            more = (r - 1 < r_own) | (r < tl.max(r_in, axis=0))
     tl.store(epoch_ptr + pid, epoch)
 
 

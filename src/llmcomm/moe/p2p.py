@@ -116,7 +116,8 @@ class P2PBackend(MoEBackend):
                  tile_tokens: int = 1, combine_tile_tokens: int = 1,
                  round_tokens: int | None = None, posted_flags: bool | None = None,
                  pdl: bool = False, protocol: str = "auto", shift: int | None = None,
-                 combine_split: int | None = None, _acq_rel_publish: bool = False) -> None:
+                 combine_split: int | None = None, interleave: bool | None = None,
+                 _acq_rel_publish: bool = False) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -160,6 +161,14 @@ class P2PBackend(MoEBackend):
                 are not summed on one SM alone; when they do not fit but half as many chunks
                 do, half as many. Power of 2 <= 16; default 4 for hidden >= 2048, else 1 (no
                 split).
+            interleave: ``"flags"`` only: each round handles its tokens one tile at a time,
+                the own tile sent to the peers and copied into the local experts from the same
+                registers and, in the same step, a tile of the peers' previous round expanded
+                (combine: the peers' partials pushed and an own tile finished), so NVLink and
+                local HBM traffic are in flight together (``INTERLEAVE`` in
+                :mod:`llmcomm.kernels.moe`). Default on; off restores the phased rounds (send
+                the round, signal, copy own, then receive), which a data-movement ladder
+                measured at +80 us per kernel at 4096 tokens (docs/moe.md, session 7).
         """
         super().__init__(group, cfg)
         self._sim = simulate_dir is not None
@@ -168,8 +177,9 @@ class P2PBackend(MoEBackend):
         esize = torch.empty(0, dtype=cfg.dtype).element_size()
         if protocol != "auto":
             self.protocol_decision = Decision(protocol, ("requested explicitly",))
-        elif round_tokens is not None or posted_flags is not None:
-            self.protocol_decision = Decision("flags", ("round_tokens / posted_flags given",))
+        elif round_tokens is not None or posted_flags is not None or interleave is not None:
+            self.protocol_decision = Decision("flags", ("round_tokens / posted_flags / "
+                                                        "interleave given",))
         elif shift is not None:
             self.protocol_decision = Decision("lamport", ("shift given",))
         else:
@@ -236,6 +246,10 @@ class P2PBackend(MoEBackend):
                                  f"{combine_split!r}")
         elif combine_split is not None:
             raise ValueError("combine_split applies to protocol='lamport' only: leave it unset")
+        if lamport and interleave is not None:
+            raise ValueError("interleave applies to protocol='flags' only (the 'lamport' "
+                             "kernels have no rounds): leave it unset")
+        self.interleave = None if lamport else (True if interleave is None else bool(interleave))
         self.combine_split = combine_split   # None for "flags"
         self._acq_rel_publish = bool(_acq_rel_publish)   # A/B only: see _publish_counts
         self.round_tokens = round_tokens     # None for "lamport"
@@ -305,7 +319,7 @@ class P2PBackend(MoEBackend):
                 "protocol": self.protocol, "shift": self.shift,
                 "num_warps": self.num_warps, "round_tokens": self.round_tokens,
                 "tile_tokens": self.tiles[0], "combine_tile_tokens": self.tiles[1],
-                "combine_split": self.combine_split,
+                "combine_split": self.combine_split, "interleave": self.interleave,
                 "acq_rel_publish": self._acq_rel_publish,
                 **{k.lower(): v for k, v in self.variants.items()}}
 
@@ -353,7 +367,7 @@ class P2PBackend(MoEBackend):
             self.expert_x, self.counts, self.cursor, self.done, self.slot_map, self.epoch_d,
             self.err_dev, self.err_host.data_ptr(), self.timeout_ns,
             CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts), TB=self.tiles[0],
-            ACQ_REL=self._acq_rel_publish, **self._consts())
+            ACQ_REL=self._acq_rel_publish, INTERLEAVE=self.interleave, **self._consts())
         return self.expert_x, self.counts, (topk_ids, topk_weights)
 
     def combine(self, expert_out, state, num_tokens):
@@ -376,7 +390,7 @@ class P2PBackend(MoEBackend):
             expert_out, ids, w, y_arg, num_tokens,
             self.recv_w, self.recv_T, self.comb, self.flags_c, self.slot_map, self.epoch_c,
             self.err_dev, self.err_host.data_ptr(), self.timeout_ns, TB=self.tiles[1],
-            **self._consts())
+            INTERLEAVE=self.interleave, **self._consts())
         return y
 
     def check_errors(self, sync: bool = True) -> None:

@@ -1,0 +1,326 @@
+"""Data-movement floor of the p2p MoE design at large batches (EP=2, one node, NVLink).
+
+Issue 4 asks for >= 70 % of NVLink (394 GB/s one way) at 4096 tokens per rank; the p2p kernels
+reach ~50 %. This benchmark times *unsynchronised* Triton kernels that move exactly the bytes
+the p2p dispatch and combine move, with the same routing, the same ``expert_x`` contract
+(each row copied into every local expert that chose it) and the same grid, but no flags, no
+polls and no slot atomics (the receive buffers are read whatever they hold). What they take is
+a floor for any kernel of this design in Triton; the gap to the real kernels is what
+synchronisation and scheduling cost. Beside them, in the same run:
+
+* ``wire``: rows only, ``x[t]`` stored into the peer's buffer (the dispatch's NVLink part), by
+  the same kernel shape, both ranks at once;
+* ``ce``: the same bytes by the copy engine (``peer_buffer.copy_(x)``), both ranks at once;
+* ``expand``: the local part only (``x`` and the receive buffer into the expert slots).
+
+CUDA-graph replays, median of repeats, max over ranks (``benchmarks._common.time_graph``).
+Usage (2 GPUs): ``python3 benchmarks/bench_moe_floor.py [--tokens 4096] [--hidden 7168]``.
+Results: ``benchmarks/results/moe_floor_ep2.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+NVLINK_GBPS = 394.0
+
+
+def _kernels():
+    import triton
+    import triton.language as tl
+
+    from llmcomm.kernels.sync import st_release_sys
+
+    @triton.jit
+    def _slots_of(t64, slot_tab, ids_tab, cursor, RANK: tl.constexpr, K: tl.constexpr,
+                  L: tl.constexpr, CAP: tl.constexpr, BLOCK_K: tl.constexpr,
+                  ATOMIC: tl.constexpr):
+        """[BLOCK_K] slots of token t: from the table, or (ATOMIC) taken from the per-expert
+        cursors in one vector atomic, as the p2p kernels do (modulo CAP: replays go on)."""
+        offs_k = tl.arange(0, BLOCK_K)
+        mk = offs_k < K
+        if ATOMIC:
+            ids = tl.load(ids_tab + t64 * K + offs_k, mask=mk, other=-1)
+            el = ids - RANK * L
+            loc = mk & (el >= 0) & (el < L)
+            got = tl.atomic_add(cursor + tl.where(loc, el, 0), tl.full([BLOCK_K], 1, tl.int32),
+                                mask=loc, sem="relaxed", scope="gpu")
+            slot = tl.where(loc, tl.cast(el, tl.int64) * CAP + got % CAP, -1)
+        else:
+            slot = tl.load(slot_tab + t64 * K + offs_k, mask=mk, other=-1)
+        return slot
+
+    @triton.jit
+    def _place(row, t64, slot_tab, ids_tab, cursor, expert_x, RANK: tl.constexpr,
+               H: tl.constexpr, K: tl.constexpr, L: tl.constexpr, CAP: tl.constexpr,
+               BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
+               ATOMIC: tl.constexpr):
+        """``row`` into every local slot of token t: scalar slot loads (the floor), or a slot
+        vector whose entries are extracted one by one (``VEC``, as the p2p kernels do)."""
+        offs = tl.arange(0, BLOCK_H)
+        mh = offs < H
+        offs_k = tl.arange(0, BLOCK_K)
+        if VEC:
+            slot = _slots_of(t64, slot_tab, ids_tab, cursor, RANK, K, L, CAP, BLOCK_K, ATOMIC)
+            for k in tl.static_range(K):
+                sk = tl.max(tl.where(offs_k == k, slot, -1), axis=0)
+                tl.store(expert_x + tl.maximum(sk, 0) * H + offs, row, mask=mh & (sk >= 0))
+        else:
+            for k in tl.static_range(K):
+                sk = tl.load(slot_tab + t64 * K + k)
+                tl.store(expert_x + tl.maximum(sk, 0) * H + offs, row, mask=mh & (sk >= 0))
+
+    @triton.jit
+    def synth_dispatch(x, peer_recv, my_recv, expert_x, slot_own, slot_peer, ids_own, ids_peer,
+                       cursor, flag, T, RANK: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
+                       L: tl.constexpr, CAP: tl.constexpr, BLOCK_H: tl.constexpr,
+                       BLOCK_K: tl.constexpr, G: tl.constexpr, WIRE: tl.constexpr,
+                       LOCAL: tl.constexpr, VEC: tl.constexpr, ATOMIC: tl.constexpr,
+                       PHASED: tl.constexpr, ROUND: tl.constexpr, FENCE: tl.constexpr,
+                       NT: tl.constexpr):
+        """Tokens t = pid + j*G: x[t] -> peer_recv[t] (WIRE); x[t] into its own local slots
+        and my_recv[t] into the slots of the peer's token t (LOCAL). Interleaved per token
+        (the floor), or (PHASED) in rounds of ROUND tokens as the p2p "flags" dispatch: send
+        the round, (FENCE) barrier + a posted release store to the peer, then the own
+        copies (rows loaded again), then the received rows."""
+        pid = tl.program_id(0)
+        offs = tl.arange(0, BLOCK_H)
+        mh = offs < H
+        n = tl.cdiv(T - pid, G)
+        if PHASED:
+            for r0 in range(0, n, ROUND):
+                r1 = tl.minimum(r0 + ROUND, n)
+                for j in range(r0, r1):
+                    t64 = tl.cast(pid + j * G, tl.int64)
+                    row = tl.load(x + t64 * H + offs, mask=mh)
+                    tl.store(peer_recv + t64 * H + offs, row, mask=mh)
+                if FENCE:
+                    tl.debug_barrier()
+                    i = tl.arange(0, NT)
+                    st_release_sys(flag + pid + i * 0, r0 + i * 0, i == 0)
+                for j in range(r0, r1):
+                    t64 = tl.cast(pid + j * G, tl.int64)
+                    row = tl.load(x + t64 * H + offs, mask=mh)
+                    _place(row, t64, slot_own, ids_own, cursor, expert_x, RANK, H, K, L, CAP,
+                           BLOCK_H, BLOCK_K, VEC, ATOMIC)
+                for j in range(r0, r1):
+                    t64 = tl.cast(pid + j * G, tl.int64)
+                    r = tl.load(my_recv + t64 * H + offs, mask=mh)
+                    _place(r, t64, slot_peer, ids_peer, cursor, expert_x, RANK, H, K, L, CAP,
+                           BLOCK_H, BLOCK_K, VEC, ATOMIC)
+        else:
+            for j in range(0, n):
+                t64 = tl.cast(pid + j * G, tl.int64)
+                row = tl.load(x + t64 * H + offs, mask=mh)
+                if WIRE:
+                    tl.store(peer_recv + t64 * H + offs, row, mask=mh)
+                if LOCAL:
+                    r = tl.load(my_recv + t64 * H + offs, mask=mh)
+                    _place(row, t64, slot_own, ids_own, cursor, expert_x, RANK, H, K, L, CAP,
+                           BLOCK_H, BLOCK_K, VEC, ATOMIC)
+                    _place(r, t64, slot_peer, ids_peer, cursor, expert_x, RANK, H, K, L, CAP,
+                           BLOCK_H, BLOCK_K, VEC, ATOMIC)
+
+    @triton.jit
+    def _partial(expert_out, slot_tab, w, t64, H: tl.constexpr, K: tl.constexpr,
+                 BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr):
+        offs = tl.arange(0, BLOCK_H)
+        mh = offs < H
+        offs_k = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_H], tl.float32)
+        if VEC:
+            sv = tl.load(slot_tab + t64 * K + offs_k, mask=offs_k < K, other=-1)
+            wv = tl.load(w + t64 * K + offs_k, mask=offs_k < K, other=0.0)
+        for k in tl.static_range(K):
+            if VEC:
+                sk = tl.max(tl.where(offs_k == k, sv, -1), axis=0)
+                wk = tl.sum(tl.where(offs_k == k, wv, 0.0), axis=0)
+            else:
+                sk = tl.load(slot_tab + t64 * K + k)
+                wk = tl.load(w + t64 * K + k)
+            v = tl.load(expert_out + tl.maximum(sk, 0) * H + offs, mask=mh & (sk >= 0),
+                        other=0.0)
+            acc += wk * v.to(tl.float32)
+        return acc
+
+    @triton.jit
+    def synth_combine(expert_out, slot_own, slot_peer, w, peer_comb, my_comb, y, flag, T,
+                      H: tl.constexpr, K: tl.constexpr, BLOCK_H: tl.constexpr,
+                      BLOCK_K: tl.constexpr, G: tl.constexpr, VEC: tl.constexpr,
+                      PHASED: tl.constexpr, ROUND: tl.constexpr, FENCE: tl.constexpr,
+                      NT: tl.constexpr):
+        """Token t: the peer's partial (its rows here, weighted) -> peer_comb[t]; own partial
+        plus my_comb[t] -> y[t]; fp32 sums. Interleaved per token (the floor), or (PHASED) in
+        rounds as the p2p "flags" combine: push the round, (FENCE) barrier + posted release,
+        then finish the own tokens."""
+        pid = tl.program_id(0)
+        offs = tl.arange(0, BLOCK_H)
+        mh = offs < H
+        n = tl.cdiv(T - pid, G)
+        if PHASED:
+            for r0 in range(0, n, ROUND):
+                r1 = tl.minimum(r0 + ROUND, n)
+                for j in range(r0, r1):
+                    t64 = tl.cast(pid + j * G, tl.int64)
+                    accp = _partial(expert_out, slot_peer, w, t64, H, K, BLOCK_H, BLOCK_K, VEC)
+                    tl.store(peer_comb + t64 * H + offs, accp.to(peer_comb.dtype.element_ty),
+                             mask=mh)
+                if FENCE:
+                    tl.debug_barrier()
+                    i = tl.arange(0, NT)
+                    st_release_sys(flag + pid + i * 0, r0 + i * 0, i == 0)
+                for j in range(r0, r1):
+                    t64 = tl.cast(pid + j * G, tl.int64)
+                    acco = _partial(expert_out, slot_own, w, t64, H, K, BLOCK_H, BLOCK_K, VEC)
+                    c = tl.load(my_comb + t64 * H + offs, mask=mh)
+                    tl.store(y + t64 * H + offs, (acco + c.to(tl.float32)).to(
+                        y.dtype.element_ty), mask=mh)
+        else:
+            for j in range(0, n):
+                t64 = tl.cast(pid + j * G, tl.int64)
+                accp = _partial(expert_out, slot_peer, w, t64, H, K, BLOCK_H, BLOCK_K, VEC)
+                acco = _partial(expert_out, slot_own, w, t64, H, K, BLOCK_H, BLOCK_K, VEC)
+                tl.store(peer_comb + t64 * H + offs, accp.to(peer_comb.dtype.element_ty),
+                         mask=mh)
+                c = tl.load(my_comb + t64 * H + offs, mask=mh)
+                tl.store(y + t64 * H + offs, (acco + c.to(tl.float32)).to(y.dtype.element_ty),
+                         mask=mh)
+
+    return synth_dispatch, synth_combine
+
+
+def _slots(ids_src, rank, L, CAP, fill):
+    """[T, K] slot (local expert * CAP + position) of each id of ``ids_src`` owned by ``rank``
+    (first occurrences; -1 elsewhere), positions continuing from ``fill`` [L] (updated)."""
+    import torch
+
+    out = torch.full(ids_src.shape, -1, dtype=torch.int64)
+    for t, row in enumerate(ids_src.tolist()):
+        seen = set()
+        for k, e in enumerate(row):
+            if e // L == rank and e not in seen:
+                seen.add(e)
+                out[t, k] = (e - rank * L) * CAP + fill[e - rank * L]
+                fill[e - rank * L] += 1
+    return out
+
+
+def _worker(rank, world, T, H, E, K, G, warps):
+    import torch
+    import torch.distributed as dist
+    import torch.distributed._symmetric_memory as symm_mem
+
+    from benchmarks._common import time_graph
+
+    synth_dispatch, synth_combine = _kernels()
+    dev = torch.device("cuda", rank)
+    torch.cuda.set_device(dev)
+    L, CAP = E // world, world * T
+    dt = torch.bfloat16
+    g = torch.Generator().manual_seed(7)
+    ids = [torch.rand(T, E, generator=g).topk(K, dim=1).indices for _ in range(world)]
+    peer = 1 - rank
+    fill = [0] * L
+    slot_own = _slots(ids[rank], rank, L, CAP, fill).to(dev)
+    slot_peer = _slots(ids[peer], rank, L, CAP, fill).to(dev)
+    ids_own, ids_peer = ids[rank].to(dev, torch.int32), ids[peer].to(dev, torch.int32)
+    rows_to_peer = int((ids[rank] // L == peer).any(dim=1).sum())
+    x = torch.randn(T, H, device=dev, dtype=dt)
+    w = torch.rand(T, K, device=dev)
+    expert_x = torch.empty(L * CAP, H, device=dev, dtype=dt)
+    cursor = torch.zeros(L, dtype=torch.int32, device=dev)
+    nrow = 2 * T * H * 2
+    nbytes = nrow + 4 * 1024
+    local = symm_mem.empty(nbytes, dtype=torch.uint8, device=dev)
+    hdl = symm_mem.rendezvous(local, dist.group.WORLD.group_name)
+    mine = local[:nrow].view(dt).view(2, T, H)
+    pbuf = hdl.get_buffer(peer, [nbytes], torch.uint8)
+    theirs = pbuf[:nrow].view(dt).view(2, T, H)
+    flag = pbuf[nrow:].view(torch.int32)
+    local.zero_()
+    torch.cuda.synchronize()
+    dist.barrier()
+    y = torch.empty(T, H, device=dev, dtype=dt)
+    BLOCK_H = 1 << (H - 1).bit_length()
+    kw = dict(H=H, K=K, BLOCK_H=BLOCK_H, BLOCK_K=1 << (K - 1).bit_length(), G=G,
+              num_warps=warps, NT=32 * warps)
+
+    def disp(wire=1, loc=1, vec=0, atomic=0, phased=0, fence=0):
+        synth_dispatch[(G,)](x, theirs[0], mine[0], expert_x, slot_own, slot_peer, ids_own,
+                             ids_peer, cursor, flag, T, RANK=rank, L=L, CAP=CAP, WIRE=wire,
+                             LOCAL=loc, VEC=vec, ATOMIC=atomic, PHASED=phased, ROUND=ROUND,
+                             FENCE=fence, **kw)
+
+    def comb(vec=0, phased=0, fence=0):
+        synth_combine[(G,)](expert_x, slot_own, slot_peer, w, theirs[1], mine[1], y, flag, T,
+                            VEC=vec, PHASED=phased, ROUND=ROUND, FENCE=fence, **kw)
+
+    ROUND = max(1, -(-(-(-T // G)) // 4))     # the "flags" kernels' default: 4 rounds
+    res = {"rows_to_peer": rows_to_peer, "round_tokens": ROUND,
+           "local_rows": int((slot_own >= 0).sum() + (slot_peer >= 0).sum())}
+
+    def tg(fn):
+        return round(time_graph(fn, iters=10, reps=7), 2)
+
+    res["dispatch_us"] = tg(disp)
+    res["combine_us"] = tg(comb)
+    res["pair_us"] = tg(lambda: (disp(), comb()))
+    res["wire_us"] = tg(lambda: disp(1, 0))
+    res["expand_us"] = tg(lambda: disp(0, 1))
+    res["ce_us"] = tg(lambda: theirs[0].copy_(x))
+    # the ladder from the floor towards the "flags" kernels' structure, one step at a time
+    res["d_vec_us"] = tg(lambda: disp(vec=1))
+    res["d_vec_atomic_us"] = tg(lambda: disp(vec=1, atomic=1))
+    res["d_phased_us"] = tg(lambda: disp(vec=1, atomic=1, phased=1))
+    res["d_phased_fence_us"] = tg(lambda: disp(vec=1, atomic=1, phased=1, fence=1))
+    res["d_phased_fence_noatomic_us"] = tg(lambda: disp(vec=1, phased=1, fence=1))
+    res["c_vec_us"] = tg(lambda: comb(vec=1))
+    res["c_phased_us"] = tg(lambda: comb(vec=1, phased=1))
+    res["c_phased_fence_us"] = tg(lambda: comb(vec=1, phased=1, fence=1))
+    res["pair_ladder_top_us"] = tg(lambda: (disp(vec=1, atomic=1, phased=1, fence=1),
+                                            comb(vec=1, phased=1, fence=1)))
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--hidden", type=int, default=7168)
+    ap.add_argument("--experts", type=int, default=256)
+    ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--programs", default="128,256")
+    ap.add_argument("--warps", type=int, default=16)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = ap.parse_args()
+
+    from benchmarks._common import environment
+    from tests._dist import run_ranks
+
+    out = {"meta": environment(), "args": vars(args), "rows": []}
+    for G in [int(v) for v in args.programs.split(",")]:
+        res = run_ranks(_worker, 2, args.tokens, args.hidden, args.experts, args.top_k, G,
+                        args.warps, backend="nccl", timeout=300)
+        r = dict(res[0], programs=G)
+        wire_bytes = r["rows_to_peer"] * args.hidden * 2   # one direction, one kernel
+        for k in ("dispatch", "combine", "wire", "ce", "d_phased_fence", "c_phased_fence"):
+            r[f"{k}_pct_nvlink"] = round(100 * wire_bytes / (r[f"{k}_us"] * 1e-6) / 1e9
+                                         / NVLINK_GBPS, 1)
+        for k in ("pair", "pair_ladder_top"):
+            r[f"{k}_pct_nvlink"] = round(100 * 2 * wire_bytes / (r[f"{k}_us"] * 1e-6) / 1e9
+                                         / NVLINK_GBPS, 1)
+        out["rows"].append(r)
+        print(json.dumps(r), flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "moe_floor_ep2.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
