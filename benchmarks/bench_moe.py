@@ -75,6 +75,15 @@ SWEEP = {
     # flags rounds phased (send the round, signal, copy own, receive), as before session 7,
     # instead of interleaved token by token (the default)
     "phased": ({"protocol": "flags", "interleave": False}, None),
+    # smaller rounds (default: a quarter of a program's share, 8 tokens at 4096 per rank): with
+    # interleaving, the first round's pushes and the last round's finishes run alone
+    "r4": ({"protocol": "flags", "round_tokens": 4}, None),
+    "r2": ({"protocol": "flags", "round_tokens": 2}, None),
+    "r1": ({"protocol": "flags", "round_tokens": 1}, None),
+    # interleaved rounds paired with the peers' previous round (lag 1) instead of the one
+    # before (lag 2, the default: the wait finds a flag set a round ago)
+    "lag1": ({"protocol": "flags", "round_lag": 1}, None),
+    "r4lag1": ({"protocol": "flags", "round_tokens": 4, "round_lag": 1}, None),
     # large batches: two programs per SM at 16 warps (session 3 timed 256 programs at 8 warps)
     "G256": ({"num_programs": 256}, None),
 }

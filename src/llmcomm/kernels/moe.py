@@ -445,7 +445,8 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                        BLOCK_L: tl.constexpr, BLOCK_W: tl.constexpr, CHUNK: tl.constexpr,
                        TB: tl.constexpr, USE_TIMER: tl.constexpr, POSTED: tl.constexpr = False,
                        PDL: tl.constexpr = False, NT: tl.constexpr = 256,
-                       ACQ_REL: tl.constexpr = False, INTERLEAVE: tl.constexpr = False):
+                       ACQ_REL: tl.constexpr = False, INTERLEAVE: tl.constexpr = False,
+                       LAG: tl.constexpr = 1):
     """Flags dispatch; see the module docstring (``INTERLEAVE``: its own section there)."""
     if PDL:  # nothing is touched before the previous grid finished
         pdl_wait()
@@ -465,10 +466,12 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
     r = 0
     more = True
     if INTERLEAVE:
+        lag = tl.where(r_own > 1, LAG, 1)   # small batches (one round): no empty iterations
         while more:
-            # wait for every peer's round r - 1, then own round r (send + expand) and the peers'
-            # round r - 1 (expand) token by token, then signal own round r
-            rr = r - 1
+            # wait for every peer's round r - lag, then own round r (send + expand) and the
+            # peers' round r - lag (expand) token by token, then signal own round r. With
+            # lag 2 the wait is for a round signalled a whole iteration ago (no bubble).
+            rr = r - lag
             if rr >= 0:
                 need = (offs_w < W) & (offs_w != RANK) & (rr < r_in)
                 dead = _wait_peers(flags[RANK] + pid * W, base + rr + 1, need, dead, err_dev,
@@ -503,7 +506,7 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
             if (r < r_own) & ((jown < 1) | (jown > TB)):   # (a round without tokens too)
                 _signal_peers(flags, pid, base + r + 1, RANK, W, POSTED, NT)
             r += 1
-            more = (r < r_own) | (r - 1 < tl.max(tl.where(dead == 0, r_in, 0), axis=0))
+            more = (r < r_own) | (r - lag < tl.max(tl.where(dead == 0, r_in, 0), axis=0))
     else:
         while more:
             # send own round r (tokens pid + j*G, j in [r*CHUNK, r*CHUNK + CHUNK)), then signal it
@@ -628,7 +631,8 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
                       BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr,
                       CHUNK: tl.constexpr, TB: tl.constexpr, USE_TIMER: tl.constexpr,
                       POSTED: tl.constexpr = False, PDL: tl.constexpr = False,
-                      NT: tl.constexpr = 256, INTERLEAVE: tl.constexpr = False):
+                      NT: tl.constexpr = 256, INTERLEAVE: tl.constexpr = False,
+                      LAG: tl.constexpr = 1):
     """Flags combine; see the module docstring (``INTERLEAVE``: its own section there)."""
     if PDL:  # nothing is touched before the previous grid finished
         pdl_wait()
@@ -645,12 +649,13 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
     r = 0
     more = True
     if INTERLEAVE:
+        lag = tl.where(r_own > 1, LAG, 1)   # small batches (one round): no empty iterations
         while more:
-            # wait for every peer's partials of own round r - 1, then push the peers' round r
-            # and finish own round r - 1 token by token, then signal round r to every peer. An
-            # own round of one tile (small batches) keeps the order of the other loop: push,
-            # signal, then its own partial, the wait and the finish.
-            rr = r - 1
+            # wait for every peer's partials of own round r - lag, then push the peers' round
+            # r and finish own round r - lag token by token, then signal round r to every
+            # peer. An own round of one tile (small batches) keeps the order of the other
+            # loop: push, signal, then its own partial, the wait and the finish.
+            rr = r - lag
             fin = (rr >= 0) & (rr < r_own)
             jown = tl.where(fin, tl.minimum(rr * CHUNK + CHUNK, n_own) - rr * CHUNK, 0)
             jin = tl.where((r < r_in) & (dead == 0),
@@ -690,7 +695,7 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
                 tl.debug_barrier()
                 _finish_tile(part, owner, t64, vt, y_ptr, comb, RANK, W, M, H, BLOCK_H)
             r += 1
-            more = (r - 1 < r_own) | (r < tl.max(r_in, axis=0))
+            more = (r - lag < r_own) | (r < tl.max(r_in, axis=0))
     else:
         while more:
             # push the partials of every peer's round r, then signal it to that peer

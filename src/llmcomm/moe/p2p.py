@@ -117,7 +117,7 @@ class P2PBackend(MoEBackend):
                  round_tokens: int | None = None, posted_flags: bool | None = None,
                  pdl: bool = False, protocol: str = "auto", shift: int | None = None,
                  combine_split: int | None = None, interleave: bool | None = None,
-                 _acq_rel_publish: bool = False) -> None:
+                 round_lag: int | None = None, _acq_rel_publish: bool = False) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -169,6 +169,11 @@ class P2PBackend(MoEBackend):
                 :mod:`llmcomm.kernels.moe`). Default on; off restores the phased rounds (send
                 the round, signal, copy own, then receive), which a data-movement ladder
                 measured at +80 us per kernel at 4096 tokens (docs/moe.md, session 7).
+            round_lag: ``"flags"`` with ``interleave`` only: round ``r`` of a program is
+                handled together with the peers' round ``r - round_lag`` (default 2: their
+                signal was sent a whole round earlier, so the wait finds it set instead of
+                exposing the signal's latency at every round; 1 pairs adjacent rounds).
+                Programs with one round use 1 (no empty iterations for small batches).
         """
         super().__init__(group, cfg)
         self._sim = simulate_dir is not None
@@ -177,9 +182,8 @@ class P2PBackend(MoEBackend):
         esize = torch.empty(0, dtype=cfg.dtype).element_size()
         if protocol != "auto":
             self.protocol_decision = Decision(protocol, ("requested explicitly",))
-        elif round_tokens is not None or posted_flags is not None or interleave is not None:
-            self.protocol_decision = Decision("flags", ("round_tokens / posted_flags / "
-                                                        "interleave given",))
+        elif (round_tokens, posted_flags, interleave, round_lag) != (None,) * 4:
+            self.protocol_decision = Decision("flags", ("a flags-only knob given",))
         elif shift is not None:
             self.protocol_decision = Decision("lamport", ("shift given",))
         else:
@@ -250,6 +254,14 @@ class P2PBackend(MoEBackend):
             raise ValueError("interleave applies to protocol='flags' only (the 'lamport' "
                              "kernels have no rounds): leave it unset")
         self.interleave = None if lamport else (True if interleave is None else bool(interleave))
+        if round_lag is not None and not self.interleave:
+            raise ValueError("round_lag applies to protocol='flags' with interleave on: leave "
+                             "it unset")
+        if round_lag is None:
+            round_lag = 2 if self.interleave else None
+        elif not isinstance(round_lag, int) or not 1 <= round_lag <= 4:
+            raise ValueError(f"round_lag must be an int in [1, 4], got {round_lag!r}")
+        self.round_lag = round_lag
         self.combine_split = combine_split   # None for "flags"
         self._acq_rel_publish = bool(_acq_rel_publish)   # A/B only: see _publish_counts
         self.round_tokens = round_tokens     # None for "lamport"
@@ -320,6 +332,7 @@ class P2PBackend(MoEBackend):
                 "num_warps": self.num_warps, "round_tokens": self.round_tokens,
                 "tile_tokens": self.tiles[0], "combine_tile_tokens": self.tiles[1],
                 "combine_split": self.combine_split, "interleave": self.interleave,
+                "round_lag": self.round_lag,
                 "acq_rel_publish": self._acq_rel_publish,
                 **{k.lower(): v for k, v in self.variants.items()}}
 
@@ -367,7 +380,8 @@ class P2PBackend(MoEBackend):
             self.expert_x, self.counts, self.cursor, self.done, self.slot_map, self.epoch_d,
             self.err_dev, self.err_host.data_ptr(), self.timeout_ns,
             CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts), TB=self.tiles[0],
-            ACQ_REL=self._acq_rel_publish, INTERLEAVE=self.interleave, **self._consts())
+            ACQ_REL=self._acq_rel_publish, INTERLEAVE=self.interleave, LAG=self.round_lag or 1,
+            **self._consts())
         return self.expert_x, self.counts, (topk_ids, topk_weights)
 
     def combine(self, expert_out, state, num_tokens):
@@ -390,7 +404,7 @@ class P2PBackend(MoEBackend):
             expert_out, ids, w, y_arg, num_tokens,
             self.recv_w, self.recv_T, self.comb, self.flags_c, self.slot_map, self.epoch_c,
             self.err_dev, self.err_host.data_ptr(), self.timeout_ns, TB=self.tiles[1],
-            INTERLEAVE=self.interleave, **self._consts())
+            INTERLEAVE=self.interleave, LAG=self.round_lag or 1, **self._consts())
         return y
 
     def check_errors(self, sync: bool = True) -> None:
