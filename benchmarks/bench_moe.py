@@ -80,10 +80,13 @@ SWEEP = {
     "r4": ({"protocol": "flags", "round_tokens": 4}, None),
     "r2": ({"protocol": "flags", "round_tokens": 2}, None),
     "r1": ({"protocol": "flags", "round_tokens": 1}, None),
-    # interleaved rounds paired with the peers' previous round (lag 1) instead of the one
-    # before (lag 2, the default: the wait finds a flag set a round ago)
-    "lag1": ({"protocol": "flags", "round_lag": 1}, None),
-    "r4lag1": ({"protocol": "flags", "round_tokens": 4, "round_lag": 1}, None),
+    # interleaved rounds paired with the peers' round before the previous one (lag 2; the
+    # default pairs the previous one, lag 1)
+    "lag2": ({"protocol": "flags", "round_lag": 2}, None),
+    "r4lag2": ({"protocol": "flags", "round_tokens": 4, "round_lag": 2}, None),
+    # interleaved rounds with the own and the peer's tile in separate steps (the default fuses
+    # them into one step at EP=2: FUSE in llmcomm.kernels.moe)
+    "nofuse": ({"protocol": "flags", "_fuse": False}, None),
     # large batches: two programs per SM at 16 warps (session 3 timed 256 programs at 8 warps)
     "G256": ({"num_programs": 256}, None),
 }

@@ -18,6 +18,20 @@ only move forward, round ``r`` of call ``e`` (a per-program epoch in device memo
 A program has ``max(1, ceil(n / CHUNK))`` rounds for its ``n`` tokens, so both sides count the
 same rounds from the same token count.
 
+``INTERLEAVE`` (the default, ``P2PBackend(interleave=True)``): iteration r of a program first
+waits for every peer's round ``r - LAG`` (``round_lag``, default 1), then walks the own round r
+and that peer round *together*, one tile per step, and signals own round r last. Dispatch: a
+step sends an own tile, copies it into the local experts from the same registers, and expands
+a tile of the peer's round; combine: a step pushes the partials of a peer tile and finishes an
+own tile. NVLink stores and local HBM traffic are thus in flight together: a data-movement
+ladder (``benchmarks/bench_moe_floor.py``) measured the phased order below at +80 us per
+kernel at 4096 tokens over the interleaved one. A round of a single own tile (small batches)
+keeps the phased order (send, signal, expand; push, signal, own partial, wait, finish), which
+signals early. ``FUSE`` (two ranks): a step's own and peer tiles share one step function
+(``_dispatch_pair_step`` / ``_combine_pair_step``): every load of both tiles is issued before
+either is used, so a step costs two dependent round trips instead of four to five. The phased
+order (``interleave=False``):
+
 dispatch, program p, iteration r:
   1. own round r: for each own token, its ids/weights into every peer (``recv_ids/recv_w``), its
      row once into every peer owning one of its experts (``recv_x[d][RANK, t]``); then
@@ -381,6 +395,35 @@ def _send_expand_tile(t64, vt, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w, 
 
 
 @triton.jit
+def _dispatch_pair_step(t64, vt, tr64, vr, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w,
+                        expert_x, cursor, slot_map, RANK: tl.constexpr, M: tl.constexpr,
+                        H: tl.constexpr, K: tl.constexpr, L: tl.constexpr, E: tl.constexpr,
+                        CAP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``FUSE`` (two ranks): own tokens ``t64`` [TB] sent and expanded as in
+    :func:`_send_expand_tile`, and the peer's tokens ``tr64`` (already acquired) expanded as in
+    :func:`_recv_tile`, in one step: every load of both tiles is issued first, then the sends,
+    then both tiles' slot atomics, then the copies -- two dependent round trips per step instead
+    of four."""
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_k = tl.arange(0, BLOCK_K)
+    s: tl.constexpr = 1 - RANK
+    mrow = s * M + tr64
+    m2r = vr[:, None] & (offs_k < K)[None, :]
+    rids = tl.load(recv_ids[RANK] + mrow[:, None] * K + offs_k[None, :], mask=m2r, other=-1,
+                   cache_modifier=".cg")
+    rrow = tl.load(recv_x[RANK] + mrow[:, None] * H + offs_h[None, :],
+                   mask=vr[:, None] & (offs_h < H)[None, :], cache_modifier=".cg")
+    row, ids = _send_tile(t64, vt, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w, RANK, 2, M,
+                          H, K, L, E, BLOCK_H, BLOCK_K)
+    slot = _claim_slots(ids, vt, cursor, RANK, L, K, BLOCK_K)
+    rslot = _claim_slots(rids, vr, cursor, RANK, L, K, BLOCK_K)
+    _place_rows(row, ids, vt, slot, RANK * M + t64, expert_x, slot_map, RANK, H, K, L, CAP,
+                BLOCK_H, BLOCK_K)
+    _place_rows(rrow, rids, vr, rslot, mrow, expert_x, slot_map, RANK, H, K, L, CAP, BLOCK_H,
+                BLOCK_K)
+
+
+@triton.jit
 def _recv_tile(s, t64, vt, recv_x, recv_ids, expert_x, cursor, slot_map, RANK: tl.constexpr,
                M: tl.constexpr, H: tl.constexpr, K: tl.constexpr, L: tl.constexpr,
                CAP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -446,7 +489,7 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                        TB: tl.constexpr, USE_TIMER: tl.constexpr, POSTED: tl.constexpr = False,
                        PDL: tl.constexpr = False, NT: tl.constexpr = 256,
                        ACQ_REL: tl.constexpr = False, INTERLEAVE: tl.constexpr = False,
-                       LAG: tl.constexpr = 1):
+                       LAG: tl.constexpr = 1, FUSE: tl.constexpr = False):
     """Flags dispatch; see the module docstring (``INTERLEAVE``: its own section there)."""
     if PDL:  # nothing is touched before the previous grid finished
         pdl_wait()
@@ -469,8 +512,7 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
         lag = tl.where(r_own > 1, LAG, 1)   # small batches (one round): no empty iterations
         while more:
             # wait for every peer's round r - lag, then own round r (send + expand) and the
-            # peers' round r - lag (expand) token by token, then signal own round r. With
-            # lag 2 the wait is for a round signalled a whole iteration ago (no bubble).
+            # peers' round r - lag (expand) token by token, then signal own round r
             rr = r - lag
             if rr >= 0:
                 need = (offs_w < W) & (offs_w != RANK) & (rr < r_in)
@@ -492,14 +534,23 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                         _signal_peers(flags, pid, base + r + 1, RANK, W, POSTED, NT)
                         _expand_tile(row, ids, vt, RANK, t64, expert_x, cursor, slot_map, RANK,
                                      M, H, K, L, CAP, BLOCK_H, BLOCK_K)
+                    elif FUSE & (W == 2):   # the peer's tile in the same step
+                        js = tl.sum(tl.where(offs_w == 1 - RANK, jin, 0), axis=0)
+                        tr64, vr = _tile(rr * CHUNK + jj, rr * CHUNK + js, pid, G, TB)
+                        _dispatch_pair_step(t64, vt, tr64, vr, x_ptr, ids_ptr, w_ptr, recv_x,
+                                            recv_ids, recv_w, expert_x, cursor, slot_map, RANK,
+                                            M, H, K, L, E, CAP, BLOCK_H, BLOCK_K)
                     else:
                         _send_expand_tile(t64, vt, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids,
                                           recv_w, expert_x, cursor, slot_map, RANK, W, M, H, K,
                                           L, E, CAP, BLOCK_H, BLOCK_K)
+                fused = jj < 0   # whether the step above took the peer's tile too
+                if FUSE & (W == 2):
+                    fused = (jj < jown) & (jown > TB)
                 for s in tl.static_range(W):
                     if s != RANK:
                         js = tl.sum(tl.where(offs_w == s, jin, 0), axis=0)
-                        if jj < js:
+                        if (jj < js) & (fused == 0):
                             t64, vt = _tile(rr * CHUNK + jj, rr * CHUNK + js, pid, G, TB)
                             _recv_tile(s, t64, vt, recv_x, recv_ids, expert_x, cursor, slot_map,
                                        RANK, M, H, K, L, CAP, BLOCK_H, BLOCK_K)
@@ -564,6 +615,59 @@ def _partial_tile(expert_out, sm, wv, col0, H: tl.constexpr, K: tl.constexpr,
                     + offs_h[None, :], mask=ok[:, None] & (offs_h < H)[None, :], other=0.0)
         acc = tl.where(ok[:, None], acc + wk[:, None] * v.to(tl.float32), acc)
     return acc
+
+
+@triton.jit
+def _combine_pair_step(tp64, vp, to64, vo, expert_out, ids_ptr, w_ptr, y_ptr, recv_w, comb,
+                       slot_map, RANK: tl.constexpr, M: tl.constexpr, H: tl.constexpr,
+                       K: tl.constexpr, L: tl.constexpr, E: tl.constexpr,
+                       BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``FUSE`` (two ranks): the peer's tokens ``tp64`` pushed as in :func:`_push_tile` and own
+    tokens ``to64`` (the peer's partials already acquired) finished as in :func:`_own_part` +
+    :func:`_finish_tile`, in one step: both tiles' slots and weights, then both tiles' K expert
+    rows (and the peer's partial, loaded whatever the token's owners: an unsent row is never
+    added) in flight together. The same sums in the same order as the separate functions."""
+    offs_h = tl.arange(0, BLOCK_H)
+    mh = offs_h < H
+    offs_k = tl.arange(0, BLOCK_K)
+    mk = offs_k < K
+    s: tl.constexpr = 1 - RANK
+    mp = vp[:, None] & mk[None, :]
+    mo = vo[:, None] & mk[None, :]
+    rp = (s * M + tp64)[:, None] * K + offs_k[None, :]
+    smp = tl.load(slot_map + rp, mask=mp, other=-1)
+    wvp = tl.load(recv_w[RANK] + rp, mask=mp, other=0.0, cache_modifier=".cg")
+    ids = tl.load(ids_ptr + to64[:, None] * K + offs_k[None, :], mask=mo, other=-1).to(tl.int32)
+    smo = tl.load(slot_map + (RANK * M + to64)[:, None] * K + offs_k[None, :], mask=mo, other=-1)
+    wvo = tl.load(w_ptr + to64[:, None] * K + offs_k[None, :], mask=mo, other=0.0).to(tl.float32)
+    cv = tl.load(comb[RANK] + (s * M + to64)[:, None] * H + offs_h[None, :],
+                 mask=vo[:, None] & mh[None, :], other=0.0, cache_modifier=".cg")
+    accp = tl.zeros([tp64.shape[0], BLOCK_H], tl.float32)
+    acco = tl.zeros([to64.shape[0], BLOCK_H], tl.float32)
+    for k in tl.static_range(K):
+        ep = tl.max(tl.where(offs_k[None, :] == k, smp, -1), axis=1)
+        wp = tl.sum(tl.where(offs_k[None, :] == k, wvp, 0.0), axis=1)
+        eo = tl.max(tl.where(offs_k[None, :] == k, smo, -1), axis=1)
+        wo = tl.sum(tl.where(offs_k[None, :] == k, wvo, 0.0), axis=1)
+        xp = tl.load(expert_out + tl.cast(tl.maximum(ep, 0), tl.int64)[:, None] * H
+                     + offs_h[None, :], mask=(ep >= 0)[:, None] & mh[None, :], other=0.0)
+        xo = tl.load(expert_out + tl.cast(tl.maximum(eo, 0), tl.int64)[:, None] * H
+                     + offs_h[None, :], mask=(eo >= 0)[:, None] & mh[None, :], other=0.0)
+        accp = tl.where((ep >= 0)[:, None], accp + wp[:, None] * xp.to(tl.float32), accp)
+        acco = tl.where((eo >= 0)[:, None], acco + wo[:, None] * xo.to(tl.float32), acco)
+    has = vp & (tl.max(smp, axis=1) >= 0)
+    tl.store(comb[s] + (RANK * M + tp64)[:, None] * H + offs_h[None, :],
+             accp.to(comb[s].dtype.element_ty), mask=has[:, None] & mh[None, :])
+    ids = tl.where(mo & (ids >= 0) & (ids < E), ids, -1)
+    from_s = vo & (tl.sum((tl.where(ids >= 0, ids // L, -1) == s).to(tl.int32), axis=1) > 0)
+    part_s = tl.where(from_s[:, None], cv.to(tl.float32), 0.0)
+    y = tl.zeros([to64.shape[0], BLOCK_H], tl.float32)   # as _finish_tile: ranks in order
+    if RANK == 0:
+        y = (y + acco) + part_s
+    else:
+        y = (y + part_s) + acco
+    tl.store(y_ptr + to64[:, None] * H + offs_h[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=vo[:, None] & mh[None, :])
 
 
 @triton.jit
@@ -632,7 +736,7 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
                       CHUNK: tl.constexpr, TB: tl.constexpr, USE_TIMER: tl.constexpr,
                       POSTED: tl.constexpr = False, PDL: tl.constexpr = False,
                       NT: tl.constexpr = 256, INTERLEAVE: tl.constexpr = False,
-                      LAG: tl.constexpr = 1):
+                      LAG: tl.constexpr = 1, FUSE: tl.constexpr = False):
     """Flags combine; see the module docstring (``INTERLEAVE``: its own section there)."""
     if PDL:  # nothing is touched before the previous grid finished
         pdl_wait()
@@ -667,14 +771,24 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
                                    timeout_ns, 2, USE_TIMER, POSTED, BLOCK_W, NT)
                 tl.debug_barrier()
             for jj in range(0, tl.maximum(tl.where(many, jown, 0), tl.max(jin, axis=0)), TB):
+                fused = jj < 0   # both tiles in one step (FUSE, two ranks)
+                if FUSE & (W == 2):
+                    fused = many & (jj < jown)
+                if fused:
+                    js = tl.sum(tl.where(offs_w == 1 - RANK, jin, 0), axis=0)
+                    tp64, vp = _tile(r * CHUNK + jj, r * CHUNK + js, pid, G, TB)
+                    to64, vo = _tile(rr * CHUNK + jj, rr * CHUNK + jown, pid, G, TB)
+                    _combine_pair_step(tp64, vp, to64, vo, expert_out, ids_ptr, w_ptr, y_ptr,
+                                       recv_w, comb, slot_map, RANK, M, H, K, L, E, BLOCK_H,
+                                       BLOCK_K)
                 for s in tl.static_range(W):
                     if s != RANK:
                         js = tl.sum(tl.where(offs_w == s, jin, 0), axis=0)
-                        if jj < js:
+                        if (jj < js) & (fused == 0):
                             t64, vt = _tile(r * CHUNK + jj, r * CHUNK + js, pid, G, TB)
                             _push_tile(s, t64, vt, expert_out, recv_w, comb, slot_map, RANK,
                                        M, H, K, BLOCK_H, BLOCK_K)
-                if many & (jj < jown):
+                if many & (jj < jown) & (fused == 0):
                     t64, vt = _tile(rr * CHUNK + jj, rr * CHUNK + jown, pid, G, TB)
                     part, owner = _own_part(t64, vt, expert_out, ids_ptr, w_ptr, slot_map,
                                             RANK, M, H, K, L, E, BLOCK_H, BLOCK_K)

@@ -117,7 +117,8 @@ class P2PBackend(MoEBackend):
                  round_tokens: int | None = None, posted_flags: bool | None = None,
                  pdl: bool = False, protocol: str = "auto", shift: int | None = None,
                  combine_split: int | None = None, interleave: bool | None = None,
-                 round_lag: int | None = None, _acq_rel_publish: bool = False) -> None:
+                 round_lag: int | None = None, _acq_rel_publish: bool = False,
+                 _fuse: bool = True) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -170,10 +171,10 @@ class P2PBackend(MoEBackend):
                 the round, signal, copy own, then receive), which a data-movement ladder
                 measured at +80 us per kernel at 4096 tokens (docs/moe.md, session 7).
             round_lag: ``"flags"`` with ``interleave`` only: round ``r`` of a program is
-                handled together with the peers' round ``r - round_lag`` (default 2: their
-                signal was sent a whole round earlier, so the wait finds it set instead of
-                exposing the signal's latency at every round; 1 pairs adjacent rounds).
-                Programs with one round use 1 (no empty iterations for small batches).
+                handled together with the peers' round ``r - round_lag`` (default 1). 2 makes
+                the wait find a flag set a whole round earlier, but doubles the rounds that run
+                alone at both ends; measured slower (540 vs 518 us at 4096 tokens, docs/moe.md).
+                Programs with one round always use 1 (no empty iterations).
         """
         super().__init__(group, cfg)
         self._sim = simulate_dir is not None
@@ -258,12 +259,13 @@ class P2PBackend(MoEBackend):
             raise ValueError("round_lag applies to protocol='flags' with interleave on: leave "
                              "it unset")
         if round_lag is None:
-            round_lag = 2 if self.interleave else None
+            round_lag = 1 if self.interleave else None
         elif not isinstance(round_lag, int) or not 1 <= round_lag <= 4:
             raise ValueError(f"round_lag must be an int in [1, 4], got {round_lag!r}")
         self.round_lag = round_lag
         self.combine_split = combine_split   # None for "flags"
         self._acq_rel_publish = bool(_acq_rel_publish)   # A/B only: see _publish_counts
+        self._fuse = bool(_fuse)   # A/B only: FUSE in llmcomm.kernels.moe (flags, interleaved)
         self.round_tokens = round_tokens     # None for "lamport"
         self.shift = shift                   # None for "flags"
         dev = cfg.device if not self._sim else torch.device("cpu")
@@ -332,7 +334,7 @@ class P2PBackend(MoEBackend):
                 "num_warps": self.num_warps, "round_tokens": self.round_tokens,
                 "tile_tokens": self.tiles[0], "combine_tile_tokens": self.tiles[1],
                 "combine_split": self.combine_split, "interleave": self.interleave,
-                "round_lag": self.round_lag,
+                "round_lag": self.round_lag, "fuse": self._fuse,
                 "acq_rel_publish": self._acq_rel_publish,
                 **{k.lower(): v for k, v in self.variants.items()}}
 
@@ -381,7 +383,7 @@ class P2PBackend(MoEBackend):
             self.err_dev, self.err_host.data_ptr(), self.timeout_ns,
             CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts), TB=self.tiles[0],
             ACQ_REL=self._acq_rel_publish, INTERLEAVE=self.interleave, LAG=self.round_lag or 1,
-            **self._consts())
+            FUSE=self._fuse, **self._consts())
         return self.expert_x, self.counts, (topk_ids, topk_weights)
 
     def combine(self, expert_out, state, num_tokens):
@@ -404,7 +406,8 @@ class P2PBackend(MoEBackend):
             expert_out, ids, w, y_arg, num_tokens,
             self.recv_w, self.recv_T, self.comb, self.flags_c, self.slot_map, self.epoch_c,
             self.err_dev, self.err_host.data_ptr(), self.timeout_ns, TB=self.tiles[1],
-            INTERLEAVE=self.interleave, LAG=self.round_lag or 1, **self._consts())
+            INTERLEAVE=self.interleave, LAG=self.round_lag or 1, FUSE=self._fuse,
+            **self._consts())
         return y
 
     def check_errors(self, sync: bool = True) -> None:
