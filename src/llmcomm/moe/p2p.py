@@ -265,7 +265,12 @@ class P2PBackend(MoEBackend):
         self.round_lag = round_lag
         self.combine_split = combine_split   # None for "flags"
         self._acq_rel_publish = bool(_acq_rel_publish)   # A/B only: see _publish_counts
-        self._fuse = bool(_fuse)   # A/B only: FUSE in llmcomm.kernels.moe (flags, interleaved)
+        # A/B only: FUSE in llmcomm.kernels.moe (flags, interleaved, EP=2). The combine's pair
+        # step holds two fp32 row accumulators: measured 38 us faster at hidden 4096 (4096
+        # tokens) but 6-12 us slower at 7168, where the dispatch's still gains 9 us (session 7,
+        # docs/moe.md); so the combine fuses up to hidden 4096 only
+        self._fuse = bool(_fuse)
+        self._fuse_combine = self._fuse and _next_pow2(cfg.hidden_size) <= 4096
         self.round_tokens = round_tokens     # None for "lamport"
         self.shift = shift                   # None for "flags"
         dev = cfg.device if not self._sim else torch.device("cpu")
@@ -335,6 +340,7 @@ class P2PBackend(MoEBackend):
                 "tile_tokens": self.tiles[0], "combine_tile_tokens": self.tiles[1],
                 "combine_split": self.combine_split, "interleave": self.interleave,
                 "round_lag": self.round_lag, "fuse": self._fuse,
+                "fuse_combine": self._fuse_combine,
                 "acq_rel_publish": self._acq_rel_publish,
                 **{k.lower(): v for k, v in self.variants.items()}}
 
@@ -406,7 +412,7 @@ class P2PBackend(MoEBackend):
             expert_out, ids, w, y_arg, num_tokens,
             self.recv_w, self.recv_T, self.comb, self.flags_c, self.slot_map, self.epoch_c,
             self.err_dev, self.err_host.data_ptr(), self.timeout_ns, TB=self.tiles[1],
-            INTERLEAVE=self.interleave, LAG=self.round_lag or 1, FUSE=self._fuse,
+            INTERLEAVE=self.interleave, LAG=self.round_lag or 1, FUSE=self._fuse_combine,
             **self._consts())
         return y
 
