@@ -340,6 +340,12 @@ def test_errors_world2():
     ({"protocol": "lamport", "pdl": True}, "inline PTX"),
     ({"protocol": "lamport", "combine_split": 3}, "combine_split must be a power of 2 in [1, 16]"),
     ({"protocol": "flags", "combine_split": 2}, "combine_split applies to protocol='lamport'"),
+    ({"protocol": "lamport", "interleave": True}, "interleave applies to protocol='flags' only"),
+    ({"interleave": False, "round_lag": 2},
+     "round_lag applies to protocol='flags' with interleave on"),
+    ({"protocol": "lamport", "round_lag": 1},
+     "round_lag applies to protocol='flags' with interleave on"),
+    ({"round_lag": 0}, "round_lag must be an int in [1, 4], got 0"),
 ])
 def test_p2p_knob_validation(kw, words, tmp_path):
     """Bad P2PBackend knobs are refused before any workspace or collective, naming the fix."""
