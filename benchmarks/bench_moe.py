@@ -87,6 +87,10 @@ SWEEP = {
     # interleaved rounds with the own and the peer's tile in separate steps (the default fuses
     # them into one step at EP=2: FUSE in llmcomm.kernels.moe)
     "nofuse": ({"protocol": "flags", "_fuse": False}, None),
+    # the combine's pair step at hidden 7168 (off by default there): whole rows, or in two
+    # column halves (the register footprint of hidden 4096, where it won 38 us)
+    "cfuse1": ({"protocol": "flags", "_combine_fuse": True}, None),
+    "cfuse2": ({"protocol": "flags", "_combine_fuse": True, "_combine_chunks": 2}, None),
     # large batches: two programs per SM at 16 warps (session 3 timed 256 programs at 8 warps)
     "G256": ({"num_programs": 256}, None),
 }

@@ -29,7 +29,8 @@ kernel at 4096 tokens over the interleaved one. A round of a single own tile (sm
 keeps the phased order (send, signal, expand; push, signal, own partial, wait, finish), which
 signals early. ``FUSE`` (two ranks): a step's own and peer tiles share one step function
 (``_dispatch_pair_step`` / ``_combine_pair_step``): every load of both tiles is issued before
-either is used, so a step costs two dependent round trips instead of four to five. The phased
+either is used, so a step costs two dependent round trips instead of four to five (the combine's
+step optionally in ``CHUNKS`` column chunks, to bound its two fp32 accumulators). The phased
 order (``interleave=False``):
 
 dispatch, program p, iteration r:
@@ -621,14 +622,15 @@ def _partial_tile(expert_out, sm, wv, col0, H: tl.constexpr, K: tl.constexpr,
 def _combine_pair_step(tp64, vp, to64, vo, expert_out, ids_ptr, w_ptr, y_ptr, recv_w, comb,
                        slot_map, RANK: tl.constexpr, M: tl.constexpr, H: tl.constexpr,
                        K: tl.constexpr, L: tl.constexpr, E: tl.constexpr,
-                       BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, CHUNKS: tl.constexpr):
     """``FUSE`` (two ranks): the peer's tokens ``tp64`` pushed as in :func:`_push_tile` and own
     tokens ``to64`` (the peer's partials already acquired) finished as in :func:`_own_part` +
     :func:`_finish_tile`, in one step: both tiles' slots and weights, then both tiles' K expert
     rows (and the peer's partial, loaded whatever the token's owners: an unsent row is never
-    added) in flight together. The same sums in the same order as the separate functions."""
-    offs_h = tl.arange(0, BLOCK_H)
-    mh = offs_h < H
+    added) in flight together. The same sums in the same order as the separate functions.
+    ``CHUNKS`` column chunks of ``BLOCK_H // CHUNKS``, one after the other: the two fp32
+    accumulators and the row loads in flight shrink with them (hidden 7168 at 16 warps lost
+    with one chunk, session 7)."""
     offs_k = tl.arange(0, BLOCK_K)
     mk = offs_k < K
     s: tl.constexpr = 1 - RANK
@@ -640,34 +642,38 @@ def _combine_pair_step(tp64, vp, to64, vo, expert_out, ids_ptr, w_ptr, y_ptr, re
     ids = tl.load(ids_ptr + to64[:, None] * K + offs_k[None, :], mask=mo, other=-1).to(tl.int32)
     smo = tl.load(slot_map + (RANK * M + to64)[:, None] * K + offs_k[None, :], mask=mo, other=-1)
     wvo = tl.load(w_ptr + to64[:, None] * K + offs_k[None, :], mask=mo, other=0.0).to(tl.float32)
-    cv = tl.load(comb[RANK] + (s * M + to64)[:, None] * H + offs_h[None, :],
-                 mask=vo[:, None] & mh[None, :], other=0.0, cache_modifier=".cg")
-    accp = tl.zeros([tp64.shape[0], BLOCK_H], tl.float32)
-    acco = tl.zeros([to64.shape[0], BLOCK_H], tl.float32)
-    for k in tl.static_range(K):
-        ep = tl.max(tl.where(offs_k[None, :] == k, smp, -1), axis=1)
-        wp = tl.sum(tl.where(offs_k[None, :] == k, wvp, 0.0), axis=1)
-        eo = tl.max(tl.where(offs_k[None, :] == k, smo, -1), axis=1)
-        wo = tl.sum(tl.where(offs_k[None, :] == k, wvo, 0.0), axis=1)
-        xp = tl.load(expert_out + tl.cast(tl.maximum(ep, 0), tl.int64)[:, None] * H
-                     + offs_h[None, :], mask=(ep >= 0)[:, None] & mh[None, :], other=0.0)
-        xo = tl.load(expert_out + tl.cast(tl.maximum(eo, 0), tl.int64)[:, None] * H
-                     + offs_h[None, :], mask=(eo >= 0)[:, None] & mh[None, :], other=0.0)
-        accp = tl.where((ep >= 0)[:, None], accp + wp[:, None] * xp.to(tl.float32), accp)
-        acco = tl.where((eo >= 0)[:, None], acco + wo[:, None] * xo.to(tl.float32), acco)
     has = vp & (tl.max(smp, axis=1) >= 0)
-    tl.store(comb[s] + (RANK * M + tp64)[:, None] * H + offs_h[None, :],
-             accp.to(comb[s].dtype.element_ty), mask=has[:, None] & mh[None, :])
     ids = tl.where(mo & (ids >= 0) & (ids < E), ids, -1)
     from_s = vo & (tl.sum((tl.where(ids >= 0, ids // L, -1) == s).to(tl.int32), axis=1) > 0)
-    part_s = tl.where(from_s[:, None], cv.to(tl.float32), 0.0)
-    y = tl.zeros([to64.shape[0], BLOCK_H], tl.float32)   # as _finish_tile: ranks in order
-    if RANK == 0:
-        y = (y + acco) + part_s
-    else:
-        y = (y + part_s) + acco
-    tl.store(y_ptr + to64[:, None] * H + offs_h[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=vo[:, None] & mh[None, :])
+    BC: tl.constexpr = BLOCK_H // CHUNKS
+    for c in tl.static_range(CHUNKS):
+        offs_h = c * BC + tl.arange(0, BC)
+        mh = offs_h < H
+        cv = tl.load(comb[RANK] + (s * M + to64)[:, None] * H + offs_h[None, :],
+                     mask=vo[:, None] & mh[None, :], other=0.0, cache_modifier=".cg")
+        accp = tl.zeros([tp64.shape[0], BC], tl.float32)
+        acco = tl.zeros([to64.shape[0], BC], tl.float32)
+        for k in tl.static_range(K):
+            ep = tl.max(tl.where(offs_k[None, :] == k, smp, -1), axis=1)
+            wp = tl.sum(tl.where(offs_k[None, :] == k, wvp, 0.0), axis=1)
+            eo = tl.max(tl.where(offs_k[None, :] == k, smo, -1), axis=1)
+            wo = tl.sum(tl.where(offs_k[None, :] == k, wvo, 0.0), axis=1)
+            xp = tl.load(expert_out + tl.cast(tl.maximum(ep, 0), tl.int64)[:, None] * H
+                         + offs_h[None, :], mask=(ep >= 0)[:, None] & mh[None, :], other=0.0)
+            xo = tl.load(expert_out + tl.cast(tl.maximum(eo, 0), tl.int64)[:, None] * H
+                         + offs_h[None, :], mask=(eo >= 0)[:, None] & mh[None, :], other=0.0)
+            accp = tl.where((ep >= 0)[:, None], accp + wp[:, None] * xp.to(tl.float32), accp)
+            acco = tl.where((eo >= 0)[:, None], acco + wo[:, None] * xo.to(tl.float32), acco)
+        tl.store(comb[s] + (RANK * M + tp64)[:, None] * H + offs_h[None, :],
+                 accp.to(comb[s].dtype.element_ty), mask=has[:, None] & mh[None, :])
+        part_s = tl.where(from_s[:, None], cv.to(tl.float32), 0.0)
+        y = tl.zeros([to64.shape[0], BC], tl.float32)   # as _finish_tile: ranks in order
+        if RANK == 0:
+            y = (y + acco) + part_s
+        else:
+            y = (y + part_s) + acco
+        tl.store(y_ptr + to64[:, None] * H + offs_h[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=vo[:, None] & mh[None, :])
 
 
 @triton.jit
@@ -736,7 +742,8 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
                       CHUNK: tl.constexpr, TB: tl.constexpr, USE_TIMER: tl.constexpr,
                       POSTED: tl.constexpr = False, PDL: tl.constexpr = False,
                       NT: tl.constexpr = 256, INTERLEAVE: tl.constexpr = False,
-                      LAG: tl.constexpr = 1, FUSE: tl.constexpr = False):
+                      LAG: tl.constexpr = 1, FUSE: tl.constexpr = False,
+                      CHUNKS: tl.constexpr = 1):
     """Flags combine; see the module docstring (``INTERLEAVE``: its own section there)."""
     if PDL:  # nothing is touched before the previous grid finished
         pdl_wait()
@@ -780,7 +787,7 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
                     to64, vo = _tile(rr * CHUNK + jj, rr * CHUNK + jown, pid, G, TB)
                     _combine_pair_step(tp64, vp, to64, vo, expert_out, ids_ptr, w_ptr, y_ptr,
                                        recv_w, comb, slot_map, RANK, M, H, K, L, E, BLOCK_H,
-                                       BLOCK_K)
+                                       BLOCK_K, CHUNKS)
                 for s in tl.static_range(W):
                     if s != RANK:
                         js = tl.sum(tl.where(offs_w == s, jin, 0), axis=0)

@@ -118,7 +118,8 @@ class P2PBackend(MoEBackend):
                  pdl: bool = False, protocol: str = "auto", shift: int | None = None,
                  combine_split: int | None = None, interleave: bool | None = None,
                  round_lag: int | None = None, _acq_rel_publish: bool = False,
-                 _fuse: bool = True) -> None:
+                 _fuse: bool = True, _combine_fuse: bool | None = None,
+                 _combine_chunks: int = 1) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -268,9 +269,16 @@ class P2PBackend(MoEBackend):
         # A/B only: FUSE in llmcomm.kernels.moe (flags, interleaved, EP=2). The combine's pair
         # step holds two fp32 row accumulators: measured 38 us faster at hidden 4096 (4096
         # tokens) but 6-12 us slower at 7168, where the dispatch's still gains 9 us (session 7,
-        # docs/moe.md); so the combine fuses up to hidden 4096 only
+        # docs/moe.md); so by default the combine fuses up to hidden 4096 only.
+        # _combine_chunks > 1 (untimed, session 7): the pair step in column chunks, to try the
+        # fused combine at hidden 7168 with the register footprint of hidden 4096
         self._fuse = bool(_fuse)
-        self._fuse_combine = self._fuse and _next_pow2(cfg.hidden_size) <= 4096
+        if _combine_fuse is None:
+            _combine_fuse = self._fuse and _next_pow2(cfg.hidden_size) <= 4096
+        self._fuse_combine = bool(_combine_fuse)
+        if _combine_chunks not in (1, 2, 4):
+            raise ValueError(f"_combine_chunks must be 1, 2 or 4, got {_combine_chunks!r}")
+        self._combine_chunks = _combine_chunks
         self.round_tokens = round_tokens     # None for "lamport"
         self.shift = shift                   # None for "flags"
         dev = cfg.device if not self._sim else torch.device("cpu")
@@ -340,7 +348,7 @@ class P2PBackend(MoEBackend):
                 "tile_tokens": self.tiles[0], "combine_tile_tokens": self.tiles[1],
                 "combine_split": self.combine_split, "interleave": self.interleave,
                 "round_lag": self.round_lag, "fuse": self._fuse,
-                "fuse_combine": self._fuse_combine,
+                "fuse_combine": self._fuse_combine, "combine_chunks": self._combine_chunks,
                 "acq_rel_publish": self._acq_rel_publish,
                 **{k.lower(): v for k, v in self.variants.items()}}
 
@@ -413,7 +421,7 @@ class P2PBackend(MoEBackend):
             self.recv_w, self.recv_T, self.comb, self.flags_c, self.slot_map, self.epoch_c,
             self.err_dev, self.err_host.data_ptr(), self.timeout_ns, TB=self.tiles[1],
             INTERLEAVE=self.interleave, LAG=self.round_lag or 1, FUSE=self._fuse_combine,
-            **self._consts())
+            CHUNKS=self._combine_chunks, **self._consts())
         return y
 
     def check_errors(self, sync: bool = True) -> None:
