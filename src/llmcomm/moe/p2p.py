@@ -272,10 +272,10 @@ class P2PBackend(MoEBackend):
         # docs/moe.md); so by default the combine fuses up to hidden 4096 only.
         # _combine_chunks > 1 (untimed, session 7): the pair step in column chunks, to try the
         # fused combine at hidden 7168 with the register footprint of hidden 4096
-        self._fuse = bool(_fuse)
+        self._fuse = bool(_fuse) and not lamport
         if _combine_fuse is None:
             _combine_fuse = self._fuse and _next_pow2(cfg.hidden_size) <= 4096
-        self._fuse_combine = bool(_combine_fuse)
+        self._fuse_combine = bool(_combine_fuse) and not lamport
         if _combine_chunks not in (1, 2, 4):
             raise ValueError(f"_combine_chunks must be 1, 2 or 4, got {_combine_chunks!r}")
         self._combine_chunks = _combine_chunks
