@@ -91,6 +91,9 @@ SWEEP = {
     # column halves (the register footprint of hidden 4096, where it won 38 us)
     "cfuse1": ({"protocol": "flags", "_combine_fuse": True}, None),
     "cfuse2": ({"protocol": "flags", "_combine_fuse": True, "_combine_chunks": 2}, None),
+    # lamport at large batches with the dispatch receiving 1 / 2 tiles behind (recv_lag)
+    "lam_lag1": ({"protocol": "lamport", "recv_lag": 1}, None),
+    "lam_lag2": ({"protocol": "lamport", "recv_lag": 2}, None),
     # large batches: two programs per SM at 16 warps (session 3 timed 256 programs at 8 warps)
     "G256": ({"num_programs": 256}, None),
 }

@@ -49,6 +49,7 @@ P2P_SIM = {"p2p-sim": {"protocol": "flags"},
            "p2p-sim-phased": {"interleave": False, "tile_tokens": 2, "round_tokens": 3},
            "p2p-sim-lamport": {"protocol": "lamport"},
            "p2p-sim-lamport-t2": {"protocol": "lamport", "tile_tokens": 2},
+           "p2p-sim-lamport-lag1": {"protocol": "lamport", "recv_lag": 1},
            "p2p-sim-lamport-t4c2": {"protocol": "lamport", "tile_tokens": 4,
                                     "combine_tile_tokens": 2},
            # 8 programs: up to 2 tokens per rank take the column-split combine in 4 chunks, 3-4
@@ -347,6 +348,8 @@ def test_errors_world2():
     ({"protocol": "lamport", "round_lag": 1},
      "round_lag applies to protocol='flags' with interleave on"),
     ({"round_lag": 0}, "round_lag must be an int in [1, 4], got 0"),
+    ({"protocol": "flags", "recv_lag": 1}, "recv_lag applies to protocol='lamport' only"),
+    ({"recv_lag": 5}, "recv_lag must be an int in [0, 4], got 5"),
 ])
 def test_p2p_knob_validation(kw, words, tmp_path):
     """Bad P2PBackend knobs are refused before any workspace or collective, naming the fix."""
@@ -396,7 +399,8 @@ def _concurrent_worker(rank, world, tmp, E_, kw, G, shift, seed):
     (2, 8, {"tile_tokens": 4, "combine_tile_tokens": 2}, 4, 2),   # tiles past M, shift G/2
     (2, 8, {}, 2, 1),                                             # several iterations/program
     (3, 6, {"tile_tokens": 2, "combine_tile_tokens": 4}, 3, 1),   # W=3
-], ids=["w2-t4c2-G4s2", "w2-t1-G2s1", "w3-t2c4-G3s1"])
+    (2, 8, {"recv_lag": 2}, 2, 1),                                # receives 2 tiles behind
+], ids=["w2-t4c2-G4s2", "w2-t1-G2s1", "w3-t2c4-G3s1", "w2-lag2-G2s1"])
 def test_p2p_sim_lamport_concurrent_programs(world, E_, kw, G, shift):
     with tempfile.TemporaryDirectory() as tmp:
         res = run_ranks(_concurrent_worker, world, tmp, E_, {"protocol": "lamport", **kw}, G,

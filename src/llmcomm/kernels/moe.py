@@ -1029,10 +1029,14 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                BLOCK_L: tl.constexpr, BLOCK_W: tl.constexpr, TB: tl.constexpr,
                                BITS: tl.constexpr, NBUF: tl.constexpr, SHIFT: tl.constexpr,
                                USE_TIMER: tl.constexpr, PDL: tl.constexpr = False,
-                               NT: tl.constexpr = 256, ACQ_REL: tl.constexpr = False):
+                               NT: tl.constexpr = 256, ACQ_REL: tl.constexpr = False,
+                               RLAG: tl.constexpr = 0):
     """Lamport dispatch; see the module docstring. Tiles of ``TB`` tokens; program ``p`` sends
     own tiles ``p, p+G, ...`` and receives tiles ``q, q+G, ...`` (``q = (p + SHIFT) mod G``)
-    of every peer, the own tile's rows copied after each receive."""
+    of every peer, the own tile's rows copied after each receive. ``RLAG`` (``recv_lag``;
+    programs with more than one own tile only): iteration ``i`` receives the peers' tile of
+    iteration ``i - RLAG``, sent long enough ago to have landed, instead of the one the peer is
+    sending at the same time (large batches; untimed, session 7)."""
     if PDL:  # nothing is touched before the previous grid finished
         pdl_wait()
         pdl_launch_dependents()
@@ -1049,6 +1053,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
     tsv = tl.full([BLOCK_W], -1, tl.int32)       # peers' token counts, -1 = not known yet
     rbase = (pid + SHIFT) % G                    # received tiles: rbase, rbase + G, ...
     i = tl.full([], 0, tl.int32)
+    lag = tl.where(tl.cdiv(n_own - pid, G) > 1, RLAG, 0)
     more = n_own > 0
     more = more | (W > 1)
     while more:
@@ -1061,11 +1066,11 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                                lmeta, RANK, W, M, H, K, L, E, BLOCK_H, BLOCK_K,
                                                TB)
         slot = _claim_slots(ids, vt, cursor, RANK, L, K, BLOCK_K)
-        cr = rbase + i * G
+        cr = rbase + (i - lag) * G
         for s in tl.static_range(W):
             if s != RANK:
                 ts = tl.sum(tl.where(offs_w == s, tsv, 0), axis=0)
-                if (dead == 0) & ((ts < 0) | (cr * TB < ts)):
+                if (dead == 0) & (i >= lag) & ((ts < 0) | (cr * TB < ts)):
                     ts, dead = _lamport_recv_tile(
                         cr, s, ts, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor,
                         slot_map, wloc, err_dev, err_host, timeout_ns, RANK, W, G, M, H,
@@ -1075,7 +1080,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                     BLOCK_H, BLOCK_K)
         i += 1
         big = tl.where(is_peer, tl.where(tsv < 0, 2147483647, tsv), 0)
-        want_recv = ((rbase + i * G) * TB < tl.max(big, axis=0)) & (dead == 0)
+        want_recv = ((rbase + (i - lag) * G) * TB < tl.max(big, axis=0)) & (dead == 0)
         more = (pid + i * G < n_own) | want_recv
     tl.store(peer_T + offs_w, tl.maximum(tsv, 0), mask=is_peer)
     tl.store(buf_ptr + pid, (buf + 1) % NBUF)

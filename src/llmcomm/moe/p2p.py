@@ -26,11 +26,11 @@ epochs (``"flags"``) or buffer indices (``"lamport"``, plus the peers' weights `
 and token counts ``peer_T [W]`` kept for the combine), and a 4-int error record (device, plus a
 pinned host mirror the host reads without a sync). The grid ``G`` and every launch knob
 (``protocol``, ``num_warps``, ``tile_tokens``, ``combine_tile_tokens``, ``pdl``, the ``"flags"``
-knobs ``round_tokens``, ``posted_flags``, the ``"lamport"`` knob ``shift``; see
-:mod:`llmcomm.kernels.moe`) are pure functions of the creation arguments and are part of the
-fingerprint; the defaults are the tested configuration. Kernels take no host counter, so
-dispatch/combine capture into CUDA graphs; they never synchronise the host. NVLink multicast is
-not used (plain peer loads/stores only).
+knobs ``round_tokens``, ``posted_flags``, ``interleave``, ``round_lag``, the ``"lamport"`` knobs
+``shift``, ``recv_lag``; see :mod:`llmcomm.kernels.moe`) are pure functions of the creation
+arguments and are part of the fingerprint; the defaults are the tested configuration. Kernels
+take no host counter, so dispatch/combine capture into CUDA graphs; they never synchronise the
+host. NVLink multicast is not used (plain peer loads/stores only).
 
 ``simulate_dir`` (tests only) replaces symmetric memory by files mapped by every process and runs
 the same kernels under ``TRITON_INTERPRET=1`` on CPU.
@@ -119,7 +119,7 @@ class P2PBackend(MoEBackend):
                  combine_split: int | None = None, interleave: bool | None = None,
                  round_lag: int | None = None, _acq_rel_publish: bool = False,
                  _fuse: bool = True, _combine_fuse: bool | None = None,
-                 _combine_chunks: int = 1) -> None:
+                 _combine_chunks: int = 1, recv_lag: int | None = None) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -176,6 +176,11 @@ class P2PBackend(MoEBackend):
                 the wait find a flag set a whole round earlier, but doubles the rounds that run
                 alone at both ends; measured slower (540 vs 518 us at 4096 tokens, docs/moe.md).
                 Programs with one round always use 1 (no empty iterations).
+            recv_lag: ``"lamport"`` only: a dispatch program with more than one own tile
+                receives in iteration ``i`` the peers' tile of iteration ``i - recv_lag``
+                (``RLAG``), so that it polls rows that have landed instead of rows the peer is
+                sending at that moment. Default 0 (the receive of the same iteration); written
+                for large batches and not timed yet (docs/moe.md, session 7).
         """
         super().__init__(group, cfg)
         self._sim = simulate_dir is not None
@@ -186,8 +191,8 @@ class P2PBackend(MoEBackend):
             self.protocol_decision = Decision(protocol, ("requested explicitly",))
         elif (round_tokens, posted_flags, interleave, round_lag) != (None,) * 4:
             self.protocol_decision = Decision("flags", ("a flags-only knob given",))
-        elif shift is not None:
-            self.protocol_decision = Decision("lamport", ("shift given",))
+        elif shift is not None or recv_lag is not None:
+            self.protocol_decision = Decision("lamport", ("a lamport-only knob given",))
         else:
             self.protocol_decision = ep_p2p_protocol(cfg.world_size, cfg.max_tokens_per_rank,
                                                      esize)
@@ -264,6 +269,14 @@ class P2PBackend(MoEBackend):
         elif not isinstance(round_lag, int) or not 1 <= round_lag <= 4:
             raise ValueError(f"round_lag must be an int in [1, 4], got {round_lag!r}")
         self.round_lag = round_lag
+        if recv_lag is not None and not lamport:
+            raise ValueError("recv_lag applies to protocol='lamport' only (the 'flags' kernels "
+                             "have round_lag): leave it unset")
+        if recv_lag is None:
+            recv_lag = 0 if lamport else None
+        elif not isinstance(recv_lag, int) or not 0 <= recv_lag <= 4:
+            raise ValueError(f"recv_lag must be an int in [0, 4], got {recv_lag!r}")
+        self.recv_lag = recv_lag
         self.combine_split = combine_split   # None for "flags"
         self._acq_rel_publish = bool(_acq_rel_publish)   # A/B only: see _publish_counts
         # A/B only: FUSE in llmcomm.kernels.moe (flags, interleaved, EP=2). The combine's pair
@@ -347,7 +360,7 @@ class P2PBackend(MoEBackend):
                 "num_warps": self.num_warps, "round_tokens": self.round_tokens,
                 "tile_tokens": self.tiles[0], "combine_tile_tokens": self.tiles[1],
                 "combine_split": self.combine_split, "interleave": self.interleave,
-                "round_lag": self.round_lag, "fuse": self._fuse,
+                "round_lag": self.round_lag, "recv_lag": self.recv_lag, "fuse": self._fuse,
                 "fuse_combine": self._fuse_combine, "combine_chunks": self._combine_chunks,
                 "acq_rel_publish": self._acq_rel_publish,
                 **{k.lower(): v for k, v in self.variants.items()}}
@@ -388,7 +401,8 @@ class P2PBackend(MoEBackend):
                 self.expert_x, self.counts, self.cursor, self.done, self.slot_map, self.wloc,
                 self.peer_T, self.buf_d, self.err_dev, self.err_host.data_ptr(),
                 self.timeout_ns, CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts),
-                ACQ_REL=self._acq_rel_publish, **self._lamport_consts(self.tiles[0]))
+                ACQ_REL=self._acq_rel_publish, RLAG=self.recv_lag,
+                **self._lamport_consts(self.tiles[0]))
             return self.expert_x, self.counts, (topk_ids, topk_weights)
         ep_dispatch_kernel[(self.G,)](
             x, topk_ids, topk_weights, T,
