@@ -5,6 +5,10 @@
 # 2 x H200: tests ~5 min, tests_moe ~8 min, demo ~4 min, bench ~6 min, sweep ~3 min).
 # Usage, from the repository root on a node with 2+ GPUs:
 #   [STEPS="tests tests_moe demo bench sweep"] [WORLD=4] bash benchmarks/run_gpu_suite.sh
+# STEPS="moe_ab" (not in the default): the A/Bs session 7 left untimed (docs/moe.md, session 7):
+# the combine's fused step in column halves at hidden 7168 (cfuse1/cfuse2) and the lamport
+# dispatch receiving tiles behind at large batches (lam_lag1/2), each sweep in both orders,
+# then the flags GPU tests (~5 min in all).
 # WORLD (default 2) is the TP / EP size of the benchmarks; tests/gpu picks its own (gpu4 tests,
 # e.g. PP=2 x TP=2, run when 4 GPUs are visible).
 # FlashInfer is benchmarked and tested when importable (install the wheels first; CUDA_HOME set).
@@ -35,6 +39,17 @@ case " $STEPS " in *" demo "*)
 case " $STEPS " in *" bench "*)
   step bench_allreduce 240 python3 benchmarks/bench_allreduce.py --check --strategies --world "$WORLD" --out "$OUT"
   step bench_moe 150 python3 benchmarks/bench_moe.py --world "$WORLD" --out "$OUT" ;; esac
+case " $STEPS " in *" moe_ab "*)
+  step ab_fuse_a 120 python3 benchmarks/bench_moe.py --sweep --sweep-tokens 1024,4096 \
+    --sweep-only default,cfuse1,cfuse2 --out "$OUT/ab_fuse_a"
+  step ab_fuse_b 120 python3 benchmarks/bench_moe.py --sweep --sweep-tokens 1024,4096 \
+    --sweep-only cfuse2,cfuse1,default --out "$OUT/ab_fuse_b"
+  step ab_lag_a 120 python3 benchmarks/bench_moe.py --sweep --sweep-tokens 128,1024,4096 \
+    --sweep-only default,lam,lam_lag1,lam_lag2 --out "$OUT/ab_lag_a"
+  step ab_lag_b 120 python3 benchmarks/bench_moe.py --sweep --sweep-tokens 128,1024,4096 \
+    --sweep-only lam_lag2,lam_lag1,lam,default --out "$OUT/ab_lag_b"
+  step gpu_tests_moe_flags 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_moe_p2p.py \
+    -k flags ;; esac
 case " $STEPS " in *" sweep "*)
   if [ "$WORLD" -gt 2 ]; then   # W>2: where Lamport / one-shot / two-shot cross (docs/kernels.md)
     step sweep_allreduce 240 python3 benchmarks/bench_allreduce.py --sweep --reps 7 --world "$WORLD" \
