@@ -125,6 +125,11 @@ def _kernels():
                            BLOCK_H, BLOCK_K, VEC, ATOMIC)
                     _place(r, t64, slot_peer, ids_peer, cursor, expert_x, RANK, H, K, L, CAP,
                            BLOCK_H, BLOCK_K, VEC, ATOMIC)
+                if FENCE:   # interleaved, with the p2p kernels' per-round barrier + release
+                    if (j + 1) % ROUND == 0:
+                        tl.debug_barrier()
+                        i = tl.arange(0, NT)
+                        st_release_sys(flag + pid + i * 0, j + i * 0, i == 0)
 
     @triton.jit
     def _partial(expert_out, slot_tab, w, t64, H: tl.constexpr, K: tl.constexpr,
@@ -190,6 +195,11 @@ def _kernels():
                 c = tl.load(my_comb + t64 * H + offs, mask=mh)
                 tl.store(y + t64 * H + offs, (acco + c.to(tl.float32)).to(y.dtype.element_ty),
                          mask=mh)
+                if FENCE:   # interleaved, with the p2p kernels' per-round barrier + release
+                    if (j + 1) % ROUND == 0:
+                        tl.debug_barrier()
+                        i = tl.arange(0, NT)
+                        st_release_sys(flag + pid + i * 0, j + i * 0, i == 0)
 
     return synth_dispatch, synth_combine
 
@@ -284,6 +294,9 @@ def _worker(rank, world, T, H, E, K, G, warps):
     res["c_phased_fence_us"] = tg(lambda: comb(vec=1, phased=1, fence=1))
     res["pair_ladder_top_us"] = tg(lambda: (disp(vec=1, atomic=1, phased=1, fence=1),
                                             comb(vec=1, phased=1, fence=1)))
+    # the interleaved order (the kernels since session 7) with atomics and the per-round fence
+    res["d_interleaved_fence_us"] = tg(lambda: disp(vec=1, atomic=1, fence=1))
+    res["c_interleaved_fence_us"] = tg(lambda: comb(vec=1, fence=1))
     return res
 
 

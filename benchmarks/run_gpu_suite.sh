@@ -8,7 +8,7 @@
 # STEPS="moe_ab" (not in the default): the A/Bs session 7 left untimed (docs/moe.md, session 7):
 # the combine's fused step in column halves at hidden 7168 (cfuse1/cfuse2) and the lamport
 # dispatch receiving tiles behind at large batches (lam_lag1/2), each sweep in both orders,
-# then the flags GPU tests (~5 min in all).
+# the floor ladder (with its interleaved + fence rungs), then the flags GPU tests (~6 min).
 # WORLD (default 2) is the TP / EP size of the benchmarks; tests/gpu picks its own (gpu4 tests,
 # e.g. PP=2 x TP=2, run when 4 GPUs are visible).
 # FlashInfer is benchmarked and tested when importable (install the wheels first; CUDA_HOME set).
@@ -48,6 +48,7 @@ case " $STEPS " in *" moe_ab "*)
     --sweep-only default,lam,lam_lag1,lam_lag2 --out "$OUT/ab_lag_a"
   step ab_lag_b 120 python3 benchmarks/bench_moe.py --sweep --sweep-tokens 128,1024,4096 \
     --sweep-only lam_lag2,lam_lag1,lam,default --out "$OUT/ab_lag_b"
+  step moe_floor 120 python3 benchmarks/bench_moe_floor.py --programs 128 --out "$OUT/moe_floor"
   step gpu_tests_moe_flags 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_moe_p2p.py \
     -k flags ;; esac
 case " $STEPS " in *" sweep "*)

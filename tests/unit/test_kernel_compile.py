@@ -92,16 +92,48 @@ def _cuda_target():
 def test_kernel_compiles_for_sm90(case):
     import importlib
 
-    ASTSource, target = _cuda_target()
     modname, kname, consts, num_warps = CASES[case]
     fn = getattr(importlib.import_module(f"llmcomm.kernels.{modname}"), kname)
+    k = _compile(fn, consts, _TYPES, num_warps)
+    assert "ld.global" in k.asm["ptx"] or "ld.volatile" in k.asm["ptx"]
+
+
+def _compile(fn, consts, types, num_warps):
+    """``fn`` compiled for sm_90 with the constexprs it takes from ``consts``, every other
+    argument typed by ``types``; skips where Triton has no bundled assembler."""
+    ASTSource, target = _cuda_target()
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
-    sig = {n: "constexpr" if n in consts else _TYPES[n] for n in fn.arg_names}
+    sig = {n: "constexpr" if n in consts else types[n] for n in fn.arg_names}
     try:
-        k = triton.compile(ASTSource(fn, sig, consts), target=target,
-                           options={"num_warps": num_warps, "num_stages": 1})
+        return triton.compile(ASTSource(fn, sig, consts), target=target,
+                              options={"num_warps": num_warps, "num_stages": 1})
     except RuntimeError as e:
         if "ptxas" in str(e) and "not found" in str(e).lower():   # no bundled assembler
             pytest.skip(str(e))
         raise
-    assert "ld.global" in k.asm["ptx"] or "ld.volatile" in k.asm["ptx"]
+
+
+#: benchmarks/bench_moe_floor.py's kernels (the data-movement floor and its ladder), by argument
+_FLOOR_TYPES = {"x": "*bf16", "peer_recv": "*bf16", "my_recv": "*bf16", "expert_x": "*bf16",
+                "slot_own": "*i64", "slot_peer": "*i64", "ids_own": "*i32", "ids_peer": "*i32",
+                "cursor": "*i32", "flag": "*i32", "T": "i32", "expert_out": "*bf16",
+                "w": "*fp32", "peer_comb": "*bf16", "my_comb": "*bf16", "y": "*bf16"}
+_FLOOR = dict(H=7168, K=8, BLOCK_H=8192, BLOCK_K=8, G=128, NT=512, ROUND=8)
+
+
+@pytest.mark.parametrize("which, consts", [
+    ("dispatch", dict(RANK=1, L=128, CAP=8192, WIRE=1, LOCAL=1, VEC=0, ATOMIC=0, PHASED=0,
+                      FENCE=0)),
+    ("dispatch", dict(RANK=1, L=128, CAP=8192, WIRE=1, LOCAL=1, VEC=1, ATOMIC=1, PHASED=1,
+                      FENCE=1)),
+    ("dispatch", dict(RANK=1, L=128, CAP=8192, WIRE=1, LOCAL=1, VEC=1, ATOMIC=1, PHASED=0,
+                      FENCE=1)),
+    ("combine", dict(VEC=1, PHASED=1, FENCE=1)),
+    ("combine", dict(VEC=1, PHASED=0, FENCE=1)),
+], ids=["d-floor", "d-ladder-top", "d-interleaved-fence", "c-ladder-top", "c-interleaved-fence"])
+def test_floor_benchmark_kernels_compile(which, consts):
+    """The floor benchmark is run only on a device: its kernels must compile before one is
+    spent on it (the same sm_90 compilation as above)."""
+    from benchmarks.bench_moe_floor import _kernels
+
+    _compile(_kernels()[0 if which == "dispatch" else 1], dict(_FLOOR, **consts), _FLOOR_TYPES, 16)
