@@ -94,6 +94,8 @@ SWEEP = {
     # lamport at large batches with the dispatch receiving 1 / 2 tiles behind (recv_lag)
     "lam_lag1": ({"protocol": "lamport", "recv_lag": 1}, None),
     "lam_lag2": ({"protocol": "lamport", "recv_lag": 2}, None),
+    # a first round of 2 tokens, then rounds of round_tokens (8 at 4096 tokens per rank)
+    "head2": ({"protocol": "flags", "first_round_tokens": 2}, None),
     # large batches: two programs per SM at 16 warps (session 3 timed 256 programs at 8 warps)
     "G256": ({"num_programs": 256}, None),
 }

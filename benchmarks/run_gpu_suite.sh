@@ -6,7 +6,8 @@
 # Usage, from the repository root on a node with 2+ GPUs:
 #   [STEPS="tests tests_moe demo bench sweep"] [WORLD=4] bash benchmarks/run_gpu_suite.sh
 # STEPS="moe_ab" (not in the default): the A/Bs session 7 left untimed (docs/moe.md, session 7):
-# the combine's fused step in column halves at hidden 7168 (cfuse1/cfuse2) and the lamport
+# the combine's fused step in column halves at hidden 7168 (cfuse1/cfuse2), a small first round
+# (head2) and the lamport
 # dispatch receiving tiles behind at large batches (lam_lag1/2), each sweep in both orders,
 # the floor ladder (with its interleaved + fence rungs), then the flags GPU tests (~6 min).
 # WORLD (default 2) is the TP / EP size of the benchmarks; tests/gpu picks its own (gpu4 tests,
@@ -41,9 +42,9 @@ case " $STEPS " in *" bench "*)
   step bench_moe 150 python3 benchmarks/bench_moe.py --world "$WORLD" --out "$OUT" ;; esac
 case " $STEPS " in *" moe_ab "*)
   step ab_fuse_a 120 python3 benchmarks/bench_moe.py --sweep --sweep-tokens 1024,4096 \
-    --sweep-only default,cfuse1,cfuse2 --out "$OUT/ab_fuse_a"
+    --sweep-only default,cfuse1,cfuse2,head2 --out "$OUT/ab_fuse_a"
   step ab_fuse_b 120 python3 benchmarks/bench_moe.py --sweep --sweep-tokens 1024,4096 \
-    --sweep-only cfuse2,cfuse1,default --out "$OUT/ab_fuse_b"
+    --sweep-only head2,cfuse2,cfuse1,default --out "$OUT/ab_fuse_b"
   step ab_lag_a 120 python3 benchmarks/bench_moe.py --sweep --sweep-tokens 128,1024,4096 \
     --sweep-only default,lam,lam_lag1,lam_lag2 --out "$OUT/ab_lag_a"
   step ab_lag_b 120 python3 benchmarks/bench_moe.py --sweep --sweep-tokens 128,1024,4096 \

@@ -45,6 +45,7 @@ P2P_SIM = {"p2p-sim": {"protocol": "flags"},
            "p2p-sim-t1r13": {"tile_tokens": 1, "round_tokens": 13},
            "p2p-sim-r1lag2": {"round_tokens": 1, "round_lag": 2},   # a round per token, lag 2
            "p2p-sim-cchunks2": {"_combine_chunks": 2},   # the fused combine in column halves
+           "p2p-sim-head1": {"first_round_tokens": 1, "round_tokens": 3},   # rounds 1, 3, 3..
            # the phased rounds (interleave=False; the default interleaves), 2-token tiles
            "p2p-sim-phased": {"interleave": False, "tile_tokens": 2, "round_tokens": 3},
            "p2p-sim-lamport": {"protocol": "lamport"},
@@ -350,6 +351,9 @@ def test_errors_world2():
     ({"round_lag": 0}, "round_lag must be an int in [1, 4], got 0"),
     ({"protocol": "flags", "recv_lag": 1}, "recv_lag applies to protocol='lamport' only"),
     ({"recv_lag": 5}, "recv_lag must be an int in [0, 4], got 5"),
+    ({"interleave": False, "first_round_tokens": 2},
+     "first_round_tokens applies to protocol='flags' with interleave on"),
+    ({"first_round_tokens": 0}, "first_round_tokens must be an int >= 1, got 0"),
 ])
 def test_p2p_knob_validation(kw, words, tmp_path):
     """Bad P2PBackend knobs are refused before any workspace or collective, naming the fix."""

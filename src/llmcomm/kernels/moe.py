@@ -216,7 +216,8 @@ def _wait_peers(flag_row, target, need, dead, err_dev, err_host, timeout_ns, OP:
 
 @triton.jit
 def _peer_rounds(recv_T_row, pid, RANK: tl.constexpr, W: tl.constexpr, G: tl.constexpr,
-                 CHUNK: tl.constexpr, BLOCK_W: tl.constexpr, NT: tl.constexpr):
+                 CHUNK: tl.constexpr, HEAD: tl.constexpr, BLOCK_W: tl.constexpr,
+                 NT: tl.constexpr):
     """Every peer's token count (``recv_T_row[s]``, already released to us) read in one load,
     one thread per peer; returns ``(n_in, r_in)`` [BLOCK_W]: this program's share of each
     peer's tokens and its rounds (uniform: every value comes out of a reduction)."""
@@ -228,7 +229,7 @@ def _peer_rounds(recv_T_row, pid, RANK: tl.constexpr, W: tl.constexpr, G: tl.con
     r_in = tl.zeros([BLOCK_W], tl.int32)
     for s in tl.static_range(W):
         if s != RANK:
-            ns, rs = _rounds(tl.sum(tl.where(i == s, cnt, 0), axis=0), pid, G, CHUNK)
+            ns, rs = _rounds(tl.sum(tl.where(i == s, cnt, 0), axis=0), pid, G, CHUNK, HEAD)
             n_in = tl.where(offs_w == s, ns, n_in)
             r_in = tl.where(offs_w == s, rs, r_in)
     return n_in, r_in
@@ -246,10 +247,18 @@ def _signal_peers(flags, pid, value, RANK: tl.constexpr, W: tl.constexpr,
 
 
 @triton.jit
-def _rounds(T, pid, G: tl.constexpr, CHUNK: tl.constexpr):
-    """(tokens of program ``pid`` among ``T``, its rounds of ``CHUNK`` tokens, at least 1)."""
+def _rounds(T, pid, G: tl.constexpr, CHUNK: tl.constexpr, HEAD: tl.constexpr):
+    """(tokens of program ``pid`` among ``T``, its rounds: a first round of ``HEAD`` tokens,
+    then rounds of ``CHUNK``; at least 1). ``HEAD == CHUNK``: equal rounds."""
     n = tl.maximum(tl.cdiv(T - pid, G), 0)
-    return n, tl.maximum(tl.cdiv(n, CHUNK), 1)
+    return n, 1 + tl.cdiv(tl.maximum(n - HEAD, 0), CHUNK)
+
+
+@triton.jit
+def _span(r, n, CHUNK: tl.constexpr, HEAD: tl.constexpr):
+    """(first token index, token count) of round ``r`` of ``n`` tokens (see :func:`_rounds`)."""
+    j0 = tl.where(r == 0, 0, HEAD + (r - 1) * CHUNK)
+    return j0, tl.minimum(tl.where(r == 0, HEAD, HEAD + r * CHUNK), n) - j0
 
 
 @triton.jit
@@ -490,7 +499,8 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                        TB: tl.constexpr, USE_TIMER: tl.constexpr, POSTED: tl.constexpr = False,
                        PDL: tl.constexpr = False, NT: tl.constexpr = 256,
                        ACQ_REL: tl.constexpr = False, INTERLEAVE: tl.constexpr = False,
-                       LAG: tl.constexpr = 1, FUSE: tl.constexpr = False):
+                       LAG: tl.constexpr = 1, FUSE: tl.constexpr = False,
+                       HEAD: tl.constexpr = 0):
     """Flags dispatch; see the module docstring (``INTERLEAVE``: its own section there)."""
     if PDL:  # nothing is touched before the previous grid finished
         pdl_wait()
@@ -500,7 +510,8 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
     epoch = tl.load(epoch_ptr + pid) + 1
     base = epoch * 65536                      # round r of this call signals base + r + 1
     offs_w = tl.arange(0, BLOCK_W)
-    n_own, r_own = _rounds(T, pid, G, CHUNK)
+    HD: tl.constexpr = HEAD if HEAD > 0 else CHUNK   # the first round's tokens
+    n_own, r_own = _rounds(T, pid, G, CHUNK, HD)
     for d in tl.static_range(W):              # released with round 0
         if d != RANK:
             tl.store(recv_T[d] + RANK, T)
@@ -520,15 +531,17 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                 dead = _wait_peers(flags[RANK] + pid * W, base + rr + 1, need, dead, err_dev,
                                    err_host, timeout_ns, 1, USE_TIMER, POSTED, BLOCK_W, NT)
                 if (dead == 0) & (rr == 0):
-                    n_in, r_in = _peer_rounds(recv_T[RANK], pid, RANK, W, G, CHUNK, BLOCK_W, NT)
-            jown = tl.where(r < r_own, tl.minimum(r * CHUNK + CHUNK, n_own) - r * CHUNK, 0)
-            jin = tl.where((rr >= 0) & (rr < r_in) & (dead == 0),
-                           tl.minimum(rr * CHUNK + CHUNK, n_in) - rr * CHUNK, 0)
+                    n_in, r_in = _peer_rounds(recv_T[RANK], pid, RANK, W, G, CHUNK, HD,
+                                                          BLOCK_W, NT)
+            s0, jown = _span(r, n_own, CHUNK, HD)     # own round r: tokens s0 + [0, jown)
+            jown = tl.where(r < r_own, jown, 0)
+            q0, jin = _span(rr, n_in, CHUNK, HD)     # the peers' round rr: q0 + [0, jin)
+            jin = tl.where((rr >= 0) & (rr < r_in) & (dead == 0), jin, 0)
             # a round of one own tile (small batches): send it, signal, then expand it
             one = (jown >= 1) & (jown <= TB)
             for jj in range(0, tl.maximum(jown, tl.max(jin, axis=0)), TB):
                 if jj < jown:
-                    t64, vt = _tile(r * CHUNK + jj, r * CHUNK + jown, pid, G, TB)
+                    t64, vt = _tile(s0 + jj, s0 + jown, pid, G, TB)
                     if one:
                         row, ids = _send_tile(t64, vt, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids,
                                               recv_w, RANK, W, M, H, K, L, E, BLOCK_H, BLOCK_K)
@@ -537,7 +550,7 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                                      M, H, K, L, CAP, BLOCK_H, BLOCK_K)
                     elif FUSE & (W == 2):   # the peer's tile in the same step
                         js = tl.sum(tl.where(offs_w == 1 - RANK, jin, 0), axis=0)
-                        tr64, vr = _tile(rr * CHUNK + jj, rr * CHUNK + js, pid, G, TB)
+                        tr64, vr = _tile(q0 + jj, q0 + js, pid, G, TB)
                         _dispatch_pair_step(t64, vt, tr64, vr, x_ptr, ids_ptr, w_ptr, recv_x,
                                             recv_ids, recv_w, expert_x, cursor, slot_map, RANK,
                                             M, H, K, L, E, CAP, BLOCK_H, BLOCK_K)
@@ -552,7 +565,7 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                     if s != RANK:
                         js = tl.sum(tl.where(offs_w == s, jin, 0), axis=0)
                         if (jj < js) & (fused == 0):
-                            t64, vt = _tile(rr * CHUNK + jj, rr * CHUNK + js, pid, G, TB)
+                            t64, vt = _tile(q0 + jj, q0 + js, pid, G, TB)
                             _recv_tile(s, t64, vt, recv_x, recv_ids, expert_x, cursor, slot_map,
                                        RANK, M, H, K, L, CAP, BLOCK_H, BLOCK_K)
             if (r < r_own) & ((jown < 1) | (jown > TB)):   # (a round without tokens too)
@@ -582,7 +595,8 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                                    err_host, timeout_ns, 1, USE_TIMER, POSTED, BLOCK_W, NT)
                 if dead == 0:
                     if rr == 0:
-                        n_in, r_in = _peer_rounds(recv_T[RANK], pid, RANK, W, G, CHUNK, BLOCK_W, NT)
+                        n_in, r_in = _peer_rounds(recv_T[RANK], pid, RANK, W, G, CHUNK, HD,
+                                                          BLOCK_W, NT)
                     for s in tl.static_range(W):
                         if s != RANK:
                             rs = tl.sum(tl.where(offs_w == s, r_in, 0), axis=0)
@@ -743,7 +757,7 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
                       POSTED: tl.constexpr = False, PDL: tl.constexpr = False,
                       NT: tl.constexpr = 256, INTERLEAVE: tl.constexpr = False,
                       LAG: tl.constexpr = 1, FUSE: tl.constexpr = False,
-                      CHUNKS: tl.constexpr = 1):
+                      CHUNKS: tl.constexpr = 1, HEAD: tl.constexpr = 0):
     """Flags combine; see the module docstring (``INTERLEAVE``: its own section there)."""
     if PDL:  # nothing is touched before the previous grid finished
         pdl_wait()
@@ -754,9 +768,11 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
     base = epoch * 65536
     offs_w = tl.arange(0, BLOCK_W)
     dead = _dead(err_dev, NT)
-    n_own, r_own = _rounds(T, pid, G, CHUNK)
+    HD: tl.constexpr = HEAD if HEAD > 0 else CHUNK   # the first round's tokens
+    n_own, r_own = _rounds(T, pid, G, CHUNK, HD)
     # the peers' token counts (from the dispatch; read before any signal, see docs/moe.md)
-    n_in, r_in = _peer_rounds(recv_T[RANK], pid, RANK, W, G, CHUNK, BLOCK_W, NT)
+    n_in, r_in = _peer_rounds(recv_T[RANK], pid, RANK, W, G, CHUNK, HD,
+                                                          BLOCK_W, NT)
     r = 0
     more = True
     if INTERLEAVE:
@@ -768,9 +784,10 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
             # loop: push, signal, then its own partial, the wait and the finish.
             rr = r - lag
             fin = (rr >= 0) & (rr < r_own)
-            jown = tl.where(fin, tl.minimum(rr * CHUNK + CHUNK, n_own) - rr * CHUNK, 0)
-            jin = tl.where((r < r_in) & (dead == 0),
-                           tl.minimum(r * CHUNK + CHUNK, n_in) - r * CHUNK, 0)
+            q0, jown = _span(rr, n_own, CHUNK, HD)   # own round rr: tokens q0 + [0, jown)
+            jown = tl.where(fin, jown, 0)
+            s0, jin = _span(r, n_in, CHUNK, HD)      # the peers' round r: s0 + [0, jin)
+            jin = tl.where((r < r_in) & (dead == 0), jin, 0)
             many = jown > TB
             if fin & many:
                 dead = _wait_peers(flags[RANK] + pid * W, base + rr + 1,
@@ -783,8 +800,8 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
                     fused = many & (jj < jown)
                 if fused:
                     js = tl.sum(tl.where(offs_w == 1 - RANK, jin, 0), axis=0)
-                    tp64, vp = _tile(r * CHUNK + jj, r * CHUNK + js, pid, G, TB)
-                    to64, vo = _tile(rr * CHUNK + jj, rr * CHUNK + jown, pid, G, TB)
+                    tp64, vp = _tile(s0 + jj, s0 + js, pid, G, TB)
+                    to64, vo = _tile(q0 + jj, q0 + jown, pid, G, TB)
                     _combine_pair_step(tp64, vp, to64, vo, expert_out, ids_ptr, w_ptr, y_ptr,
                                        recv_w, comb, slot_map, RANK, M, H, K, L, E, BLOCK_H,
                                        BLOCK_K, CHUNKS)
@@ -792,11 +809,11 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
                     if s != RANK:
                         js = tl.sum(tl.where(offs_w == s, jin, 0), axis=0)
                         if (jj < js) & (fused == 0):
-                            t64, vt = _tile(r * CHUNK + jj, r * CHUNK + js, pid, G, TB)
+                            t64, vt = _tile(s0 + jj, s0 + js, pid, G, TB)
                             _push_tile(s, t64, vt, expert_out, recv_w, comb, slot_map, RANK,
                                        M, H, K, BLOCK_H, BLOCK_K)
                 if many & (jj < jown) & (fused == 0):
-                    t64, vt = _tile(rr * CHUNK + jj, rr * CHUNK + jown, pid, G, TB)
+                    t64, vt = _tile(q0 + jj, q0 + jown, pid, G, TB)
                     part, owner = _own_part(t64, vt, expert_out, ids_ptr, w_ptr, slot_map,
                                             RANK, M, H, K, L, E, BLOCK_H, BLOCK_K)
                     _finish_tile(part, owner, t64, vt, y_ptr, comb, RANK, W, M, H, BLOCK_H)
@@ -807,7 +824,7 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
                         if tl.sum(tl.where(offs_w == s, r_in, 0), axis=0) > r:
                             _flag_signal(flags[s] + pid * W + RANK, base + r + 1, POSTED, NT)
             if fin & (jown <= TB):
-                t64, vt = _tile(rr * CHUNK, rr * CHUNK + jown, pid, G, TB)
+                t64, vt = _tile(q0, q0 + jown, pid, G, TB)
                 part, owner = _own_part(t64, vt, expert_out, ids_ptr, w_ptr, slot_map, RANK, M,
                                         H, K, L, E, BLOCK_H, BLOCK_K)
                 dead = _wait_peers(flags[RANK] + pid * W, base + rr + 1,

@@ -119,7 +119,8 @@ class P2PBackend(MoEBackend):
                  combine_split: int | None = None, interleave: bool | None = None,
                  round_lag: int | None = None, _acq_rel_publish: bool = False,
                  _fuse: bool = True, _combine_fuse: bool | None = None,
-                 _combine_chunks: int = 1, recv_lag: int | None = None) -> None:
+                 _combine_chunks: int = 1, recv_lag: int | None = None,
+                 first_round_tokens: int | None = None) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -176,6 +177,12 @@ class P2PBackend(MoEBackend):
                 the wait find a flag set a whole round earlier, but doubles the rounds that run
                 alone at both ends; measured slower (540 vs 518 us at 4096 tokens, docs/moe.md).
                 Programs with one round always use 1 (no empty iterations).
+            first_round_tokens: ``"flags"`` with ``interleave`` only: the first round of a
+                program has this many tokens, the later ones ``round_tokens`` (``HEAD`` in
+                :mod:`llmcomm.kernels.moe`). The first round's sends and the last round's
+                receives run without the other side's work; a small first round shortens one
+                of them at the price of one more round. Default: ``round_tokens`` (equal
+                rounds); not timed yet (docs/moe.md, session 7).
             recv_lag: ``"lamport"`` only: a dispatch program with more than one own tile
                 receives in iteration ``i`` the peers' tile of iteration ``i - recv_lag``
                 (``RLAG``), so that it polls rows that have landed instead of rows the peer is
@@ -189,7 +196,8 @@ class P2PBackend(MoEBackend):
         esize = torch.empty(0, dtype=cfg.dtype).element_size()
         if protocol != "auto":
             self.protocol_decision = Decision(protocol, ("requested explicitly",))
-        elif (round_tokens, posted_flags, interleave, round_lag) != (None,) * 4:
+        elif (round_tokens, posted_flags, interleave, round_lag,
+              first_round_tokens) != (None,) * 5:
             self.protocol_decision = Decision("flags", ("a flags-only knob given",))
         elif shift is not None or recv_lag is not None:
             self.protocol_decision = Decision("lamport", ("a lamport-only knob given",))
@@ -269,6 +277,14 @@ class P2PBackend(MoEBackend):
         elif not isinstance(round_lag, int) or not 1 <= round_lag <= 4:
             raise ValueError(f"round_lag must be an int in [1, 4], got {round_lag!r}")
         self.round_lag = round_lag
+        if first_round_tokens is not None:
+            if not self.interleave:
+                raise ValueError("first_round_tokens applies to protocol='flags' with "
+                                 "interleave on: leave it unset")
+            if not isinstance(first_round_tokens, int) or first_round_tokens < 1:
+                raise ValueError(f"first_round_tokens must be an int >= 1, got "
+                                 f"{first_round_tokens!r}")
+        self.first_round_tokens = first_round_tokens
         if recv_lag is not None and not lamport:
             raise ValueError("recv_lag applies to protocol='lamport' only (the 'flags' kernels "
                              "have round_lag): leave it unset")
@@ -360,7 +376,8 @@ class P2PBackend(MoEBackend):
                 "num_warps": self.num_warps, "round_tokens": self.round_tokens,
                 "tile_tokens": self.tiles[0], "combine_tile_tokens": self.tiles[1],
                 "combine_split": self.combine_split, "interleave": self.interleave,
-                "round_lag": self.round_lag, "recv_lag": self.recv_lag, "fuse": self._fuse,
+                "round_lag": self.round_lag, "recv_lag": self.recv_lag,
+                "first_round_tokens": self.first_round_tokens, "fuse": self._fuse,
                 "fuse_combine": self._fuse_combine, "combine_chunks": self._combine_chunks,
                 "acq_rel_publish": self._acq_rel_publish,
                 **{k.lower(): v for k, v in self.variants.items()}}
@@ -411,7 +428,7 @@ class P2PBackend(MoEBackend):
             self.err_dev, self.err_host.data_ptr(), self.timeout_ns,
             CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts), TB=self.tiles[0],
             ACQ_REL=self._acq_rel_publish, INTERLEAVE=self.interleave, LAG=self.round_lag or 1,
-            FUSE=self._fuse, **self._consts())
+            FUSE=self._fuse, HEAD=self.first_round_tokens or 0, **self._consts())
         return self.expert_x, self.counts, (topk_ids, topk_weights)
 
     def combine(self, expert_out, state, num_tokens):
@@ -435,7 +452,7 @@ class P2PBackend(MoEBackend):
             self.recv_w, self.recv_T, self.comb, self.flags_c, self.slot_map, self.epoch_c,
             self.err_dev, self.err_host.data_ptr(), self.timeout_ns, TB=self.tiles[1],
             INTERLEAVE=self.interleave, LAG=self.round_lag or 1, FUSE=self._fuse_combine,
-            CHUNKS=self._combine_chunks, **self._consts())
+            CHUNKS=self._combine_chunks, HEAD=self.first_round_tokens or 0, **self._consts())
         return y
 
     def check_errors(self, sync: bool = True) -> None:
