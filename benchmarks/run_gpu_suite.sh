@@ -7,9 +7,9 @@
 #   [STEPS="tests tests_moe demo bench sweep"] [WORLD=4] bash benchmarks/run_gpu_suite.sh
 # STEPS="moe_ab" (not in the default): the A/Bs session 7 left untimed (docs/moe.md, session 7):
 # the combine's fused step in column halves at hidden 7168 (cfuse1/cfuse2), a small first round
-# (head2) and the lamport
-# dispatch receiving tiles behind at large batches (lam_lag1/2), each sweep in both orders,
-# the floor ladder (with its interleaved + fence rungs), then the flags GPU tests (~6 min).
+# (head2) and the lamport dispatch receiving tiles behind at large batches (lam_lag1/2), each
+# sweep in both orders, the floor ladder (with its interleaved + fence rungs), then the flags
+# GPU tests (~6 min).
 # WORLD (default 2) is the TP / EP size of the benchmarks; tests/gpu picks its own (gpu4 tests,
 # e.g. PP=2 x TP=2, run when 4 GPUs are visible).
 # FlashInfer is benchmarked and tested when importable (install the wheels first; CUDA_HOME set).
