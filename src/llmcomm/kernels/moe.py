@@ -30,8 +30,10 @@ keeps the phased order (send, signal, expand; push, signal, own partial, wait, f
 signals early. ``FUSE`` (two ranks): a step's own and peer tiles share one step function
 (``_dispatch_pair_step`` / ``_combine_pair_step``): every load of both tiles is issued before
 either is used, so a step costs two dependent round trips instead of four to five (the combine's
-step optionally in ``CHUNKS`` column chunks, to bound its two fp32 accumulators). The phased
-order (``interleave=False``):
+step optionally in ``CHUNKS`` column chunks, to bound its two fp32 accumulators). ``HEAD``
+(``first_round_tokens``): the first round's token count, later rounds ``CHUNK`` (default equal);
+both sides derive every round's span from the token count alike (:func:`_rounds`,
+:func:`_span`). The phased order (``interleave=False``, equal rounds):
 
 dispatch, program p, iteration r:
   1. own round r: for each own token, its ids/weights into every peer (``recv_ids/recv_w``), its
