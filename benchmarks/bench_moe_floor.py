@@ -34,7 +34,7 @@ def _kernels():
     import triton
     import triton.language as tl
 
-    from llmcomm.kernels.sync import st_release_sys
+    from llmcomm.kernels.moe import _flag_signal
 
     @triton.jit
     def _slots_of(t64, slot_tab, ids_tab, cursor, RANK: tl.constexpr, K: tl.constexpr,
@@ -100,9 +100,8 @@ def _kernels():
                     row = tl.load(x + t64 * H + offs, mask=mh)
                     tl.store(peer_recv + t64 * H + offs, row, mask=mh)
                 if FENCE:
-                    tl.debug_barrier()
-                    i = tl.arange(0, NT)
-                    st_release_sys(flag + pid + i * 0, r0 + i * 0, i == 0)
+                    tl.debug_barrier()   # as the kernels' _signal_peers
+                    _flag_signal(flag + pid, r0, True, NT)
                 for j in range(r0, r1):
                     t64 = tl.cast(pid + j * G, tl.int64)
                     row = tl.load(x + t64 * H + offs, mask=mh)
@@ -127,9 +126,8 @@ def _kernels():
                            BLOCK_H, BLOCK_K, VEC, ATOMIC)
                 if FENCE:   # interleaved, with the p2p kernels' per-round barrier + release
                     if (j + 1) % ROUND == 0:
-                        tl.debug_barrier()
-                        i = tl.arange(0, NT)
-                        st_release_sys(flag + pid + i * 0, j + i * 0, i == 0)
+                        tl.debug_barrier()   # as the kernels' _signal_peers
+                        _flag_signal(flag + pid, j, True, NT)
 
     @triton.jit
     def _partial(expert_out, slot_tab, w, t64, H: tl.constexpr, K: tl.constexpr,
@@ -176,9 +174,8 @@ def _kernels():
                     tl.store(peer_comb + t64 * H + offs, accp.to(peer_comb.dtype.element_ty),
                              mask=mh)
                 if FENCE:
-                    tl.debug_barrier()
-                    i = tl.arange(0, NT)
-                    st_release_sys(flag + pid + i * 0, r0 + i * 0, i == 0)
+                    tl.debug_barrier()   # as the kernels' _signal_peers
+                    _flag_signal(flag + pid, r0, True, NT)
                 for j in range(r0, r1):
                     t64 = tl.cast(pid + j * G, tl.int64)
                     acco = _partial(expert_out, slot_own, w, t64, H, K, BLOCK_H, BLOCK_K, VEC)
@@ -197,9 +194,8 @@ def _kernels():
                          mask=mh)
                 if FENCE:   # interleaved, with the p2p kernels' per-round barrier + release
                     if (j + 1) % ROUND == 0:
-                        tl.debug_barrier()
-                        i = tl.arange(0, NT)
-                        st_release_sys(flag + pid + i * 0, j + i * 0, i == 0)
+                        tl.debug_barrier()   # as the kernels' _signal_peers
+                        _flag_signal(flag + pid, j, True, NT)
 
     return synth_dispatch, synth_combine
 
