@@ -25,7 +25,9 @@ experts / top-8, one dispatcher per entry (``M`` = the largest token count), plu
 all_to_all once per token count for the ratio. Each entry is checked inline first: ``counts``
 against the routing and the combine output against the float64 reference
 ``y = x * sum_k w`` (expert outputs = expert inputs); the worst relative error is printed and
-recorded. Writes ``<out>/moe_sweep_ep<W>.json``.
+recorded (entries in ``UNCHECKED`` are timing diagnostics whose output is wrong by design:
+their error is recorded, not enforced). ``--split`` also times each entry's dispatch and combine
+alone. Writes ``<out>/moe_sweep_ep<W>.json``.
 """
 
 from __future__ import annotations
@@ -87,9 +89,9 @@ SWEEP = {
     # interleaved rounds with the own and the peer's tile in separate steps (the default fuses
     # them into one step at EP=2: FUSE in llmcomm.kernels.moe)
     "nofuse": ({"protocol": "flags", "_fuse": False}, None),
-    # the combine's pair step at hidden 7168 (off by default there): whole rows, or in two
-    # column halves (the register footprint of hidden 4096, where it won 38 us)
-    "cfuse1": ({"protocol": "flags", "_combine_fuse": True}, None),
+    # the combine unfused (its default since session 8 is fused, on 1-D rows), and the fused
+    # pair step on [1, H] tiles in two column halves (session 7's candidate at hidden 7168)
+    "nocfuse": ({"protocol": "flags", "_combine_fuse": False}, None),
     "cfuse2": ({"protocol": "flags", "_combine_fuse": True, "_combine_chunks": 2}, None),
     # lamport at large batches with the dispatch receiving 1 / 2 tiles behind (recv_lag)
     "lam_lag1": ({"protocol": "lamport", "recv_lag": 1}, None),
@@ -98,7 +100,14 @@ SWEEP = {
     "head2": ({"protocol": "flags", "first_round_tokens": 2}, None),
     # large batches: two programs per SM at 16 warps (session 3 timed 256 programs at 8 warps)
     "G256": ({"num_programs": 256}, None),
+    # timing diagnostics, output WRONG (UNCHECKED): the interleaved flags loops never wait, so
+    # the gap to "default" is what waiting for the peers' rounds costs (session 8)
+    "nowait": ({"protocol": "flags", "_skip_waits": True}, None),
+    # the fused one-token steps on [1, H] tiles as before session 8 (default: 1-D rows)
+    "rows2d": ({"protocol": "flags", "_rows_1d": False}, None),
 }
+#: SWEEP entries whose output is wrong by design: their check is recorded, not enforced
+UNCHECKED = {"nowait"}
 
 
 def _worker(rank, world, tokens, p2p_kwargs):
@@ -189,7 +198,7 @@ def _worker(rank, world, tokens, p2p_kwargs):
     return rows
 
 
-def _sweep_worker(rank, world, tokens, names):
+def _sweep_worker(rank, world, tokens, names, split_halves=False):
     """Every SWEEP entry: a dispatcher, an inline check per token count, then graph timing."""
     import time
 
@@ -255,7 +264,8 @@ def _sweep_worker(rank, world, tokens, names):
             except Exception as e:  # noqa: BLE001 - recorded; the ranks agree below
                 errors[f"{name}@{T}"] = repr(e)[:300]
                 cnt_ok, err = False, float("nan")
-            bad = torch.tensor([0.0 if cnt_ok and err <= 1e-2 else 1.0], device="cuda")
+            ok_out = (cnt_ok and err <= 1e-2) or (name in UNCHECKED and err == err)
+            bad = torch.tensor([0.0 if ok_out else 1.0], device="cuda")
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
             row[f"{name}.err"] = err if cnt_ok else float("inf")
             if bad.item() != 0.0:
@@ -272,8 +282,20 @@ def _sweep_worker(rank, world, tokens, names):
                 break
             row[name] = round(t, 2)
             row[f"{name}/a2a"] = round(t / row["nccl_a2a_us"], 3)
+            split = ""
+            if split_halves:   # each half alone, through the backend (as _worker)
+                be = ep._backend
+                ex, _, state = be.dispatch(x, ids, w)
+                row[f"{name}.dispatch"] = round(time_graph(
+                    lambda be=be, x=x, ids=ids, w=w: be.dispatch(x, ids, w),
+                    iters=50 if T <= 512 else 20, reps=5), 2)
+                row[f"{name}.combine"] = round(time_graph(
+                    lambda be=be, ex=ex, state=state, T=T: be.combine(ex, state, T),
+                    iters=50 if T <= 512 else 20, reps=5), 2)
+                ep.check_errors(sync=True)
+                split = f" (dispatch {row[f'{name}.dispatch']}, combine {row[f'{name}.combine']})"
             if rank == 0:  # as we go: a later crash must not lose what was measured
-                print(f"  {name} T={T}: {row[name]} us, {row[f'{name}/a2a']} x a2a "
+                print(f"  {name} T={T}: {row[name]} us{split}, {row[f'{name}/a2a']} x a2a "
                       f"({row['nccl_a2a_us']} us), err {err:.1e}", flush=True)
         ep.close()
         del ep
@@ -313,6 +335,8 @@ def main() -> None:
     ap.add_argument("--sweep-tokens", default=",".join(map(str, SWEEP_TOKENS)))
     ap.add_argument("--sweep-only", default="",
                     help=f"comma-separated SWEEP entries (default all: {','.join(SWEEP)})")
+    ap.add_argument("--split", action="store_true",
+                    help="--sweep: also time each entry's dispatch and combine alone")
     ap.add_argument("--p2p-kwargs", default="",
                     help='P2PBackend keyword arguments as JSON, e.g. \'{"num_programs": 64}\'')
     args = ap.parse_args()
@@ -337,7 +361,7 @@ def main() -> None:
 
     if args.sweep:
         stoks = [int(t) for t in args.sweep_tokens.split(",")]
-        rows, errors, secs = run_ranks(_sweep_worker, args.world, stoks, names,
+        rows, errors, secs = run_ranks(_sweep_worker, args.world, stoks, names, args.split,
                                        backend="nccl", timeout=580)[0]
         meta = environment()
         meta.update(world=args.world, config=SWEEP_CONFIG, seconds=secs, errors=errors,

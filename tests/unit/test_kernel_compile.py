@@ -37,7 +37,8 @@ _TYPES = {
     "flag_off": "i64", "stage_off": "i64", "msg_elems": "i64",
 }
 _MOE = dict(RANK=0, W=W, G=128, H=7168, K=8, L=128, E=256, BLOCK_H=8192, BLOCK_K=8,
-            BLOCK_L=128, BLOCK_W=2, TB=1, USE_TIMER=True, PDL=False, NT=512)
+            BLOCK_L=128, BLOCK_W=2, TB=1, USE_TIMER=True, PDL=False, NT=512, NOWAIT=False,
+            ROWS1D=True)
 _AR = dict(RANK=1, W=W, NORM=True, FP8=False, BLOCK=8192, PDL=True, NT=512)
 
 #: (module, kernel, constexprs, num_warps): the launchers' defaults at hidden 7168, EP/TP = 2

@@ -436,6 +436,78 @@ def _dispatch_pair_step(t64, vt, tr64, vr, x_ptr, ids_ptr, w_ptr, recv_x, recv_i
 
 
 @triton.jit
+def _token_claim(ids, valid, cursor, RANK: tl.constexpr, L: tl.constexpr, K: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """:func:`_slot_masks` + :func:`_claim_slots` for one token on 1-D vectors (``ids``
+    [BLOCK_K], ``valid`` a scalar): ``(slot, el, local, first, new)``, each [BLOCK_K]."""
+    offs_k = tl.arange(0, BLOCK_K)
+    mk = offs_k < K
+    el = ids - RANK * L
+    local = mk & (ids >= 0) & (el >= 0) & (el < L) & (tl.where(valid, K, 0) > offs_k)
+    same = (ids[:, None] == ids[None, :]) & mk[None, :]
+    first = tl.min(tl.where(same, offs_k[None, :], BLOCK_K), axis=1)
+    new = local & (first == offs_k)
+    slot = tl.atomic_add(cursor + tl.where(new, el, 0), tl.full([BLOCK_K], 1, tl.int32),
+                         mask=new, sem="relaxed", scope="gpu")
+    return slot, el, local, first, new
+
+
+@triton.jit
+def _token_place(row, valid, claim, srow, expert_x, slot_map, H: tl.constexpr,
+                 K: tl.constexpr, CAP: tl.constexpr, BLOCK_H: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """:func:`_place_rows` for one token: ``row`` [BLOCK_H] into the slots of ``claim`` (from
+    :func:`_token_claim`), and its slot-map row ``slot_map[srow]``."""
+    slot, el, local, first, new = claim
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_k = tl.arange(0, BLOCK_K)
+    new = new & (slot < CAP)             # cannot fail (CAP is the worst case); never write OOB
+    entry = tl.where(new, el * CAP + slot, -1)
+    shared = tl.max(tl.where(offs_k[None, :] == first[:, None], entry[None, :], -1), axis=1)
+    for k in tl.static_range(K):
+        e = tl.max(tl.where(offs_k == k, entry, -1), axis=0)
+        tl.store(expert_x + tl.cast(tl.maximum(e, 0), tl.int64) * H + offs_h, row,
+                 mask=offs_h < tl.where(e >= 0, H, 0))
+    tl.store(slot_map + srow * K + offs_k, tl.where(local, shared, -1),
+             mask=tl.where(valid, K, 0) > offs_k)
+
+
+@triton.jit
+def _dispatch_pair_token(t, vt, tr, vr, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w,
+                         expert_x, cursor, slot_map, RANK: tl.constexpr, M: tl.constexpr,
+                         H: tl.constexpr, K: tl.constexpr, L: tl.constexpr, E: tl.constexpr,
+                         CAP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """:func:`_dispatch_pair_step` for one-token tiles (``TB == 1``): the own token ``t`` and
+    the peer's token ``tr`` (int64 scalars, valid where ``vt`` / ``vr``) on 1-D rows and
+    [BLOCK_K] vectors, the same stores in the same order (session 8: the 2-D step of one-token
+    tiles ran the dispatch at 237-247 us at 4096 tokens with its waits skipped, the floor
+    benchmark's 1-D step with slot atomics at 209 us)."""
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_k = tl.arange(0, BLOCK_K)
+    s: tl.constexpr = 1 - RANK
+    hr = offs_h < tl.where(vr, H, 0)
+    kr = offs_k < tl.where(vr, K, 0)
+    rrow_i = tl.where(vr, s * M + tr, 0)
+    rids = tl.load(recv_ids[RANK] + rrow_i * K + offs_k, mask=kr, other=-1, cache_modifier=".cg")
+    rrow = tl.load(recv_x[RANK] + rrow_i * H + offs_h, mask=hr, cache_modifier=".cg")
+    kt = offs_k < tl.where(vt, K, 0)
+    ti = tl.where(vt, t, 0)
+    ids = tl.load(ids_ptr + ti * K + offs_k, mask=kt, other=-1).to(tl.int32)
+    ids = tl.where(kt & (ids >= 0) & (ids < E), ids, -1)
+    w = tl.load(w_ptr + ti * K + offs_k, mask=kt, other=0.0).to(tl.float32)
+    row = tl.load(x_ptr + ti * H + offs_h, mask=offs_h < tl.where(vt, H, 0))
+    orow = RANK * M + ti
+    tl.store(recv_ids[s] + orow * K + offs_k, ids, mask=kt)
+    tl.store(recv_w[s] + orow * K + offs_k, w, mask=kt)
+    to_s = tl.sum((tl.where(ids >= 0, ids // L, -1) == s).to(tl.int32), axis=0) > 0
+    tl.store(recv_x[s] + orow * H + offs_h, row, mask=offs_h < tl.where(to_s, H, 0))
+    claim = _token_claim(ids, vt, cursor, RANK, L, K, BLOCK_K)
+    rclaim = _token_claim(rids, vr, cursor, RANK, L, K, BLOCK_K)
+    _token_place(row, vt, claim, orow, expert_x, slot_map, H, K, CAP, BLOCK_H, BLOCK_K)
+    _token_place(rrow, vr, rclaim, rrow_i, expert_x, slot_map, H, K, CAP, BLOCK_H, BLOCK_K)
+
+
+@triton.jit
 def _recv_tile(s, t64, vt, recv_x, recv_ids, expert_x, cursor, slot_map, RANK: tl.constexpr,
                M: tl.constexpr, H: tl.constexpr, K: tl.constexpr, L: tl.constexpr,
                CAP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -502,8 +574,11 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                        PDL: tl.constexpr = False, NT: tl.constexpr = 256,
                        ACQ_REL: tl.constexpr = False, INTERLEAVE: tl.constexpr = False,
                        LAG: tl.constexpr = 1, FUSE: tl.constexpr = False,
-                       HEAD: tl.constexpr = 0):
-    """Flags dispatch; see the module docstring (``INTERLEAVE``: its own section there)."""
+                       HEAD: tl.constexpr = 0, NOWAIT: tl.constexpr = False,
+                       ROWS1D: tl.constexpr = True):
+    """Flags dispatch; see the module docstring (``INTERLEAVE``: its own section there).
+    ``NOWAIT`` (timing diagnostic, wrong results): the interleaved loop never waits.
+    ``ROWS1D``: one-token fused steps on 1-D rows (:func:`_dispatch_pair_token`)."""
     if PDL:  # nothing is touched before the previous grid finished
         pdl_wait()
         pdl_launch_dependents()
@@ -530,8 +605,10 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
             rr = r - lag
             if rr >= 0:
                 need = (offs_w < W) & (offs_w != RANK) & (rr < r_in)
-                dead = _wait_peers(flags[RANK] + pid * W, base + rr + 1, need, dead, err_dev,
-                                   err_host, timeout_ns, 1, USE_TIMER, POSTED, BLOCK_W, NT)
+                if not NOWAIT:
+                    dead = _wait_peers(flags[RANK] + pid * W, base + rr + 1, need, dead,
+                                       err_dev, err_host, timeout_ns, 1, USE_TIMER, POSTED,
+                                       BLOCK_W, NT)
                 if (dead == 0) & (rr == 0):
                     n_in, r_in = _peer_rounds(recv_T[RANK], pid, RANK, W, G, CHUNK, HD,
                                                           BLOCK_W, NT)
@@ -550,6 +627,13 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                         _signal_peers(flags, pid, base + r + 1, RANK, W, POSTED, NT)
                         _expand_tile(row, ids, vt, RANK, t64, expert_x, cursor, slot_map, RANK,
                                      M, H, K, L, CAP, BLOCK_H, BLOCK_K)
+                    elif FUSE & (W == 2) & (TB == 1) & ROWS1D:   # 1-D rows (session 8)
+                        js = tl.sum(tl.where(offs_w == 1 - RANK, jin, 0), axis=0)
+                        _dispatch_pair_token(tl.cast(pid + (s0 + jj) * G, tl.int64), jj < jown,
+                                             tl.cast(pid + (q0 + jj) * G, tl.int64), jj < js,
+                                             x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w,
+                                             expert_x, cursor, slot_map, RANK, M, H, K, L, E,
+                                             CAP, BLOCK_H, BLOCK_K)
                     elif FUSE & (W == 2):   # the peer's tile in the same step
                         js = tl.sum(tl.where(offs_w == 1 - RANK, jin, 0), axis=0)
                         tr64, vr = _tile(q0 + jj, q0 + js, pid, G, TB)
@@ -693,6 +777,58 @@ def _combine_pair_step(tp64, vp, to64, vo, expert_out, ids_ptr, w_ptr, y_ptr, re
 
 
 @triton.jit
+def _combine_pair_token(tp, vp, to, vo, expert_out, ids_ptr, w_ptr, y_ptr, recv_w, comb,
+                        slot_map, RANK: tl.constexpr, M: tl.constexpr, H: tl.constexpr,
+                        K: tl.constexpr, L: tl.constexpr, E: tl.constexpr,
+                        BLOCK_H: tl.constexpr):
+    """:func:`_combine_pair_step` for one-token tiles (``TB == 1``): the peer's token ``tp``
+    and the own token ``to`` (int64 scalars, valid where ``vp`` / ``vo``) on 1-D rows, every
+    slot, weight and id a scalar load. Session 8 measured why: the 2-D step ran the combine at
+    226-260 us (4096 tokens, hidden 7168, waits skipped) where the floor benchmark's 1-D step
+    moving the same bytes takes 178 us (ptxas: 128 registers and spills against 99).
+
+    Reference (fp32, k ascending; an entry without a local slot adds ``w * 0``, which leaves
+    the sum bitwise unchanged but for the sign of a zero)::
+
+        comb[1 - RANK][RANK, tp] = sum_k recv_w[tp, k] * expert_out[slot_map[peer, tp, k]]
+        y[to] = sum_k w[to, k] * expert_out[slot_map[RANK, to, k]]
+                + (comb[RANK][peer, to] if a top-k expert of ``to`` is the peer's else 0)
+    """
+    offs_h = tl.arange(0, BLOCK_H)   # row masks: offs_h < (H if present else 0), one
+    # comparison with a scalar (the interpreter rejects a bool vector & a bool scalar)
+    s: tl.constexpr = 1 - RANK
+    rp = tl.where(vp, (s * M + tp) * K, 0)   # an absent token reads row 0, then ignores it
+    ro = tl.where(vo, (RANK * M + to) * K, 0)
+    rw = tl.where(vo, to * K, 0)
+    accp = tl.zeros([BLOCK_H], tl.float32)
+    acco = tl.zeros([BLOCK_H], tl.float32)
+    has_p = tp < 0          # scalar False: the peer's token has a local expert
+    from_s = tp < 0         # scalar False: the own token has an expert on the peer
+    for k in tl.static_range(K):   # the peer's partial, then the own one (as the floor:
+        ep = tl.where(vp, tl.load(slot_map + rp + k), -1)   # K row loads in flight, not 2K)
+        wp = tl.load(recv_w[RANK] + rp + k, cache_modifier=".cg")
+        xp = tl.load(expert_out + tl.cast(tl.maximum(ep, 0), tl.int64) * H + offs_h,
+                     mask=offs_h < tl.where(ep >= 0, H, 0), other=0.0)
+        accp += wp * xp.to(tl.float32)
+        has_p = has_p | (ep >= 0)
+    for k in tl.static_range(K):
+        eo = tl.where(vo, tl.load(slot_map + ro + k), -1)
+        wo = tl.load(w_ptr + rw + k).to(tl.float32)
+        ik = tl.where(vo, tl.load(ids_ptr + rw + k), -1)
+        xo = tl.load(expert_out + tl.cast(tl.maximum(eo, 0), tl.int64) * H + offs_h,
+                     mask=offs_h < tl.where(eo >= 0, H, 0), other=0.0)
+        acco += wo * xo.to(tl.float32)
+        from_s = from_s | ((ik >= 0) & (ik < E) & (ik // L == s))
+    tl.store(comb[s] + (RANK * M + tp) * H + offs_h, accp.to(comb[s].dtype.element_ty),
+             mask=offs_h < tl.where(has_p, H, 0))
+    cv = tl.load(comb[RANK] + (s * M + to) * H + offs_h, mask=offs_h < tl.where(from_s, H, 0),
+                 other=0.0,
+                 cache_modifier=".cg")
+    tl.store(y_ptr + to * H + offs_h, (acco + cv.to(tl.float32)).to(y_ptr.dtype.element_ty),
+             mask=offs_h < tl.where(vo, H, 0))
+
+
+@triton.jit
 def _push_tile(s, t64, vt, expert_out, recv_w, comb, slot_map, RANK: tl.constexpr,
                M: tl.constexpr, H: tl.constexpr, K: tl.constexpr, BLOCK_H: tl.constexpr,
                BLOCK_K: tl.constexpr):
@@ -759,8 +895,11 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
                       POSTED: tl.constexpr = False, PDL: tl.constexpr = False,
                       NT: tl.constexpr = 256, INTERLEAVE: tl.constexpr = False,
                       LAG: tl.constexpr = 1, FUSE: tl.constexpr = False,
-                      CHUNKS: tl.constexpr = 1, HEAD: tl.constexpr = 0):
-    """Flags combine; see the module docstring (``INTERLEAVE``: its own section there)."""
+                      CHUNKS: tl.constexpr = 1, HEAD: tl.constexpr = 0,
+                      NOWAIT: tl.constexpr = False, ROWS1D: tl.constexpr = True):
+    """Flags combine; see the module docstring (``INTERLEAVE``: its own section there).
+    ``NOWAIT`` (timing diagnostic, wrong results): the interleaved loop never waits.
+    ``ROWS1D``: one-token fused steps on 1-D rows (:func:`_combine_pair_token`)."""
     if PDL:  # nothing is touched before the previous grid finished
         pdl_wait()
         pdl_launch_dependents()
@@ -791,7 +930,7 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
             s0, jin = _span(r, n_in, CHUNK, HD)      # the peers' round r: s0 + [0, jin)
             jin = tl.where((r < r_in) & (dead == 0), jin, 0)
             many = jown > TB
-            if fin & many:
+            if fin & many & (not NOWAIT):
                 dead = _wait_peers(flags[RANK] + pid * W, base + rr + 1,
                                    (offs_w < W) & (offs_w != RANK), dead, err_dev, err_host,
                                    timeout_ns, 2, USE_TIMER, POSTED, BLOCK_W, NT)
@@ -800,13 +939,22 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
                 fused = jj < 0   # both tiles in one step (FUSE, two ranks)
                 if FUSE & (W == 2):
                     fused = many & (jj < jown)
+                    if (TB == 1) & (CHUNKS == 1) & ROWS1D:   # every step; a token may be absent
+                        fused = jj >= 0
                 if fused:
                     js = tl.sum(tl.where(offs_w == 1 - RANK, jin, 0), axis=0)
-                    tp64, vp = _tile(s0 + jj, s0 + js, pid, G, TB)
-                    to64, vo = _tile(q0 + jj, q0 + jown, pid, G, TB)
-                    _combine_pair_step(tp64, vp, to64, vo, expert_out, ids_ptr, w_ptr, y_ptr,
-                                       recv_w, comb, slot_map, RANK, M, H, K, L, E, BLOCK_H,
-                                       BLOCK_K, CHUNKS)
+                    if (TB == 1) & (CHUNKS == 1) & ROWS1D:   # 1-D rows (session 8)
+                        _combine_pair_token(tl.cast(pid + (s0 + jj) * G, tl.int64), jj < js,
+                                            tl.cast(pid + (q0 + jj) * G, tl.int64),
+                                            many & (jj < jown), expert_out, ids_ptr, w_ptr,
+                                            y_ptr, recv_w, comb, slot_map, RANK, M, H, K, L, E,
+                                            BLOCK_H)
+                    else:
+                        tp64, vp = _tile(s0 + jj, s0 + js, pid, G, TB)
+                        to64, vo = _tile(q0 + jj, q0 + jown, pid, G, TB)
+                        _combine_pair_step(tp64, vp, to64, vo, expert_out, ids_ptr, w_ptr,
+                                           y_ptr, recv_w, comb, slot_map, RANK, M, H, K, L, E,
+                                           BLOCK_H, BLOCK_K, CHUNKS)
                 for s in tl.static_range(W):
                     if s != RANK:
                         js = tl.sum(tl.where(offs_w == s, jin, 0), axis=0)

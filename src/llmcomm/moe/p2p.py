@@ -120,7 +120,8 @@ class P2PBackend(MoEBackend):
                  round_lag: int | None = None, _acq_rel_publish: bool = False,
                  _fuse: bool = True, _combine_fuse: bool | None = None,
                  _combine_chunks: int = 1, recv_lag: int | None = None,
-                 first_round_tokens: int | None = None) -> None:
+                 first_round_tokens: int | None = None, _skip_waits: bool = False,
+                 _rows_1d: bool = True) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -295,19 +296,29 @@ class P2PBackend(MoEBackend):
         self.recv_lag = recv_lag
         self.combine_split = combine_split   # None for "flags"
         self._acq_rel_publish = bool(_acq_rel_publish)   # A/B only: see _publish_counts
-        # A/B only: FUSE in llmcomm.kernels.moe (flags, interleaved, EP=2). The combine's pair
-        # step holds two fp32 row accumulators: measured 38 us faster at hidden 4096 (4096
-        # tokens) but 6-12 us slower at 7168, where the dispatch's still gains 9 us (session 7,
-        # docs/moe.md); so by default the combine fuses up to hidden 4096 only.
-        # _combine_chunks > 1 (untimed, session 7): the pair step in column chunks, to try the
-        # fused combine at hidden 7168 with the register footprint of hidden 4096
+        # A/B only: FUSE in llmcomm.kernels.moe (flags, interleaved, EP=2). With one-token
+        # combine tiles (the default) the fused step runs on 1-D rows (ROWS1D) and wins at every
+        # hidden size (session 8: 234 vs 264 us unfused at 7168, 4096 tokens); the [TB, H]
+        # pair step of larger tiles holds two fp32 row accumulators and lost at hidden 7168
+        # (session 7), so with combine_tile_tokens > 1 the combine fuses up to hidden 4096.
+        # _combine_chunks > 1: that pair step in column chunks (session 8: 503-510 us, i.e.
+        # no better than unfused at 7168; kept for A/Bs)
         self._fuse = bool(_fuse) and not lamport
         if _combine_fuse is None:
-            _combine_fuse = self._fuse and _next_pow2(cfg.hidden_size) <= 4096
+            _combine_fuse = self._fuse and (combine_tile_tokens == 1
+                                            or _next_pow2(cfg.hidden_size) <= 4096)
         self._fuse_combine = bool(_combine_fuse) and not lamport
         if _combine_chunks not in (1, 2, 4):
             raise ValueError(f"_combine_chunks must be 1, 2 or 4, got {_combine_chunks!r}")
         self._combine_chunks = _combine_chunks
+        # timing diagnostic only (bench_moe.py sweep entry "nowait"): the interleaved flags
+        # loops never wait for a peer's round, so their output is WRONG; what the kernels take
+        # without it tells synchronisation from the work of a step (session 8, docs/moe.md)
+        if _skip_waits and (lamport or not self.interleave):
+            raise ValueError("_skip_waits applies to protocol='flags' with interleave on")
+        self._skip_waits = bool(_skip_waits)
+        # A/B only: ROWS1D in llmcomm.kernels.moe (the fused one-token steps on 1-D rows)
+        self._rows_1d = bool(_rows_1d)
         self.round_tokens = round_tokens     # None for "lamport"
         self.shift = shift                   # None for "flags"
         dev = cfg.device if not self._sim else torch.device("cpu")
@@ -428,7 +439,8 @@ class P2PBackend(MoEBackend):
             self.err_dev, self.err_host.data_ptr(), self.timeout_ns,
             CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts), TB=self.tiles[0],
             ACQ_REL=self._acq_rel_publish, INTERLEAVE=self.interleave, LAG=self.round_lag or 1,
-            FUSE=self._fuse, HEAD=self.first_round_tokens or 0, **self._consts())
+            FUSE=self._fuse, HEAD=self.first_round_tokens or 0, NOWAIT=self._skip_waits,
+            ROWS1D=self._rows_1d, **self._consts())
         return self.expert_x, self.counts, (topk_ids, topk_weights)
 
     def combine(self, expert_out, state, num_tokens):
@@ -452,7 +464,8 @@ class P2PBackend(MoEBackend):
             self.recv_w, self.recv_T, self.comb, self.flags_c, self.slot_map, self.epoch_c,
             self.err_dev, self.err_host.data_ptr(), self.timeout_ns, TB=self.tiles[1],
             INTERLEAVE=self.interleave, LAG=self.round_lag or 1, FUSE=self._fuse_combine,
-            CHUNKS=self._combine_chunks, HEAD=self.first_round_tokens or 0, **self._consts())
+            CHUNKS=self._combine_chunks, HEAD=self.first_round_tokens or 0,
+            NOWAIT=self._skip_waits, ROWS1D=self._rows_1d, **self._consts())
         return y
 
     def check_errors(self, sync: bool = True) -> None:
