@@ -105,6 +105,9 @@ SWEEP = {
     "nowait": ({"protocol": "flags", "_skip_waits": True}, None),
     # the fused one-token steps on [1, H] tiles as before session 8 (default: 1-D rows)
     "rows2d": ({"protocol": "flags", "_rows_1d": False}, None),
+    # the dispatch's slots claimed per token, not for a whole round at its start (the default
+    # since session 8: one vector atomic per round)
+    "noclaim": ({"protocol": "flags", "_claim_rounds": False}, None),
 }
 #: SWEEP entries whose output is wrong by design: their check is recorded, not enforced
 UNCHECKED = {"nowait"}

@@ -45,6 +45,8 @@ P2P_SIM = {"p2p-sim": {"protocol": "flags"},
            "p2p-sim-t1r13": {"tile_tokens": 1, "round_tokens": 13},
            "p2p-sim-r1lag2": {"round_tokens": 1, "round_lag": 2},   # a round per token, lag 2
            "p2p-sim-cchunks2": {"_combine_chunks": 2},   # the fused combine in column halves
+           # dispatch slots claimed per token (the default claims a round's at its start)
+           "p2p-sim-noclaim": {"_claim_rounds": False, "round_tokens": 3},
            "p2p-sim-head1": {"first_round_tokens": 1, "round_tokens": 3},   # rounds 1, 3, 3..
            # the phased rounds (interleave=False; the default interleaves), 2-token tiles
            "p2p-sim-phased": {"interleave": False, "tile_tokens": 2, "round_tokens": 3},

@@ -19,6 +19,10 @@ from tests._dist import run_ranks
 P2P_VARIANTS = {
     "p2p": {},
     "p2p-flags": {"protocol": "flags"},
+    # 8 programs: up to 12 tokens each, rounds of 3 -- the interleaved multi-token rounds (fused
+    # one-token steps, round slot claims) that large batches take; with 96+ programs every
+    # program owns one token at M = 96
+    "p2p-flags-g8": {"protocol": "flags", "num_programs": 8},
     "p2p-lamport": {"protocol": "lamport"},
     "p2p-lamport-t4c2": {"protocol": "lamport", "tile_tokens": 4, "combine_tile_tokens": 2},
     "p2p-lamport-t2-w16-shift20": {"protocol": "lamport", "tile_tokens": 2, "num_warps": 16,
@@ -60,6 +64,7 @@ def _correctness_worker(rank, world, names):
 
 
 @pytest.mark.parametrize("names", [("p2p", "torch", "allgather"), ("p2p-flags",),
+                                   ("p2p-flags-g8",),
                                    *((n,) for n in LAMPORT)],
                          ids=lambda names: "+".join(names))
 def test_backends_match_reference_on_gpu(names):

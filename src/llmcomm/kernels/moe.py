@@ -306,17 +306,47 @@ def _place_rows(row, ids, vt, slot, srow, expert_x, slot_map, RANK: tl.constexpr
     (repeated ids share their first occurrence's), -1 for the others."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_k = tl.arange(0, BLOCK_K)
+    entry, smrow = _slot_entries(ids, vt, slot, RANK, L, K, CAP, BLOCK_K)
+    for k in tl.static_range(K):
+        e = tl.max(tl.where(offs_k[None, :] == k, entry, -1), axis=1)
+        dst = expert_x + tl.cast(tl.maximum(e, 0), tl.int64)[:, None] * H + offs_h[None, :]
+        tl.store(dst, row, mask=(e >= 0)[:, None] & (offs_h < H)[None, :])
+    tl.store(slot_map + srow[:, None] * K + offs_k[None, :], smrow,
+             mask=vt[:, None] & (offs_k < K)[None, :])
+
+
+@triton.jit
+def _slot_entries(ids, vt, slot, RANK: tl.constexpr, L: tl.constexpr, K: tl.constexpr,
+                  CAP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """For ``R`` tokens and the raw slots :func:`_claim_slots` took for them: ``(entry, smrow)``
+    [R, BLOCK_K]: ``el * CAP + slot`` where this k took a slot (else -1), and the slot-map row
+    (every local id: its first occurrence's entry; -1 for the others)."""
+    offs_k = tl.arange(0, BLOCK_K)
     el, local, first, new = _slot_masks(ids, vt, RANK, L, K, BLOCK_K)
     new = new & (slot < CAP)             # cannot fail (CAP is the worst case); never write OOB
     entry = tl.where(new, el * CAP + slot, -1)
     shared = tl.max(tl.where(offs_k[None, None, :] == first[:, :, None], entry[:, None, :], -1),
                     axis=2)
-    for k in tl.static_range(K):
-        e = tl.max(tl.where(offs_k[None, :] == k, entry, -1), axis=1)
-        dst = expert_x + tl.cast(tl.maximum(e, 0), tl.int64)[:, None] * H + offs_h[None, :]
-        tl.store(dst, row, mask=(e >= 0)[:, None] & (offs_h < H)[None, :])
-    tl.store(slot_map + srow[:, None] * K + offs_k[None, :], tl.where(local, shared, -1),
-             mask=vt[:, None] & (offs_k < K)[None, :])
+    return entry, tl.where(local, shared, -1)
+
+
+@triton.jit
+def _claim_round(t64, vt, src_ids, srow, cursor, slot_map, RANK: tl.constexpr, L: tl.constexpr,
+                 K: tl.constexpr, E: tl.constexpr, CAP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``CLAIM`` (session 8): the slots of a whole round's tokens (``t64`` [RB], valid ``vt``)
+    in one vector atomic, written to their slot-map rows ``slot_map[srow]`` (``srow`` [RB]);
+    their ids from ``src_ids`` (``[., K]`` rows ``srow``, for a peer's tokens, or the caller's
+    ``topk_ids`` rows ``t64``: pass ``srow`` or ``t64`` accordingly, ``E`` sanitises). The
+    round's steps then read their slots back (:func:`_dispatch_pair_token`), one load beside
+    the row load instead of an id load -> atomic -> store chain per token."""
+    offs_k = tl.arange(0, BLOCK_K)
+    m2 = vt[:, None] & (offs_k < K)[None, :]
+    ids = tl.load(src_ids + t64[:, None] * K + offs_k[None, :], mask=m2, other=-1,
+                  cache_modifier=".cg").to(tl.int32)
+    ids = tl.where(m2 & (ids >= 0) & (ids < E), ids, -1)
+    slot = _claim_slots(ids, vt, cursor, RANK, L, K, BLOCK_K)
+    entry, smrow = _slot_entries(ids, vt, slot, RANK, L, K, CAP, BLOCK_K)
+    tl.store(slot_map + srow[:, None] * K + offs_k[None, :], smrow, mask=m2)
 
 
 @triton.jit
@@ -473,15 +503,32 @@ def _token_place(row, valid, claim, srow, expert_x, slot_map, H: tl.constexpr,
 
 
 @triton.jit
+def _token_copy(row, valid, srow, expert_x, slot_map, H: tl.constexpr, K: tl.constexpr,
+                BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``row`` [BLOCK_H] into the slots :func:`_claim_round` wrote to ``slot_map[srow]`` (a
+    repeated id copies its row twice into the same slot: the same bytes)."""
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_k = tl.arange(0, BLOCK_K)
+    sm = tl.load(slot_map + srow * K + offs_k, mask=tl.where(valid, K, 0) > offs_k, other=-1,
+                 cache_modifier=".cg")
+    for k in tl.static_range(K):
+        e = tl.max(tl.where(offs_k == k, sm, -1), axis=0)
+        tl.store(expert_x + tl.cast(tl.maximum(e, 0), tl.int64) * H + offs_h, row,
+                 mask=offs_h < tl.where(e >= 0, H, 0))
+
+
+@triton.jit
 def _dispatch_pair_token(t, vt, tr, vr, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w,
                          expert_x, cursor, slot_map, RANK: tl.constexpr, M: tl.constexpr,
                          H: tl.constexpr, K: tl.constexpr, L: tl.constexpr, E: tl.constexpr,
-                         CAP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+                         CAP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                         CLAIMED: tl.constexpr = False):
     """:func:`_dispatch_pair_step` for one-token tiles (``TB == 1``): the own token ``t`` and
     the peer's token ``tr`` (int64 scalars, valid where ``vt`` / ``vr``) on 1-D rows and
     [BLOCK_K] vectors, the same stores in the same order (session 8: the 2-D step of one-token
     tiles ran the dispatch at 237-247 us at 4096 tokens with its waits skipped, the floor
-    benchmark's 1-D step with slot atomics at 209 us)."""
+    benchmark's 1-D step with slot atomics at 209 us). ``CLAIMED``: both tokens' slots were
+    taken by :func:`_claim_round` (the own token always, the peer's where ``vr``)."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_k = tl.arange(0, BLOCK_K)
     s: tl.constexpr = 1 - RANK
@@ -501,10 +548,15 @@ def _dispatch_pair_token(t, vt, tr, vr, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids,
     tl.store(recv_w[s] + orow * K + offs_k, w, mask=kt)
     to_s = tl.sum((tl.where(ids >= 0, ids // L, -1) == s).to(tl.int32), axis=0) > 0
     tl.store(recv_x[s] + orow * H + offs_h, row, mask=offs_h < tl.where(to_s, H, 0))
-    claim = _token_claim(ids, vt, cursor, RANK, L, K, BLOCK_K)
-    rclaim = _token_claim(rids, vr, cursor, RANK, L, K, BLOCK_K)
-    _token_place(row, vt, claim, orow, expert_x, slot_map, H, K, CAP, BLOCK_H, BLOCK_K)
-    _token_place(rrow, vr, rclaim, rrow_i, expert_x, slot_map, H, K, CAP, BLOCK_H, BLOCK_K)
+    if CLAIMED:
+        _token_copy(row, vt, orow, expert_x, slot_map, H, K, BLOCK_H, BLOCK_K)
+        _token_copy(rrow, vr, rrow_i, expert_x, slot_map, H, K, BLOCK_H, BLOCK_K)
+    else:
+        claim = _token_claim(ids, vt, cursor, RANK, L, K, BLOCK_K)
+        rclaim = _token_claim(rids, vr, cursor, RANK, L, K, BLOCK_K)
+        _token_place(row, vt, claim, orow, expert_x, slot_map, H, K, CAP, BLOCK_H, BLOCK_K)
+        _token_place(rrow, vr, rclaim, rrow_i, expert_x, slot_map, H, K, CAP, BLOCK_H,
+                     BLOCK_K)
 
 
 @triton.jit
@@ -575,10 +627,12 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                        ACQ_REL: tl.constexpr = False, INTERLEAVE: tl.constexpr = False,
                        LAG: tl.constexpr = 1, FUSE: tl.constexpr = False,
                        HEAD: tl.constexpr = 0, NOWAIT: tl.constexpr = False,
-                       ROWS1D: tl.constexpr = True):
+                       ROWS1D: tl.constexpr = True, CLAIM_RB: tl.constexpr = 0):
     """Flags dispatch; see the module docstring (``INTERLEAVE``: its own section there).
     ``NOWAIT`` (timing diagnostic, wrong results): the interleaved loop never waits.
-    ``ROWS1D``: one-token fused steps on 1-D rows (:func:`_dispatch_pair_token`)."""
+    ``ROWS1D``: one-token fused steps on 1-D rows (:func:`_dispatch_pair_token`).
+    ``CLAIM_RB`` > 0 (a power of 2 >= every round's tokens): with ``ROWS1D``, the slots of a
+    round's fused steps are taken at the round's start (:func:`_claim_round`)."""
     if PDL:  # nothing is touched before the previous grid finished
         pdl_wait()
         pdl_launch_dependents()
@@ -618,6 +672,18 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
             jin = tl.where((rr >= 0) & (rr < r_in) & (dead == 0), jin, 0)
             # a round of one own tile (small batches): send it, signal, then expand it
             one = (jown >= 1) & (jown <= TB)
+            CLAIM: tl.constexpr = (CLAIM_RB > 0) & FUSE & (W == 2) & (TB == 1) & ROWS1D
+            if CLAIM:
+                if jown > TB:   # the fused steps' tokens: own [0, jown), the peer's below both
+                    offs_c = tl.arange(0, CLAIM_RB)
+                    jp = tl.minimum(tl.sum(tl.where(offs_w == 1 - RANK, jin, 0), axis=0), jown)
+                    tc = tl.cast(pid + (s0 + offs_c) * G, tl.int64)
+                    _claim_round(tc, offs_c < jown, ids_ptr, RANK * M + tc, cursor, slot_map,
+                                 RANK, L, K, E, CAP, BLOCK_K)
+                    tc = (1 - RANK) * M + tl.cast(pid + (q0 + offs_c) * G, tl.int64)
+                    _claim_round(tc, offs_c < jp, recv_ids[RANK], tc, cursor, slot_map, RANK,
+                                 L, K, E, CAP, BLOCK_K)
+                    tl.debug_barrier()   # the slot-map rows, written, are read by every thread
             for jj in range(0, tl.maximum(jown, tl.max(jin, axis=0)), TB):
                 if jj < jown:
                     t64, vt = _tile(s0 + jj, s0 + jown, pid, G, TB)
@@ -633,7 +699,7 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                                              tl.cast(pid + (q0 + jj) * G, tl.int64), jj < js,
                                              x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w,
                                              expert_x, cursor, slot_map, RANK, M, H, K, L, E,
-                                             CAP, BLOCK_H, BLOCK_K)
+                                             CAP, BLOCK_H, BLOCK_K, CLAIM)
                     elif FUSE & (W == 2):   # the peer's tile in the same step
                         js = tl.sum(tl.where(offs_w == 1 - RANK, jin, 0), axis=0)
                         tr64, vr = _tile(q0 + jj, q0 + js, pid, G, TB)

@@ -121,7 +121,7 @@ class P2PBackend(MoEBackend):
                  _fuse: bool = True, _combine_fuse: bool | None = None,
                  _combine_chunks: int = 1, recv_lag: int | None = None,
                  first_round_tokens: int | None = None, _skip_waits: bool = False,
-                 _rows_1d: bool = True) -> None:
+                 _rows_1d: bool = True, _claim_rounds: bool = True) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -319,6 +319,11 @@ class P2PBackend(MoEBackend):
         self._skip_waits = bool(_skip_waits)
         # A/B only: ROWS1D in llmcomm.kernels.moe (the fused one-token steps on 1-D rows)
         self._rows_1d = bool(_rows_1d)
+        # A/B only: CLAIM_RB in llmcomm.kernels.moe (a round's slots taken at its start, in one
+        # vector atomic, for the fused one-token dispatch steps; rounds of <= 16 tokens): on by
+        # default (session 8: dispatch 229-243 vs 254-266 us at 4096 tokens, hidden 7168)
+        rb = _next_pow2(max(round_tokens or 1, first_round_tokens or 1)) if not lamport else 0
+        self._claim_rb = rb if _claim_rounds and self._rows_1d and rb <= 16 else 0
         self.round_tokens = round_tokens     # None for "lamport"
         self.shift = shift                   # None for "flags"
         dev = cfg.device if not self._sim else torch.device("cpu")
@@ -440,7 +445,7 @@ class P2PBackend(MoEBackend):
             CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts), TB=self.tiles[0],
             ACQ_REL=self._acq_rel_publish, INTERLEAVE=self.interleave, LAG=self.round_lag or 1,
             FUSE=self._fuse, HEAD=self.first_round_tokens or 0, NOWAIT=self._skip_waits,
-            ROWS1D=self._rows_1d, **self._consts())
+            ROWS1D=self._rows_1d, CLAIM_RB=self._claim_rb, **self._consts())
         return self.expert_x, self.counts, (topk_ids, topk_weights)
 
     def combine(self, expert_out, state, num_tokens):
