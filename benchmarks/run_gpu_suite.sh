@@ -5,11 +5,10 @@
 # 2 x H200: tests ~5 min, tests_moe ~8 min, demo ~4 min, bench ~6 min, sweep ~3 min).
 # Usage, from the repository root on a node with 2+ GPUs:
 #   [STEPS="tests tests_moe demo bench sweep"] [WORLD=4] bash benchmarks/run_gpu_suite.sh
-# STEPS="moe_ab" (not in the default): the A/Bs session 7 left untimed (docs/moe.md, session 7):
-# the combine's fused step in column halves at hidden 7168 (cfuse1/cfuse2), a small first round
-# (head2) and the lamport dispatch receiving tiles behind at large batches (lam_lag1/2), each
-# sweep in both orders, the floor ladder (with its interleaved + fence rungs), then the flags
-# GPU tests (~6 min).
+# STEPS="moe_ab" (not in the default): the large-batch A/B of session 8 (docs/moe.md): the flags
+# defaults against per-token slot claims (noclaim), the unfused combine (nocfuse) and the waits
+# skipped (nowait, a timing diagnostic), each with dispatch / combine alone, in both orders;
+# then the floor ladder and the flags GPU tests (~5 min).
 # WORLD (default 2) is the TP / EP size of the benchmarks; tests/gpu picks its own (gpu4 tests,
 # e.g. PP=2 x TP=2, run when 4 GPUs are visible).
 # FlashInfer is benchmarked and tested when importable (install the wheels first; CUDA_HOME set).
@@ -41,16 +40,12 @@ case " $STEPS " in *" bench "*)
   step bench_allreduce 240 python3 benchmarks/bench_allreduce.py --check --strategies --world "$WORLD" --out "$OUT"
   step bench_moe 150 python3 benchmarks/bench_moe.py --world "$WORLD" --out "$OUT" ;; esac
 case " $STEPS " in *" moe_ab "*)
-  step ab_fuse_a 120 python3 benchmarks/bench_moe.py --sweep --sweep-tokens 1024,4096 \
-    --sweep-only default,cfuse1,cfuse2,head2 --out "$OUT/ab_fuse_a"
-  step ab_fuse_b 120 python3 benchmarks/bench_moe.py --sweep --sweep-tokens 1024,4096 \
-    --sweep-only head2,cfuse2,cfuse1,default --out "$OUT/ab_fuse_b"
-  step ab_lag_a 120 python3 benchmarks/bench_moe.py --sweep --sweep-tokens 128,1024,4096 \
-    --sweep-only default,lam,lam_lag1,lam_lag2 --out "$OUT/ab_lag_a"
-  step ab_lag_b 120 python3 benchmarks/bench_moe.py --sweep --sweep-tokens 128,1024,4096 \
-    --sweep-only lam_lag2,lam_lag1,lam,default --out "$OUT/ab_lag_b"
+  step ab_a 150 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1024,4096 \
+    --sweep-only default,noclaim,nocfuse,nowait --out "$OUT/ab_a"
+  step ab_b 120 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 4096 \
+    --sweep-only nowait,nocfuse,noclaim,default --out "$OUT/ab_b"
   step moe_floor 120 python3 benchmarks/bench_moe_floor.py --programs 128 --out "$OUT/moe_floor"
-  step gpu_tests_moe_flags 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_moe_p2p.py \
+  step gpu_tests_moe_flags 240 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_moe_p2p.py \
     -k flags ;; esac
 case " $STEPS " in *" sweep "*)
   if [ "$WORLD" -gt 2 ]; then   # W>2: where Lamport / one-shot / two-shot cross (docs/kernels.md)

@@ -30,7 +30,13 @@ keeps the phased order (send, signal, expand; push, signal, own partial, wait, f
 signals early. ``FUSE`` (two ranks): a step's own and peer tiles share one step function
 (``_dispatch_pair_step`` / ``_combine_pair_step``): every load of both tiles is issued before
 either is used, so a step costs two dependent round trips instead of four to five (the combine's
-step optionally in ``CHUNKS`` column chunks, to bound its two fp32 accumulators). ``HEAD``
+step optionally in ``CHUNKS`` column chunks, to bound its two fp32 accumulators). ``ROWS1D``
+(default): with one-token tiles those steps run on 1-D rows with scalar slot / weight loads
+(``_dispatch_pair_token`` / ``_combine_pair_token``; the combine then fuses at every hidden
+size), and ``CLAIM_RB`` > 0 (default) takes the slots of a round's fused dispatch steps at the
+round's start, one vector atomic for the round, written to ``slot_map`` and read back by each
+step beside its row load (``_claim_round``). ``NOWAIT`` is a timing diagnostic (output wrong):
+the multi-tile rounds never wait. ``HEAD``
 (``first_round_tokens``): the first round's token count, later rounds ``CHUNK`` (default equal);
 both sides derive every round's span from the token count alike (:func:`_rounds`,
 :func:`_span`). The phased order (``interleave=False``, equal rounds):
@@ -1005,8 +1011,11 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
                 fused = jj < 0   # both tiles in one step (FUSE, two ranks)
                 if FUSE & (W == 2):
                     fused = many & (jj < jown)
-                    if (TB == 1) & (CHUNKS == 1) & ROWS1D:   # every step; a token may be absent
-                        fused = jj >= 0
+                    if (TB == 1) & (CHUNKS == 1) & ROWS1D:
+                        # every step of a program with several rounds (a token may be absent);
+                        # one round (small batches): the separate steps, as before session 8
+                        # (the token step made the combine 1.5-3 us slower at 8-128 tokens)
+                        fused = r_own > 1
                 if fused:
                     js = tl.sum(tl.where(offs_w == 1 - RANK, jin, 0), axis=0)
                     if (TB == 1) & (CHUNKS == 1) & ROWS1D:   # 1-D rows (session 8)
