@@ -108,6 +108,8 @@ SWEEP = {
     # the dispatch's slots claimed per token, not for a whole round at its start (the default
     # since session 8: one vector atomic per round)
     "noclaim": ({"protocol": "flags", "_claim_rounds": False}, None),
+    # a one-sided round (the first and the last of a program) one token per step, not two
+    "nopair2": ({"protocol": "flags", "_pair_alone": False}, None),
 }
 #: SWEEP entries whose output is wrong by design: their check is recorded, not enforced
 UNCHECKED = {"nowait"}

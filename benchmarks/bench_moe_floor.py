@@ -34,7 +34,7 @@ def _kernels():
     import triton
     import triton.language as tl
 
-    from llmcomm.kernels.moe import _flag_signal
+    from llmcomm.kernels.moe import _combine_pair_token, _flag_signal
 
     @triton.jit
     def _slots_of(t64, slot_tab, ids_tab, cursor, RANK: tl.constexpr, K: tl.constexpr,
@@ -197,7 +197,28 @@ def _kernels():
                         tl.debug_barrier()   # as the kernels' _signal_peers
                         _flag_signal(flag + pid, j, True, NT)
 
-    return synth_dispatch, synth_combine
+    @triton.jit
+    def synth_combine_token(expert_out, ids, w, y, recv_w, comb, slot_map, flag, T,
+                            RANK: tl.constexpr, M: tl.constexpr, H: tl.constexpr,
+                            K: tl.constexpr, L: tl.constexpr, E: tl.constexpr,
+                            BLOCK_H: tl.constexpr, G: tl.constexpr, ROUND: tl.constexpr,
+                            FENCE: tl.constexpr, NT: tl.constexpr):
+        """The floor's combine loop (token t's push and finish in one step, optionally the
+        per-round barrier + release) calling the real kernels' step, ``_combine_pair_token``,
+        on the real workspace layout (``slot_map`` [W * M, K] int32, ``recv_w`` / ``comb`` one
+        pointer per rank): what the real step costs without the real kernel's round loop."""
+        pid = tl.program_id(0)
+        n = tl.cdiv(T - pid, G)
+        for j in range(0, n):
+            t64 = tl.cast(pid + j * G, tl.int64)
+            _combine_pair_token(t64, j >= 0, t64, j >= 0, expert_out, ids, w, y, recv_w, comb,
+                                slot_map, RANK, M, H, K, L, E, BLOCK_H)
+            if FENCE:
+                if (j + 1) % ROUND == 0:
+                    tl.debug_barrier()   # as the kernels' _signal_peers
+                    _flag_signal(flag + pid, j, True, NT)
+
+    return synth_dispatch, synth_combine, synth_combine_token
 
 
 def _slots(ids_src, rank, L, CAP, fill):
@@ -216,14 +237,14 @@ def _slots(ids_src, rank, L, CAP, fill):
     return out
 
 
-def _worker(rank, world, T, H, E, K, G, warps):
+def _worker(rank, world, T, H, E, K, G, warps, rungs=None):
     import torch
     import torch.distributed as dist
     import torch.distributed._symmetric_memory as symm_mem
 
     from benchmarks._common import time_graph
 
-    synth_dispatch, synth_combine = _kernels()
+    synth_dispatch, synth_combine, synth_combine_token = _kernels()
     dev = torch.device("cuda", rank)
     torch.cuda.set_device(dev)
     L, CAP = E // world, world * T
@@ -249,6 +270,17 @@ def _worker(rank, world, T, H, E, K, G, warps):
     theirs = pbuf[:nrow].view(dt).view(2, T, H)
     flag = pbuf[nrow:].view(torch.int32)
     local.zero_()
+    # the real kernels' layout for the real combine step (rung c_token*): rows s * T + t
+    slot_map = torch.empty(2 * T, K, dtype=torch.int32, device=dev)
+    slot_map[rank * T:(rank + 1) * T] = slot_own.to(torch.int32)
+    slot_map[peer * T:(peer + 1) * T] = slot_peer.to(torch.int32)
+    rw = torch.rand(2 * T, K, device=dev)
+    cloc = symm_mem.empty(2 * T * H, dtype=dt, device=dev)
+    chdl = symm_mem.rendezvous(cloc, dist.group.WORLD.group_name)
+    cpeer = chdl.get_buffer(peer, [2 * T * H], dt)
+    comb_t = (cloc, cpeer) if rank == 0 else (cpeer, cloc)
+    cloc.zero_()
+    ids_own64 = ids[rank].to(dev)
     torch.cuda.synchronize()
     dist.barrier()
     y = torch.empty(T, H, device=dev, dtype=dt)
@@ -273,26 +305,34 @@ def _worker(rank, world, T, H, E, K, G, warps):
     def tg(fn):
         return round(time_graph(fn, iters=10, reps=7), 2)
 
-    res["dispatch_us"] = tg(disp)
-    res["combine_us"] = tg(comb)
-    res["pair_us"] = tg(lambda: (disp(), comb()))
-    res["wire_us"] = tg(lambda: disp(1, 0))
-    res["expand_us"] = tg(lambda: disp(0, 1))
-    res["ce_us"] = tg(lambda: theirs[0].copy_(x))
-    # the ladder from the floor towards the "flags" kernels' structure, one step at a time
-    res["d_vec_us"] = tg(lambda: disp(vec=1))
-    res["d_vec_atomic_us"] = tg(lambda: disp(vec=1, atomic=1))
-    res["d_phased_us"] = tg(lambda: disp(vec=1, atomic=1, phased=1))
-    res["d_phased_fence_us"] = tg(lambda: disp(vec=1, atomic=1, phased=1, fence=1))
-    res["d_phased_fence_noatomic_us"] = tg(lambda: disp(vec=1, phased=1, fence=1))
-    res["c_vec_us"] = tg(lambda: comb(vec=1))
-    res["c_phased_us"] = tg(lambda: comb(vec=1, phased=1))
-    res["c_phased_fence_us"] = tg(lambda: comb(vec=1, phased=1, fence=1))
-    res["pair_ladder_top_us"] = tg(lambda: (disp(vec=1, atomic=1, phased=1, fence=1),
-                                            comb(vec=1, phased=1, fence=1)))
-    # the interleaved order (the kernels since session 7) with atomics and the per-round fence
-    res["d_interleaved_fence_us"] = tg(lambda: disp(vec=1, atomic=1, fence=1))
-    res["c_interleaved_fence_us"] = tg(lambda: comb(vec=1, fence=1))
+    def comb_tok(fence=0):
+        synth_combine_token[(G,)](expert_x, ids_own64, w, y, (rw, rw), comb_t, slot_map, flag,
+                                  T, RANK=rank, M=T, L=L, E=E, ROUND=ROUND, FENCE=fence,
+                                  H=H, K=K, BLOCK_H=BLOCK_H, G=G, num_warps=warps,
+                                  NT=32 * warps)
+
+    ladder = {
+        "dispatch_us": disp, "combine_us": comb, "pair_us": lambda: (disp(), comb()),
+        "wire_us": lambda: disp(1, 0), "expand_us": lambda: disp(0, 1),
+        "ce_us": lambda: theirs[0].copy_(x),
+        # the ladder from the floor towards the "flags" kernels' structure, one step at a time
+        "d_vec_us": lambda: disp(vec=1), "d_vec_atomic_us": lambda: disp(vec=1, atomic=1),
+        "d_phased_us": lambda: disp(vec=1, atomic=1, phased=1),
+        "d_phased_fence_us": lambda: disp(vec=1, atomic=1, phased=1, fence=1),
+        "d_phased_fence_noatomic_us": lambda: disp(vec=1, phased=1, fence=1),
+        "c_vec_us": lambda: comb(vec=1), "c_phased_us": lambda: comb(vec=1, phased=1),
+        "c_phased_fence_us": lambda: comb(vec=1, phased=1, fence=1),
+        "pair_ladder_top_us": lambda: (disp(vec=1, atomic=1, phased=1, fence=1),
+                                       comb(vec=1, phased=1, fence=1)),
+        # the interleaved order (the kernels since session 7) with atomics and the round fence
+        "d_interleaved_fence_us": lambda: disp(vec=1, atomic=1, fence=1),
+        "c_interleaved_fence_us": lambda: comb(vec=1, fence=1),
+        # the real combine step (session 8) in this loop, without / with the round fence
+        "c_token_us": comb_tok, "c_token_fence_us": lambda: comb_tok(fence=1),
+    }
+    for name, fn in ladder.items():
+        if rungs is None or name in rungs:
+            res[name] = tg(fn)
     return res
 
 
@@ -305,7 +345,11 @@ def main() -> None:
     ap.add_argument("--programs", default="128,256")
     ap.add_argument("--warps", type=int, default=16)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--rungs", default="",
+                    help="comma-separated result names to time (default: all), e.g. "
+                         "combine_us,c_interleaved_fence_us,c_token_fence_us")
     args = ap.parse_args()
+    rungs = [r for r in args.rungs.split(",") if r] or None
 
     from benchmarks._common import environment
     from tests._dist import run_ranks
@@ -313,15 +357,17 @@ def main() -> None:
     out = {"meta": environment(), "args": vars(args), "rows": []}
     for G in [int(v) for v in args.programs.split(",")]:
         res = run_ranks(_worker, 2, args.tokens, args.hidden, args.experts, args.top_k, G,
-                        args.warps, backend="nccl", timeout=300)
+                        args.warps, rungs, backend="nccl", timeout=300)
         r = dict(res[0], programs=G)
         wire_bytes = r["rows_to_peer"] * args.hidden * 2   # one direction, one kernel
         for k in ("dispatch", "combine", "wire", "ce", "d_phased_fence", "c_phased_fence"):
-            r[f"{k}_pct_nvlink"] = round(100 * wire_bytes / (r[f"{k}_us"] * 1e-6) / 1e9
-                                         / NVLINK_GBPS, 1)
+            if f"{k}_us" in r:
+                r[f"{k}_pct_nvlink"] = round(100 * wire_bytes / (r[f"{k}_us"] * 1e-6) / 1e9
+                                             / NVLINK_GBPS, 1)
         for k in ("pair", "pair_ladder_top"):
-            r[f"{k}_pct_nvlink"] = round(100 * 2 * wire_bytes / (r[f"{k}_us"] * 1e-6) / 1e9
-                                         / NVLINK_GBPS, 1)
+            if f"{k}_us" in r:
+                r[f"{k}_pct_nvlink"] = round(100 * 2 * wire_bytes / (r[f"{k}_us"] * 1e-6)
+                                             / 1e9 / NVLINK_GBPS, 1)
         out["rows"].append(r)
         print(json.dumps(r), flush=True)
     os.makedirs(args.out, exist_ok=True)

@@ -38,7 +38,7 @@ _TYPES = {
 }
 _MOE = dict(RANK=0, W=W, G=128, H=7168, K=8, L=128, E=256, BLOCK_H=8192, BLOCK_K=8,
             BLOCK_L=128, BLOCK_W=2, TB=1, USE_TIMER=True, PDL=False, NT=512, NOWAIT=False,
-            ROWS1D=True, CLAIM_RB=0)
+            ROWS1D=True, CLAIM_RB=0, PAIR2=True)
 _AR = dict(RANK=1, W=W, NORM=True, FP8=False, BLOCK=8192, PDL=True, NT=512)
 
 #: (module, kernel, constexprs, num_warps): the launchers' defaults at hidden 7168, EP/TP = 2
@@ -127,7 +127,9 @@ def _compile(fn, consts, types, num_warps):
 _FLOOR_TYPES = {"x": "*bf16", "peer_recv": "*bf16", "my_recv": "*bf16", "expert_x": "*bf16",
                 "slot_own": "*i64", "slot_peer": "*i64", "ids_own": "*i32", "ids_peer": "*i32",
                 "cursor": "*i32", "flag": "*i32", "T": "i32", "expert_out": "*bf16",
-                "w": "*fp32", "peer_comb": "*bf16", "my_comb": "*bf16", "y": "*bf16"}
+                "w": "*fp32", "peer_comb": "*bf16", "my_comb": "*bf16", "y": "*bf16",
+                "ids": "*i64", "recv_w": ("*fp32",) * W, "comb": ("*bf16",) * W,
+                "slot_map": "*i32"}
 _FLOOR = dict(H=7168, K=8, BLOCK_H=8192, BLOCK_K=8, G=128, NT=512, ROUND=8)
 
 
@@ -140,10 +142,13 @@ _FLOOR = dict(H=7168, K=8, BLOCK_H=8192, BLOCK_K=8, G=128, NT=512, ROUND=8)
                       FENCE=1)),
     ("combine", dict(VEC=1, PHASED=1, FENCE=1)),
     ("combine", dict(VEC=1, PHASED=0, FENCE=1)),
-], ids=["d-floor", "d-ladder-top", "d-interleaved-fence", "c-ladder-top", "c-interleaved-fence"])
+    ("combine_token", dict(RANK=1, M=4096, L=128, E=256, FENCE=1)),
+], ids=["d-floor", "d-ladder-top", "d-interleaved-fence", "c-ladder-top", "c-interleaved-fence",
+        "c-token-fence"])
 def test_floor_benchmark_kernels_compile(which, consts):
     """The floor benchmark is run only on a device: its kernels must compile before one is
     spent on it (the same sm_90 compilation as above)."""
     from benchmarks.bench_moe_floor import _kernels
 
-    _compile(_kernels()[0 if which == "dispatch" else 1], dict(_FLOOR, **consts), _FLOOR_TYPES, 16)
+    fn = _kernels()[("dispatch", "combine", "combine_token").index(which)]
+    _compile(fn, dict(_FLOOR, **consts), _FLOOR_TYPES, 16)

@@ -849,55 +849,93 @@ def _combine_pair_step(tp64, vp, to64, vo, expert_out, ids_ptr, w_ptr, y_ptr, re
 
 
 @triton.jit
-def _combine_pair_token(tp, vp, to, vo, expert_out, ids_ptr, w_ptr, y_ptr, recv_w, comb,
-                        slot_map, RANK: tl.constexpr, M: tl.constexpr, H: tl.constexpr,
-                        K: tl.constexpr, L: tl.constexpr, E: tl.constexpr,
-                        BLOCK_H: tl.constexpr):
-    """:func:`_combine_pair_step` for one-token tiles (``TB == 1``): the peer's token ``tp``
-    and the own token ``to`` (int64 scalars, valid where ``vp`` / ``vo``) on 1-D rows, every
-    slot, weight and id a scalar load. Session 8 measured why: the 2-D step ran the combine at
-    226-260 us (4096 tokens, hidden 7168, waits skipped) where the floor benchmark's 1-D step
-    moving the same bytes takes 178 us (ptxas: 128 registers and spills against 99).
+def _ctok_partial(t, v, KIND: tl.constexpr, expert_out, ids_ptr, w_ptr, recv_w, slot_map,
+                  RANK: tl.constexpr, M: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
+                  L: tl.constexpr, E: tl.constexpr, BLOCK_H: tl.constexpr):
+    """One token of a one-token combine step: ``(acc, flag)``. ``KIND`` 0 (push): the peer's
+    token ``t``, ``acc`` its partial over our experts (weights from ``recv_w``), ``flag``
+    whether it has a local expert; 1 (finish): the own token ``t``, ``acc`` its partial over
+    our experts, ``flag`` whether one of its experts is the peer's. Scalar slot / weight / id
+    loads, K row loads in flight."""
+    offs_h = tl.arange(0, BLOCK_H)   # row masks: offs_h < (H if present else 0), one
+    # comparison with a scalar (the interpreter rejects a bool vector & a bool scalar)
+    s: tl.constexpr = 1 - RANK
+    src: tl.constexpr = s if KIND == 0 else RANK
+    r = tl.where(v, (src * M + t) * K, 0)   # an absent token reads row 0, then ignores it
+    rw = tl.where(v, t * K, 0)
+    acc = tl.zeros([BLOCK_H], tl.float32)
+    flag = t < -1           # scalar False
+    for k in tl.static_range(K):
+        e = tl.where(v, tl.load(slot_map + r + k), -1)
+        if KIND == 0:
+            wk = tl.load(recv_w[RANK] + r + k, cache_modifier=".cg")
+        else:
+            wk = tl.load(w_ptr + rw + k).to(tl.float32)
+            ik = tl.where(v, tl.load(ids_ptr + rw + k), -1)
+        x = tl.load(expert_out + tl.cast(tl.maximum(e, 0), tl.int64) * H + offs_h,
+                    mask=offs_h < tl.where(e >= 0, H, 0), other=0.0)
+        acc += wk * x.to(tl.float32)
+        if KIND == 0:
+            flag = flag | (e >= 0)
+        else:
+            flag = flag | ((ik >= 0) & (ik < E) & (ik // L == s))
+    return acc, flag
+
+
+@triton.jit
+def _ctok_store(acc, flag, t, v, KIND: tl.constexpr, y_ptr, comb, RANK: tl.constexpr,
+                M: tl.constexpr, H: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Push (``KIND`` 0: ``acc`` into the peer's ``comb`` row of ``t``, where ``flag``) or
+    finish (1: ``y[t] = acc + `` the peer's partial of ``t``, where ``flag``)."""
+    offs_h = tl.arange(0, BLOCK_H)
+    s: tl.constexpr = 1 - RANK
+    if KIND == 0:
+        tl.store(comb[s] + (RANK * M + t) * H + offs_h, acc.to(comb[s].dtype.element_ty),
+                 mask=offs_h < tl.where(flag, H, 0))
+    else:
+        cv = tl.load(comb[RANK] + (s * M + t) * H + offs_h, mask=offs_h < tl.where(flag, H, 0),
+                     other=0.0, cache_modifier=".cg")
+        tl.store(y_ptr + t * H + offs_h, (acc + cv.to(tl.float32)).to(y_ptr.dtype.element_ty),
+                 mask=offs_h < tl.where(v, H, 0))
+
+
+@triton.jit
+def _combine_two_tokens(ta, va, tb, vb, KA: tl.constexpr, KB: tl.constexpr, expert_out,
+                        ids_ptr, w_ptr, y_ptr, recv_w, comb, slot_map, RANK: tl.constexpr,
+                        M: tl.constexpr, H: tl.constexpr, K: tl.constexpr, L: tl.constexpr,
+                        E: tl.constexpr, BLOCK_H: tl.constexpr):
+    """:func:`_combine_pair_step` for one-token tiles (``TB == 1``): two tokens ``ta``, ``tb``
+    (int64 scalars, valid where ``va`` / ``vb``) of kinds ``KA``, ``KB`` (0: a peer's token to
+    push, 1: an own token to finish; :func:`_ctok_partial`) on 1-D rows: both partials (2K row
+    loads), then both stores. Session 8: the 2-D step of one-token tiles ran the combine at
+    260-264 us (4096 tokens, hidden 7168), this one at 233-235; called from the floor
+    benchmark's loop it moves the floor's bytes at the floor's speed (178-181 us). A round
+    with tokens on one side only (the first pushes, the last finishes) takes two of them per
+    step (``PAIR2``): a step costs about its latency whether it carries one token or two.
 
     Reference (fp32, k ascending; an entry without a local slot adds ``w * 0``, which leaves
     the sum bitwise unchanged but for the sign of a zero)::
 
-        comb[1 - RANK][RANK, tp] = sum_k recv_w[tp, k] * expert_out[slot_map[peer, tp, k]]
-        y[to] = sum_k w[to, k] * expert_out[slot_map[RANK, to, k]]
-                + (comb[RANK][peer, to] if a top-k expert of ``to`` is the peer's else 0)
+        push   t: comb[1 - RANK][RANK, t] = sum_k recv_w[t, k] * expert_out[slot_map[peer, t, k]]
+        finish t: y[t] = sum_k w[t, k] * expert_out[slot_map[RANK, t, k]]
+                         + (comb[RANK][peer, t] if a top-k expert of t is the peer's else 0)
     """
-    offs_h = tl.arange(0, BLOCK_H)   # row masks: offs_h < (H if present else 0), one
-    # comparison with a scalar (the interpreter rejects a bool vector & a bool scalar)
-    s: tl.constexpr = 1 - RANK
-    rp = tl.where(vp, (s * M + tp) * K, 0)   # an absent token reads row 0, then ignores it
-    ro = tl.where(vo, (RANK * M + to) * K, 0)
-    rw = tl.where(vo, to * K, 0)
-    accp = tl.zeros([BLOCK_H], tl.float32)
-    acco = tl.zeros([BLOCK_H], tl.float32)
-    has_p = tp < 0          # scalar False: the peer's token has a local expert
-    from_s = tp < 0         # scalar False: the own token has an expert on the peer
-    for k in tl.static_range(K):   # the peer's partial, then the own one (as the floor:
-        ep = tl.where(vp, tl.load(slot_map + rp + k), -1)   # K row loads in flight, not 2K)
-        wp = tl.load(recv_w[RANK] + rp + k, cache_modifier=".cg")
-        xp = tl.load(expert_out + tl.cast(tl.maximum(ep, 0), tl.int64) * H + offs_h,
-                     mask=offs_h < tl.where(ep >= 0, H, 0), other=0.0)
-        accp += wp * xp.to(tl.float32)
-        has_p = has_p | (ep >= 0)
-    for k in tl.static_range(K):
-        eo = tl.where(vo, tl.load(slot_map + ro + k), -1)
-        wo = tl.load(w_ptr + rw + k).to(tl.float32)
-        ik = tl.where(vo, tl.load(ids_ptr + rw + k), -1)
-        xo = tl.load(expert_out + tl.cast(tl.maximum(eo, 0), tl.int64) * H + offs_h,
-                     mask=offs_h < tl.where(eo >= 0, H, 0), other=0.0)
-        acco += wo * xo.to(tl.float32)
-        from_s = from_s | ((ik >= 0) & (ik < E) & (ik // L == s))
-    tl.store(comb[s] + (RANK * M + tp) * H + offs_h, accp.to(comb[s].dtype.element_ty),
-             mask=offs_h < tl.where(has_p, H, 0))
-    cv = tl.load(comb[RANK] + (s * M + to) * H + offs_h, mask=offs_h < tl.where(from_s, H, 0),
-                 other=0.0,
-                 cache_modifier=".cg")
-    tl.store(y_ptr + to * H + offs_h, (acco + cv.to(tl.float32)).to(y_ptr.dtype.element_ty),
-             mask=offs_h < tl.where(vo, H, 0))
+    acc_a, f_a = _ctok_partial(ta, va, KA, expert_out, ids_ptr, w_ptr, recv_w, slot_map, RANK,
+                               M, H, K, L, E, BLOCK_H)
+    acc_b, f_b = _ctok_partial(tb, vb, KB, expert_out, ids_ptr, w_ptr, recv_w, slot_map, RANK,
+                               M, H, K, L, E, BLOCK_H)
+    _ctok_store(acc_a, f_a, ta, va, KA, y_ptr, comb, RANK, M, H, BLOCK_H)
+    _ctok_store(acc_b, f_b, tb, vb, KB, y_ptr, comb, RANK, M, H, BLOCK_H)
+
+
+@triton.jit
+def _combine_pair_token(tp, vp, to, vo, expert_out, ids_ptr, w_ptr, y_ptr, recv_w, comb,
+                        slot_map, RANK: tl.constexpr, M: tl.constexpr, H: tl.constexpr,
+                        K: tl.constexpr, L: tl.constexpr, E: tl.constexpr,
+                        BLOCK_H: tl.constexpr):
+    """:func:`_combine_two_tokens` of the peer's token ``tp`` (push) and the own ``to``."""
+    _combine_two_tokens(tp, vp, to, vo, 0, 1, expert_out, ids_ptr, w_ptr, y_ptr, recv_w, comb,
+                        slot_map, RANK, M, H, K, L, E, BLOCK_H)
 
 
 @triton.jit
@@ -968,10 +1006,12 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
                       NT: tl.constexpr = 256, INTERLEAVE: tl.constexpr = False,
                       LAG: tl.constexpr = 1, FUSE: tl.constexpr = False,
                       CHUNKS: tl.constexpr = 1, HEAD: tl.constexpr = 0,
-                      NOWAIT: tl.constexpr = False, ROWS1D: tl.constexpr = True):
+                      NOWAIT: tl.constexpr = False, ROWS1D: tl.constexpr = True,
+                      PAIR2: tl.constexpr = True):
     """Flags combine; see the module docstring (``INTERLEAVE``: its own section there).
     ``NOWAIT`` (timing diagnostic, wrong results): the interleaved loop never waits.
-    ``ROWS1D``: one-token fused steps on 1-D rows (:func:`_combine_pair_token`)."""
+    ``ROWS1D``: one-token fused steps on 1-D rows (:func:`_combine_two_tokens`); ``PAIR2``:
+    with them, a round with tokens on one side only takes two of them per step."""
     if PDL:  # nothing is touched before the previous grid finished
         pdl_wait()
         pdl_launch_dependents()
@@ -1007,23 +1047,47 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
                                    (offs_w < W) & (offs_w != RANK), dead, err_dev, err_host,
                                    timeout_ns, 2, USE_TIMER, POSTED, BLOCK_W, NT)
                 tl.debug_barrier()
-            for jj in range(0, tl.maximum(tl.where(many, jown, 0), tl.max(jin, axis=0)), TB):
+            nsteps = tl.maximum(tl.where(many, jown, 0), tl.max(jin, axis=0))
+            TOK: tl.constexpr = FUSE & (W == 2) & (TB == 1) & (CHUNKS == 1) & ROWS1D
+            # one-sided round (the first: pushes only; the last: finishes only): two tokens a
+            # step (PAIR2), the first half of the round with the second
+            np_ = tl.sum(tl.where(offs_w == 1 - RANK, jin, 0), axis=0)
+            no_ = tl.where(many, jown, 0)
+            half = tl.cdiv(nsteps, 2)
+            one_side = (np_ == 0) | (no_ == 0)
+            if TOK & PAIR2:
+                if (r_own > 1) & one_side:
+                    nsteps = half
+            for jj in range(0, nsteps, TB):
                 fused = jj < 0   # both tiles in one step (FUSE, two ranks)
                 if FUSE & (W == 2):
                     fused = many & (jj < jown)
-                    if (TB == 1) & (CHUNKS == 1) & ROWS1D:
+                    if TOK:
                         # every step of a program with several rounds (a token may be absent);
                         # one round (small batches): the separate steps, as before session 8
                         # (the token step made the combine 1.5-3 us slower at 8-128 tokens)
                         fused = r_own > 1
                 if fused:
                     js = tl.sum(tl.where(offs_w == 1 - RANK, jin, 0), axis=0)
-                    if (TB == 1) & (CHUNKS == 1) & ROWS1D:   # 1-D rows (session 8)
-                        _combine_pair_token(tl.cast(pid + (s0 + jj) * G, tl.int64), jj < js,
-                                            tl.cast(pid + (q0 + jj) * G, tl.int64),
-                                            many & (jj < jown), expert_out, ids_ptr, w_ptr,
-                                            y_ptr, recv_w, comb, slot_map, RANK, M, H, K, L, E,
-                                            BLOCK_H)
+                    if TOK:   # 1-D rows (session 8)
+                        if PAIR2 & one_side & (no_ == 0):     # two of the peer's tokens
+                            _combine_two_tokens(tl.cast(pid + (s0 + jj) * G, tl.int64), jj < np_,
+                                                tl.cast(pid + (s0 + jj + half) * G, tl.int64),
+                                                jj + half < np_, 0, 0, expert_out, ids_ptr,
+                                                w_ptr, y_ptr, recv_w, comb, slot_map, RANK, M,
+                                                H, K, L, E, BLOCK_H)
+                        elif PAIR2 & one_side:                # two own tokens
+                            _combine_two_tokens(tl.cast(pid + (q0 + jj) * G, tl.int64), jj < no_,
+                                                tl.cast(pid + (q0 + jj + half) * G, tl.int64),
+                                                jj + half < no_, 1, 1, expert_out, ids_ptr,
+                                                w_ptr, y_ptr, recv_w, comb, slot_map, RANK, M,
+                                                H, K, L, E, BLOCK_H)
+                        else:
+                            _combine_two_tokens(tl.cast(pid + (s0 + jj) * G, tl.int64), jj < js,
+                                                tl.cast(pid + (q0 + jj) * G, tl.int64),
+                                                many & (jj < jown), 0, 1, expert_out, ids_ptr,
+                                                w_ptr, y_ptr, recv_w, comb, slot_map, RANK, M,
+                                                H, K, L, E, BLOCK_H)
                     else:
                         tp64, vp = _tile(s0 + jj, s0 + js, pid, G, TB)
                         to64, vo = _tile(q0 + jj, q0 + jown, pid, G, TB)

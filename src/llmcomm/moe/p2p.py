@@ -121,7 +121,8 @@ class P2PBackend(MoEBackend):
                  _fuse: bool = True, _combine_fuse: bool | None = None,
                  _combine_chunks: int = 1, recv_lag: int | None = None,
                  first_round_tokens: int | None = None, _skip_waits: bool = False,
-                 _rows_1d: bool = True, _claim_rounds: bool = True) -> None:
+                 _rows_1d: bool = True, _claim_rounds: bool = True,
+                 _pair_alone: bool = True) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -324,6 +325,8 @@ class P2PBackend(MoEBackend):
         # default (session 8: dispatch 229-243 vs 254-266 us at 4096 tokens, hidden 7168)
         rb = _next_pow2(max(round_tokens or 1, first_round_tokens or 1)) if not lamport else 0
         self._claim_rb = rb if _claim_rounds and self._rows_1d and rb <= 16 else 0
+        # A/B only: PAIR2 in llmcomm.kernels.moe (a one-sided round's tokens two per step)
+        self._pair2 = bool(_pair_alone)
         self.round_tokens = round_tokens     # None for "lamport"
         self.shift = shift                   # None for "flags"
         dev = cfg.device if not self._sim else torch.device("cpu")
@@ -470,7 +473,8 @@ class P2PBackend(MoEBackend):
             self.err_dev, self.err_host.data_ptr(), self.timeout_ns, TB=self.tiles[1],
             INTERLEAVE=self.interleave, LAG=self.round_lag or 1, FUSE=self._fuse_combine,
             CHUNKS=self._combine_chunks, HEAD=self.first_round_tokens or 0,
-            NOWAIT=self._skip_waits, ROWS1D=self._rows_1d, **self._consts())
+            NOWAIT=self._skip_waits, ROWS1D=self._rows_1d, PAIR2=self._pair2,
+            **self._consts())
         return y
 
     def check_errors(self, sync: bool = True) -> None:
