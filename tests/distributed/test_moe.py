@@ -48,7 +48,7 @@ P2P_SIM = {"p2p-sim": {"protocol": "flags"},
            # dispatch slots claimed per token (the default claims a round's at its start)
            "p2p-sim-noclaim": {"_claim_rounds": False, "round_tokens": 3},
            # one-sided rounds one token per step (the default takes two)
-           "p2p-sim-nopair2": {"_pair_alone": False},
+           "p2p-sim-nopair2": {"_pair_alone": False, "round_tokens": 3},
            "p2p-sim-head1": {"first_round_tokens": 1, "round_tokens": 3},   # rounds 1, 3, 3..
            # the phased rounds (interleave=False; the default interleaves), 2-token tiles
            "p2p-sim-phased": {"interleave": False, "tile_tokens": 2, "round_tokens": 3},

@@ -32,10 +32,13 @@ signals early. ``FUSE`` (two ranks): a step's own and peer tiles share one step 
 either is used, so a step costs two dependent round trips instead of four to five (the combine's
 step optionally in ``CHUNKS`` column chunks, to bound its two fp32 accumulators). ``ROWS1D``
 (default): with one-token tiles those steps run on 1-D rows with scalar slot / weight loads
-(``_dispatch_pair_token`` / ``_combine_pair_token``; the combine then fuses at every hidden
+(``_dispatch_two_tokens`` / ``_combine_two_tokens``; the combine then fuses at every hidden
 size), and ``CLAIM_RB`` > 0 (default) takes the slots of a round's fused dispatch steps at the
 round's start, one vector atomic for the round, written to ``slot_map`` and read back by each
-step beside its row load (``_claim_round``). ``NOWAIT`` is a timing diagnostic (output wrong):
+step beside its row load (``_claim_round``). ``PAIR2`` (default): a round with tokens on one
+side only (a program's first: own sends / pushes; its last: the peer's expansions / own
+finishes) takes two of them per step -- a step costs about its latency, one token or two.
+``NOWAIT`` is a timing diagnostic (output wrong):
 the multi-tile rounds never wait. ``HEAD``
 (``first_round_tokens``): the first round's token count, later rounds ``CHUNK`` (default equal);
 both sides derive every round's span from the token count alike (:func:`_rounds`,
@@ -343,7 +346,7 @@ def _claim_round(t64, vt, src_ids, srow, cursor, slot_map, RANK: tl.constexpr, L
     in one vector atomic, written to their slot-map rows ``slot_map[srow]`` (``srow`` [RB]);
     their ids from ``src_ids`` (``[., K]`` rows ``srow``, for a peer's tokens, or the caller's
     ``topk_ids`` rows ``t64``: pass ``srow`` or ``t64`` accordingly, ``E`` sanitises). The
-    round's steps then read their slots back (:func:`_dispatch_pair_token`), one load beside
+    round's steps then read their slots back (:func:`_dispatch_two_tokens`), one load beside
     the row load instead of an id load -> atomic -> store chain per token."""
     offs_k = tl.arange(0, BLOCK_K)
     m2 = vt[:, None] & (offs_k < K)[None, :]
@@ -524,44 +527,63 @@ def _token_copy(row, valid, srow, expert_x, slot_map, H: tl.constexpr, K: tl.con
 
 
 @triton.jit
-def _dispatch_pair_token(t, vt, tr, vr, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w,
-                         expert_x, cursor, slot_map, RANK: tl.constexpr, M: tl.constexpr,
-                         H: tl.constexpr, K: tl.constexpr, L: tl.constexpr, E: tl.constexpr,
-                         CAP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                         CLAIMED: tl.constexpr = False):
-    """:func:`_dispatch_pair_step` for one-token tiles (``TB == 1``): the own token ``t`` and
-    the peer's token ``tr`` (int64 scalars, valid where ``vt`` / ``vr``) on 1-D rows and
-    [BLOCK_K] vectors, the same stores in the same order (session 8: the 2-D step of one-token
-    tiles ran the dispatch at 237-247 us at 4096 tokens with its waits skipped, the floor
-    benchmark's 1-D step with slot atomics at 209 us). ``CLAIMED``: both tokens' slots were
-    taken by :func:`_claim_round` (the own token always, the peer's where ``vr``)."""
+def _dtok_load(t, v, KIND: tl.constexpr, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w,
+               RANK: tl.constexpr, M: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
+               L: tl.constexpr, E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One token of a one-token dispatch step, loaded: ``(row, ids, srow)`` ([BLOCK_H],
+    [BLOCK_K] int32, its slot-map row). ``KIND`` 0: the own token ``t``, also sent (ids and
+    weights to the peer, the row where one of its experts is the peer's); 1: the peer's token
+    ``t`` from the receive buffers (already acquired)."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_k = tl.arange(0, BLOCK_K)
     s: tl.constexpr = 1 - RANK
-    hr = offs_h < tl.where(vr, H, 0)
-    kr = offs_k < tl.where(vr, K, 0)
-    rrow_i = tl.where(vr, s * M + tr, 0)
-    rids = tl.load(recv_ids[RANK] + rrow_i * K + offs_k, mask=kr, other=-1, cache_modifier=".cg")
-    rrow = tl.load(recv_x[RANK] + rrow_i * H + offs_h, mask=hr, cache_modifier=".cg")
-    kt = offs_k < tl.where(vt, K, 0)
-    ti = tl.where(vt, t, 0)
-    ids = tl.load(ids_ptr + ti * K + offs_k, mask=kt, other=-1).to(tl.int32)
-    ids = tl.where(kt & (ids >= 0) & (ids < E), ids, -1)
-    w = tl.load(w_ptr + ti * K + offs_k, mask=kt, other=0.0).to(tl.float32)
-    row = tl.load(x_ptr + ti * H + offs_h, mask=offs_h < tl.where(vt, H, 0))
-    orow = RANK * M + ti
-    tl.store(recv_ids[s] + orow * K + offs_k, ids, mask=kt)
-    tl.store(recv_w[s] + orow * K + offs_k, w, mask=kt)
-    to_s = tl.sum((tl.where(ids >= 0, ids // L, -1) == s).to(tl.int32), axis=0) > 0
-    tl.store(recv_x[s] + orow * H + offs_h, row, mask=offs_h < tl.where(to_s, H, 0))
-    if CLAIMED:
-        _token_copy(row, vt, orow, expert_x, slot_map, H, K, BLOCK_H, BLOCK_K)
-        _token_copy(rrow, vr, rrow_i, expert_x, slot_map, H, K, BLOCK_H, BLOCK_K)
+    kv = offs_k < tl.where(v, K, 0)
+    if KIND == 1:
+        srow = tl.where(v, s * M + t, 0)
+        ids = tl.load(recv_ids[RANK] + srow * K + offs_k, mask=kv, other=-1,
+                      cache_modifier=".cg")
+        row = tl.load(recv_x[RANK] + srow * H + offs_h, mask=offs_h < tl.where(v, H, 0),
+                      cache_modifier=".cg")
     else:
-        claim = _token_claim(ids, vt, cursor, RANK, L, K, BLOCK_K)
-        rclaim = _token_claim(rids, vr, cursor, RANK, L, K, BLOCK_K)
-        _token_place(row, vt, claim, orow, expert_x, slot_map, H, K, CAP, BLOCK_H, BLOCK_K)
-        _token_place(rrow, vr, rclaim, rrow_i, expert_x, slot_map, H, K, CAP, BLOCK_H,
+        ti = tl.where(v, t, 0)
+        ids = tl.load(ids_ptr + ti * K + offs_k, mask=kv, other=-1).to(tl.int32)
+        ids = tl.where(kv & (ids >= 0) & (ids < E), ids, -1)
+        w = tl.load(w_ptr + ti * K + offs_k, mask=kv, other=0.0).to(tl.float32)
+        row = tl.load(x_ptr + ti * H + offs_h, mask=offs_h < tl.where(v, H, 0))
+        srow = RANK * M + ti
+        tl.store(recv_ids[s] + srow * K + offs_k, ids, mask=kv)
+        tl.store(recv_w[s] + srow * K + offs_k, w, mask=kv)
+        to_s = tl.sum((tl.where(ids >= 0, ids // L, -1) == s).to(tl.int32), axis=0) > 0
+        tl.store(recv_x[s] + srow * H + offs_h, row, mask=offs_h < tl.where(to_s, H, 0))
+    return row, ids, srow
+
+
+@triton.jit
+def _dispatch_two_tokens(ta, va, tb, vb, KA: tl.constexpr, KB: tl.constexpr, x_ptr, ids_ptr,
+                         w_ptr, recv_x, recv_ids, recv_w, expert_x, cursor, slot_map,
+                         RANK: tl.constexpr, M: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
+                         L: tl.constexpr, E: tl.constexpr, CAP: tl.constexpr,
+                         BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                         CLAIMED: tl.constexpr = False):
+    """:func:`_dispatch_pair_step` for one-token tiles (``TB == 1``): two tokens ``ta``, ``tb``
+    (int64 scalars, valid where ``va`` / ``vb``) of kinds ``KA``, ``KB`` (0: own, sent and
+    expanded; 1: the peer's, expanded; :func:`_dtok_load`) on 1-D rows and [BLOCK_K] vectors:
+    ``tb``'s loads, ``ta``'s loads (and sends), both slot claims, both copies. ``CLAIMED``:
+    their slots were taken by :func:`_claim_round`. The usual pair is (own, peer); a round
+    with tokens on one side only takes two of them (``PAIR2``)."""
+    row_b, ids_b, srow_b = _dtok_load(tb, vb, KB, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids,
+                                      recv_w, RANK, M, H, K, L, E, BLOCK_H, BLOCK_K)
+    row_a, ids_a, srow_a = _dtok_load(ta, va, KA, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids,
+                                      recv_w, RANK, M, H, K, L, E, BLOCK_H, BLOCK_K)
+    if CLAIMED:
+        _token_copy(row_a, va, srow_a, expert_x, slot_map, H, K, BLOCK_H, BLOCK_K)
+        _token_copy(row_b, vb, srow_b, expert_x, slot_map, H, K, BLOCK_H, BLOCK_K)
+    else:
+        claim_a = _token_claim(ids_a, va, cursor, RANK, L, K, BLOCK_K)
+        claim_b = _token_claim(ids_b, vb, cursor, RANK, L, K, BLOCK_K)
+        _token_place(row_a, va, claim_a, srow_a, expert_x, slot_map, H, K, CAP, BLOCK_H,
+                     BLOCK_K)
+        _token_place(row_b, vb, claim_b, srow_b, expert_x, slot_map, H, K, CAP, BLOCK_H,
                      BLOCK_K)
 
 
@@ -633,10 +655,12 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                        ACQ_REL: tl.constexpr = False, INTERLEAVE: tl.constexpr = False,
                        LAG: tl.constexpr = 1, FUSE: tl.constexpr = False,
                        HEAD: tl.constexpr = 0, NOWAIT: tl.constexpr = False,
-                       ROWS1D: tl.constexpr = True, CLAIM_RB: tl.constexpr = 0):
+                       ROWS1D: tl.constexpr = True, CLAIM_RB: tl.constexpr = 0,
+                       PAIR2: tl.constexpr = True):
     """Flags dispatch; see the module docstring (``INTERLEAVE``: its own section there).
     ``NOWAIT`` (timing diagnostic, wrong results): the interleaved loop never waits.
-    ``ROWS1D``: one-token fused steps on 1-D rows (:func:`_dispatch_pair_token`).
+    ``ROWS1D``: one-token fused steps on 1-D rows (:func:`_dispatch_two_tokens`); ``PAIR2``:
+    with them, a round with tokens on one side only takes two of them per step.
     ``CLAIM_RB`` > 0 (a power of 2 >= every round's tokens): with ``ROWS1D``, the slots of a
     round's fused steps are taken at the round's start (:func:`_claim_round`)."""
     if PDL:  # nothing is touched before the previous grid finished
@@ -678,11 +702,19 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
             jin = tl.where((rr >= 0) & (rr < r_in) & (dead == 0), jin, 0)
             # a round of one own tile (small batches): send it, signal, then expand it
             one = (jown >= 1) & (jown <= TB)
-            CLAIM: tl.constexpr = (CLAIM_RB > 0) & FUSE & (W == 2) & (TB == 1) & ROWS1D
+            nsteps = tl.maximum(jown, tl.max(jin, axis=0))
+            # ROWS1D: the fused one-token steps (rounds of more than one token); a one-sided
+            # round (the first: own tokens only; the last: the peer's only) two tokens a step
+            # (PAIR2), the first half of the round with the second
+            TOK: tl.constexpr = FUSE & (W == 2) & (TB == 1) & ROWS1D
+            tok = (nsteps > 1) & (one == 0)
+            jp = tl.sum(tl.where(offs_w == 1 - RANK, jin, 0), axis=0)
+            one_side = (jown == 0) | (jp == 0)
+            half = tl.cdiv(nsteps, 2)
+            CLAIM: tl.constexpr = (CLAIM_RB > 0) & TOK
             if CLAIM:
-                if jown > TB:   # the fused steps' tokens: own [0, jown), the peer's below both
+                if tok:   # the slots of every token of the round's steps, own and the peer's
                     offs_c = tl.arange(0, CLAIM_RB)
-                    jp = tl.minimum(tl.sum(tl.where(offs_w == 1 - RANK, jin, 0), axis=0), jown)
                     tc = tl.cast(pid + (s0 + offs_c) * G, tl.int64)
                     _claim_round(tc, offs_c < jown, ids_ptr, RANK * M + tc, cursor, slot_map,
                                  RANK, L, K, E, CAP, BLOCK_K)
@@ -690,42 +722,63 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                     _claim_round(tc, offs_c < jp, recv_ids[RANK], tc, cursor, slot_map, RANK,
                                  L, K, E, CAP, BLOCK_K)
                     tl.debug_barrier()   # the slot-map rows, written, are read by every thread
-            for jj in range(0, tl.maximum(jown, tl.max(jin, axis=0)), TB):
-                if jj < jown:
-                    t64, vt = _tile(s0 + jj, s0 + jown, pid, G, TB)
-                    if one:
-                        row, ids = _send_tile(t64, vt, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids,
-                                              recv_w, RANK, W, M, H, K, L, E, BLOCK_H, BLOCK_K)
-                        _signal_peers(flags, pid, base + r + 1, RANK, W, POSTED, NT)
-                        _expand_tile(row, ids, vt, RANK, t64, expert_x, cursor, slot_map, RANK,
-                                     M, H, K, L, CAP, BLOCK_H, BLOCK_K)
-                    elif FUSE & (W == 2) & (TB == 1) & ROWS1D:   # 1-D rows (session 8)
-                        js = tl.sum(tl.where(offs_w == 1 - RANK, jin, 0), axis=0)
-                        _dispatch_pair_token(tl.cast(pid + (s0 + jj) * G, tl.int64), jj < jown,
-                                             tl.cast(pid + (q0 + jj) * G, tl.int64), jj < js,
-                                             x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w,
-                                             expert_x, cursor, slot_map, RANK, M, H, K, L, E,
-                                             CAP, BLOCK_H, BLOCK_K, CLAIM)
-                    elif FUSE & (W == 2):   # the peer's tile in the same step
-                        js = tl.sum(tl.where(offs_w == 1 - RANK, jin, 0), axis=0)
-                        tr64, vr = _tile(q0 + jj, q0 + js, pid, G, TB)
-                        _dispatch_pair_step(t64, vt, tr64, vr, x_ptr, ids_ptr, w_ptr, recv_x,
-                                            recv_ids, recv_w, expert_x, cursor, slot_map, RANK,
-                                            M, H, K, L, E, CAP, BLOCK_H, BLOCK_K)
-                    else:
-                        _send_expand_tile(t64, vt, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids,
-                                          recv_w, expert_x, cursor, slot_map, RANK, W, M, H, K,
-                                          L, E, CAP, BLOCK_H, BLOCK_K)
-                fused = jj < 0   # whether the step above took the peer's tile too
-                if FUSE & (W == 2):
-                    fused = (jj < jown) & (jown > TB)
-                for s in tl.static_range(W):
-                    if s != RANK:
-                        js = tl.sum(tl.where(offs_w == s, jin, 0), axis=0)
-                        if (jj < js) & (fused == 0):
-                            t64, vt = _tile(q0 + jj, q0 + js, pid, G, TB)
-                            _recv_tile(s, t64, vt, recv_x, recv_ids, expert_x, cursor, slot_map,
-                                       RANK, M, H, K, L, CAP, BLOCK_H, BLOCK_K)
+            if TOK & PAIR2:
+                if tok & one_side:
+                    nsteps = half
+            for jj in range(0, nsteps, TB):
+                tokstep = jj < 0
+                if TOK:
+                    tokstep = tok
+                if tokstep:
+                    if PAIR2 & one_side & (jp == 0):   # two own tokens
+                        _dispatch_two_tokens(tl.cast(pid + (s0 + jj) * G, tl.int64), jj < jown,
+                                             tl.cast(pid + (s0 + jj + half) * G, tl.int64),
+                                             jj + half < jown, 0, 0, x_ptr, ids_ptr, w_ptr,
+                                             recv_x, recv_ids, recv_w, expert_x, cursor,
+                                             slot_map, RANK, M, H, K, L, E, CAP, BLOCK_H,
+                                             BLOCK_K, CLAIM)
+                    elif PAIR2 & one_side:                # two of the peer's tokens
+                        _dispatch_two_tokens(tl.cast(pid + (q0 + jj) * G, tl.int64), jj < jp,
+                                             tl.cast(pid + (q0 + jj + half) * G, tl.int64),
+                                             jj + half < jp, 1, 1, x_ptr, ids_ptr, w_ptr,
+                                             recv_x, recv_ids, recv_w, expert_x, cursor,
+                                             slot_map, RANK, M, H, K, L, E, CAP, BLOCK_H,
+                                             BLOCK_K, CLAIM)
+                    else:                                 # own + the peer's
+                        _dispatch_two_tokens(tl.cast(pid + (s0 + jj) * G, tl.int64), jj < jown,
+                                             tl.cast(pid + (q0 + jj) * G, tl.int64), jj < jp,
+                                             0, 1, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids,
+                                             recv_w, expert_x, cursor, slot_map, RANK, M, H, K,
+                                             L, E, CAP, BLOCK_H, BLOCK_K, CLAIM)
+                else:
+                    if jj < jown:
+                        t64, vt = _tile(s0 + jj, s0 + jown, pid, G, TB)
+                        if one:
+                            row, ids = _send_tile(t64, vt, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids,
+                                                  recv_w, RANK, W, M, H, K, L, E, BLOCK_H, BLOCK_K)
+                            _signal_peers(flags, pid, base + r + 1, RANK, W, POSTED, NT)
+                            _expand_tile(row, ids, vt, RANK, t64, expert_x, cursor, slot_map, RANK,
+                                         M, H, K, L, CAP, BLOCK_H, BLOCK_K)
+                        elif FUSE & (W == 2):   # the peer's tile in the same step
+                            js = tl.sum(tl.where(offs_w == 1 - RANK, jin, 0), axis=0)
+                            tr64, vr = _tile(q0 + jj, q0 + js, pid, G, TB)
+                            _dispatch_pair_step(t64, vt, tr64, vr, x_ptr, ids_ptr, w_ptr, recv_x,
+                                                recv_ids, recv_w, expert_x, cursor, slot_map, RANK,
+                                                M, H, K, L, E, CAP, BLOCK_H, BLOCK_K)
+                        else:
+                            _send_expand_tile(t64, vt, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids,
+                                              recv_w, expert_x, cursor, slot_map, RANK, W, M, H, K,
+                                              L, E, CAP, BLOCK_H, BLOCK_K)
+                    fused = jj < 0   # whether the step above took the peer's tile too
+                    if FUSE & (W == 2):
+                        fused = (jj < jown) & (jown > TB)
+                    for s in tl.static_range(W):
+                        if s != RANK:
+                            js = tl.sum(tl.where(offs_w == s, jin, 0), axis=0)
+                            if (jj < js) & (fused == 0):
+                                t64, vt = _tile(q0 + jj, q0 + js, pid, G, TB)
+                                _recv_tile(s, t64, vt, recv_x, recv_ids, expert_x, cursor, slot_map,
+                                           RANK, M, H, K, L, CAP, BLOCK_H, BLOCK_K)
             if (r < r_own) & ((jown < 1) | (jown > TB)):   # (a round without tokens too)
                 _signal_peers(flags, pid, base + r + 1, RANK, W, POSTED, NT)
             r += 1
@@ -1055,18 +1108,19 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
             no_ = tl.where(many, jown, 0)
             half = tl.cdiv(nsteps, 2)
             one_side = (np_ == 0) | (no_ == 0)
+            big = nsteps > 1   # rounds of several tokens (more than one token per program)
             if TOK & PAIR2:
-                if (r_own > 1) & one_side:
+                if big & one_side:
                     nsteps = half
             for jj in range(0, nsteps, TB):
                 fused = jj < 0   # both tiles in one step (FUSE, two ranks)
                 if FUSE & (W == 2):
                     fused = many & (jj < jown)
                     if TOK:
-                        # every step of a program with several rounds (a token may be absent);
-                        # one round (small batches): the separate steps, as before session 8
-                        # (the token step made the combine 1.5-3 us slower at 8-128 tokens)
-                        fused = r_own > 1
+                        # every step of a round of several tokens (a token may be absent); one
+                        # token per program (small batches): the separate steps, as before
+                        # session 8 (the token step cost 1.5-3 us at 8-128 tokens)
+                        fused = big
                 if fused:
                     js = tl.sum(tl.where(offs_w == 1 - RANK, jin, 0), axis=0)
                     if TOK:   # 1-D rows (session 8)

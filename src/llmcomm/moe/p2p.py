@@ -448,7 +448,8 @@ class P2PBackend(MoEBackend):
             CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts), TB=self.tiles[0],
             ACQ_REL=self._acq_rel_publish, INTERLEAVE=self.interleave, LAG=self.round_lag or 1,
             FUSE=self._fuse, HEAD=self.first_round_tokens or 0, NOWAIT=self._skip_waits,
-            ROWS1D=self._rows_1d, CLAIM_RB=self._claim_rb, **self._consts())
+            ROWS1D=self._rows_1d, CLAIM_RB=self._claim_rb, PAIR2=self._pair2,
+            **self._consts())
         return self.expert_x, self.counts, (topk_ids, topk_weights)
 
     def combine(self, expert_out, state, num_tokens):
