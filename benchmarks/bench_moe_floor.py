@@ -34,7 +34,7 @@ def _kernels():
     import triton
     import triton.language as tl
 
-    from llmcomm.kernels.moe import _combine_pair_token, _flag_signal
+    from llmcomm.kernels.moe import _combine_pair_token, _combine_two_tokens, _flag_signal
 
     @triton.jit
     def _slots_of(t64, slot_tab, ids_tab, cursor, RANK: tl.constexpr, K: tl.constexpr,
@@ -202,21 +202,55 @@ def _kernels():
                             RANK: tl.constexpr, M: tl.constexpr, H: tl.constexpr,
                             K: tl.constexpr, L: tl.constexpr, E: tl.constexpr,
                             BLOCK_H: tl.constexpr, G: tl.constexpr, ROUND: tl.constexpr,
-                            FENCE: tl.constexpr, NT: tl.constexpr):
+                            FENCE: tl.constexpr, NT: tl.constexpr, LAGGED: tl.constexpr = 0):
         """The floor's combine loop (token t's push and finish in one step, optionally the
         per-round barrier + release) calling the real kernels' step, ``_combine_pair_token``,
         on the real workspace layout (``slot_map`` [W * M, K] int32, ``recv_w`` / ``comb`` one
-        pointer per rank): what the real step costs without the real kernel's round loop."""
+        pointer per rank): what the real step costs without the real kernel's round loop.
+        ``LAGGED``: the real kernels' schedule instead (rounds of ``ROUND`` tokens; the pushes
+        of round r with the finishes of round r - 1; the first round's pushes and the last
+        round's finishes two per step, as ``PAIR2``), still without waits."""
         pid = tl.program_id(0)
         n = tl.cdiv(T - pid, G)
-        for j in range(0, n):
-            t64 = tl.cast(pid + j * G, tl.int64)
-            _combine_pair_token(t64, j >= 0, t64, j >= 0, expert_out, ids, w, y, recv_w, comb,
-                                slot_map, RANK, M, H, K, L, E, BLOCK_H)
-            if FENCE:
-                if (j + 1) % ROUND == 0:
+        if LAGGED:
+            nr = tl.cdiv(n, ROUND)
+            for r in range(0, nr + 1):
+                p0 = r * ROUND
+                pc = tl.where(r < nr, tl.minimum(n - p0, ROUND), 0)
+                o0 = (r - 1) * ROUND
+                oc = tl.where(r >= 1, tl.minimum(n - o0, ROUND), 0)
+                if (pc > 0) & (oc > 0):
+                    for i in range(0, tl.maximum(pc, oc)):
+                        _combine_two_tokens(tl.cast(pid + (p0 + i) * G, tl.int64), i < pc,
+                                            tl.cast(pid + (o0 + i) * G, tl.int64), i < oc, 0, 1,
+                                            expert_out, ids, w, y, recv_w, comb, slot_map, RANK,
+                                            M, H, K, L, E, BLOCK_H)
+                elif pc > 0:
+                    h = tl.cdiv(pc, 2)
+                    for i in range(0, h):
+                        _combine_two_tokens(tl.cast(pid + (p0 + i) * G, tl.int64), i < pc,
+                                            tl.cast(pid + (p0 + i + h) * G, tl.int64),
+                                            i + h < pc, 0, 0, expert_out, ids, w, y, recv_w,
+                                            comb, slot_map, RANK, M, H, K, L, E, BLOCK_H)
+                else:
+                    h = tl.cdiv(oc, 2)
+                    for i in range(0, h):
+                        _combine_two_tokens(tl.cast(pid + (o0 + i) * G, tl.int64), i < oc,
+                                            tl.cast(pid + (o0 + i + h) * G, tl.int64),
+                                            i + h < oc, 1, 1, expert_out, ids, w, y, recv_w,
+                                            comb, slot_map, RANK, M, H, K, L, E, BLOCK_H)
+                if FENCE:
                     tl.debug_barrier()   # as the kernels' _signal_peers
-                    _flag_signal(flag + pid, j, True, NT)
+                    _flag_signal(flag + pid, r, True, NT)
+        else:
+            for j in range(0, n):
+                t64 = tl.cast(pid + j * G, tl.int64)
+                _combine_pair_token(t64, j >= 0, t64, j >= 0, expert_out, ids, w, y, recv_w,
+                                    comb, slot_map, RANK, M, H, K, L, E, BLOCK_H)
+                if FENCE:
+                    if (j + 1) % ROUND == 0:
+                        tl.debug_barrier()   # as the kernels' _signal_peers
+                        _flag_signal(flag + pid, j, True, NT)
 
     return synth_dispatch, synth_combine, synth_combine_token
 
@@ -305,11 +339,11 @@ def _worker(rank, world, T, H, E, K, G, warps, rungs=None):
     def tg(fn):
         return round(time_graph(fn, iters=10, reps=7), 2)
 
-    def comb_tok(fence=0):
+    def comb_tok(fence=0, lagged=0):
         synth_combine_token[(G,)](expert_x, ids_own64, w, y, (rw, rw), comb_t, slot_map, flag,
                                   T, RANK=rank, M=T, L=L, E=E, ROUND=ROUND, FENCE=fence,
                                   H=H, K=K, BLOCK_H=BLOCK_H, G=G, num_warps=warps,
-                                  NT=32 * warps)
+                                  NT=32 * warps, LAGGED=lagged)
 
     ladder = {
         "dispatch_us": disp, "combine_us": comb, "pair_us": lambda: (disp(), comb()),
@@ -329,6 +363,9 @@ def _worker(rank, world, T, H, E, K, G, warps, rungs=None):
         "c_interleaved_fence_us": lambda: comb(vec=1, fence=1),
         # the real combine step (session 8) in this loop, without / with the round fence
         "c_token_us": comb_tok, "c_token_fence_us": lambda: comb_tok(fence=1),
+        # ... and in the real kernels' schedule (round r's pushes with round r - 1's finishes,
+        # one-sided first and last rounds two tokens a step), no waits (untimed, session 8)
+        "c_token_lagged_fence_us": lambda: comb_tok(fence=1, lagged=1),
     }
     for name, fn in ladder.items():
         if rungs is None or name in rungs:

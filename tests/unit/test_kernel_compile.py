@@ -142,9 +142,10 @@ _FLOOR = dict(H=7168, K=8, BLOCK_H=8192, BLOCK_K=8, G=128, NT=512, ROUND=8)
                       FENCE=1)),
     ("combine", dict(VEC=1, PHASED=1, FENCE=1)),
     ("combine", dict(VEC=1, PHASED=0, FENCE=1)),
-    ("combine_token", dict(RANK=1, M=4096, L=128, E=256, FENCE=1)),
+    ("combine_token", dict(RANK=1, M=4096, L=128, E=256, FENCE=1, LAGGED=0)),
+    ("combine_token", dict(RANK=1, M=4096, L=128, E=256, FENCE=1, LAGGED=1)),
 ], ids=["d-floor", "d-ladder-top", "d-interleaved-fence", "c-ladder-top", "c-interleaved-fence",
-        "c-token-fence"])
+        "c-token-fence", "c-token-lagged-fence"])
 def test_floor_benchmark_kernels_compile(which, consts):
     """The floor benchmark is run only on a device: its kernels must compile before one is
     spent on it (the same sm_90 compilation as above)."""
