@@ -37,6 +37,13 @@ def _kernels():
     from llmcomm.kernels.moe import _combine_pair_token, _combine_two_tokens, _flag_signal
 
     @triton.jit
+    def _round_fence(flag_ptr, value, NT: tl.constexpr):
+        """The p2p kernels' end of a round (``_signal_peers``): barrier, then a posted release
+        store of ``value`` into the peer's flag."""
+        tl.debug_barrier()
+        _flag_signal(flag_ptr, value, True, NT)
+
+    @triton.jit
     def _slots_of(t64, slot_tab, ids_tab, cursor, RANK: tl.constexpr, K: tl.constexpr,
                   L: tl.constexpr, CAP: tl.constexpr, BLOCK_K: tl.constexpr,
                   ATOMIC: tl.constexpr):
@@ -100,8 +107,7 @@ def _kernels():
                     row = tl.load(x + t64 * H + offs, mask=mh)
                     tl.store(peer_recv + t64 * H + offs, row, mask=mh)
                 if FENCE:
-                    tl.debug_barrier()   # as the kernels' _signal_peers
-                    _flag_signal(flag + pid, r0, True, NT)
+                    _round_fence(flag + pid, r0, NT)
                 for j in range(r0, r1):
                     t64 = tl.cast(pid + j * G, tl.int64)
                     row = tl.load(x + t64 * H + offs, mask=mh)
@@ -126,8 +132,7 @@ def _kernels():
                            BLOCK_H, BLOCK_K, VEC, ATOMIC)
                 if FENCE:   # interleaved, with the p2p kernels' per-round barrier + release
                     if (j + 1) % ROUND == 0:
-                        tl.debug_barrier()   # as the kernels' _signal_peers
-                        _flag_signal(flag + pid, j, True, NT)
+                        _round_fence(flag + pid, j, NT)
 
     @triton.jit
     def _partial(expert_out, slot_tab, w, t64, H: tl.constexpr, K: tl.constexpr,
@@ -174,8 +179,7 @@ def _kernels():
                     tl.store(peer_comb + t64 * H + offs, accp.to(peer_comb.dtype.element_ty),
                              mask=mh)
                 if FENCE:
-                    tl.debug_barrier()   # as the kernels' _signal_peers
-                    _flag_signal(flag + pid, r0, True, NT)
+                    _round_fence(flag + pid, r0, NT)
                 for j in range(r0, r1):
                     t64 = tl.cast(pid + j * G, tl.int64)
                     acco = _partial(expert_out, slot_own, w, t64, H, K, BLOCK_H, BLOCK_K, VEC)
@@ -194,8 +198,7 @@ def _kernels():
                          mask=mh)
                 if FENCE:   # interleaved, with the p2p kernels' per-round barrier + release
                     if (j + 1) % ROUND == 0:
-                        tl.debug_barrier()   # as the kernels' _signal_peers
-                        _flag_signal(flag + pid, j, True, NT)
+                        _round_fence(flag + pid, j, NT)
 
     @triton.jit
     def synth_combine_token(expert_out, ids, w, y, recv_w, comb, slot_map, flag, T,
@@ -240,8 +243,7 @@ def _kernels():
                                             i + h < oc, 1, 1, expert_out, ids, w, y, recv_w,
                                             comb, slot_map, RANK, M, H, K, L, E, BLOCK_H)
                 if FENCE:
-                    tl.debug_barrier()   # as the kernels' _signal_peers
-                    _flag_signal(flag + pid, r, True, NT)
+                    _round_fence(flag + pid, r, NT)
         else:
             for j in range(0, n):
                 t64 = tl.cast(pid + j * G, tl.int64)
@@ -249,8 +251,7 @@ def _kernels():
                                     comb, slot_map, RANK, M, H, K, L, E, BLOCK_H)
                 if FENCE:
                     if (j + 1) % ROUND == 0:
-                        tl.debug_barrier()   # as the kernels' _signal_peers
-                        _flag_signal(flag + pid, j, True, NT)
+                        _round_fence(flag + pid, j, NT)
 
     return synth_dispatch, synth_combine, synth_combine_token
 
