@@ -98,6 +98,15 @@ SWEEP = {
     "lam_lag2": ({"protocol": "lamport", "recv_lag": 2}, None),
     # a first round of 2 tokens, then rounds of round_tokens (8 at 4096 tokens per rank)
     "head2": ({"protocol": "flags", "first_round_tokens": 2}, None),
+    # a last round of 2 / 4 tokens (session 9): the work that runs after the last round is on
+    # the wire (the combine's finishes, the dispatch's expansions) shrinks; 4096 tokens per
+    # rank, 32 per program: rounds 8, 8, 8, 6, 2 / 8, 8, 8, 4, 4; with rounds of 10: 10, 10,
+    # 10, 2 (as many rounds as the default); of 15: 15, 15, 2; head 2: 2, 8, 8, 8, 4, 2
+    "tail2": ({"protocol": "flags", "last_round_tokens": 2}, None),
+    "tail4": ({"protocol": "flags", "last_round_tokens": 4}, None),
+    "r10tail2": ({"protocol": "flags", "round_tokens": 10, "last_round_tokens": 2}, None),
+    "r15tail2": ({"protocol": "flags", "round_tokens": 15, "last_round_tokens": 2}, None),
+    "head2tail2": ({"protocol": "flags", "first_round_tokens": 2, "last_round_tokens": 2}, None),
     # large batches: two programs per SM at 16 warps (session 3 timed 256 programs at 8 warps)
     "G256": ({"num_programs": 256}, None),
     # timing diagnostics, output WRONG (UNCHECKED): the interleaved flags loops never wait, so

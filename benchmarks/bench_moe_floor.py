@@ -272,7 +272,7 @@ def _slots(ids_src, rank, L, CAP, fill):
     return out
 
 
-def _worker(rank, world, T, H, E, K, G, warps, rungs=None):
+def _worker(rank, world, T, H, E, K, G, warps, rungs=None, round_tokens=0):
     import torch
     import torch.distributed as dist
     import torch.distributed._symmetric_memory as symm_mem
@@ -333,7 +333,8 @@ def _worker(rank, world, T, H, E, K, G, warps, rungs=None):
         synth_combine[(G,)](expert_x, slot_own, slot_peer, w, theirs[1], mine[1], y, flag, T,
                             VEC=vec, PHASED=phased, ROUND=ROUND, FENCE=fence, **kw)
 
-    ROUND = max(1, -(-(-(-T // G)) // 4))     # the "flags" kernels' default: 4 rounds
+    # the "flags" kernels' default: 4 rounds (--round: tokens per round of the FENCE rungs)
+    ROUND = round_tokens or max(1, -(-(-(-T // G)) // 4))
     res = {"rows_to_peer": rows_to_peer, "round_tokens": ROUND,
            "local_rows": int((slot_own >= 0).sum() + (slot_peer >= 0).sum())}
 
@@ -382,6 +383,9 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--programs", default="128,256")
     ap.add_argument("--warps", type=int, default=16)
+    ap.add_argument("--round", type=int, default=0,
+                    help="tokens per round of the rungs with a round fence (default: the "
+                         "kernels' default, a quarter of a program's tokens)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--rungs", default="",
                     help="comma-separated result names to time (default: all), e.g. "
@@ -395,7 +399,7 @@ def main() -> None:
     out = {"meta": environment(), "args": vars(args), "rows": []}
     for G in [int(v) for v in args.programs.split(",")]:
         res = run_ranks(_worker, 2, args.tokens, args.hidden, args.experts, args.top_k, G,
-                        args.warps, rungs, backend="nccl", timeout=300)
+                        args.warps, rungs, args.round, backend="nccl", timeout=300)
         r = dict(res[0], programs=G)
         wire_bytes = r["rows_to_peer"] * args.hidden * 2   # one direction, one kernel
         for k in ("dispatch", "combine", "wire", "ce", "d_phased_fence", "c_phased_fence"):

@@ -228,7 +228,7 @@ def _wait_peers(flag_row, target, need, dead, err_dev, err_host, timeout_ns, OP:
 @triton.jit
 def _peer_rounds(recv_T_row, pid, RANK: tl.constexpr, W: tl.constexpr, G: tl.constexpr,
                  CHUNK: tl.constexpr, HEAD: tl.constexpr, BLOCK_W: tl.constexpr,
-                 NT: tl.constexpr):
+                 NT: tl.constexpr, TAIL: tl.constexpr = 0):
     """Every peer's token count (``recv_T_row[s]``, already released to us) read in one load,
     one thread per peer; returns ``(n_in, r_in)`` [BLOCK_W]: this program's share of each
     peer's tokens and its rounds (uniform: every value comes out of a reduction)."""
@@ -240,7 +240,8 @@ def _peer_rounds(recv_T_row, pid, RANK: tl.constexpr, W: tl.constexpr, G: tl.con
     r_in = tl.zeros([BLOCK_W], tl.int32)
     for s in tl.static_range(W):
         if s != RANK:
-            ns, rs = _rounds(tl.sum(tl.where(i == s, cnt, 0), axis=0), pid, G, CHUNK, HEAD)
+            ns, rs = _rounds(tl.sum(tl.where(i == s, cnt, 0), axis=0), pid, G, CHUNK, HEAD,
+                              TAIL)
             n_in = tl.where(offs_w == s, ns, n_in)
             r_in = tl.where(offs_w == s, rs, r_in)
     return n_in, r_in
@@ -258,18 +259,40 @@ def _signal_peers(flags, pid, value, RANK: tl.constexpr, W: tl.constexpr,
 
 
 @triton.jit
-def _rounds(T, pid, G: tl.constexpr, CHUNK: tl.constexpr, HEAD: tl.constexpr):
-    """(tokens of program ``pid`` among ``T``, its rounds: a first round of ``HEAD`` tokens,
-    then rounds of ``CHUNK``; at least 1). ``HEAD == CHUNK``: equal rounds."""
-    n = tl.maximum(tl.cdiv(T - pid, G), 0)
-    return n, 1 + tl.cdiv(tl.maximum(n - HEAD, 0), CHUNK)
+def _body(n, HEAD: tl.constexpr, TAIL: tl.constexpr):
+    """(tokens before a last round of ``TAIL`` tokens, whether there is one) of ``n`` tokens:
+    a program with more than ``HEAD + TAIL`` tokens ends with a round of ``TAIL``."""
+    if TAIL > 0:
+        split = n > HEAD + TAIL
+        return tl.where(split, n - TAIL, n), split.to(tl.int32)
+    else:
+        return n, n * 0
 
 
 @triton.jit
-def _span(r, n, CHUNK: tl.constexpr, HEAD: tl.constexpr):
-    """(first token index, token count) of round ``r`` of ``n`` tokens (see :func:`_rounds`)."""
+def _rounds(T, pid, G: tl.constexpr, CHUNK: tl.constexpr, HEAD: tl.constexpr,
+            TAIL: tl.constexpr = 0):
+    """(tokens of program ``pid`` among ``T``, its rounds: a first round of ``HEAD`` tokens,
+    then rounds of ``CHUNK`` (the last may be shorter), then, where ``TAIL`` > 0 and there
+    are more than ``HEAD + TAIL`` tokens, a last round of ``TAIL``; at least 1).
+    ``HEAD == CHUNK``, ``TAIL == 0``: equal rounds."""
+    n = tl.maximum(tl.cdiv(T - pid, G), 0)
+    nb, tail = _body(n, HEAD, TAIL)
+    return n, 1 + tl.cdiv(tl.maximum(nb - HEAD, 0), CHUNK) + tail
+
+
+@triton.jit
+def _span(r, n, CHUNK: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr = 0):
+    """(first token index, token count) of round ``r`` of ``n`` tokens (see :func:`_rounds`;
+    ``r`` past the last round: callers mask the count)."""
+    nb, tail = _body(n, HEAD, TAIL)
     j0 = tl.where(r == 0, 0, HEAD + (r - 1) * CHUNK)
-    return j0, tl.minimum(tl.where(r == 0, HEAD, HEAD + r * CHUNK), n) - j0
+    cnt = tl.minimum(tl.where(r == 0, HEAD, HEAD + r * CHUNK), nb) - j0
+    if TAIL > 0:
+        last = (tail > 0) & (j0 >= nb)
+        cnt = tl.where(last, n - nb, cnt)
+        j0 = tl.where(last, nb, j0)
+    return j0, cnt
 
 
 @triton.jit
@@ -656,7 +679,7 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                        LAG: tl.constexpr = 1, FUSE: tl.constexpr = False,
                        HEAD: tl.constexpr = 0, NOWAIT: tl.constexpr = False,
                        ROWS1D: tl.constexpr = True, CLAIM_RB: tl.constexpr = 0,
-                       PAIR2: tl.constexpr = True):
+                       PAIR2: tl.constexpr = True, TAIL: tl.constexpr = 0):
     """Flags dispatch; see the module docstring (``INTERLEAVE``: its own section there).
     ``NOWAIT`` (timing diagnostic, wrong results): the interleaved loop never waits.
     ``ROWS1D``: one-token fused steps on 1-D rows (:func:`_dispatch_two_tokens`); ``PAIR2``:
@@ -672,7 +695,7 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
     base = epoch * 65536                      # round r of this call signals base + r + 1
     offs_w = tl.arange(0, BLOCK_W)
     HD: tl.constexpr = HEAD if HEAD > 0 else CHUNK   # the first round's tokens
-    n_own, r_own = _rounds(T, pid, G, CHUNK, HD)
+    n_own, r_own = _rounds(T, pid, G, CHUNK, HD, TAIL)
     for d in tl.static_range(W):              # released with round 0
         if d != RANK:
             tl.store(recv_T[d] + RANK, T)
@@ -695,22 +718,24 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                                        BLOCK_W, NT)
                 if (dead == 0) & (rr == 0):
                     n_in, r_in = _peer_rounds(recv_T[RANK], pid, RANK, W, G, CHUNK, HD,
-                                                          BLOCK_W, NT)
-            s0, jown = _span(r, n_own, CHUNK, HD)     # own round r: tokens s0 + [0, jown)
+                                              BLOCK_W, NT, TAIL)
+            s0, jown = _span(r, n_own, CHUNK, HD, TAIL)     # own round r: tokens s0 + [0, jown)
             jown = tl.where(r < r_own, jown, 0)
-            q0, jin = _span(rr, n_in, CHUNK, HD)     # the peers' round rr: q0 + [0, jin)
+            q0v, jin = _span(rr, n_in, CHUNK, HD, TAIL)   # the peers' round rr: q0v + [0, jin)
+            q0 = tl.sum(tl.where(offs_w == 1 - RANK, q0v, 0), axis=0)   # the peer's (W == 2)
             jin = tl.where((rr >= 0) & (rr < r_in) & (dead == 0), jin, 0)
             # a round of one own tile (small batches): send it, signal, then expand it
             one = (jown >= 1) & (jown <= TB)
             nsteps = tl.maximum(jown, tl.max(jin, axis=0))
-            # ROWS1D: the fused one-token steps (rounds of more than one token); a one-sided
-            # round (the first: own tokens only; the last: the peer's only) two tokens a step
-            # (PAIR2), the first half of the round with the second
+            # ROWS1D: the fused one-token steps (rounds of more than one token), an own and a
+            # peer's token a step; where one side has more (PAIR2; the first round: own tokens
+            # only, the last: the peer's only, and rounds of unequal sizes), the rest of the
+            # longer side two tokens a step, the first half of that rest with the second
             TOK: tl.constexpr = FUSE & (W == 2) & (TB == 1) & ROWS1D
             tok = (nsteps > 1) & (one == 0)
             jp = tl.sum(tl.where(offs_w == 1 - RANK, jin, 0), axis=0)
-            one_side = (jown == 0) | (jp == 0)
-            half = tl.cdiv(nsteps, 2)
+            both = tl.minimum(jown, jp)                        # steps with a token of each side
+            half = tl.cdiv(tl.maximum(jown, jp) - both, 2)     # steps of the longer side's rest
             CLAIM: tl.constexpr = (CLAIM_RB > 0) & TOK
             if CLAIM:
                 if tok:   # the slots of every token of the round's steps, own and the peer's
@@ -723,28 +748,28 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                                  L, K, E, CAP, BLOCK_K)
                     tl.debug_barrier()   # the slot-map rows, written, are read by every thread
             if TOK & PAIR2:
-                if tok & one_side:
-                    nsteps = half
+                if tok:
+                    nsteps = both + half
             for jj in range(0, nsteps, TB):
                 tokstep = jj < 0
                 if TOK:
                     tokstep = tok
                 if tokstep:
-                    if PAIR2 & one_side & (jp == 0):   # two own tokens
+                    if PAIR2 & (jj >= both) & (jown > jp):   # two own tokens
                         _dispatch_two_tokens(tl.cast(pid + (s0 + jj) * G, tl.int64), jj < jown,
                                              tl.cast(pid + (s0 + jj + half) * G, tl.int64),
                                              jj + half < jown, 0, 0, x_ptr, ids_ptr, w_ptr,
                                              recv_x, recv_ids, recv_w, expert_x, cursor,
                                              slot_map, RANK, M, H, K, L, E, CAP, BLOCK_H,
                                              BLOCK_K, CLAIM)
-                    elif PAIR2 & one_side:                # two of the peer's tokens
+                    elif PAIR2 & (jj >= both) & (jp > jown):   # two of the peer's tokens
                         _dispatch_two_tokens(tl.cast(pid + (q0 + jj) * G, tl.int64), jj < jp,
                                              tl.cast(pid + (q0 + jj + half) * G, tl.int64),
                                              jj + half < jp, 1, 1, x_ptr, ids_ptr, w_ptr,
                                              recv_x, recv_ids, recv_w, expert_x, cursor,
                                              slot_map, RANK, M, H, K, L, E, CAP, BLOCK_H,
                                              BLOCK_K, CLAIM)
-                    else:                                 # own + the peer's
+                    else:   # own + the peer's
                         _dispatch_two_tokens(tl.cast(pid + (s0 + jj) * G, tl.int64), jj < jown,
                                              tl.cast(pid + (q0 + jj) * G, tl.int64), jj < jp,
                                              0, 1, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids,
@@ -776,7 +801,8 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                         if s != RANK:
                             js = tl.sum(tl.where(offs_w == s, jin, 0), axis=0)
                             if (jj < js) & (fused == 0):
-                                t64, vt = _tile(q0 + jj, q0 + js, pid, G, TB)
+                                qs = tl.sum(tl.where(offs_w == s, q0v, 0), axis=0)
+                                t64, vt = _tile(qs + jj, qs + js, pid, G, TB)
                                 _recv_tile(s, t64, vt, recv_x, recv_ids, expert_x, cursor, slot_map,
                                            RANK, M, H, K, L, CAP, BLOCK_H, BLOCK_K)
             if (r < r_own) & ((jown < 1) | (jown > TB)):   # (a round without tokens too)
@@ -807,7 +833,7 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                 if dead == 0:
                     if rr == 0:
                         n_in, r_in = _peer_rounds(recv_T[RANK], pid, RANK, W, G, CHUNK, HD,
-                                                          BLOCK_W, NT)
+                                                  BLOCK_W, NT, TAIL)
                     for s in tl.static_range(W):
                         if s != RANK:
                             rs = tl.sum(tl.where(offs_w == s, r_in, 0), axis=0)
@@ -1060,7 +1086,7 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
                       LAG: tl.constexpr = 1, FUSE: tl.constexpr = False,
                       CHUNKS: tl.constexpr = 1, HEAD: tl.constexpr = 0,
                       NOWAIT: tl.constexpr = False, ROWS1D: tl.constexpr = True,
-                      PAIR2: tl.constexpr = True):
+                      PAIR2: tl.constexpr = True, TAIL: tl.constexpr = 0):
     """Flags combine; see the module docstring (``INTERLEAVE``: its own section there).
     ``NOWAIT`` (timing diagnostic, wrong results): the interleaved loop never waits.
     ``ROWS1D``: one-token fused steps on 1-D rows (:func:`_combine_two_tokens`); ``PAIR2``:
@@ -1075,10 +1101,9 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
     offs_w = tl.arange(0, BLOCK_W)
     dead = _dead(err_dev, NT)
     HD: tl.constexpr = HEAD if HEAD > 0 else CHUNK   # the first round's tokens
-    n_own, r_own = _rounds(T, pid, G, CHUNK, HD)
+    n_own, r_own = _rounds(T, pid, G, CHUNK, HD, TAIL)
     # the peers' token counts (from the dispatch; read before any signal, see docs/moe.md)
-    n_in, r_in = _peer_rounds(recv_T[RANK], pid, RANK, W, G, CHUNK, HD,
-                                                          BLOCK_W, NT)
+    n_in, r_in = _peer_rounds(recv_T[RANK], pid, RANK, W, G, CHUNK, HD, BLOCK_W, NT, TAIL)
     r = 0
     more = True
     if INTERLEAVE:
@@ -1090,9 +1115,10 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
             # loop: push, signal, then its own partial, the wait and the finish.
             rr = r - lag
             fin = (rr >= 0) & (rr < r_own)
-            q0, jown = _span(rr, n_own, CHUNK, HD)   # own round rr: tokens q0 + [0, jown)
+            q0, jown = _span(rr, n_own, CHUNK, HD, TAIL)   # own round rr: tokens q0 + [0, jown)
             jown = tl.where(fin, jown, 0)
-            s0, jin = _span(r, n_in, CHUNK, HD)      # the peers' round r: s0 + [0, jin)
+            s0v, jin = _span(r, n_in, CHUNK, HD, TAIL)    # the peers' round r: s0v + [0, jin)
+            s0 = tl.sum(tl.where(offs_w == 1 - RANK, s0v, 0), axis=0)   # the peer's (W == 2)
             jin = tl.where((r < r_in) & (dead == 0), jin, 0)
             many = jown > TB
             if fin & many & (not NOWAIT):
@@ -1102,16 +1128,17 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
                 tl.debug_barrier()
             nsteps = tl.maximum(tl.where(many, jown, 0), tl.max(jin, axis=0))
             TOK: tl.constexpr = FUSE & (W == 2) & (TB == 1) & (CHUNKS == 1) & ROWS1D
-            # one-sided round (the first: pushes only; the last: finishes only): two tokens a
-            # step (PAIR2), the first half of the round with the second
+            # a push and a finish a step; where one side has more (PAIR2; the first round:
+            # pushes only, the last: finishes only, and rounds of unequal sizes), the rest of
+            # the longer side two tokens a step, the first half of that rest with the second
             np_ = tl.sum(tl.where(offs_w == 1 - RANK, jin, 0), axis=0)
             no_ = tl.where(many, jown, 0)
-            half = tl.cdiv(nsteps, 2)
-            one_side = (np_ == 0) | (no_ == 0)
+            both = tl.minimum(np_, no_)                     # steps with a push and a finish
+            half = tl.cdiv(tl.maximum(np_, no_) - both, 2)  # steps of the longer side's rest
             big = nsteps > 1   # rounds of several tokens (more than one token per program)
             if TOK & PAIR2:
-                if big & one_side:
-                    nsteps = half
+                if big:
+                    nsteps = both + half
             for jj in range(0, nsteps, TB):
                 fused = jj < 0   # both tiles in one step (FUSE, two ranks)
                 if FUSE & (W == 2):
@@ -1124,13 +1151,13 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
                 if fused:
                     js = tl.sum(tl.where(offs_w == 1 - RANK, jin, 0), axis=0)
                     if TOK:   # 1-D rows (session 8)
-                        if PAIR2 & one_side & (no_ == 0):     # two of the peer's tokens
+                        if PAIR2 & (jj >= both) & (np_ > no_):   # two of the peer's tokens
                             _combine_two_tokens(tl.cast(pid + (s0 + jj) * G, tl.int64), jj < np_,
                                                 tl.cast(pid + (s0 + jj + half) * G, tl.int64),
                                                 jj + half < np_, 0, 0, expert_out, ids_ptr,
                                                 w_ptr, y_ptr, recv_w, comb, slot_map, RANK, M,
                                                 H, K, L, E, BLOCK_H)
-                        elif PAIR2 & one_side:                # two own tokens
+                        elif PAIR2 & (jj >= both) & (no_ > np_):   # two own tokens
                             _combine_two_tokens(tl.cast(pid + (q0 + jj) * G, tl.int64), jj < no_,
                                                 tl.cast(pid + (q0 + jj + half) * G, tl.int64),
                                                 jj + half < no_, 1, 1, expert_out, ids_ptr,
@@ -1152,7 +1179,8 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
                     if s != RANK:
                         js = tl.sum(tl.where(offs_w == s, jin, 0), axis=0)
                         if (jj < js) & (fused == 0):
-                            t64, vt = _tile(s0 + jj, s0 + js, pid, G, TB)
+                            ss = tl.sum(tl.where(offs_w == s, s0v, 0), axis=0)
+                            t64, vt = _tile(ss + jj, ss + js, pid, G, TB)
                             _push_tile(s, t64, vt, expert_out, recv_w, comb, slot_map, RANK,
                                        M, H, K, BLOCK_H, BLOCK_K)
                 if many & (jj < jown) & (fused == 0):

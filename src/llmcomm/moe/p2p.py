@@ -122,7 +122,7 @@ class P2PBackend(MoEBackend):
                  _combine_chunks: int = 1, recv_lag: int | None = None,
                  first_round_tokens: int | None = None, _skip_waits: bool = False,
                  _rows_1d: bool = True, _claim_rounds: bool = True,
-                 _pair_alone: bool = True) -> None:
+                 _pair_alone: bool = True, last_round_tokens: int | None = None) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -185,6 +185,12 @@ class P2PBackend(MoEBackend):
                 receives run without the other side's work; a small first round shortens one
                 of them at the price of one more round. Default: ``round_tokens`` (equal
                 rounds); not timed yet (docs/moe.md, session 7).
+            last_round_tokens: ``"flags"`` with ``interleave`` only: a program with more than
+                ``first_round_tokens + last_round_tokens`` tokens ends with a round of this
+                many (``TAIL`` in :mod:`llmcomm.kernels.moe`): its finishes (combine) and the
+                peer's expansions (dispatch) are the work that runs after the last round is
+                on the wire, with nothing to overlap. Default: none (rounds of
+                ``round_tokens`` to the end). Session 9 (docs/moe.md).
             recv_lag: ``"lamport"`` only: a dispatch program with more than one own tile
                 receives in iteration ``i`` the peers' tile of iteration ``i - recv_lag``
                 (``RLAG``), so that it polls rows that have landed instead of rows the peer is
@@ -198,8 +204,8 @@ class P2PBackend(MoEBackend):
         esize = torch.empty(0, dtype=cfg.dtype).element_size()
         if protocol != "auto":
             self.protocol_decision = Decision(protocol, ("requested explicitly",))
-        elif (round_tokens, posted_flags, interleave, round_lag,
-              first_round_tokens) != (None,) * 5:
+        elif (round_tokens, posted_flags, interleave, round_lag, first_round_tokens,
+              last_round_tokens) != (None,) * 6:
             self.protocol_decision = Decision("flags", ("a flags-only knob given",))
         elif shift is not None or recv_lag is not None:
             self.protocol_decision = Decision("lamport", ("a lamport-only knob given",))
@@ -287,6 +293,14 @@ class P2PBackend(MoEBackend):
                 raise ValueError(f"first_round_tokens must be an int >= 1, got "
                                  f"{first_round_tokens!r}")
         self.first_round_tokens = first_round_tokens
+        if last_round_tokens is not None:
+            if not self.interleave:
+                raise ValueError("last_round_tokens applies to protocol='flags' with "
+                                 "interleave on: leave it unset")
+            if not isinstance(last_round_tokens, int) or last_round_tokens < 1:
+                raise ValueError(f"last_round_tokens must be an int >= 1, got "
+                                 f"{last_round_tokens!r}")
+        self.last_round_tokens = last_round_tokens
         if recv_lag is not None and not lamport:
             raise ValueError("recv_lag applies to protocol='lamport' only (the 'flags' kernels "
                              "have round_lag): leave it unset")
@@ -323,7 +337,8 @@ class P2PBackend(MoEBackend):
         # A/B only: CLAIM_RB in llmcomm.kernels.moe (a round's slots taken at its start, in one
         # vector atomic, for the fused one-token dispatch steps; rounds of <= 16 tokens): on by
         # default (session 8: dispatch 229-243 vs 254-266 us at 4096 tokens, hidden 7168)
-        rb = _next_pow2(max(round_tokens or 1, first_round_tokens or 1)) if not lamport else 0
+        rb = _next_pow2(max(round_tokens or 1, first_round_tokens or 1,
+                            last_round_tokens or 1)) if not lamport else 0
         self._claim_rb = rb if _claim_rounds and self._rows_1d and rb <= 16 else 0
         # A/B only: PAIR2 in llmcomm.kernels.moe (a one-sided round's tokens two per step)
         self._pair2 = bool(_pair_alone)
@@ -396,7 +411,8 @@ class P2PBackend(MoEBackend):
                 "tile_tokens": self.tiles[0], "combine_tile_tokens": self.tiles[1],
                 "combine_split": self.combine_split, "interleave": self.interleave,
                 "round_lag": self.round_lag, "recv_lag": self.recv_lag,
-                "first_round_tokens": self.first_round_tokens, "fuse": self._fuse,
+                "first_round_tokens": self.first_round_tokens,
+                "last_round_tokens": self.last_round_tokens, "fuse": self._fuse,
                 "fuse_combine": self._fuse_combine, "combine_chunks": self._combine_chunks,
                 "acq_rel_publish": self._acq_rel_publish,
                 **{k.lower(): v for k, v in self.variants.items()}}
@@ -449,6 +465,7 @@ class P2PBackend(MoEBackend):
             ACQ_REL=self._acq_rel_publish, INTERLEAVE=self.interleave, LAG=self.round_lag or 1,
             FUSE=self._fuse, HEAD=self.first_round_tokens or 0, NOWAIT=self._skip_waits,
             ROWS1D=self._rows_1d, CLAIM_RB=self._claim_rb, PAIR2=self._pair2,
+            TAIL=self.last_round_tokens or 0,
             **self._consts())
         return self.expert_x, self.counts, (topk_ids, topk_weights)
 
@@ -475,7 +492,7 @@ class P2PBackend(MoEBackend):
             INTERLEAVE=self.interleave, LAG=self.round_lag or 1, FUSE=self._fuse_combine,
             CHUNKS=self._combine_chunks, HEAD=self.first_round_tokens or 0,
             NOWAIT=self._skip_waits, ROWS1D=self._rows_1d, PAIR2=self._pair2,
-            **self._consts())
+            TAIL=self.last_round_tokens or 0, **self._consts())
         return y
 
     def check_errors(self, sync: bool = True) -> None:
