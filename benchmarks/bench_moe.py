@@ -106,6 +106,12 @@ SWEEP = {
     "tail4": ({"protocol": "flags", "last_round_tokens": 4}, None),
     "r10tail2": ({"protocol": "flags", "round_tokens": 10, "last_round_tokens": 2}, None),
     "r15tail2": ({"protocol": "flags", "round_tokens": 15, "last_round_tokens": 2}, None),
+    # the combine as two token streams (session 9), finishes a round + 0 / 1 / 2 tokens behind
+    # the pushes (a round's wait then finds a flag released 0 / 1 / 2 steps earlier)
+    "stream0": ({"protocol": "flags", "_stream_delay": 0}, None),
+    "stream1": ({"protocol": "flags", "_stream_delay": 1}, None),
+    "stream2": ({"protocol": "flags", "_stream_delay": 2}, None),
+    "stream1r4": ({"protocol": "flags", "_stream_delay": 1, "round_tokens": 4}, None),
     "head2tail2": ({"protocol": "flags", "first_round_tokens": 2, "last_round_tokens": 2}, None),
     # large batches: two programs per SM at 16 warps (session 3 timed 256 programs at 8 warps)
     "G256": ({"num_programs": 256}, None),

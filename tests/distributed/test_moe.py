@@ -53,6 +53,10 @@ P2P_SIM = {"p2p-sim": {"protocol": "flags"},
            # a last round of 1 (rounds 2, 2, 1 of 5 tokens), and rounds 1, 2, 2: rounds of
            # unequal sizes on the two sides (a step's rest two tokens of one side)
            "p2p-sim-r2tail1": {"round_tokens": 2, "last_round_tokens": 1},
+           # the combine as two token streams (programs of several rounds), finishes a round
+           # plus 1 / 0 tokens behind the pushes
+           "p2p-sim-stream1": {"round_tokens": 2, "_stream_delay": 1},
+           "p2p-sim-stream0r1": {"round_tokens": 1, "_stream_delay": 0},
            "p2p-sim-head1tail2": {"first_round_tokens": 1, "round_tokens": 3,
                                   "last_round_tokens": 2},
            # the phased rounds (interleave=False; the default interleaves), 2-token tiles

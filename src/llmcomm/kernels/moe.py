@@ -1018,6 +1018,103 @@ def _combine_pair_token(tp, vp, to, vo, expert_out, ids_ptr, w_ptr, y_ptr, recv_
 
 
 @triton.jit
+def _stream_signal(done, n, rounds, sig, flag_ptr, base, CHUNK: tl.constexpr,
+                   POSTED: tl.constexpr, NT: tl.constexpr):
+    """:func:`_combine_stream`: after ``done`` of the peer's ``n`` tokens were pushed, release
+    every round they complete (value ``base + completed rounds``) if that is more than ``sig``
+    (the rounds released so far); returns the new ``sig``."""
+    nr = tl.where(done >= n, rounds, done // CHUNK)
+    if nr > sig:
+        tl.debug_barrier()
+        _flag_signal(flag_ptr, base + nr, POSTED, NT)
+    return tl.maximum(nr, sig)
+
+
+@triton.jit
+def _stream_wait(hi, got, dead, flag_row, base, RANK: tl.constexpr, W: tl.constexpr,
+                 err_dev, err_host, timeout_ns, CHUNK: tl.constexpr, USE_TIMER: tl.constexpr,
+                 POSTED: tl.constexpr, BLOCK_W: tl.constexpr, NT: tl.constexpr):
+    """:func:`_combine_stream`: before own tokens up to position ``hi`` are finished, acquire
+    the peer's rounds up to ``hi // CHUNK`` unless ``got`` (rounds acquired so far) covers
+    them; returns ``(got, dead)``."""
+    need = hi // CHUNK + 1
+    if need > got:
+        offs_w = tl.arange(0, BLOCK_W)
+        dead = _wait_peers(flag_row, base + need, (offs_w < W) & (offs_w != RANK), dead,
+                           err_dev, err_host, timeout_ns, 2, USE_TIMER, POSTED, BLOCK_W, NT)
+        tl.debug_barrier()
+    return tl.maximum(need, got), dead
+
+
+@triton.jit
+def _combine_stream(n_own, n_peer, r_peer, pid, base, dead, expert_out, ids_ptr, w_ptr, y_ptr,
+                    recv_w, comb, flags, slot_map, err_dev, err_host, timeout_ns,
+                    RANK: tl.constexpr, W: tl.constexpr, G: tl.constexpr, M: tl.constexpr,
+                    H: tl.constexpr, K: tl.constexpr, L: tl.constexpr, E: tl.constexpr,
+                    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, CHUNK: tl.constexpr,
+                    DELAY: tl.constexpr, USE_TIMER: tl.constexpr, POSTED: tl.constexpr,
+                    NT: tl.constexpr):
+    """The flags combine of a program as two token streams (``STREAM``, two ranks, rounds of
+    ``CHUNK``, one-token steps on 1-D rows): step ``s`` pushes the peer's token at position
+    ``s`` and finishes the own token at position ``s - LAG``, ``LAG = CHUNK + DELAY``; the
+    first ``LAG`` pushes and the last finishes two per step, in order. A round is released
+    after the step that pushed its last token, and acquired before the step that finishes
+    its first: with ``DELAY`` > 0 that is ``DELAY`` steps after the peer released it (the
+    round loop of :func:`ep_combine_kernel` waits for a round the peer released at the end of
+    its previous step). Returns ``dead``."""
+    LAG: tl.constexpr = CHUNK + DELAY
+    flag_out = flags[1 - RANK] + pid * W + RANK
+    flag_row = flags[RANK] + pid * W
+    sig = pid * 0
+    got = pid * 0
+    # pushes alone: positions [0, min(LAG, n_peer)), two a step
+    h1 = tl.minimum(LAG, n_peer)
+    for p0 in range(0, h1, 2):
+        if dead == 0:
+            _combine_two_tokens(tl.cast(pid + p0 * G, tl.int64), p0 < h1,
+                                tl.cast(pid + (p0 + 1) * G, tl.int64), p0 + 1 < h1, 0, 0,
+                                expert_out, ids_ptr, w_ptr, y_ptr, recv_w, comb, slot_map,
+                                RANK, M, H, K, L, E, BLOCK_H)
+        sig = _stream_signal(tl.minimum(p0 + 2, h1), n_peer, r_peer, sig, flag_out, base,
+                             CHUNK, POSTED, NT)
+    # a push and a finish a step: pushes [LAG, e2), finishes [0, e2 - LAG)
+    e2 = tl.minimum(n_peer, n_own + LAG)
+    for st in range(LAG, e2):
+        got, dead = _stream_wait(st - LAG, got, dead, flag_row, base, RANK, W, err_dev, err_host,
+                                 timeout_ns, CHUNK, USE_TIMER, POSTED, BLOCK_W, NT)
+        if dead == 0:
+            _combine_two_tokens(tl.cast(pid + st * G, tl.int64), st >= 0,
+                                tl.cast(pid + (st - LAG) * G, tl.int64), st >= 0, 0, 1,
+                                expert_out, ids_ptr, w_ptr, y_ptr, recv_w, comb, slot_map,
+                                RANK, M, H, K, L, E, BLOCK_H)
+        sig = _stream_signal(st + 1, n_peer, r_peer, sig, flag_out, base, CHUNK, POSTED, NT)
+    # the rest of one side, two a step: pushes [max(h1, e2), n_peer) or finishes [f0, n_own)
+    for p0 in range(tl.maximum(h1, e2), n_peer, 2):
+        if dead == 0:
+            _combine_two_tokens(tl.cast(pid + p0 * G, tl.int64), p0 < n_peer,
+                                tl.cast(pid + (p0 + 1) * G, tl.int64), p0 + 1 < n_peer, 0, 0,
+                                expert_out, ids_ptr, w_ptr, y_ptr, recv_w, comb, slot_map,
+                                RANK, M, H, K, L, E, BLOCK_H)
+        sig = _stream_signal(tl.minimum(p0 + 2, n_peer), n_peer, r_peer, sig, flag_out, base,
+                             CHUNK, POSTED, NT)
+    sig = _stream_signal(n_peer, n_peer, r_peer, sig, flag_out, base, CHUNK, POSTED, NT)
+    for f0 in range(tl.maximum(e2 - LAG, 0), n_own, 2):
+        got, dead = _stream_wait(tl.minimum(f0 + 1, n_own - 1), got, dead, flag_row, base, RANK,
+                                 W, err_dev, err_host, timeout_ns, CHUNK, USE_TIMER, POSTED,
+                                 BLOCK_W, NT)
+        if dead == 0:
+            _combine_two_tokens(tl.cast(pid + f0 * G, tl.int64), f0 < n_own,
+                                tl.cast(pid + (f0 + 1) * G, tl.int64), f0 + 1 < n_own, 1, 1,
+                                expert_out, ids_ptr, w_ptr, y_ptr, recv_w, comb, slot_map,
+                                RANK, M, H, K, L, E, BLOCK_H)
+    # every own round acquired, as the round loop does (a program without tokens included)
+    got, dead = _stream_wait(tl.maximum(n_own - 1, 0), got, dead, flag_row, base, RANK, W,
+                             err_dev, err_host, timeout_ns, CHUNK, USE_TIMER, POSTED, BLOCK_W,
+                             NT)
+    return dead
+
+
+@triton.jit
 def _push_tile(s, t64, vt, expert_out, recv_w, comb, slot_map, RANK: tl.constexpr,
                M: tl.constexpr, H: tl.constexpr, K: tl.constexpr, BLOCK_H: tl.constexpr,
                BLOCK_K: tl.constexpr):
@@ -1086,8 +1183,11 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
                       LAG: tl.constexpr = 1, FUSE: tl.constexpr = False,
                       CHUNKS: tl.constexpr = 1, HEAD: tl.constexpr = 0,
                       NOWAIT: tl.constexpr = False, ROWS1D: tl.constexpr = True,
-                      PAIR2: tl.constexpr = True, TAIL: tl.constexpr = 0):
+                      PAIR2: tl.constexpr = True, TAIL: tl.constexpr = 0,
+                      STREAM: tl.constexpr = -1):
     """Flags combine; see the module docstring (``INTERLEAVE``: its own section there).
+    ``STREAM`` >= 0 (two ranks, ``TB == 1``, ``ROWS1D``, equal rounds): a program with more
+    than one round on either side runs :func:`_combine_stream` with ``DELAY = STREAM``.
     ``NOWAIT`` (timing diagnostic, wrong results): the interleaved loop never waits.
     ``ROWS1D``: one-token fused steps on 1-D rows (:func:`_combine_two_tokens`); ``PAIR2``:
     with them, a round with tokens on one side only takes two of them per step."""
@@ -1106,6 +1206,15 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
     n_in, r_in = _peer_rounds(recv_T[RANK], pid, RANK, W, G, CHUNK, HD, BLOCK_W, NT, TAIL)
     r = 0
     more = True
+    if STREAM >= 0:
+        n_peer = tl.sum(tl.where(offs_w == 1 - RANK, n_in, 0), axis=0)
+        if (n_own > CHUNK) | (n_peer > CHUNK):
+            r_peer = tl.sum(tl.where(offs_w == 1 - RANK, r_in, 0), axis=0)
+            dead = _combine_stream(n_own, n_peer, r_peer, pid, base, dead, expert_out, ids_ptr,
+                                   w_ptr, y_ptr, recv_w, comb, flags, slot_map, err_dev,
+                                   err_host, timeout_ns, RANK, W, G, M, H, K, L, E, BLOCK_H,
+                                   BLOCK_W, CHUNK, STREAM, USE_TIMER, POSTED, NT)
+            more = False
     if INTERLEAVE:
         lag = tl.where(r_own > 1, LAG, 1)   # small batches (one round): no empty iterations
         while more:

@@ -122,7 +122,8 @@ class P2PBackend(MoEBackend):
                  _combine_chunks: int = 1, recv_lag: int | None = None,
                  first_round_tokens: int | None = None, _skip_waits: bool = False,
                  _rows_1d: bool = True, _claim_rounds: bool = True,
-                 _pair_alone: bool = True, last_round_tokens: int | None = None) -> None:
+                 _pair_alone: bool = True, last_round_tokens: int | None = None,
+                 _stream_delay: int | None = None) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -342,6 +343,17 @@ class P2PBackend(MoEBackend):
         self._claim_rb = rb if _claim_rounds and self._rows_1d and rb <= 16 else 0
         # A/B only: PAIR2 in llmcomm.kernels.moe (a one-sided round's tokens two per step)
         self._pair2 = bool(_pair_alone)
+        # A/B only: STREAM in llmcomm.kernels.moe (the combine of programs with several rounds
+        # as two token streams, finishes _stream_delay tokens behind a round; session 9)
+        if _stream_delay is not None and not (
+                self.interleave and cfg.world_size == 2 and self._rows_1d
+                and combine_tile_tokens == 1 and not last_round_tokens
+                and (first_round_tokens is None or first_round_tokens == round_tokens)
+                and isinstance(_stream_delay, int) and 0 <= _stream_delay <= 8):
+            raise ValueError("_stream_delay (an int in [0, 8]) needs protocol='flags' with "
+                             "interleave, two ranks, _rows_1d, combine_tile_tokens=1 and equal "
+                             "rounds")
+        self._stream = -1 if _stream_delay is None else _stream_delay
         self.round_tokens = round_tokens     # None for "lamport"
         self.shift = shift                   # None for "flags"
         dev = cfg.device if not self._sim else torch.device("cpu")
@@ -412,7 +424,8 @@ class P2PBackend(MoEBackend):
                 "combine_split": self.combine_split, "interleave": self.interleave,
                 "round_lag": self.round_lag, "recv_lag": self.recv_lag,
                 "first_round_tokens": self.first_round_tokens,
-                "last_round_tokens": self.last_round_tokens, "fuse": self._fuse,
+                "last_round_tokens": self.last_round_tokens, "stream": self._stream,
+                "fuse": self._fuse,
                 "fuse_combine": self._fuse_combine, "combine_chunks": self._combine_chunks,
                 "acq_rel_publish": self._acq_rel_publish,
                 **{k.lower(): v for k, v in self.variants.items()}}
@@ -492,7 +505,7 @@ class P2PBackend(MoEBackend):
             INTERLEAVE=self.interleave, LAG=self.round_lag or 1, FUSE=self._fuse_combine,
             CHUNKS=self._combine_chunks, HEAD=self.first_round_tokens or 0,
             NOWAIT=self._skip_waits, ROWS1D=self._rows_1d, PAIR2=self._pair2,
-            TAIL=self.last_round_tokens or 0, **self._consts())
+            TAIL=self.last_round_tokens or 0, STREAM=self._stream, **self._consts())
         return y
 
     def check_errors(self, sync: bool = True) -> None:
