@@ -77,8 +77,11 @@ SWEEP = {
     # flags rounds phased (send the round, signal, copy own, receive), as before session 7,
     # instead of interleaved token by token (the default)
     "phased": ({"protocol": "flags", "interleave": False}, None),
-    # smaller rounds (default: a quarter of a program's share, 8 tokens at 4096 per rank): with
+    # other round sizes (default: a quarter of a program's share, at least half of it up to 8
+    # tokens; 8 tokens at 4096 per rank). Smaller rounds: with
     # interleaving, the first round's pushes and the last round's finishes run alone
+    "r16": ({"protocol": "flags", "round_tokens": 16}, None),
+    "r8": ({"protocol": "flags", "round_tokens": 8}, None),
     "r4": ({"protocol": "flags", "round_tokens": 4}, None),
     "r2": ({"protocol": "flags", "round_tokens": 2}, None),
     "r1": ({"protocol": "flags", "round_tokens": 1}, None),
@@ -98,21 +101,6 @@ SWEEP = {
     "lam_lag2": ({"protocol": "lamport", "recv_lag": 2}, None),
     # a first round of 2 tokens, then rounds of round_tokens (8 at 4096 tokens per rank)
     "head2": ({"protocol": "flags", "first_round_tokens": 2}, None),
-    # a last round of 2 / 4 tokens (session 9): the work that runs after the last round is on
-    # the wire (the combine's finishes, the dispatch's expansions) shrinks; 4096 tokens per
-    # rank, 32 per program: rounds 8, 8, 8, 6, 2 / 8, 8, 8, 4, 4; with rounds of 10: 10, 10,
-    # 10, 2 (as many rounds as the default); of 15: 15, 15, 2; head 2: 2, 8, 8, 8, 4, 2
-    "tail2": ({"protocol": "flags", "last_round_tokens": 2}, None),
-    "tail4": ({"protocol": "flags", "last_round_tokens": 4}, None),
-    "r10tail2": ({"protocol": "flags", "round_tokens": 10, "last_round_tokens": 2}, None),
-    "r15tail2": ({"protocol": "flags", "round_tokens": 15, "last_round_tokens": 2}, None),
-    # the combine as two token streams (session 9), finishes a round + 0 / 1 / 2 tokens behind
-    # the pushes (a round's wait then finds a flag released 0 / 1 / 2 steps earlier)
-    "stream0": ({"protocol": "flags", "_stream_delay": 0}, None),
-    "stream1": ({"protocol": "flags", "_stream_delay": 1}, None),
-    "stream2": ({"protocol": "flags", "_stream_delay": 2}, None),
-    "stream1r4": ({"protocol": "flags", "_stream_delay": 1, "round_tokens": 4}, None),
-    "head2tail2": ({"protocol": "flags", "first_round_tokens": 2, "last_round_tokens": 2}, None),
     # large batches: two programs per SM at 16 warps (session 3 timed 256 programs at 8 warps)
     "G256": ({"num_programs": 256}, None),
     # timing diagnostics, output WRONG (UNCHECKED): the interleaved flags loops never wait, so

@@ -50,15 +50,6 @@ P2P_SIM = {"p2p-sim": {"protocol": "flags"},
            # one-sided rounds one token per step (the default takes two)
            "p2p-sim-nopair2": {"_pair_alone": False, "round_tokens": 3},
            "p2p-sim-head1": {"first_round_tokens": 1, "round_tokens": 3},   # rounds 1, 3, 3..
-           # a last round of 1 (rounds 2, 2, 1 of 5 tokens), and rounds 1, 2, 2: rounds of
-           # unequal sizes on the two sides (a step's rest two tokens of one side)
-           "p2p-sim-r2tail1": {"round_tokens": 2, "last_round_tokens": 1},
-           # the combine as two token streams (programs of several rounds), finishes a round
-           # plus 1 / 0 tokens behind the pushes
-           "p2p-sim-stream1": {"round_tokens": 2, "_stream_delay": 1},
-           "p2p-sim-stream0r1": {"round_tokens": 1, "_stream_delay": 0},
-           "p2p-sim-head1tail2": {"first_round_tokens": 1, "round_tokens": 3,
-                                  "last_round_tokens": 2},
            # the phased rounds (interleave=False; the default interleaves), 2-token tiles
            "p2p-sim-phased": {"interleave": False, "tile_tokens": 2, "round_tokens": 3},
            "p2p-sim-lamport": {"protocol": "lamport"},
@@ -367,9 +358,6 @@ def test_errors_world2():
     ({"interleave": False, "first_round_tokens": 2},
      "first_round_tokens applies to protocol='flags' with interleave on"),
     ({"first_round_tokens": 0}, "first_round_tokens must be an int >= 1, got 0"),
-    ({"interleave": False, "last_round_tokens": 2},
-     "last_round_tokens applies to protocol='flags' with interleave on"),
-    ({"last_round_tokens": 0}, "last_round_tokens must be an int >= 1, got 0"),
 ])
 def test_p2p_knob_validation(kw, words, tmp_path):
     """Bad P2PBackend knobs are refused before any workspace or collective, naming the fix."""

@@ -35,9 +35,11 @@ step optionally in ``CHUNKS`` column chunks, to bound its two fp32 accumulators)
 (``_dispatch_two_tokens`` / ``_combine_two_tokens``; the combine then fuses at every hidden
 size), and ``CLAIM_RB`` > 0 (default) takes the slots of a round's fused dispatch steps at the
 round's start, one vector atomic for the round, written to ``slot_map`` and read back by each
-step beside its row load (``_claim_round``). ``PAIR2`` (default): a round with tokens on one
-side only (a program's first: own sends / pushes; its last: the peer's expansions / own
-finishes) takes two of them per step -- a step costs about its latency, one token or two.
+step beside its row load (``_claim_round``). ``PAIR2`` (default): where the two sides of an
+iteration have unequal token counts (a program's first round: own sends / pushes only; its
+last: the peer's expansions / own finishes only; rounds of unequal sizes with ``HEAD``), the
+longer side's rest takes two of its tokens per step -- a step costs about its latency, one
+token or two.
 ``NOWAIT`` is a timing diagnostic (output wrong):
 the multi-tile rounds never wait. ``HEAD``
 (``first_round_tokens``): the first round's token count, later rounds ``CHUNK`` (default equal);
@@ -228,7 +230,7 @@ def _wait_peers(flag_row, target, need, dead, err_dev, err_host, timeout_ns, OP:
 @triton.jit
 def _peer_rounds(recv_T_row, pid, RANK: tl.constexpr, W: tl.constexpr, G: tl.constexpr,
                  CHUNK: tl.constexpr, HEAD: tl.constexpr, BLOCK_W: tl.constexpr,
-                 NT: tl.constexpr, TAIL: tl.constexpr = 0):
+                 NT: tl.constexpr):
     """Every peer's token count (``recv_T_row[s]``, already released to us) read in one load,
     one thread per peer; returns ``(n_in, r_in)`` [BLOCK_W]: this program's share of each
     peer's tokens and its rounds (uniform: every value comes out of a reduction)."""
@@ -240,8 +242,7 @@ def _peer_rounds(recv_T_row, pid, RANK: tl.constexpr, W: tl.constexpr, G: tl.con
     r_in = tl.zeros([BLOCK_W], tl.int32)
     for s in tl.static_range(W):
         if s != RANK:
-            ns, rs = _rounds(tl.sum(tl.where(i == s, cnt, 0), axis=0), pid, G, CHUNK, HEAD,
-                              TAIL)
+            ns, rs = _rounds(tl.sum(tl.where(i == s, cnt, 0), axis=0), pid, G, CHUNK, HEAD)
             n_in = tl.where(offs_w == s, ns, n_in)
             r_in = tl.where(offs_w == s, rs, r_in)
     return n_in, r_in
@@ -259,40 +260,18 @@ def _signal_peers(flags, pid, value, RANK: tl.constexpr, W: tl.constexpr,
 
 
 @triton.jit
-def _body(n, HEAD: tl.constexpr, TAIL: tl.constexpr):
-    """(tokens before a last round of ``TAIL`` tokens, whether there is one) of ``n`` tokens:
-    a program with more than ``HEAD + TAIL`` tokens ends with a round of ``TAIL``."""
-    if TAIL > 0:
-        split = n > HEAD + TAIL
-        return tl.where(split, n - TAIL, n), split.to(tl.int32)
-    else:
-        return n, n * 0
-
-
-@triton.jit
-def _rounds(T, pid, G: tl.constexpr, CHUNK: tl.constexpr, HEAD: tl.constexpr,
-            TAIL: tl.constexpr = 0):
+def _rounds(T, pid, G: tl.constexpr, CHUNK: tl.constexpr, HEAD: tl.constexpr):
     """(tokens of program ``pid`` among ``T``, its rounds: a first round of ``HEAD`` tokens,
-    then rounds of ``CHUNK`` (the last may be shorter), then, where ``TAIL`` > 0 and there
-    are more than ``HEAD + TAIL`` tokens, a last round of ``TAIL``; at least 1).
-    ``HEAD == CHUNK``, ``TAIL == 0``: equal rounds."""
+    then rounds of ``CHUNK``; at least 1). ``HEAD == CHUNK``: equal rounds."""
     n = tl.maximum(tl.cdiv(T - pid, G), 0)
-    nb, tail = _body(n, HEAD, TAIL)
-    return n, 1 + tl.cdiv(tl.maximum(nb - HEAD, 0), CHUNK) + tail
+    return n, 1 + tl.cdiv(tl.maximum(n - HEAD, 0), CHUNK)
 
 
 @triton.jit
-def _span(r, n, CHUNK: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr = 0):
-    """(first token index, token count) of round ``r`` of ``n`` tokens (see :func:`_rounds`;
-    ``r`` past the last round: callers mask the count)."""
-    nb, tail = _body(n, HEAD, TAIL)
+def _span(r, n, CHUNK: tl.constexpr, HEAD: tl.constexpr):
+    """(first token index, token count) of round ``r`` of ``n`` tokens (see :func:`_rounds`)."""
     j0 = tl.where(r == 0, 0, HEAD + (r - 1) * CHUNK)
-    cnt = tl.minimum(tl.where(r == 0, HEAD, HEAD + r * CHUNK), nb) - j0
-    if TAIL > 0:
-        last = (tail > 0) & (j0 >= nb)
-        cnt = tl.where(last, n - nb, cnt)
-        j0 = tl.where(last, nb, j0)
-    return j0, cnt
+    return j0, tl.minimum(tl.where(r == 0, HEAD, HEAD + r * CHUNK), n) - j0
 
 
 @triton.jit
@@ -679,7 +658,7 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                        LAG: tl.constexpr = 1, FUSE: tl.constexpr = False,
                        HEAD: tl.constexpr = 0, NOWAIT: tl.constexpr = False,
                        ROWS1D: tl.constexpr = True, CLAIM_RB: tl.constexpr = 0,
-                       PAIR2: tl.constexpr = True, TAIL: tl.constexpr = 0):
+                       PAIR2: tl.constexpr = True):
     """Flags dispatch; see the module docstring (``INTERLEAVE``: its own section there).
     ``NOWAIT`` (timing diagnostic, wrong results): the interleaved loop never waits.
     ``ROWS1D``: one-token fused steps on 1-D rows (:func:`_dispatch_two_tokens`); ``PAIR2``:
@@ -695,7 +674,7 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
     base = epoch * 65536                      # round r of this call signals base + r + 1
     offs_w = tl.arange(0, BLOCK_W)
     HD: tl.constexpr = HEAD if HEAD > 0 else CHUNK   # the first round's tokens
-    n_own, r_own = _rounds(T, pid, G, CHUNK, HD, TAIL)
+    n_own, r_own = _rounds(T, pid, G, CHUNK, HD)
     for d in tl.static_range(W):              # released with round 0
         if d != RANK:
             tl.store(recv_T[d] + RANK, T)
@@ -718,19 +697,18 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                                        BLOCK_W, NT)
                 if (dead == 0) & (rr == 0):
                     n_in, r_in = _peer_rounds(recv_T[RANK], pid, RANK, W, G, CHUNK, HD,
-                                              BLOCK_W, NT, TAIL)
-            s0, jown = _span(r, n_own, CHUNK, HD, TAIL)     # own round r: tokens s0 + [0, jown)
+                                                          BLOCK_W, NT)
+            s0, jown = _span(r, n_own, CHUNK, HD)     # own round r: tokens s0 + [0, jown)
             jown = tl.where(r < r_own, jown, 0)
-            q0v, jin = _span(rr, n_in, CHUNK, HD, TAIL)   # the peers' round rr: q0v + [0, jin)
-            q0 = tl.sum(tl.where(offs_w == 1 - RANK, q0v, 0), axis=0)   # the peer's (W == 2)
+            q0, jin = _span(rr, n_in, CHUNK, HD)     # the peers' round rr: q0 + [0, jin)
             jin = tl.where((rr >= 0) & (rr < r_in) & (dead == 0), jin, 0)
             # a round of one own tile (small batches): send it, signal, then expand it
             one = (jown >= 1) & (jown <= TB)
             nsteps = tl.maximum(jown, tl.max(jin, axis=0))
             # ROWS1D: the fused one-token steps (rounds of more than one token), an own and a
             # peer's token a step; where one side has more (PAIR2; the first round: own tokens
-            # only, the last: the peer's only, and rounds of unequal sizes), the rest of the
-            # longer side two tokens a step, the first half of that rest with the second
+            # only, the last: the peer's only, and rounds of unequal sizes, HEAD), the rest of
+            # the longer side two tokens a step, the first half of that rest with the second
             TOK: tl.constexpr = FUSE & (W == 2) & (TB == 1) & ROWS1D
             tok = (nsteps > 1) & (one == 0)
             jp = tl.sum(tl.where(offs_w == 1 - RANK, jin, 0), axis=0)
@@ -801,8 +779,7 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                         if s != RANK:
                             js = tl.sum(tl.where(offs_w == s, jin, 0), axis=0)
                             if (jj < js) & (fused == 0):
-                                qs = tl.sum(tl.where(offs_w == s, q0v, 0), axis=0)
-                                t64, vt = _tile(qs + jj, qs + js, pid, G, TB)
+                                t64, vt = _tile(q0 + jj, q0 + js, pid, G, TB)
                                 _recv_tile(s, t64, vt, recv_x, recv_ids, expert_x, cursor, slot_map,
                                            RANK, M, H, K, L, CAP, BLOCK_H, BLOCK_K)
             if (r < r_own) & ((jown < 1) | (jown > TB)):   # (a round without tokens too)
@@ -833,7 +810,7 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                 if dead == 0:
                     if rr == 0:
                         n_in, r_in = _peer_rounds(recv_T[RANK], pid, RANK, W, G, CHUNK, HD,
-                                                  BLOCK_W, NT, TAIL)
+                                                          BLOCK_W, NT)
                     for s in tl.static_range(W):
                         if s != RANK:
                             rs = tl.sum(tl.where(offs_w == s, r_in, 0), axis=0)
@@ -1018,103 +995,6 @@ def _combine_pair_token(tp, vp, to, vo, expert_out, ids_ptr, w_ptr, y_ptr, recv_
 
 
 @triton.jit
-def _stream_signal(done, n, rounds, sig, flag_ptr, base, CHUNK: tl.constexpr,
-                   POSTED: tl.constexpr, NT: tl.constexpr):
-    """:func:`_combine_stream`: after ``done`` of the peer's ``n`` tokens were pushed, release
-    every round they complete (value ``base + completed rounds``) if that is more than ``sig``
-    (the rounds released so far); returns the new ``sig``."""
-    nr = tl.where(done >= n, rounds, done // CHUNK)
-    if nr > sig:
-        tl.debug_barrier()
-        _flag_signal(flag_ptr, base + nr, POSTED, NT)
-    return tl.maximum(nr, sig)
-
-
-@triton.jit
-def _stream_wait(hi, got, dead, flag_row, base, RANK: tl.constexpr, W: tl.constexpr,
-                 err_dev, err_host, timeout_ns, CHUNK: tl.constexpr, USE_TIMER: tl.constexpr,
-                 POSTED: tl.constexpr, BLOCK_W: tl.constexpr, NT: tl.constexpr):
-    """:func:`_combine_stream`: before own tokens up to position ``hi`` are finished, acquire
-    the peer's rounds up to ``hi // CHUNK`` unless ``got`` (rounds acquired so far) covers
-    them; returns ``(got, dead)``."""
-    need = hi // CHUNK + 1
-    if need > got:
-        offs_w = tl.arange(0, BLOCK_W)
-        dead = _wait_peers(flag_row, base + need, (offs_w < W) & (offs_w != RANK), dead,
-                           err_dev, err_host, timeout_ns, 2, USE_TIMER, POSTED, BLOCK_W, NT)
-        tl.debug_barrier()
-    return tl.maximum(need, got), dead
-
-
-@triton.jit
-def _combine_stream(n_own, n_peer, r_peer, pid, base, dead, expert_out, ids_ptr, w_ptr, y_ptr,
-                    recv_w, comb, flags, slot_map, err_dev, err_host, timeout_ns,
-                    RANK: tl.constexpr, W: tl.constexpr, G: tl.constexpr, M: tl.constexpr,
-                    H: tl.constexpr, K: tl.constexpr, L: tl.constexpr, E: tl.constexpr,
-                    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, CHUNK: tl.constexpr,
-                    DELAY: tl.constexpr, USE_TIMER: tl.constexpr, POSTED: tl.constexpr,
-                    NT: tl.constexpr):
-    """The flags combine of a program as two token streams (``STREAM``, two ranks, rounds of
-    ``CHUNK``, one-token steps on 1-D rows): step ``s`` pushes the peer's token at position
-    ``s`` and finishes the own token at position ``s - LAG``, ``LAG = CHUNK + DELAY``; the
-    first ``LAG`` pushes and the last finishes two per step, in order. A round is released
-    after the step that pushed its last token, and acquired before the step that finishes
-    its first: with ``DELAY`` > 0 that is ``DELAY`` steps after the peer released it (the
-    round loop of :func:`ep_combine_kernel` waits for a round the peer released at the end of
-    its previous step). Returns ``dead``."""
-    LAG: tl.constexpr = CHUNK + DELAY
-    flag_out = flags[1 - RANK] + pid * W + RANK
-    flag_row = flags[RANK] + pid * W
-    sig = pid * 0
-    got = pid * 0
-    # pushes alone: positions [0, min(LAG, n_peer)), two a step
-    h1 = tl.minimum(LAG, n_peer)
-    for p0 in range(0, h1, 2):
-        if dead == 0:
-            _combine_two_tokens(tl.cast(pid + p0 * G, tl.int64), p0 < h1,
-                                tl.cast(pid + (p0 + 1) * G, tl.int64), p0 + 1 < h1, 0, 0,
-                                expert_out, ids_ptr, w_ptr, y_ptr, recv_w, comb, slot_map,
-                                RANK, M, H, K, L, E, BLOCK_H)
-        sig = _stream_signal(tl.minimum(p0 + 2, h1), n_peer, r_peer, sig, flag_out, base,
-                             CHUNK, POSTED, NT)
-    # a push and a finish a step: pushes [LAG, e2), finishes [0, e2 - LAG)
-    e2 = tl.minimum(n_peer, n_own + LAG)
-    for st in range(LAG, e2):
-        got, dead = _stream_wait(st - LAG, got, dead, flag_row, base, RANK, W, err_dev, err_host,
-                                 timeout_ns, CHUNK, USE_TIMER, POSTED, BLOCK_W, NT)
-        if dead == 0:
-            _combine_two_tokens(tl.cast(pid + st * G, tl.int64), st >= 0,
-                                tl.cast(pid + (st - LAG) * G, tl.int64), st >= 0, 0, 1,
-                                expert_out, ids_ptr, w_ptr, y_ptr, recv_w, comb, slot_map,
-                                RANK, M, H, K, L, E, BLOCK_H)
-        sig = _stream_signal(st + 1, n_peer, r_peer, sig, flag_out, base, CHUNK, POSTED, NT)
-    # the rest of one side, two a step: pushes [max(h1, e2), n_peer) or finishes [f0, n_own)
-    for p0 in range(tl.maximum(h1, e2), n_peer, 2):
-        if dead == 0:
-            _combine_two_tokens(tl.cast(pid + p0 * G, tl.int64), p0 < n_peer,
-                                tl.cast(pid + (p0 + 1) * G, tl.int64), p0 + 1 < n_peer, 0, 0,
-                                expert_out, ids_ptr, w_ptr, y_ptr, recv_w, comb, slot_map,
-                                RANK, M, H, K, L, E, BLOCK_H)
-        sig = _stream_signal(tl.minimum(p0 + 2, n_peer), n_peer, r_peer, sig, flag_out, base,
-                             CHUNK, POSTED, NT)
-    sig = _stream_signal(n_peer, n_peer, r_peer, sig, flag_out, base, CHUNK, POSTED, NT)
-    for f0 in range(tl.maximum(e2 - LAG, 0), n_own, 2):
-        got, dead = _stream_wait(tl.minimum(f0 + 1, n_own - 1), got, dead, flag_row, base, RANK,
-                                 W, err_dev, err_host, timeout_ns, CHUNK, USE_TIMER, POSTED,
-                                 BLOCK_W, NT)
-        if dead == 0:
-            _combine_two_tokens(tl.cast(pid + f0 * G, tl.int64), f0 < n_own,
-                                tl.cast(pid + (f0 + 1) * G, tl.int64), f0 + 1 < n_own, 1, 1,
-                                expert_out, ids_ptr, w_ptr, y_ptr, recv_w, comb, slot_map,
-                                RANK, M, H, K, L, E, BLOCK_H)
-    # every own round acquired, as the round loop does (a program without tokens included)
-    got, dead = _stream_wait(tl.maximum(n_own - 1, 0), got, dead, flag_row, base, RANK, W,
-                             err_dev, err_host, timeout_ns, CHUNK, USE_TIMER, POSTED, BLOCK_W,
-                             NT)
-    return dead
-
-
-@triton.jit
 def _push_tile(s, t64, vt, expert_out, recv_w, comb, slot_map, RANK: tl.constexpr,
                M: tl.constexpr, H: tl.constexpr, K: tl.constexpr, BLOCK_H: tl.constexpr,
                BLOCK_K: tl.constexpr):
@@ -1183,11 +1063,8 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
                       LAG: tl.constexpr = 1, FUSE: tl.constexpr = False,
                       CHUNKS: tl.constexpr = 1, HEAD: tl.constexpr = 0,
                       NOWAIT: tl.constexpr = False, ROWS1D: tl.constexpr = True,
-                      PAIR2: tl.constexpr = True, TAIL: tl.constexpr = 0,
-                      STREAM: tl.constexpr = -1):
+                      PAIR2: tl.constexpr = True):
     """Flags combine; see the module docstring (``INTERLEAVE``: its own section there).
-    ``STREAM`` >= 0 (two ranks, ``TB == 1``, ``ROWS1D``, equal rounds): a program with more
-    than one round on either side runs :func:`_combine_stream` with ``DELAY = STREAM``.
     ``NOWAIT`` (timing diagnostic, wrong results): the interleaved loop never waits.
     ``ROWS1D``: one-token fused steps on 1-D rows (:func:`_combine_two_tokens`); ``PAIR2``:
     with them, a round with tokens on one side only takes two of them per step."""
@@ -1201,20 +1078,12 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
     offs_w = tl.arange(0, BLOCK_W)
     dead = _dead(err_dev, NT)
     HD: tl.constexpr = HEAD if HEAD > 0 else CHUNK   # the first round's tokens
-    n_own, r_own = _rounds(T, pid, G, CHUNK, HD, TAIL)
+    n_own, r_own = _rounds(T, pid, G, CHUNK, HD)
     # the peers' token counts (from the dispatch; read before any signal, see docs/moe.md)
-    n_in, r_in = _peer_rounds(recv_T[RANK], pid, RANK, W, G, CHUNK, HD, BLOCK_W, NT, TAIL)
+    n_in, r_in = _peer_rounds(recv_T[RANK], pid, RANK, W, G, CHUNK, HD,
+                                                          BLOCK_W, NT)
     r = 0
     more = True
-    if STREAM >= 0:
-        n_peer = tl.sum(tl.where(offs_w == 1 - RANK, n_in, 0), axis=0)
-        if (n_own > CHUNK) | (n_peer > CHUNK):
-            r_peer = tl.sum(tl.where(offs_w == 1 - RANK, r_in, 0), axis=0)
-            dead = _combine_stream(n_own, n_peer, r_peer, pid, base, dead, expert_out, ids_ptr,
-                                   w_ptr, y_ptr, recv_w, comb, flags, slot_map, err_dev,
-                                   err_host, timeout_ns, RANK, W, G, M, H, K, L, E, BLOCK_H,
-                                   BLOCK_W, CHUNK, STREAM, USE_TIMER, POSTED, NT)
-            more = False
     if INTERLEAVE:
         lag = tl.where(r_own > 1, LAG, 1)   # small batches (one round): no empty iterations
         while more:
@@ -1224,10 +1093,9 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
             # loop: push, signal, then its own partial, the wait and the finish.
             rr = r - lag
             fin = (rr >= 0) & (rr < r_own)
-            q0, jown = _span(rr, n_own, CHUNK, HD, TAIL)   # own round rr: tokens q0 + [0, jown)
+            q0, jown = _span(rr, n_own, CHUNK, HD)   # own round rr: tokens q0 + [0, jown)
             jown = tl.where(fin, jown, 0)
-            s0v, jin = _span(r, n_in, CHUNK, HD, TAIL)    # the peers' round r: s0v + [0, jin)
-            s0 = tl.sum(tl.where(offs_w == 1 - RANK, s0v, 0), axis=0)   # the peer's (W == 2)
+            s0, jin = _span(r, n_in, CHUNK, HD)      # the peers' round r: s0 + [0, jin)
             jin = tl.where((r < r_in) & (dead == 0), jin, 0)
             many = jown > TB
             if fin & many & (not NOWAIT):
@@ -1238,8 +1106,8 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
             nsteps = tl.maximum(tl.where(many, jown, 0), tl.max(jin, axis=0))
             TOK: tl.constexpr = FUSE & (W == 2) & (TB == 1) & (CHUNKS == 1) & ROWS1D
             # a push and a finish a step; where one side has more (PAIR2; the first round:
-            # pushes only, the last: finishes only, and rounds of unequal sizes), the rest of
-            # the longer side two tokens a step, the first half of that rest with the second
+            # pushes only, the last: finishes only, and rounds of unequal sizes, HEAD), the rest
+            # of the longer side two tokens a step, the first half of that rest with the second
             np_ = tl.sum(tl.where(offs_w == 1 - RANK, jin, 0), axis=0)
             no_ = tl.where(many, jown, 0)
             both = tl.minimum(np_, no_)                     # steps with a push and a finish
@@ -1288,8 +1156,7 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
                     if s != RANK:
                         js = tl.sum(tl.where(offs_w == s, jin, 0), axis=0)
                         if (jj < js) & (fused == 0):
-                            ss = tl.sum(tl.where(offs_w == s, s0v, 0), axis=0)
-                            t64, vt = _tile(ss + jj, ss + js, pid, G, TB)
+                            t64, vt = _tile(s0 + jj, s0 + js, pid, G, TB)
                             _push_tile(s, t64, vt, expert_out, recv_w, comb, slot_map, RANK,
                                        M, H, K, BLOCK_H, BLOCK_K)
                 if many & (jj < jown) & (fused == 0):

@@ -122,8 +122,7 @@ class P2PBackend(MoEBackend):
                  _combine_chunks: int = 1, recv_lag: int | None = None,
                  first_round_tokens: int | None = None, _skip_waits: bool = False,
                  _rows_1d: bool = True, _claim_rounds: bool = True,
-                 _pair_alone: bool = True, last_round_tokens: int | None = None,
-                 _stream_delay: int | None = None) -> None:
+                 _pair_alone: bool = True) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -135,8 +134,10 @@ class P2PBackend(MoEBackend):
             round_tokens: tokens of one program per round (``CHUNK`` in
                 :mod:`llmcomm.kernels.moe`): every round of sends is signalled on its own, so
                 a peer expands (dispatch) or sums (combine) round r - 1 while round r is on
-                the wire. Default: a quarter of a program's share at ``max_tokens_per_rank``
-                (at most 4 rounds; one round for small batches).
+                the wire. Default: a quarter of a program's share at ``max_tokens_per_rank``,
+                but at least half of it up to 8 tokens (2 rounds of up to 8 tokens, then 4
+                rounds; one round for a share of one token). A round costs ~5 us at 4096 tokens
+                per rank (docs/moe.md, session 9).
             tile_tokens, combine_tile_tokens: tokens one program handles per loop step in
                 dispatch / combine (``TB``; powers of 2, <= 8; default 1): their loads and slot
                 atomics are in flight together. More need more registers (the combine's fp32
@@ -186,12 +187,6 @@ class P2PBackend(MoEBackend):
                 receives run without the other side's work; a small first round shortens one
                 of them at the price of one more round. Default: ``round_tokens`` (equal
                 rounds); not timed yet (docs/moe.md, session 7).
-            last_round_tokens: ``"flags"`` with ``interleave`` only: a program with more than
-                ``first_round_tokens + last_round_tokens`` tokens ends with a round of this
-                many (``TAIL`` in :mod:`llmcomm.kernels.moe`): its finishes (combine) and the
-                peer's expansions (dispatch) are the work that runs after the last round is
-                on the wire, with nothing to overlap. Default: none (rounds of
-                ``round_tokens`` to the end). Session 9 (docs/moe.md).
             recv_lag: ``"lamport"`` only: a dispatch program with more than one own tile
                 receives in iteration ``i`` the peers' tile of iteration ``i - recv_lag``
                 (``RLAG``), so that it polls rows that have landed instead of rows the peer is
@@ -205,8 +200,8 @@ class P2PBackend(MoEBackend):
         esize = torch.empty(0, dtype=cfg.dtype).element_size()
         if protocol != "auto":
             self.protocol_decision = Decision(protocol, ("requested explicitly",))
-        elif (round_tokens, posted_flags, interleave, round_lag, first_round_tokens,
-              last_round_tokens) != (None,) * 6:
+        elif (round_tokens, posted_flags, interleave, round_lag,
+              first_round_tokens) != (None,) * 5:
             self.protocol_decision = Decision("flags", ("a flags-only knob given",))
         elif shift is not None or recv_lag is not None:
             self.protocol_decision = Decision("lamport", ("a lamport-only knob given",))
@@ -262,7 +257,10 @@ class P2PBackend(MoEBackend):
         else:
             if round_tokens is None:
                 share = -(-M // self.G)                    # a program's tokens at capacity
-                round_tokens = max(1, -(-share // 4))
+                # 4 rounds, but at least half a share up to 8 tokens: 2 rounds for 8 and 16
+                # tokens a program (session 9: 145 vs 157-161 us at 1024 tokens per rank,
+                # 252-254 vs 255-256 at 2048; 4 rounds of 8 stay best at 4096)
+                round_tokens = max(-(-share // 4), min(-(-share // 2), 8))
             if not isinstance(round_tokens, int) or round_tokens < 1:
                 raise ValueError(f"round_tokens must be an int >= 1, got {round_tokens!r}")
         if lamport:
@@ -294,14 +292,6 @@ class P2PBackend(MoEBackend):
                 raise ValueError(f"first_round_tokens must be an int >= 1, got "
                                  f"{first_round_tokens!r}")
         self.first_round_tokens = first_round_tokens
-        if last_round_tokens is not None:
-            if not self.interleave:
-                raise ValueError("last_round_tokens applies to protocol='flags' with "
-                                 "interleave on: leave it unset")
-            if not isinstance(last_round_tokens, int) or last_round_tokens < 1:
-                raise ValueError(f"last_round_tokens must be an int >= 1, got "
-                                 f"{last_round_tokens!r}")
-        self.last_round_tokens = last_round_tokens
         if recv_lag is not None and not lamport:
             raise ValueError("recv_lag applies to protocol='lamport' only (the 'flags' kernels "
                              "have round_lag): leave it unset")
@@ -338,22 +328,10 @@ class P2PBackend(MoEBackend):
         # A/B only: CLAIM_RB in llmcomm.kernels.moe (a round's slots taken at its start, in one
         # vector atomic, for the fused one-token dispatch steps; rounds of <= 16 tokens): on by
         # default (session 8: dispatch 229-243 vs 254-266 us at 4096 tokens, hidden 7168)
-        rb = _next_pow2(max(round_tokens or 1, first_round_tokens or 1,
-                            last_round_tokens or 1)) if not lamport else 0
+        rb = _next_pow2(max(round_tokens or 1, first_round_tokens or 1)) if not lamport else 0
         self._claim_rb = rb if _claim_rounds and self._rows_1d and rb <= 16 else 0
         # A/B only: PAIR2 in llmcomm.kernels.moe (a one-sided round's tokens two per step)
         self._pair2 = bool(_pair_alone)
-        # A/B only: STREAM in llmcomm.kernels.moe (the combine of programs with several rounds
-        # as two token streams, finishes _stream_delay tokens behind a round; session 9)
-        if _stream_delay is not None and not (
-                self.interleave and cfg.world_size == 2 and self._rows_1d
-                and combine_tile_tokens == 1 and not last_round_tokens
-                and (first_round_tokens is None or first_round_tokens == round_tokens)
-                and isinstance(_stream_delay, int) and 0 <= _stream_delay <= 8):
-            raise ValueError("_stream_delay (an int in [0, 8]) needs protocol='flags' with "
-                             "interleave, two ranks, _rows_1d, combine_tile_tokens=1 and equal "
-                             "rounds")
-        self._stream = -1 if _stream_delay is None else _stream_delay
         self.round_tokens = round_tokens     # None for "lamport"
         self.shift = shift                   # None for "flags"
         dev = cfg.device if not self._sim else torch.device("cpu")
@@ -423,9 +401,7 @@ class P2PBackend(MoEBackend):
                 "tile_tokens": self.tiles[0], "combine_tile_tokens": self.tiles[1],
                 "combine_split": self.combine_split, "interleave": self.interleave,
                 "round_lag": self.round_lag, "recv_lag": self.recv_lag,
-                "first_round_tokens": self.first_round_tokens,
-                "last_round_tokens": self.last_round_tokens, "stream": self._stream,
-                "fuse": self._fuse,
+                "first_round_tokens": self.first_round_tokens, "fuse": self._fuse,
                 "fuse_combine": self._fuse_combine, "combine_chunks": self._combine_chunks,
                 "acq_rel_publish": self._acq_rel_publish,
                 **{k.lower(): v for k, v in self.variants.items()}}
@@ -478,7 +454,6 @@ class P2PBackend(MoEBackend):
             ACQ_REL=self._acq_rel_publish, INTERLEAVE=self.interleave, LAG=self.round_lag or 1,
             FUSE=self._fuse, HEAD=self.first_round_tokens or 0, NOWAIT=self._skip_waits,
             ROWS1D=self._rows_1d, CLAIM_RB=self._claim_rb, PAIR2=self._pair2,
-            TAIL=self.last_round_tokens or 0,
             **self._consts())
         return self.expert_x, self.counts, (topk_ids, topk_weights)
 
@@ -505,7 +480,7 @@ class P2PBackend(MoEBackend):
             INTERLEAVE=self.interleave, LAG=self.round_lag or 1, FUSE=self._fuse_combine,
             CHUNKS=self._combine_chunks, HEAD=self.first_round_tokens or 0,
             NOWAIT=self._skip_waits, ROWS1D=self._rows_1d, PAIR2=self._pair2,
-            TAIL=self.last_round_tokens or 0, STREAM=self._stream, **self._consts())
+            **self._consts())
         return y
 
     def check_errors(self, sync: bool = True) -> None:
