@@ -263,11 +263,14 @@ def _signal_peers(flags, pid, value, RANK: tl.constexpr, W: tl.constexpr,
 @triton.jit
 def _chunk(n, CHUNK: tl.constexpr, RT: tl.constexpr):
     """Tokens per round of a stream of ``n`` tokens: ``CHUNK``, or (``RT``) the launcher's
-    rule applied to ``n`` itself -- ``max(ceil(n / 4), min(ceil(n / 2), 8))``, at most
-    ``CHUNK`` (the rule at the capacity share) -- so a batch below capacity keeps 2 to 4
-    rounds (session 9: at 8 tokens a program 2 rounds of 4 take 145 us, 1 round of 8 154)."""
+    rule applied to ``n`` itself -- ``max(ceil(n / 4), min(ceil(n / 2), 8), min(n, 2))``,
+    at most ``CHUNK`` (the rule at the capacity share) -- so a batch below capacity keeps 2 to
+    4 rounds (session 9: at 8 tokens a program 2 rounds of 4 take 145 us, 1 round of 8 154;
+    at 2 tokens one round of 2 52 us, two of 1 58)."""
     if RT:
-        c = tl.minimum(tl.maximum(tl.cdiv(n, 4), tl.minimum(tl.cdiv(n, 2), 8)), CHUNK)
+        c = tl.maximum(tl.maximum(tl.cdiv(n, 4), tl.minimum(tl.cdiv(n, 2), 8)),
+                       tl.minimum(n, 2))
+        c = tl.minimum(c, CHUNK)
         c = tl.maximum(c, 1)
     else:
         c = n * 0 + CHUNK

@@ -135,8 +135,8 @@ class P2PBackend(MoEBackend):
                 :mod:`llmcomm.kernels.moe`): every round of sends is signalled on its own, so
                 a peer expands (dispatch) or sums (combine) round r - 1 while round r is on
                 the wire. Default: per call, from the batch, in the kernel: of a program's
-                ``n`` tokens, ``max(ceil(n / 4), min(ceil(n / 2), 8))`` a round (2 rounds of up
-                to 8 tokens, then 4 rounds; one round for one token), at most that rule at
+                ``n`` tokens, ``max(ceil(n / 4), min(ceil(n / 2), 8), min(n, 2))`` a round (one
+                round for 1 or 2 tokens, 2 rounds of up to 8, then 4), at most that rule at
                 ``max_tokens_per_rank`` (with ``interleave``; phased rounds use the bound). A
                 round costs ~5 us at 4096 tokens per rank (docs/moe.md, session 9). Given:
                 every call uses it.
@@ -264,8 +264,9 @@ class P2PBackend(MoEBackend):
                 share = -(-M // self.G)                    # a program's tokens at capacity
                 # 4 rounds, but at least half a share up to 8 tokens: 2 rounds for 8 and 16
                 # tokens a program (session 9: 145 vs 157-161 us at 1024 tokens per rank,
-                # 252-254 vs 255-256 at 2048; 4 rounds of 8 stay best at 4096)
-                round_tokens = max(-(-share // 4), min(-(-share // 2), 8))
+                # 252-254 vs 255-256 at 2048; 4 rounds of 8 stay best at 4096), one round
+                # for 2 (52 vs 58 us at 256); the kernels' _chunk, at the capacity share
+                round_tokens = max(-(-share // 4), min(-(-share // 2), 8), min(share, 2))
             if not isinstance(round_tokens, int) or round_tokens < 1:
                 raise ValueError(f"round_tokens must be an int >= 1, got {round_tokens!r}")
         if lamport:
