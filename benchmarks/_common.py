@@ -2,7 +2,8 @@
 
 ``time_graph(fn)``: run ``fn`` eagerly (warm-up, compiles), capture ``iters`` back-to-back calls
 in one CUDA graph, replay it ``reps`` times and return the median microseconds per call, the
-maximum over the ranks of ``group`` (every rank must call it the same number of times).
+maximum over the ranks of ``group`` (every rank must call it the same number of times; without
+an initialised process group, this process's median).
 """
 
 from __future__ import annotations
@@ -18,6 +19,12 @@ def time_graph(fn, group=None, iters: int = 50, reps: int = 7, warmup: int = 3,
     import torch
     import torch.distributed as dist
 
+    multi = dist.is_available() and dist.is_initialized()
+
+    def barrier():
+        if multi:
+            dist.barrier(group)
+
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -25,19 +32,19 @@ def time_graph(fn, group=None, iters: int = 50, reps: int = 7, warmup: int = 3,
             fn()
     torch.cuda.current_stream().wait_stream(s)
     torch.cuda.synchronize()
-    dist.barrier(group)
+    barrier()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         for _ in range(iters):
             fn()
     torch.cuda.synchronize()
-    dist.barrier(group)
+    barrier()
     ts = []
     for _ in range(reps):
         if before_replay is not None:
             before_replay()
         torch.cuda.synchronize()
-        dist.barrier(group)
+        barrier()
         a = torch.cuda.Event(enable_timing=True)
         b = torch.cuda.Event(enable_timing=True)
         a.record()
@@ -46,9 +53,11 @@ def time_graph(fn, group=None, iters: int = 50, reps: int = 7, warmup: int = 3,
         b.synchronize()
         ts.append(a.elapsed_time(b) * 1000.0 / iters)
     med = sorted(ts)[len(ts) // 2]
+    del g
+    if not multi:
+        return med
     t = torch.tensor([med], device="cuda", dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    del g
     return float(t.item())
 
 

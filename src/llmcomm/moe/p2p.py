@@ -48,6 +48,7 @@ from ..config import get_config
 from ..errors import CollectiveTimeoutError
 from ..policy import Decision, ep_p2p_protocol
 from .backends import EPConfig, MoEBackend
+from .loopback import LoopbackGroup
 
 _ALIGN = 256
 NBUF = 3   # "lamport": receive buffers rotated per call (per program), so a reset never races
@@ -62,13 +63,27 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _arrive(group: Any, what: str) -> None:
+    """Every rank of ``group`` has reached this point (a Loopback's ranks are built one after
+    the other in one process and launch nothing before all of them exist: nothing to wait for)."""
+    if not isinstance(group, LoopbackGroup):
+        exchange("ready", group, what)
+
+
+def _ranks(group: Any) -> list[int]:
+    return group.ranks() if isinstance(group, LoopbackGroup) else group_ranks(group)
+
+
 class _Workspace:
     """One byte buffer per rank, addressable by every rank of the group."""
 
     def __init__(self, nbytes: int, group: Any, cfg: EPConfig, simulate_dir: str | None):
         self.nbytes = nbytes
         W, rank = cfg.world_size, cfg.rank
-        if simulate_dir is not None:
+        if isinstance(group, LoopbackGroup):     # every rank in this process, one GPU
+            self.bufs = group.buffers(nbytes)
+            self.handle = None
+        elif simulate_dir is not None:
             import torch.distributed as dist
 
             path = os.path.join(simulate_dir, f"ep_ws_{rank}")
@@ -83,7 +98,7 @@ class _Workspace:
 
             local = symm_mem.empty(nbytes, dtype=torch.uint8, device=cfg.device)
             # every rank must arrive before torch's rendezvous, which has no deadline of ours
-            exchange("ready", group, "p2p EP workspace")
+            _arrive(group, "p2p EP workspace")
             hdl = symm_mem.rendezvous(local, group.group_name)
             if hdl.world_size != W:
                 raise ValueError(
@@ -95,6 +110,7 @@ class _Workspace:
         self.bufs[rank].zero_()
         if simulate_dir is None:
             torch.cuda.synchronize(cfg.device)  # zeroed before any peer may write into it
+
 
     def region(self, offset: int, shape: tuple[int, ...], dtype: torch.dtype
                ) -> tuple[torch.Tensor, ...]:
@@ -369,7 +385,7 @@ class P2PBackend(MoEBackend):
                 torch.cuda.synchronize(cfg.device)
             # no peer may write into this rank's buffer before the fill (the backend must be
             # safe on its own, not only behind EPDispatcher's agree())
-            exchange("sentinel", group, "p2p EP lamport workspace")
+            _arrive(group, "p2p EP lamport workspace")
         self.expert_x = torch.empty(L, cfg.capacity, H, dtype=cfg.dtype, device=dev)
         self.counts = torch.zeros(L, dtype=torch.int32, device=dev)
         self.cursor = torch.zeros(L, dtype=torch.int32, device=dev)
@@ -493,7 +509,7 @@ class P2PBackend(MoEBackend):
         if code == 0:
             return
         op, missing = code >> 16, (code & 0xFFFF) - 1
-        ranks = group_ranks(self.group)
+        ranks = _ranks(self.group)
         glob = ranks[missing] if 0 <= missing < len(ranks) else missing
         self._failed = CollectiveTimeoutError(
             _OPS.get(op, f"op {op}"), "[" + ",".join(map(str, ranks)) + "]", [glob],

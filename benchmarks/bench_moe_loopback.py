@@ -1,0 +1,155 @@
+"""The p2p MoE kernels with every EP rank on ONE GPU (:mod:`llmcomm.moe.loopback`): a
+diagnostic for machines with one GPU, NOT a speed claim.
+
+Each rank's kernels run on their own stream, concurrently; "peer" writes are local stores. So
+these figures are the kernels' *local* chain (launch, polls, atomics, copies) without the NVLink
+hop, on half the SMs each (``num_programs`` defaults to ``SMs // world``), sharing one GPU's
+HBM: a lower bound at small batches, meaningless against NVLink at large ones (HBM-bound). The
+2-GPU figures are ``bench_moe.py``'s. Every figure is a CUDA-graph replay of ``iters``
+back-to-back calls of every rank (fork/join over the rank streams), median of 7 replays; each
+(config, tokens) is checked once against the dense float64 reference before it is timed
+(identity experts: ``y = x * sum_k w``). Inputs bf16, routing uniform random top-k.
+
+    python3 benchmarks/bench_moe_loopback.py                       # hidden 7168 / 256 experts
+    python3 benchmarks/bench_moe_loopback.py --configs lamport128 --tokens 1,8
+    python3 benchmarks/bench_moe_loopback.py --hidden 4096 --experts 128
+
+Configs (``--configs``): ``lamport128`` (the decode dispatcher: M = 128, ``protocol="auto"``
+picks lamport at EP=2), ``flags128`` (M = 128, flags), ``flags4096`` (M = 4096, flags; the
+default 2-GPU dispatcher, here on half the programs). Results: ``benchmarks/results/
+moe_loopback_<gpu>_h<hidden>.{csv,json}`` with the GPU, versions, date and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+#: name -> (max_tokens_per_rank, backend kwargs)
+CONFIGS = {
+    "lamport128": (128, {}),
+    "flags128": (128, {"protocol": "flags"}),
+    "flags4096": (4096, {"protocol": "flags"}),
+}
+
+
+def _inputs(world, T, E, K, H, seed):
+    import torch
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    xs = [torch.randn(T, H, device="cuda", generator=g).to(torch.bfloat16) for _ in range(world)]
+    ids = [torch.rand(T, E, device="cuda", generator=g).argsort(dim=1)[:, :K] for _ in range(world)]
+    ws = [torch.rand(T, K, device="cuda", generator=g) + 0.1 for _ in range(world)]
+    return xs, ids, ws
+
+
+def _check(lb, xs, ids, ws):
+    """One call of every rank against the dense reference (identity experts); max rel. error."""
+    import torch
+
+    from llmcomm.moe.reference import check_combine_output, reference_combine
+
+    outs = lb.dispatch(xs, ids, ws)
+    ys = lb.combine([o[0] for o in outs], outs, [x.shape[0] for x in xs])
+    lb.check_errors()
+    errs = []
+    for r, y in enumerate(ys):
+        ref = reference_combine(xs[r].cpu(), ids[r].cpu(), ws[r].cpu(),
+                                expert_fn=lambda e, rows: rows)
+        errs.append(check_combine_output(y.cpu(), ref, torch.bfloat16, what="loopback"))
+    return max(errs)
+
+
+def run(args) -> list[dict]:
+    import torch
+
+    from benchmarks._common import time_graph
+    from llmcomm.moe.loopback import Loopback
+
+    rows = []
+    W, E, K, H = args.world, args.experts, args.top_k, args.hidden
+    for name in args.configs.split(","):
+        M, kw = CONFIGS[name]
+        lb = Loopback(W, E, K, H, M, torch.bfloat16, num_programs=args.programs, **kw)
+        be0 = lb.backends[0]
+        for T in (int(t) for t in args.tokens.split(",")):
+            if T > M:
+                continue
+            xs, ids, ws = _inputs(W, T, E, K, H, seed=T)
+            try:
+                err = _check(lb, xs, ids, ws)
+            except AssertionError as e:       # wrong output: report it, time nothing
+                print(f"{name:>10} T={T:<5} CHECK FAILED: {e}", flush=True)
+                rows.append({"config": name, "hidden": H, "tokens": T, "M": M,
+                             "protocol": be0.protocol, "programs": be0.G, "pair_us": None,
+                             "dispatch_us": None, "combine_us": None, "rel_err": None})
+                continue
+            if args.check_only:
+                print(f"{name:>10} T={T:<5} G={be0.G:<4} check rel err {err:.2e}", flush=True)
+                continue
+            iters = 50 if T <= 512 else 20
+            Ts = [T] * W
+
+            def pair():
+                outs = lb.dispatch(xs, ids, ws)
+                lb.combine([o[0] for o in outs], outs, Ts)
+
+            t_pair = time_graph(pair, iters=iters)
+            outs = lb.dispatch(xs, ids, ws)
+            t_disp = time_graph(lambda: lb.dispatch(xs, ids, ws), iters=iters)
+            outs = lb.dispatch(xs, ids, ws)
+            t_comb = time_graph(lambda: lb.combine([o[0] for o in outs], outs, Ts), iters=iters)
+            lb.check_errors()
+            row = {"config": name, "hidden": H, "tokens": T, "M": M,
+                   "protocol": be0.protocol, "programs": be0.G, "pair_us": round(t_pair, 2),
+                   "dispatch_us": round(t_disp, 2), "combine_us": round(t_comb, 2),
+                   "rel_err": float(f"{err:.3g}")}
+            rows.append(row)
+            print(f"{name:>10} T={T:<5} G={be0.G:<4} {be0.protocol:>7}  pair {t_pair:8.2f} us  "
+                  f"dispatch {t_disp:8.2f}  combine {t_comb:8.2f}  (check rel err {err:.2e})",
+                  flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--configs", default="lamport128,flags128,flags4096")
+    ap.add_argument("--tokens", default="1,8,64,128,1024,4096")
+    ap.add_argument("--hidden", type=int, default=7168)
+    ap.add_argument("--experts", type=int, default=256)
+    ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--world", type=int, default=2)
+    ap.add_argument("--programs", type=int, default=None,
+                    help="grid per rank (default min(128, M, SMs // world))")
+    ap.add_argument("--check-only", action="store_true",
+                    help="check every (config, tokens) once, time nothing, write nothing (also "
+                    "compiles every kernel, e.g. in parallel processes before a timed run)")
+    ap.add_argument("--out", default=None, help="result file stem (default benchmarks/results/"
+                    "moe_loopback_<gpu>_h<hidden>)")
+    args = ap.parse_args()
+    for k, v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+                 ("NVSHMEM_DISABLE_NVLS", "1")):
+        os.environ.setdefault(k, v)
+    import torch
+
+    from benchmarks._common import environment, write_results
+
+    if not torch.cuda.is_available():
+        sys.exit("bench_moe_loopback.py needs a CUDA GPU")
+    rows = run(args)
+    if args.check_only:
+        return
+    meta = environment()
+    meta["note"] = ("loopback: every EP rank on one GPU, local stores instead of NVLink; "
+                    "not comparable with 2-GPU figures")
+    gpu = (meta.get("gpu") or "gpu").replace(" ", "_")
+    stem = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                    f"moe_loopback_{gpu}_h{args.hidden}")
+    print("wrote", *write_results(stem, rows, meta))
+
+
+if __name__ == "__main__":
+    main()

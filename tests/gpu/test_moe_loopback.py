@@ -1,0 +1,182 @@
+"""The p2p MoE kernels on ONE GPU: every rank of an EP group in one process
+(:class:`llmcomm.moe.loopback.Loopback`), the ranks' kernels running at the same time on their
+own streams. Checks what the 2-GPU tests check, where only one GPU is lent: every received row
+against its source, the combine against the dense float64 reference, CUDA-graph replays with
+fresh inputs, lamport slots back to the sentinel, and a missing rank ending in
+``CollectiveTimeoutError`` naming it. Each test runs in a fresh process with a host deadline
+(``run_ranks``), on top of the kernels' own device deadlines."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from tests._dist import run_ranks
+
+#: name -> (world, Loopback keyword arguments)
+VARIANTS = {
+    "flags": (2, {"protocol": "flags"}),
+    # few programs: multi-token interleaved rounds (fused steps, round slot claims, pairing)
+    "flags-g8": (2, {"protocol": "flags", "num_programs": 8}),
+    "flags-g4-w4": (4, {"protocol": "flags", "num_programs": 4}),
+    "lamport": (2, {"protocol": "lamport"}),
+    "lamport-t4c2": (2, {"protocol": "lamport", "tile_tokens": 4, "combine_tile_tokens": 2}),
+    "lamport-shift": (2, {"protocol": "lamport", "tile_tokens": 2, "shift": 20,
+                          "num_programs": 48}),
+}
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                 reason="triton is not installed")]
+
+
+def _roundtrip(lb, world, E, inputs, dtype, check_rows=True):
+    import torch
+
+    from tests.distributed._moe_cases import check_combine, check_dispatch, run_experts
+
+    xs, ids, ws = ([t.to("cuda") for t in col] for col in zip(*inputs))
+    outs = lb.dispatch(xs, ids, ws)
+    lb.check_errors()
+    n = sum(check_dispatch(r, world, E, inputs, o[0], o[1]) for r, o in enumerate(outs)) \
+        if check_rows else -1
+    expert_out = [run_experts(r, E, world, o[0], o[1]) for r, o in enumerate(outs)]
+    ys = lb.combine(expert_out, outs, [x.shape[0] for x in xs])
+    lb.check_errors()
+    errs = [check_combine(r, inputs, ys[r], dtype, what="loopback combine")
+            for r in range(world)]
+    torch.cuda.synchronize()
+    return n, max(errs)
+
+
+def _sentinel_left(lb):
+    import torch
+
+    bad = []
+    for r, be in enumerate(lb.backends):
+        for name in ("lx", "lmeta", "lcnt", "lcomb"):
+            reg = getattr(be, name)[r]
+            ib = {2: torch.int16, 4: torch.int32, 8: torch.int64}[reg.element_size()]
+            k = int((reg.view(ib) != torch.iinfo(ib).min).sum())
+            if k:
+                bad.append(f"rank {r} {name}: {k} slots not reset")
+    return bad
+
+
+def _reference_worker(rank, world_size, name):
+    import torch
+
+    from llmcomm.moe.loopback import Loopback
+    from tests.distributed._moe_cases import make_inputs
+
+    world, kw = VARIANTS[name]
+    out = []
+    for (E, K, H, M, dtype) in ((16, 3, 264, 40, torch.float32),
+                                (256, 8, 7168, 96, torch.bfloat16)):
+        E = max(E, world)
+        lb = Loopback(world, E, K, H, M, dtype, **kw)
+        cases = (("random", [37, 0]), ("random", [96, 95]), ("one_expert", [40, 17]),
+                 ("dups", [5, 33]), ("low_experts", [1, 40]), ("random", [3, 9]),
+                 ("random", [M, M]))
+        for i, (routing, toks) in enumerate(cases):
+            toks = [min(toks[r % 2] + r // 2, M) for r in range(world)]
+            inputs = make_inputs(50 + i, world, toks, E, K, H, dtype, routing)
+            n, err = _roundtrip(lb, world, E, inputs, dtype)
+            left = _sentinel_left(lb) if lb.backends[0].protocol == "lamport" else []
+            out.append((H, routing, toks, n, err, left))
+    return out
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_loopback_matches_reference(name):
+    (rows,) = run_ranks(_reference_worker, 1, name, timeout=600)
+    assert len(rows) == 14
+    for H, routing, toks, n, err, left in rows:
+        assert err < 2.5e-2, (H, routing, toks, err)
+        assert not left, (H, routing, toks, left)
+
+
+def _graph_worker(rank, world_size, name):
+    import torch
+
+    from llmcomm.moe.loopback import Loopback
+    from llmcomm.moe.reference import check_combine_output, reference_combine
+    from tests.distributed._moe_cases import make_inputs
+
+    world, kw = VARIANTS[name]
+    E, K, H, M, T = 64, 6, 1024, 64, 50
+    dtype = torch.bfloat16
+    lb = Loopback(world, E, K, H, M, dtype, **kw)
+    L = E // world
+    scales = [(1.0 + (torch.arange(L, device="cuda") + r * L) / 8.0).to(dtype).view(L, 1, 1)
+              for r in range(world)]
+    xs = [torch.empty(T, H, dtype=dtype, device="cuda") for _ in range(world)]
+    ids = [torch.empty(T, K, dtype=torch.long, device="cuda") for _ in range(world)]
+    ws = [torch.empty(T, K, dtype=torch.float32, device="cuda") for _ in range(world)]
+
+    def step():
+        outs = lb.dispatch(xs, ids, ws)
+        return lb.combine([o[0] * scales[r] for r, o in enumerate(outs)], outs, [T] * world)
+
+    def load(seed):
+        inputs = make_inputs(seed, world, [T] * world, E, K, H, dtype)
+        for r in range(world):
+            xs[r].copy_(inputs[r][0]); ids[r].copy_(inputs[r][1]); ws[r].copy_(inputs[r][2])
+        return inputs
+
+    load(1)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        ys = step()
+    errs = []
+    for rep in range(7):        # > 2 rotations of the lamport buffers
+        inputs = load(100 + rep)
+        for y in ys:
+            y.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        for r in range(world):
+            x, i, w = inputs[r]
+            ref = reference_combine(x, i, w, expert_fn=lambda e, rows: rows * (1.0 + e / 8.0))
+            errs.append(check_combine_output(ys[r], ref, dtype, what="loopback graph replay"))
+    lb.check_errors()
+    return errs
+
+
+@pytest.mark.parametrize("name", ["flags", "flags-g8", "lamport", "lamport-t4c2"])
+def test_loopback_cuda_graph_replays_fresh_inputs(name):
+    (errs,) = run_ranks(_graph_worker, 1, name, timeout=400)
+    assert len(errs) == 7 * VARIANTS[name][0] and max(errs) < 2.5e-2
+
+
+def _missing_worker(rank, world_size, name):
+    import torch
+
+    from llmcomm.errors import CollectiveTimeoutError
+    from llmcomm.moe.loopback import Loopback
+
+    world, kw = VARIANTS[name]
+    lb = Loopback(world, 8, 2, 64, 16, torch.bfloat16, timeout_s=2.0, **kw)
+    x = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)
+    ids = torch.tensor([[0, 7]] * 4, device="cuda")
+    lb.backends[0].dispatch(x, ids, torch.rand(4, 2, device="cuda"))  # rank 1 never dispatches
+    try:
+        lb.backends[0].check_errors(sync=True)
+    except CollectiveTimeoutError as e:
+        return e.missing_ranks, str(e)
+    return None
+
+
+@pytest.mark.parametrize("name", ["flags", "lamport"])
+def test_loopback_missing_rank_times_out_naming_it(name):
+    (res,) = run_ranks(_missing_worker, 1, name, timeout=300)
+    assert res is not None, "rank 0 did not raise CollectiveTimeoutError"
+    missing, text = res
+    assert missing == [1] and "dispatch" in text, text
