@@ -1,11 +1,12 @@
 """The p2p MoE kernels with every EP rank on ONE GPU (:mod:`llmcomm.moe.loopback`): a
 diagnostic for machines with one GPU, NOT a speed claim.
 
-Each rank's kernels run on their own stream, concurrently; "peer" writes are local stores. So
-these figures are the kernels' *local* chain (launch, polls, atomics, copies) without the NVLink
-hop, on half the SMs each (``num_programs`` defaults to ``SMs // world``), sharing one GPU's
-HBM: a lower bound at small batches, meaningless against NVLink at large ones (HBM-bound). The
-2-GPU figures are ``bench_moe.py``'s. Every figure is a CUDA-graph replay of ``iters``
+Each rank's kernels run on their own stream, concurrently; "peer" writes are local stores, on
+half the SMs each (``num_programs`` defaults to ``SMs // world``), sharing one GPU's HBM, with a
+stream fork and join per call. Not a bound on the 2-GPU figures in either direction (one H200:
+21.0 us for the decode pair at one token vs 15.5 on 2 x H200; see :mod:`llmcomm.moe.loopback`):
+use it for A/Bs of kernel changes where only one GPU is lent. The 2-GPU figures are
+``bench_moe.py``'s. Every figure is a CUDA-graph replay of ``iters``
 back-to-back calls of every rank (fork/join over the rank streams), median of 7 replays; each
 (config, tokens) is checked once against the dense float64 reference before it is timed
 (identity experts: ``y = x * sum_k w``). Inputs bf16, routing uniform random top-k.

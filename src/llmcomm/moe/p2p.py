@@ -408,6 +408,7 @@ class P2PBackend(MoEBackend):
         self.variants = {"POSTED": bool(posted_flags), "PDL": bool(pdl)}
         self.timeout_ns = int(get_config().timeout_s * 1e9)
         self._failed: CollectiveTimeoutError | None = None
+        self._compile_only = False   # Loopback only, see _launch
         if not self._sim:
             torch.cuda.synchronize(cfg.device)   # zeroed flags visible before any peer signals
 
@@ -444,6 +445,22 @@ class P2PBackend(MoEBackend):
                     SHIFT=self.shift, USE_TIMER=not self._sim, PDL=self.variants["PDL"],
                     num_warps=self.num_warps, NT=32 * self.num_warps, **extra)
 
+    def _launch(self, kernel: Any, *args: Any, **kwargs: Any) -> None:
+        """``kernel[(G,)](*args, **kwargs)``; with ``_compile_only`` set (by
+        :class:`~llmcomm.moe.loopback.Loopback`), compile and load it for exactly these
+        arguments instead and launch nothing. A loopback compiles and loads every rank's kernel
+        before it launches any, so no rank's programs spin while a later rank's kernel is
+        compiled or its module loaded (a module load may wait for running work; session 10's
+        first loopback run, which compiled rank by rank between launches, hung every call until
+        its deadline)."""
+        if not self._compile_only:
+            kernel[(self.G,)](*args, **kwargs)
+            return
+        k = kernel.warmup(*args, grid=(self.G,), **kwargs)
+        if hasattr(k, "result"):           # triton's asynchronous compile mode
+            k = k.result()
+        k._init_handles()
+
     def dispatch(self, x, topk_ids, topk_weights):
         from ..kernels.moe import ep_dispatch_kernel, ep_dispatch_lamport_kernel
 
@@ -454,7 +471,7 @@ class P2PBackend(MoEBackend):
             x, topk_ids, topk_weights = self._dummy_x, self._dummy_ids, self._dummy_w
         c = self.cfg
         if self.protocol == "lamport":
-            ep_dispatch_lamport_kernel[(self.G,)](
+            self._launch(ep_dispatch_lamport_kernel,
                 x, topk_ids, topk_weights, T, self.lx, self.lmeta, self.lcnt,
                 self.expert_x, self.counts, self.cursor, self.done, self.slot_map, self.wloc,
                 self.peer_T, self.buf_d, self.err_dev, self.err_host.data_ptr(),
@@ -462,7 +479,7 @@ class P2PBackend(MoEBackend):
                 ACQ_REL=self._acq_rel_publish, RLAG=self.recv_lag,
                 **self._lamport_consts(self.tiles[0]))
             return self.expert_x, self.counts, (topk_ids, topk_weights)
-        ep_dispatch_kernel[(self.G,)](
+        self._launch(ep_dispatch_kernel,
             x, topk_ids, topk_weights, T,
             self.recv_x, self.recv_ids, self.recv_w, self.recv_T, self.flags_d,
             self.expert_x, self.counts, self.cursor, self.done, self.slot_map, self.epoch_d,
@@ -484,13 +501,13 @@ class P2PBackend(MoEBackend):
         y = torch.empty(num_tokens, c.hidden_size, dtype=c.dtype, device=expert_out.device)
         y_arg = y if num_tokens else self._dummy_x
         if self.protocol == "lamport":
-            ep_combine_lamport_kernel[(self.G,)](
+            self._launch(ep_combine_lamport_kernel,
                 expert_out, ids, w, y_arg, num_tokens, self.lcomb, self.slot_map, self.wloc,
                 self.peer_T, self.buf_c, self.err_dev, self.err_host.data_ptr(),
                 self.timeout_ns, SPLIT=min(self.combine_split, _next_pow2(c.hidden_size)),
                 **self._lamport_consts(self.tiles[1]))
             return y
-        ep_combine_kernel[(self.G,)](
+        self._launch(ep_combine_kernel,
             expert_out, ids, w, y_arg, num_tokens,
             self.recv_w, self.recv_T, self.comb, self.flags_c, self.slot_map, self.epoch_c,
             self.err_dev, self.err_host.data_ptr(), self.timeout_ns, TB=self.tiles[1],
