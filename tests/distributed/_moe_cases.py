@@ -101,6 +101,21 @@ def roundtrip(ep: Any, rank: int, world: int, num_experts: int, inputs, dtype,
     return n, err
 
 
+def capture_graph(step):
+    """Run ``step()`` once on a side stream (compile, warm up), then capture one call of it in a
+    CUDA graph; returns ``(graph, what step returned inside the capture)``."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = step()
+    return g, out
+
+
 def assert_lamport_sentinel(ep, rank: int, where: str) -> None:
     """Every ``protocol="lamport"`` receive slot of this rank is the sentinel again (nothing sent
     and left unread, nothing read and left unreset, no reset overtaken by a late write)."""

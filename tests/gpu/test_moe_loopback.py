@@ -106,7 +106,7 @@ def _graph_worker(rank, world_size, name):
 
     from llmcomm.moe.loopback import Loopback
     from llmcomm.moe.reference import check_combine_output, reference_combine
-    from tests.distributed._moe_cases import make_inputs
+    from tests.distributed._moe_cases import capture_graph, make_inputs
 
     world, kw = VARIANTS[name]
     E, K, H, M, T = 64, 6, 1024, 64, 50
@@ -130,15 +130,7 @@ def _graph_worker(rank, world_size, name):
         return inputs
 
     load(1)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        ys = step()
+    g, ys = capture_graph(step)
     errs = []
     for rep in range(7):        # > 2 rotations of the lamport buffers
         inputs = load(100 + rep)

@@ -81,7 +81,7 @@ def _graph_worker(rank, world, kw):
     import torch.distributed as dist
 
     from llmcomm.moe import EPDispatcher
-    from tests.distributed._moe_cases import make_inputs
+    from tests.distributed._moe_cases import capture_graph, make_inputs
 
     E, K, H, M, T = 64, 6, 1024, 64, 50
     dtype = torch.bfloat16
@@ -103,15 +103,7 @@ def _graph_worker(rank, world, kw):
         return inputs
 
     load(1)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        y = step()
+    g, y = capture_graph(step)
     errs = []
     for rep in range(7):        # > 2 rotations of the lamport buffers
         inputs = load(100 + rep)
