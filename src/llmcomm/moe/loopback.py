@@ -14,8 +14,7 @@ exactly those of a real group; only the transport differs::
 
 What it is for: checking the kernels on a GPU (real code generation, real concurrency between a
 rank's programs and its "peer's", CUDA-graph capture, deadlines) on a machine with one GPU, and
-timing their *local* chain (launch, polls, atomics, copies) with the NVLink hop taken out. What
-it is not: a measurement of NVLink, nor a bound on it in either direction. Every "peer" write is
+timing a kernel change against the same kernels before it (A/B). What it is not: a measurement of NVLink, nor a bound on it in either direction. Every "peer" write is
 a local store, but both ranks share one GPU's SMs (half the programs each) and HBM, and every call
 forks and joins the rank streams: measured on one H200 (session 10), the decode pair at one token
 took 21.0 us in loopback against 15.5 us on 2 x H200 over NVLink, and 789 us at 4096 tokens
@@ -33,6 +32,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+
 
 class LoopbackGroup:
     """Stand-in for the EP process group of :class:`Loopback`: ranks ``0..W-1`` of one process,
