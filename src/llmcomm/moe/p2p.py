@@ -33,7 +33,8 @@ take no host counter, so dispatch/combine capture into CUDA graphs; they never s
 host. NVLink multicast is not used (plain peer loads/stores only).
 
 ``simulate_dir`` (tests only) replaces symmetric memory by files mapped by every process and runs
-the same kernels under ``TRITON_INTERPRET=1`` on CPU.
+the same kernels under ``TRITON_INTERPRET=1`` on CPU; a :class:`~llmcomm.moe.loopback.LoopbackGroup`
+as ``group`` (tests and benchmarks only) puts every rank's workspace on one GPU in one process.
 """
 
 from __future__ import annotations
