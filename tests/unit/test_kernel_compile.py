@@ -38,7 +38,7 @@ _TYPES = {
 }
 _MOE = dict(RANK=0, W=W, G=128, H=7168, K=8, L=128, E=256, BLOCK_H=8192, BLOCK_K=8,
             BLOCK_L=128, BLOCK_W=2, TB=1, USE_TIMER=True, PDL=False, NT=512, NOWAIT=False,
-            ROWS1D=True, CLAIM_RB=0, PAIR2=True)
+            ROWS1D=True, CLAIM_RB=0, PAIR2=True, RT=False)
 _AR = dict(RANK=1, W=W, NORM=True, FP8=False, BLOCK=8192, PDL=True, NT=512)
 
 #: (module, kernel, constexprs, num_warps): the launchers' defaults at hidden 7168, EP/TP = 2
@@ -49,14 +49,14 @@ CASES = {
     "moe-flags-dispatch-claim": ("moe", "ep_dispatch_kernel",
                                  dict(_MOE, M=4096, CAP=8192, CHUNK=8, POSTED=True,
                                       ACQ_REL=False, INTERLEAVE=True, LAG=1, FUSE=True,
-                                      HEAD=0, CLAIM_RB=8), 16),
+                                      HEAD=0, CLAIM_RB=8, RT=True), 16),
     "moe-flags-dispatch-phased": ("moe", "ep_dispatch_kernel",
                                   dict(_MOE, M=4096, CAP=8192, CHUNK=8, POSTED=True,
                                        ACQ_REL=False, INTERLEAVE=False, LAG=1, FUSE=False,
                                        HEAD=0), 16),
     "moe-flags-combine": ("moe", "ep_combine_kernel",
                           dict(_MOE, M=4096, CHUNK=8, POSTED=True, INTERLEAVE=True, LAG=1,
-                               FUSE=True, CHUNKS=1, HEAD=0), 16),
+                               FUSE=True, CHUNKS=1, HEAD=0, RT=True), 16),
     "moe-flags-combine-chunks2": ("moe", "ep_combine_kernel",
                                   dict(_MOE, M=4096, CHUNK=8, POSTED=True, INTERLEAVE=True,
                                        LAG=1, FUSE=True, CHUNKS=2, HEAD=2), 16),

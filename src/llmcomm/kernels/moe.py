@@ -230,7 +230,7 @@ def _wait_peers(flag_row, target, need, dead, err_dev, err_host, timeout_ns, OP:
 @triton.jit
 def _peer_rounds(recv_T_row, pid, RANK: tl.constexpr, W: tl.constexpr, G: tl.constexpr,
                  CHUNK: tl.constexpr, HEAD: tl.constexpr, BLOCK_W: tl.constexpr,
-                 NT: tl.constexpr):
+                 NT: tl.constexpr, RT: tl.constexpr = False):
     """Every peer's token count (``recv_T_row[s]``, already released to us) read in one load,
     one thread per peer; returns ``(n_in, r_in)`` [BLOCK_W]: this program's share of each
     peer's tokens and its rounds (uniform: every value comes out of a reduction)."""
@@ -242,7 +242,8 @@ def _peer_rounds(recv_T_row, pid, RANK: tl.constexpr, W: tl.constexpr, G: tl.con
     r_in = tl.zeros([BLOCK_W], tl.int32)
     for s in tl.static_range(W):
         if s != RANK:
-            ns, rs = _rounds(tl.sum(tl.where(i == s, cnt, 0), axis=0), pid, G, CHUNK, HEAD)
+            ns, rs = _rounds(tl.sum(tl.where(i == s, cnt, 0), axis=0), pid, G, CHUNK, HEAD,
+                              RT)
             n_in = tl.where(offs_w == s, ns, n_in)
             r_in = tl.where(offs_w == s, rs, r_in)
     return n_in, r_in
@@ -260,18 +261,42 @@ def _signal_peers(flags, pid, value, RANK: tl.constexpr, W: tl.constexpr,
 
 
 @triton.jit
-def _rounds(T, pid, G: tl.constexpr, CHUNK: tl.constexpr, HEAD: tl.constexpr):
-    """(tokens of program ``pid`` among ``T``, its rounds: a first round of ``HEAD`` tokens,
-    then rounds of ``CHUNK``; at least 1). ``HEAD == CHUNK``: equal rounds."""
-    n = tl.maximum(tl.cdiv(T - pid, G), 0)
-    return n, 1 + tl.cdiv(tl.maximum(n - HEAD, 0), CHUNK)
+def _chunk(n, CHUNK: tl.constexpr, RT: tl.constexpr):
+    """Tokens per round of a stream of ``n`` tokens: ``CHUNK``, or (``RT``) the launcher's
+    rule applied to ``n`` itself -- ``max(ceil(n / 4), min(ceil(n / 2), 8), min(n, 2))``,
+    at most ``CHUNK`` (the rule at the capacity share) -- so a batch below capacity keeps 2 to
+    4 rounds (session 9: at 8 tokens a program 2 rounds of 4 take 145 us, 1 round of 8 154;
+    at 2 tokens one round of 2 52 us, two of 1 58)."""
+    if RT:
+        c = tl.maximum(tl.maximum(tl.cdiv(n, 4), tl.minimum(tl.cdiv(n, 2), 8)),
+                       tl.minimum(n, 2))
+        c = tl.minimum(c, CHUNK)
+        c = tl.maximum(c, 1)
+    else:
+        c = n * 0 + CHUNK
+    return c
 
 
 @triton.jit
-def _span(r, n, CHUNK: tl.constexpr, HEAD: tl.constexpr):
-    """(first token index, token count) of round ``r`` of ``n`` tokens (see :func:`_rounds`)."""
-    j0 = tl.where(r == 0, 0, HEAD + (r - 1) * CHUNK)
-    return j0, tl.minimum(tl.where(r == 0, HEAD, HEAD + r * CHUNK), n) - j0
+def _rounds(T, pid, G: tl.constexpr, CHUNK: tl.constexpr, HEAD: tl.constexpr,
+            RT: tl.constexpr = False):
+    """(tokens of program ``pid`` among ``T``, its rounds: a first round of ``HEAD`` tokens,
+    then rounds of ``CHUNK``; at least 1). ``HEAD == CHUNK``: equal rounds. ``RT``: equal
+    rounds of :func:`_chunk` tokens (``HEAD`` unused)."""
+    n = tl.maximum(tl.cdiv(T - pid, G), 0)
+    c = _chunk(n, CHUNK, RT)
+    hd = c if RT else c * 0 + HEAD
+    return n, 1 + tl.cdiv(tl.maximum(n - hd, 0), c)
+
+
+@triton.jit
+def _span(r, n, CHUNK: tl.constexpr, HEAD: tl.constexpr, RT: tl.constexpr = False):
+    """(first token index, token count) of round ``r`` of ``n`` tokens (see :func:`_rounds`;
+    both per peer where ``n`` is)."""
+    c = _chunk(n, CHUNK, RT)
+    hd = c if RT else c * 0 + HEAD
+    j0 = tl.where(r == 0, 0, hd + (r - 1) * c)
+    return j0, tl.minimum(tl.where(r == 0, hd, hd + r * c), n) - j0
 
 
 @triton.jit
@@ -658,7 +683,7 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                        LAG: tl.constexpr = 1, FUSE: tl.constexpr = False,
                        HEAD: tl.constexpr = 0, NOWAIT: tl.constexpr = False,
                        ROWS1D: tl.constexpr = True, CLAIM_RB: tl.constexpr = 0,
-                       PAIR2: tl.constexpr = True):
+                       PAIR2: tl.constexpr = True, RT: tl.constexpr = False):
     """Flags dispatch; see the module docstring (``INTERLEAVE``: its own section there).
     ``NOWAIT`` (timing diagnostic, wrong results): the interleaved loop never waits.
     ``ROWS1D``: one-token fused steps on 1-D rows (:func:`_dispatch_two_tokens`); ``PAIR2``:
@@ -674,7 +699,7 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
     base = epoch * 65536                      # round r of this call signals base + r + 1
     offs_w = tl.arange(0, BLOCK_W)
     HD: tl.constexpr = HEAD if HEAD > 0 else CHUNK   # the first round's tokens
-    n_own, r_own = _rounds(T, pid, G, CHUNK, HD)
+    n_own, r_own = _rounds(T, pid, G, CHUNK, HD, RT)
     for d in tl.static_range(W):              # released with round 0
         if d != RANK:
             tl.store(recv_T[d] + RANK, T)
@@ -697,10 +722,11 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                                        BLOCK_W, NT)
                 if (dead == 0) & (rr == 0):
                     n_in, r_in = _peer_rounds(recv_T[RANK], pid, RANK, W, G, CHUNK, HD,
-                                                          BLOCK_W, NT)
-            s0, jown = _span(r, n_own, CHUNK, HD)     # own round r: tokens s0 + [0, jown)
+                                                          BLOCK_W, NT, RT)
+            s0, jown = _span(r, n_own, CHUNK, HD, RT)     # own round r: s0 + [0, jown)
             jown = tl.where(r < r_own, jown, 0)
-            q0, jin = _span(rr, n_in, CHUNK, HD)     # the peers' round rr: q0 + [0, jin)
+            q0v, jin = _span(rr, n_in, CHUNK, HD, RT)   # the peers' round rr: q0v + [0, jin)
+            q0 = tl.sum(tl.where(offs_w == 1 - RANK, q0v, 0), axis=0)   # the peer's (W == 2)
             jin = tl.where((rr >= 0) & (rr < r_in) & (dead == 0), jin, 0)
             # a round of one own tile (small batches): send it, signal, then expand it
             one = (jown >= 1) & (jown <= TB)
@@ -779,7 +805,8 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                         if s != RANK:
                             js = tl.sum(tl.where(offs_w == s, jin, 0), axis=0)
                             if (jj < js) & (fused == 0):
-                                t64, vt = _tile(q0 + jj, q0 + js, pid, G, TB)
+                                qs = tl.sum(tl.where(offs_w == s, q0v, 0), axis=0)
+                                t64, vt = _tile(qs + jj, qs + js, pid, G, TB)
                                 _recv_tile(s, t64, vt, recv_x, recv_ids, expert_x, cursor, slot_map,
                                            RANK, M, H, K, L, CAP, BLOCK_H, BLOCK_K)
             if (r < r_own) & ((jown < 1) | (jown > TB)):   # (a round without tokens too)
@@ -810,7 +837,7 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                 if dead == 0:
                     if rr == 0:
                         n_in, r_in = _peer_rounds(recv_T[RANK], pid, RANK, W, G, CHUNK, HD,
-                                                          BLOCK_W, NT)
+                                                          BLOCK_W, NT, RT)
                     for s in tl.static_range(W):
                         if s != RANK:
                             rs = tl.sum(tl.where(offs_w == s, r_in, 0), axis=0)
@@ -1063,7 +1090,7 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
                       LAG: tl.constexpr = 1, FUSE: tl.constexpr = False,
                       CHUNKS: tl.constexpr = 1, HEAD: tl.constexpr = 0,
                       NOWAIT: tl.constexpr = False, ROWS1D: tl.constexpr = True,
-                      PAIR2: tl.constexpr = True):
+                      PAIR2: tl.constexpr = True, RT: tl.constexpr = False):
     """Flags combine; see the module docstring (``INTERLEAVE``: its own section there).
     ``NOWAIT`` (timing diagnostic, wrong results): the interleaved loop never waits.
     ``ROWS1D``: one-token fused steps on 1-D rows (:func:`_combine_two_tokens`); ``PAIR2``:
@@ -1078,10 +1105,10 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
     offs_w = tl.arange(0, BLOCK_W)
     dead = _dead(err_dev, NT)
     HD: tl.constexpr = HEAD if HEAD > 0 else CHUNK   # the first round's tokens
-    n_own, r_own = _rounds(T, pid, G, CHUNK, HD)
+    n_own, r_own = _rounds(T, pid, G, CHUNK, HD, RT)
     # the peers' token counts (from the dispatch; read before any signal, see docs/moe.md)
     n_in, r_in = _peer_rounds(recv_T[RANK], pid, RANK, W, G, CHUNK, HD,
-                                                          BLOCK_W, NT)
+                                                          BLOCK_W, NT, RT)
     r = 0
     more = True
     if INTERLEAVE:
@@ -1093,9 +1120,10 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
             # loop: push, signal, then its own partial, the wait and the finish.
             rr = r - lag
             fin = (rr >= 0) & (rr < r_own)
-            q0, jown = _span(rr, n_own, CHUNK, HD)   # own round rr: tokens q0 + [0, jown)
+            q0, jown = _span(rr, n_own, CHUNK, HD, RT)   # own round rr: q0 + [0, jown)
             jown = tl.where(fin, jown, 0)
-            s0, jin = _span(r, n_in, CHUNK, HD)      # the peers' round r: s0 + [0, jin)
+            s0v, jin = _span(r, n_in, CHUNK, HD, RT)    # the peers' round r: s0v + [0, jin)
+            s0 = tl.sum(tl.where(offs_w == 1 - RANK, s0v, 0), axis=0)   # the peer's (W == 2)
             jin = tl.where((r < r_in) & (dead == 0), jin, 0)
             many = jown > TB
             if fin & many & (not NOWAIT):
@@ -1156,7 +1184,8 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
                     if s != RANK:
                         js = tl.sum(tl.where(offs_w == s, jin, 0), axis=0)
                         if (jj < js) & (fused == 0):
-                            t64, vt = _tile(s0 + jj, s0 + js, pid, G, TB)
+                            ss = tl.sum(tl.where(offs_w == s, s0v, 0), axis=0)
+                            t64, vt = _tile(ss + jj, ss + js, pid, G, TB)
                             _push_tile(s, t64, vt, expert_out, recv_w, comb, slot_map, RANK,
                                        M, H, K, BLOCK_H, BLOCK_K)
                 if many & (jj < jown) & (fused == 0):

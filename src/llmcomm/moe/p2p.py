@@ -151,10 +151,12 @@ class P2PBackend(MoEBackend):
             round_tokens: tokens of one program per round (``CHUNK`` in
                 :mod:`llmcomm.kernels.moe`): every round of sends is signalled on its own, so
                 a peer expands (dispatch) or sums (combine) round r - 1 while round r is on
-                the wire. Default: of a program's share ``n`` at ``max_tokens_per_rank``,
-                ``max(ceil(n / 4), min(ceil(n / 2), 8), min(n, 2))`` (one round for 1 or 2
-                tokens, 2 rounds of up to 8, then 4). A round costs ~5 us at 4096 tokens per
-                rank (docs/moe.md, session 9).
+                the wire. Default: per call, from the batch, in the kernel: of a program's
+                ``n`` tokens, ``max(ceil(n / 4), min(ceil(n / 2), 8), min(n, 2))`` a round (one
+                round for 1 or 2 tokens, 2 rounds of up to 8, then 4), at most that rule at
+                ``max_tokens_per_rank`` (with ``interleave``; phased rounds use the bound). A
+                round costs ~5 us at 4096 tokens per rank (docs/moe.md, session 9). Given:
+                every call uses it.
             tile_tokens, combine_tile_tokens: tokens one program handles per loop step in
                 dispatch / combine (``TB``; powers of 2, <= 8; default 1): their loads and slot
                 atomics are in flight together. More need more registers (the combine's fp32
@@ -272,12 +274,15 @@ class P2PBackend(MoEBackend):
                 raise ValueError(f"shift must be an int in [0, num_programs={self.G}), "
                                  f"got {shift!r}")
         else:
+            # the default rounds are sized in the kernel from each batch (RT), this rule at
+            # the capacity share being their upper bound (CHUNK)
+            self._runtime_rounds = round_tokens is None
             if round_tokens is None:
                 share = -(-M // self.G)                    # a program's tokens at capacity
                 # 4 rounds, but at least half a share up to 8 tokens: 2 rounds for 8 and 16
                 # tokens a program (session 9: 145 vs 157-161 us at 1024 tokens per rank,
                 # 252-254 vs 255-256 at 2048; 4 rounds of 8 stay best at 4096), one round
-                # for 2 (52 vs 58 us at 256)
+                # for 2 (52 vs 58 us at 256); the kernels' _chunk, at the capacity share
                 round_tokens = max(-(-share // 4), min(-(-share // 2), 8), min(share, 2))
             if not isinstance(round_tokens, int) or round_tokens < 1:
                 raise ValueError(f"round_tokens must be an int >= 1, got {round_tokens!r}")
@@ -350,7 +355,10 @@ class P2PBackend(MoEBackend):
         self._claim_rb = rb if _claim_rounds and self._rows_1d and rb <= 16 else 0
         # A/B only: PAIR2 in llmcomm.kernels.moe (a one-sided round's tokens two per step)
         self._pair2 = bool(_pair_alone)
-        self.round_tokens = round_tokens     # None for "lamport"
+        self.round_tokens = round_tokens     # None for "lamport"; the upper bound with RT
+        # RT in llmcomm.kernels.moe: default rounds, interleaved, no first_round_tokens
+        self._rt = bool(not lamport and self.interleave and self._runtime_rounds
+                        and first_round_tokens is None)
         self.shift = shift                   # None for "flags"
         dev = cfg.device if not self._sim else torch.device("cpu")
         off = 0
@@ -420,7 +428,8 @@ class P2PBackend(MoEBackend):
                 "tile_tokens": self.tiles[0], "combine_tile_tokens": self.tiles[1],
                 "combine_split": self.combine_split, "interleave": self.interleave,
                 "round_lag": self.round_lag, "recv_lag": self.recv_lag,
-                "first_round_tokens": self.first_round_tokens, "fuse": self._fuse,
+                "first_round_tokens": self.first_round_tokens, "runtime_rounds": self._rt,
+                "fuse": self._fuse,
                 "fuse_combine": self._fuse_combine, "combine_chunks": self._combine_chunks,
                 "acq_rel_publish": self._acq_rel_publish,
                 **{k.lower(): v for k, v in self.variants.items()}}
@@ -488,7 +497,7 @@ class P2PBackend(MoEBackend):
             CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts), TB=self.tiles[0],
             ACQ_REL=self._acq_rel_publish, INTERLEAVE=self.interleave, LAG=self.round_lag or 1,
             FUSE=self._fuse, HEAD=self.first_round_tokens or 0, NOWAIT=self._skip_waits,
-            ROWS1D=self._rows_1d, CLAIM_RB=self._claim_rb, PAIR2=self._pair2,
+            ROWS1D=self._rows_1d, CLAIM_RB=self._claim_rb, PAIR2=self._pair2, RT=self._rt,
             **self._consts())
         return self.expert_x, self.counts, (topk_ids, topk_weights)
 
@@ -514,7 +523,7 @@ class P2PBackend(MoEBackend):
             self.err_dev, self.err_host.data_ptr(), self.timeout_ns, TB=self.tiles[1],
             INTERLEAVE=self.interleave, LAG=self.round_lag or 1, FUSE=self._fuse_combine,
             CHUNKS=self._combine_chunks, HEAD=self.first_round_tokens or 0,
-            NOWAIT=self._skip_waits, ROWS1D=self._rows_1d, PAIR2=self._pair2,
+            NOWAIT=self._skip_waits, ROWS1D=self._rows_1d, PAIR2=self._pair2, RT=self._rt,
             **self._consts())
         return y
 
