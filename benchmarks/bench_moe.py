@@ -85,6 +85,9 @@ SWEEP = {
     "r4": ({"protocol": "flags", "round_tokens": 4}, None),
     "r2": ({"protocol": "flags", "round_tokens": 2}, None),
     "r1": ({"protocol": "flags", "round_tokens": 1}, None),
+    # the default rule applied per call to the batch's share, in the kernel (RT; session 9's
+    # branch, off by default until timed on 2 GPUs)
+    "rt": ({"protocol": "flags", "_runtime_rounds": True}, None),
     # interleaved rounds paired with the peers' round before the previous one (lag 2; the
     # default pairs the previous one, lag 1)
     "lag2": ({"protocol": "flags", "round_lag": 2}, None),

@@ -40,9 +40,11 @@ SIM = {"TRITON_INTERPRET": "1"}
 #: combine (its split path is taken in ``_repeat_worker``, where batches are small enough).
 #: (No entry relies on protocol="auto", which picks lamport for these small dispatchers at
 #: world 2 and flags at world 4.)
-P2P_SIM = {"p2p-sim": {"protocol": "flags"},   # rounds sized per call from each batch (RT)
-           # one program: up to 13 tokens a program, rounds of 4 / 7 ... by batch (RT)
-           "p2p-sim-g1": {"protocol": "flags", "num_programs": 1},
+P2P_SIM = {"p2p-sim": {"protocol": "flags"},
+           # rounds sized per call from each batch (RT, an A/B knob), 3 programs and one
+           # (up to 13 tokens a program: rounds of 4 / 7 ... by batch, the ranks' differ)
+           "p2p-sim-rt": {"protocol": "flags", "_runtime_rounds": True},
+           "p2p-sim-rt-g1": {"protocol": "flags", "num_programs": 1, "_runtime_rounds": True},
            "p2p-sim-t4c2r3": {"tile_tokens": 4, "combine_tile_tokens": 2, "round_tokens": 3},
            "p2p-sim-t1r13": {"tile_tokens": 1, "round_tokens": 13},
            "p2p-sim-r1lag2": {"round_tokens": 1, "round_lag": 2},   # a round per token, lag 2

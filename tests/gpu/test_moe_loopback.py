@@ -20,6 +20,7 @@ VARIANTS = {
     # few programs: multi-token interleaved rounds (fused steps, round slot claims, pairing)
     "flags-g8": (2, {"protocol": "flags", "num_programs": 8}),
     "flags-g4-w4": (4, {"protocol": "flags", "num_programs": 4}),
+    "flags-g8-rt": (2, {"protocol": "flags", "num_programs": 8, "_runtime_rounds": True}),
     "lamport": (2, {"protocol": "lamport"}),
     "lamport-t4c2": (2, {"protocol": "lamport", "tile_tokens": 4, "combine_tile_tokens": 2}),
     "lamport-shift": (2, {"protocol": "lamport", "tile_tokens": 2, "shift": 20,

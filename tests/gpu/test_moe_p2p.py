@@ -23,6 +23,8 @@ P2P_VARIANTS = {
     # one-token steps, round slot claims) that large batches take; with 96+ programs every
     # program owns one token at M = 96
     "p2p-flags-g8": {"protocol": "flags", "num_programs": 8},
+    # the same with the rounds sized per call from the batch (RT, an A/B knob)
+    "p2p-flags-g8-rt": {"protocol": "flags", "num_programs": 8, "_runtime_rounds": True},
     "p2p-lamport": {"protocol": "lamport"},
     "p2p-lamport-t4c2": {"protocol": "lamport", "tile_tokens": 4, "combine_tile_tokens": 2},
     "p2p-lamport-t2-w16-shift20": {"protocol": "lamport", "tile_tokens": 2, "num_warps": 16,
@@ -64,7 +66,7 @@ def _correctness_worker(rank, world, names):
 
 
 @pytest.mark.parametrize("names", [("p2p", "torch", "allgather"), ("p2p-flags",),
-                                   ("p2p-flags-g8",),
+                                   ("p2p-flags-g8",), ("p2p-flags-g8-rt",),
                                    *((n,) for n in LAMPORT)],
                          ids=lambda names: "+".join(names))
 def test_backends_match_reference_on_gpu(names):

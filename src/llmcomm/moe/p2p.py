@@ -139,7 +139,7 @@ class P2PBackend(MoEBackend):
                  _combine_chunks: int = 1, recv_lag: int | None = None,
                  first_round_tokens: int | None = None, _skip_waits: bool = False,
                  _rows_1d: bool = True, _claim_rounds: bool = True,
-                 _pair_alone: bool = True) -> None:
+                 _pair_alone: bool = True, _runtime_rounds: bool = False) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -151,12 +151,13 @@ class P2PBackend(MoEBackend):
             round_tokens: tokens of one program per round (``CHUNK`` in
                 :mod:`llmcomm.kernels.moe`): every round of sends is signalled on its own, so
                 a peer expands (dispatch) or sums (combine) round r - 1 while round r is on
-                the wire. Default: per call, from the batch, in the kernel: of a program's
-                ``n`` tokens, ``max(ceil(n / 4), min(ceil(n / 2), 8), min(n, 2))`` a round (one
-                round for 1 or 2 tokens, 2 rounds of up to 8, then 4), at most that rule at
-                ``max_tokens_per_rank`` (with ``interleave``; phased rounds use the bound). A
-                round costs ~5 us at 4096 tokens per rank (docs/moe.md, session 9). Given:
-                every call uses it.
+                the wire. Default: of a program's share ``n`` at ``max_tokens_per_rank``,
+                ``max(ceil(n / 4), min(ceil(n / 2), 8), min(n, 2))`` (one round for 1 or 2
+                tokens, 2 rounds of up to 8, then 4). A round costs ~5 us at 4096 tokens per
+                rank (docs/moe.md, session 9). ``_runtime_rounds=True`` (A/B knob, default
+                off until timed on 2 GPUs) applies the same rule per call, in the kernel, to
+                each batch's share instead (at most the rule at capacity; ``RT`` in
+                :mod:`llmcomm.kernels.moe`).
             tile_tokens, combine_tile_tokens: tokens one program handles per loop step in
                 dispatch / combine (``TB``; powers of 2, <= 8; default 1): their loads and slot
                 atomics are in flight together. More need more registers (the combine's fp32
@@ -267,6 +268,7 @@ class P2PBackend(MoEBackend):
             num_programs = min(128, sms, M)
         self.G = int(num_programs)
         self.protocol = protocol
+        rounds_given = round_tokens is not None
         if lamport:
             if shift is None:
                 shift = 0
@@ -274,9 +276,6 @@ class P2PBackend(MoEBackend):
                 raise ValueError(f"shift must be an int in [0, num_programs={self.G}), "
                                  f"got {shift!r}")
         else:
-            # the default rounds are sized in the kernel from each batch (RT), this rule at
-            # the capacity share being their upper bound (CHUNK)
-            self._runtime_rounds = round_tokens is None
             if round_tokens is None:
                 share = -(-M // self.G)                    # a program's tokens at capacity
                 # 4 rounds, but at least half a share up to 8 tokens: 2 rounds for 8 and 16
@@ -356,9 +355,15 @@ class P2PBackend(MoEBackend):
         # A/B only: PAIR2 in llmcomm.kernels.moe (a one-sided round's tokens two per step)
         self._pair2 = bool(_pair_alone)
         self.round_tokens = round_tokens     # None for "lamport"; the upper bound with RT
-        # RT in llmcomm.kernels.moe: default rounds, interleaved, no first_round_tokens
-        self._rt = bool(not lamport and self.interleave and self._runtime_rounds
-                        and first_round_tokens is None)
+        # A/B only: RT in llmcomm.kernels.moe (default rounds sized per call from the batch,
+        # interleaved, no first_round_tokens). Off by default: on one GPU (loopback, session
+        # 11) it is slower (1024 tokens 232 vs 226.5 us, 256 tokens 95 vs 81), where rounds
+        # have no NVLink transfer to overlap; its 2-GPU timing is still to do.
+        self._rt = bool(_runtime_rounds)
+        if self._rt and (lamport or not self.interleave or rounds_given
+                         or first_round_tokens is not None):
+            raise ValueError("_runtime_rounds needs protocol='flags' with interleave and the "
+                             "default rounds: leave round_tokens and first_round_tokens unset")
         self.shift = shift                   # None for "flags"
         dev = cfg.device if not self._sim else torch.device("cpu")
         off = 0
