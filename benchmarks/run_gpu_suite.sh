@@ -5,11 +5,10 @@
 # 2 x H200: tests ~5 min, tests_moe ~8 min, demo ~4 min, bench ~6 min, sweep ~3 min).
 # Usage, from the repository root on a node with 2+ GPUs:
 #   [STEPS="tests tests_moe demo bench sweep"] [WORLD=4] bash benchmarks/run_gpu_suite.sh
-# STEPS="moe_ab" (not in the default): the large-batch A/B of session 8 (docs/moe.md): the flags
-# defaults against one token per step in one-sided rounds (nopair2), per-token slot claims
-# (noclaim), the unfused combine (nocfuse) and the waits skipped (nowait, a timing diagnostic),
-# each with dispatch / combine alone, in both orders; then the floor's combine rungs (the real
-# step in the floor's loop and in the kernels' schedule) and the flags GPU tests (~5 min).
+# STEPS="moe_ab" (not in the default): the A/B left open by session 11 (docs/moe.md): flags rounds
+# sized per call from the batch (rt, an off-by-default knob) against the default at 1024 and 4096
+# tokens, dispatch / combine alone, in both orders; then the flags GPU tests (~5 min). (Branch
+# wip/s11-roles has its own entries: croles_w16p1, croles_w16p1_r4, G64.)
 # WORLD (default 2) is the TP / EP size of the benchmarks; tests/gpu picks its own (gpu4 tests,
 # e.g. PP=2 x TP=2, run when 4 GPUs are visible).
 # FlashInfer is benchmarked and tested when importable (install the wheels first; CUDA_HOME set).
@@ -42,13 +41,10 @@ case " $STEPS " in *" bench "*)
   step bench_moe 150 python3 benchmarks/bench_moe.py --world "$WORLD" --out "$OUT" ;; esac
 case " $STEPS " in *" moe_ab "*)
   step ab_a 150 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1024,4096 \
-    --sweep-only default,nopair2,noclaim,nocfuse,nowait --out "$OUT/ab_a"
-  step ab_b 120 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 4096 \
-    --sweep-only nowait,nocfuse,noclaim,nopair2,default --out "$OUT/ab_b"
-  step moe_floor 120 python3 benchmarks/bench_moe_floor.py --programs 128 --rungs \
-    combine_us,c_interleaved_fence_us,c_token_fence_us,c_token_lagged_fence_us \
-    --out "$OUT/moe_floor"
-  step gpu_tests_moe_flags 240 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_moe_p2p.py \
+    --sweep-only default,rt --out "$OUT/ab_a"
+  step ab_b 150 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1024,4096 \
+    --sweep-only rt,default --out "$OUT/ab_b"
+  step gpu_tests_moe_flags 300 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_moe_p2p.py \
     -k flags ;; esac
 case " $STEPS " in *" sweep "*)
   if [ "$WORLD" -gt 2 ]; then   # W>2: where Lamport / one-shot / two-shot cross (docs/kernels.md)
