@@ -5,10 +5,11 @@
 # 2 x H200: tests ~5 min, tests_moe ~8 min, demo ~4 min, bench ~6 min, sweep ~3 min).
 # Usage, from the repository root on a node with 2+ GPUs:
 #   [STEPS="tests tests_moe demo bench sweep"] [WORLD=4] bash benchmarks/run_gpu_suite.sh
-# STEPS="moe_ab" (not in the default): the A/B left open by session 11 (docs/moe.md): flags rounds
-# sized per call from the batch (rt, an off-by-default knob) against the default at 1024 and 4096
-# tokens, dispatch / combine alone, in both orders; then the flags GPU tests (~5 min). (Branch
-# wip/s11-roles has its own entries: croles_w16p1, croles_w16p1_r4, G64.)
+# STEPS="moe_ab" (not in the default): the A/Bs left open by session 11 (docs/moe.md), two
+# off-by-default knobs against the default at 1024 and 4096 tokens, dispatch / combine alone, in
+# both orders: flags rounds sized per call from the batch (rt), and the combine's push and finish
+# in separate programs (croles, croles_r4 at 64 programs a role; G64 is the default on that
+# grid), ~6 min; then, in a call of its own, STEPS="moe_ab_tests": the flags GPU tests.
 # WORLD (default 2) is the TP / EP size of the benchmarks; tests/gpu picks its own (gpu4 tests,
 # e.g. PP=2 x TP=2, run when 4 GPUs are visible).
 # FlashInfer is benchmarked and tested when importable (install the wheels first; CUDA_HOME set).
@@ -40,10 +41,11 @@ case " $STEPS " in *" bench "*)
   step bench_allreduce 240 python3 benchmarks/bench_allreduce.py --check --strategies --world "$WORLD" --out "$OUT"
   step bench_moe 150 python3 benchmarks/bench_moe.py --world "$WORLD" --out "$OUT" ;; esac
 case " $STEPS " in *" moe_ab "*)
-  step ab_a 150 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1024,4096 \
-    --sweep-only default,rt --out "$OUT/ab_a"
+  step ab_a 240 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1024,4096 \
+    --sweep-only default,rt,G64,croles,croles_r4 --out "$OUT/ab_a"
   step ab_b 150 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1024,4096 \
-    --sweep-only rt,default --out "$OUT/ab_b"
+    --sweep-only croles_r4,croles,G64,rt,default --out "$OUT/ab_b" ;; esac
+case " $STEPS " in *" moe_ab_tests "*)   # a call of its own: the flags GPU tests (~5 min)
   step gpu_tests_moe_flags 300 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_moe_p2p.py \
     -k flags ;; esac
 case " $STEPS " in *" sweep "*)

@@ -49,6 +49,11 @@ P2P_SIM = {"p2p-sim": {"protocol": "flags"},
            "p2p-sim-t1r13": {"tile_tokens": 1, "round_tokens": 13},
            "p2p-sim-r1lag2": {"round_tokens": 1, "round_lag": 2},   # a round per token, lag 2
            "p2p-sim-cchunks2": {"_combine_chunks": 2},   # the fused combine in column halves
+           # the combine's push and finish in separate programs (a grid of 2 G), one token a
+           # step, rounds of 3; two tokens a step, rounds of 2
+           "p2p-sim-roles": {"protocol": "flags", "_combine_roles": True, "round_tokens": 3},
+           "p2p-sim-roles-p2": {"protocol": "flags", "_combine_roles": True, "round_tokens": 2,
+                                "_roles_pair": 2},
            # dispatch slots claimed per token (the default claims a round's at its start)
            "p2p-sim-noclaim": {"_claim_rounds": False, "round_tokens": 3},
            # one-sided rounds one token per step (the default takes two)
@@ -362,6 +367,14 @@ def test_errors_world2():
     ({"interleave": False, "first_round_tokens": 2},
      "first_round_tokens applies to protocol='flags' with interleave on"),
     ({"first_round_tokens": 0}, "first_round_tokens must be an int >= 1, got 0"),
+    ({"_runtime_rounds": True, "round_tokens": 2},
+     "_runtime_rounds needs protocol='flags' with interleave and the default rounds"),
+    ({"protocol": "lamport", "_combine_roles": True},
+     "_combine_roles needs protocol='flags' at EP=2, got protocol 'lamport'"),
+    ({"_combine_roles": True, "num_programs": 67},
+     "2 x num_programs=67 programs do not fit 132 SMs at once; pass num_programs <= 66"),
+    ({"_combine_roles": True, "_roles_warps": 3}, "_roles_warps must be a power of 2 <= 16"),
+    ({"_combine_roles": True, "_roles_pair": 3}, "_roles_pair (tokens a step) must be 1 or 2"),
 ])
 def test_p2p_knob_validation(kw, words, tmp_path):
     """Bad P2PBackend knobs are refused before any workspace or collective, naming the fix."""

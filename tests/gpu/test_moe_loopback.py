@@ -21,6 +21,9 @@ VARIANTS = {
     "flags-g8": (2, {"protocol": "flags", "num_programs": 8}),
     "flags-g4-w4": (4, {"protocol": "flags", "num_programs": 4}),
     "flags-g8-rt": (2, {"protocol": "flags", "num_programs": 8, "_runtime_rounds": True}),
+    # the combine's push and finish in separate programs (grid 2 x 8 a rank), rounds of 3
+    "flags-g8-roles": (2, {"protocol": "flags", "num_programs": 8, "_combine_roles": True,
+                           "round_tokens": 3}),
     "lamport": (2, {"protocol": "lamport"}),
     "lamport-t4c2": (2, {"protocol": "lamport", "tile_tokens": 4, "combine_tile_tokens": 2}),
     "lamport-shift": (2, {"protocol": "lamport", "tile_tokens": 2, "shift": 20,
@@ -147,7 +150,8 @@ def _graph_worker(rank, world_size, name):
     return errs
 
 
-@pytest.mark.parametrize("name", ["flags", "flags-g8", "lamport", "lamport-t4c2"])
+@pytest.mark.parametrize("name", ["flags", "flags-g8", "flags-g8-roles", "lamport",
+                                  "lamport-t4c2"])
 def test_loopback_cuda_graph_replays_fresh_inputs(name):
     (errs,) = run_ranks(_graph_worker, 1, name, timeout=400)
     assert len(errs) == 7 * VARIANTS[name][0] and max(errs) < 2.5e-2

@@ -25,6 +25,9 @@ P2P_VARIANTS = {
     "p2p-flags-g8": {"protocol": "flags", "num_programs": 8},
     # the same with the rounds sized per call from the batch (RT, an A/B knob)
     "p2p-flags-g8-rt": {"protocol": "flags", "num_programs": 8, "_runtime_rounds": True},
+    # the combine's push and finish in separate programs (grid 2 x 8), rounds of 3
+    "p2p-flags-g8-roles": {"protocol": "flags", "num_programs": 8, "_combine_roles": True,
+                           "round_tokens": 3},
     "p2p-lamport": {"protocol": "lamport"},
     "p2p-lamport-t4c2": {"protocol": "lamport", "tile_tokens": 4, "combine_tile_tokens": 2},
     "p2p-lamport-t2-w16-shift20": {"protocol": "lamport", "tile_tokens": 2, "num_warps": 16,
@@ -67,6 +70,7 @@ def _correctness_worker(rank, world, names):
 
 @pytest.mark.parametrize("names", [("p2p", "torch", "allgather"), ("p2p-flags",),
                                    ("p2p-flags-g8",), ("p2p-flags-g8-rt",),
+                                   ("p2p-flags-g8-roles",),
                                    *((n,) for n in LAMPORT)],
                          ids=lambda names: "+".join(names))
 def test_backends_match_reference_on_gpu(names):

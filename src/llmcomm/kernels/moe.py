@@ -1250,6 +1250,80 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
     tl.store(epoch_ptr + pid, epoch)
 
 
+@triton.jit
+def ep_combine_roles_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
+                            recv_w, recv_T, comb, flags, slot_map, epoch_ptr, err_dev,
+                            err_host_addr, timeout_ns,
+                            RANK: tl.constexpr, W: tl.constexpr, G: tl.constexpr,
+                            M: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
+                            L: tl.constexpr, E: tl.constexpr, BLOCK_H: tl.constexpr,
+                            BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr, CHUNK: tl.constexpr,
+                            USE_TIMER: tl.constexpr, POSTED: tl.constexpr = False,
+                            PDL: tl.constexpr = False, NT: tl.constexpr = 256,
+                            PAIR: tl.constexpr = 2):
+    """Flags combine with the two roles in separate programs (``P2PBackend(_combine_roles=
+    True)``, two ranks, an A/B candidate): a grid of ``2 * G``. Program ``q < G`` *pushes*: for
+    each round r of the peer's tokens ``q + j*G`` (the peer's count, ``CHUNK`` a round), the
+    partial over our experts into the peer's ``comb``, ``PAIR`` (1 or 2) tokens a step, then a
+    barrier and the round's release flag. Program ``G + q`` *finishes*: for each own round r,
+    waits for the peer's flag of round r, then ``y`` of those tokens, ``PAIR`` a step. Same
+    arithmetic as :func:`_combine_two_tokens` (its reference), so the output is bitwise the
+    interleaved kernel's.
+
+    Why: in the interleaved kernel one program does both, so every round's release (which
+    drains the program's NVLink writes) and wait stall both halves of its work, and its first
+    iteration only pushes (NVLink, HBM idle) and its last only finishes. Here a pusher never
+    waits and a finisher never releases, and the SMs pushing (NVLink) and those finishing (HBM)
+    overlap without a schedule. Session 11 (loopback, one GPU, docs/moe.md): at 16 warps and
+    one token a step as fast as the interleaved combine (4096 tokens 387.0 vs 386.6 us); at 8
+    warps, two tokens a step and two programs an SM, half as fast (register pressure).
+    Pushers never wait, so a finisher spinning on an SM cannot hold up any pusher of its own
+    GPU's grid; a peer's pushers are on the peer's GPU (loopback: size the grid so that every
+    program is resident). Epochs: ``epoch_ptr`` has ``2 * G`` entries (one per program)."""
+    if PDL:  # nothing is touched before the previous grid finished
+        pdl_wait()
+        pdl_launch_dependents()
+    pid = tl.program_id(0)
+    q = pid % G
+    err_host = err_host_addr.to(tl.pointer_type(tl.int32))
+    epoch = tl.load(epoch_ptr + pid) + 1
+    base = epoch * 65536
+    offs_w = tl.arange(0, BLOCK_W)
+    s: tl.constexpr = 1 - RANK
+    if pid < G:
+        n_in, r_in = _peer_rounds(recv_T[RANK], q, RANK, W, G, CHUNK, CHUNK, BLOCK_W, NT)
+        ns = tl.sum(tl.where(offs_w == s, n_in, 0), axis=0)
+        rs = tl.sum(tl.where(offs_w == s, r_in, 0), axis=0)
+        for r in range(0, rs):
+            j0 = r * CHUNK
+            jend = tl.minimum(j0 + CHUNK, ns)
+            for j in range(j0, jend, PAIR):
+                _combine_two_tokens(tl.cast(q + j * G, tl.int64), j < jend,
+                                    tl.cast(q + (j + 1) * G, tl.int64),
+                                    (j + 1 < jend) & (PAIR == 2), 0, 0,
+                                    expert_out, ids_ptr, w_ptr, y_ptr, recv_w, comb, slot_map,
+                                    RANK, M, H, K, L, E, BLOCK_H)
+            tl.debug_barrier()
+            _flag_signal(flags[s] + q * W + RANK, base + r + 1, POSTED, NT)
+    else:
+        dead = _dead(err_dev, NT)
+        n_own, r_own = _rounds(T, q, G, CHUNK, CHUNK)
+        for r in range(0, r_own):
+            dead = _wait_peers(flags[RANK] + q * W, base + r + 1,
+                               (offs_w < W) & (offs_w != RANK), dead, err_dev, err_host,
+                               timeout_ns, 2, USE_TIMER, POSTED, BLOCK_W, NT)
+            tl.debug_barrier()
+            j0 = r * CHUNK
+            jend = tl.minimum(j0 + CHUNK, n_own)
+            for j in range(j0, jend, PAIR):
+                _combine_two_tokens(tl.cast(q + j * G, tl.int64), j < jend,
+                                    tl.cast(q + (j + 1) * G, tl.int64),
+                                    (j + 1 < jend) & (PAIR == 2), 1, 1,
+                                    expert_out, ids_ptr, w_ptr, y_ptr, recv_w, comb, slot_map,
+                                    RANK, M, H, K, L, E, BLOCK_H)
+    tl.store(epoch_ptr + pid, epoch)
+
+
 # ---------------------------------------------------------------------------------------------
 # protocol "lamport": the data carries its own arrival (no flags, no fences, no grid barrier)
 # ---------------------------------------------------------------------------------------------

@@ -66,7 +66,8 @@ class Loopback:
         num_experts, top_k, hidden_size, max_tokens_per_rank, dtype: as for
             :class:`~llmcomm.moe.EPDispatcher`.
         device: the GPU (default the current one).
-        num_programs: grid of every kernel, per rank (default ``min(128, M, SMs // W)``).
+        num_programs: grid of every kernel, per rank (default ``min(128, M, SMs // W)``;
+            ``SMs // (2 W)`` with ``_combine_roles``, whose combine grid is twice that).
         timeout_s: device deadline of every wait (default ``LLMCOMM_TIMEOUT_S``, as for a
             real group).
         **backend_kwargs: passed to every :class:`~llmcomm.moe.p2p.P2PBackend`.
@@ -94,14 +95,15 @@ class Loopback:
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         sms = torch.cuda.get_device_properties(device).multi_processor_count
+        per = 2 if backend_kwargs.get("_combine_roles") else 1   # grids of `per` x G
         if num_programs is None:
-            num_programs = max(1, min(128, max_tokens_per_rank, sms // world_size))
-        if world_size * num_programs > sms:
+            num_programs = max(1, min(128, max_tokens_per_rank, sms // (per * world_size)))
+        if world_size * per * num_programs > sms:
             raise ValueError(
-                f"Loopback: {world_size} ranks x {num_programs} programs = "
-                f"{world_size * num_programs} programs, but this GPU has {sms} SMs; every "
-                f"program of every rank must be resident at once (programs wait for their "
-                f"peers'), so pass num_programs <= {sms // world_size}")
+                f"Loopback: {world_size} ranks x {per * num_programs} programs = "
+                f"{world_size * per * num_programs} programs, but this GPU has {sms} SMs; "
+                f"every program of every rank must be resident at once (programs wait for "
+                f"their peers'), so pass num_programs <= {sms // (per * world_size)}")
         self.group = LoopbackGroup(world_size, device)
         self.world_size = world_size
         self.device = device

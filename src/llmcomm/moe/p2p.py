@@ -139,7 +139,9 @@ class P2PBackend(MoEBackend):
                  _combine_chunks: int = 1, recv_lag: int | None = None,
                  first_round_tokens: int | None = None, _skip_waits: bool = False,
                  _rows_1d: bool = True, _claim_rounds: bool = True,
-                 _pair_alone: bool = True, _runtime_rounds: bool = False) -> None:
+                 _pair_alone: bool = True, _runtime_rounds: bool = False,
+                 _combine_roles: bool = False, _roles_warps: int = 16,
+                 _roles_pair: int = 1) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -221,7 +223,7 @@ class P2PBackend(MoEBackend):
         if protocol != "auto":
             self.protocol_decision = Decision(protocol, ("requested explicitly",))
         elif (round_tokens, posted_flags, interleave, round_lag,
-              first_round_tokens) != (None,) * 5:
+              first_round_tokens) != (None,) * 5 or _runtime_rounds or _combine_roles:
             self.protocol_decision = Decision("flags", ("a flags-only knob given",))
         elif shift is not None or recv_lag is not None:
             self.protocol_decision = Decision("lamport", ("a lamport-only knob given",))
@@ -262,10 +264,19 @@ class P2PBackend(MoEBackend):
                          cfg.local_experts)
         if num_programs is not None and num_programs < 1:
             raise ValueError(f"num_programs must be >= 1, got {num_programs}")
+        if _roles_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"_roles_warps must be a power of 2 <= 16, got {_roles_warps!r}")
+        sms = 132 if self._sim else torch.cuda.get_device_properties(
+            cfg.device).multi_processor_count
+        # the combine with roles runs 2 G programs of _roles_warps warps at <= 128 registers:
+        # 16 // warps of them fit an SM, and all must be resident (finishers spin)
+        roles_fit = sms * max(1, 16 // _roles_warps) // 2 if _combine_roles else sms
         if num_programs is None:
-            sms = 132 if self._sim else torch.cuda.get_device_properties(
-                cfg.device).multi_processor_count
-            num_programs = min(128, sms, M)
+            num_programs = min(128, roles_fit, M)
+        if _combine_roles and num_programs > roles_fit:
+            raise ValueError(f"_combine_roles at {_roles_warps} warps: 2 x num_programs="
+                             f"{num_programs} programs do not fit {sms} SMs at once; pass "
+                             f"num_programs <= {roles_fit}")
         self.G = int(num_programs)
         self.protocol = protocol
         rounds_given = round_tokens is not None
@@ -364,6 +375,20 @@ class P2PBackend(MoEBackend):
                          or first_round_tokens is not None):
             raise ValueError("_runtime_rounds needs protocol='flags' with interleave and the "
                              "default rounds: leave round_tokens and first_round_tokens unset")
+        # A/B only: the combine's push and finish in separate programs, a grid of 2 G at
+        # _roles_warps warps (128 registers at most), _roles_pair tokens a step
+        # (ep_combine_roles_kernel in llmcomm.kernels.moe; session 11: at par with the default
+        # in loopback at 16 warps and one token a step, untimed on 2 GPUs; num_programs is
+        # bounded so that all 2 G fit the SMs, above). The dispatch's counterpart (slower in
+        # loopback) is on branch wip/s11-roles.
+        self._roles = bool(_combine_roles)
+        if self._roles and (lamport or W != 2):
+            raise ValueError(f"_combine_roles needs protocol='flags' at EP=2, got protocol "
+                             f"{protocol!r} at EP={W}")
+        self._roles_warps = int(_roles_warps)
+        if _roles_pair not in (1, 2):
+            raise ValueError(f"_roles_pair (tokens a step) must be 1 or 2, got {_roles_pair!r}")
+        self._roles_pair = int(_roles_pair)
         self.shift = shift                   # None for "flags"
         dev = cfg.device if not self._sim else torch.device("cpu")
         off = 0
@@ -412,7 +437,8 @@ class P2PBackend(MoEBackend):
             self.buf_c = torch.zeros(self.G, dtype=torch.int32, device=dev)
         else:
             self.epoch_d = torch.zeros(self.G, dtype=torch.int32, device=dev)
-            self.epoch_c = torch.zeros(self.G, dtype=torch.int32, device=dev)
+            # 2 G: one per program of the combine with roles (its grid is 2 G)
+            self.epoch_c = torch.zeros(2 * self.G, dtype=torch.int32, device=dev)
         self.err_dev = torch.zeros(4, dtype=torch.int32, device=dev)
         self.err_host = torch.zeros(4, dtype=torch.int32, pin_memory=not self._sim)
         self._dummy_x = torch.zeros(1, H, dtype=cfg.dtype, device=dev)
@@ -436,7 +462,7 @@ class P2PBackend(MoEBackend):
                 "first_round_tokens": self.first_round_tokens, "runtime_rounds": self._rt,
                 "fuse": self._fuse,
                 "fuse_combine": self._fuse_combine, "combine_chunks": self._combine_chunks,
-                "acq_rel_publish": self._acq_rel_publish,
+                "acq_rel_publish": self._acq_rel_publish, "combine_roles": self._roles,
                 **{k.lower(): v for k, v in self.variants.items()}}
 
     def _consts(self) -> dict[str, Any]:
@@ -449,6 +475,12 @@ class P2PBackend(MoEBackend):
                     USE_TIMER=not self._sim, num_warps=self.num_warps,
                     NT=32 * self.num_warps, **self.variants, **extra)
 
+    def _roles_consts(self) -> dict[str, Any]:
+        """:meth:`_consts` for the combine with roles: its warps, at most 128 registers."""
+        extra = {} if self._sim else {"maxnreg": 128}
+        return {**self._consts(), "num_warps": self._roles_warps,
+                "NT": 32 * self._roles_warps, "PAIR": self._roles_pair, **extra}
+
     def _lamport_consts(self, tb: int) -> dict[str, Any]:
         c = self.cfg
         extra = {"launch_pdl": True} if self.variants["PDL"] else {}
@@ -460,18 +492,19 @@ class P2PBackend(MoEBackend):
                     SHIFT=self.shift, USE_TIMER=not self._sim, PDL=self.variants["PDL"],
                     num_warps=self.num_warps, NT=32 * self.num_warps, **extra)
 
-    def _launch(self, kernel: Any, *args: Any, **kwargs: Any) -> None:
-        """``kernel[(G,)](*args, **kwargs)``; with ``_compile_only`` set (by
+    def _launch(self, kernel: Any, *args: Any, grid: int | None = None, **kwargs: Any) -> None:
+        """``kernel[(grid or G,)](*args, **kwargs)``; with ``_compile_only`` set (by
         :class:`~llmcomm.moe.loopback.Loopback`), compile and load it for exactly these
         arguments instead and launch nothing. A loopback compiles and loads every rank's kernel
         before it launches any, so no rank's programs spin while a later rank's kernel is
         compiled or its module loaded (a module load may wait for running work; session 10's
         first loopback run, which compiled rank by rank between launches, hung every call until
         its deadline)."""
+        g = (grid or self.G,)
         if not self._compile_only:
-            kernel[(self.G,)](*args, **kwargs)
+            kernel[g](*args, **kwargs)
             return
-        k = kernel.warmup(*args, grid=(self.G,), **kwargs)
+        k = kernel.warmup(*args, grid=g, **kwargs)
         if hasattr(k, "result"):           # triton's asynchronous compile mode
             k = k.result()
         k._init_handles()
@@ -507,7 +540,8 @@ class P2PBackend(MoEBackend):
         return self.expert_x, self.counts, (topk_ids, topk_weights)
 
     def combine(self, expert_out, state, num_tokens):
-        from ..kernels.moe import ep_combine_kernel, ep_combine_lamport_kernel
+        from ..kernels.moe import (ep_combine_kernel, ep_combine_lamport_kernel,
+                                   ep_combine_roles_kernel)
 
         if self._failed is not None:
             raise self._failed
@@ -521,6 +555,13 @@ class P2PBackend(MoEBackend):
                 self.peer_T, self.buf_c, self.err_dev, self.err_host.data_ptr(),
                 self.timeout_ns, SPLIT=min(self.combine_split, _next_pow2(c.hidden_size)),
                 **self._lamport_consts(self.tiles[1]))
+            return y
+        if self._roles:
+            self._launch(ep_combine_roles_kernel,
+                expert_out, ids, w, y_arg, num_tokens,
+                self.recv_w, self.recv_T, self.comb, self.flags_c, self.slot_map, self.epoch_c,
+                self.err_dev, self.err_host.data_ptr(), self.timeout_ns, grid=2 * self.G,
+                **self._roles_consts())
             return y
         self._launch(ep_combine_kernel,
             expert_out, ids, w, y_arg, num_tokens,
