@@ -1251,6 +1251,20 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
 
 
 @triton.jit
+def _combine_run(q, j0, jend, KIND: tl.constexpr, PAIR: tl.constexpr, G: tl.constexpr,
+                 expert_out, ids_ptr, w_ptr, y_ptr, recv_w, comb, slot_map, RANK: tl.constexpr,
+                 M: tl.constexpr, H: tl.constexpr, K: tl.constexpr, L: tl.constexpr,
+                 E: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Tokens ``q + j*G`` for ``j0 <= j < jend``, all of kind ``KIND`` (0: the peer's, pushed;
+    1: own, finished), ``PAIR`` (1 or 2) a step (:func:`_combine_two_tokens`)."""
+    for j in range(j0, jend, PAIR):
+        _combine_two_tokens(tl.cast(q + j * G, tl.int64), j < jend,
+                            tl.cast(q + (j + 1) * G, tl.int64), (j + 1 < jend) & (PAIR == 2),
+                            KIND, KIND, expert_out, ids_ptr, w_ptr, y_ptr, recv_w, comb,
+                            slot_map, RANK, M, H, K, L, E, BLOCK_H)
+
+
+@triton.jit
 def ep_combine_roles_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
                             recv_w, recv_T, comb, flags, slot_map, epoch_ptr, err_dev,
                             err_host_addr, timeout_ns,
@@ -1297,12 +1311,8 @@ def ep_combine_roles_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
         for r in range(0, rs):
             j0 = r * CHUNK
             jend = tl.minimum(j0 + CHUNK, ns)
-            for j in range(j0, jend, PAIR):
-                _combine_two_tokens(tl.cast(q + j * G, tl.int64), j < jend,
-                                    tl.cast(q + (j + 1) * G, tl.int64),
-                                    (j + 1 < jend) & (PAIR == 2), 0, 0,
-                                    expert_out, ids_ptr, w_ptr, y_ptr, recv_w, comb, slot_map,
-                                    RANK, M, H, K, L, E, BLOCK_H)
+            _combine_run(q, j0, jend, 0, PAIR, G, expert_out, ids_ptr, w_ptr, y_ptr, recv_w,
+                         comb, slot_map, RANK, M, H, K, L, E, BLOCK_H)
             tl.debug_barrier()
             _flag_signal(flags[s] + q * W + RANK, base + r + 1, POSTED, NT)
     else:
@@ -1315,12 +1325,8 @@ def ep_combine_roles_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
             tl.debug_barrier()
             j0 = r * CHUNK
             jend = tl.minimum(j0 + CHUNK, n_own)
-            for j in range(j0, jend, PAIR):
-                _combine_two_tokens(tl.cast(q + j * G, tl.int64), j < jend,
-                                    tl.cast(q + (j + 1) * G, tl.int64),
-                                    (j + 1 < jend) & (PAIR == 2), 1, 1,
-                                    expert_out, ids_ptr, w_ptr, y_ptr, recv_w, comb, slot_map,
-                                    RANK, M, H, K, L, E, BLOCK_H)
+            _combine_run(q, j0, jend, 1, PAIR, G, expert_out, ids_ptr, w_ptr, y_ptr, recv_w,
+                         comb, slot_map, RANK, M, H, K, L, E, BLOCK_H)
     tl.store(epoch_ptr + pid, epoch)
 
 
