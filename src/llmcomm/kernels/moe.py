@@ -1256,12 +1256,18 @@ def _combine_run(q, j0, jend, KIND: tl.constexpr, PAIR: tl.constexpr, G: tl.cons
                  M: tl.constexpr, H: tl.constexpr, K: tl.constexpr, L: tl.constexpr,
                  E: tl.constexpr, BLOCK_H: tl.constexpr):
     """Tokens ``q + j*G`` for ``j0 <= j < jend``, all of kind ``KIND`` (0: the peer's, pushed;
-    1: own, finished), ``PAIR`` (1 or 2) a step (:func:`_combine_two_tokens`)."""
+    1: own, finished), ``PAIR`` (1 or 2) a step (:func:`_combine_two_tokens`; one token: its
+    two halves, :func:`_ctok_partial` and :func:`_ctok_store`, with no second token's loads)."""
     for j in range(j0, jend, PAIR):
-        _combine_two_tokens(tl.cast(q + j * G, tl.int64), j < jend,
-                            tl.cast(q + (j + 1) * G, tl.int64), (j + 1 < jend) & (PAIR == 2),
-                            KIND, KIND, expert_out, ids_ptr, w_ptr, y_ptr, recv_w, comb,
-                            slot_map, RANK, M, H, K, L, E, BLOCK_H)
+        t = tl.cast(q + j * G, tl.int64)
+        if PAIR == 1:
+            acc, flag = _ctok_partial(t, j < jend, KIND, expert_out, ids_ptr, w_ptr, recv_w,
+                                      slot_map, RANK, M, H, K, L, E, BLOCK_H)
+            _ctok_store(acc, flag, t, j < jend, KIND, y_ptr, comb, RANK, M, H, BLOCK_H)
+        else:
+            _combine_two_tokens(t, j < jend, tl.cast(q + (j + 1) * G, tl.int64), j + 1 < jend,
+                                KIND, KIND, expert_out, ids_ptr, w_ptr, y_ptr, recv_w, comb,
+                                slot_map, RANK, M, H, K, L, E, BLOCK_H)
 
 
 @triton.jit
