@@ -39,7 +39,9 @@ step beside its row load (``_claim_round``). ``PAIR2`` (default): where the two 
 iteration have unequal token counts (a program's first round: own sends / pushes only; its
 last: the peer's expansions / own finishes only; rounds of unequal sizes with ``HEAD``), the
 longer side's rest takes two of its tokens per step -- a step costs about its latency, one
-token or two.
+token or two. Two A/B candidates, off by default (session 11, untimed on 2 GPUs): ``RT``, the
+rounds sized per call from each stream's token count (:func:`_chunk`) instead of the capacity
+share, and :func:`ep_combine_roles_kernel`, the combine's push and finish in separate programs.
 ``NOWAIT`` is a timing diagnostic (output wrong):
 the multi-tile rounds never wait. ``HEAD``
 (``first_round_tokens``): the first round's token count, later rounds ``CHUNK`` (default equal);
@@ -261,20 +263,14 @@ def _signal_peers(flags, pid, value, RANK: tl.constexpr, W: tl.constexpr,
 
 
 @triton.jit
-def _chunk(n, CHUNK: tl.constexpr, RT: tl.constexpr):
-    """Tokens per round of a stream of ``n`` tokens: ``CHUNK``, or (``RT``) the launcher's
-    rule applied to ``n`` itself -- ``max(ceil(n / 4), min(ceil(n / 2), 8), min(n, 2))``,
-    at most ``CHUNK`` (the rule at the capacity share) -- so a batch below capacity keeps 2 to
-    4 rounds (session 9: at 8 tokens a program 2 rounds of 4 take 145 us, 1 round of 8 154;
-    at 2 tokens one round of 2 52 us, two of 1 58)."""
-    if RT:
-        c = tl.maximum(tl.maximum(tl.cdiv(n, 4), tl.minimum(tl.cdiv(n, 2), 8)),
-                       tl.minimum(n, 2))
-        c = tl.minimum(c, CHUNK)
-        c = tl.maximum(c, 1)
-    else:
-        c = n * 0 + CHUNK
-    return c
+def _chunk(n, CHUNK: tl.constexpr):
+    """``RT``: tokens per round of a stream of ``n`` tokens, the launcher's rule applied to
+    ``n`` itself -- ``max(ceil(n / 4), min(ceil(n / 2), 8), min(n, 2))``, at most ``CHUNK``
+    (the rule at the capacity share) -- so a batch below capacity keeps 2 to 4 rounds
+    (session 9: at 8 tokens a program 2 rounds of 4 take 145 us, 1 round of 8 154; at 2 tokens
+    one round of 2 52 us, two of 1 58)."""
+    c = tl.maximum(tl.maximum(tl.cdiv(n, 4), tl.minimum(tl.cdiv(n, 2), 8)), tl.minimum(n, 2))
+    return tl.maximum(tl.minimum(c, CHUNK), 1)
 
 
 @triton.jit
@@ -284,19 +280,38 @@ def _rounds(T, pid, G: tl.constexpr, CHUNK: tl.constexpr, HEAD: tl.constexpr,
     then rounds of ``CHUNK``; at least 1). ``HEAD == CHUNK``: equal rounds. ``RT``: equal
     rounds of :func:`_chunk` tokens (``HEAD`` unused)."""
     n = tl.maximum(tl.cdiv(T - pid, G), 0)
-    c = _chunk(n, CHUNK, RT)
-    hd = c if RT else c * 0 + HEAD
-    return n, 1 + tl.cdiv(tl.maximum(n - hd, 0), c)
+    if RT:
+        c = _chunk(n, CHUNK)
+        rounds = 1 + tl.cdiv(tl.maximum(n - c, 0), c)
+    else:   # constexpr sizes, as before RT: divisions by constants, scalars stay scalars
+        rounds = 1 + tl.cdiv(tl.maximum(n - HEAD, 0), CHUNK)
+    return n, rounds
 
 
 @triton.jit
 def _span(r, n, CHUNK: tl.constexpr, HEAD: tl.constexpr, RT: tl.constexpr = False):
-    """(first token index, token count) of round ``r`` of ``n`` tokens (see :func:`_rounds`;
-    both per peer where ``n`` is)."""
-    c = _chunk(n, CHUNK, RT)
-    hd = c if RT else c * 0 + HEAD
-    j0 = tl.where(r == 0, 0, hd + (r - 1) * c)
-    return j0, tl.minimum(tl.where(r == 0, hd, hd + r * c), n) - j0
+    """(first token index, token count) of round ``r`` of ``n`` tokens (see :func:`_rounds`).
+    The count is per peer where ``n`` is; the first index too with ``RT`` (each peer's rounds
+    have their own size), a scalar without (:func:`_of_peer` reads either)."""
+    if RT:
+        c = _chunk(n, CHUNK)
+        j0 = tl.where(r == 0, 0, c + (r - 1) * c)
+        cnt = tl.minimum(tl.where(r == 0, c, c + r * c), n) - j0
+    else:
+        j0 = tl.where(r == 0, 0, HEAD + (r - 1) * CHUNK)
+        cnt = tl.minimum(tl.where(r == 0, HEAD, HEAD + r * CHUNK), n) - j0
+    return j0, cnt
+
+
+@triton.jit
+def _of_peer(v, s, BLOCK_W: tl.constexpr, RT: tl.constexpr):
+    """Peer ``s``'s entry of a round start from :func:`_span`: a [BLOCK_W] vector with ``RT``
+    (a reduction, uniform), else the scalar every peer shares, as it is (no reduction)."""
+    if RT:
+        out = tl.sum(tl.where(tl.arange(0, BLOCK_W) == s, v, 0), axis=0)
+    else:
+        out = v
+    return out
 
 
 @triton.jit
@@ -726,7 +741,7 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
             s0, jown = _span(r, n_own, CHUNK, HD, RT)     # own round r: s0 + [0, jown)
             jown = tl.where(r < r_own, jown, 0)
             q0v, jin = _span(rr, n_in, CHUNK, HD, RT)   # the peers' round rr: q0v + [0, jin)
-            q0 = tl.sum(tl.where(offs_w == 1 - RANK, q0v, 0), axis=0)   # the peer's (W == 2)
+            q0 = _of_peer(q0v, 1 - RANK, BLOCK_W, RT)   # the peer's (W == 2)
             jin = tl.where((rr >= 0) & (rr < r_in) & (dead == 0), jin, 0)
             # a round of one own tile (small batches): send it, signal, then expand it
             one = (jown >= 1) & (jown <= TB)
@@ -805,7 +820,7 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                         if s != RANK:
                             js = tl.sum(tl.where(offs_w == s, jin, 0), axis=0)
                             if (jj < js) & (fused == 0):
-                                qs = tl.sum(tl.where(offs_w == s, q0v, 0), axis=0)
+                                qs = _of_peer(q0v, s, BLOCK_W, RT)
                                 t64, vt = _tile(qs + jj, qs + js, pid, G, TB)
                                 _recv_tile(s, t64, vt, recv_x, recv_ids, expert_x, cursor, slot_map,
                                            RANK, M, H, K, L, CAP, BLOCK_H, BLOCK_K)
@@ -1123,7 +1138,7 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
             q0, jown = _span(rr, n_own, CHUNK, HD, RT)   # own round rr: q0 + [0, jown)
             jown = tl.where(fin, jown, 0)
             s0v, jin = _span(r, n_in, CHUNK, HD, RT)    # the peers' round r: s0v + [0, jin)
-            s0 = tl.sum(tl.where(offs_w == 1 - RANK, s0v, 0), axis=0)   # the peer's (W == 2)
+            s0 = _of_peer(s0v, 1 - RANK, BLOCK_W, RT)   # the peer's (W == 2)
             jin = tl.where((r < r_in) & (dead == 0), jin, 0)
             many = jown > TB
             if fin & many & (not NOWAIT):
@@ -1184,7 +1199,7 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
                     if s != RANK:
                         js = tl.sum(tl.where(offs_w == s, jin, 0), axis=0)
                         if (jj < js) & (fused == 0):
-                            ss = tl.sum(tl.where(offs_w == s, s0v, 0), axis=0)
+                            ss = _of_peer(s0v, s, BLOCK_W, RT)
                             t64, vt = _tile(ss + jj, ss + js, pid, G, TB)
                             _push_tile(s, t64, vt, expert_out, recv_w, comb, slot_map, RANK,
                                        M, H, K, BLOCK_H, BLOCK_K)
