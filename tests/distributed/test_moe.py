@@ -7,7 +7,8 @@ Triton kernels under ``TRITON_INTERPRET=1`` over file-mapped shared memory (the 
 GPU memory model, which ``tests/gpu/test_moe_p2p.py`` covers), with both protocols (``flags`` and
 ``lamport``, see ``P2P_SIM``): every routing case, world 4, six consecutive
 calls on one dispatcher per protocol (lamport buffer rotation and sentinel reset; outputs of the
-two protocols bitwise equal), a missing peer ending in ``CollectiveTimeoutError``, and the
+two protocols bitwise equal), a missing peer ending in ``CollectiveTimeoutError`` (in the
+dispatch, and in the combine after a completed dispatch), and the
 lamport kernels with every program of a grid running concurrently (``_interp_threads``).
 """
 
@@ -243,6 +244,40 @@ def test_p2p_sim_missing_peer_times_out(backend):
     assert res[0] is not None, "rank 0 did not raise CollectiveTimeoutError"
     missing, text = res[0]
     assert missing == [1] and "dispatch" in text, text
+
+
+def _missing_combine_worker(rank, world, tmp, backend):
+    """Both ranks dispatch; rank 1 never combines: rank 0's combine must end in a timeout
+    naming rank 1 (the combine's own deadline: its waits come after a successful dispatch)."""
+    import torch.distributed as dist
+
+    from llmcomm.errors import CollectiveTimeoutError
+
+    ep = _make(backend, 2, 4, tmp)
+    x = torch.randn(3, H)
+    d = ep.dispatch(x, torch.tensor([[0, 7], [5, 1], [2, 6]]), torch.rand(3, 2))
+    ep.check_errors()                       # the dispatch itself completes on both ranks
+    dist.barrier()
+    msg = None
+    if rank == 0:
+        ep._backend.timeout_ns = 1_000_000  # 1 ms = 1000 interpreter spins
+        ep.combine(run_experts(rank, E, world, d.expert_x, d.counts), d)
+        try:
+            ep.check_errors()
+        except CollectiveTimeoutError as e:
+            msg = (e.missing_ranks, str(e))
+    dist.barrier()
+    return msg
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("backend", ["p2p-sim", "p2p-sim-lamport", "p2p-sim-roles"])
+def test_p2p_sim_missing_peer_in_combine_times_out(backend):
+    with tempfile.TemporaryDirectory() as tmp:
+        res = run_ranks(_missing_combine_worker, 2, tmp, backend, timeout=150, env=SIM)
+    assert res[0] is not None, "rank 0's combine did not raise CollectiveTimeoutError"
+    missing, text = res[0]
+    assert missing == [1] and "combine" in text, text
 
 
 @NEEDS_TRITON
