@@ -90,12 +90,11 @@ SWEEP = {
     "rt": ({"protocol": "flags", "_runtime_rounds": True}, None),
     # the combine's push and finish in separate programs (session 11, ep_combine_roles_kernel)
     # at 16 warps, one token a step (the knobs' defaults; one program an SM: half the SMs push,
-    # half finish): in loopback at par with the interleaved combine (4096 tokens 387.0 vs 386.6
-    # us, 1024 110.3 vs 106.7), untimed on 2 GPUs. 64 programs a role, so that all 128 are
-    # resident (the dispatch then also runs 64: compare the combine columns with G64)
-    "croles": ({"protocol": "flags", "_combine_roles": True, "num_programs": 64}, None),
-    "croles_r4": ({"protocol": "flags", "_combine_roles": True, "num_programs": 64,
-                   "round_tokens": 4}, None),
+    # half finish; min(G, SMs / 2) programs a role, the dispatch keeps its G): in loopback at
+    # par with the interleaved combine (4096 tokens 387.0 vs 386.6 us, 1024 110.3 vs 106.7),
+    # untimed on 2 GPUs. Rounds by the default rule at the combine's share / of 8
+    "croles": ({"protocol": "flags", "_combine_roles": True}, None),
+    "croles_r8": ({"protocol": "flags", "_combine_roles": True, "round_tokens": 8}, None),
     # interleaved rounds paired with the peers' round before the previous one (lag 2; the
     # default pairs the previous one, lag 1)
     "lag2": ({"protocol": "flags", "round_lag": 2}, None),

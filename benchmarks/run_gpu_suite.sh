@@ -8,8 +8,8 @@
 # STEPS="moe_ab" (not in the default): the A/Bs left open by session 11 (docs/moe.md), two
 # off-by-default knobs against the default at 1024 and 4096 tokens, dispatch / combine alone, in
 # both orders: flags rounds sized per call from the batch (rt), and the combine's push and finish
-# in separate programs (croles, croles_r4 at 64 programs a role; G64 is the default on that
-# grid), ~6 min; then, in a call of its own, STEPS="moe_ab_tests": the flags GPU tests.
+# in separate programs (croles, croles_r8: min(G, SMs / 2) programs a role), ~6 min; then, in
+# a call of its own, STEPS="moe_ab_tests": the flags GPU tests.
 # WORLD (default 2) is the TP / EP size of the benchmarks; tests/gpu picks its own (gpu4 tests,
 # e.g. PP=2 x TP=2, run when 4 GPUs are visible).
 # FlashInfer is benchmarked and tested when importable (install the wheels first; CUDA_HOME set).
@@ -42,9 +42,9 @@ case " $STEPS " in *" bench "*)
   step bench_moe 150 python3 benchmarks/bench_moe.py --world "$WORLD" --out "$OUT" ;; esac
 case " $STEPS " in *" moe_ab "*)
   step ab_a 240 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1024,4096 \
-    --sweep-only default,rt,G64,croles,croles_r4 --out "$OUT/ab_a"
+    --sweep-only default,rt,croles,croles_r8 --out "$OUT/ab_a"
   step ab_b 150 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1024,4096 \
-    --sweep-only croles_r4,croles,G64,rt,default --out "$OUT/ab_b" ;; esac
+    --sweep-only croles_r8,croles,rt,default --out "$OUT/ab_b" ;; esac
 case " $STEPS " in *" moe_ab_tests "*)   # a call of its own: the flags GPU tests (~5 min)
   step gpu_tests_moe_flags 300 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_moe_p2p.py \
     -k flags ;; esac

@@ -55,6 +55,9 @@ P2P_SIM = {"p2p-sim": {"protocol": "flags"},
            "p2p-sim-roles": {"protocol": "flags", "_combine_roles": True, "round_tokens": 3},
            "p2p-sim-roles-p2": {"protocol": "flags", "_combine_roles": True, "round_tokens": 2,
                                 "_roles_pair": 2},
+           # ... on a grid of its own, smaller than the dispatch's (2 programs a role vs 3)
+           "p2p-sim-roles-gc2": {"protocol": "flags", "_combine_roles": True,
+                                 "_roles_programs": 2},
            # dispatch slots claimed per token (the default claims a round's at its start)
            "p2p-sim-noclaim": {"_claim_rounds": False, "round_tokens": 3},
            # one-sided rounds one token per step (the default takes two)
@@ -406,10 +409,10 @@ def test_errors_world2():
      "_runtime_rounds needs protocol='flags' with interleave and the default rounds"),
     ({"protocol": "lamport", "_combine_roles": True},
      "_combine_roles needs protocol='flags' at EP=2, got protocol 'lamport'"),
-    ({"_combine_roles": True, "num_programs": 67},
-     "2 x num_programs=67 programs do not fit 132 SMs at once; pass num_programs <= 66"),
     ({"_combine_roles": True, "_roles_warps": 3}, "_roles_warps must be a power of 2 <= 16"),
     ({"_combine_roles": True, "_roles_pair": 3}, "_roles_pair (tokens a step) must be 1 or 2"),
+    ({"_combine_roles": True, "_roles_programs": 67},
+     "_roles_programs must be in [1, 66] (2 x that many programs of 16 warps fit 132 SMs)"),
 ])
 def test_p2p_knob_validation(kw, words, tmp_path):
     """Bad P2PBackend knobs are refused before any workspace or collective, naming the fix."""

@@ -141,7 +141,7 @@ class P2PBackend(MoEBackend):
                  _rows_1d: bool = True, _claim_rounds: bool = True,
                  _pair_alone: bool = True, _runtime_rounds: bool = False,
                  _combine_roles: bool = False, _roles_warps: int = 16,
-                 _roles_pair: int = 1) -> None:
+                 _roles_pair: int = 1, _roles_programs: int | None = None) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -268,16 +268,17 @@ class P2PBackend(MoEBackend):
             raise ValueError(f"_roles_warps must be a power of 2 <= 16, got {_roles_warps!r}")
         sms = 132 if self._sim else torch.cuda.get_device_properties(
             cfg.device).multi_processor_count
-        # the combine with roles runs 2 G programs of _roles_warps warps at <= 128 registers:
-        # 16 // warps of them fit an SM, and all must be resident (finishers spin)
-        roles_fit = sms * max(1, 16 // _roles_warps) // 2 if _combine_roles else sms
         if num_programs is None:
-            num_programs = min(128, roles_fit, M)
-        if _combine_roles and num_programs > roles_fit:
-            raise ValueError(f"_combine_roles at {_roles_warps} warps: 2 x num_programs="
-                             f"{num_programs} programs do not fit {sms} SMs at once; pass "
-                             f"num_programs <= {roles_fit}")
+            num_programs = min(128, sms, M)
         self.G = int(num_programs)
+        # the combine with roles runs 2 Gc programs of _roles_warps warps at <= 128 registers:
+        # 16 // warps of them fit an SM, and all must be resident (finishers spin), so its
+        # grid may be smaller than the dispatch's (token t is program t % Gc's there)
+        fit = sms * max(1, 16 // _roles_warps) // 2
+        if _roles_programs is not None and not 1 <= _roles_programs <= fit:
+            raise ValueError(f"_roles_programs must be in [1, {fit}] (2 x that many programs "
+                             f"of {_roles_warps} warps fit {sms} SMs), got {_roles_programs!r}")
+        self._Gc = min(self.G, fit) if _roles_programs is None else int(_roles_programs)
         self.protocol = protocol
         rounds_given = round_tokens is not None
         if lamport:
@@ -378,9 +379,9 @@ class P2PBackend(MoEBackend):
         # A/B only: the combine's push and finish in separate programs, a grid of 2 G at
         # _roles_warps warps (128 registers at most), _roles_pair tokens a step
         # (ep_combine_roles_kernel in llmcomm.kernels.moe; session 11: at par with the default
-        # in loopback at 16 warps and one token a step, untimed on 2 GPUs; num_programs is
-        # bounded so that all 2 G fit the SMs, above). The dispatch's counterpart (slower in
-        # loopback) is on branch wip/s11-roles.
+        # in loopback at 16 warps and one token a step, untimed on 2 GPUs; its grid is 2 Gc,
+        # Gc <= G so that all of it fits the SMs, above). The dispatch's counterpart (slower
+        # in loopback) is on branch wip/s11-roles.
         self._roles = bool(_combine_roles)
         if self._roles and (lamport or W != 2):
             raise ValueError(f"_combine_roles needs protocol='flags' at EP=2, got protocol "
@@ -389,6 +390,10 @@ class P2PBackend(MoEBackend):
         if _roles_pair not in (1, 2):
             raise ValueError(f"_roles_pair (tokens a step) must be 1 or 2, got {_roles_pair!r}")
         self._roles_pair = int(_roles_pair)
+        # its rounds: round_tokens if given, else the default rule at its own share
+        share_c = -(-M // self._Gc)
+        self._chunk_c = self.round_tokens if rounds_given or lamport else max(
+            -(-share_c // 4), min(-(-share_c // 2), 8), min(share_c, 2))
         self.shift = shift                   # None for "flags"
         dev = cfg.device if not self._sim else torch.device("cpu")
         off = 0
@@ -463,6 +468,7 @@ class P2PBackend(MoEBackend):
                 "fuse": self._fuse,
                 "fuse_combine": self._fuse_combine, "combine_chunks": self._combine_chunks,
                 "acq_rel_publish": self._acq_rel_publish, "combine_roles": self._roles,
+                "combine_roles_programs": self._Gc if self._roles else None,
                 **{k.lower(): v for k, v in self.variants.items()}}
 
     def _consts(self) -> dict[str, Any]:
@@ -480,8 +486,9 @@ class P2PBackend(MoEBackend):
         warps the block size alone bounds them; an explicit cap there made ptxas spill: 128
         registers and 12 bytes of spills vs 117 and none, triton 3.6, sm_90a)."""
         extra = {} if self._sim or self._roles_warps >= 16 else {"maxnreg": 128}
-        return {**self._consts(), "num_warps": self._roles_warps,
-                "NT": 32 * self._roles_warps, "PAIR": self._roles_pair, **extra}
+        return {**self._consts(), "G": self._Gc, "CHUNK": self._chunk_c,
+                "num_warps": self._roles_warps, "NT": 32 * self._roles_warps,
+                "PAIR": self._roles_pair, **extra}
 
     def _lamport_consts(self, tb: int) -> dict[str, Any]:
         c = self.cfg
@@ -562,7 +569,7 @@ class P2PBackend(MoEBackend):
             self._launch(ep_combine_roles_kernel,
                 expert_out, ids, w, y_arg, num_tokens,
                 self.recv_w, self.recv_T, self.comb, self.flags_c, self.slot_map, self.epoch_c,
-                self.err_dev, self.err_host.data_ptr(), self.timeout_ns, grid=2 * self.G,
+                self.err_dev, self.err_host.data_ptr(), self.timeout_ns, grid=2 * self._Gc,
                 **self._roles_consts())
             return y
         self._launch(ep_combine_kernel,
