@@ -66,8 +66,9 @@ class Loopback:
         num_experts, top_k, hidden_size, max_tokens_per_rank, dtype: as for
             :class:`~llmcomm.moe.EPDispatcher`.
         device: the GPU (default the current one).
-        num_programs: grid of every kernel, per rank (default ``min(128, M, SMs // W)``;
-            ``SMs // (2 W)`` with ``_combine_roles``, whose combine grid is twice that).
+        num_programs: grid of every kernel, per rank (default ``min(128, M, SMs // W)``);
+            with ``_combine_roles`` the combine's is ``2 * _roles_programs`` (default
+            ``SMs // (2 W)``).
         timeout_s: device deadline of every wait (default ``LLMCOMM_TIMEOUT_S``, as for a
             real group).
         **backend_kwargs: passed to every :class:`~llmcomm.moe.p2p.P2PBackend`.
@@ -95,15 +96,21 @@ class Loopback:
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        per = 2 if backend_kwargs.get("_combine_roles") else 1   # grids of `per` x G
         if num_programs is None:
-            num_programs = max(1, min(128, max_tokens_per_rank, sms // (per * world_size)))
-        if world_size * per * num_programs > sms:
-            raise ValueError(
-                f"Loopback: {world_size} ranks x {per * num_programs} programs = "
-                f"{world_size * per * num_programs} programs, but this GPU has {sms} SMs; "
-                f"every program of every rank must be resident at once (programs wait for "
-                f"their peers'), so pass num_programs <= {sms // (per * world_size)}")
+            num_programs = max(1, min(128, max_tokens_per_rank, sms // world_size))
+        if backend_kwargs.get("_combine_roles"):
+            backend_kwargs.setdefault("_roles_programs",
+                                      max(1, min(num_programs, sms // (2 * world_size))))
+        for what, grid, most in (
+                ("num_programs", num_programs, sms // world_size),
+                ("_roles_programs (x 2)", 2 * backend_kwargs.get("_roles_programs", 0),
+                 sms // world_size)):
+            if grid > most:
+                raise ValueError(
+                    f"Loopback: {world_size} ranks x {grid} programs ({what}) = "
+                    f"{world_size * grid} programs, but this GPU has {sms} SMs; every program "
+                    f"of every rank must be resident at once (programs wait for their peers'), "
+                    f"so give at most {most} programs a rank")
         self.group = LoopbackGroup(world_size, device)
         self.world_size = world_size
         self.device = device
