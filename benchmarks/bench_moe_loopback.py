@@ -34,8 +34,8 @@ CONFIGS = {
     "lamport128": (128, {}),
     "flags128": (128, {"protocol": "flags"}),
     "flags4096": (4096, {"protocol": "flags"}),
-    # A/B candidate: the combine's push and finish in separate programs (grid 2 G, 16 warps,
-    # one token a step; --programs at most SMs / (2 * world) by default), rounds of 8
+    # A/B candidate: the combine's push and finish in separate programs (16 warps, one token
+    # a step; 2 x SMs // (2 * world) programs a rank, the dispatch keeps its grid), rounds of 8
     "croles4096r8": (4096, {"protocol": "flags", "_combine_roles": True, "round_tokens": 8}),
 }
 
