@@ -239,16 +239,6 @@ def _missing_peer_worker(rank, world, tmp, backend, absent=1):
     return msg
 
 
-@NEEDS_TRITON
-@pytest.mark.parametrize("backend", ["p2p-sim", "p2p-sim-lamport"])
-def test_p2p_sim_missing_peer_times_out(backend):
-    with tempfile.TemporaryDirectory() as tmp:
-        res = run_ranks(_missing_peer_worker, 2, tmp, backend, timeout=150, env=SIM)
-    assert res[0] is not None, "rank 0 did not raise CollectiveTimeoutError"
-    missing, text = res[0]
-    assert missing == [1] and "dispatch" in text, text
-
-
 def _missing_combine_worker(rank, world, tmp, backend):
     """Both ranks dispatch; rank 1 never combines: rank 0's combine must end in a timeout
     naming rank 1 (the combine's own deadline: its waits come after a successful dispatch)."""
@@ -274,13 +264,17 @@ def _missing_combine_worker(rank, world, tmp, backend):
 
 
 @NEEDS_TRITON
-@pytest.mark.parametrize("backend", ["p2p-sim", "p2p-sim-lamport", "p2p-sim-roles"])
-def test_p2p_sim_missing_peer_in_combine_times_out(backend):
+@pytest.mark.parametrize("op, backend", [("dispatch", "p2p-sim"), ("dispatch", "p2p-sim-lamport"),
+                                         ("combine", "p2p-sim"), ("combine", "p2p-sim-lamport"),
+                                         ("combine", "p2p-sim-roles")])
+def test_p2p_sim_missing_peer_times_out(op, backend):
+    """A peer missing from the dispatch, or from the combine after a completed dispatch."""
+    worker = {"dispatch": _missing_peer_worker, "combine": _missing_combine_worker}[op]
     with tempfile.TemporaryDirectory() as tmp:
-        res = run_ranks(_missing_combine_worker, 2, tmp, backend, timeout=150, env=SIM)
-    assert res[0] is not None, "rank 0's combine did not raise CollectiveTimeoutError"
+        res = run_ranks(worker, 2, tmp, backend, timeout=150, env=SIM)
+    assert res[0] is not None, f"rank 0's {op} did not raise CollectiveTimeoutError"
     missing, text = res[0]
-    assert missing == [1] and "combine" in text, text
+    assert missing == [1] and op in text, text
 
 
 @NEEDS_TRITON
