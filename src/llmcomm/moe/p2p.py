@@ -60,6 +60,16 @@ def _align(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
+def _round_tokens(M: int, programs: int) -> int:
+    """The default tokens a round of a program whose share at capacity is ``ceil(M /
+    programs)``: 4 rounds, but at least half a share up to 8 tokens -- 2 rounds for 8 and 16
+    tokens a program (session 9: 145 vs 157-161 us at 1024 tokens per rank, 252-254 vs 255-256
+    at 2048; 4 rounds of 8 stay best at 4096) -- and one round for 2 (52 vs 58 us at 256). The
+    kernels' ``_chunk`` applies the same rule to each call's share (``RT``)."""
+    share = -(-M // programs)
+    return max(-(-share // 4), min(-(-share // 2), 8), min(share, 2))
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -289,12 +299,7 @@ class P2PBackend(MoEBackend):
                                  f"got {shift!r}")
         else:
             if round_tokens is None:
-                share = -(-M // self.G)                    # a program's tokens at capacity
-                # 4 rounds, but at least half a share up to 8 tokens: 2 rounds for 8 and 16
-                # tokens a program (session 9: 145 vs 157-161 us at 1024 tokens per rank,
-                # 252-254 vs 255-256 at 2048; 4 rounds of 8 stay best at 4096), one round
-                # for 2 (52 vs 58 us at 256); the kernels' _chunk, at the capacity share
-                round_tokens = max(-(-share // 4), min(-(-share // 2), 8), min(share, 2))
+                round_tokens = _round_tokens(M, self.G)
             if not isinstance(round_tokens, int) or round_tokens < 1:
                 raise ValueError(f"round_tokens must be an int >= 1, got {round_tokens!r}")
         if lamport:
@@ -376,7 +381,7 @@ class P2PBackend(MoEBackend):
                          or first_round_tokens is not None):
             raise ValueError("_runtime_rounds needs protocol='flags' with interleave and the "
                              "default rounds: leave round_tokens and first_round_tokens unset")
-        # A/B only: the combine's push and finish in separate programs, a grid of 2 G at
+        # A/B only: the combine's push and finish in separate programs, a grid of 2 Gc at
         # _roles_warps warps (128 registers at most), _roles_pair tokens a step
         # (ep_combine_roles_kernel in llmcomm.kernels.moe; session 11: at par with the default
         # in loopback at 16 warps and one token a step, untimed on 2 GPUs; its grid is 2 Gc,
@@ -391,9 +396,8 @@ class P2PBackend(MoEBackend):
             raise ValueError(f"_roles_pair (tokens a step) must be 1 or 2, got {_roles_pair!r}")
         self._roles_pair = int(_roles_pair)
         # its rounds: round_tokens if given, else the default rule at its own share
-        share_c = -(-M // self._Gc)
-        self._chunk_c = self.round_tokens if rounds_given or lamport else max(
-            -(-share_c // 4), min(-(-share_c // 2), 8), min(share_c, 2))
+        self._chunk_c = self.round_tokens if rounds_given or lamport else _round_tokens(
+            M, self._Gc)
         self.shift = shift                   # None for "flags"
         dev = cfg.device if not self._sim else torch.device("cpu")
         off = 0
@@ -442,7 +446,7 @@ class P2PBackend(MoEBackend):
             self.buf_c = torch.zeros(self.G, dtype=torch.int32, device=dev)
         else:
             self.epoch_d = torch.zeros(self.G, dtype=torch.int32, device=dev)
-            # 2 G: one per program of the combine with roles (its grid is 2 G)
+            # 2 G: one per program of the combine with roles (its grid is 2 Gc <= 2 G)
             self.epoch_c = torch.zeros(2 * self.G, dtype=torch.int32, device=dev)
         self.err_dev = torch.zeros(4, dtype=torch.int32, device=dev)
         self.err_host = torch.zeros(4, dtype=torch.int32, pin_memory=not self._sim)
