@@ -1382,13 +1382,52 @@ def _sent_like(v, BITS: tl.constexpr):
 
 
 @triton.jit
+def _det_before(t64, ids, ids_ptr, T, K: tl.constexpr, E: tl.constexpr,
+                BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
+    """``DET``: for own tokens ``t64`` [R] with (sanitised) ``ids`` [R, BLOCK_K]: how many own
+    tokens ``t' < t`` route to the same expert, each token counted once -- the token's rank
+    within that expert's run of this source (reference: ``sum(ids_own[t'] contains ids[t, k]
+    for t' < t)``). Reads every own token's ids (``T <= M <= BLOCK_T``). [R, BLOCK_K] int32."""
+    R: tl.constexpr = ids.shape[0]
+    offs_t = tl.arange(0, BLOCK_T)
+    vt = offs_t < T
+    hit = tl.zeros([R, BLOCK_K, BLOCK_T], tl.int32)
+    for k in tl.static_range(K):   # K column loads, all in flight together
+        a = tl.load(ids_ptr + offs_t * K + k, mask=vt, other=-1).to(tl.int32)
+        a = tl.where(vt & (a >= 0) & (a < E), a, -2)   # never equal to an id, -1 included
+        hit = tl.maximum(hit, (a[None, None, :] == ids[:, :, None]).to(tl.int32))
+    earlier = offs_t[None, None, :] < tl.cast(t64, tl.int32)[:, None, None]
+    return tl.sum(tl.where(earlier, hit, 0), axis=2)
+
+
+@triton.jit
+def _det_hist(ids_ptr, T, D: tl.constexpr, K: tl.constexpr, L: tl.constexpr, E: tl.constexpr,
+              BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_T: tl.constexpr):
+    """``DET``: [BLOCK_L] int32, how many own tokens route to expert ``D * L + l`` of rank
+    ``D`` (each token counted once): the length of this source's run in that expert."""
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_k = tl.arange(0, BLOCK_K)
+    vt = offs_t < T
+    m2 = vt[:, None] & (offs_k < K)[None, :]
+    ids = tl.load(ids_ptr + offs_t[:, None] * K + offs_k[None, :], mask=m2, other=-1
+                  ).to(tl.int32)
+    ids = tl.where(m2 & (ids >= 0) & (ids < E), ids, -1)
+    el, local, first, new = _slot_masks(ids, vt, D, L, K, BLOCK_K)
+    N: tl.constexpr = BLOCK_T * BLOCK_K
+    return tl.histogram(tl.reshape(tl.where(new, el, 0), [N]), BLOCK_L,
+                        mask=tl.reshape(new, [N]))
+
+
+@triton.jit
 def _lamport_send_tile(c, x_ptr, ids_ptr, w_ptr, T, buf, lx, lmeta, RANK: tl.constexpr,
                        W: tl.constexpr, M: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
                        L: tl.constexpr, E: tl.constexpr, BLOCK_H: tl.constexpr,
-                       BLOCK_K: tl.constexpr, TB: tl.constexpr):
+                       BLOCK_K: tl.constexpr, TB: tl.constexpr, DET: tl.constexpr = False,
+                       BLOCK_T: tl.constexpr = 1):
     """Own tokens ``[c*TB, c*TB+TB)`` (none when ``c*TB >= T``): meta to every peer, the row to
     peers owning one of its experts (``-0.0`` sent as ``+0.0``). Returns ``(row, ids, vt,
-    t64)`` for the local copies, which the caller makes later."""
+    t64, before)`` for the local copies, which the caller makes later; ``before``
+    (:func:`_det_before`, ``DET`` only, else unused zeros) is sent as the meta's third part."""
     offs_h = tl.arange(0, BLOCK_H)
     mh = offs_h < H
     offs_k = tl.arange(0, BLOCK_K)
@@ -1400,20 +1439,27 @@ def _lamport_send_tile(c, x_ptr, ids_ptr, w_ptr, T, buf, lx, lmeta, RANK: tl.con
     wbits = tl.where(w == 0, 0.0, w).to(tl.int32, bitcast=True)
     rowc = tl.where(row == 0, tl.zeros_like(row), row)
     base = (buf * W + RANK) * M + t64
+    MW: tl.constexpr = 3 * K if DET else 2 * K
+    before = tl.zeros([TB, BLOCK_K], tl.int32)
+    if DET:
+        before = _det_before(t64, ids, ids_ptr, T, K, E, BLOCK_K, BLOCK_T)
     for d in tl.static_range(W):
         if d != RANK:
-            mp = lmeta[d] + base[:, None] * (2 * K) + offs_k[None, :]
+            mp = lmeta[d] + base[:, None] * MW + offs_k[None, :]
             tl.store(mp, ids, mask=m2)
             tl.store(mp + K, wbits, mask=m2)
+            if DET:
+                tl.store(mp + 2 * K, before, mask=m2)
             to_d = vt & (tl.sum((owner == d).to(tl.int32), axis=1) > 0)
             tl.store(lx[d] + base[:, None] * H + offs_h[None, :], rowc,
                      mask=to_d[:, None] & mh[None, :])
-    return row, ids, vt, t64
+    return row, ids, vt, t64, before
 
 
 @triton.jit
 def _lamport_poll_meta(cnt_ptr, need, ts_known, bound, mp, t, M: tl.constexpr,
-                       K: tl.constexpr, BLOCK_K: tl.constexpr, NT: tl.constexpr):
+                       K: tl.constexpr, BLOCK_K: tl.constexpr, NT: tl.constexpr,
+                       DET: tl.constexpr = False):
     """One poll round of a received tile's count (when ``need``) and meta (tokens ``t < bound``).
 
     Returns (count, next bound, pending), all uniform over the program. Only the *decision* is
@@ -1433,8 +1479,11 @@ def _lamport_poll_meta(cnt_ptr, need, ts_known, bound, mp, t, M: tl.constexpr,
     ts = tl.where(need, c_raw, ts_known)
     nbound = tl.where(cnt_pend, M, ts)   # bound >= every later bound
     m2 = (t < nbound)[:, None] & mk[None, :]
-    meta_pend = tl.sum(tl.sum((m2 & ((ids == -2147483648) | (wb == -2147483648))).to(tl.int32),
-                              axis=1), axis=0)
+    sent = (ids == -2147483648) | (wb == -2147483648)
+    if DET:   # the ranks too (the meta's third part)
+        rk = tl.load(mp + 2 * K + offs_k[None, :], mask=ml, other=0, volatile=True)
+        sent = sent | (rk == -2147483648)
+    meta_pend = tl.sum(tl.sum((m2 & sent).to(tl.int32), axis=1), axis=0)
     pending = uniform(cnt_pend.to(tl.int32) + meta_pend, NT)
     return ts, nbound, pending
 
@@ -1445,10 +1494,13 @@ def _lamport_recv_tile(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_x
                        W: tl.constexpr, G: tl.constexpr, M: tl.constexpr, H: tl.constexpr,
                        K: tl.constexpr, L: tl.constexpr, CAP: tl.constexpr,
                        BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, TB: tl.constexpr,
-                       BITS: tl.constexpr, USE_TIMER: tl.constexpr, NT: tl.constexpr):
+                       BITS: tl.constexpr, USE_TIMER: tl.constexpr, NT: tl.constexpr,
+                       DET: tl.constexpr = False):
     """Tokens ``[c*TB, c*TB+TB)`` of source ``s``: wait until they landed (deadline), reset the
     slots to the sentinel, expand into local experts. ``ts_known < 0``: the source's token
-    count is not known yet and is polled (and reset) too. Returns (count, dead).
+    count is not known yet and is polled (and reset) too. Returns (count, dead). ``DET``
+    (two ranks): the slots are the ranks the source sent (its run comes first in every
+    expert, see ``ep_dispatch_lamport_kernel``): no slot atomic.
 
     1. poll count + meta until (uniformly) nothing is the sentinel; 2. barrier, re-read the meta
     (every copy now sees the landed values: a later read after a barrier cannot return an older
@@ -1463,16 +1515,17 @@ def _lamport_recv_tile(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_x
     need = ts_known < 0
     cnt_ptr = lcnt[RANK] + (buf * W + s) * G + pid
     base = (buf * W + s) * M + t64
-    mp = lmeta[RANK] + base[:, None] * (2 * K)
+    MW: tl.constexpr = 3 * K if DET else 2 * K
+    mp = lmeta[RANK] + base[:, None] * MW
     rp = lx[RANK] + base[:, None] * H
     bound = tl.where(need, M, ts_known)
     ts, bound, pending = _lamport_poll_meta(cnt_ptr, need, ts_known, bound, mp, t, M, K,
-                                            BLOCK_K, NT)
+                                            BLOCK_K, NT, DET)
     t0 = _now(USE_TIMER, NT)
     spins = tl.full([], 0, tl.int64)
     while (pending > 0) & (dead == 0):
         ts, bound, pending = _lamport_poll_meta(cnt_ptr, need, ts_known, bound, mp, t, M, K,
-                                                BLOCK_K, NT)
+                                                BLOCK_K, NT, DET)
         spins += 1
         if pending > 0:
             if _expired(t0, spins, timeout_ns, USE_TIMER, NT):
@@ -1484,12 +1537,15 @@ def _lamport_recv_tile(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_x
     m2 = vt[:, None] & mk[None, :]
     ids = tl.full([TB, BLOCK_K], -1, tl.int32)
     wb = tl.zeros([TB, BLOCK_K], tl.int32)
+    rk = tl.zeros([TB, BLOCK_K], tl.int32)
     mine = vt & False
     row = tl.zeros([TB, BLOCK_H], lx[RANK].dtype.element_ty)
     if dead == 0:
         tl.debug_barrier()   # every sample the decision came from precedes the re-read
         ids = tl.load(mp + offs_k[None, :], mask=m2, other=-1, volatile=True)
         wb = tl.load(mp + K + offs_k[None, :], mask=m2, other=0, volatile=True)
+        if DET:
+            rk = tl.load(mp + 2 * K + offs_k[None, :], mask=m2, other=0, volatile=True)
         owner = tl.where(ids >= 0, ids // L, -1)
         mine = vt & (tl.sum((owner == RANK).to(tl.int32), axis=1) > 0)
         row, dead = _poll_rows(rp + offs_h[None, :], mine[:, None] & mh[None, :], dead, s,
@@ -1501,19 +1557,26 @@ def _lamport_recv_tile(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_x
         tl.store(mp + offs_k[None, :], tl.full([TB, BLOCK_K], -2147483648, tl.int32), mask=m2)
         tl.store(mp + K + offs_k[None, :], tl.full([TB, BLOCK_K], -2147483648, tl.int32),
                  mask=m2)
+        if DET:
+            tl.store(mp + 2 * K + offs_k[None, :],
+                     tl.full([TB, BLOCK_K], -2147483648, tl.int32), mask=m2)
         tl.store(rp + offs_h[None, :], _sent_like(row, BITS),
                  mask=mine[:, None] & mh[None, :])
         tl.store(wloc + (s * M + t64)[:, None] * K + offs_k[None, :],
                  wb.to(tl.float32, bitcast=True), mask=m2)
-        _expand_tile(row, ids, vt, s, t64, expert_x, cursor, slot_map, RANK, M, H, K, L, CAP,
-                     BLOCK_H, BLOCK_K)
+        if DET:
+            _place_rows(row, ids, vt, rk, s * M + t64, expert_x, slot_map, RANK, H, K, L, CAP,
+                        BLOCK_H, BLOCK_K)
+        else:
+            _expand_tile(row, ids, vt, s, t64, expert_x, cursor, slot_map, RANK, M, H, K, L,
+                         CAP, BLOCK_H, BLOCK_K)
     else:
         ts = ts * 0
     return ts, dead
 
 
 @triton.jit
-def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
+def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt, lvec,
                                expert_x, counts, cursor, done, slot_map, wloc, peer_T, buf_ptr,
                                err_dev, err_host_addr, timeout_ns,
                                RANK: tl.constexpr, W: tl.constexpr, G: tl.constexpr,
@@ -1524,13 +1587,30 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                BITS: tl.constexpr, NBUF: tl.constexpr, SHIFT: tl.constexpr,
                                USE_TIMER: tl.constexpr, PDL: tl.constexpr = False,
                                NT: tl.constexpr = 256, ACQ_REL: tl.constexpr = False,
-                               RLAG: tl.constexpr = 0):
+                               RLAG: tl.constexpr = 0, DET: tl.constexpr = False,
+                               BLOCK_T: tl.constexpr = 1):
     """Lamport dispatch; see the module docstring. Tiles of ``TB`` tokens; program ``p`` sends
     own tiles ``p, p+G, ...`` and receives tiles ``q, q+G, ...`` (``q = (p + SHIFT) mod G``)
     of every peer, the own tile's rows copied after each receive. ``RLAG`` (``recv_lag``;
     programs with more than one own tile only): iteration ``i`` receives the peers' tile of
     iteration ``i - RLAG``, sent long enough ago to have landed, instead of the one the peer is
-    sending at the same time (large batches; untimed, session 7)."""
+    sending at the same time (large batches; untimed, session 7).
+
+    ``DET`` (deterministic slots, two ranks, ``BLOCK_T >= M``): no slot atomics and no "last
+    program out". Every local expert's rows are the peer's run (its tokens in token order),
+    then the own run (in token order)::
+
+        slot(peer token t, e) = #{peer t' < t routed to e}          # sent in the meta
+        slot(own token t, e)  = n_peer[e] + #{own t' < t routed to e}
+        counts[e]             = n_peer[e] + n_own[e]
+
+    A sender computes a token's rank from all its own ids (:func:`_det_before`) and sends it as
+    the meta's third part; its program 0 sends the run lengths ``n[e]`` of the peer's experts
+    (:func:`_det_hist`) into ``lvec[peer][buf, RANK]``, which the peer's programs with own
+    tokens, and its program 0 for ``counts``, poll. ``lvec`` is reset one call later, by
+    program 0 (every read of it is in the same dispatch; the peer writes that copy again only
+    two calls later, after this rank's next combine). ``expert_x`` and ``counts`` do not depend
+    on timing."""
     if PDL:  # nothing is touched before the previous grid finished
         pdl_wait()
         pdl_launch_dependents()
@@ -1543,6 +1623,13 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
     for d in tl.static_range(W):
         if d != RANK:
             tl.store(lcnt[d] + (buf * W + RANK) * G + pid, T)
+    offs_l = tl.arange(0, BLOCK_L)
+    ml = offs_l < L
+    if DET:
+        if pid == 0:   # the previous call's run lengths back to the sentinel
+            prev = (buf + NBUF - 1) % NBUF
+            tl.store(lvec[RANK] + (prev * W + 1 - RANK) * L + offs_l,
+                     tl.full([BLOCK_L], -2147483648, tl.int32), mask=ml)
     n_own = tl.cdiv(T, TB)
     tsv = tl.full([BLOCK_W], -1, tl.int32)       # peers' token counts, -1 = not known yet
     rbase = (pid + SHIFT) % G                    # received tiles: rbase, rbase + G, ...
@@ -1556,10 +1643,15 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
         # The receive is of the peers' tile i (not i - 1): with the decode grid (G >= tiles)
         # a program has one tile, and nothing is carried across iterations (triton 3.6 fails
         # to compile a loop-carried [TB, BLOCK_H] row here: RemoveLayoutConversions)
-        row, ids, vt, t64 = _lamport_send_tile(pid + i * G, x_ptr, ids_ptr, w_ptr, T, buf, lx,
-                                               lmeta, RANK, W, M, H, K, L, E, BLOCK_H, BLOCK_K,
-                                               TB)
-        slot = _claim_slots(ids, vt, cursor, RANK, L, K, BLOCK_K)
+        row, ids, vt, t64, slot = _lamport_send_tile(pid + i * G, x_ptr, ids_ptr, w_ptr, T,
+                                                     buf, lx, lmeta, RANK, W, M, H, K, L, E,
+                                                     BLOCK_H, BLOCK_K, TB, DET, BLOCK_T)
+        if DET:
+            if (pid == 0) & (i == 0):   # the run lengths of the peer's experts
+                hist = _det_hist(ids_ptr, T, 1 - RANK, K, L, E, BLOCK_K, BLOCK_L, BLOCK_T)
+                tl.store(lvec[1 - RANK] + (buf * W + RANK) * L + offs_l, hist, mask=ml)
+        else:
+            slot = _claim_slots(ids, vt, cursor, RANK, L, K, BLOCK_K)
         cr = rbase + (i - lag) * G
         for s in tl.static_range(W):
             if s != RANK:
@@ -1568,8 +1660,16 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                     ts, dead = _lamport_recv_tile(
                         cr, s, ts, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor,
                         slot_map, wloc, err_dev, err_host, timeout_ns, RANK, W, G, M, H,
-                        K, L, CAP, BLOCK_H, BLOCK_K, TB, BITS, USE_TIMER, NT)
+                        K, L, CAP, BLOCK_H, BLOCK_K, TB, BITS, USE_TIMER, NT, DET)
                     tsv = tl.where(offs_w == s, ts, tsv)
+        if DET:
+            if ((pid + i * G) * TB < T) & (dead == 0):   # own tokens: after the peer's run
+                npeer, dead = _poll_rows(lvec[RANK] + (buf * W + 1 - RANK) * L
+                                         + offs_l[None, :], ml[None, :], dead, 1 - RANK,
+                                         err_dev, err_host, timeout_ns, 1, 32, USE_TIMER, NT)
+                el = ids - RANK * L
+                slot += tl.sum(tl.where(offs_l[None, None, :] == el[:, :, None],
+                                        npeer[:, None, :], 0), axis=2)
         _place_rows(row, ids, vt, slot, RANK * M + t64, expert_x, slot_map, RANK, H, K, L, CAP,
                     BLOCK_H, BLOCK_K)
         i += 1
@@ -1578,7 +1678,15 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
         more = (pid + i * G < n_own) | want_recv
     tl.store(peer_T + offs_w, tl.maximum(tsv, 0), mask=is_peer)
     tl.store(buf_ptr + pid, (buf + 1) % NBUF)
-    _publish_counts(done, cursor, counts, G, L, BLOCK_L, ACQ_REL)
+    if DET:
+        if (pid == 0) & (dead == 0):
+            npeer, dead = _poll_rows(lvec[RANK] + (buf * W + 1 - RANK) * L + offs_l[None, :],
+                                     ml[None, :], dead, 1 - RANK, err_dev, err_host,
+                                     timeout_ns, 1, 32, USE_TIMER, NT)
+            nown = _det_hist(ids_ptr, T, RANK, K, L, E, BLOCK_K, BLOCK_L, BLOCK_T)
+            tl.store(counts + offs_l, tl.sum(npeer, axis=0) + nown, mask=ml)
+    else:
+        _publish_counts(done, cursor, counts, G, L, BLOCK_L, ACQ_REL)
 
 
 @triton.jit

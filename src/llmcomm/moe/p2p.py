@@ -18,8 +18,10 @@ sentinel bit pattern, sign bit only; each receiver resets what it consumed)::
 
     lx    [NBUF, W, M, H]  dtype  rows pushed by each source rank
     lmeta [NBUF, W, M, 2K] int32  ids, then the fp32 weight bits, of every source token
+                                  ([.., 3K] with deterministic_slots: then its ranks)
     lcnt  [NBUF, W, G]     int32  the source's token count, one slot per receiving program
     lcomb [NBUF, W, M, H]  dtype  weighted partial sums pushed back by each expert rank
+    lvec  [NBUF, W, L]     int32  deterministic_slots only: the source's run length per expert
 
 Local: ``expert_x [L, W*M, H]``, counts, slot cursors, the slot map ``[W, M, K]``, per-program
 epochs (``"flags"``) or buffer indices (``"lamport"``, plus the peers' weights ``wloc [W, M, K]``
@@ -151,7 +153,8 @@ class P2PBackend(MoEBackend):
                  _rows_1d: bool = True, _claim_rounds: bool = True,
                  _pair_alone: bool = True, _runtime_rounds: bool = False,
                  _combine_roles: bool = False, _roles_warps: int = 16,
-                 _roles_pair: int = 1, _roles_programs: int | None = None) -> None:
+                 _roles_pair: int = 1, _roles_programs: int | None = None,
+                 deterministic_slots: bool | None = None) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -224,6 +227,11 @@ class P2PBackend(MoEBackend):
                 (``RLAG``), so that it polls rows that have landed instead of rows the peer is
                 sending at that moment. Default 0 (the receive of the same iteration); written
                 for large batches and not timed yet (docs/moe.md, session 7).
+            deterministic_slots: ``"lamport"`` at EP=2 with ``max_tokens_per_rank <= 256``
+                only: the dispatch takes no slot atomics and has no "last program out";
+                ``expert_x[e]`` holds the peer's tokens in token order, then the own tokens in
+                token order, the same for the same inputs on every run (``DET`` in
+                :mod:`llmcomm.kernels.moe`). Default off (session 12: an A/B candidate).
         """
         super().__init__(group, cfg)
         self._sim = simulate_dir is not None
@@ -399,14 +407,22 @@ class P2PBackend(MoEBackend):
         self._chunk_c = self.round_tokens if rounds_given or lamport else _round_tokens(
             M, self._Gc)
         self.shift = shift                   # None for "flags"
+        self._det = bool(deterministic_slots)
+        if self._det and (not lamport or W != 2 or M > 256):
+            raise ValueError(f"deterministic_slots needs protocol='lamport' at EP=2 with "
+                             f"max_tokens_per_rank <= 256 (each program reads every own id), "
+                             f"got protocol {protocol!r} at EP={W} with "
+                             f"max_tokens_per_rank {M}")
         dev = cfg.device if not self._sim else torch.device("cpu")
         off = 0
         layout = {}
         if lamport:
             regions = (("lx", (NBUF, W, M, H), cfg.dtype),
-                       ("lmeta", (NBUF, W, M, 2 * K), torch.int32),
+                       ("lmeta", (NBUF, W, M, (3 if self._det else 2) * K), torch.int32),
                        ("lcnt", (NBUF, W, self.G), torch.int32),
                        ("lcomb", (NBUF, W, M, H), cfg.dtype))
+            if self._det:
+                regions += (("lvec", (NBUF, W, L), torch.int32),)
         else:
             regions = (("recv_x", (W, M, H), cfg.dtype),
                        ("recv_ids", (W, M, K), torch.int32),
@@ -425,7 +441,7 @@ class P2PBackend(MoEBackend):
         for name, (o, shape, dt) in layout.items():
             setattr(self, name, self.ws.region(o, shape, dt))
         if lamport:   # every receive slot starts as the sentinel (sign bit only)
-            for name in ("lx", "lmeta", "lcnt", "lcomb"):
+            for name in self.lamport_regions():
                 region = getattr(self, name)[cfg.rank]
                 ibits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[region.element_size()]
                 region.view(ibits).fill_(torch.iinfo(ibits).min)
@@ -461,6 +477,10 @@ class P2PBackend(MoEBackend):
         if not self._sim:
             torch.cuda.synchronize(cfg.device)   # zeroed flags visible before any peer signals
 
+    def lamport_regions(self) -> tuple[str, ...]:
+        """The workspace regions that start as the sentinel (``"lamport"``)."""
+        return ("lx", "lmeta", "lcnt", "lcomb") + (("lvec",) if self._det else ())
+
     def fingerprint(self) -> dict[str, Any]:
         return {"num_programs": self.G, "workspace_bytes": self.ws.nbytes,
                 "protocol": self.protocol, "shift": self.shift,
@@ -473,6 +493,7 @@ class P2PBackend(MoEBackend):
                 "fuse_combine": self._fuse_combine, "combine_chunks": self._combine_chunks,
                 "acq_rel_publish": self._acq_rel_publish, "combine_roles": self._roles,
                 "combine_roles_programs": self._Gc if self._roles else None,
+                "deterministic_slots": self._det,
                 **{k.lower(): v for k, v in self.variants.items()}}
 
     def _consts(self) -> dict[str, Any]:
@@ -534,10 +555,11 @@ class P2PBackend(MoEBackend):
         if self.protocol == "lamport":
             self._launch(ep_dispatch_lamport_kernel,
                 x, topk_ids, topk_weights, T, self.lx, self.lmeta, self.lcnt,
-                self.expert_x, self.counts, self.cursor, self.done, self.slot_map, self.wloc,
+                self.lvec if self._det else self.lcnt, self.expert_x, self.counts, self.cursor, self.done, self.slot_map, self.wloc,
                 self.peer_T, self.buf_d, self.err_dev, self.err_host.data_ptr(),
                 self.timeout_ns, CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts),
-                ACQ_REL=self._acq_rel_publish, RLAG=self.recv_lag,
+                ACQ_REL=self._acq_rel_publish, RLAG=self.recv_lag, DET=self._det,
+                BLOCK_T=_next_pow2(c.max_tokens_per_rank) if self._det else 1,
                 **self._lamport_consts(self.tiles[0]))
             return self.expert_x, self.counts, (topk_ids, topk_weights)
         self._launch(ep_dispatch_kernel,
