@@ -45,10 +45,10 @@ def make_inputs(seed: int, world: int, tokens: list[int], num_experts: int, top_
 
 
 def check_dispatch(rank: int, world: int, num_experts: int, inputs, expert_x: torch.Tensor,
-                   counts: torch.Tensor, peer_first: bool = False) -> int:
+                   counts: torch.Tensor, own_first: bool = False) -> int:
     """Every received row is checked against its source row; the multiset must be exact.
-    ``peer_first`` (``deterministic_slots``, two ranks): so must the order -- in every expert
-    the peer's tokens in token order, then the own tokens in token order."""
+    ``own_first`` (``deterministic_slots``, two ranks): so must the order -- in every expert
+    the own tokens in token order, then the peer's tokens in token order."""
     expected = reference_dispatch([ids for _, ids, _ in inputs], num_experts, rank)
     L = num_experts // world
     counts = counts.cpu()
@@ -69,8 +69,8 @@ def check_dispatch(rank: int, world: int, num_experts: int, inputs, expert_x: to
                 f"rank {rank} expert {le} row {i}: content differs from source ({src}, {t})"
             got.append((src, t))
         assert sorted(got) == want, f"rank {rank} expert {le}: got {sorted(got)} want {want}"
-        if peer_first:
-            order = sorted(want, key=lambda st: (st[0] == rank, st[1]))
+        if own_first:
+            order = sorted(want, key=lambda st: (st[0] != rank, st[1]))
             assert got == order, f"rank {rank} expert {le}: order {got}, want {order}"
         n += c
     return n
@@ -100,7 +100,7 @@ def roundtrip(ep: Any, rank: int, world: int, num_experts: int, inputs, dtype,
     x, ids, w = (t.to(device) for t in inputs[rank])
     d = ep.dispatch(x, ids, w)
     det = getattr(getattr(ep, "_backend", None), "_det", False)
-    n = check_dispatch(rank, world, num_experts, inputs, d.expert_x, d.counts, peer_first=det)
+    n = check_dispatch(rank, world, num_experts, inputs, d.expert_x, d.counts, own_first=det)
     out = run_experts(rank, num_experts, world, d.expert_x, d.counts)
     y = ep.combine(out, d)
     err = check_combine(rank, inputs, y, dtype, what=f"{ep.backend} combine")
@@ -125,14 +125,10 @@ def capture_graph(step):
 def lamport_left(be, rank: int) -> list[str]:
     """What of a ``protocol="lamport"`` backend's receive slots (rank ``rank``'s, on a quiet
     group) is not the sentinel: nothing sent may be left unread, nothing read left unreset,
-    and no reset overtaken by a late write. ``lvec`` (``deterministic_slots``): its copy of the
-    last dispatch is reset by the next one, so that copy is left out."""
+    and no reset overtaken by a late write."""
     bad = []
     for name in be.lamport_regions():
         reg = getattr(be, name)[rank]
-        if name == "lvec":
-            last = (int(be.buf_d[0]) - 1) % reg.shape[0]
-            reg = torch.cat([reg[:last], reg[last + 1:]])
         ib = {2: torch.int16, 4: torch.int32, 8: torch.int64}[reg.element_size()]
         idx = (reg.view(ib).cpu() != torch.iinfo(ib).min).nonzero()
         if len(idx):

@@ -45,7 +45,7 @@ def _roundtrip(lb, world, E, inputs, dtype, check_rows=True):
     xs, ids, ws = ([t.to("cuda") for t in col] for col in zip(*inputs))
     outs = lb.dispatch(xs, ids, ws)
     lb.check_errors()
-    n = sum(check_dispatch(r, world, E, inputs, o[0], o[1], peer_first=lb.backends[r]._det)
+    n = sum(check_dispatch(r, world, E, inputs, o[0], o[1], own_first=lb.backends[r]._det)
             for r, o in enumerate(outs)) if check_rows else -1
     expert_out = [run_experts(r, E, world, o[0], o[1]) for r, o in enumerate(outs)]
     ys = lb.combine(expert_out, outs, [x.shape[0] for x in xs])

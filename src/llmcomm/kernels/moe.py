@@ -116,6 +116,10 @@ finished in one step, see :func:`_lamport_split_combine`; otherwise whole rows):
     rows with at least one local expert), then finish own tile ``q + (i-1)*G``: own partial
     (fp32), poll + reset each peer's partial, sum in fixed rank order, store ``y``.
 A missing peer leaves its slots at the sentinel: the poll's deadline writes the error record.
+``DET`` (``P2PBackend(deterministic_slots=True)``, two ranks, decode sizes): the dispatch takes
+no slot atomic and has no "last program out"; every slot follows from the ids (the peer's run
+first, then the own run, each in token order; :func:`ep_dispatch_lamport_kernel` states it as
+reference code), so ``expert_x`` is the same for the same inputs on every run.
 
 Switchable variants (``tl.constexpr``; see :class:`llmcomm.moe.p2p.P2PBackend` for defaults;
 ``POSTED`` is ``"flags"`` only, ``PDL`` applies to both protocols):
@@ -1382,52 +1386,43 @@ def _sent_like(v, BITS: tl.constexpr):
 
 
 @triton.jit
-def _det_before(t64, ids, ids_ptr, T, K: tl.constexpr, E: tl.constexpr,
-                BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
-    """``DET``: for own tokens ``t64`` [R] with (sanitised) ``ids`` [R, BLOCK_K]: how many own
-    tokens ``t' < t`` route to the same expert, each token counted once -- the token's rank
-    within that expert's run of this source (reference: ``sum(ids_own[t'] contains ids[t, k]
-    for t' < t)``). Reads every own token's ids (``T <= M <= BLOCK_T``). [R, BLOCK_K] int32."""
-    R: tl.constexpr = ids.shape[0]
+def _det_own_ids(ids_ptr, T, K: tl.constexpr, E: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BLOCK_T: tl.constexpr):
+    """``DET``: every own token's expert ids, [BLOCK_T, BLOCK_K] int32 (``T <= BLOCK_T``);
+    -2 where there is none (never equal to an id, -1 included)."""
     offs_t = tl.arange(0, BLOCK_T)
-    vt = offs_t < T
-    hit = tl.zeros([R, BLOCK_K, BLOCK_T], tl.int32)
-    for k in tl.static_range(K):   # K column loads, all in flight together
-        a = tl.load(ids_ptr + offs_t * K + k, mask=vt, other=-1).to(tl.int32)
-        a = tl.where(vt & (a >= 0) & (a < E), a, -2)   # never equal to an id, -1 included
-        hit = tl.maximum(hit, (a[None, None, :] == ids[:, :, None]).to(tl.int32))
-    earlier = offs_t[None, None, :] < tl.cast(t64, tl.int32)[:, None, None]
-    return tl.sum(tl.where(earlier, hit, 0), axis=2)
+    offs_k = tl.arange(0, BLOCK_K)
+    m2 = (offs_t < T)[:, None] & (offs_k < K)[None, :]
+    a = tl.load(ids_ptr + offs_t[:, None] * K + offs_k[None, :], mask=m2, other=-2
+                ).to(tl.int32)
+    return tl.where(m2 & (a >= 0) & (a < E), a, -2)
 
 
 @triton.jit
-def _det_hist(ids_ptr, T, D: tl.constexpr, K: tl.constexpr, L: tl.constexpr, E: tl.constexpr,
-              BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_T: tl.constexpr):
-    """``DET``: [BLOCK_L] int32, how many own tokens route to expert ``D * L + l`` of rank
-    ``D`` (each token counted once): the length of this source's run in that expert."""
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_k = tl.arange(0, BLOCK_K)
-    vt = offs_t < T
-    m2 = vt[:, None] & (offs_k < K)[None, :]
-    ids = tl.load(ids_ptr + offs_t[:, None] * K + offs_k[None, :], mask=m2, other=-1
-                  ).to(tl.int32)
-    ids = tl.where(m2 & (ids >= 0) & (ids < E), ids, -1)
-    el, local, first, new = _slot_masks(ids, vt, D, L, K, BLOCK_K)
-    N: tl.constexpr = BLOCK_T * BLOCK_K
-    return tl.histogram(tl.reshape(tl.where(new, el, 0), [N]), BLOCK_L,
-                        mask=tl.reshape(new, [N]))
+def _det_count(ids, own, lim):
+    """``DET``: for every id of ``ids`` [R, C], how many own tokens ``t' < lim[r]`` route to
+    it, each token counted once (``own`` from :func:`_det_own_ids`)::
+
+        count[r, c] = sum(ids[r, c] in own[t'] for t' < lim[r])
+
+    An own token's rank in an expert's run (``lim`` = the token) or that run's length
+    (``lim`` >= ``T``). [R, C] int32."""
+    BT: tl.constexpr = own.shape[0]
+    hit = tl.max((own[None, None, :, :] == ids[:, :, None, None]).to(tl.int32), axis=3)
+    offs_t = tl.arange(0, BT)
+    return tl.sum(tl.where(offs_t[None, None, :] < lim[:, None, None], hit, 0), axis=2)
 
 
 @triton.jit
 def _lamport_send_tile(c, x_ptr, ids_ptr, w_ptr, T, buf, lx, lmeta, RANK: tl.constexpr,
                        W: tl.constexpr, M: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
                        L: tl.constexpr, E: tl.constexpr, BLOCK_H: tl.constexpr,
-                       BLOCK_K: tl.constexpr, TB: tl.constexpr, DET: tl.constexpr = False,
-                       BLOCK_T: tl.constexpr = 1):
+                       BLOCK_K: tl.constexpr, TB: tl.constexpr, own, DET: tl.constexpr = False):
     """Own tokens ``[c*TB, c*TB+TB)`` (none when ``c*TB >= T``): meta to every peer, the row to
     peers owning one of its experts (``-0.0`` sent as ``+0.0``). Returns ``(row, ids, vt,
-    t64, before)`` for the local copies, which the caller makes later; ``before``
-    (:func:`_det_before`, ``DET`` only, else unused zeros) is sent as the meta's third part."""
+    t64, before)`` for the local copies, which the caller makes later; ``before`` (``DET``
+    only, else unused zeros: each token's rank in its experts' runs, :func:`_det_count` over
+    ``own``) is sent as the meta's third part."""
     offs_h = tl.arange(0, BLOCK_H)
     mh = offs_h < H
     offs_k = tl.arange(0, BLOCK_K)
@@ -1442,7 +1437,7 @@ def _lamport_send_tile(c, x_ptr, ids_ptr, w_ptr, T, buf, lx, lmeta, RANK: tl.con
     MW: tl.constexpr = 3 * K if DET else 2 * K
     before = tl.zeros([TB, BLOCK_K], tl.int32)
     if DET:
-        before = _det_before(t64, ids, ids_ptr, T, K, E, BLOCK_K, BLOCK_T)
+        before = _det_count(ids, own, t)
     for d in tl.static_range(W):
         if d != RANK:
             mp = lmeta[d] + base[:, None] * MW + offs_k[None, :]
@@ -1495,12 +1490,12 @@ def _lamport_recv_tile(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_x
                        K: tl.constexpr, L: tl.constexpr, CAP: tl.constexpr,
                        BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, TB: tl.constexpr,
                        BITS: tl.constexpr, USE_TIMER: tl.constexpr, NT: tl.constexpr,
-                       DET: tl.constexpr = False):
+                       own, DET: tl.constexpr = False):
     """Tokens ``[c*TB, c*TB+TB)`` of source ``s``: wait until they landed (deadline), reset the
     slots to the sentinel, expand into local experts. ``ts_known < 0``: the source's token
     count is not known yet and is polled (and reset) too. Returns (count, dead). ``DET``
-    (two ranks): the slots are the ranks the source sent (its run comes first in every
-    expert, see ``ep_dispatch_lamport_kernel``): no slot atomic.
+    (two ranks): no slot atomic; a slot is the length of the own run in that expert
+    (:func:`_det_count` over ``own``) plus the rank the source sent.
 
     1. poll count + meta until (uniformly) nothing is the sentinel; 2. barrier, re-read the meta
     (every copy now sees the landed values: a later read after a barrier cannot return an older
@@ -1565,6 +1560,7 @@ def _lamport_recv_tile(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_x
         tl.store(wloc + (s * M + t64)[:, None] * K + offs_k[None, :],
                  wb.to(tl.float32, bitcast=True), mask=m2)
         if DET:
+            rk += _det_count(ids, own, tl.zeros_like(t) + M)
             _place_rows(row, ids, vt, rk, s * M + t64, expert_x, slot_map, RANK, H, K, L, CAP,
                         BLOCK_H, BLOCK_K)
         else:
@@ -1588,7 +1584,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt, lvec,
                                USE_TIMER: tl.constexpr, PDL: tl.constexpr = False,
                                NT: tl.constexpr = 256, ACQ_REL: tl.constexpr = False,
                                RLAG: tl.constexpr = 0, DET: tl.constexpr = False,
-                               BLOCK_T: tl.constexpr = 1):
+                               BLOCK_T: tl.constexpr = 1, BLOCK_J: tl.constexpr = 1):
     """Lamport dispatch; see the module docstring. Tiles of ``TB`` tokens; program ``p`` sends
     own tiles ``p, p+G, ...`` and receives tiles ``q, q+G, ...`` (``q = (p + SHIFT) mod G``)
     of every peer, the own tile's rows copied after each receive. ``RLAG`` (``recv_lag``;
@@ -1596,21 +1592,21 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt, lvec,
     iteration ``i - RLAG``, sent long enough ago to have landed, instead of the one the peer is
     sending at the same time (large batches; untimed, session 7).
 
-    ``DET`` (deterministic slots, two ranks, ``BLOCK_T >= M``): no slot atomics and no "last
-    program out". Every local expert's rows are the peer's run (its tokens in token order),
-    then the own run (in token order)::
+    ``DET`` (deterministic slots, two ranks, ``BLOCK_T >= M``, ``BLOCK_J >= ceil(L / G)``):
+    no slot atomics and no "last program out". Every local expert's rows are the own run (own
+    tokens in token order), then the peer's run (in token order)::
 
-        slot(peer token t, e) = #{peer t' < t routed to e}          # sent in the meta
-        slot(own token t, e)  = n_peer[e] + #{own t' < t routed to e}
-        counts[e]             = n_peer[e] + n_own[e]
+        slot(own token t, e)  = #{own t' < t routed to e}
+        slot(peer token t, e) = n_own[e] + #{peer t' < t routed to e}   # the latter sent
+        counts[e]             = n_own[e] + n_peer[e]
 
-    A sender computes a token's rank from all its own ids (:func:`_det_before`) and sends it as
-    the meta's third part; its program 0 sends the run lengths ``n[e]`` of the peer's experts
-    (:func:`_det_hist`) into ``lvec[peer][buf, RANK]``, which the peer's programs with own
-    tokens, and its program 0 for ``counts``, poll. ``lvec`` is reset one call later, by
-    program 0 (every read of it is in the same dispatch; the peer writes that copy again only
-    two calls later, after this rank's next combine). ``expert_x`` and ``counts`` do not depend
-    on timing."""
+    Every program reads all own ids once (:func:`_det_own_ids`) and counts against them
+    (:func:`_det_count`): its own tokens' ranks (sent as the meta's third part), ``n_own`` of
+    the peer's tokens it places, and, for its experts ``e = pid + j*G`` of both ranks, the run
+    lengths: the peer's experts' go to ``lvec[peer][buf, RANK, e]``, the own experts' wait
+    for the peer's at the end (polled and reset by this program alone) to write ``counts[e]``.
+    A program with no peer tokens to place and no experts to count waits for nothing but the
+    peer's token count. ``expert_x`` and ``counts`` do not depend on timing."""
     if PDL:  # nothing is touched before the previous grid finished
         pdl_wait()
         pdl_launch_dependents()
@@ -1623,13 +1619,11 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt, lvec,
     for d in tl.static_range(W):
         if d != RANK:
             tl.store(lcnt[d] + (buf * W + RANK) * G + pid, T)
-    offs_l = tl.arange(0, BLOCK_L)
-    ml = offs_l < L
+    own = tl.zeros([1, BLOCK_K], tl.int32)
+    ej = pid + tl.arange(0, BLOCK_J) * G   # DET: this program's experts (of both ranks)
+    run_own = tl.zeros([BLOCK_J], tl.int32)
     if DET:
-        if pid == 0:   # the previous call's run lengths back to the sentinel
-            prev = (buf + NBUF - 1) % NBUF
-            tl.store(lvec[RANK] + (prev * W + 1 - RANK) * L + offs_l,
-                     tl.full([BLOCK_L], -2147483648, tl.int32), mask=ml)
+        own = _det_own_ids(ids_ptr, T, K, E, BLOCK_K, BLOCK_T)
     n_own = tl.cdiv(T, TB)
     tsv = tl.full([BLOCK_W], -1, tl.int32)       # peers' token counts, -1 = not known yet
     rbase = (pid + SHIFT) % G                    # received tiles: rbase, rbase + G, ...
@@ -1645,11 +1639,17 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt, lvec,
         # to compile a loop-carried [TB, BLOCK_H] row here: RemoveLayoutConversions)
         row, ids, vt, t64, slot = _lamport_send_tile(pid + i * G, x_ptr, ids_ptr, w_ptr, T,
                                                      buf, lx, lmeta, RANK, W, M, H, K, L, E,
-                                                     BLOCK_H, BLOCK_K, TB, DET, BLOCK_T)
+                                                     BLOCK_H, BLOCK_K, TB, own, DET)
         if DET:
-            if (pid == 0) & (i == 0):   # the run lengths of the peer's experts
-                hist = _det_hist(ids_ptr, T, 1 - RANK, K, L, E, BLOCK_K, BLOCK_L, BLOCK_T)
-                tl.store(lvec[1 - RANK] + (buf * W + RANK) * L + offs_l, hist, mask=ml)
+            if i == 0:   # the run lengths of this program's experts, the peer's sent
+                offs_2 = tl.arange(0, 2)
+                eids = tl.where((ej < L)[:, None],
+                                ej[:, None] + tl.where(offs_2 == 0, RANK, 1 - RANK)[None, :] * L,
+                                -1)
+                runs = _det_count(eids, own, tl.zeros_like(ej) + BLOCK_T)
+                tl.store(lvec[1 - RANK] + (buf * W + RANK) * L + ej,
+                         tl.sum(tl.where(offs_2[None, :] == 1, runs, 0), axis=1), mask=ej < L)
+                run_own = tl.sum(tl.where(offs_2[None, :] == 0, runs, 0), axis=1)
         else:
             slot = _claim_slots(ids, vt, cursor, RANK, L, K, BLOCK_K)
         cr = rbase + (i - lag) * G
@@ -1660,16 +1660,8 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt, lvec,
                     ts, dead = _lamport_recv_tile(
                         cr, s, ts, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor,
                         slot_map, wloc, err_dev, err_host, timeout_ns, RANK, W, G, M, H,
-                        K, L, CAP, BLOCK_H, BLOCK_K, TB, BITS, USE_TIMER, NT, DET)
+                        K, L, CAP, BLOCK_H, BLOCK_K, TB, BITS, USE_TIMER, NT, own, DET)
                     tsv = tl.where(offs_w == s, ts, tsv)
-        if DET:
-            if ((pid + i * G) * TB < T) & (dead == 0):   # own tokens: after the peer's run
-                npeer, dead = _poll_rows(lvec[RANK] + (buf * W + 1 - RANK) * L
-                                         + offs_l[None, :], ml[None, :], dead, 1 - RANK,
-                                         err_dev, err_host, timeout_ns, 1, 32, USE_TIMER, NT)
-                el = ids - RANK * L
-                slot += tl.sum(tl.where(offs_l[None, None, :] == el[:, :, None],
-                                        npeer[:, None, :], 0), axis=2)
         _place_rows(row, ids, vt, slot, RANK * M + t64, expert_x, slot_map, RANK, H, K, L, CAP,
                     BLOCK_H, BLOCK_K)
         i += 1
@@ -1679,12 +1671,12 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt, lvec,
     tl.store(peer_T + offs_w, tl.maximum(tsv, 0), mask=is_peer)
     tl.store(buf_ptr + pid, (buf + 1) % NBUF)
     if DET:
-        if (pid == 0) & (dead == 0):
-            npeer, dead = _poll_rows(lvec[RANK] + (buf * W + 1 - RANK) * L + offs_l[None, :],
-                                     ml[None, :], dead, 1 - RANK, err_dev, err_host,
-                                     timeout_ns, 1, 32, USE_TIMER, NT)
-            nown = _det_hist(ids_ptr, T, RANK, K, L, E, BLOCK_K, BLOCK_L, BLOCK_T)
-            tl.store(counts + offs_l, tl.sum(npeer, axis=0) + nown, mask=ml)
+        if (pid < L) & (dead == 0):   # counts of this program's experts
+            vp = lvec[RANK] + (buf * W + 1 - RANK) * L + ej[None, :]
+            run_peer, dead = _poll_rows(vp, (ej < L)[None, :], dead, 1 - RANK, err_dev,
+                                        err_host, timeout_ns, 1, 32, USE_TIMER, NT)
+            tl.store(vp, tl.full([1, BLOCK_J], -2147483648, tl.int32), mask=(ej < L)[None, :])
+            tl.store(counts + ej, run_own + tl.sum(run_peer, axis=0), mask=ej < L)
     else:
         _publish_counts(done, cursor, counts, G, L, BLOCK_L, ACQ_REL)
 

@@ -229,7 +229,7 @@ class P2PBackend(MoEBackend):
                 for large batches and not timed yet (docs/moe.md, session 7).
             deterministic_slots: ``"lamport"`` at EP=2 with ``max_tokens_per_rank <= 256``
                 only: the dispatch takes no slot atomics and has no "last program out";
-                ``expert_x[e]`` holds the peer's tokens in token order, then the own tokens in
+                ``expert_x[e]`` holds the own tokens in token order, then the peer's tokens in
                 token order, the same for the same inputs on every run (``DET`` in
                 :mod:`llmcomm.kernels.moe`). Default off (session 12: an A/B candidate).
         """
@@ -560,6 +560,7 @@ class P2PBackend(MoEBackend):
                 self.timeout_ns, CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts),
                 ACQ_REL=self._acq_rel_publish, RLAG=self.recv_lag, DET=self._det,
                 BLOCK_T=_next_pow2(c.max_tokens_per_rank) if self._det else 1,
+                BLOCK_J=_next_pow2(-(-c.local_experts // self.G)) if self._det else 1,
                 **self._lamport_consts(self.tiles[0]))
             return self.expert_x, self.counts, (topk_ids, topk_weights)
         self._launch(ep_dispatch_kernel,
