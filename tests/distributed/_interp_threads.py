@@ -47,10 +47,12 @@ def install(seed: int = 0, max_sleep_us: float = 50.0) -> None:
     rng = random.Random(seed)
     orig_load = cls.create_masked_load
 
-    def load(self, ptrs, mask, other, cache_policy, is_volatile):
-        if is_volatile:
+    def load(self, ptrs, mask, other, *cache_and_volatile):
+        # the cache arguments differ across Triton releases (3.8: cache_modifier,
+        # eviction_policy; 3.9: cache_policy); is_volatile is the last in every one
+        if cache_and_volatile[-1]:
             time.sleep(rng.random() * max_sleep_us * 1e-6)
-        return orig_load(self, ptrs, mask, other, cache_policy, is_volatile)
+        return orig_load(self, ptrs, mask, other, *cache_and_volatile)
     cls.create_masked_load = load
 
     ge = I.GridExecutor
