@@ -126,8 +126,10 @@ def lamport_left(be, rank: int) -> list[str]:
     """What of a ``protocol="lamport"`` backend's receive slots (rank ``rank``'s, on a quiet
     group) is not the sentinel: nothing sent may be left unread, nothing read left unreset,
     and no reset overtaken by a late write."""
+    from llmcomm.moe.p2p import LAMPORT_REGIONS
+
     bad = []
-    for name in be.lamport_regions():
+    for name in LAMPORT_REGIONS:
         reg = getattr(be, name)[rank]
         ib = {2: torch.int16, 4: torch.int32, 8: torch.int64}[reg.element_size()]
         idx = (reg.view(ib).cpu() != torch.iinfo(ib).min).nonzero()

@@ -28,7 +28,7 @@ _TYPES = {
     "epoch_ptr": "*i32", "err_dev": "*i32", "err_host_addr": "i64", "timeout_ns": "i64",
     "recv_x": ("*bf16",) * W, "recv_ids": ("*i32",) * W, "recv_w": ("*fp32",) * W,
     "recv_T": ("*i32",) * W, "flags": ("*i32",) * W, "comb": ("*bf16",) * W,
-    "lx": ("*bf16",) * W, "lmeta": ("*i32",) * W, "lcnt": ("*i32",) * W, "lvec": ("*i32",) * W,
+    "lx": ("*bf16",) * W, "lmeta": ("*i32",) * W, "lcnt": ("*i32",) * W,
     "lcomb": ("*bf16",) * W,
     # allreduce + epilogue
     "res_ptr": "*bf16", "out_ptr": "*bf16", "rout_ptr": "*bf16", "q_ptr": "*fp8e4nv",

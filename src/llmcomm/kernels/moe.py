@@ -1435,26 +1435,28 @@ def _lamport_send_tile(c, x_ptr, ids_ptr, w_ptr, T, buf, lx, lmeta, RANK: tl.con
     rowc = tl.where(row == 0, tl.zeros_like(row), row)
     base = (buf * W + RANK) * M + t64
     MW: tl.constexpr = 3 * K if DET else 2 * K
-    before = tl.zeros([TB, BLOCK_K], tl.int32)
-    if DET:
-        before = _det_count(ids, own, t)
     for d in tl.static_range(W):
         if d != RANK:
             mp = lmeta[d] + base[:, None] * MW + offs_k[None, :]
             tl.store(mp, ids, mask=m2)
             tl.store(mp + K, wbits, mask=m2)
-            if DET:
-                tl.store(mp + 2 * K, before, mask=m2)
             to_d = vt & (tl.sum((owner == d).to(tl.int32), axis=1) > 0)
             tl.store(lx[d] + base[:, None] * H + offs_h[None, :], rowc,
                      mask=to_d[:, None] & mh[None, :])
+    before = tl.zeros([TB, BLOCK_K], tl.int32)
+    if DET:   # after the rows: they are on the wire while the ranks are counted
+        before = _det_count(ids, own, t)
+        for d in tl.static_range(W):
+            if d != RANK:
+                tl.store(lmeta[d] + base[:, None] * MW + 2 * K + offs_k[None, :], before,
+                         mask=m2)
     return row, ids, vt, t64, before
 
 
 @triton.jit
 def _lamport_poll_meta(cnt_ptr, need, ts_known, bound, mp, t, M: tl.constexpr,
                        K: tl.constexpr, BLOCK_K: tl.constexpr, NT: tl.constexpr,
-                       DET: tl.constexpr = False):
+                       DET: tl.constexpr = False, jv=None):
     """One poll round of a received tile's count (when ``need``) and meta (tokens ``t < bound``).
 
     Returns (count, next bound, pending), all uniform over the program. Only the *decision* is
@@ -1475,9 +1477,12 @@ def _lamport_poll_meta(cnt_ptr, need, ts_known, bound, mp, t, M: tl.constexpr,
     nbound = tl.where(cnt_pend, M, ts)   # bound >= every later bound
     m2 = (t < nbound)[:, None] & mk[None, :]
     sent = (ids == -2147483648) | (wb == -2147483648)
-    if DET:   # the ranks too (the meta's third part)
+    if DET:   # the ranks too (the meta's third part), and with the count the run lengths
         rk = tl.load(mp + 2 * K + offs_k[None, :], mask=ml, other=0, volatile=True)
         sent = sent | (rk == -2147483648)
+        mj = (jv.to(tl.int32) * need.to(tl.int32)) > 0   # (a vector mask, also interpreted)
+        rv = tl.load(cnt_ptr + 1 + tl.arange(0, jv.shape[0]), mask=mj, other=0, volatile=True)
+        cnt_pend = cnt_pend | (tl.sum((mj & (rv == -2147483648)).to(tl.int32), axis=0) > 0)
     meta_pend = tl.sum(tl.sum((m2 & sent).to(tl.int32), axis=1), axis=0)
     pending = uniform(cnt_pend.to(tl.int32) + meta_pend, NT)
     return ts, nbound, pending
@@ -1490,12 +1495,14 @@ def _lamport_recv_tile(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_x
                        K: tl.constexpr, L: tl.constexpr, CAP: tl.constexpr,
                        BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, TB: tl.constexpr,
                        BITS: tl.constexpr, USE_TIMER: tl.constexpr, NT: tl.constexpr,
-                       own, DET: tl.constexpr = False):
+                       own, jv, DET: tl.constexpr = False):
     """Tokens ``[c*TB, c*TB+TB)`` of source ``s``: wait until they landed (deadline), reset the
     slots to the sentinel, expand into local experts. ``ts_known < 0``: the source's token
-    count is not known yet and is polled (and reset) too. Returns (count, dead). ``DET``
+    count is not known yet and is polled (and reset) too. Returns (count, dead, runs). ``DET``
     (two ranks): no slot atomic; a slot is the length of the own run in that expert
-    (:func:`_det_count` over ``own``) plus the rank the source sent.
+    (:func:`_det_count` over ``own``) plus the rank the source sent; with the count come the
+    source's run lengths of this program's experts (``runs`` [BLOCK_J], valid where ``jv``;
+    zeros when the count was known or without ``DET``).
 
     1. poll count + meta until (uniformly) nothing is the sentinel; 2. barrier, re-read the meta
     (every copy now sees the landed values: a later read after a barrier cannot return an older
@@ -1508,19 +1515,21 @@ def _lamport_recv_tile(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_x
     t = c * TB + tl.arange(0, TB)
     t64 = tl.cast(t, tl.int64)
     need = ts_known < 0
-    cnt_ptr = lcnt[RANK] + (buf * W + s) * G + pid
+    BJ: tl.constexpr = jv.shape[0] if DET else 1
+    CW: tl.constexpr = 1 + BJ if DET else 1   # the count, then (DET) the run lengths
+    cnt_ptr = lcnt[RANK] + (buf * W + s) * (G * CW) + pid * CW
     base = (buf * W + s) * M + t64
     MW: tl.constexpr = 3 * K if DET else 2 * K
     mp = lmeta[RANK] + base[:, None] * MW
     rp = lx[RANK] + base[:, None] * H
     bound = tl.where(need, M, ts_known)
     ts, bound, pending = _lamport_poll_meta(cnt_ptr, need, ts_known, bound, mp, t, M, K,
-                                            BLOCK_K, NT, DET)
+                                            BLOCK_K, NT, DET, jv)
     t0 = _now(USE_TIMER, NT)
     spins = tl.full([], 0, tl.int64)
     while (pending > 0) & (dead == 0):
         ts, bound, pending = _lamport_poll_meta(cnt_ptr, need, ts_known, bound, mp, t, M, K,
-                                                BLOCK_K, NT, DET)
+                                                BLOCK_K, NT, DET, jv)
         spins += 1
         if pending > 0:
             if _expired(t0, spins, timeout_ns, USE_TIMER, NT):
@@ -1533,6 +1542,8 @@ def _lamport_recv_tile(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_x
     ids = tl.full([TB, BLOCK_K], -1, tl.int32)
     wb = tl.zeros([TB, BLOCK_K], tl.int32)
     rk = tl.zeros([TB, BLOCK_K], tl.int32)
+    offs_j = tl.arange(0, BJ)
+    runs = tl.zeros([BJ], tl.int32)
     mine = vt & False
     row = tl.zeros([TB, BLOCK_H], lx[RANK].dtype.element_ty)
     if dead == 0:
@@ -1541,6 +1552,8 @@ def _lamport_recv_tile(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_x
         wb = tl.load(mp + K + offs_k[None, :], mask=m2, other=0, volatile=True)
         if DET:
             rk = tl.load(mp + 2 * K + offs_k[None, :], mask=m2, other=0, volatile=True)
+            runs = tl.load(cnt_ptr + 1 + offs_j, mask=(jv.to(tl.int32) * need.to(tl.int32)) > 0,
+                           other=0, volatile=True)
         owner = tl.where(ids >= 0, ids // L, -1)
         mine = vt & (tl.sum((owner == RANK).to(tl.int32), axis=1) > 0)
         row, dead = _poll_rows(rp + offs_h[None, :], mine[:, None] & mh[None, :], dead, s,
@@ -1549,6 +1562,8 @@ def _lamport_recv_tile(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_x
     if dead == 0:
         if need:
             tl.store(cnt_ptr, -2147483648)
+            if DET:
+                tl.store(cnt_ptr + 1 + offs_j, tl.full([BJ], -2147483648, tl.int32), mask=jv)
         tl.store(mp + offs_k[None, :], tl.full([TB, BLOCK_K], -2147483648, tl.int32), mask=m2)
         tl.store(mp + K + offs_k[None, :], tl.full([TB, BLOCK_K], -2147483648, tl.int32),
                  mask=m2)
@@ -1568,11 +1583,12 @@ def _lamport_recv_tile(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_x
                          CAP, BLOCK_H, BLOCK_K)
     else:
         ts = ts * 0
-    return ts, dead
+        runs = runs * 0
+    return ts, dead, runs
 
 
 @triton.jit
-def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt, lvec,
+def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                expert_x, counts, cursor, done, slot_map, wloc, peer_T, buf_ptr,
                                err_dev, err_host_addr, timeout_ns,
                                RANK: tl.constexpr, W: tl.constexpr, G: tl.constexpr,
@@ -1601,12 +1617,12 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt, lvec,
         counts[e]             = n_own[e] + n_peer[e]
 
     Every program reads all own ids once (:func:`_det_own_ids`) and counts against them
-    (:func:`_det_count`): its own tokens' ranks (sent as the meta's third part), ``n_own`` of
-    the peer's tokens it places, and, for its experts ``e = pid + j*G`` of both ranks, the run
-    lengths: the peer's experts' go to ``lvec[peer][buf, RANK, e]``, the own experts' wait
-    for the peer's at the end (polled and reset by this program alone) to write ``counts[e]``.
-    A program with no peer tokens to place and no experts to count waits for nothing but the
-    peer's token count. ``expert_x`` and ``counts`` do not depend on timing."""
+    (:func:`_det_count`): its own tokens' ranks (sent as the meta's third part, after the
+    rows), ``n_own`` of the peer's tokens it places, and, for its experts ``e = pid + j*G`` of
+    both ranks, the run lengths: the peer's experts' follow the token count into
+    ``lcnt[peer][buf, RANK, pid, 1 + j]`` and arrive with it (the count's poll waits for
+    them; no poll of its own); the program then writes ``counts[e]`` for its own experts.
+    ``expert_x`` and ``counts`` do not depend on timing."""
     if PDL:  # nothing is touched before the previous grid finished
         pdl_wait()
         pdl_launch_dependents()
@@ -1616,12 +1632,15 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt, lvec,
     dead = _dead(err_dev, NT)
     offs_w = tl.arange(0, BLOCK_W)
     is_peer = (offs_w < W) & (offs_w != RANK)
+    CW: tl.constexpr = 1 + BLOCK_J if DET else 1   # lcnt: the count (DET: + run lengths)
     for d in tl.static_range(W):
         if d != RANK:
-            tl.store(lcnt[d] + (buf * W + RANK) * G + pid, T)
+            tl.store(lcnt[d] + (buf * W + RANK) * (G * CW) + pid * CW, T)
     own = tl.zeros([1, BLOCK_K], tl.int32)
     ej = pid + tl.arange(0, BLOCK_J) * G   # DET: this program's experts (of both ranks)
+    jv = ej < L
     run_own = tl.zeros([BLOCK_J], tl.int32)
+    run_peer = tl.zeros([BLOCK_J], tl.int32)
     if DET:
         own = _det_own_ids(ids_ptr, T, K, E, BLOCK_K, BLOCK_T)
     n_own = tl.cdiv(T, TB)
@@ -1647,8 +1666,9 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt, lvec,
                                 ej[:, None] + tl.where(offs_2 == 0, RANK, 1 - RANK)[None, :] * L,
                                 -1)
                 runs = _det_count(eids, own, tl.zeros_like(ej) + BLOCK_T)
-                tl.store(lvec[1 - RANK] + (buf * W + RANK) * L + ej,
-                         tl.sum(tl.where(offs_2[None, :] == 1, runs, 0), axis=1), mask=ej < L)
+                tl.store(lcnt[1 - RANK] + (buf * W + RANK) * (G * CW) + pid * CW + 1
+                         + tl.arange(0, BLOCK_J),
+                         tl.sum(tl.where(offs_2[None, :] == 1, runs, 0), axis=1), mask=jv)
                 run_own = tl.sum(tl.where(offs_2[None, :] == 0, runs, 0), axis=1)
         else:
             slot = _claim_slots(ids, vt, cursor, RANK, L, K, BLOCK_K)
@@ -1657,11 +1677,13 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt, lvec,
             if s != RANK:
                 ts = tl.sum(tl.where(offs_w == s, tsv, 0), axis=0)
                 if (dead == 0) & (i >= lag) & ((ts < 0) | (cr * TB < ts)):
-                    ts, dead = _lamport_recv_tile(
+                    ts, dead, runs_in = _lamport_recv_tile(
                         cr, s, ts, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor,
                         slot_map, wloc, err_dev, err_host, timeout_ns, RANK, W, G, M, H,
-                        K, L, CAP, BLOCK_H, BLOCK_K, TB, BITS, USE_TIMER, NT, own, DET)
+                        K, L, CAP, BLOCK_H, BLOCK_K, TB, BITS, USE_TIMER, NT, own, jv, DET)
                     tsv = tl.where(offs_w == s, ts, tsv)
+                    if DET:
+                        run_peer += runs_in
         _place_rows(row, ids, vt, slot, RANK * M + t64, expert_x, slot_map, RANK, H, K, L, CAP,
                     BLOCK_H, BLOCK_K)
         i += 1
@@ -1671,12 +1693,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt, lvec,
     tl.store(peer_T + offs_w, tl.maximum(tsv, 0), mask=is_peer)
     tl.store(buf_ptr + pid, (buf + 1) % NBUF)
     if DET:
-        if (pid < L) & (dead == 0):   # counts of this program's experts
-            vp = lvec[RANK] + (buf * W + 1 - RANK) * L + ej[None, :]
-            run_peer, dead = _poll_rows(vp, (ej < L)[None, :], dead, 1 - RANK, err_dev,
-                                        err_host, timeout_ns, 1, 32, USE_TIMER, NT)
-            tl.store(vp, tl.full([1, BLOCK_J], -2147483648, tl.int32), mask=(ej < L)[None, :])
-            tl.store(counts + ej, run_own + tl.sum(run_peer, axis=0), mask=ej < L)
+        tl.store(counts + ej, run_own + run_peer, mask=jv)
     else:
         _publish_counts(done, cursor, counts, G, L, BLOCK_L, ACQ_REL)
 

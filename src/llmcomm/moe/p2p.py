@@ -20,8 +20,9 @@ sentinel bit pattern, sign bit only; each receiver resets what it consumed)::
     lmeta [NBUF, W, M, 2K] int32  ids, then the fp32 weight bits, of every source token
                                   ([.., 3K] with deterministic_slots: then its ranks)
     lcnt  [NBUF, W, G]     int32  the source's token count, one slot per receiving program
+                                  ([.., G * (1 + J)] with deterministic_slots: then the run
+                                  lengths of that program's J experts)
     lcomb [NBUF, W, M, H]  dtype  weighted partial sums pushed back by each expert rank
-    lvec  [NBUF, W, L]     int32  deterministic_slots only: the source's run length per expert
 
 Local: ``expert_x [L, W*M, H]``, counts, slot cursors, the slot map ``[W, M, K]``, per-program
 epochs (``"flags"``) or buffer indices (``"lamport"``, plus the peers' weights ``wloc [W, M, K]``
@@ -55,6 +56,7 @@ from .loopback import LoopbackGroup
 
 _ALIGN = 256
 NBUF = 3   # "lamport": receive buffers rotated per call (per program), so a reset never races
+LAMPORT_REGIONS = ("lx", "lmeta", "lcnt", "lcomb")   # "lamport": they start as the sentinel
 _OPS = {1: "EPDispatcher.dispatch (p2p)", 2: "EPDispatcher.combine (p2p)"}
 
 
@@ -413,16 +415,16 @@ class P2PBackend(MoEBackend):
                              f"max_tokens_per_rank <= 256 (each program reads every own id), "
                              f"got protocol {protocol!r} at EP={W} with "
                              f"max_tokens_per_rank {M}")
+        # DET: a program counts the runs of experts pid + j * G, j < _det_j (a power of 2)
+        self._det_j = _next_pow2(-(-L // self.G)) if self._det else 0
         dev = cfg.device if not self._sim else torch.device("cpu")
         off = 0
         layout = {}
         if lamport:
             regions = (("lx", (NBUF, W, M, H), cfg.dtype),
                        ("lmeta", (NBUF, W, M, (3 if self._det else 2) * K), torch.int32),
-                       ("lcnt", (NBUF, W, self.G), torch.int32),
+                       ("lcnt", (NBUF, W, self.G * (1 + self._det_j)), torch.int32),
                        ("lcomb", (NBUF, W, M, H), cfg.dtype))
-            if self._det:
-                regions += (("lvec", (NBUF, W, L), torch.int32),)
         else:
             regions = (("recv_x", (W, M, H), cfg.dtype),
                        ("recv_ids", (W, M, K), torch.int32),
@@ -441,7 +443,7 @@ class P2PBackend(MoEBackend):
         for name, (o, shape, dt) in layout.items():
             setattr(self, name, self.ws.region(o, shape, dt))
         if lamport:   # every receive slot starts as the sentinel (sign bit only)
-            for name in self.lamport_regions():
+            for name in LAMPORT_REGIONS:
                 region = getattr(self, name)[cfg.rank]
                 ibits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[region.element_size()]
                 region.view(ibits).fill_(torch.iinfo(ibits).min)
@@ -476,10 +478,6 @@ class P2PBackend(MoEBackend):
         self._compile_only = False   # Loopback only, see _launch
         if not self._sim:
             torch.cuda.synchronize(cfg.device)   # zeroed flags visible before any peer signals
-
-    def lamport_regions(self) -> tuple[str, ...]:
-        """The workspace regions that start as the sentinel (``"lamport"``)."""
-        return ("lx", "lmeta", "lcnt", "lcomb") + (("lvec",) if self._det else ())
 
     def fingerprint(self) -> dict[str, Any]:
         return {"num_programs": self.G, "workspace_bytes": self.ws.nbytes,
@@ -555,12 +553,12 @@ class P2PBackend(MoEBackend):
         if self.protocol == "lamport":
             self._launch(ep_dispatch_lamport_kernel,
                 x, topk_ids, topk_weights, T, self.lx, self.lmeta, self.lcnt,
-                self.lvec if self._det else self.lcnt, self.expert_x, self.counts, self.cursor, self.done, self.slot_map, self.wloc,
+                self.expert_x, self.counts, self.cursor, self.done, self.slot_map, self.wloc,
                 self.peer_T, self.buf_d, self.err_dev, self.err_host.data_ptr(),
                 self.timeout_ns, CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts),
                 ACQ_REL=self._acq_rel_publish, RLAG=self.recv_lag, DET=self._det,
                 BLOCK_T=_next_pow2(c.max_tokens_per_rank) if self._det else 1,
-                BLOCK_J=_next_pow2(-(-c.local_experts // self.G)) if self._det else 1,
+                BLOCK_J=self._det_j or 1,
                 **self._lamport_consts(self.tiles[0]))
             return self.expert_x, self.counts, (topk_ids, topk_weights)
         self._launch(ep_dispatch_kernel,
