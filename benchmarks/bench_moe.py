@@ -68,7 +68,6 @@ SWEEP = {
     # flags whatever M (with --sweep-tokens <= 128 "default" is lamport: protocol="auto")
     "flags": ({"protocol": "flags"}, None),
     # lamport combine without / with the column split of small batches (default 4 at H >= 2048)
-    "lam_det": ({"protocol": "lamport", "deterministic_slots": True}, 128),   # session 12
     "lam_cs1": ({"protocol": "lamport", "combine_split": 1}, None),
     "lam_cs2": ({"protocol": "lamport", "combine_split": 2}, None),
     "lam_cs8": ({"protocol": "lamport", "combine_split": 8}, None),

@@ -34,9 +34,6 @@ CONFIGS = {
     "lamport128": (128, {}),
     "flags128": (128, {"protocol": "flags"}),
     "flags4096": (4096, {"protocol": "flags"}),
-    # A/B candidate: the decode dispatcher with deterministic slots (no slot atomics, no
-    # "last program out"; session 12)
-    "lamportdet128": (128, {"protocol": "lamport", "deterministic_slots": True}),
     # A/B candidate: the combine's push and finish in separate programs (16 warps, one token
     # a step; 2 x SMs // (2 * world) programs a rank, the dispatch keeps its grid), rounds of 8
     "croles4096r8": (4096, {"protocol": "flags", "_combine_roles": True, "round_tokens": 8}),

@@ -73,12 +73,7 @@ P2P_SIM = {"p2p-sim": {"protocol": "flags"},
            # 8 programs: up to 2 tokens per rank take the column-split combine in 4 chunks, 3-4
            # tokens in 2
            "p2p-sim-lamport-cs4": {"protocol": "lamport", "combine_split": 4,
-                                   "num_programs": 8},
-           # deterministic slots (no slot atomics; the order is checked too), 1- and 2-token
-           # dispatch tiles
-           "p2p-sim-lamport-det": {"protocol": "lamport", "deterministic_slots": True},
-           "p2p-sim-lamport-det-t2": {"protocol": "lamport", "deterministic_slots": True,
-                                      "tile_tokens": 2}}
+                                   "num_programs": 8}}
 #: the default protocol="auto" (lamport here: world 2, M <= 128); used by the repeat test only
 P2P_SIM_AUTO = {"p2p-sim-auto": {}}
 
@@ -271,8 +266,7 @@ def _missing_combine_worker(rank, world, tmp, backend):
 @NEEDS_TRITON
 @pytest.mark.parametrize("op, backend", [("dispatch", "p2p-sim"), ("dispatch", "p2p-sim-lamport"),
                                          ("combine", "p2p-sim"), ("combine", "p2p-sim-lamport"),
-                                         ("combine", "p2p-sim-roles"),
-                                         ("dispatch", "p2p-sim-lamport-det")])
+                                         ("combine", "p2p-sim-roles")])
 def test_p2p_sim_missing_peer_times_out(op, backend):
     """A peer missing from the dispatch, or from the combine after a completed dispatch."""
     worker = {"dispatch": _missing_peer_worker, "combine": _missing_combine_worker}[op]
@@ -463,10 +457,7 @@ def _concurrent_worker(rank, world, tmp, E_, kw, G, shift, seed):
     (2, 8, {}, 2, 1),                                             # several iterations/program
     (3, 6, {"tile_tokens": 2, "combine_tile_tokens": 4}, 3, 1),   # W=3
     (2, 8, {"recv_lag": 2}, 2, 1),                                # receives 2 tiles behind
-    (2, 8, {"deterministic_slots": True}, 2, 1),                  # no slot atomics
-    (2, 8, {"deterministic_slots": True, "tile_tokens": 4}, 4, 2),
-], ids=["w2-t4c2-G4s2", "w2-t1-G2s1", "w3-t2c4-G3s1", "w2-lag2-G2s1", "w2-det-G2s1",
-        "w2-det-t4-G4s2"])
+], ids=["w2-t4c2-G4s2", "w2-t1-G2s1", "w3-t2c4-G3s1", "w2-lag2-G2s1"])
 def test_p2p_sim_lamport_concurrent_programs(world, E_, kw, G, shift):
     with tempfile.TemporaryDirectory() as tmp:
         res = run_ranks(_concurrent_worker, world, tmp, E_, {"protocol": "lamport", **kw}, G,

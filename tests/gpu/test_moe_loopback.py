@@ -28,8 +28,6 @@ VARIANTS = {
     "lamport-t4c2": (2, {"protocol": "lamport", "tile_tokens": 4, "combine_tile_tokens": 2}),
     "lamport-shift": (2, {"protocol": "lamport", "tile_tokens": 2, "shift": 20,
                           "num_programs": 48}),
-    # deterministic slots: no slot atomics, expert_x in a fixed order (checked)
-    "lamport-det": (2, {"protocol": "lamport", "deterministic_slots": True}),
 }
 
 pytestmark = [pytest.mark.gpu,
@@ -45,8 +43,8 @@ def _roundtrip(lb, world, E, inputs, dtype, check_rows=True):
     xs, ids, ws = ([t.to("cuda") for t in col] for col in zip(*inputs))
     outs = lb.dispatch(xs, ids, ws)
     lb.check_errors()
-    n = sum(check_dispatch(r, world, E, inputs, o[0], o[1], own_first=lb.backends[r]._det)
-            for r, o in enumerate(outs)) if check_rows else -1
+    n = sum(check_dispatch(r, world, E, inputs, o[0], o[1]) for r, o in enumerate(outs)) \
+        if check_rows else -1
     expert_out = [run_experts(r, E, world, o[0], o[1]) for r, o in enumerate(outs)]
     ys = lb.combine(expert_out, outs, [x.shape[0] for x in xs])
     lb.check_errors()
@@ -145,7 +143,7 @@ def _graph_worker(rank, world_size, name):
 
 
 @pytest.mark.parametrize("name", ["flags", "flags-g8", "flags-g8-roles", "lamport",
-                                  "lamport-t4c2", "lamport-det"])
+                                  "lamport-t4c2"])
 def test_loopback_cuda_graph_replays_fresh_inputs(name):
     (errs,) = run_ranks(_graph_worker, 1, name, timeout=400)
     assert len(errs) == 7 * VARIANTS[name][0] and max(errs) < 2.5e-2
@@ -169,7 +167,7 @@ def _missing_worker(rank, world_size, name):
     return None
 
 
-@pytest.mark.parametrize("name", ["flags", "lamport", "lamport-det"])
+@pytest.mark.parametrize("name", ["flags", "lamport"])
 def test_loopback_missing_rank_times_out_naming_it(name):
     (res,) = run_ranks(_missing_worker, 1, name, timeout=300)
     assert res is not None, "rank 0 did not raise CollectiveTimeoutError"

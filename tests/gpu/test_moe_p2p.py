@@ -32,8 +32,6 @@ P2P_VARIANTS = {
     "p2p-lamport-t4c2": {"protocol": "lamport", "tile_tokens": 4, "combine_tile_tokens": 2},
     "p2p-lamport-t2-w16-shift20": {"protocol": "lamport", "tile_tokens": 2, "num_warps": 16,
                                    "shift": 20},
-    # deterministic slots: no slot atomics, expert_x in a fixed order (checked)
-    "p2p-lamport-det": {"protocol": "lamport", "deterministic_slots": True},
 }
 LAMPORT = [n for n in P2P_VARIANTS if "lamport" in n]
 

@@ -38,8 +38,7 @@ _TYPES = {
 }
 _MOE = dict(RANK=0, W=W, G=128, H=7168, K=8, L=128, E=256, BLOCK_H=8192, BLOCK_K=8,
             BLOCK_L=128, BLOCK_W=2, TB=1, USE_TIMER=True, PDL=False, NT=512, NOWAIT=False,
-            ROWS1D=True, CLAIM_RB=0, PAIR2=True, RT=False, DET=False, BLOCK_T=1,
-            BLOCK_J=1)
+            ROWS1D=True, CLAIM_RB=0, PAIR2=True, RT=False)
 _AR = dict(RANK=1, W=W, NORM=True, FP8=False, BLOCK=8192, PDL=True, NT=512)
 
 #: (module, kernel, constexprs, num_warps): the launchers' defaults at hidden 7168, EP/TP = 2
@@ -79,10 +78,6 @@ CASES = {
     "moe-lamport-dispatch-t2": ("moe", "ep_dispatch_lamport_kernel",
                                 dict(_MOE, M=128, CAP=256, BITS=16, NBUF=3, SHIFT=64, TB=2,
                                      ACQ_REL=True, RLAG=0), 16),
-    "moe-lamport-dispatch-det": ("moe", "ep_dispatch_lamport_kernel",
-                                 dict(_MOE, M=128, CAP=256, BITS=16, NBUF=3, SHIFT=0,
-                                      ACQ_REL=False, RLAG=0, DET=True, BLOCK_T=128,
-                                      BLOCK_J=2), 16),
     "moe-lamport-dispatch-lag2": ("moe", "ep_dispatch_lamport_kernel",
                                   dict(_MOE, M=4096, CAP=8192, BITS=16, NBUF=3, SHIFT=0,
                                        ACQ_REL=False, RLAG=2), 16),

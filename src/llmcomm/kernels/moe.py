@@ -116,10 +116,6 @@ finished in one step, see :func:`_lamport_split_combine`; otherwise whole rows):
     rows with at least one local expert), then finish own tile ``q + (i-1)*G``: own partial
     (fp32), poll + reset each peer's partial, sum in fixed rank order, store ``y``.
 A missing peer leaves its slots at the sentinel: the poll's deadline writes the error record.
-``DET`` (``P2PBackend(deterministic_slots=True)``, two ranks, decode sizes): the dispatch takes
-no slot atomic and has no "last program out"; every slot follows from the ids (the peer's run
-first, then the own run, each in token order; :func:`ep_dispatch_lamport_kernel` states it as
-reference code), so ``expert_x`` is the same for the same inputs on every run.
 
 Switchable variants (``tl.constexpr``; see :class:`llmcomm.moe.p2p.P2PBackend` for defaults;
 ``POSTED`` is ``"flags"`` only, ``PDL`` applies to both protocols):
@@ -1275,18 +1271,16 @@ def _combine_run(q, j0, jend, KIND: tl.constexpr, PAIR: tl.constexpr, G: tl.cons
                  M: tl.constexpr, H: tl.constexpr, K: tl.constexpr, L: tl.constexpr,
                  E: tl.constexpr, BLOCK_H: tl.constexpr):
     """Tokens ``q + j*G`` for ``j0 <= j < jend``, all of kind ``KIND`` (0: the peer's, pushed;
-    1: own, finished), ``PAIR`` (1 or 2) a step (:func:`_combine_two_tokens`; one token: its
-    two halves, :func:`_ctok_partial` and :func:`_ctok_store`, with no second token's loads)."""
+    1: own, finished), ``PAIR`` (1 or 2) a step, each step a :func:`_combine_two_tokens` (with
+    ``PAIR == 1`` its second token is masked off: only its scalar slot / weight loads remain).
+    Session 12 (loopback, 4096 tokens, 33 programs a role): 387 us with that step, 501 us with
+    the one-token halves (:func:`_ctok_partial` then :func:`_ctok_store`) and no register cap
+    (see ``P2PBackend._roles_consts``) -- keep the measured form."""
     for j in range(j0, jend, PAIR):
-        t = tl.cast(q + j * G, tl.int64)
-        if PAIR == 1:
-            acc, flag = _ctok_partial(t, j < jend, KIND, expert_out, ids_ptr, w_ptr, recv_w,
-                                      slot_map, RANK, M, H, K, L, E, BLOCK_H)
-            _ctok_store(acc, flag, t, j < jend, KIND, y_ptr, comb, RANK, M, H, BLOCK_H)
-        else:
-            _combine_two_tokens(t, j < jend, tl.cast(q + (j + 1) * G, tl.int64), j + 1 < jend,
-                                KIND, KIND, expert_out, ids_ptr, w_ptr, y_ptr, recv_w, comb,
-                                slot_map, RANK, M, H, K, L, E, BLOCK_H)
+        _combine_two_tokens(tl.cast(q + j * G, tl.int64), j < jend,
+                            tl.cast(q + (j + 1) * G, tl.int64), (j + 1 < jend) & (PAIR == 2),
+                            KIND, KIND, expert_out, ids_ptr, w_ptr, y_ptr, recv_w, comb,
+                            slot_map, RANK, M, H, K, L, E, BLOCK_H)
 
 
 @triton.jit
@@ -1386,43 +1380,13 @@ def _sent_like(v, BITS: tl.constexpr):
 
 
 @triton.jit
-def _det_own_ids(ids_ptr, T, K: tl.constexpr, E: tl.constexpr, BLOCK_K: tl.constexpr,
-                 BLOCK_T: tl.constexpr):
-    """``DET``: every own token's expert ids, [BLOCK_T, BLOCK_K] int32 (``T <= BLOCK_T``);
-    -2 where there is none (never equal to an id, -1 included)."""
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_k = tl.arange(0, BLOCK_K)
-    m2 = (offs_t < T)[:, None] & (offs_k < K)[None, :]
-    a = tl.load(ids_ptr + offs_t[:, None] * K + offs_k[None, :], mask=m2, other=-2
-                ).to(tl.int32)
-    return tl.where(m2 & (a >= 0) & (a < E), a, -2)
-
-
-@triton.jit
-def _det_count(ids, own, lim):
-    """``DET``: for every id of ``ids`` [R, C], how many own tokens ``t' < lim[r]`` route to
-    it, each token counted once (``own`` from :func:`_det_own_ids`)::
-
-        count[r, c] = sum(ids[r, c] in own[t'] for t' < lim[r])
-
-    An own token's rank in an expert's run (``lim`` = the token) or that run's length
-    (``lim`` >= ``T``). [R, C] int32."""
-    BT: tl.constexpr = own.shape[0]
-    hit = tl.max((own[None, None, :, :] == ids[:, :, None, None]).to(tl.int32), axis=3)
-    offs_t = tl.arange(0, BT)
-    return tl.sum(tl.where(offs_t[None, None, :] < lim[:, None, None], hit, 0), axis=2)
-
-
-@triton.jit
 def _lamport_send_tile(c, x_ptr, ids_ptr, w_ptr, T, buf, lx, lmeta, RANK: tl.constexpr,
                        W: tl.constexpr, M: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
                        L: tl.constexpr, E: tl.constexpr, BLOCK_H: tl.constexpr,
-                       BLOCK_K: tl.constexpr, TB: tl.constexpr, own, DET: tl.constexpr = False):
+                       BLOCK_K: tl.constexpr, TB: tl.constexpr):
     """Own tokens ``[c*TB, c*TB+TB)`` (none when ``c*TB >= T``): meta to every peer, the row to
     peers owning one of its experts (``-0.0`` sent as ``+0.0``). Returns ``(row, ids, vt,
-    t64, before)`` for the local copies, which the caller makes later; ``before`` (``DET``
-    only, else unused zeros: each token's rank in its experts' runs, :func:`_det_count` over
-    ``own``) is sent as the meta's third part."""
+    t64)`` for the local copies, which the caller makes later."""
     offs_h = tl.arange(0, BLOCK_H)
     mh = offs_h < H
     offs_k = tl.arange(0, BLOCK_K)
@@ -1434,29 +1398,20 @@ def _lamport_send_tile(c, x_ptr, ids_ptr, w_ptr, T, buf, lx, lmeta, RANK: tl.con
     wbits = tl.where(w == 0, 0.0, w).to(tl.int32, bitcast=True)
     rowc = tl.where(row == 0, tl.zeros_like(row), row)
     base = (buf * W + RANK) * M + t64
-    MW: tl.constexpr = 3 * K if DET else 2 * K
     for d in tl.static_range(W):
         if d != RANK:
-            mp = lmeta[d] + base[:, None] * MW + offs_k[None, :]
+            mp = lmeta[d] + base[:, None] * (2 * K) + offs_k[None, :]
             tl.store(mp, ids, mask=m2)
             tl.store(mp + K, wbits, mask=m2)
             to_d = vt & (tl.sum((owner == d).to(tl.int32), axis=1) > 0)
             tl.store(lx[d] + base[:, None] * H + offs_h[None, :], rowc,
                      mask=to_d[:, None] & mh[None, :])
-    before = tl.zeros([TB, BLOCK_K], tl.int32)
-    if DET:   # after the rows: they are on the wire while the ranks are counted
-        before = _det_count(ids, own, t)
-        for d in tl.static_range(W):
-            if d != RANK:
-                tl.store(lmeta[d] + base[:, None] * MW + 2 * K + offs_k[None, :], before,
-                         mask=m2)
-    return row, ids, vt, t64, before
+    return row, ids, vt, t64
 
 
 @triton.jit
 def _lamport_poll_meta(cnt_ptr, need, ts_known, bound, mp, t, M: tl.constexpr,
-                       K: tl.constexpr, BLOCK_K: tl.constexpr, NT: tl.constexpr,
-                       DET: tl.constexpr = False, jv=None):
+                       K: tl.constexpr, BLOCK_K: tl.constexpr, NT: tl.constexpr):
     """One poll round of a received tile's count (when ``need``) and meta (tokens ``t < bound``).
 
     Returns (count, next bound, pending), all uniform over the program. Only the *decision* is
@@ -1476,14 +1431,8 @@ def _lamport_poll_meta(cnt_ptr, need, ts_known, bound, mp, t, M: tl.constexpr,
     ts = tl.where(need, c_raw, ts_known)
     nbound = tl.where(cnt_pend, M, ts)   # bound >= every later bound
     m2 = (t < nbound)[:, None] & mk[None, :]
-    sent = (ids == -2147483648) | (wb == -2147483648)
-    if DET:   # the ranks too (the meta's third part), and with the count the run lengths
-        rk = tl.load(mp + 2 * K + offs_k[None, :], mask=ml, other=0, volatile=True)
-        sent = sent | (rk == -2147483648)
-        mj = (jv.to(tl.int32) * need.to(tl.int32)) > 0   # (a vector mask, also interpreted)
-        rv = tl.load(cnt_ptr + 1 + tl.arange(0, jv.shape[0]), mask=mj, other=0, volatile=True)
-        cnt_pend = cnt_pend | (tl.sum((mj & (rv == -2147483648)).to(tl.int32), axis=0) > 0)
-    meta_pend = tl.sum(tl.sum((m2 & sent).to(tl.int32), axis=1), axis=0)
+    meta_pend = tl.sum(tl.sum((m2 & ((ids == -2147483648) | (wb == -2147483648))).to(tl.int32),
+                              axis=1), axis=0)
     pending = uniform(cnt_pend.to(tl.int32) + meta_pend, NT)
     return ts, nbound, pending
 
@@ -1494,15 +1443,10 @@ def _lamport_recv_tile(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_x
                        W: tl.constexpr, G: tl.constexpr, M: tl.constexpr, H: tl.constexpr,
                        K: tl.constexpr, L: tl.constexpr, CAP: tl.constexpr,
                        BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, TB: tl.constexpr,
-                       BITS: tl.constexpr, USE_TIMER: tl.constexpr, NT: tl.constexpr,
-                       own, jv, DET: tl.constexpr = False):
+                       BITS: tl.constexpr, USE_TIMER: tl.constexpr, NT: tl.constexpr):
     """Tokens ``[c*TB, c*TB+TB)`` of source ``s``: wait until they landed (deadline), reset the
     slots to the sentinel, expand into local experts. ``ts_known < 0``: the source's token
-    count is not known yet and is polled (and reset) too. Returns (count, dead, runs). ``DET``
-    (two ranks): no slot atomic; a slot is the length of the own run in that expert
-    (:func:`_det_count` over ``own``) plus the rank the source sent; with the count come the
-    source's run lengths of this program's experts (``runs`` [BLOCK_J], valid where ``jv``;
-    zeros when the count was known or without ``DET``).
+    count is not known yet and is polled (and reset) too. Returns (count, dead).
 
     1. poll count + meta until (uniformly) nothing is the sentinel; 2. barrier, re-read the meta
     (every copy now sees the landed values: a later read after a barrier cannot return an older
@@ -1515,21 +1459,18 @@ def _lamport_recv_tile(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_x
     t = c * TB + tl.arange(0, TB)
     t64 = tl.cast(t, tl.int64)
     need = ts_known < 0
-    BJ: tl.constexpr = jv.shape[0] if DET else 1
-    CW: tl.constexpr = 1 + BJ if DET else 1   # the count, then (DET) the run lengths
-    cnt_ptr = lcnt[RANK] + (buf * W + s) * (G * CW) + pid * CW
+    cnt_ptr = lcnt[RANK] + (buf * W + s) * G + pid
     base = (buf * W + s) * M + t64
-    MW: tl.constexpr = 3 * K if DET else 2 * K
-    mp = lmeta[RANK] + base[:, None] * MW
+    mp = lmeta[RANK] + base[:, None] * (2 * K)
     rp = lx[RANK] + base[:, None] * H
     bound = tl.where(need, M, ts_known)
     ts, bound, pending = _lamport_poll_meta(cnt_ptr, need, ts_known, bound, mp, t, M, K,
-                                            BLOCK_K, NT, DET, jv)
+                                            BLOCK_K, NT)
     t0 = _now(USE_TIMER, NT)
     spins = tl.full([], 0, tl.int64)
     while (pending > 0) & (dead == 0):
         ts, bound, pending = _lamport_poll_meta(cnt_ptr, need, ts_known, bound, mp, t, M, K,
-                                                BLOCK_K, NT, DET, jv)
+                                                BLOCK_K, NT)
         spins += 1
         if pending > 0:
             if _expired(t0, spins, timeout_ns, USE_TIMER, NT):
@@ -1541,19 +1482,12 @@ def _lamport_recv_tile(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_x
     m2 = vt[:, None] & mk[None, :]
     ids = tl.full([TB, BLOCK_K], -1, tl.int32)
     wb = tl.zeros([TB, BLOCK_K], tl.int32)
-    rk = tl.zeros([TB, BLOCK_K], tl.int32)
-    offs_j = tl.arange(0, BJ)
-    runs = tl.zeros([BJ], tl.int32)
     mine = vt & False
     row = tl.zeros([TB, BLOCK_H], lx[RANK].dtype.element_ty)
     if dead == 0:
         tl.debug_barrier()   # every sample the decision came from precedes the re-read
         ids = tl.load(mp + offs_k[None, :], mask=m2, other=-1, volatile=True)
         wb = tl.load(mp + K + offs_k[None, :], mask=m2, other=0, volatile=True)
-        if DET:
-            rk = tl.load(mp + 2 * K + offs_k[None, :], mask=m2, other=0, volatile=True)
-            runs = tl.load(cnt_ptr + 1 + offs_j, mask=(jv.to(tl.int32) * need.to(tl.int32)) > 0,
-                           other=0, volatile=True)
         owner = tl.where(ids >= 0, ids // L, -1)
         mine = vt & (tl.sum((owner == RANK).to(tl.int32), axis=1) > 0)
         row, dead = _poll_rows(rp + offs_h[None, :], mine[:, None] & mh[None, :], dead, s,
@@ -1562,29 +1496,18 @@ def _lamport_recv_tile(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_x
     if dead == 0:
         if need:
             tl.store(cnt_ptr, -2147483648)
-            if DET:
-                tl.store(cnt_ptr + 1 + offs_j, tl.full([BJ], -2147483648, tl.int32), mask=jv)
         tl.store(mp + offs_k[None, :], tl.full([TB, BLOCK_K], -2147483648, tl.int32), mask=m2)
         tl.store(mp + K + offs_k[None, :], tl.full([TB, BLOCK_K], -2147483648, tl.int32),
                  mask=m2)
-        if DET:
-            tl.store(mp + 2 * K + offs_k[None, :],
-                     tl.full([TB, BLOCK_K], -2147483648, tl.int32), mask=m2)
         tl.store(rp + offs_h[None, :], _sent_like(row, BITS),
                  mask=mine[:, None] & mh[None, :])
         tl.store(wloc + (s * M + t64)[:, None] * K + offs_k[None, :],
                  wb.to(tl.float32, bitcast=True), mask=m2)
-        if DET:
-            rk += _det_count(ids, own, tl.zeros_like(t) + M)
-            _place_rows(row, ids, vt, rk, s * M + t64, expert_x, slot_map, RANK, H, K, L, CAP,
-                        BLOCK_H, BLOCK_K)
-        else:
-            _expand_tile(row, ids, vt, s, t64, expert_x, cursor, slot_map, RANK, M, H, K, L,
-                         CAP, BLOCK_H, BLOCK_K)
+        _expand_tile(row, ids, vt, s, t64, expert_x, cursor, slot_map, RANK, M, H, K, L, CAP,
+                     BLOCK_H, BLOCK_K)
     else:
         ts = ts * 0
-        runs = runs * 0
-    return ts, dead, runs
+    return ts, dead
 
 
 @triton.jit
@@ -1599,30 +1522,13 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                BITS: tl.constexpr, NBUF: tl.constexpr, SHIFT: tl.constexpr,
                                USE_TIMER: tl.constexpr, PDL: tl.constexpr = False,
                                NT: tl.constexpr = 256, ACQ_REL: tl.constexpr = False,
-                               RLAG: tl.constexpr = 0, DET: tl.constexpr = False,
-                               BLOCK_T: tl.constexpr = 1, BLOCK_J: tl.constexpr = 1):
+                               RLAG: tl.constexpr = 0):
     """Lamport dispatch; see the module docstring. Tiles of ``TB`` tokens; program ``p`` sends
     own tiles ``p, p+G, ...`` and receives tiles ``q, q+G, ...`` (``q = (p + SHIFT) mod G``)
     of every peer, the own tile's rows copied after each receive. ``RLAG`` (``recv_lag``;
     programs with more than one own tile only): iteration ``i`` receives the peers' tile of
     iteration ``i - RLAG``, sent long enough ago to have landed, instead of the one the peer is
-    sending at the same time (large batches; untimed, session 7).
-
-    ``DET`` (deterministic slots, two ranks, ``BLOCK_T >= M``, ``BLOCK_J >= ceil(L / G)``):
-    no slot atomics and no "last program out". Every local expert's rows are the own run (own
-    tokens in token order), then the peer's run (in token order)::
-
-        slot(own token t, e)  = #{own t' < t routed to e}
-        slot(peer token t, e) = n_own[e] + #{peer t' < t routed to e}   # the latter sent
-        counts[e]             = n_own[e] + n_peer[e]
-
-    Every program reads all own ids once (:func:`_det_own_ids`) and counts against them
-    (:func:`_det_count`): its own tokens' ranks (sent as the meta's third part, after the
-    rows), ``n_own`` of the peer's tokens it places, and, for its experts ``e = pid + j*G`` of
-    both ranks, the run lengths: the peer's experts' follow the token count into
-    ``lcnt[peer][buf, RANK, pid, 1 + j]`` and arrive with it (the count's poll waits for
-    them; no poll of its own); the program then writes ``counts[e]`` for its own experts.
-    ``expert_x`` and ``counts`` do not depend on timing."""
+    sending at the same time (large batches; untimed, session 7)."""
     if PDL:  # nothing is touched before the previous grid finished
         pdl_wait()
         pdl_launch_dependents()
@@ -1632,17 +1538,9 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
     dead = _dead(err_dev, NT)
     offs_w = tl.arange(0, BLOCK_W)
     is_peer = (offs_w < W) & (offs_w != RANK)
-    CW: tl.constexpr = 1 + BLOCK_J if DET else 1   # lcnt: the count (DET: + run lengths)
     for d in tl.static_range(W):
         if d != RANK:
-            tl.store(lcnt[d] + (buf * W + RANK) * (G * CW) + pid * CW, T)
-    own = tl.zeros([1, BLOCK_K], tl.int32)
-    ej = pid + tl.arange(0, BLOCK_J) * G   # DET: this program's experts (of both ranks)
-    jv = ej < L
-    run_own = tl.zeros([BLOCK_J], tl.int32)
-    run_peer = tl.zeros([BLOCK_J], tl.int32)
-    if DET:
-        own = _det_own_ids(ids_ptr, T, K, E, BLOCK_K, BLOCK_T)
+            tl.store(lcnt[d] + (buf * W + RANK) * G + pid, T)
     n_own = tl.cdiv(T, TB)
     tsv = tl.full([BLOCK_W], -1, tl.int32)       # peers' token counts, -1 = not known yet
     rbase = (pid + SHIFT) % G                    # received tiles: rbase, rbase + G, ...
@@ -1656,34 +1554,20 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
         # The receive is of the peers' tile i (not i - 1): with the decode grid (G >= tiles)
         # a program has one tile, and nothing is carried across iterations (triton 3.6 fails
         # to compile a loop-carried [TB, BLOCK_H] row here: RemoveLayoutConversions)
-        row, ids, vt, t64, slot = _lamport_send_tile(pid + i * G, x_ptr, ids_ptr, w_ptr, T,
-                                                     buf, lx, lmeta, RANK, W, M, H, K, L, E,
-                                                     BLOCK_H, BLOCK_K, TB, own, DET)
-        if DET:
-            if i == 0:   # the run lengths of this program's experts, the peer's sent
-                offs_2 = tl.arange(0, 2)
-                eids = tl.where((ej < L)[:, None],
-                                ej[:, None] + tl.where(offs_2 == 0, RANK, 1 - RANK)[None, :] * L,
-                                -1)
-                runs = _det_count(eids, own, tl.zeros_like(ej) + BLOCK_T)
-                tl.store(lcnt[1 - RANK] + (buf * W + RANK) * (G * CW) + pid * CW + 1
-                         + tl.arange(0, BLOCK_J),
-                         tl.sum(tl.where(offs_2[None, :] == 1, runs, 0), axis=1), mask=jv)
-                run_own = tl.sum(tl.where(offs_2[None, :] == 0, runs, 0), axis=1)
-        else:
-            slot = _claim_slots(ids, vt, cursor, RANK, L, K, BLOCK_K)
+        row, ids, vt, t64 = _lamport_send_tile(pid + i * G, x_ptr, ids_ptr, w_ptr, T, buf, lx,
+                                               lmeta, RANK, W, M, H, K, L, E, BLOCK_H, BLOCK_K,
+                                               TB)
+        slot = _claim_slots(ids, vt, cursor, RANK, L, K, BLOCK_K)
         cr = rbase + (i - lag) * G
         for s in tl.static_range(W):
             if s != RANK:
                 ts = tl.sum(tl.where(offs_w == s, tsv, 0), axis=0)
                 if (dead == 0) & (i >= lag) & ((ts < 0) | (cr * TB < ts)):
-                    ts, dead, runs_in = _lamport_recv_tile(
+                    ts, dead = _lamport_recv_tile(
                         cr, s, ts, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor,
                         slot_map, wloc, err_dev, err_host, timeout_ns, RANK, W, G, M, H,
-                        K, L, CAP, BLOCK_H, BLOCK_K, TB, BITS, USE_TIMER, NT, own, jv, DET)
+                        K, L, CAP, BLOCK_H, BLOCK_K, TB, BITS, USE_TIMER, NT)
                     tsv = tl.where(offs_w == s, ts, tsv)
-                    if DET:
-                        run_peer += runs_in
         _place_rows(row, ids, vt, slot, RANK * M + t64, expert_x, slot_map, RANK, H, K, L, CAP,
                     BLOCK_H, BLOCK_K)
         i += 1
@@ -1692,10 +1576,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
         more = (pid + i * G < n_own) | want_recv
     tl.store(peer_T + offs_w, tl.maximum(tsv, 0), mask=is_peer)
     tl.store(buf_ptr + pid, (buf + 1) % NBUF)
-    if DET:
-        tl.store(counts + ej, run_own + run_peer, mask=jv)
-    else:
-        _publish_counts(done, cursor, counts, G, L, BLOCK_L, ACQ_REL)
+    _publish_counts(done, cursor, counts, G, L, BLOCK_L, ACQ_REL)
 
 
 @triton.jit

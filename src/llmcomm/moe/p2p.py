@@ -18,10 +18,7 @@ sentinel bit pattern, sign bit only; each receiver resets what it consumed)::
 
     lx    [NBUF, W, M, H]  dtype  rows pushed by each source rank
     lmeta [NBUF, W, M, 2K] int32  ids, then the fp32 weight bits, of every source token
-                                  ([.., 3K] with deterministic_slots: then its ranks)
     lcnt  [NBUF, W, G]     int32  the source's token count, one slot per receiving program
-                                  ([.., G * (1 + J)] with deterministic_slots: then the run
-                                  lengths of that program's J experts)
     lcomb [NBUF, W, M, H]  dtype  weighted partial sums pushed back by each expert rank
 
 Local: ``expert_x [L, W*M, H]``, counts, slot cursors, the slot map ``[W, M, K]``, per-program
@@ -155,8 +152,7 @@ class P2PBackend(MoEBackend):
                  _rows_1d: bool = True, _claim_rounds: bool = True,
                  _pair_alone: bool = True, _runtime_rounds: bool = False,
                  _combine_roles: bool = False, _roles_warps: int = 16,
-                 _roles_pair: int = 1, _roles_programs: int | None = None,
-                 deterministic_slots: bool | None = None) -> None:
+                 _roles_pair: int = 1, _roles_programs: int | None = None) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -229,11 +225,6 @@ class P2PBackend(MoEBackend):
                 (``RLAG``), so that it polls rows that have landed instead of rows the peer is
                 sending at that moment. Default 0 (the receive of the same iteration); written
                 for large batches and not timed yet (docs/moe.md, session 7).
-            deterministic_slots: ``"lamport"`` at EP=2 with ``max_tokens_per_rank <= 256``
-                only: the dispatch takes no slot atomics and has no "last program out";
-                ``expert_x[e]`` holds the own tokens in token order, then the peer's tokens in
-                token order, the same for the same inputs on every run (``DET`` in
-                :mod:`llmcomm.kernels.moe`). Default off (session 12: an A/B candidate).
         """
         super().__init__(group, cfg)
         self._sim = simulate_dir is not None
@@ -409,21 +400,13 @@ class P2PBackend(MoEBackend):
         self._chunk_c = self.round_tokens if rounds_given or lamport else _round_tokens(
             M, self._Gc)
         self.shift = shift                   # None for "flags"
-        self._det = bool(deterministic_slots)
-        if self._det and (not lamport or W != 2 or M > 256):
-            raise ValueError(f"deterministic_slots needs protocol='lamport' at EP=2 with "
-                             f"max_tokens_per_rank <= 256 (each program reads every own id), "
-                             f"got protocol {protocol!r} at EP={W} with "
-                             f"max_tokens_per_rank {M}")
-        # DET: a program counts the runs of experts pid + j * G, j < _det_j (a power of 2)
-        self._det_j = _next_pow2(-(-L // self.G)) if self._det else 0
         dev = cfg.device if not self._sim else torch.device("cpu")
         off = 0
         layout = {}
         if lamport:
             regions = (("lx", (NBUF, W, M, H), cfg.dtype),
-                       ("lmeta", (NBUF, W, M, (3 if self._det else 2) * K), torch.int32),
-                       ("lcnt", (NBUF, W, self.G * (1 + self._det_j)), torch.int32),
+                       ("lmeta", (NBUF, W, M, 2 * K), torch.int32),
+                       ("lcnt", (NBUF, W, self.G), torch.int32),
                        ("lcomb", (NBUF, W, M, H), cfg.dtype))
         else:
             regions = (("recv_x", (W, M, H), cfg.dtype),
@@ -491,7 +474,6 @@ class P2PBackend(MoEBackend):
                 "fuse_combine": self._fuse_combine, "combine_chunks": self._combine_chunks,
                 "acq_rel_publish": self._acq_rel_publish, "combine_roles": self._roles,
                 "combine_roles_programs": self._Gc if self._roles else None,
-                "deterministic_slots": self._det,
                 **{k.lower(): v for k, v in self.variants.items()}}
 
     def _consts(self) -> dict[str, Any]:
@@ -505,10 +487,10 @@ class P2PBackend(MoEBackend):
                     NT=32 * self.num_warps, **self.variants, **extra)
 
     def _roles_consts(self) -> dict[str, Any]:
-        """:meth:`_consts` for the combine with roles: its warps, at most 128 registers (at 16
-        warps the block size alone bounds them; an explicit cap there made ptxas spill: 128
-        registers and 12 bytes of spills vs 117 and none, triton 3.6, sm_90a)."""
-        extra = {} if self._sim or self._roles_warps >= 16 else {"maxnreg": 128}
+        """:meth:`_consts` for the combine with roles: its warps, at most 128 registers (the
+        measured configuration, session 11; at 16 warps ptxas then spills 12 bytes, triton 3.6,
+        sm_90a, and without the cap uses 117 registers and no spills)."""
+        extra = {} if self._sim else {"maxnreg": 128}
         return {**self._consts(), "G": self._Gc, "CHUNK": self._chunk_c,
                 "num_warps": self._roles_warps, "NT": 32 * self._roles_warps,
                 "PAIR": self._roles_pair, **extra}
@@ -556,9 +538,7 @@ class P2PBackend(MoEBackend):
                 self.expert_x, self.counts, self.cursor, self.done, self.slot_map, self.wloc,
                 self.peer_T, self.buf_d, self.err_dev, self.err_host.data_ptr(),
                 self.timeout_ns, CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts),
-                ACQ_REL=self._acq_rel_publish, RLAG=self.recv_lag, DET=self._det,
-                BLOCK_T=_next_pow2(c.max_tokens_per_rank) if self._det else 1,
-                BLOCK_J=self._det_j or 1,
+                ACQ_REL=self._acq_rel_publish, RLAG=self.recv_lag,
                 **self._lamport_consts(self.tiles[0]))
             return self.expert_x, self.counts, (topk_ids, topk_weights)
         self._launch(ep_dispatch_kernel,
