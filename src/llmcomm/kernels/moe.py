@@ -1273,9 +1273,10 @@ def _combine_run(q, j0, jend, KIND: tl.constexpr, PAIR: tl.constexpr, G: tl.cons
     """Tokens ``q + j*G`` for ``j0 <= j < jend``, all of kind ``KIND`` (0: the peer's, pushed;
     1: own, finished), ``PAIR`` (1 or 2) a step, each step a :func:`_combine_two_tokens` (with
     ``PAIR == 1`` its second token is masked off: only its scalar slot / weight loads remain).
-    Session 12 (loopback, 4096 tokens, 33 programs a role): 387 us with that step, 501 us with
-    the one-token halves (:func:`_ctok_partial` then :func:`_ctok_store`) and no register cap
-    (see ``P2PBackend._roles_consts``) -- keep the measured form."""
+    Session 12 (loopback, 4096 tokens, 33 programs a role): 387-388 us in this form under
+    the 128-register cap (``P2PBackend._roles_consts``), 389-390 with the one-token halves
+    (:func:`_ctok_partial` then :func:`_ctok_store`) under the cap, 469 with this step and no
+    cap, 501 with neither: the cap is what matters; this is the form session 11 measured."""
     for j in range(j0, jend, PAIR):
         _combine_two_tokens(tl.cast(q + j * G, tl.int64), j < jend,
                             tl.cast(q + (j + 1) * G, tl.int64), (j + 1 < jend) & (PAIR == 2),

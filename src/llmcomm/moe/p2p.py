@@ -487,9 +487,10 @@ class P2PBackend(MoEBackend):
                     NT=32 * self.num_warps, **self.variants, **extra)
 
     def _roles_consts(self) -> dict[str, Any]:
-        """:meth:`_consts` for the combine with roles: its warps, at most 128 registers (the
-        measured configuration, session 11; at 16 warps ptxas then spills 12 bytes, triton 3.6,
-        sm_90a, and without the cap uses 117 registers and no spills)."""
+        """:meth:`_consts` for the combine with roles: its warps, at most 128 registers. Keep
+        the cap at 16 warps too: without it ptxas takes 117 registers and spills nothing
+        (with it 128 and 12 bytes of spills; triton 3.6, sm_90a), yet the combine is slower:
+        469-501 vs 387-390 us at 4096 tokens in loopback (session 12, docs/moe.md)."""
         extra = {} if self._sim else {"maxnreg": 128}
         return {**self._consts(), "G": self._Gc, "CHUNK": self._chunk_c,
                 "num_warps": self._roles_warps, "NT": 32 * self._roles_warps,
