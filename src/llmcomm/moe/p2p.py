@@ -384,10 +384,11 @@ class P2PBackend(MoEBackend):
                              "default rounds: leave round_tokens and first_round_tokens unset")
         # A/B only: the combine's push and finish in separate programs, a grid of 2 Gc at
         # _roles_warps warps (128 registers at most), _roles_pair tokens a step
-        # (ep_combine_roles_kernel in llmcomm.kernels.moe; session 11: at par with the default
-        # in loopback at 16 warps and one token a step, untimed on 2 GPUs; its grid is 2 Gc,
-        # Gc <= G so that all of it fits the SMs, above). The dispatch's counterpart (slower
-        # in loopback) is on branch wip/s11-roles.
+        # (ep_combine_roles_kernel in llmcomm.kernels.moe; sessions 11-12: at par with the
+        # default in loopback at 16 warps and one token a step, with the register cap only --
+        # see _roles_consts; untimed on 2 GPUs; its grid is 2 Gc, Gc <= G so that all of it
+        # fits the SMs, above). The dispatch's counterpart (slower in loopback) is on branch
+        # wip/s11-roles.
         self._roles = bool(_combine_roles)
         if self._roles and (lamport or W != 2):
             raise ValueError(f"_combine_roles needs protocol='flags' at EP=2, got protocol "
