@@ -48,8 +48,7 @@ P2P_SIM = {"p2p-sim": {"protocol": "flags"},
            "p2p-sim-rt-g1": {"protocol": "flags", "num_programs": 1, "_runtime_rounds": True},
            "p2p-sim-t4c2r3": {"tile_tokens": 4, "combine_tile_tokens": 2, "round_tokens": 3},
            "p2p-sim-t1r13": {"tile_tokens": 1, "round_tokens": 13},
-           "p2p-sim-r1lag2": {"round_tokens": 1, "round_lag": 2},   # a round per token, lag 2
-           "p2p-sim-cchunks2": {"_combine_chunks": 2},   # the fused combine in column halves
+           "p2p-sim-r1": {"round_tokens": 1},   # a round per token
            # the combine's push and finish in separate programs (a grid of 2 G), one token a
            # step, rounds of 3; two tokens a step, rounds of 2
            "p2p-sim-roles": {"protocol": "flags", "_combine_roles": True, "round_tokens": 3},
@@ -58,16 +57,13 @@ P2P_SIM = {"p2p-sim": {"protocol": "flags"},
            # ... on a grid of its own, smaller than the dispatch's (2 programs a role vs 3)
            "p2p-sim-roles-gc2": {"protocol": "flags", "_combine_roles": True,
                                  "_roles_programs": 2},
-           # dispatch slots claimed per token (the default claims a round's at its start)
-           "p2p-sim-noclaim": {"_claim_rounds": False, "round_tokens": 3},
-           # one-sided rounds one token per step (the default takes two)
-           "p2p-sim-nopair2": {"_pair_alone": False, "round_tokens": 3},
-           "p2p-sim-head1": {"first_round_tokens": 1, "round_tokens": 3},   # rounds 1, 3, 3..
+           # rounds of 3 (slots claimed a round at a time) and of 17 (claimed per token)
+           "p2p-sim-r3": {"round_tokens": 3},
+           "p2p-sim-r17": {"round_tokens": 17},
            # the phased rounds (interleave=False; the default interleaves), 2-token tiles
            "p2p-sim-phased": {"interleave": False, "tile_tokens": 2, "round_tokens": 3},
            "p2p-sim-lamport": {"protocol": "lamport"},
            "p2p-sim-lamport-t2": {"protocol": "lamport", "tile_tokens": 2},
-           "p2p-sim-lamport-lag1": {"protocol": "lamport", "recv_lag": 1},
            "p2p-sim-lamport-t4c2": {"protocol": "lamport", "tile_tokens": 4,
                                     "combine_tile_tokens": 2},
            # 8 programs: up to 2 tokens per rank take the column-split combine in 4 chunks, 3-4
@@ -389,16 +385,6 @@ def test_errors_world2():
     ({"protocol": "lamport", "combine_split": 3}, "combine_split must be a power of 2 in [1, 16]"),
     ({"protocol": "flags", "combine_split": 2}, "combine_split applies to protocol='lamport'"),
     ({"protocol": "lamport", "interleave": True}, "interleave applies to protocol='flags' only"),
-    ({"interleave": False, "round_lag": 2},
-     "round_lag applies to protocol='flags' with interleave on"),
-    ({"protocol": "lamport", "round_lag": 1},
-     "round_lag applies to protocol='flags' with interleave on"),
-    ({"round_lag": 0}, "round_lag must be an int in [1, 4], got 0"),
-    ({"protocol": "flags", "recv_lag": 1}, "recv_lag applies to protocol='lamport' only"),
-    ({"recv_lag": 5}, "recv_lag must be an int in [0, 4], got 5"),
-    ({"interleave": False, "first_round_tokens": 2},
-     "first_round_tokens applies to protocol='flags' with interleave on"),
-    ({"first_round_tokens": 0}, "first_round_tokens must be an int >= 1, got 0"),
     ({"_runtime_rounds": True, "round_tokens": 2},
      "_runtime_rounds needs protocol='flags' with interleave and the default rounds"),
     ({"protocol": "lamport", "_combine_roles": True},
@@ -456,8 +442,7 @@ def _concurrent_worker(rank, world, tmp, E_, kw, G, shift, seed):
     (2, 8, {"tile_tokens": 4, "combine_tile_tokens": 2}, 4, 2),   # tiles past M, shift G/2
     (2, 8, {}, 2, 1),                                             # several iterations/program
     (3, 6, {"tile_tokens": 2, "combine_tile_tokens": 4}, 3, 1),   # W=3
-    (2, 8, {"recv_lag": 2}, 2, 1),                                # receives 2 tiles behind
-], ids=["w2-t4c2-G4s2", "w2-t1-G2s1", "w3-t2c4-G3s1", "w2-lag2-G2s1"])
+], ids=["w2-t4c2-G4s2", "w2-t1-G2s1", "w3-t2c4-G3s1"])
 def test_p2p_sim_lamport_concurrent_programs(world, E_, kw, G, shift):
     with tempfile.TemporaryDirectory() as tmp:
         res = run_ranks(_concurrent_worker, world, tmp, E_, {"protocol": "lamport", **kw}, G,

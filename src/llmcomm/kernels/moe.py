@@ -19,7 +19,7 @@ A program has ``max(1, ceil(n / CHUNK))`` rounds for its ``n`` tokens, so both s
 same rounds from the same token count.
 
 ``INTERLEAVE`` (the default, ``P2PBackend(interleave=True)``): iteration r of a program first
-waits for every peer's round ``r - LAG`` (``round_lag``, default 1), then walks the own round r
+waits for every peer's round ``r - 1``, then walks the own round r
 and that peer round *together*, one tile per step, and signals own round r last. Dispatch: a
 step sends an own tile, copies it into the local experts from the same registers, and expands
 a tile of the peer's round; combine: a step pushes the partials of a peer tile and finishes an
@@ -29,24 +29,23 @@ kernel at 4096 tokens over the interleaved one. A round of a single own tile (sm
 keeps the phased order (send, signal, expand; push, signal, own partial, wait, finish), which
 signals early. ``FUSE`` (two ranks): a step's own and peer tiles share one step function
 (``_dispatch_pair_step`` / ``_combine_pair_step``): every load of both tiles is issued before
-either is used, so a step costs two dependent round trips instead of four to five (the combine's
-step optionally in ``CHUNKS`` column chunks, to bound its two fp32 accumulators). ``ROWS1D``
-(default): with one-token tiles those steps run on 1-D rows with scalar slot / weight loads
+either is used, so a step costs two dependent round trips instead of four to five. With
+one-token tiles those steps run on 1-D rows with scalar slot / weight loads
 (``_dispatch_two_tokens`` / ``_combine_two_tokens``; the combine then fuses at every hidden
-size), and ``CLAIM_RB`` > 0 (default) takes the slots of a round's fused dispatch steps at the
-round's start, one vector atomic for the round, written to ``slot_map`` and read back by each
-step beside its row load (``_claim_round``). ``PAIR2`` (default): where the two sides of an
+size), and ``CLAIM_RB`` > 0 (rounds of <= 16 tokens) takes the slots of a round's fused
+dispatch steps at the round's start, one vector atomic for the round, written to ``slot_map``
+and read back by each step beside its row load (``_claim_round``). Where the two sides of an
 iteration have unequal token counts (a program's first round: own sends / pushes only; its
-last: the peer's expansions / own finishes only; rounds of unequal sizes with ``HEAD``), the
-longer side's rest takes two of its tokens per step -- a step costs about its latency, one
-token or two. Two A/B candidates, off by default (session 11, untimed on 2 GPUs): ``RT``, the
-rounds sized per call from each stream's token count (:func:`_chunk`) instead of the capacity
-share, and :func:`ep_combine_roles_kernel`, the combine's push and finish in separate programs.
-``NOWAIT`` is a timing diagnostic (output wrong):
-the multi-tile rounds never wait. ``HEAD``
-(``first_round_tokens``): the first round's token count, later rounds ``CHUNK`` (default equal);
-both sides derive every round's span from the token count alike (:func:`_rounds`,
-:func:`_span`). The phased order (``interleave=False``, equal rounds):
+last: the peer's expansions / own finishes only), the longer side's rest takes two of its
+tokens per step -- a step costs about its latency, one token or two. Two A/B candidates, off
+by default (session 11, untimed on 2 GPUs): ``RT``, the rounds sized per call from each
+stream's token count (:func:`_chunk`) instead of the capacity share, and
+:func:`ep_combine_roles_kernel`, the combine's push and finish in separate programs. Both
+sides derive every round's span from the token count alike (:func:`_rounds`, :func:`_span`).
+Variants measured and removed (session 13; docs/moe.md lists them with their numbers): a lag
+of 2 rounds, a smaller first round, combine steps in column chunks, 2-D one-token steps,
+one token a step on one-sided rounds, acq_rel count publishing, the lamport receive lag.
+The phased order (``interleave=False``):
 
 dispatch, program p, iteration r:
   1. own round r: for each own token, its ids/weights into every peer (``recv_ids/recv_w``), its
@@ -231,8 +230,8 @@ def _wait_peers(flag_row, target, need, dead, err_dev, err_host, timeout_ns, OP:
 
 @triton.jit
 def _peer_rounds(recv_T_row, pid, RANK: tl.constexpr, W: tl.constexpr, G: tl.constexpr,
-                 CHUNK: tl.constexpr, HEAD: tl.constexpr, BLOCK_W: tl.constexpr,
-                 NT: tl.constexpr, RT: tl.constexpr = False):
+                 CHUNK: tl.constexpr, BLOCK_W: tl.constexpr, NT: tl.constexpr,
+                 RT: tl.constexpr = False):
     """Every peer's token count (``recv_T_row[s]``, already released to us) read in one load,
     one thread per peer; returns ``(n_in, r_in)`` [BLOCK_W]: this program's share of each
     peer's tokens and its rounds (uniform: every value comes out of a reduction)."""
@@ -244,8 +243,7 @@ def _peer_rounds(recv_T_row, pid, RANK: tl.constexpr, W: tl.constexpr, G: tl.con
     r_in = tl.zeros([BLOCK_W], tl.int32)
     for s in tl.static_range(W):
         if s != RANK:
-            ns, rs = _rounds(tl.sum(tl.where(i == s, cnt, 0), axis=0), pid, G, CHUNK, HEAD,
-                              RT)
+            ns, rs = _rounds(tl.sum(tl.where(i == s, cnt, 0), axis=0), pid, G, CHUNK, RT)
             n_in = tl.where(offs_w == s, ns, n_in)
             r_in = tl.where(offs_w == s, rs, r_in)
     return n_in, r_in
@@ -274,22 +272,20 @@ def _chunk(n, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _rounds(T, pid, G: tl.constexpr, CHUNK: tl.constexpr, HEAD: tl.constexpr,
-            RT: tl.constexpr = False):
-    """(tokens of program ``pid`` among ``T``, its rounds: a first round of ``HEAD`` tokens,
-    then rounds of ``CHUNK``; at least 1). ``HEAD == CHUNK``: equal rounds. ``RT``: equal
-    rounds of :func:`_chunk` tokens (``HEAD`` unused)."""
+def _rounds(T, pid, G: tl.constexpr, CHUNK: tl.constexpr, RT: tl.constexpr = False):
+    """(tokens of program ``pid`` among ``T``, its rounds of ``CHUNK`` tokens; at least 1).
+    ``RT``: rounds of :func:`_chunk` tokens."""
     n = tl.maximum(tl.cdiv(T - pid, G), 0)
     if RT:
         c = _chunk(n, CHUNK)
         rounds = 1 + tl.cdiv(tl.maximum(n - c, 0), c)
     else:   # constexpr sizes, as before RT: divisions by constants, scalars stay scalars
-        rounds = 1 + tl.cdiv(tl.maximum(n - HEAD, 0), CHUNK)
+        rounds = 1 + tl.cdiv(tl.maximum(n - CHUNK, 0), CHUNK)
     return n, rounds
 
 
 @triton.jit
-def _span(r, n, CHUNK: tl.constexpr, HEAD: tl.constexpr, RT: tl.constexpr = False):
+def _span(r, n, CHUNK: tl.constexpr, RT: tl.constexpr = False):
     """(first token index, token count) of round ``r`` of ``n`` tokens (see :func:`_rounds`).
     The count is per peer where ``n`` is; the first index too with ``RT`` (each peer's rounds
     have their own size), a scalar without (:func:`_of_peer` reads either)."""
@@ -298,8 +294,8 @@ def _span(r, n, CHUNK: tl.constexpr, HEAD: tl.constexpr, RT: tl.constexpr = Fals
         j0 = tl.where(r == 0, 0, c + (r - 1) * c)
         cnt = tl.minimum(tl.where(r == 0, c, c + r * c), n) - j0
     else:
-        j0 = tl.where(r == 0, 0, HEAD + (r - 1) * CHUNK)
-        cnt = tl.minimum(tl.where(r == 0, HEAD, HEAD + r * CHUNK), n) - j0
+        j0 = tl.where(r == 0, 0, CHUNK + (r - 1) * CHUNK)
+        cnt = tl.minimum(tl.where(r == 0, CHUNK, CHUNK + r * CHUNK), n) - j0
     return j0, cnt
 
 
@@ -612,7 +608,7 @@ def _dispatch_two_tokens(ta, va, tb, vb, KA: tl.constexpr, KB: tl.constexpr, x_p
     expanded; 1: the peer's, expanded; :func:`_dtok_load`) on 1-D rows and [BLOCK_K] vectors:
     ``tb``'s loads, ``ta``'s loads (and sends), both slot claims, both copies. ``CLAIMED``:
     their slots were taken by :func:`_claim_round`. The usual pair is (own, peer); a round
-    with tokens on one side only takes two of them (``PAIR2``)."""
+    with tokens on one side only takes two of them."""
     row_b, ids_b, srow_b = _dtok_load(tb, vb, KB, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids,
                                       recv_w, RANK, M, H, K, L, E, BLOCK_H, BLOCK_K)
     row_a, ids_a, srow_a = _dtok_load(ta, va, KA, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids,
@@ -652,11 +648,11 @@ def _recv_tile(s, t64, vt, recv_x, recv_ids, expert_x, cursor, slot_map, RANK: t
 
 @triton.jit
 def _publish_counts(done, cursor, counts, G: tl.constexpr, L: tl.constexpr,
-                    BLOCK_L: tl.constexpr, ACQ_REL: tl.constexpr = False):
+                    BLOCK_L: tl.constexpr):
     """End of a dispatch: the last of the ``G`` programs out publishes the per-expert slot
     cursors as ``counts`` and resets them (and ``done``) for the next call (graph-safe).
 
-    Relaxed atomics by default (``ACQ_REL`` restores acq_rel): a release here would wait for
+    Relaxed atomics (acq_rel until session 6, which measured this): a release here would wait for
     every outstanding store of the program -- its expert rows and, above all, its rows and meta
     in flight to the peers over NVLink -- and the count needs none of them. It needs every
     program's cursor increments, and those are complete before the program's ``done``
@@ -666,19 +662,12 @@ def _publish_counts(done, cursor, counts, G: tl.constexpr, L: tl.constexpr,
     ``done`` increment that made it last. Expert rows and counts are seen by later kernels
     (kernel boundary)."""
     tl.debug_barrier()
-    if ACQ_REL:
-        prev = tl.atomic_add(done, 1, sem="acq_rel", scope="gpu")
-    else:
-        prev = tl.atomic_add(done, 1, sem="relaxed", scope="gpu")
+    prev = tl.atomic_add(done, 1, sem="relaxed", scope="gpu")
     if prev == G - 1:
         offs_l = tl.arange(0, BLOCK_L)
         ml = offs_l < L
-        if ACQ_REL:
-            c = tl.atomic_xchg(cursor + offs_l, tl.zeros([BLOCK_L], tl.int32), mask=ml,
-                               sem="acq_rel", scope="gpu")
-        else:
-            c = tl.atomic_xchg(cursor + offs_l, tl.zeros([BLOCK_L], tl.int32), mask=ml,
-                               sem="relaxed", scope="gpu")
+        c = tl.atomic_xchg(cursor + offs_l, tl.zeros([BLOCK_L], tl.int32), mask=ml,
+                           sem="relaxed", scope="gpu")
         tl.store(counts + offs_l, c, mask=ml)
         tl.atomic_xchg(done, 0, sem="relaxed", scope="gpu")
 
@@ -694,17 +683,13 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                        BLOCK_L: tl.constexpr, BLOCK_W: tl.constexpr, CHUNK: tl.constexpr,
                        TB: tl.constexpr, USE_TIMER: tl.constexpr, POSTED: tl.constexpr = False,
                        PDL: tl.constexpr = False, NT: tl.constexpr = 256,
-                       ACQ_REL: tl.constexpr = False, INTERLEAVE: tl.constexpr = False,
-                       LAG: tl.constexpr = 1, FUSE: tl.constexpr = False,
-                       HEAD: tl.constexpr = 0, NOWAIT: tl.constexpr = False,
-                       ROWS1D: tl.constexpr = True, CLAIM_RB: tl.constexpr = 0,
-                       PAIR2: tl.constexpr = True, RT: tl.constexpr = False):
+                       INTERLEAVE: tl.constexpr = False, FUSE: tl.constexpr = False,
+                       CLAIM_RB: tl.constexpr = 0, RT: tl.constexpr = False):
     """Flags dispatch; see the module docstring (``INTERLEAVE``: its own section there).
-    ``NOWAIT`` (timing diagnostic, wrong results): the interleaved loop never waits.
-    ``ROWS1D``: one-token fused steps on 1-D rows (:func:`_dispatch_two_tokens`); ``PAIR2``:
-    with them, a round with tokens on one side only takes two of them per step.
-    ``CLAIM_RB`` > 0 (a power of 2 >= every round's tokens): with ``ROWS1D``, the slots of a
-    round's fused steps are taken at the round's start (:func:`_claim_round`)."""
+    With ``FUSE``, two ranks and one-token tiles, the fused steps run on 1-D rows
+    (:func:`_dispatch_two_tokens`), and a round with tokens on one side only takes two of them
+    per step. ``CLAIM_RB`` > 0 (a power of 2 >= every round's tokens): the slots of a round's
+    fused steps are taken at the round's start (:func:`_claim_round`)."""
     if PDL:  # nothing is touched before the previous grid finished
         pdl_wait()
         pdl_launch_dependents()
@@ -713,8 +698,7 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
     epoch = tl.load(epoch_ptr + pid) + 1
     base = epoch * 65536                      # round r of this call signals base + r + 1
     offs_w = tl.arange(0, BLOCK_W)
-    HD: tl.constexpr = HEAD if HEAD > 0 else CHUNK   # the first round's tokens
-    n_own, r_own = _rounds(T, pid, G, CHUNK, HD, RT)
+    n_own, r_own = _rounds(T, pid, G, CHUNK, RT)
     for d in tl.static_range(W):              # released with round 0
         if d != RANK:
             tl.store(recv_T[d] + RANK, T)
@@ -724,33 +708,31 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
     r = 0
     more = True
     if INTERLEAVE:
-        lag = tl.where(r_own > 1, LAG, 1)   # small batches (one round): no empty iterations
         while more:
-            # wait for every peer's round r - lag, then own round r (send + expand) and the
-            # peers' round r - lag (expand) token by token, then signal own round r
-            rr = r - lag
+            # wait for every peer's round r - 1, then own round r (send + expand) and the
+            # peers' round r - 1 (expand) token by token, then signal own round r
+            rr = r - 1
             if rr >= 0:
                 need = (offs_w < W) & (offs_w != RANK) & (rr < r_in)
-                if not NOWAIT:
-                    dead = _wait_peers(flags[RANK] + pid * W, base + rr + 1, need, dead,
-                                       err_dev, err_host, timeout_ns, 1, USE_TIMER, POSTED,
-                                       BLOCK_W, NT)
+                dead = _wait_peers(flags[RANK] + pid * W, base + rr + 1, need, dead,
+                                   err_dev, err_host, timeout_ns, 1, USE_TIMER, POSTED,
+                                   BLOCK_W, NT)
                 if (dead == 0) & (rr == 0):
-                    n_in, r_in = _peer_rounds(recv_T[RANK], pid, RANK, W, G, CHUNK, HD,
-                                                          BLOCK_W, NT, RT)
-            s0, jown = _span(r, n_own, CHUNK, HD, RT)     # own round r: s0 + [0, jown)
+                    n_in, r_in = _peer_rounds(recv_T[RANK], pid, RANK, W, G, CHUNK, BLOCK_W,
+                                              NT, RT)
+            s0, jown = _span(r, n_own, CHUNK, RT)     # own round r: s0 + [0, jown)
             jown = tl.where(r < r_own, jown, 0)
-            q0v, jin = _span(rr, n_in, CHUNK, HD, RT)   # the peers' round rr: q0v + [0, jin)
+            q0v, jin = _span(rr, n_in, CHUNK, RT)   # the peers' round rr: q0v + [0, jin)
             q0 = _of_peer(q0v, 1 - RANK, BLOCK_W, RT)   # the peer's (W == 2)
             jin = tl.where((rr >= 0) & (rr < r_in) & (dead == 0), jin, 0)
             # a round of one own tile (small batches): send it, signal, then expand it
             one = (jown >= 1) & (jown <= TB)
             nsteps = tl.maximum(jown, tl.max(jin, axis=0))
-            # ROWS1D: the fused one-token steps (rounds of more than one token), an own and a
-            # peer's token a step; where one side has more (PAIR2; the first round: own tokens
-            # only, the last: the peer's only, and rounds of unequal sizes, HEAD), the rest of
-            # the longer side two tokens a step, the first half of that rest with the second
-            TOK: tl.constexpr = FUSE & (W == 2) & (TB == 1) & ROWS1D
+            # the fused one-token steps on 1-D rows (rounds of more than one token), an own
+            # and a peer's token a step; where one side has more (the first round: own tokens
+            # only, the last: the peer's only), the rest of the longer side two tokens a step,
+            # the first half of that rest with the second
+            TOK: tl.constexpr = FUSE & (W == 2) & (TB == 1)
             tok = (nsteps > 1) & (one == 0)
             jp = tl.sum(tl.where(offs_w == 1 - RANK, jin, 0), axis=0)
             both = tl.minimum(jown, jp)                        # steps with a token of each side
@@ -766,7 +748,7 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                     _claim_round(tc, offs_c < jp, recv_ids[RANK], tc, cursor, slot_map, RANK,
                                  L, K, E, CAP, BLOCK_K)
                     tl.debug_barrier()   # the slot-map rows, written, are read by every thread
-            if TOK & PAIR2:
+            if TOK:
                 if tok:
                     nsteps = both + half
             for jj in range(0, nsteps, TB):
@@ -774,14 +756,14 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                 if TOK:
                     tokstep = tok
                 if tokstep:
-                    if PAIR2 & (jj >= both) & (jown > jp):   # two own tokens
+                    if (jj >= both) & (jown > jp):   # two own tokens
                         _dispatch_two_tokens(tl.cast(pid + (s0 + jj) * G, tl.int64), jj < jown,
                                              tl.cast(pid + (s0 + jj + half) * G, tl.int64),
                                              jj + half < jown, 0, 0, x_ptr, ids_ptr, w_ptr,
                                              recv_x, recv_ids, recv_w, expert_x, cursor,
                                              slot_map, RANK, M, H, K, L, E, CAP, BLOCK_H,
                                              BLOCK_K, CLAIM)
-                    elif PAIR2 & (jj >= both) & (jp > jown):   # two of the peer's tokens
+                    elif (jj >= both) & (jp > jown):   # two of the peer's tokens
                         _dispatch_two_tokens(tl.cast(pid + (q0 + jj) * G, tl.int64), jj < jp,
                                              tl.cast(pid + (q0 + jj + half) * G, tl.int64),
                                              jj + half < jp, 1, 1, x_ptr, ids_ptr, w_ptr,
@@ -827,7 +809,7 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
             if (r < r_own) & ((jown < 1) | (jown > TB)):   # (a round without tokens too)
                 _signal_peers(flags, pid, base + r + 1, RANK, W, POSTED, NT)
             r += 1
-            more = (r < r_own) | (r - lag < tl.max(tl.where(dead == 0, r_in, 0), axis=0))
+            more = (r < r_own) | (r - 1 < tl.max(tl.where(dead == 0, r_in, 0), axis=0))
     else:
         while more:
             # send own round r (tokens pid + j*G, j in [r*CHUNK, r*CHUNK + CHUNK)), then signal it
@@ -851,8 +833,8 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                                    err_host, timeout_ns, 1, USE_TIMER, POSTED, BLOCK_W, NT)
                 if dead == 0:
                     if rr == 0:
-                        n_in, r_in = _peer_rounds(recv_T[RANK], pid, RANK, W, G, CHUNK, HD,
-                                                          BLOCK_W, NT, RT)
+                        n_in, r_in = _peer_rounds(recv_T[RANK], pid, RANK, W, G, CHUNK,
+                                                  BLOCK_W, NT, RT)
                     for s in tl.static_range(W):
                         if s != RANK:
                             rs = tl.sum(tl.where(offs_w == s, r_in, 0), axis=0)
@@ -866,7 +848,7 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
             r += 1
             more = (r < r_own) | (r - 1 < tl.max(tl.where(dead == 0, r_in, 0), axis=0))
     tl.store(epoch_ptr + pid, epoch)
-    _publish_counts(done, cursor, counts, G, L, BLOCK_L, ACQ_REL)
+    _publish_counts(done, cursor, counts, G, L, BLOCK_L)
 
 
 @triton.jit
@@ -892,15 +874,15 @@ def _partial_tile(expert_out, sm, wv, col0, H: tl.constexpr, K: tl.constexpr,
 def _combine_pair_step(tp64, vp, to64, vo, expert_out, ids_ptr, w_ptr, y_ptr, recv_w, comb,
                        slot_map, RANK: tl.constexpr, M: tl.constexpr, H: tl.constexpr,
                        K: tl.constexpr, L: tl.constexpr, E: tl.constexpr,
-                       BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, CHUNKS: tl.constexpr):
+                       BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """``FUSE`` (two ranks): the peer's tokens ``tp64`` pushed as in :func:`_push_tile` and own
     tokens ``to64`` (the peer's partials already acquired) finished as in :func:`_own_part` +
     :func:`_finish_tile`, in one step: both tiles' slots and weights, then both tiles' K expert
     rows (and the peer's partial, loaded whatever the token's owners: an unsent row is never
     added) in flight together. The same sums in the same order as the separate functions.
-    ``CHUNKS`` column chunks of ``BLOCK_H // CHUNKS``, one after the other: the two fp32
-    accumulators and the row loads in flight shrink with them (hidden 7168 at 16 warps lost
-    with one chunk, session 7)."""
+    Two fp32 row accumulators: at hidden 7168 and 16 warps this step lost to the separate
+    functions (session 7), in column chunks too (session 8); the 1-D one-token step
+    (:func:`_combine_two_tokens`) is what runs there."""
     offs_k = tl.arange(0, BLOCK_K)
     mk = offs_k < K
     s: tl.constexpr = 1 - RANK
@@ -915,35 +897,33 @@ def _combine_pair_step(tp64, vp, to64, vo, expert_out, ids_ptr, w_ptr, y_ptr, re
     has = vp & (tl.max(smp, axis=1) >= 0)
     ids = tl.where(mo & (ids >= 0) & (ids < E), ids, -1)
     from_s = vo & (tl.sum((tl.where(ids >= 0, ids // L, -1) == s).to(tl.int32), axis=1) > 0)
-    BC: tl.constexpr = BLOCK_H // CHUNKS
-    for c in tl.static_range(CHUNKS):
-        offs_h = c * BC + tl.arange(0, BC)
-        mh = offs_h < H
-        cv = tl.load(comb[RANK] + (s * M + to64)[:, None] * H + offs_h[None, :],
-                     mask=vo[:, None] & mh[None, :], other=0.0, cache_modifier=".cg")
-        accp = tl.zeros([tp64.shape[0], BC], tl.float32)
-        acco = tl.zeros([to64.shape[0], BC], tl.float32)
-        for k in tl.static_range(K):
-            ep = tl.max(tl.where(offs_k[None, :] == k, smp, -1), axis=1)
-            wp = tl.sum(tl.where(offs_k[None, :] == k, wvp, 0.0), axis=1)
-            eo = tl.max(tl.where(offs_k[None, :] == k, smo, -1), axis=1)
-            wo = tl.sum(tl.where(offs_k[None, :] == k, wvo, 0.0), axis=1)
-            xp = tl.load(expert_out + tl.cast(tl.maximum(ep, 0), tl.int64)[:, None] * H
-                         + offs_h[None, :], mask=(ep >= 0)[:, None] & mh[None, :], other=0.0)
-            xo = tl.load(expert_out + tl.cast(tl.maximum(eo, 0), tl.int64)[:, None] * H
-                         + offs_h[None, :], mask=(eo >= 0)[:, None] & mh[None, :], other=0.0)
-            accp = tl.where((ep >= 0)[:, None], accp + wp[:, None] * xp.to(tl.float32), accp)
-            acco = tl.where((eo >= 0)[:, None], acco + wo[:, None] * xo.to(tl.float32), acco)
-        tl.store(comb[s] + (RANK * M + tp64)[:, None] * H + offs_h[None, :],
-                 accp.to(comb[s].dtype.element_ty), mask=has[:, None] & mh[None, :])
-        part_s = tl.where(from_s[:, None], cv.to(tl.float32), 0.0)
-        y = tl.zeros([to64.shape[0], BC], tl.float32)   # as _finish_tile: ranks in order
-        if RANK == 0:
-            y = (y + acco) + part_s
-        else:
-            y = (y + part_s) + acco
-        tl.store(y_ptr + to64[:, None] * H + offs_h[None, :], y.to(y_ptr.dtype.element_ty),
-                 mask=vo[:, None] & mh[None, :])
+    offs_h = tl.arange(0, BLOCK_H)
+    mh = offs_h < H
+    cv = tl.load(comb[RANK] + (s * M + to64)[:, None] * H + offs_h[None, :],
+                 mask=vo[:, None] & mh[None, :], other=0.0, cache_modifier=".cg")
+    accp = tl.zeros([tp64.shape[0], BLOCK_H], tl.float32)
+    acco = tl.zeros([to64.shape[0], BLOCK_H], tl.float32)
+    for k in tl.static_range(K):
+        ep = tl.max(tl.where(offs_k[None, :] == k, smp, -1), axis=1)
+        wp = tl.sum(tl.where(offs_k[None, :] == k, wvp, 0.0), axis=1)
+        eo = tl.max(tl.where(offs_k[None, :] == k, smo, -1), axis=1)
+        wo = tl.sum(tl.where(offs_k[None, :] == k, wvo, 0.0), axis=1)
+        xp = tl.load(expert_out + tl.cast(tl.maximum(ep, 0), tl.int64)[:, None] * H
+                     + offs_h[None, :], mask=(ep >= 0)[:, None] & mh[None, :], other=0.0)
+        xo = tl.load(expert_out + tl.cast(tl.maximum(eo, 0), tl.int64)[:, None] * H
+                     + offs_h[None, :], mask=(eo >= 0)[:, None] & mh[None, :], other=0.0)
+        accp = tl.where((ep >= 0)[:, None], accp + wp[:, None] * xp.to(tl.float32), accp)
+        acco = tl.where((eo >= 0)[:, None], acco + wo[:, None] * xo.to(tl.float32), acco)
+    tl.store(comb[s] + (RANK * M + tp64)[:, None] * H + offs_h[None, :],
+             accp.to(comb[s].dtype.element_ty), mask=has[:, None] & mh[None, :])
+    part_s = tl.where(from_s[:, None], cv.to(tl.float32), 0.0)
+    y = tl.zeros([to64.shape[0], BLOCK_H], tl.float32)   # as _finish_tile: ranks in order
+    if RANK == 0:
+        y = (y + acco) + part_s
+    else:
+        y = (y + part_s) + acco
+    tl.store(y_ptr + to64[:, None] * H + offs_h[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=vo[:, None] & mh[None, :])
 
 
 @triton.jit
@@ -1009,7 +989,7 @@ def _combine_two_tokens(ta, va, tb, vb, KA: tl.constexpr, KB: tl.constexpr, expe
     260-264 us (4096 tokens, hidden 7168), this one at 233-235; called from the floor
     benchmark's loop it moves the floor's bytes at the floor's speed (178-181 us). A round
     with tokens on one side only (the first pushes, the last finishes) takes two of them per
-    step (``PAIR2``): a step costs about its latency whether it carries one token or two.
+    step: a step costs about its latency whether it carries one token or two.
 
     Reference (fp32, k ascending; an entry without a local slot adds ``w * 0``, which leaves
     the sum bitwise unchanged but for the sign of a zero)::
@@ -1102,14 +1082,11 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
                       CHUNK: tl.constexpr, TB: tl.constexpr, USE_TIMER: tl.constexpr,
                       POSTED: tl.constexpr = False, PDL: tl.constexpr = False,
                       NT: tl.constexpr = 256, INTERLEAVE: tl.constexpr = False,
-                      LAG: tl.constexpr = 1, FUSE: tl.constexpr = False,
-                      CHUNKS: tl.constexpr = 1, HEAD: tl.constexpr = 0,
-                      NOWAIT: tl.constexpr = False, ROWS1D: tl.constexpr = True,
-                      PAIR2: tl.constexpr = True, RT: tl.constexpr = False):
+                      FUSE: tl.constexpr = False, RT: tl.constexpr = False):
     """Flags combine; see the module docstring (``INTERLEAVE``: its own section there).
-    ``NOWAIT`` (timing diagnostic, wrong results): the interleaved loop never waits.
-    ``ROWS1D``: one-token fused steps on 1-D rows (:func:`_combine_two_tokens`); ``PAIR2``:
-    with them, a round with tokens on one side only takes two of them per step."""
+    With ``FUSE``, two ranks and one-token tiles, the fused steps run on 1-D rows
+    (:func:`_combine_two_tokens`), and a round with tokens on one side only takes two of them
+    per step."""
     if PDL:  # nothing is touched before the previous grid finished
         pdl_wait()
         pdl_launch_dependents()
@@ -1119,44 +1096,41 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
     base = epoch * 65536
     offs_w = tl.arange(0, BLOCK_W)
     dead = _dead(err_dev, NT)
-    HD: tl.constexpr = HEAD if HEAD > 0 else CHUNK   # the first round's tokens
-    n_own, r_own = _rounds(T, pid, G, CHUNK, HD, RT)
+    n_own, r_own = _rounds(T, pid, G, CHUNK, RT)
     # the peers' token counts (from the dispatch; read before any signal, see docs/moe.md)
-    n_in, r_in = _peer_rounds(recv_T[RANK], pid, RANK, W, G, CHUNK, HD,
-                                                          BLOCK_W, NT, RT)
+    n_in, r_in = _peer_rounds(recv_T[RANK], pid, RANK, W, G, CHUNK, BLOCK_W, NT, RT)
     r = 0
     more = True
     if INTERLEAVE:
-        lag = tl.where(r_own > 1, LAG, 1)   # small batches (one round): no empty iterations
         while more:
-            # wait for every peer's partials of own round r - lag, then push the peers' round
-            # r and finish own round r - lag token by token, then signal round r to every
+            # wait for every peer's partials of own round r - 1, then push the peers' round
+            # r and finish own round r - 1 token by token, then signal round r to every
             # peer. An own round of one tile (small batches) keeps the order of the other
             # loop: push, signal, then its own partial, the wait and the finish.
-            rr = r - lag
+            rr = r - 1
             fin = (rr >= 0) & (rr < r_own)
-            q0, jown = _span(rr, n_own, CHUNK, HD, RT)   # own round rr: q0 + [0, jown)
+            q0, jown = _span(rr, n_own, CHUNK, RT)   # own round rr: q0 + [0, jown)
             jown = tl.where(fin, jown, 0)
-            s0v, jin = _span(r, n_in, CHUNK, HD, RT)    # the peers' round r: s0v + [0, jin)
+            s0v, jin = _span(r, n_in, CHUNK, RT)    # the peers' round r: s0v + [0, jin)
             s0 = _of_peer(s0v, 1 - RANK, BLOCK_W, RT)   # the peer's (W == 2)
             jin = tl.where((r < r_in) & (dead == 0), jin, 0)
             many = jown > TB
-            if fin & many & (not NOWAIT):
+            if fin & many:
                 dead = _wait_peers(flags[RANK] + pid * W, base + rr + 1,
                                    (offs_w < W) & (offs_w != RANK), dead, err_dev, err_host,
                                    timeout_ns, 2, USE_TIMER, POSTED, BLOCK_W, NT)
                 tl.debug_barrier()
             nsteps = tl.maximum(tl.where(many, jown, 0), tl.max(jin, axis=0))
-            TOK: tl.constexpr = FUSE & (W == 2) & (TB == 1) & (CHUNKS == 1) & ROWS1D
-            # a push and a finish a step; where one side has more (PAIR2; the first round:
-            # pushes only, the last: finishes only, and rounds of unequal sizes, HEAD), the rest
-            # of the longer side two tokens a step, the first half of that rest with the second
+            TOK: tl.constexpr = FUSE & (W == 2) & (TB == 1)
+            # a push and a finish a step; where one side has more (the first round: pushes
+            # only, the last: finishes only), the rest of the longer side two tokens a step,
+            # the first half of that rest with the second
             np_ = tl.sum(tl.where(offs_w == 1 - RANK, jin, 0), axis=0)
             no_ = tl.where(many, jown, 0)
             both = tl.minimum(np_, no_)                     # steps with a push and a finish
             half = tl.cdiv(tl.maximum(np_, no_) - both, 2)  # steps of the longer side's rest
             big = nsteps > 1   # rounds of several tokens (more than one token per program)
-            if TOK & PAIR2:
+            if TOK:
                 if big:
                     nsteps = both + half
             for jj in range(0, nsteps, TB):
@@ -1171,13 +1145,13 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
                 if fused:
                     js = tl.sum(tl.where(offs_w == 1 - RANK, jin, 0), axis=0)
                     if TOK:   # 1-D rows (session 8)
-                        if PAIR2 & (jj >= both) & (np_ > no_):   # two of the peer's tokens
+                        if (jj >= both) & (np_ > no_):   # two of the peer's tokens
                             _combine_two_tokens(tl.cast(pid + (s0 + jj) * G, tl.int64), jj < np_,
                                                 tl.cast(pid + (s0 + jj + half) * G, tl.int64),
                                                 jj + half < np_, 0, 0, expert_out, ids_ptr,
                                                 w_ptr, y_ptr, recv_w, comb, slot_map, RANK, M,
                                                 H, K, L, E, BLOCK_H)
-                        elif PAIR2 & (jj >= both) & (no_ > np_):   # two own tokens
+                        elif (jj >= both) & (no_ > np_):   # two own tokens
                             _combine_two_tokens(tl.cast(pid + (q0 + jj) * G, tl.int64), jj < no_,
                                                 tl.cast(pid + (q0 + jj + half) * G, tl.int64),
                                                 jj + half < no_, 1, 1, expert_out, ids_ptr,
@@ -1194,7 +1168,7 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
                         to64, vo = _tile(q0 + jj, q0 + jown, pid, G, TB)
                         _combine_pair_step(tp64, vp, to64, vo, expert_out, ids_ptr, w_ptr,
                                            y_ptr, recv_w, comb, slot_map, RANK, M, H, K, L, E,
-                                           BLOCK_H, BLOCK_K, CHUNKS)
+                                           BLOCK_H, BLOCK_K)
                 for s in tl.static_range(W):
                     if s != RANK:
                         js = tl.sum(tl.where(offs_w == s, jin, 0), axis=0)
@@ -1224,7 +1198,7 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
                 tl.debug_barrier()
                 _finish_tile(part, owner, t64, vt, y_ptr, comb, RANK, W, M, H, BLOCK_H)
             r += 1
-            more = (r - lag < r_own) | (r < tl.max(r_in, axis=0))
+            more = (r - 1 < r_own) | (r < tl.max(r_in, axis=0))
     else:
         while more:
             # push the partials of every peer's round r, then signal it to that peer
@@ -1325,7 +1299,7 @@ def ep_combine_roles_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
     offs_w = tl.arange(0, BLOCK_W)
     s: tl.constexpr = 1 - RANK
     if pid < G:
-        n_in, r_in = _peer_rounds(recv_T[RANK], q, RANK, W, G, CHUNK, CHUNK, BLOCK_W, NT)
+        n_in, r_in = _peer_rounds(recv_T[RANK], q, RANK, W, G, CHUNK, BLOCK_W, NT)
         ns = tl.sum(tl.where(offs_w == s, n_in, 0), axis=0)
         rs = tl.sum(tl.where(offs_w == s, r_in, 0), axis=0)
         for r in range(0, rs):
@@ -1337,7 +1311,7 @@ def ep_combine_roles_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
             _flag_signal(flags[s] + q * W + RANK, base + r + 1, POSTED, NT)
     else:
         dead = _dead(err_dev, NT)
-        n_own, r_own = _rounds(T, q, G, CHUNK, CHUNK)
+        n_own, r_own = _rounds(T, q, G, CHUNK)
         for r in range(0, r_own):
             dead = _wait_peers(flags[RANK] + q * W, base + r + 1,
                                (offs_w < W) & (offs_w != RANK), dead, err_dev, err_host,
@@ -1522,14 +1496,10 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                BLOCK_L: tl.constexpr, BLOCK_W: tl.constexpr, TB: tl.constexpr,
                                BITS: tl.constexpr, NBUF: tl.constexpr, SHIFT: tl.constexpr,
                                USE_TIMER: tl.constexpr, PDL: tl.constexpr = False,
-                               NT: tl.constexpr = 256, ACQ_REL: tl.constexpr = False,
-                               RLAG: tl.constexpr = 0):
+                               NT: tl.constexpr = 256):
     """Lamport dispatch; see the module docstring. Tiles of ``TB`` tokens; program ``p`` sends
     own tiles ``p, p+G, ...`` and receives tiles ``q, q+G, ...`` (``q = (p + SHIFT) mod G``)
-    of every peer, the own tile's rows copied after each receive. ``RLAG`` (``recv_lag``;
-    programs with more than one own tile only): iteration ``i`` receives the peers' tile of
-    iteration ``i - RLAG``, sent long enough ago to have landed, instead of the one the peer is
-    sending at the same time (large batches; untimed, session 7)."""
+    of every peer, the own tile's rows copied after each receive."""
     if PDL:  # nothing is touched before the previous grid finished
         pdl_wait()
         pdl_launch_dependents()
@@ -1546,7 +1516,6 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
     tsv = tl.full([BLOCK_W], -1, tl.int32)       # peers' token counts, -1 = not known yet
     rbase = (pid + SHIFT) % G                    # received tiles: rbase, rbase + G, ...
     i = tl.full([], 0, tl.int32)
-    lag = tl.where(tl.cdiv(n_own - pid, G) > 1, RLAG, 0)
     more = n_own > 0
     more = more | (W > 1)
     while more:
@@ -1559,11 +1528,11 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                                lmeta, RANK, W, M, H, K, L, E, BLOCK_H, BLOCK_K,
                                                TB)
         slot = _claim_slots(ids, vt, cursor, RANK, L, K, BLOCK_K)
-        cr = rbase + (i - lag) * G
+        cr = rbase + i * G
         for s in tl.static_range(W):
             if s != RANK:
                 ts = tl.sum(tl.where(offs_w == s, tsv, 0), axis=0)
-                if (dead == 0) & (i >= lag) & ((ts < 0) | (cr * TB < ts)):
+                if (dead == 0) & ((ts < 0) | (cr * TB < ts)):
                     ts, dead = _lamport_recv_tile(
                         cr, s, ts, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor,
                         slot_map, wloc, err_dev, err_host, timeout_ns, RANK, W, G, M, H,
@@ -1573,11 +1542,11 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                     BLOCK_H, BLOCK_K)
         i += 1
         big = tl.where(is_peer, tl.where(tsv < 0, 2147483647, tsv), 0)
-        want_recv = ((rbase + (i - lag) * G) * TB < tl.max(big, axis=0)) & (dead == 0)
+        want_recv = ((rbase + i * G) * TB < tl.max(big, axis=0)) & (dead == 0)
         more = (pid + i * G < n_own) | want_recv
     tl.store(peer_T + offs_w, tl.maximum(tsv, 0), mask=is_peer)
     tl.store(buf_ptr + pid, (buf + 1) % NBUF)
-    _publish_counts(done, cursor, counts, G, L, BLOCK_L, ACQ_REL)
+    _publish_counts(done, cursor, counts, G, L, BLOCK_L)
 
 
 @triton.jit

@@ -26,8 +26,8 @@ epochs (``"flags"``) or buffer indices (``"lamport"``, plus the peers' weights `
 and token counts ``peer_T [W]`` kept for the combine), and a 4-int error record (device, plus a
 pinned host mirror the host reads without a sync). The grid ``G`` and every launch knob
 (``protocol``, ``num_warps``, ``tile_tokens``, ``combine_tile_tokens``, ``pdl``, the ``"flags"``
-knobs ``round_tokens``, ``posted_flags``, ``interleave``, ``round_lag``, the ``"lamport"`` knobs
-``shift``, ``recv_lag``; see :mod:`llmcomm.kernels.moe`) are pure functions of the creation
+knobs ``round_tokens``, ``posted_flags``, ``interleave``, the ``"lamport"`` knob ``shift``;
+see :mod:`llmcomm.kernels.moe`) are pure functions of the creation
 arguments and are part of the fingerprint; the defaults are the tested configuration. Kernels
 take no host counter, so dispatch/combine capture into CUDA graphs; they never synchronise the
 host. NVLink multicast is not used (plain peer loads/stores only).
@@ -145,12 +145,8 @@ class P2PBackend(MoEBackend):
                  round_tokens: int | None = None, posted_flags: bool | None = None,
                  pdl: bool = False, protocol: str = "auto", shift: int | None = None,
                  combine_split: int | None = None, interleave: bool | None = None,
-                 round_lag: int | None = None, _acq_rel_publish: bool = False,
                  _fuse: bool = True, _combine_fuse: bool | None = None,
-                 _combine_chunks: int = 1, recv_lag: int | None = None,
-                 first_round_tokens: int | None = None, _skip_waits: bool = False,
-                 _rows_1d: bool = True, _claim_rounds: bool = True,
-                 _pair_alone: bool = True, _runtime_rounds: bool = False,
+                 _runtime_rounds: bool = False,
                  _combine_roles: bool = False, _roles_warps: int = 16,
                  _roles_pair: int = 1, _roles_programs: int | None = None) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
@@ -209,22 +205,6 @@ class P2PBackend(MoEBackend):
                 :mod:`llmcomm.kernels.moe`). Default on; off restores the phased rounds (send
                 the round, signal, copy own, then receive), which a data-movement ladder
                 measured at +80 us per kernel at 4096 tokens (docs/moe.md, session 7).
-            round_lag: ``"flags"`` with ``interleave`` only: round ``r`` of a program is
-                handled together with the peers' round ``r - round_lag`` (default 1). 2 makes
-                the wait find a flag set a whole round earlier, but doubles the rounds that run
-                alone at both ends; measured slower (540 vs 518 us at 4096 tokens, docs/moe.md).
-                Programs with one round always use 1 (no empty iterations).
-            first_round_tokens: ``"flags"`` with ``interleave`` only: the first round of a
-                program has this many tokens, the later ones ``round_tokens`` (``HEAD`` in
-                :mod:`llmcomm.kernels.moe`). The first round's sends and the last round's
-                receives run without the other side's work; a small first round shortens one
-                of them at the price of one more round. Default: ``round_tokens`` (equal
-                rounds); not timed yet (docs/moe.md, session 7).
-            recv_lag: ``"lamport"`` only: a dispatch program with more than one own tile
-                receives in iteration ``i`` the peers' tile of iteration ``i - recv_lag``
-                (``RLAG``), so that it polls rows that have landed instead of rows the peer is
-                sending at that moment. Default 0 (the receive of the same iteration); written
-                for large batches and not timed yet (docs/moe.md, session 7).
         """
         super().__init__(group, cfg)
         self._sim = simulate_dir is not None
@@ -233,10 +213,10 @@ class P2PBackend(MoEBackend):
         esize = torch.empty(0, dtype=cfg.dtype).element_size()
         if protocol != "auto":
             self.protocol_decision = Decision(protocol, ("requested explicitly",))
-        elif (round_tokens, posted_flags, interleave, round_lag,
-              first_round_tokens) != (None,) * 5 or _runtime_rounds or _combine_roles:
+        elif (round_tokens, posted_flags, interleave) != (None,) * 3 or _runtime_rounds \
+                or _combine_roles:
             self.protocol_decision = Decision("flags", ("a flags-only knob given",))
-        elif shift is not None or recv_lag is not None:
+        elif shift is not None:
             self.protocol_decision = Decision("lamport", ("a lamport-only knob given",))
         else:
             self.protocol_decision = ep_p2p_protocol(cfg.world_size, cfg.max_tokens_per_rank,
@@ -316,72 +296,32 @@ class P2PBackend(MoEBackend):
             raise ValueError("interleave applies to protocol='flags' only (the 'lamport' "
                              "kernels have no rounds): leave it unset")
         self.interleave = None if lamport else (True if interleave is None else bool(interleave))
-        if round_lag is not None and not self.interleave:
-            raise ValueError("round_lag applies to protocol='flags' with interleave on: leave "
-                             "it unset")
-        if round_lag is None:
-            round_lag = 1 if self.interleave else None
-        elif not isinstance(round_lag, int) or not 1 <= round_lag <= 4:
-            raise ValueError(f"round_lag must be an int in [1, 4], got {round_lag!r}")
-        self.round_lag = round_lag
-        if first_round_tokens is not None:
-            if not self.interleave:
-                raise ValueError("first_round_tokens applies to protocol='flags' with "
-                                 "interleave on: leave it unset")
-            if not isinstance(first_round_tokens, int) or first_round_tokens < 1:
-                raise ValueError(f"first_round_tokens must be an int >= 1, got "
-                                 f"{first_round_tokens!r}")
-        self.first_round_tokens = first_round_tokens
-        if recv_lag is not None and not lamport:
-            raise ValueError("recv_lag applies to protocol='lamport' only (the 'flags' kernels "
-                             "have round_lag): leave it unset")
-        if recv_lag is None:
-            recv_lag = 0 if lamport else None
-        elif not isinstance(recv_lag, int) or not 0 <= recv_lag <= 4:
-            raise ValueError(f"recv_lag must be an int in [0, 4], got {recv_lag!r}")
-        self.recv_lag = recv_lag
         self.combine_split = combine_split   # None for "flags"
-        self._acq_rel_publish = bool(_acq_rel_publish)   # A/B only: see _publish_counts
         # A/B only: FUSE in llmcomm.kernels.moe (flags, interleaved, EP=2). With one-token
-        # combine tiles (the default) the fused step runs on 1-D rows (ROWS1D) and wins at every
+        # combine tiles (the default) the fused step runs on 1-D rows and wins at every
         # hidden size (session 8: 234 vs 264 us unfused at 7168, 4096 tokens); the [TB, H]
         # pair step of larger tiles holds two fp32 row accumulators and lost at hidden 7168
-        # (session 7), so with combine_tile_tokens > 1 the combine fuses up to hidden 4096.
-        # _combine_chunks > 1: that pair step in column chunks (session 8: 503-510 us, i.e.
-        # no better than unfused at 7168; kept for A/Bs)
+        # (session 7; in column chunks too, session 8), so with combine_tile_tokens > 1 the
+        # combine fuses up to hidden 4096
         self._fuse = bool(_fuse) and not lamport
         if _combine_fuse is None:
             _combine_fuse = self._fuse and (combine_tile_tokens == 1
                                             or _next_pow2(cfg.hidden_size) <= 4096)
         self._fuse_combine = bool(_combine_fuse) and not lamport
-        if _combine_chunks not in (1, 2, 4):
-            raise ValueError(f"_combine_chunks must be 1, 2 or 4, got {_combine_chunks!r}")
-        self._combine_chunks = _combine_chunks
-        # timing diagnostic only (bench_moe.py sweep entry "nowait"): the interleaved flags
-        # loops never wait for a peer's round, so their output is WRONG; what the kernels take
-        # without it tells synchronisation from the work of a step (session 8, docs/moe.md)
-        if _skip_waits and (lamport or not self.interleave):
-            raise ValueError("_skip_waits applies to protocol='flags' with interleave on")
-        self._skip_waits = bool(_skip_waits)
-        # A/B only: ROWS1D in llmcomm.kernels.moe (the fused one-token steps on 1-D rows)
-        self._rows_1d = bool(_rows_1d)
-        # A/B only: CLAIM_RB in llmcomm.kernels.moe (a round's slots taken at its start, in one
-        # vector atomic, for the fused one-token dispatch steps; rounds of <= 16 tokens): on by
-        # default (session 8: dispatch 229-243 vs 254-266 us at 4096 tokens, hidden 7168)
-        rb = _next_pow2(max(round_tokens or 1, first_round_tokens or 1)) if not lamport else 0
-        self._claim_rb = rb if _claim_rounds and self._rows_1d and rb <= 16 else 0
-        # A/B only: PAIR2 in llmcomm.kernels.moe (a one-sided round's tokens two per step)
-        self._pair2 = bool(_pair_alone)
+        # CLAIM_RB in llmcomm.kernels.moe: a round's slots taken at its start, in one vector
+        # atomic, for the fused one-token dispatch steps, in rounds of <= 16 tokens (session 8:
+        # dispatch 229-243 vs 254-266 us at 4096 tokens, hidden 7168)
+        rb = _next_pow2(round_tokens) if not lamport else 0
+        self._claim_rb = rb if rb <= 16 else 0
         self.round_tokens = round_tokens     # None for "lamport"; the upper bound with RT
         # A/B only: RT in llmcomm.kernels.moe (default rounds sized per call from the batch,
-        # interleaved, no first_round_tokens). Off by default: on one GPU (loopback, session
+        # interleaved). Off by default: on one GPU (loopback, session
         # 11) it is slower (1024 tokens 232 vs 226.5 us, 256 tokens 95 vs 81), where rounds
         # have no NVLink transfer to overlap; its 2-GPU timing is still to do.
         self._rt = bool(_runtime_rounds)
-        if self._rt and (lamport or not self.interleave or rounds_given
-                         or first_round_tokens is not None):
+        if self._rt and (lamport or not self.interleave or rounds_given):
             raise ValueError("_runtime_rounds needs protocol='flags' with interleave and the "
-                             "default rounds: leave round_tokens and first_round_tokens unset")
+                             "default rounds: leave round_tokens unset")
         # A/B only: the combine's push and finish in separate programs, a grid of 2 Gc at
         # _roles_warps warps (128 registers at most), _roles_pair tokens a step
         # (ep_combine_roles_kernel in llmcomm.kernels.moe; sessions 11-12: at par with the
@@ -469,11 +409,9 @@ class P2PBackend(MoEBackend):
                 "num_warps": self.num_warps, "round_tokens": self.round_tokens,
                 "tile_tokens": self.tiles[0], "combine_tile_tokens": self.tiles[1],
                 "combine_split": self.combine_split, "interleave": self.interleave,
-                "round_lag": self.round_lag, "recv_lag": self.recv_lag,
-                "first_round_tokens": self.first_round_tokens, "runtime_rounds": self._rt,
+                "runtime_rounds": self._rt,
                 "fuse": self._fuse,
-                "fuse_combine": self._fuse_combine, "combine_chunks": self._combine_chunks,
-                "acq_rel_publish": self._acq_rel_publish, "combine_roles": self._roles,
+                "fuse_combine": self._fuse_combine, "combine_roles": self._roles,
                 "combine_roles_programs": self._Gc if self._roles else None,
                 **{k.lower(): v for k, v in self.variants.items()}}
 
@@ -540,7 +478,6 @@ class P2PBackend(MoEBackend):
                 self.expert_x, self.counts, self.cursor, self.done, self.slot_map, self.wloc,
                 self.peer_T, self.buf_d, self.err_dev, self.err_host.data_ptr(),
                 self.timeout_ns, CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts),
-                ACQ_REL=self._acq_rel_publish, RLAG=self.recv_lag,
                 **self._lamport_consts(self.tiles[0]))
             return self.expert_x, self.counts, (topk_ids, topk_weights)
         self._launch(ep_dispatch_kernel,
@@ -549,9 +486,7 @@ class P2PBackend(MoEBackend):
             self.expert_x, self.counts, self.cursor, self.done, self.slot_map, self.epoch_d,
             self.err_dev, self.err_host.data_ptr(), self.timeout_ns,
             CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts), TB=self.tiles[0],
-            ACQ_REL=self._acq_rel_publish, INTERLEAVE=self.interleave, LAG=self.round_lag or 1,
-            FUSE=self._fuse, HEAD=self.first_round_tokens or 0, NOWAIT=self._skip_waits,
-            ROWS1D=self._rows_1d, CLAIM_RB=self._claim_rb, PAIR2=self._pair2, RT=self._rt,
+            INTERLEAVE=self.interleave, FUSE=self._fuse, CLAIM_RB=self._claim_rb, RT=self._rt,
             **self._consts())
         return self.expert_x, self.counts, (topk_ids, topk_weights)
 
@@ -583,9 +518,7 @@ class P2PBackend(MoEBackend):
             expert_out, ids, w, y_arg, num_tokens,
             self.recv_w, self.recv_T, self.comb, self.flags_c, self.slot_map, self.epoch_c,
             self.err_dev, self.err_host.data_ptr(), self.timeout_ns, TB=self.tiles[1],
-            INTERLEAVE=self.interleave, LAG=self.round_lag or 1, FUSE=self._fuse_combine,
-            CHUNKS=self._combine_chunks, HEAD=self.first_round_tokens or 0,
-            NOWAIT=self._skip_waits, ROWS1D=self._rows_1d, PAIR2=self._pair2, RT=self._rt,
+            INTERLEAVE=self.interleave, FUSE=self._fuse_combine, RT=self._rt,
             **self._consts())
         return y
 
