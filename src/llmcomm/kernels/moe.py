@@ -137,6 +137,12 @@ from .sync import (globaltimer_uniform, ld_acquire_sys, load_uniform, pdl_launch
                    pdl_wait, st_release_sys, uniform)
 
 
+#: spins of a poll loop between two checks of the deadline and of this rank's error flag: each
+#: check is two more reductions across the program and a dependent load, which at 16 warps
+#: would slow every spin, and a spin's length is how late a landed value is seen
+SPIN_CHECK = tl.constexpr(16)
+
+
 @triton.jit
 def _now(USE_TIMER: tl.constexpr, NT: tl.constexpr):
     """``%globaltimer`` (ns), uniform over the program; 0 in the interpreter."""
@@ -208,7 +214,7 @@ def _wait_peers(flag_row, target, need, dead, err_dev, err_host, timeout_ns, OP:
         v = tl.atomic_add(ptrs, tl.zeros([NT], tl.int32), mask=lane, sem="acquire", scope="sys")
     behind = lane & ((v - target) < 0)
     pending = tl.sum(behind.to(tl.int32), axis=0)
-    t0 = _now(USE_TIMER, NT)
+    t0 = tl.full([], 0, tl.int64)   # set at the first check: no clock read unless waiting
     spins = tl.full([], 0, tl.int64)
     while (pending > 0) & (dead == 0):
         if POSTED:
@@ -219,7 +225,9 @@ def _wait_peers(flag_row, target, need, dead, err_dev, err_host, timeout_ns, OP:
         behind = lane & ((v - target) < 0)
         pending = tl.sum(behind.to(tl.int32), axis=0)
         spins += 1
-        if pending > 0:
+        if (pending > 0) & (spins % SPIN_CHECK == 0):
+            if spins == SPIN_CHECK:   # the deadline counts from the first check
+                t0 = _now(USE_TIMER, NT)
             if _expired(t0, spins, timeout_ns, USE_TIMER, NT):
                 _fail(err_dev, err_host, OP, tl.min(tl.where(behind, i, NT), axis=0))
                 dead = dead | 1
@@ -1441,13 +1449,15 @@ def _lamport_recv_tile(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_x
     bound = tl.where(need, M, ts_known)
     ts, bound, pending = _lamport_poll_meta(cnt_ptr, need, ts_known, bound, mp, t, M, K,
                                             BLOCK_K, NT)
-    t0 = _now(USE_TIMER, NT)
+    t0 = tl.full([], 0, tl.int64)   # set at the first check: no clock read unless waiting
     spins = tl.full([], 0, tl.int64)
     while (pending > 0) & (dead == 0):
         ts, bound, pending = _lamport_poll_meta(cnt_ptr, need, ts_known, bound, mp, t, M, K,
                                                 BLOCK_K, NT)
         spins += 1
-        if pending > 0:
+        if (pending > 0) & (spins % SPIN_CHECK == 0):
+            if spins == SPIN_CHECK:   # the deadline counts from the first check
+                t0 = _now(USE_TIMER, NT)
             if _expired(t0, spins, timeout_ns, USE_TIMER, NT):
                 _fail(err_dev, err_host, 1, s)
                 dead = dead | 1
@@ -1561,14 +1571,16 @@ def _poll_rows(ptrs, mask, dead, peer, err_dev, err_host, timeout_ns, OP: tl.con
     v = tl.load(ptrs, mask=mask, other=0.0, volatile=True)
     pending = uniform(tl.sum(tl.sum((mask & _is_sent(v, BITS)).to(tl.int32), axis=1), axis=0),
                       NT)
-    t0 = _now(USE_TIMER, NT)
+    t0 = tl.full([], 0, tl.int64)   # set at the first check: no clock read unless waiting
     spins = tl.full([], 0, tl.int64)
     while (pending > 0) & (dead == 0):
         v = tl.load(ptrs, mask=mask, other=0.0, volatile=True)
         pending = uniform(tl.sum(tl.sum((mask & _is_sent(v, BITS)).to(tl.int32), axis=1),
                                  axis=0), NT)
         spins += 1
-        if pending > 0:
+        if (pending > 0) & (spins % SPIN_CHECK == 0):
+            if spins == SPIN_CHECK:   # the deadline counts from the first check
+                t0 = _now(USE_TIMER, NT)
             if _expired(t0, spins, timeout_ns, USE_TIMER, NT):
                 _fail(err_dev, err_host, OP, peer)
                 dead = dead | 1
