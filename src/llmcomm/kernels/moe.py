@@ -1423,6 +1423,33 @@ def _lamport_poll_meta(cnt_ptr, need, ts_known, bound, mp, t, M: tl.constexpr,
 
 
 @triton.jit
+def _lamport_wait_meta(cnt_ptr, need, ts_known, mp, t, s, dead, err_dev, err_host, timeout_ns,
+                       M: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr,
+                       USE_TIMER: tl.constexpr, NT: tl.constexpr):
+    """Poll (:func:`_lamport_poll_meta`) until the source's count (when ``need``) and the meta
+    of tokens ``t`` below it have landed, or the deadline (the error record names source
+    ``s``). Returns (count, dead), uniform over the program."""
+    bound = tl.where(need, M, ts_known)
+    ts, bound, pending = _lamport_poll_meta(cnt_ptr, need, ts_known, bound, mp, t, M, K,
+                                            BLOCK_K, NT)
+    t0 = tl.full([], 0, tl.int64)   # set at the first check: no clock read unless waiting
+    spins = tl.full([], 0, tl.int64)
+    while (pending > 0) & (dead == 0):
+        ts, bound, pending = _lamport_poll_meta(cnt_ptr, need, ts_known, bound, mp, t, M, K,
+                                                BLOCK_K, NT)
+        spins += 1
+        if (pending > 0) & (spins % SPIN_CHECK == 0):
+            if spins == SPIN_CHECK:   # the deadline counts from the first check
+                t0 = _now(USE_TIMER, NT)
+            if _expired(t0, spins, timeout_ns, USE_TIMER, NT):
+                _fail(err_dev, err_host, 1, s)
+                dead = dead | 1
+            else:
+                dead = dead | _dead(err_dev, NT)
+    return ts, dead
+
+
+@triton.jit
 def _lamport_recv_tile(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor,
                        slot_map, wloc, err_dev, err_host, timeout_ns, RANK: tl.constexpr,
                        W: tl.constexpr, G: tl.constexpr, M: tl.constexpr, H: tl.constexpr,
@@ -1448,23 +1475,8 @@ def _lamport_recv_tile(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_x
     base = (buf * W + s) * M + t64
     mp = lmeta[RANK] + base[:, None] * (2 * K)
     rp = lx[RANK] + base[:, None] * H
-    bound = tl.where(need, M, ts_known)
-    ts, bound, pending = _lamport_poll_meta(cnt_ptr, need, ts_known, bound, mp, t, M, K,
-                                            BLOCK_K, NT)
-    t0 = tl.full([], 0, tl.int64)   # set at the first check: no clock read unless waiting
-    spins = tl.full([], 0, tl.int64)
-    while (pending > 0) & (dead == 0):
-        ts, bound, pending = _lamport_poll_meta(cnt_ptr, need, ts_known, bound, mp, t, M, K,
-                                                BLOCK_K, NT)
-        spins += 1
-        if (pending > 0) & (spins % SPIN_CHECK == 0):
-            if spins == SPIN_CHECK:   # the deadline counts from the first check
-                t0 = _now(USE_TIMER, NT)
-            if _expired(t0, spins, timeout_ns, USE_TIMER, NT):
-                _fail(err_dev, err_host, 1, s)
-                dead = dead | 1
-            else:
-                dead = dead | _dead(err_dev, NT)
+    ts, dead = _lamport_wait_meta(cnt_ptr, need, ts_known, mp, t, s, dead, err_dev, err_host,
+                                  timeout_ns, M, K, BLOCK_K, USE_TIMER, NT)
     vt = t < ts
     m2 = vt[:, None] & mk[None, :]
     ids = tl.full([TB, BLOCK_K], -1, tl.int32)
@@ -1542,24 +1554,9 @@ def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_
     t = c + tl.arange(0, 1)
     need = ts_known < 0
     cnt_ptr = lcnt[RANK] + (buf * W + s) * G + pid
-    bound = tl.where(need, M, ts_known)
     mp = lmeta[RANK] + (((buf * W + s) * M + tl.cast(t, tl.int64)) * (2 * K))[:, None]
-    ts, bound, pending = _lamport_poll_meta(cnt_ptr, need, ts_known, bound, mp, t, M, K,
-                                            BLOCK_K, NT)
-    t0 = tl.full([], 0, tl.int64)   # set at the first check: no clock read unless waiting
-    spins = tl.full([], 0, tl.int64)
-    while (pending > 0) & (dead == 0):
-        ts, bound, pending = _lamport_poll_meta(cnt_ptr, need, ts_known, bound, mp, t, M, K,
-                                                BLOCK_K, NT)
-        spins += 1
-        if (pending > 0) & (spins % SPIN_CHECK == 0):
-            if spins == SPIN_CHECK:   # the deadline counts from the first check
-                t0 = _now(USE_TIMER, NT)
-            if _expired(t0, spins, timeout_ns, USE_TIMER, NT):
-                _fail(err_dev, err_host, 1, s)
-                dead = dead | 1
-            else:
-                dead = dead | _dead(err_dev, NT)
+    ts, dead = _lamport_wait_meta(cnt_ptr, need, ts_known, mp, t, s, dead, err_dev, err_host,
+                                  timeout_ns, M, K, BLOCK_K, USE_TIMER, NT)
     valid = c < ts
     kv = offs_k < tl.where(valid, K, 0)
     base = (buf * W + s) * M + tl.cast(tl.where(valid, c, 0), tl.int64)
