@@ -1690,7 +1690,8 @@ def _poll_rows(ptrs, mask, dead, peer, err_dev, err_host, timeout_ns, OP: tl.con
     The loop condition is made uniform explicitly (``uniform``). A tile with fewer elements than
     threads is replicated: its copies are loaded independently and the one returned need not be
     the one counted, so it is re-read after a barrier. Ends with a barrier, so a reset store
-    issued after it (whatever its layout) never overtakes a read of this poll."""
+    issued after it (whatever its layout) never overtakes a read of this poll. ``ND``: 2 for a
+    ``[TB, BLOCK]`` tile, 1 for one row."""
     v = tl.load(ptrs, mask=mask, other=0.0, volatile=True)
     pending = uniform(_n_sent(v, mask, BITS, ND), NT)
     t0 = tl.full([], 0, tl.int64)   # set at the first check: no clock read unless waiting
