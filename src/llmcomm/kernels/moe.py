@@ -90,7 +90,11 @@ reset never races the peer's write. No host counter is involved. Tokens are hand
 ``TB`` consecutive tokens (``[TB, BLOCK_H]`` rows; ``tile_tokens`` / ``combine_tile_tokens``);
 there are no rounds. The dispatch's one-token tiles (the default) run on 1-D vectors
 (:func:`_lamport_send_token`, :func:`_lamport_recv_token`; session 13, loopback: the dispatch
-0.9-1.3 us faster at 64 tokens, 2.5-2.8 at 128, unchanged at 1-8).
+0.9-1.3 us faster at 64 tokens, 2.5-2.8 at 128, unchanged at 1-8), and since session 14 their
+receive polls the count, meta and row in one loop that ends only when *every* thread's copies
+have landed (:func:`.sync.every_thread_max`), so the values polled are used as they are (no
+barrier and re-read), and a batch that fits half the grid has its own rows copied by the other
+half (loopback: the dispatch 1.6-2.8 us faster at 1-128 tokens, ``docs/moe.md``).
 
 dispatch, program p (own tiles ``p, p+G, ...``; received tiles ``q, q+G, ...`` with
 ``q = (p + SHIFT) mod G``; ``SHIFT = 0`` by default, see :class:`llmcomm.moe.p2p.P2PBackend`):
@@ -105,9 +109,13 @@ dispatch, program p (own tiles ``p, p+G, ...``; received tiles ``q, q+G, ...`` w
     the meta (only these values are used: replicated volatile loads of a small tile can disagree
     across warps, see ``docs/wip/moe_lamport_review_s3.md``), poll the rows of the tokens with a
     local expert; barrier; reset, keep the weights (``wloc``) for the combine, expand into local
-    experts; then copy own tile i into the slots claimed at its send. Nothing is carried
-    from one iteration to the next (with the decode grid a program has one tile anyway;
-    triton 3.6 cannot compile a loop-carried row here).
+    experts; then copy own tile i into the slots claimed at its send. (One-token tiles, the
+    default: count, meta and row polled in one loop until every thread's copies landed,
+    expanded from those values, then a barrier and the resets; and own tile ``hp + i*G`` is
+    the one claimed and copied, ``hp = (p + G // 2) mod G`` when the batch has at most
+    ``G // 2`` tiles, else ``p`` -- placing never waits, so this needs no residency.) Nothing
+    is carried from one iteration to the next (with the decode grid a program has one tile
+    anyway; triton 3.6 cannot compile a loop-carried row here).
   * record the peers' counts (``peer_T``), advance ``buf``; the last program out publishes
     ``counts`` and resets the cursors (as in ``"flags"``).
 combine, program p (small batches, when every rank's tiles times ``SPLIT`` -- else times
@@ -135,8 +143,8 @@ are masked loads (no branch per k), so they overlap.
 import triton
 import triton.language as tl
 
-from .sync import (globaltimer_uniform, ld_acquire_sys, load_uniform, pdl_launch_dependents,
-                   pdl_wait, st_release_sys, uniform)
+from .sync import (every_thread_max, globaltimer_uniform, ld_acquire_sys, load_uniform,
+                   pdl_launch_dependents, pdl_wait, st_release_sys, uniform)
 
 
 #: spins of a poll loop between two checks of the deadline and of this rank's error flag: each
@@ -1510,13 +1518,10 @@ def _lamport_recv_tile(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_x
 
 
 @triton.jit
-def _lamport_send_token(t, T, x_ptr, ids_ptr, w_ptr, buf, lx, lmeta, RANK: tl.constexpr,
-                        W: tl.constexpr, M: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
-                        L: tl.constexpr, E: tl.constexpr, BLOCK_H: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
-    """:func:`_lamport_send_tile` of a one-token tile on 1-D vectors (session 13): own token
-    ``t`` (none when ``t >= T``), its meta to every peer and its row to the peers owning one of
-    its experts. Returns ``(row [BLOCK_H], ids [BLOCK_K], valid, t as int64)``."""
+def _own_token(t, T, x_ptr, ids_ptr, w_ptr, H: tl.constexpr, K: tl.constexpr, E: tl.constexpr,
+               BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Own token ``t`` on 1-D vectors (none when ``t >= T``): ``(row [BLOCK_H], ids [BLOCK_K]
+    (-1 beyond ``K`` or out of range), w [BLOCK_K] fp32, valid, t as int64)``."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_k = tl.arange(0, BLOCK_K)
     valid = t < T
@@ -1526,6 +1531,19 @@ def _lamport_send_token(t, T, x_ptr, ids_ptr, w_ptr, buf, lx, lmeta, RANK: tl.co
     ids = tl.where(kv & (ids >= 0) & (ids < E), ids, -1)
     w = tl.load(w_ptr + ti * K + offs_k, mask=kv, other=0.0).to(tl.float32)
     row = tl.load(x_ptr + ti * H + offs_h, mask=offs_h < tl.where(valid, H, 0))
+    return row, ids, w, valid, ti
+
+
+@triton.jit
+def _lamport_send_token(row, ids, w, valid, ti, buf, lx, lmeta, RANK: tl.constexpr,
+                        W: tl.constexpr, M: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
+                        L: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """:func:`_lamport_send_tile` of a one-token tile on 1-D vectors (session 13): own token
+    ``ti`` as :func:`_own_token` loaded it, its meta to every peer and its row to the peers
+    owning one of its experts."""
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_k = tl.arange(0, BLOCK_K)
+    kv = offs_k < tl.where(valid, K, 0)
     wbits = tl.where(w == 0, 0.0, w).to(tl.int32, bitcast=True)
     rowc = tl.where(row == 0, tl.zeros_like(row), row)
     base = (buf * W + RANK) * M + ti
@@ -1535,7 +1553,41 @@ def _lamport_send_token(t, T, x_ptr, ids_ptr, w_ptr, buf, lx, lmeta, RANK: tl.co
             tl.store(lmeta[d] + base * (2 * K) + K + offs_k, wbits, mask=kv)
             to_d = tl.sum((tl.where(ids >= 0, ids // L, -1) == d).to(tl.int32), axis=0) > 0
             tl.store(lx[d] + base * H + offs_h, rowc, mask=offs_h < tl.where(to_d, H, 0))
-    return row, ids, valid, ti
+
+
+@triton.jit
+def _lamport_poll_token(cnt_ptr, need, ts_known, bound, mp1, rp, c, RANK: tl.constexpr,
+                        M: tl.constexpr, H: tl.constexpr, K: tl.constexpr, L: tl.constexpr,
+                        BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr,
+                        USE_TIMER: tl.constexpr, NT: tl.constexpr):
+    """One poll round of a one-token receive (token ``c`` of a source, while ``c < bound``):
+    the count (when ``need``), the meta and the row loaded together, one round trip. The row
+    counts only when the meta names a local expert. Returns (count, next bound, ids, weight
+    bits, row, pending).
+
+    ``pending`` is the largest over every thread of what that thread's own copies still miss
+    (:func:`.sync.every_thread_max`; the meta is replicated over the threads, each copy its own
+    volatile load): at ``pending == 0`` every value any thread holds has landed, so the caller
+    uses them as they are -- no barrier and re-read as after :func:`_lamport_poll_meta`."""
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_h = tl.arange(0, BLOCK_H)
+    c_raw = load_uniform(cnt_ptr, need, 0, NT)  # branched on: must be uniform
+    kv = offs_k < tl.where(c < bound, K, 0)
+    ids = tl.load(mp1 + offs_k, mask=kv, other=-1, volatile=True)
+    wb = tl.load(mp1 + K + offs_k, mask=kv, other=0, volatile=True)
+    row = tl.load(rp + offs_h, mask=offs_h < tl.where(c < bound, H, 0), other=0.0,
+                  volatile=True)
+    cnt_pend = need & (c_raw == -2147483648)
+    ts = tl.where(need, c_raw, ts_known)
+    nbound = tl.where(cnt_pend, M, ts)   # bound >= every later bound
+    kh = offs_k < tl.where(c < nbound, K, 0)
+    meta_pend = tl.sum((kh & ((ids == -2147483648) | (wb == -2147483648))).to(tl.int32),
+                       axis=0)
+    mine = tl.sum((kh & (tl.where(ids >= 0, ids // L, -1) == RANK)).to(tl.int32), axis=0) > 0
+    row_pend = _n_sent(row, offs_h < H, BITS, 1)
+    pending = every_thread_max(cnt_pend.to(tl.int32) + meta_pend + tl.where(mine, row_pend, 0),
+                               NT, USE_TIMER)
+    return ts, nbound, ids, wb, row, pending
 
 
 @triton.jit
@@ -1545,46 +1597,51 @@ def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_
                         K: tl.constexpr, L: tl.constexpr, CAP: tl.constexpr,
                         BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr,
                         USE_TIMER: tl.constexpr, NT: tl.constexpr):
-    """:func:`_lamport_recv_tile` of a one-token tile (token ``c`` of source ``s``), the same
-    protocol; after the count and meta poll (unchanged), the re-read, the row poll, the resets
-    and the expansion run on 1-D vectors (:func:`_token_claim`, :func:`_token_place`), as the
-    flags kernels' one-token steps do since session 8. Returns (count, dead)."""
+    """:func:`_lamport_recv_tile` of a one-token tile (token ``c`` of source ``s``) on 1-D
+    vectors (session 13): the count, meta and row polled together until every thread's copies
+    have landed (:func:`_lamport_poll_token`, session 14), then expanded from those values
+    (:func:`_token_claim`, :func:`_token_place`); barrier; reset. Returns (count, dead)."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_k = tl.arange(0, BLOCK_K)
-    t = c + tl.arange(0, 1)
     need = ts_known < 0
     cnt_ptr = lcnt[RANK] + (buf * W + s) * G + pid
-    mp = lmeta[RANK] + (((buf * W + s) * M + tl.cast(t, tl.int64)) * (2 * K))[:, None]
-    ts, dead = _lamport_wait_meta(cnt_ptr, need, ts_known, mp, t, s, dead, err_dev, err_host,
-                                  timeout_ns, M, K, BLOCK_K, USE_TIMER, NT)
-    valid = c < ts
-    kv = offs_k < tl.where(valid, K, 0)
-    base = (buf * W + s) * M + tl.cast(tl.where(valid, c, 0), tl.int64)
+    base = (buf * W + s) * M + tl.cast(c, tl.int64)   # masked off wherever c >= M
     mp1 = lmeta[RANK] + base * (2 * K)
     rp = lx[RANK] + base * H
-    ids = tl.full([BLOCK_K], -1, tl.int32)
-    wb = tl.zeros([BLOCK_K], tl.int32)
-    mine = valid & False
-    row = tl.zeros([BLOCK_H], lx[RANK].dtype.element_ty)
+    bound = tl.where(need, M, ts_known)
+    ts, bound, ids, wb, row, pending = _lamport_poll_token(cnt_ptr, need, ts_known, bound, mp1,
+                                                           rp, c, RANK, M, H, K, L, BLOCK_H,
+                                                           BLOCK_K, BITS, USE_TIMER, NT)
+    t0 = tl.full([], 0, tl.int64)   # set at the first check: no clock read unless waiting
+    spins = tl.full([], 0, tl.int64)
+    while (pending > 0) & (dead == 0):
+        ts, bound, ids, wb, row, pending = _lamport_poll_token(
+            cnt_ptr, need, ts_known, bound, mp1, rp, c, RANK, M, H, K, L, BLOCK_H, BLOCK_K,
+            BITS, USE_TIMER, NT)
+        spins += 1
+        if (pending > 0) & (spins % SPIN_CHECK == 0):
+            if spins == SPIN_CHECK:   # the deadline counts from the first check
+                t0 = _now(USE_TIMER, NT)
+            if _expired(t0, spins, timeout_ns, USE_TIMER, NT):
+                _fail(err_dev, err_host, 1, s)
+                dead = dead | 1
+            else:
+                dead = dead | _dead(err_dev, NT)
     if dead == 0:
-        tl.debug_barrier()   # every sample the decision came from precedes the re-read
-        ids = tl.load(mp1 + offs_k, mask=kv, other=-1, volatile=True)
-        wb = tl.load(mp1 + K + offs_k, mask=kv, other=0, volatile=True)
+        valid = c < ts
+        kv = offs_k < tl.where(valid, K, 0)
         mine = valid & (tl.sum((tl.where(ids >= 0, ids // L, -1) == RANK).to(tl.int32),
                                axis=0) > 0)
-        row, dead = _poll_rows(rp + offs_h, offs_h < tl.where(mine, H, 0), dead, s, err_dev,
-                               err_host, timeout_ns, 1, BITS, USE_TIMER, NT, 1)
-        # (_poll_rows ends with a barrier: no reset below overtakes any thread's read)
-    if dead == 0:
+        srow = s * M + tl.cast(tl.where(valid, c, 0), tl.int64)
+        tl.store(wloc + srow * K + offs_k, wb.to(tl.float32, bitcast=True), mask=kv)
+        claim = _token_claim(ids, valid, cursor, RANK, L, K, BLOCK_K)
+        _token_place(row, valid, claim, srow, expert_x, slot_map, H, K, CAP, BLOCK_H, BLOCK_K)
+        tl.debug_barrier()   # every read of the received values done: no reset overtakes one
         if need:
             tl.store(cnt_ptr, -2147483648)
         tl.store(mp1 + offs_k, tl.full([BLOCK_K], -2147483648, tl.int32), mask=kv)
         tl.store(mp1 + K + offs_k, tl.full([BLOCK_K], -2147483648, tl.int32), mask=kv)
         tl.store(rp + offs_h, _sent_like(row, BITS), mask=offs_h < tl.where(mine, H, 0))
-        srow = s * M + tl.cast(tl.where(valid, c, 0), tl.int64)
-        tl.store(wloc + srow * K + offs_k, wb.to(tl.float32, bitcast=True), mask=kv)
-        claim = _token_claim(ids, valid, cursor, RANK, L, K, BLOCK_K)
-        _token_place(row, valid, claim, srow, expert_x, slot_map, H, K, CAP, BLOCK_H, BLOCK_K)
     else:
         ts = ts * 0
     return ts, dead
@@ -1620,6 +1677,12 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
     n_own = tl.cdiv(T, TB)
     tsv = tl.full([BLOCK_W], -1, tl.int32)       # peers' token counts, -1 = not known yet
     rbase = (pid + SHIFT) % G                    # received tiles: rbase, rbase + G, ...
+    # own tiles placed into local experts: hp, hp + G, ... A batch of one-token tiles that fits
+    # half the grid has them placed by the other half (hp half the grid away), so a sender
+    # does not also copy its own rows after its receive (session 14)
+    hp = pid
+    if TB == 1:
+        hp = tl.where(n_own <= G // 2, (pid + G // 2) % G, pid)
     i = tl.full([], 0, tl.int32)
     more = n_own > 0
     more = more | (W > 1)
@@ -1629,11 +1692,14 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
         # The receive is of the peers' tile i (not i - 1): with the decode grid (G >= tiles)
         # a program has one tile, and nothing is carried across iterations (triton 3.6 fails
         # to compile a loop-carried [TB, BLOCK_H] row here: RemoveLayoutConversions)
-        if TB == 1:   # 1-D vectors (session 13)
-            row1, ids1, v1, t1 = _lamport_send_token(pid + i * G, T, x_ptr, ids_ptr, w_ptr, buf,
-                                                     lx, lmeta, RANK, W, M, H, K, L, E, BLOCK_H,
-                                                     BLOCK_K)
-            claim = _token_claim(ids1, v1, cursor, RANK, L, K, BLOCK_K)
+        if TB == 1:   # 1-D vectors (session 13); own token hp + i*G placed here (session 14)
+            row1, ids1, w1, v1, t1 = _own_token(pid + i * G, T, x_ptr, ids_ptr, w_ptr, H, K, E,
+                                                BLOCK_H, BLOCK_K)
+            _lamport_send_token(row1, ids1, w1, v1, t1, buf, lx, lmeta, RANK, W, M, H, K, L,
+                                BLOCK_H, BLOCK_K)
+            rowp, idsp, wp, vp, tp = _own_token(hp + i * G, T, x_ptr, ids_ptr, w_ptr, H, K, E,
+                                                BLOCK_H, BLOCK_K)
+            claim = _token_claim(idsp, vp, cursor, RANK, L, K, BLOCK_K)
         else:
             row, ids, vt, t64 = _lamport_send_tile(pid + i * G, x_ptr, ids_ptr, w_ptr, T, buf,
                                                    lx, lmeta, RANK, W, M, H, K, L, E, BLOCK_H,
@@ -1656,7 +1722,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                             K, L, CAP, BLOCK_H, BLOCK_K, TB, BITS, USE_TIMER, NT)
                     tsv = tl.where(offs_w == s, ts, tsv)
         if TB == 1:
-            _token_place(row1, v1, claim, RANK * M + t1, expert_x, slot_map, H, K, CAP, BLOCK_H,
+            _token_place(rowp, vp, claim, RANK * M + tp, expert_x, slot_map, H, K, CAP, BLOCK_H,
                          BLOCK_K)
         else:
             _place_rows(row, ids, vt, slot, RANK * M + t64, expert_x, slot_map, RANK, H, K, L,
@@ -1664,7 +1730,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
         i += 1
         big = tl.where(is_peer, tl.where(tsv < 0, 2147483647, tsv), 0)
         want_recv = ((rbase + i * G) * TB < tl.max(big, axis=0)) & (dead == 0)
-        more = (pid + i * G < n_own) | want_recv
+        more = (pid + i * G < n_own) | want_recv   # (hp != pid only with one own tile)
     tl.store(peer_T + offs_w, tl.maximum(tsv, 0), mask=is_peer)
     tl.store(buf_ptr + pid, (buf + 1) % NBUF)
     _publish_counts(done, cursor, counts, G, L, BLOCK_L)

@@ -68,6 +68,24 @@ def uniform(x, NT: tl.constexpr):
 
 
 @triton.jit
+def every_thread_max(x, NT: tl.constexpr, GPU: tl.constexpr):
+    """The largest value the int32 scalar ``x`` has in any thread of the program, handed to
+    every thread (a reduction over an ``NT``-vector of the threads' own values).
+
+    Unlike :func:`uniform` (thread 0's value), a zero here says that *every* thread's ``x`` was
+    zero: a pending-count computed from each thread's own copies of replicated volatile loads,
+    reduced this way, ends a poll only once every copy any thread holds has landed. On the GPU
+    the vector goes through an opaque ``mov``, so the compiler cannot treat it as a splat of a
+    uniform scalar; ``GPU=False`` (the interpreter, one thread a program) skips it."""
+    i = tl.arange(0, NT)
+    v = x + i * 0
+    if GPU:
+        v = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [v], dtype=tl.int32,
+                                      is_pure=False, pack=1)
+    return tl.max(v, axis=0)
+
+
+@triton.jit
 def ld_acquire_sys(ptrs, mask):
     return tl.inline_asm_elementwise(
         "{ .reg .pred p; setp.ne.s32 p, $2, 0; mov.u32 $0, 0; "
