@@ -12,6 +12,8 @@ returns a value (an NVLink round trip for a remote flag). These helpers emit the
 * ``load_uniform(ptr, mask, other, NT)``: one volatile scalar load every thread sees alike.
 * ``uniform(x, NT)``: thread 0's value of a scalar computed from volatile loads, handed to every
   thread (the MoE ``"lamport"`` polls; see below).
+* ``every_thread_max(x, NT, GPU)``: the largest value a scalar has in any thread, handed to
+  every thread (a poll that may use what it loaded only once every thread's copy has landed).
 * ``wait_flags(...)``: spin until every selected flag reached ``target`` (wrap-safe int32
   comparison) or the deadline passed; on expiry write an error record (see below) and return.
 
