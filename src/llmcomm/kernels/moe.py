@@ -120,7 +120,9 @@ dispatch, program p (own tiles ``p, p+G, ...``; received tiles ``q, q+G, ...`` w
     ``counts`` and resets the cursors (as in ``"flags"``).
 combine, program p (small batches, when every rank's tiles times ``SPLIT`` -- else times
 ``SPLIT / 2`` -- fit the grid: tile ``p // S``, column chunk ``p mod S`` of it, pushed and
-finished in one step, see :func:`_lamport_split_combine`; otherwise whole rows):
+finished in one step, see :func:`_lamport_split_combine`; otherwise whole rows; at EP=2 the
+small-batch push's slot map and weights are loaded beside ``peer_T`` at entry, not after it,
+:func:`_push_routing`, session 14):
   * iteration i: push the partial sums of the peers' tile ``p + i*G`` (``lcomb[s][buf, RANK]``,
     rows with at least one local expert), then finish own tile ``q + (i-1)*G``: own partial
     (fp32), poll + reset each peer's partial, sum in fixed rank order, store ``y``.
@@ -1782,13 +1784,27 @@ def _poll_rows(ptrs, mask, dead, peer, err_dev, err_host, timeout_ns, OP: tl.con
 
 
 @triton.jit
-def _lamport_push(c, col0, tsv, buf, expert_out, lcomb, slot_map, wloc, RANK: tl.constexpr,
-                  W: tl.constexpr, M: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
-                  BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr,
-                  TB: tl.constexpr):
+def _push_routing(c, s, slot_map, wloc, M: tl.constexpr, K: tl.constexpr,
+                  BLOCK_K: tl.constexpr, TB: tl.constexpr):
+    """Source ``s``'s tile ``c`` as the dispatch left it for the combine: ``(slot [TB,
+    BLOCK_K] (-1: none), weight [TB, BLOCK_K] fp32)`` of its tokens below ``M`` -- whether they
+    exist in this call (``t < peer_T[s]``) is the caller's to apply."""
+    offs_k = tl.arange(0, BLOCK_K)
+    t64 = tl.cast(c * TB + tl.arange(0, TB), tl.int64)
+    m2 = (t64 < M)[:, None] & (offs_k < K)[None, :]
+    r = (s * M + t64)[:, None] * K + offs_k[None, :]
+    return (tl.load(slot_map + r, mask=m2, other=-1), tl.load(wloc + r, mask=m2, other=0.0))
+
+
+@triton.jit
+def _lamport_push(c, col0, tsv, buf, expert_out, lcomb, slot_map, wloc, pre,
+                  RANK: tl.constexpr, W: tl.constexpr, M: tl.constexpr, H: tl.constexpr,
+                  K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                  BLOCK_W: tl.constexpr, TB: tl.constexpr, PRE: tl.constexpr):
     """Columns ``[col0, col0 + BLOCK_C)`` of the partial sums of every peer's tile ``c``, pushed
     once per (token, peer) into ``lcomb[s][buf, RANK]`` (tokens with a local expert only;
-    ``-0.0`` sent as ``+0.0``)."""
+    ``-0.0`` sent as ``+0.0``). ``PRE`` (one peer): ``pre`` is that peer's
+    :func:`_push_routing` of tile ``c``, loaded by the caller before it knew the peer's count."""
     offs_h = col0 + tl.arange(0, BLOCK_C)
     mh = offs_h < H
     offs_k = tl.arange(0, BLOCK_K)
@@ -1802,9 +1818,13 @@ def _lamport_push(c, col0, tsv, buf, expert_out, lcomb, slot_map, wloc, RANK: tl
             if c * TB < ts:
                 vt = t < ts
                 m2 = vt[:, None] & mk[None, :]
-                r = (s * M + t64)[:, None] * K + offs_k[None, :]
-                sm = tl.load(slot_map + r, mask=m2, other=-1)
-                wv = tl.load(wloc + r, mask=m2, other=0.0)
+                if PRE:
+                    sm = tl.where(m2, pre[0], -1)
+                    wv = tl.where(m2, pre[1], 0.0)
+                else:
+                    sm, wv = _push_routing(c, s, slot_map, wloc, M, K, BLOCK_K, TB)
+                    sm = tl.where(m2, sm, -1)
+                    wv = tl.where(m2, wv, 0.0)
                 accp = _partial_tile(expert_out, sm, wv, col0, H, K, BLOCK_C, BLOCK_K)
                 has = vt & (tl.max(sm, axis=1) >= 0)
                 out = accp.to(lcomb[s].dtype.element_ty)
@@ -1861,13 +1881,13 @@ def _lamport_split_combine(pid, obase, n_own, T, dead, tsv, buf, expert_out, ids
                            H: tl.constexpr, K: tl.constexpr, L: tl.constexpr, E: tl.constexpr,
                            CW: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr,
                            TB: tl.constexpr, BITS: tl.constexpr, USE_TIMER: tl.constexpr,
-                           NT: tl.constexpr, S: tl.constexpr):
+                           NT: tl.constexpr, S: tl.constexpr, pre, PRE: tl.constexpr):
     """A small batch's combine, ``S`` column chunks of ``CW`` per tile (every tile's chunks fit
     the grid): program ``pid`` pushes chunk ``pid mod S`` of the peers' tile ``pid // S`` and
     finishes chunk ``obase mod S`` of its own tile ``obase // S``. Returns ``dead``."""
     if dead == 0:
-        _lamport_push(pid // S, (pid % S) * CW, tsv, buf, expert_out, lcomb, slot_map, wloc,
-                      RANK, W, M, H, K, CW, BLOCK_K, BLOCK_W, TB)
+        _lamport_push(pid // S, (pid % S) * CW, tsv, buf, expert_out, lcomb, slot_map, wloc, pre,
+                      RANK, W, M, H, K, CW, BLOCK_K, BLOCK_W, TB, PRE)
     if obase // S < n_own:
         dead = _lamport_finish(obase // S, (obase % S) * CW, T, dead, buf, expert_out, ids_ptr,
                                w_ptr, y_ptr, lcomb, slot_map, err_dev, err_host, timeout_ns,
@@ -1901,6 +1921,9 @@ def ep_combine_lamport_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T, lcomb, slot_
     offs_w = tl.arange(0, BLOCK_W)
     is_peer = (offs_w < W) & (offs_w != RANK)
     tsv = tl.load(peer_T + offs_w, mask=is_peer, other=0)
+    # one peer: the routing of the tile the small-batch path pushes, loaded beside peer_T
+    # instead of after it (the push is the peer's critical path; session 14)
+    pre = _push_routing(pid // SPLIT, (RANK + 1) % W, slot_map, wloc, M, K, BLOCK_K, TB)
     max_ts = tl.max(tsv, axis=0)
     n_own = tl.cdiv(T, TB)
     obase = (pid + SHIFT) % G                    # own tiles / units: obase, obase + G, ...
@@ -1913,19 +1936,21 @@ def ep_combine_lamport_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T, lcomb, slot_
         dead = _lamport_split_combine(pid, obase, n_own, T, dead, tsv, buf, expert_out, ids_ptr,
                                       w_ptr, y_ptr, lcomb, slot_map, wloc, err_dev, err_host,
                                       timeout_ns, RANK, W, M, H, K, L, E, BLOCK_H // SPLIT,
-                                      BLOCK_K, BLOCK_W, TB, BITS, USE_TIMER, NT, SPLIT)
+                                      BLOCK_K, BLOCK_W, TB, BITS, USE_TIMER, NT, SPLIT, pre,
+                                      W == 2)
     elif tiles * HALF <= G:
         dead = _lamport_split_combine(pid, obase, n_own, T, dead, tsv, buf, expert_out, ids_ptr,
                                       w_ptr, y_ptr, lcomb, slot_map, wloc, err_dev, err_host,
                                       timeout_ns, RANK, W, M, H, K, L, E, BLOCK_H // HALF,
-                                      BLOCK_K, BLOCK_W, TB, BITS, USE_TIMER, NT, HALF)
+                                      BLOCK_K, BLOCK_W, TB, BITS, USE_TIMER, NT, HALF, pre,
+                                      False)
     else:
         i = tl.full([], 0, tl.int32)
         more = (pid * TB < max_ts) | (obase < n_own)
         while more:
             if dead == 0:
-                _lamport_push(pid + i * G, 0, tsv, buf, expert_out, lcomb, slot_map, wloc, RANK,
-                              W, M, H, K, BLOCK_H, BLOCK_K, BLOCK_W, TB)
+                _lamport_push(pid + i * G, 0, tsv, buf, expert_out, lcomb, slot_map, wloc, pre,
+                              RANK, W, M, H, K, BLOCK_H, BLOCK_K, BLOCK_W, TB, False)
             co = obase + (i - 1) * G
             if (i > 0) & (co < n_own):
                 dead = _lamport_finish(co, 0, T, dead, buf, expert_out, ids_ptr, w_ptr, y_ptr,

@@ -71,6 +71,22 @@ def _round_tokens(M: int, programs: int) -> int:
     return max(-(-share // 4), min(-(-share // 2), 8), min(share, 2))
 
 
+def _lamport_warps(T: int, tile: int, programs: int, split: int, num_warps: int,
+                   small: int | None) -> int:
+    """Warps a program of a ``"lamport"`` call with ``T`` own tokens runs: ``small`` when set
+    and the call's tiles times ``split`` fit the grid (the combine's small-batch path of
+    ``split`` column chunks a tile), else ``num_warps``.
+
+    Session 14 (loopback, one H200, hidden 7168): 8 warps instead of 16 took the combine from
+    6.92-6.94 to 5.97-5.99 us at one token (7.17-7.20 to 6.23-6.24 at 8) and the dispatch from
+    9.70-9.75 to 9.32-9.33 at one token, but the combine 1-3 us longer at 64-128 tokens (whole
+    rows a program): fewer threads make each cross-warp reduction and barrier cheaper, which
+    is what a small batch's chain is made of."""
+    if small is not None and -(-T // tile) * split <= programs:
+        return small
+    return num_warps
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -156,7 +172,9 @@ class P2PBackend(MoEBackend):
                 equal on every rank.
             simulate_dir: tests only, see the module docstring.
             num_warps: warps per program (default 16 for H >= 4096, 8 for H >= 2048, else 4;
-                power of 2, <= 16).
+                power of 2, <= 16). With ``"lamport"`` and the default at H >= 4096, a call
+                whose token tiles times ``combine_split`` fit the grid runs 8
+                (:func:`_lamport_warps`).
             round_tokens: tokens of one program per round (``CHUNK`` in
                 :mod:`llmcomm.kernels.moe`): every round of sends is signalled on its own, so
                 a peer expands (dispatch) or sums (combine) round r - 1 while round r is on
@@ -234,6 +252,10 @@ class P2PBackend(MoEBackend):
                              "run one after another): pass shift=0 or leave it unset")
         if not self._sim and cfg.device.type != "cuda":
             raise ValueError(f"p2p EP backend needs a CUDA device, got {cfg.device}")
+        # lamport with the default warps: 8 for a small batch (_lamport_warps), both compiled
+        # and loaded at the first call of each kernel (_launch_lamport)
+        self._small_warps = 8 if lamport and num_warps is None and cfg.hidden_size >= 4096 \
+            else None
         if num_warps is None:
             num_warps = 16 if cfg.hidden_size >= 4096 else 8 if cfg.hidden_size >= 2048 else 4
         if num_warps not in (1, 2, 4, 8, 16):
@@ -400,13 +422,15 @@ class P2PBackend(MoEBackend):
         self.timeout_ns = int(get_config().timeout_s * 1e9)
         self._failed: CollectiveTimeoutError | None = None
         self._compile_only = False   # Loopback only, see _launch
+        self._loaded: set[Any] = set()   # lamport kernels loaded at both warp counts
         if not self._sim:
             torch.cuda.synchronize(cfg.device)   # zeroed flags visible before any peer signals
 
     def fingerprint(self) -> dict[str, Any]:
         return {"num_programs": self.G, "workspace_bytes": self.ws.nbytes,
                 "protocol": self.protocol, "shift": self.shift,
-                "num_warps": self.num_warps, "round_tokens": self.round_tokens,
+                "num_warps": self.num_warps, "small_batch_warps": self._small_warps,
+                "round_tokens": self.round_tokens,
                 "tile_tokens": self.tiles[0], "combine_tile_tokens": self.tiles[1],
                 "combine_split": self.combine_split, "interleave": self.interleave,
                 "runtime_rounds": self._rt,
@@ -435,7 +459,7 @@ class P2PBackend(MoEBackend):
                 "num_warps": self._roles_warps, "NT": 32 * self._roles_warps,
                 "PAIR": self._roles_pair, **extra}
 
-    def _lamport_consts(self, tb: int) -> dict[str, Any]:
+    def _lamport_consts(self, tb: int, warps: int) -> dict[str, Any]:
         c = self.cfg
         extra = {"launch_pdl": True} if self.variants["PDL"] else {}
         return dict(RANK=c.rank, W=c.world_size, G=self.G, M=c.max_tokens_per_rank,
@@ -444,7 +468,28 @@ class P2PBackend(MoEBackend):
                     BLOCK_W=_next_pow2(c.world_size), TB=tb,
                     BITS=8 * torch.empty(0, dtype=c.dtype).element_size(), NBUF=NBUF,
                     SHIFT=self.shift, USE_TIMER=not self._sim, PDL=self.variants["PDL"],
-                    num_warps=self.num_warps, NT=32 * self.num_warps, **extra)
+                    num_warps=warps, NT=32 * warps, **extra)
+
+    def _launch_lamport(self, kernel: Any, T: int, tb: int, *args: Any, **kwargs: Any) -> None:
+        """:meth:`_launch` of a lamport kernel for ``T`` own tokens in tiles of ``tb``, at the
+        warps :func:`_lamport_warps` picks. Where it can pick two, the first call compiles and
+        loads both before it launches either, so no later call compiles while its peers spin
+        (or inside a CUDA-graph capture that follows eager warm-up calls)."""
+        warps = _lamport_warps(T, tb, self.G, self.combine_split, self.num_warps,
+                               self._small_warps)
+        if self._small_warps is not None and not self._sim and kernel not in self._loaded:
+            for w in (self.num_warps, self._small_warps):
+                self._load(kernel, args, (self.G,), {**kwargs, **self._lamport_consts(tb, w)})
+            self._loaded.add(kernel)
+        self._launch(kernel, *args, **kwargs, **self._lamport_consts(tb, warps))
+
+    @staticmethod
+    def _load(kernel: Any, args: tuple, grid: tuple, kwargs: dict[str, Any]) -> None:
+        """Compile ``kernel`` for these arguments and load its module; launch nothing."""
+        k = kernel.warmup(*args, grid=grid, **kwargs)
+        if hasattr(k, "result"):           # triton's asynchronous compile mode
+            k = k.result()
+        k._init_handles()
 
     def _launch(self, kernel: Any, *args: Any, grid: int | None = None, **kwargs: Any) -> None:
         """``kernel[(grid or G,)](*args, **kwargs)``; with ``_compile_only`` set (by
@@ -455,13 +500,10 @@ class P2PBackend(MoEBackend):
         first loopback run, which compiled rank by rank between launches, hung every call until
         its deadline)."""
         g = (grid or self.G,)
-        if not self._compile_only:
+        if self._compile_only:
+            self._load(kernel, args, g, kwargs)
+        else:
             kernel[g](*args, **kwargs)
-            return
-        k = kernel.warmup(*args, grid=g, **kwargs)
-        if hasattr(k, "result"):           # triton's asynchronous compile mode
-            k = k.result()
-        k._init_handles()
 
     def dispatch(self, x, topk_ids, topk_weights):
         from ..kernels.moe import ep_dispatch_kernel, ep_dispatch_lamport_kernel
@@ -473,12 +515,11 @@ class P2PBackend(MoEBackend):
             x, topk_ids, topk_weights = self._dummy_x, self._dummy_ids, self._dummy_w
         c = self.cfg
         if self.protocol == "lamport":
-            self._launch(ep_dispatch_lamport_kernel,
+            self._launch_lamport(ep_dispatch_lamport_kernel, T, self.tiles[0],
                 x, topk_ids, topk_weights, T, self.lx, self.lmeta, self.lcnt,
                 self.expert_x, self.counts, self.cursor, self.done, self.slot_map, self.wloc,
                 self.peer_T, self.buf_d, self.err_dev, self.err_host.data_ptr(),
-                self.timeout_ns, CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts),
-                **self._lamport_consts(self.tiles[0]))
+                self.timeout_ns, CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts))
             return self.expert_x, self.counts, (topk_ids, topk_weights)
         self._launch(ep_dispatch_kernel,
             x, topk_ids, topk_weights, T,
@@ -501,11 +542,10 @@ class P2PBackend(MoEBackend):
         y = torch.empty(num_tokens, c.hidden_size, dtype=c.dtype, device=expert_out.device)
         y_arg = y if num_tokens else self._dummy_x
         if self.protocol == "lamport":
-            self._launch(ep_combine_lamport_kernel,
+            self._launch_lamport(ep_combine_lamport_kernel, num_tokens, self.tiles[1],
                 expert_out, ids, w, y_arg, num_tokens, self.lcomb, self.slot_map, self.wloc,
                 self.peer_T, self.buf_c, self.err_dev, self.err_host.data_ptr(),
-                self.timeout_ns, SPLIT=min(self.combine_split, _next_pow2(c.hidden_size)),
-                **self._lamport_consts(self.tiles[1]))
+                self.timeout_ns, SPLIT=min(self.combine_split, _next_pow2(c.hidden_size)))
             return y
         if self._roles:
             self._launch(ep_combine_roles_kernel,

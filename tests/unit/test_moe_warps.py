@@ -1,0 +1,22 @@
+"""The lamport backend's warps per call (``llmcomm.moe.p2p._lamport_warps``): 8 warps for a
+batch whose tiles times ``combine_split`` fit the grid, the configured count above (session 14:
+8 warps were faster for small batches and slower at 64-128 tokens, docs/moe.md)."""
+
+import pytest
+
+from llmcomm.moe.p2p import _lamport_warps
+
+
+@pytest.mark.parametrize("T, tile, expect", [
+    (0, 1, 8), (1, 1, 8), (16, 1, 8),     # 16 tiles x 4 chunks = 64 <= 66 programs
+    (17, 1, 16), (128, 1, 16),            # 68 > 66: whole rows or 2 chunks, 16 warps
+    (32, 2, 8), (34, 2, 16),              # tiles of 2 tokens: 16 and 17 tiles
+])
+def test_small_batches_take_the_small_warp_count(T, tile, expect):
+    assert _lamport_warps(T, tile, 66, 4, 16, 8) == expect
+
+
+def test_no_small_count_keeps_the_configured_warps():
+    # an explicit num_warps (or hidden < 4096) leaves small=None: every call runs num_warps
+    assert [_lamport_warps(T, 1, 66, 4, 16, None) for T in (0, 1, 128)] == [16, 16, 16]
+    assert _lamport_warps(1, 1, 66, 4, 4, None) == 4
