@@ -182,6 +182,24 @@ def _expired(t0, spins, timeout_ns, USE_TIMER: tl.constexpr, NT: tl.constexpr):
 
 
 @triton.jit
+def _spin_deadline(pending, spins, t0, dead, err_dev, err_host, timeout_ns, OP: tl.constexpr,
+                   peer, USE_TIMER: tl.constexpr, NT: tl.constexpr):
+    """The deadline of a poll loop, checked every ``SPIN_CHECK``-th spin while ``pending``:
+    the clock is first read at the first check (a wait already satisfied reads none); past
+    the deadline the error record names ``peer`` (phase ``OP``) and ``dead`` is set, else
+    another program's error is picked up. Returns ``(t0, dead)``."""
+    if (pending > 0) & (spins % SPIN_CHECK == 0):
+        if spins == SPIN_CHECK:   # the deadline counts from the first check
+            t0 = _now(USE_TIMER, NT)
+        if _expired(t0, spins, timeout_ns, USE_TIMER, NT):
+            _fail(err_dev, err_host, OP, peer)
+            dead = dead | 1
+        else:
+            dead = dead | _dead(err_dev, NT)
+    return t0, dead
+
+
+@triton.jit
 def _fail(err_dev, err_host, OP: tl.constexpr, peer):
     code = OP * 65536 + peer + 1
     tl.store(err_dev, code)
@@ -1448,14 +1466,8 @@ def _lamport_wait_meta(cnt_ptr, need, ts_known, mp, t, s, dead, err_dev, err_hos
         ts, bound, pending = _lamport_poll_meta(cnt_ptr, need, ts_known, bound, mp, t, M, K,
                                                 BLOCK_K, NT)
         spins += 1
-        if (pending > 0) & (spins % SPIN_CHECK == 0):
-            if spins == SPIN_CHECK:   # the deadline counts from the first check
-                t0 = _now(USE_TIMER, NT)
-            if _expired(t0, spins, timeout_ns, USE_TIMER, NT):
-                _fail(err_dev, err_host, 1, s)
-                dead = dead | 1
-            else:
-                dead = dead | _dead(err_dev, NT)
+        t0, dead = _spin_deadline(pending, spins, t0, dead, err_dev, err_host, timeout_ns, 1,
+                                  s, USE_TIMER, NT)
     return ts, dead
 
 
@@ -1621,14 +1633,8 @@ def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_
             cnt_ptr, need, ts_known, bound, mp1, rp, c, RANK, M, H, K, L, BLOCK_H, BLOCK_K,
             BITS, USE_TIMER, NT)
         spins += 1
-        if (pending > 0) & (spins % SPIN_CHECK == 0):
-            if spins == SPIN_CHECK:   # the deadline counts from the first check
-                t0 = _now(USE_TIMER, NT)
-            if _expired(t0, spins, timeout_ns, USE_TIMER, NT):
-                _fail(err_dev, err_host, 1, s)
-                dead = dead | 1
-            else:
-                dead = dead | _dead(err_dev, NT)
+        t0, dead = _spin_deadline(pending, spins, t0, dead, err_dev, err_host, timeout_ns, 1,
+                                  s, USE_TIMER, NT)
     if dead == 0:
         valid = c < ts
         kv = offs_k < tl.where(valid, K, 0)
@@ -1768,14 +1774,8 @@ def _poll_rows(ptrs, mask, dead, peer, err_dev, err_host, timeout_ns, OP: tl.con
         v = tl.load(ptrs, mask=mask, other=0.0, volatile=True)
         pending = uniform(_n_sent(v, mask, BITS, ND), NT)
         spins += 1
-        if (pending > 0) & (spins % SPIN_CHECK == 0):
-            if spins == SPIN_CHECK:   # the deadline counts from the first check
-                t0 = _now(USE_TIMER, NT)
-            if _expired(t0, spins, timeout_ns, USE_TIMER, NT):
-                _fail(err_dev, err_host, OP, peer)
-                dead = dead | 1
-            else:
-                dead = dead | _dead(err_dev, NT)
+        t0, dead = _spin_deadline(pending, spins, t0, dead, err_dev, err_host, timeout_ns, OP,
+                                  peer, USE_TIMER, NT)
     if ptrs.numel < NT:   # replicated layout: re-read, every copy now sees the landed values
         tl.debug_barrier()
         v = tl.load(ptrs, mask=mask, other=0.0, volatile=True)
