@@ -422,7 +422,7 @@ class P2PBackend(MoEBackend):
         self.timeout_ns = int(get_config().timeout_s * 1e9)
         self._failed: CollectiveTimeoutError | None = None
         self._compile_only = False   # Loopback only, see _launch
-        self._loaded: set[Any] = set()   # lamport kernels loaded at both warp counts
+        self._loaded: set[Any] = set()   # (lamport kernel, T class) loaded at both warp counts
         if not self._sim:
             torch.cuda.synchronize(cfg.device)   # zeroed flags visible before any peer signals
 
@@ -472,15 +472,18 @@ class P2PBackend(MoEBackend):
 
     def _launch_lamport(self, kernel: Any, T: int, tb: int, *args: Any, **kwargs: Any) -> None:
         """:meth:`_launch` of a lamport kernel for ``T`` own tokens in tiles of ``tb``, at the
-        warps :func:`_lamport_warps` picks. Where it can pick two, the first call compiles and
-        loads both before it launches either, so no later call compiles while its peers spin
-        (or inside a CUDA-graph capture that follows eager warm-up calls)."""
+        warps :func:`_lamport_warps` picks. Where it can pick two, the first call of each class
+        of ``T`` that triton compiles apart (``T == 1``, ``T`` a multiple of 16, any other)
+        compiles and loads both before it launches, so the warp switch adds no compile to a
+        later call (one that would run while the peers spin, or inside a CUDA-graph capture
+        that follows eager calls of the same sizes)."""
         warps = _lamport_warps(T, tb, self.G, self.combine_split, self.num_warps,
                                self._small_warps)
-        if self._small_warps is not None and not self._sim and kernel not in self._loaded:
+        key = (kernel, T == 1, T % 16 == 0)
+        if self._small_warps is not None and not self._sim and key not in self._loaded:
             for w in (self.num_warps, self._small_warps):
                 self._load(kernel, args, (self.G,), {**kwargs, **self._lamport_consts(tb, w)})
-            self._loaded.add(kernel)
+            self._loaded.add(key)
         self._launch(kernel, *args, **kwargs, **self._lamport_consts(tb, warps))
 
     @staticmethod
