@@ -1757,22 +1757,21 @@ def _n_sent(v, mask, BITS: tl.constexpr, ND: tl.constexpr):
 
 @triton.jit
 def _poll_rows(ptrs, mask, dead, peer, err_dev, err_host, timeout_ns, OP: tl.constexpr,
-               BITS: tl.constexpr, USE_TIMER: tl.constexpr, NT: tl.constexpr,
-               ND: tl.constexpr = 2):
-    """Volatile-load ``ptrs`` until no masked element is the sentinel (or the deadline).
+               BITS: tl.constexpr, USE_TIMER: tl.constexpr, NT: tl.constexpr):
+    """Volatile-load the ``[TB, BLOCK]`` tile ``ptrs`` until no masked element is the sentinel
+    (or the deadline).
 
     The loop condition is made uniform explicitly (``uniform``). A tile with fewer elements than
     threads is replicated: its copies are loaded independently and the one returned need not be
     the one counted, so it is re-read after a barrier. Ends with a barrier, so a reset store
-    issued after it (whatever its layout) never overtakes a read of this poll. ``ND``: 2 for a
-    ``[TB, BLOCK]`` tile, 1 for one row."""
+    issued after it (whatever its layout) never overtakes a read of this poll."""
     v = tl.load(ptrs, mask=mask, other=0.0, volatile=True)
-    pending = uniform(_n_sent(v, mask, BITS, ND), NT)
+    pending = uniform(_n_sent(v, mask, BITS, 2), NT)
     t0 = tl.full([], 0, tl.int64)   # set at the first check: no clock read unless waiting
     spins = tl.full([], 0, tl.int64)
     while (pending > 0) & (dead == 0):
         v = tl.load(ptrs, mask=mask, other=0.0, volatile=True)
-        pending = uniform(_n_sent(v, mask, BITS, ND), NT)
+        pending = uniform(_n_sent(v, mask, BITS, 2), NT)
         spins += 1
         t0, dead = _spin_deadline(pending, spins, t0, dead, err_dev, err_host, timeout_ns, OP,
                                   peer, USE_TIMER, NT)
