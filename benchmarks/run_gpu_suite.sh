@@ -2,9 +2,13 @@
 # Everything GPU: tests, demos, benchmarks, sweeps, logs into $OUT (or ./gpu_out). Each step has
 # its own time limit so a slow step cannot eat the others; the order is by priority (correctness
 # first). A device call lasts at most 600 s: pick the STEPS that fit one call (session 5 on
-# 2 x H200: tests ~5 min, tests_moe ~8 min, demo ~4 min, bench ~6 min, sweep ~3 min).
+# 2 x H200: tests ~5 min, tests_moe ~8 min, demo ~4 min, bench ~6 min, sweep ~3 min;
+# tests_moe_warmup, session 15, estimated from one GPU: ~5 min with a cold triton cache).
 # Usage, from the repository root on a node with 2+ GPUs:
-#   [STEPS="tests tests_moe demo bench sweep"] [WORLD=4] bash benchmarks/run_gpu_suite.sh
+#   [STEPS="tests tests_moe tests_moe_warmup demo bench sweep"] [WORLD=4] bash benchmarks/run_gpu_suite.sh
+# The one-GPU loopback tests (tests/gpu/test_moe_loopback.py, for machines without a second
+# GPU) are not in "tests": STEPS="loopback" runs them (~20 min cold: over one call, so name
+# tests with PYTEST_K, e.g. PYTEST_K=lamport).
 # STEPS="moe_ab" (not in the default): the A/Bs left open by session 11 (docs/moe.md), two
 # off-by-default knobs against the default at 1024 and 4096 tokens, dispatch / combine alone, in
 # both orders: flags rounds sized per call from the batch (rt), and the combine's push and finish
@@ -17,7 +21,7 @@ set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH="src:.:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 OUT="${OUT:-gpu_out}"; mkdir -p "$OUT"
-STEPS="${STEPS:-tests tests_moe demo bench sweep}"
+STEPS="${STEPS:-tests tests_moe tests_moe_warmup demo bench sweep}"
 WORLD="${WORLD:-2}"
 step() {  # name, limit in seconds, command...
   local name=$1 limit=$2; shift 2
@@ -29,9 +33,16 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'nccl', torch.cuda.nccl.version())"
 case " $STEPS " in *" tests "*)
   step gpu_tests 330 python3 -m pytest -q -p no:cacheprovider tests/gpu \
-    --ignore=tests/gpu/test_moe_p2p.py ;; esac
+    --ignore=tests/gpu/test_moe_p2p.py --ignore=tests/gpu/test_moe_loopback.py ;; esac
 case " $STEPS " in *" tests_moe "*)
-  step gpu_tests_moe 560 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_moe_p2p.py ;; esac
+  step gpu_tests_moe 560 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_moe_p2p.py \
+    -k "not warmup" ;; esac
+case " $STEPS " in *" tests_moe_warmup "*)   # compiles every variant cold: a step of its own
+  step gpu_tests_moe_warmup 560 python3 -m pytest -q -p no:cacheprovider \
+    tests/gpu/test_moe_p2p.py -k warmup ;; esac
+case " $STEPS " in *" loopback "*)
+  step gpu_tests_loopback 560 python3 -m pytest -q -p no:cacheprovider \
+    tests/gpu/test_moe_loopback.py -k "${PYTEST_K:-warmup}" ;; esac
 case " $STEPS " in *" demo "*)
   step demo_llama 120 python3 -m llmcomm.cli demo --device cuda --preset llama-8b
   step demo_dsv3 150 python3 -m llmcomm.cli demo --device cuda --preset deepseek-v3

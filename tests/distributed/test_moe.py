@@ -184,6 +184,8 @@ def _repeat_worker(rank, world, tmp):
     for b in ("p2p-sim", "p2p-sim-auto", "p2p-sim-lamport-cs4"):
         os.makedirs(f"{tmp}/{b}", exist_ok=True)
         eps[b] = _make(b, 3, 9, f"{tmp}/{b}", dtype=torch.bfloat16)
+    if rank == 1:   # local and a no-op in the simulation (nothing compiles ahead there)
+        assert all(ep.warmup() == 0 for ep in eps.values())
     tokens = [[9, 2], [0, 5], [1, 2], [3, 0], [1, 9], [0, 1], [7, 7], [2, 1]]
     errs, same = [], True
     for i, toks in enumerate(tokens):
@@ -314,6 +316,11 @@ def _errors_worker(rank, world, tmp):
     expect("ids_negative", ValueError, lambda: ep.dispatch(x, ids - 1, w))
     expect("dtype", TypeError, lambda: ep.dispatch(x.double(), ids, w))
     expect("shape", ValueError, lambda: ep.dispatch(x, ids[:, :1], w))
+    expect("warm_counts", ValueError, lambda: ep.warmup([0, 6]))
+    expect("warm_ids_dtype", TypeError, lambda: ep.warmup(topk_ids_dtype=torch.float32))
+    expect("warm_weights_dtype", TypeError, lambda: ep.warmup(topk_weights_dtype=torch.int32))
+    if rank == 0:   # local: one rank alone, no collective and no call-order entry
+        seen["warm_torch"] = ep.warmup()
     d = ep.dispatch(x, ids, w)
     expect("in_flight", RuntimeError, lambda: ep.dispatch(x, ids, w))
     expect("expert_out_shape", ValueError, lambda: ep.combine(d.expert_x[:1], d))
@@ -361,6 +368,9 @@ def test_errors_world2():
         assert "output_is_reduced=False" in seen["not_reduced_backend"]
         assert "more than once" in seen["double_reduce_caught"]
         assert "divisible" in seen["not_divisible"]
+        assert "[0, max_tokens_per_rank=5]" in seen["warm_counts"]
+        assert "integer" in seen["warm_ids_dtype"] and "floating" in seen["warm_weights_dtype"]
+    assert res[0]["warm_torch"] == 0      # the torch backend has no kernels of its own
 
 
 @pytest.mark.parametrize("kw, words", [

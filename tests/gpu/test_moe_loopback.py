@@ -2,8 +2,8 @@
 (:class:`llmcomm.moe.loopback.Loopback`), the ranks' kernels running at the same time on their
 own streams. Checks what the 2-GPU tests check, where only one GPU is lent: every received row
 against its source, the combine against the dense float64 reference, CUDA-graph replays with
-fresh inputs, lamport slots back to the sentinel, and a missing rank ending in
-``CollectiveTimeoutError`` naming it. Each test runs in a fresh process with a host deadline
+fresh inputs, lamport slots back to the sentinel, a missing rank ending in
+``CollectiveTimeoutError`` naming it, and ``warmup`` leaving nothing to compile. Each test runs in a fresh process with a host deadline
 (``run_ranks``), on top of the kernels' own device deadlines."""
 
 from __future__ import annotations
@@ -173,3 +173,63 @@ def test_loopback_missing_rank_times_out_naming_it(name):
     assert res is not None, "rank 0 did not raise CollectiveTimeoutError"
     missing, text = res
     assert missing == [1] and "dispatch" in text, text
+
+
+def _warmup_worker(rank, world_size, name):
+    """``warmup`` on every rank's backend (int32 and int64 ids), then calls of every token-count
+    class with either ids dtype (small batches at 8 warps, 37 and 40 tokens at 16 with lamport),
+    each checked against the reference: triton's compile hook must not fire. The control that
+    shows the hook sees compiles: a call whose ``x`` is not 16-byte aligned (a class ``warmup``
+    does not cover) must compile."""
+    import time
+
+    import torch
+    import triton
+
+    from llmcomm.moe.dispatcher import warm_token_counts
+    from llmcomm.moe.loopback import Loopback
+    from tests.distributed._moe_cases import make_inputs
+
+    world, kw = VARIANTS[name]
+    E, K, H, M, dtype = 32, 4, 4096, 40, torch.bfloat16   # H 4096: lamport loads 2 warp counts
+    lb = Loopback(world, E, K, H, M, dtype, **kw)
+    t0 = time.perf_counter()
+    loaded = [be.warmup(warm_token_counts(M), (torch.int32, torch.int64), torch.float32)
+              for be in lb.backends]
+    warm_s = time.perf_counter() - t0
+    compiled = []
+
+    def hook(*args, **kwargs):
+        compiled.append(str(kwargs.get("repr", args[:1]))[:120])
+        return False            # go on compiling: the hook only records
+
+    triton.knobs.runtime.jit_cache_hook = hook
+    errs = []
+    for i, toks in enumerate(([1, 37], [16, 0], [5, 40], [0, 1], [37, 2], [40, 16], [3, 1])):
+        ids_dtype = (torch.int64, torch.int32)[i % 2]
+        inputs = [(x, ids.to(ids_dtype), w)
+                  for x, ids, w in make_inputs(300 + i, world, toks, E, K, H, dtype)]
+        errs.append(_roundtrip(lb, world, E, inputs, dtype)[1])
+    after_warmup = list(compiled)
+    T = 3
+    xs = [torch.randn(T * H + 1, device="cuda").to(dtype)[1:].view(T, H) for _ in range(world)]
+    ids = [torch.randint(0, E, (T, K), device="cuda") for _ in range(world)]
+    ws = [torch.rand(T, K, device="cuda") for _ in range(world)]
+    outs = lb.dispatch(xs, ids, ws)
+    lb.combine([o[0] for o in outs], outs, [T] * world)
+    lb.check_errors()
+    triton.knobs.runtime.jit_cache_hook = None
+    return loaded, warm_s, after_warmup, len(compiled) - len(after_warmup), max(errs)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("name", ["flags", "lamport"])
+def test_loopback_warmup_leaves_nothing_to_compile(name):
+    (res,) = run_ranks(_warmup_worker, 1, name, timeout=850)
+    loaded, warm_s, after_warmup, control_compiles, err = res
+    print(f"{name}: warmup loaded {loaded} kernel variants per rank in {warm_s:.1f} s")
+    # dispatch + combine, 3 token classes, 2 ids dtypes; lamport at two warp counts
+    assert all(n >= (24 if name == "lamport" else 12) for n in loaded), loaded
+    assert after_warmup == [], after_warmup
+    assert control_compiles > 0, "the compile hook saw nothing: the check above proves nothing"
+    assert err < 2.5e-2

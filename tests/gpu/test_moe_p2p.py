@@ -1,5 +1,6 @@
 """GPU tests of the MoE EP backends on 2 GPUs (NCCL + NVLink): p2p vs the dense reference,
-CUDA-graph replay with fresh inputs, and a missing rank ending in CollectiveTimeoutError.
+CUDA-graph replay with fresh inputs, a missing rank ending in CollectiveTimeoutError, and
+``EPDispatcher.warmup`` leaving nothing to compile for later calls.
 
 The p2p backend runs with its default (``protocol="auto"``: lamport for these small dispatchers
 at EP=2) and both protocols explicitly (``"flags"``, and ``"lamport"`` also with other tile sizes,
@@ -200,3 +201,56 @@ def test_p2p_lamport_slots_back_to_sentinel(variant):
                     env={"LLMCOMM_TIMEOUT_S": "5"})
     for errs in res:
         assert max(errs) < 2.5e-2
+
+
+def _warmup_worker(rank, world, kw):
+    """``EPDispatcher.warmup`` on each rank at its own time, then calls whose token counts and
+    ids dtypes differ per rank and cover every class: triton's compile hook must stay silent,
+    the results match the reference. Control: a call with ``x`` not 16-byte aligned (a class
+    ``warmup`` does not cover) compiles."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+    import triton
+
+    from llmcomm.moe import EPDispatcher
+    from tests.distributed._moe_cases import make_inputs, roundtrip
+
+    E, K, H, M, dtype = 32, 4, 4096, 40, torch.bfloat16
+    ep = EPDispatcher(dist.group.WORLD, E, K, H, M, dtype, backend="p2p",
+                      _backend_kwargs=kw or None)
+    time.sleep(2.0 * rank)                 # local: the ranks warm up at different times
+    loaded = ep.warmup()
+    dist.barrier()
+    compiled = []
+
+    def hook(*args, **kwargs):
+        compiled.append(str(kwargs.get("repr", args[:1]))[:120])
+        return False
+
+    triton.knobs.runtime.jit_cache_hook = hook
+    errs = []
+    for i, toks in enumerate(([1, 37], [16, 0], [5, 40], [0, 1], [37, 2], [M, 16], [3, 1])):
+        ids_dtype = (torch.int64, torch.int32)[(i + rank) % 2]
+        inputs = [(x, ids.to(ids_dtype), w)
+                  for x, ids, w in make_inputs(500 + i, world, toks, E, K, H, dtype)]
+        errs.append(roundtrip(ep, rank, world, E, inputs, dtype, device="cuda")[1])
+    after_warmup = list(compiled)
+    T = 3
+    x = torch.randn(T * H + 1, device="cuda").to(dtype)[1:].view(T, H)
+    d = ep.dispatch(x, torch.randint(0, E, (T, K), device="cuda"), torch.rand(T, K, device="cuda"))
+    ep.combine(d.expert_x, d)
+    triton.knobs.runtime.jit_cache_hook = None
+    ep.check_errors(sync=True)
+    return loaded, after_warmup, len(compiled) - len(after_warmup), max(errs)
+
+
+@pytest.mark.parametrize("variant", ["p2p-flags", "p2p-lamport"])
+def test_p2p_warmup_leaves_nothing_to_compile(variant):
+    res = run_ranks(_warmup_worker, 2, P2P_VARIANTS[variant], backend="nccl", timeout=600)
+    for loaded, after_warmup, control_compiles, err in res:
+        assert loaded >= (24 if "lamport" in variant else 12), loaded
+        assert after_warmup == [], after_warmup
+        assert control_compiles > 0, "the compile hook saw nothing: the check above proves nothing"
+        assert err < 2.5e-2

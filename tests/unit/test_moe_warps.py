@@ -20,3 +20,18 @@ def test_no_small_count_keeps_the_configured_warps():
     # an explicit num_warps (or hidden < 4096) leaves small=None: every call runs num_warps
     assert [_lamport_warps(T, 1, 66, 4, 16, None) for T in (0, 1, 128)] == [16, 16, 16]
     assert _lamport_warps(1, 1, 66, 4, 4, None) == 4
+
+
+@pytest.mark.parametrize("M, expect", [
+    (1, [0, 1]), (2, [0, 1, 2]), (5, [0, 1, 2, 5]), (16, [0, 1, 2, 16]),
+    (128, [0, 1, 2, 16, 128]),
+])
+def test_warmup_covers_every_token_class(M, expect):
+    """EPDispatcher.warmup's default counts: one per class triton compiles apart (T == 1, T a
+    multiple of 16 with 0, any other) wherever max_tokens_per_rank has that class, and M."""
+    from llmcomm.moe.dispatcher import warm_token_counts
+
+    counts = warm_token_counts(M)
+    assert counts == expect
+    classes = {(t == 1, t % 16 == 0) for t in range(M + 1)}
+    assert {(t == 1, t % 16 == 0) for t in counts} == classes

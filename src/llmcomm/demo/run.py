@@ -61,6 +61,7 @@ def worker(rank: int, world: int, cfg: DemoConfig) -> dict:
         ep = llmcomm.EPDispatcher(groups.ep, num_experts=p.experts, top_k=p.top_k,
                                   hidden_size=p.hidden, max_tokens_per_rank=-(-tokens // cfg.tp),
                                   dtype=dtype, backend=cfg.moe_backend, layout=layout)
+        ep.warmup()   # p2p: every kernel variant compiled now, not while a peer waits on it
     tp_rank, ep_rank = groups.ranks["tp"].index(rank), groups.ranks["ep"].index(rank)
     dp_rank = rank // cfg.tp
     w = make_weights(p, device, dtype, seed=cfg.seed)

@@ -23,6 +23,7 @@ Backends here:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -80,6 +81,13 @@ class MoEBackend:
     def combine(self, expert_out: torch.Tensor, state: Any, num_tokens: int) -> torch.Tensor:
         """Return ``y [num_tokens, H]`` in the dispatcher's dtype, fully reduced."""
         raise NotImplementedError
+
+    def warmup(self, num_tokens: Sequence[int], ids_dtypes: Sequence[torch.dtype],
+               weights_dtype: torch.dtype) -> int:
+        """Compile and load every kernel that ``dispatch``/``combine`` would launch for these
+        token counts and input dtypes; launch nothing, talk to no peer. Return how many kernel
+        variants are now loaded for them (backends without kernels of their own: 0)."""
+        return 0
 
     def check_errors(self, sync: bool = True) -> None:
         """Raise an error recorded by a device kernel (backends without kernels: nothing)."""

@@ -24,6 +24,7 @@ graph-safe, no host sync), ``"auto"`` (p2p on one node of peer-connected GPUs, e
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -289,6 +290,72 @@ class EPDispatcher:
         self._in_flight = None
         return y
 
+    def warmup(self, num_tokens: Sequence[int] | None = None, *,
+               topk_ids_dtype: torch.dtype | Sequence[torch.dtype] = (torch.int32, torch.int64),
+               topk_weights_dtype: torch.dtype = torch.float32) -> int:
+        """Compile and load, ahead, every kernel that later ``dispatch``/``combine`` calls with
+        these token counts and dtypes would launch; launch nothing. Call it on every rank
+        after creation, before serving or capturing CUDA graphs.
+
+        Why: triton compiles a kernel at its first call for each class of arguments it
+        specialises (token count ``T == 1``, ``T`` a multiple of 16 -- 0 included -- or any
+        other; the ids dtype), and ranks of one batch often hold different token counts. A
+        rank that meets a new class compiles (seconds per kernel) while its peers' kernels,
+        already launched, spin on its data; past ``LLMCOMM_TIMEOUT_S`` that ends in a
+        :class:`CollectiveTimeoutError` and an unusable workspace. After ``warmup`` no call
+        with these counts' classes and dtypes compiles.
+
+        Local: no peer is involved, so ranks may call it at different times (it is not
+        counted by the call-order check). Backends without kernels of their own (``torch``,
+        ``allgather``) have nothing to compile. Compiled kernels also land in triton's disk
+        cache, so a later process mostly loads them.
+
+        Args:
+            num_tokens: token counts to cover, each in ``[0, max_tokens_per_rank]``. Default
+                :func:`warm_token_counts` (one count per class triton tells apart, and the
+                maximum).
+            topk_ids_dtype: the ids dtype(s) ``dispatch`` will get (each compiles apart).
+                Default both int32 (vLLM/SGLang routers) and int64 (``torch.topk``); pass
+                the one you use to halve the work.
+            topk_weights_dtype: the weights dtype ``dispatch`` will get.
+
+        Returns:
+            how many kernel variants are loaded for these counts and dtypes.
+
+        Inputs of other strides or alignment (e.g. a row slice not 16-byte aligned) are
+        another class: pass contiguous, freshly allocated tensors as :meth:`dispatch` asks.
+        """
+        import time
+
+        if torch.compiler.is_compiling():
+            raise RuntimeError("EPDispatcher.warmup() compiles kernels on the host: call it "
+                               "once before torch.compile tracing, not inside it")
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise CaptureError("EPDispatcher.warmup() must run before CUDA-graph capture, not "
+                               "inside it")
+        M = self.max_tokens_per_rank
+        counts = warm_token_counts(M) if num_tokens is None else list(num_tokens)
+        if not counts or not all(_is_int(t) and 0 <= t <= M for t in counts):
+            raise ValueError(f"warmup: num_tokens must be a non-empty sequence of ints in "
+                             f"[0, max_tokens_per_rank={M}], got {num_tokens!r}")
+        id_dtypes = (topk_ids_dtype,) if isinstance(topk_ids_dtype, torch.dtype) \
+            else tuple(topk_ids_dtype)
+        for d in id_dtypes:
+            if not isinstance(d, torch.dtype) or d.is_floating_point or d.is_complex \
+                    or d == torch.bool:
+                raise TypeError(f"warmup: topk_ids_dtype must be integer torch dtype(s) "
+                                f"(torch.int32 / torch.int64), got {topk_ids_dtype!r}")
+        if not isinstance(topk_weights_dtype, torch.dtype) \
+                or not topk_weights_dtype.is_floating_point:
+            raise TypeError(f"warmup: topk_weights_dtype must be a floating torch dtype (e.g. "
+                            f"torch.float32), got {topk_weights_dtype!r}")
+        t0 = time.perf_counter()
+        n = self._backend.warmup(sorted(set(counts)), id_dtypes, topk_weights_dtype)
+        logger.info("EPDispatcher.warmup: %d kernel variants loaded for token counts %s, ids "
+                    "%s, in %.1f s", n, sorted(set(counts)),
+                    [str(d) for d in id_dtypes], time.perf_counter() - t0)
+        return n
+
     def check_errors(self, sync: bool = True) -> None:
         """Raise :class:`CollectiveTimeoutError` if a device wait timed out (p2p backend)."""
         self._backend.check_errors(sync=sync)
@@ -309,6 +376,14 @@ class EPDispatcher:
                 f"EP backend {self.backend!r} synchronises the host and cannot be captured in a "
                 f"CUDA graph; use backend='p2p' (one node) or 'allgather' for graphs, or run "
                 f"this layer eagerly")
+
+
+def warm_token_counts(max_tokens: int) -> list[int]:
+    """Token counts :meth:`EPDispatcher.warmup` covers by default: one of each class triton
+    compiles apart -- ``0`` (with every multiple of 16), ``1``, ``2`` (any other) -- plus 16
+    and ``max_tokens``, which cost nothing more where triton puts them in a class already
+    covered and protect against a triton that tells more classes apart."""
+    return sorted({0, 1, min(2, max_tokens), min(16, max_tokens), max_tokens})
 
 
 def _backend_class(name: str) -> type[MoEBackend]:

@@ -40,6 +40,7 @@ as ``group`` (tests and benchmarks only) puts every rank's workspace on one GPU 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -421,7 +422,8 @@ class P2PBackend(MoEBackend):
         self.variants = {"POSTED": bool(posted_flags), "PDL": bool(pdl)}
         self.timeout_ns = int(get_config().timeout_s * 1e9)
         self._failed: CollectiveTimeoutError | None = None
-        self._compile_only = False   # Loopback only, see _launch
+        self._compile_only = False   # Loopback and warmup, see _launch
+        self._warmed: set[int] | None = None   # in warmup: ids of the kernels _load loaded
         self._loaded: set[Any] = set()   # (lamport kernel, T class) loaded at both warp counts
         if not self._sim:
             torch.cuda.synchronize(cfg.device)   # zeroed flags visible before any peer signals
@@ -470,29 +472,59 @@ class P2PBackend(MoEBackend):
                     SHIFT=self.shift, USE_TIMER=not self._sim, PDL=self.variants["PDL"],
                     num_warps=warps, NT=32 * warps, **extra)
 
-    def _launch_lamport(self, kernel: Any, T: int, tb: int, *args: Any, **kwargs: Any) -> None:
+    def _launch_lamport(self, kernel: Any, T: int, tb: int, ids: torch.Tensor,
+                        w: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         """:meth:`_launch` of a lamport kernel for ``T`` own tokens in tiles of ``tb``, at the
         warps :func:`_lamport_warps` picks. Where it can pick two, the first call of each class
-        of ``T`` that triton compiles apart (``T == 1``, ``T`` a multiple of 16, any other)
+        of arguments that triton compiles apart (``T == 1``, ``T`` a multiple of 16, any other;
+        the dtypes of the routing ``ids`` and weights ``w``, which are also in ``args``)
         compiles and loads both before it launches, so the warp switch adds no compile to a
         later call (one that would run while the peers spin, or inside a CUDA-graph capture
         that follows eager calls of the same sizes)."""
         warps = _lamport_warps(T, tb, self.G, self.combine_split, self.num_warps,
                                self._small_warps)
-        key = (kernel, T == 1, T % 16 == 0)
+        key = (kernel, T == 1, T % 16 == 0, ids.dtype, w.dtype)
         if self._small_warps is not None and not self._sim and key not in self._loaded:
             for w in (self.num_warps, self._small_warps):
                 self._load(kernel, args, (self.G,), {**kwargs, **self._lamport_consts(tb, w)})
             self._loaded.add(key)
         self._launch(kernel, *args, **kwargs, **self._lamport_consts(tb, warps))
 
-    @staticmethod
-    def _load(kernel: Any, args: tuple, grid: tuple, kwargs: dict[str, Any]) -> None:
+    def _load(self, kernel: Any, args: tuple, grid: tuple, kwargs: dict[str, Any]) -> None:
         """Compile ``kernel`` for these arguments and load its module; launch nothing."""
         k = kernel.warmup(*args, grid=grid, **kwargs)
         if hasattr(k, "result"):           # triton's asynchronous compile mode
             k = k.result()
         k._init_handles()
+        if self._warmed is not None:
+            self._warmed.add(id(k))
+
+    def warmup(self, num_tokens: Sequence[int], ids_dtypes: Sequence[torch.dtype],
+               weights_dtype: torch.dtype) -> int:
+        """Compile and load both kernels for each token count and ids dtype (every warp count
+        :meth:`_launch_lamport` may pick), through :meth:`dispatch` and :meth:`combine` with
+        ``_compile_only`` set: exactly the arguments a real call passes, so triton's keys
+        match. Local: no launch, no peer. The simulation compiles nothing ahead (returns 0).
+
+        In turn, on this thread: threads would not help, triton 3.6 keeps the GIL while it
+        compiles (session 15, the 2-core CPU machine: two lamport kernels for sm_90 took 9.2 s
+        on two threads against 8.1 s one after the other)."""
+        if self._sim:
+            return 0
+        c = self.cfg
+        self._warmed, self._compile_only = set(), True
+        try:
+            with torch.cuda.device(c.device):
+                for T in num_tokens:
+                    for ids_dtype in ids_dtypes:
+                        x = torch.empty(T, c.hidden_size, dtype=c.dtype, device=c.device)
+                        ids = torch.empty(T, c.top_k, dtype=ids_dtype, device=c.device)
+                        w = torch.empty(T, c.top_k, dtype=weights_dtype, device=c.device)
+                        _, _, state = self.dispatch(x, ids, w)
+                        self.combine(self.expert_x, state, T)
+            return len(self._warmed)
+        finally:
+            self._warmed, self._compile_only = None, False
 
     def _launch(self, kernel: Any, *args: Any, grid: int | None = None, **kwargs: Any) -> None:
         """``kernel[(grid or G,)](*args, **kwargs)``; with ``_compile_only`` set (by
@@ -518,8 +550,8 @@ class P2PBackend(MoEBackend):
             x, topk_ids, topk_weights = self._dummy_x, self._dummy_ids, self._dummy_w
         c = self.cfg
         if self.protocol == "lamport":
-            self._launch_lamport(ep_dispatch_lamport_kernel, T, self.tiles[0],
-                x, topk_ids, topk_weights, T, self.lx, self.lmeta, self.lcnt,
+            self._launch_lamport(ep_dispatch_lamport_kernel, T, self.tiles[0], topk_ids,
+                topk_weights, x, topk_ids, topk_weights, T, self.lx, self.lmeta, self.lcnt,
                 self.expert_x, self.counts, self.cursor, self.done, self.slot_map, self.wloc,
                 self.peer_T, self.buf_d, self.err_dev, self.err_host.data_ptr(),
                 self.timeout_ns, CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts))
@@ -545,7 +577,7 @@ class P2PBackend(MoEBackend):
         y = torch.empty(num_tokens, c.hidden_size, dtype=c.dtype, device=expert_out.device)
         y_arg = y if num_tokens else self._dummy_x
         if self.protocol == "lamport":
-            self._launch_lamport(ep_combine_lamport_kernel, num_tokens, self.tiles[1],
+            self._launch_lamport(ep_combine_lamport_kernel, num_tokens, self.tiles[1], ids, w,
                 expert_out, ids, w, y_arg, num_tokens, self.lcomb, self.slot_map, self.wloc,
                 self.peer_T, self.buf_c, self.err_dev, self.err_host.data_ptr(),
                 self.timeout_ns, SPLIT=min(self.combine_split, _next_pow2(c.hidden_size)))
@@ -579,7 +611,9 @@ class P2PBackend(MoEBackend):
         self._failed = CollectiveTimeoutError(
             _OPS.get(op, f"op {op}"), "[" + ",".join(map(str, ranks)) + "]", [glob],
             self.timeout_s, detail=f"group rank {missing} did not signal; the p2p workspace is "
-            f"now unusable, create a new EPDispatcher after fixing the cause")
+            f"now unusable, create a new EPDispatcher after fixing the cause (if it was that "
+            f"rank's first call at a new token count, it may have been compiling its kernels "
+            f"meanwhile: call EPDispatcher.warmup() on every rank before serving)")
         raise self._failed
 
     @property
