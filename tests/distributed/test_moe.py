@@ -178,8 +178,19 @@ def _repeat_worker(rank, world, tmp):
     every receive buffer of the lamport rotation is used twice and its sentinel reset is
     exercised across the combine paths; the combine outputs must be bitwise equal (fixed-order
     fp32 sums; no FMA contraction in the interpreter)."""
+    import logging
     import os
 
+    hints = []       # the dispatcher's once-only "dispatch before warmup()" hint
+
+    class Hints(logging.Handler):
+        def emit(self, record):
+            if "before warmup()" in record.getMessage():
+                hints.append(record.getMessage())
+
+    log = logging.getLogger("llmcomm.moe.dispatcher")
+    log.setLevel(logging.INFO)
+    log.addHandler(Hints())
     eps = {}
     for b in ("p2p-sim", "p2p-sim-auto", "p2p-sim-lamport-cs4"):
         os.makedirs(f"{tmp}/{b}", exist_ok=True)
@@ -203,14 +214,15 @@ def _repeat_worker(rank, world, tmp):
                             for y in ys[1:])
     for ep in eps.values():
         ep.check_errors()
-    return max(errs), same, [str(ep.decision) for ep in eps.values()]
+    return max(errs), same, [str(ep.decision) for ep in eps.values()], len(hints)
 
 
 @NEEDS_TRITON
 def test_p2p_sim_repeated_calls_both_protocols():
     with tempfile.TemporaryDirectory() as tmp:
         res = run_ranks(_repeat_worker, 2, tmp, timeout=150, env=SIM)
-    for err, same, decisions in res:
+    assert [r[3] for r in res] == [3, 0]   # once per dispatcher on rank 0; rank 1 warmed up
+    for err, same, decisions, _ in res:
         assert err <= 2.5e-2
         assert same, "flags and lamport combine outputs differ bitwise"
         assert "protocol flags (requested explicitly)" in decisions[0], decisions

@@ -3,8 +3,9 @@
 own streams. Checks what the 2-GPU tests check, where only one GPU is lent: every received row
 against its source, the combine against the dense float64 reference, CUDA-graph replays with
 fresh inputs, lamport slots back to the sentinel, a missing rank ending in
-``CollectiveTimeoutError`` naming it, and ``warmup`` leaving nothing to compile. Each test runs in a fresh process with a host deadline
-(``run_ranks``), on top of the kernels' own device deadlines."""
+``CollectiveTimeoutError`` naming it, and ``warmup`` leaving nothing to compile. Each test
+runs in a fresh process with a host deadline (``run_ranks``), on top of the kernels' own device
+deadlines."""
 
 from __future__ import annotations
 

@@ -209,6 +209,7 @@ class EPDispatcher:
 
         self._op_key = ops.register(self)      # what torch.compile'd graphs call (llmcomm.ops)
         self._compiled_in_flight: DispatchResult | None = None
+        self._warm_hint = self._backend.name == "p2p"   # say once if dispatch runs unwarmed
         logger.info("EPDispatcher on %s: %s", group_label(group), self.decision)
 
     # ------------------------------------------------------------------ properties
@@ -243,6 +244,11 @@ class EPDispatcher:
                 f"{self._in_flight}) was not combined; call combine() for it first. Receive "
                 "buffers are reused, so every rank must alternate dispatch and combine")
         self._backend.check_errors(sync=False)
+        if self._warm_hint:
+            self._warm_hint = False
+            logger.info("EPDispatcher on %s: dispatch before warmup(); each new token-count "
+                        "class compiles at its first call (seconds) while the peers wait on "
+                        "it -- call warmup() on every rank after creation", group_label(self.group))
         if x.device.type == "cpu" or self._backend.name == "torch" or get_config().check:
             _check_id_range(topk_ids, self.num_experts)
         expert_x, counts, state = self._backend.dispatch(x, topk_ids, topk_weights)
@@ -349,6 +355,7 @@ class EPDispatcher:
                 or not topk_weights_dtype.is_floating_point:
             raise TypeError(f"warmup: topk_weights_dtype must be a floating torch dtype (e.g. "
                             f"torch.float32), got {topk_weights_dtype!r}")
+        self._warm_hint = False
         t0 = time.perf_counter()
         n = self._backend.warmup(sorted(set(counts)), id_dtypes, topk_weights_dtype)
         logger.info("EPDispatcher.warmup: %d kernel variants loaded for token counts %s, ids "
