@@ -96,6 +96,20 @@ def write_results(path_stem: str, rows: list[dict], meta: dict) -> tuple[str, st
     return path_stem + ".csv", path_stem + ".json"
 
 
+def save_one_gpu_results(rows: list[dict], note: str, out: str | None, name: str) -> None:
+    """``rows`` and :func:`environment` (plus ``note``) to ``<out>.{csv,json}``, or by default
+    to ``benchmarks/results/<name>`` with ``{gpu}`` in ``name`` replaced by the GPU's name;
+    prints the paths. For the one-GPU benchmarks (loopback, warm-up)."""
+    import os
+
+    meta = environment()
+    meta["note"] = note
+    gpu = (meta.get("gpu") or "gpu").replace(" ", "_")
+    stem = out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                               name.format(gpu=gpu))
+    print("wrote", *write_results(stem, rows, meta))
+
+
 def progress(items, enabled: bool, desc: str):
     """``items`` wrapped in a tqdm progress bar (stderr) on the reporting rank, when tqdm is
     installed (``pip install llmcomm[bench]``); the plain iterable otherwise."""

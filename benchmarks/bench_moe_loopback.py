@@ -140,20 +140,16 @@ def main() -> None:
         os.environ.setdefault(k, v)
     import torch
 
-    from benchmarks._common import environment, write_results
+    from benchmarks._common import save_one_gpu_results
 
     if not torch.cuda.is_available():
         sys.exit("bench_moe_loopback.py needs a CUDA GPU")
     rows = run(args)
     if args.check_only:
         return
-    meta = environment()
-    meta["note"] = ("loopback: every EP rank on one GPU, local stores instead of NVLink; "
-                    "not comparable with 2-GPU figures")
-    gpu = (meta.get("gpu") or "gpu").replace(" ", "_")
-    stem = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                    f"moe_loopback_{gpu}_h{args.hidden}")
-    print("wrote", *write_results(stem, rows, meta))
+    save_one_gpu_results(rows, "loopback: every EP rank on one GPU, local stores instead of "
+                         "NVLink; not comparable with 2-GPU figures", args.out,
+                         "moe_loopback_{gpu}_h%d" % args.hidden)
 
 
 if __name__ == "__main__":

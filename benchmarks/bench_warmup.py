@@ -86,7 +86,7 @@ def main() -> None:
         return
     import torch
 
-    from benchmarks._common import environment, write_results
+    from benchmarks._common import save_one_gpu_results
 
     if not torch.cuda.is_available():
         sys.exit("bench_warmup.py needs a CUDA GPU")
@@ -103,13 +103,9 @@ def main() -> None:
                                  check=True, capture_output=True, text=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
-    meta = environment()
-    meta["note"] = ("wall-clock compile + module load of rank 0's kernels (loopback group), "
-                    "fresh process per row")
-    gpu = (meta.get("gpu") or "gpu").replace(" ", "_")
-    stem = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                    f"moe_warmup_{gpu}_h{args.hidden}")
-    print("wrote", *write_results(stem, rows, meta))
+    save_one_gpu_results(rows, "wall-clock compile + module load of rank 0's kernels (loopback "
+                         "group), fresh process per row", args.out,
+                         "moe_warmup_{gpu}_h%d" % args.hidden)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ graph-safe, no host sync), ``"auto"`` (p2p on one node of peer-connected GPUs, e
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -331,8 +332,6 @@ class EPDispatcher:
         Inputs of other strides or alignment (e.g. a row slice not 16-byte aligned) are
         another class: pass contiguous, freshly allocated tensors as :meth:`dispatch` asks.
         """
-        import time
-
         if torch.compiler.is_compiling():
             raise RuntimeError("EPDispatcher.warmup() compiles kernels on the host: call it "
                                "once before torch.compile tracing, not inside it")

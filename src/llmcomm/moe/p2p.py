@@ -424,7 +424,7 @@ class P2PBackend(MoEBackend):
         self._failed: CollectiveTimeoutError | None = None
         self._compile_only = False   # Loopback and warmup, see _launch
         self._warmed: set[int] | None = None   # in warmup: ids of the kernels _load loaded
-        self._loaded: set[Any] = set()   # (lamport kernel, T class) loaded at both warp counts
+        self._loaded: set[Any] = set()   # lamport (kernel, T class, dtypes) at both warp counts
         if not self._sim:
             torch.cuda.synchronize(cfg.device)   # zeroed flags visible before any peer signals
 
@@ -485,8 +485,8 @@ class P2PBackend(MoEBackend):
                                self._small_warps)
         key = (kernel, T == 1, T % 16 == 0, ids.dtype, w.dtype)
         if self._small_warps is not None and not self._sim and key not in self._loaded:
-            for w in (self.num_warps, self._small_warps):
-                self._load(kernel, args, (self.G,), {**kwargs, **self._lamport_consts(tb, w)})
+            for nw in (self.num_warps, self._small_warps):
+                self._load(kernel, args, (self.G,), {**kwargs, **self._lamport_consts(tb, nw)})
             self._loaded.add(key)
         self._launch(kernel, *args, **kwargs, **self._lamport_consts(tb, warps))
 
