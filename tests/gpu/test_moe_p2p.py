@@ -254,3 +254,48 @@ def test_p2p_warmup_leaves_nothing_to_compile(variant):
         assert after_warmup == [], after_warmup
         assert control_compiles > 0, "the compile hook saw nothing: the check above proves nothing"
         assert err < 2.5e-2
+
+
+def _other_device_worker(rank, world, kw):
+    """Calls made while the *other* GPU is the current device: the kernels must still run on
+    the dispatcher's device, in its current stream's order. The results are read right after
+    each call on the dispatcher's device (no synchronisation; rank 1 starts 1 s late, so rank
+    0's kernel is still waiting when its results are read): a kernel launched on the other
+    device's stream would be read unfinished."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from llmcomm.moe import EPDispatcher
+    from tests.distributed._moe_cases import (check_combine, check_dispatch, make_inputs,
+                                              run_experts)
+
+    E, K, H, M, dtype = 16, 2, 256, 16, torch.bfloat16
+    ep = EPDispatcher(dist.group.WORLD, E, K, H, M, dtype, backend="p2p",
+                      _backend_kwargs=kw or None)
+    ep.warmup(topk_ids_dtype=torch.int64)
+    dist.barrier()
+    errs = []
+    for i, toks in enumerate(([5, 9], [16, 1])):
+        inputs = make_inputs(700 + i, world, toks, E, K, H, dtype)
+        x, ids, w = (t.to(f"cuda:{rank}") for t in inputs[rank])
+        torch.cuda.set_device(1 - rank)
+        if rank == 1:
+            time.sleep(1.0)
+        d = ep.dispatch(x, ids, w)
+        check_dispatch(rank, world, E, inputs, d.expert_x, d.counts)
+        y = ep.combine(run_experts(rank, E, world, d.expert_x, d.counts), d)
+        errs.append(check_combine(rank, inputs, y, dtype, what="p2p combine, other device"))
+        torch.cuda.set_device(rank)
+        torch.cuda.synchronize()
+        dist.barrier()
+    ep.check_errors(sync=True)
+    return errs
+
+
+@pytest.mark.parametrize("variant", ["p2p-flags", "p2p-lamport"])
+def test_p2p_calls_run_on_the_dispatchers_device(variant):
+    res = run_ranks(_other_device_worker, 2, P2P_VARIANTS[variant], backend="nccl", timeout=400)
+    for errs in res:
+        assert max(errs) < 2.5e-2

@@ -533,8 +533,16 @@ class P2PBackend(MoEBackend):
         before it launches any, so no rank's programs spin while a later rank's kernel is
         compiled or its module loaded (a module load may wait for running work; session 10's
         first loopback run, which compiled rank by rank between launches, hung every call until
-        its deadline)."""
+        its deadline).
+
+        On the dispatcher's device whatever the current one is: triton launches on the current
+        device's stream (as the TP p2p backend, which guards every launch the same way)."""
         g = (grid or self.G,)
+        dev = self.cfg.device
+        if not self._sim and torch.cuda.current_device() != dev.index:
+            with torch.cuda.device(dev):
+                self._launch(kernel, *args, grid=grid, **kwargs)
+            return
         if self._compile_only:
             self._load(kernel, args, g, kwargs)
         else:
