@@ -123,7 +123,12 @@ class EPDispatcher:
         top_k: experts per token, ``1 <= top_k <= num_experts``.
         hidden_size: token width.
         max_tokens_per_rank: most tokens any rank passes to one ``dispatch``; sizes the static
-            workspaces (``capacity = group_size * max_tokens_per_rank``).
+            workspaces (``capacity = group_size * max_tokens_per_rank``). Memory grows with
+            it: ``expert_x`` alone is ``[local_experts, capacity, hidden]``, i.e.
+            ``num_experts * max_tokens_per_rank * hidden`` elements whatever the group size
+            (15 GB in bf16 at 256 experts, 4096 tokens, hidden 7168; 0.47 GB at 128 tokens),
+            plus the p2p receive buffers. Size it to the largest batch one call carries (an
+            engine's prefill chunk), and use a second dispatcher with a small value for decode.
         dtype: activation dtype of ``x`` / ``expert_x`` / ``expert_out`` / ``y``.
         backend: ``"auto" | "torch" | "allgather" | "p2p"``.
         layout: optional :class:`~llmcomm.ParallelLayout`; its ``ep_size`` (and, when given, its EP
