@@ -214,7 +214,8 @@ def _repeat_worker(rank, world, tmp):
                             for y in ys[1:])
     for ep in eps.values():
         ep.check_errors()
-    return max(errs), same, [str(ep.decision) for ep in eps.values()], len(hints)
+    return (max(errs), same, [str(ep.decision) for ep in eps.values()], len(hints),
+            eps["p2p-sim-auto"].describe())
 
 
 @NEEDS_TRITON
@@ -222,7 +223,10 @@ def test_p2p_sim_repeated_calls_both_protocols():
     with tempfile.TemporaryDirectory() as tmp:
         res = run_ranks(_repeat_worker, 2, tmp, timeout=150, env=SIM)
     assert [r[3] for r in res] == [3, 0]   # once per dispatcher on rank 0; rank 1 warmed up
-    for err, same, decisions, _ in res:
+    assert "warmup:   done (0 kernel variants" in res[1][4]     # the simulation compiles none
+    assert "warmup:   not called" in res[0][4]
+    for err, same, decisions, _, text in res:
+        assert "protocol lamport" in text and "GB; symmetric workspace" in text, text
         assert err <= 2.5e-2
         assert same, "flags and lamport combine outputs differ bitwise"
         assert "protocol flags (requested explicitly)" in decisions[0], decisions
@@ -331,8 +335,10 @@ def _errors_worker(rank, world, tmp):
     expect("warm_counts", ValueError, lambda: ep.warmup([0, 6]))
     expect("warm_ids_dtype", TypeError, lambda: ep.warmup(topk_ids_dtype=torch.float32))
     expect("warm_weights_dtype", TypeError, lambda: ep.warmup(topk_weights_dtype=torch.int32))
+    seen["describe_cold"] = ep.describe()
     if rank == 0:   # local: one rank alone, no collective and no call-order entry
         seen["warm_torch"] = ep.warmup()
+    seen["describe"] = ep.describe()
     d = ep.dispatch(x, ids, w)
     expect("in_flight", RuntimeError, lambda: ep.dispatch(x, ids, w))
     expect("expert_out_shape", ValueError, lambda: ep.combine(d.expert_x[:1], d))
@@ -383,6 +389,11 @@ def test_errors_world2():
         assert "[0, max_tokens_per_rank=5]" in seen["warm_counts"]
         assert "integer" in seen["warm_ids_dtype"] and "floating" in seen["warm_weights_dtype"]
     assert res[0]["warm_torch"] == 0      # the torch backend has no kernels of its own
+    # E = 8 experts over 2 ranks, capacity 2 x 5, fp32: 4 x 10 x H x 4 bytes
+    assert f"expert_x [4, 10, {H}] {4 * 10 * H * 4 / 1e9:.3g} GB" in res[0]["describe"]
+    assert "backend:  torch" in res[0]["describe"] and "topology:" in res[0]["describe"]
+    assert "warmup:   done (0 kernel variants" in res[0]["describe"]
+    assert "warmup:   not called" in res[1]["describe"] and "not called" in res[0]["describe_cold"]
 
 
 @pytest.mark.parametrize("kw, words", [

@@ -216,6 +216,7 @@ class EPDispatcher:
         self._op_key = ops.register(self)      # what torch.compile'd graphs call (llmcomm.ops)
         self._compiled_in_flight: DispatchResult | None = None
         self._warm_hint = self._backend.name == "p2p"   # say once if dispatch runs unwarmed
+        self._warmed: int | None = None    # warmup(): the kernel variants it loaded
         logger.info("EPDispatcher on %s: %s", group_label(group), self.decision)
 
     # ------------------------------------------------------------------ properties
@@ -365,7 +366,24 @@ class EPDispatcher:
         logger.info("EPDispatcher.warmup: %d kernel variants loaded for token counts %s, ids "
                     "%s, in %.1f s", n, sorted(set(counts)),
                     [str(d) for d in id_dtypes], time.perf_counter() - t0)
+        self._warmed = n
         return n
+
+    def describe(self) -> str:
+        """Multi-line, human-readable account of this dispatcher: its shape, the backend (and
+        p2p protocol) chosen and why, the memory its static capacity costs, and warm-up."""
+        esize = torch.empty(0, dtype=self.dtype).element_size()
+        gb = self.local_experts * self.capacity * self.hidden_size * esize / 1e9
+        ws = self._backend.fingerprint().get("workspace_bytes")
+        lines = [repr(self),
+                 f"  topology: {self.facts.describe()}",
+                 f"  backend:  {self.decision}",
+                 f"  memory:   expert_x [{self.local_experts}, {self.capacity}, "
+                 f"{self.hidden_size}] {gb:.3g} GB" + (
+                     "" if ws is None else f"; symmetric workspace {ws / 1e9:.3g} GB"),
+                 "  warmup:   " + (f"done ({self._warmed} kernel variants loaded)"
+                                   if self._warmed is not None else "not called")]
+        return "\n".join(lines)
 
     def check_errors(self, sync: bool = True) -> None:
         """Raise :class:`CollectiveTimeoutError` if a device wait timed out (p2p backend)."""
