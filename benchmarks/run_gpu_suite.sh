@@ -3,9 +3,10 @@
 # its own time limit so a slow step cannot eat the others; the order is by priority (correctness
 # first). A device call lasts at most 600 s: pick the STEPS that fit one call (session 5 on
 # 2 x H200: tests ~5 min, tests_moe ~8 min, demo ~4 min, bench ~6 min, sweep ~3 min;
-# tests_moe_warmup, session 15, estimated from one GPU: ~5 min with a cold triton cache).
+# tests_moe_sentinel and tests_moe_warmup, session 15: ~5 min each with a cold triton cache --
+# a fresh machine compiles everything cold, so give each tests_* step a device call of its own).
 # Usage, from the repository root on a node with 2+ GPUs:
-#   [STEPS="tests tests_moe tests_moe_warmup demo bench sweep"] [WORLD=4] bash benchmarks/run_gpu_suite.sh
+#   [STEPS="tests tests_moe tests_moe_sentinel tests_moe_warmup demo bench sweep"] [WORLD=4] bash benchmarks/run_gpu_suite.sh
 # The one-GPU loopback tests (tests/gpu/test_moe_loopback.py, for machines without a second
 # GPU) are not in "tests": STEPS="loopback" runs them (~20 min cold: over one call, so name
 # tests with PYTEST_K, e.g. PYTEST_K=lamport).
@@ -21,7 +22,7 @@ set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH="src:.:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 OUT="${OUT:-gpu_out}"; mkdir -p "$OUT"
-STEPS="${STEPS:-tests tests_moe tests_moe_warmup demo bench sweep}"
+STEPS="${STEPS:-tests tests_moe tests_moe_sentinel tests_moe_warmup demo bench sweep}"
 WORLD="${WORLD:-2}"
 step() {  # name, limit in seconds, command...
   local name=$1 limit=$2; shift 2
@@ -36,7 +37,10 @@ case " $STEPS " in *" tests "*)
     --ignore=tests/gpu/test_moe_p2p.py --ignore=tests/gpu/test_moe_loopback.py ;; esac
 case " $STEPS " in *" tests_moe "*)
   step gpu_tests_moe 560 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_moe_p2p.py \
-    -k "not (warmup or dispatchers_device)" ;; esac
+    -k "not (warmup or dispatchers_device or sentinel)" ;; esac
+case " $STEPS " in *" tests_moe_sentinel "*)   # 14 calls per variant after a warm-up each
+  step gpu_tests_moe_sentinel 560 python3 -m pytest -q -p no:cacheprovider \
+    tests/gpu/test_moe_p2p.py -k sentinel ;; esac
 case " $STEPS " in *" tests_moe_warmup "*)   # compiles every variant cold: a step of its own
   step gpu_tests_moe_warmup 560 python3 -m pytest -q -p no:cacheprovider \
     tests/gpu/test_moe_p2p.py -k "warmup or dispatchers_device" ;; esac

@@ -49,16 +49,17 @@ def _child(fn, rank, world_size, init_file, backend, env, args, results):
             kwargs["device_id"] = torch.device("cuda", rank)
         dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
                                 world_size=world_size, **kwargs)
+        out = fn(rank, world_size, *args)
         try:
-            out = fn(rank, world_size, *args)
-        finally:
-            try:
-                dist.destroy_process_group()
-            except Exception:  # noqa: BLE001 - teardown after a failure must not mask it
-                pass
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - the result is in hand
+            pass
         # plain pickle copies tensors by value: shared-memory handles would die with the child
         _report(results, (rank, True, pickle.dumps(out)))
     except BaseException:  # noqa: BLE001 - report everything to the parent
+        # first, and without tearing the group down: a peer may be blocked in a collective with
+        # this rank, and NCCL's destroy can wait for it -- the error was then never reported and
+        # the run read as a hang (session 15, 2 x H200). os._exit frees what the group held.
         _report(results, (rank, False, traceback.format_exc()))
         os._exit(1)
     os._exit(0)
@@ -70,6 +71,10 @@ def _report(results, item) -> None:
     results.join_thread()  # flush before os._exit
 
 
+#: after a rank reports a failure (and none was expected): how long the others may still take
+_GRACE_S = 15.0
+
+
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0,
               backend: str = "gloo", env: dict[str, str] | None = None,
               expect_failure: bool = False) -> list[Any]:
@@ -77,7 +82,9 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
 
     Returns the list of return values indexed by rank. With ``expect_failure=True`` returns a
     list whose entry is ``("error", traceback)`` for ranks that raised, and the value otherwise;
-    a rank still running at the deadline is always a failure (a hang).
+    a rank still running at the deadline is always a failure (a hang). A rank that raises
+    reports at once (before any teardown); without ``expect_failure`` the others then get
+    ``_GRACE_S`` more seconds, and the :class:`RankFailure` carries the traceback.
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -94,6 +101,8 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
             try:
                 rank, ok, out = results.get(timeout=0.2)
                 got[rank] = (ok, out)
+                if not ok and not expect_failure:   # peers blocked on this rank will not finish
+                    deadline = min(deadline, time.monotonic() + _GRACE_S)
                 continue
             except queue.Empty:
                 pass

@@ -82,6 +82,31 @@ def test_rank_that_exits_mid_run_ends_in_an_error_not_a_hang():
     assert res[0]["type"] == "CollectiveTimeoutError" and res[0]["elapsed"] < 4.0
 
 
+def _raise_while_peer_waits_worker(rank, world):
+    if rank == 0:
+        raise ValueError("rank 0 fails on purpose")
+    time.sleep(600)      # a peer that will not finish (on NCCL: blocked in a collective)
+    return "not reached"
+
+
+def test_harness_reports_a_failing_rank_while_its_peer_blocks():
+    """The test harness itself (``llmcomm.launch.run_ranks``): a rank that raises while a peer
+    cannot finish is reported with its traceback within the grace period, not after the whole
+    deadline. (Session 15, 2 x H200: the failing rank tore its NCCL group down before it
+    reported, the teardown waited for the peer blocked in a collective with it, and the run
+    read as a hang with "no rank reported an error"; it now reports first, which gloo cannot
+    reproduce.)"""
+    from llmcomm.launch import _GRACE_S, RankFailure
+
+    t0 = time.monotonic()
+    with pytest.raises(RankFailure) as info:
+        run_ranks(_raise_while_peer_waits_worker, 2, timeout=120)
+    assert time.monotonic() - t0 < _GRACE_S + 30
+    text = str(info.value)
+    assert "rank 0 failed" in text and "ValueError: rank 0 fails on purpose" in text, text
+    assert "ranks [1] did not finish" in text, text
+
+
 def _nan_zero_worker(rank, world):
     comm = _comm()
     g = torch.Generator().manual_seed(5)
