@@ -165,7 +165,8 @@ class P2PBackend(MoEBackend):
                  _fuse: bool = True, _combine_fuse: bool | None = None,
                  _runtime_rounds: bool = False,
                  _combine_roles: bool = False, _roles_warps: int = 16,
-                 _roles_pair: int = 1, _roles_programs: int | None = None) -> None:
+                 _roles_pair: int = 1, _roles_programs: int | None = None,
+                 _small_tokens: int = 0) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -364,6 +365,19 @@ class P2PBackend(MoEBackend):
         self._chunk_c = self.round_tokens if rounds_given or lamport else _round_tokens(
             M, self._Gc)
         self.shift = shift                   # None for "flags"
+        # A/B (session 16): SMALL in llmcomm.kernels.moe, the lamport dispatch of a call in
+        # which no rank has more than this many tokens, without slot atomics or "last program
+        # out" (slots computed in one fixed order: own tokens, then each peer's)
+        if not isinstance(_small_tokens, int) or _small_tokens < 0 \
+                or _small_tokens & (_small_tokens - 1):
+            raise ValueError(f"_small_tokens must be 0 or a power of 2, got {_small_tokens!r}")
+        if _small_tokens and (not lamport or self.tiles[0] != 1
+                              or _small_tokens > self.G // 2):
+            raise ValueError(f"_small_tokens needs protocol='lamport', tile_tokens=1 and at "
+                             f"most num_programs // 2 = {self.G // 2} tokens; got "
+                             f"{_small_tokens} with protocol {protocol!r}, tile_tokens "
+                             f"{self.tiles[0]}")
+        self._small = int(_small_tokens)
         dev = cfg.device if not self._sim else torch.device("cpu")
         off = 0
         layout = {}
@@ -439,6 +453,7 @@ class P2PBackend(MoEBackend):
                 "fuse": self._fuse,
                 "fuse_combine": self._fuse_combine, "combine_roles": self._roles,
                 "combine_roles_programs": self._Gc if self._roles else None,
+                "small_tokens": self._small,
                 **{k.lower(): v for k, v in self.variants.items()}}
 
     def _consts(self) -> dict[str, Any]:
@@ -562,7 +577,8 @@ class P2PBackend(MoEBackend):
                 topk_weights, x, topk_ids, topk_weights, T, self.lx, self.lmeta, self.lcnt,
                 self.expert_x, self.counts, self.cursor, self.done, self.slot_map, self.wloc,
                 self.peer_T, self.buf_d, self.err_dev, self.err_host.data_ptr(),
-                self.timeout_ns, CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts))
+                self.timeout_ns, CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts),
+                SMALL=self._small)
             return self.expert_x, self.counts, (topk_ids, topk_weights)
         self._launch(ep_dispatch_kernel,
             x, topk_ids, topk_weights, T,
