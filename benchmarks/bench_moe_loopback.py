@@ -32,10 +32,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 #: name -> (max_tokens_per_rank, backend kwargs)
 CONFIGS = {
     "lamport128": (128, {}),
-    # A/B candidate (session 16): the lamport dispatch of calls where no rank has more than
-    # 1 / 4 tokens without slot atomics or "last program out" (P2PBackend._small_tokens)
-    "lamport128s1": (128, {"_small_tokens": 1}),
-    "lamport128s4": (128, {"_small_tokens": 4}),
+    # A/B candidate (session 16): one-token lamport dispatches without slot atomics or "last
+    # program out" (P2PBackend._one_token_slots)
+    "lamport128one": (128, {"_one_token_slots": True}),
     "flags128": (128, {"protocol": "flags"}),
     "flags4096": (4096, {"protocol": "flags"}),
     # A/B candidate: the combine's push and finish in separate programs (16 warps, one token

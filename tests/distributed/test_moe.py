@@ -70,10 +70,10 @@ P2P_SIM = {"p2p-sim": {"protocol": "flags"},
            # tokens in 2
            "p2p-sim-lamport-cs4": {"protocol": "lamport", "combine_split": 4,
                                    "num_programs": 8},
-           # the small-batch dispatch (A/B knob, session 16): calls where no rank has more than
-           # 4 tokens end without atomics; a rank with <= 4 among larger ones sends first
-           "p2p-sim-lamport-small4": {"protocol": "lamport", "_small_tokens": 4,
-                                      "num_programs": 8}}
+           # one-token calls without slot atomics (A/B knob, session 16): where this rank and
+           # its peer have at most one token; otherwise the atomics, as by default
+           "p2p-sim-lamport-one": {"protocol": "lamport", "_one_token_slots": True,
+                                   "num_programs": 8}}
 #: the default protocol="auto" (lamport here: world 2, M <= 128); used by the repeat test only
 P2P_SIM_AUTO = {"p2p-sim-auto": {}}
 
@@ -196,7 +196,7 @@ def _repeat_worker(rank, world, tmp):
     log.setLevel(logging.INFO)
     log.addHandler(Hints())
     eps = {}
-    for b in ("p2p-sim", "p2p-sim-auto", "p2p-sim-lamport-cs4", "p2p-sim-lamport-small4"):
+    for b in ("p2p-sim", "p2p-sim-auto", "p2p-sim-lamport-cs4", "p2p-sim-lamport-one"):
         os.makedirs(f"{tmp}/{b}", exist_ok=True)
         eps[b] = _make(b, 3, 9, f"{tmp}/{b}", dtype=torch.bfloat16)
     if rank == 1:   # local and a no-op in the simulation (nothing compiles ahead there)
@@ -426,10 +426,9 @@ def test_errors_world2():
      "_runtime_rounds needs protocol='flags' with interleave and the default rounds"),
     ({"protocol": "lamport", "_combine_roles": True},
      "_combine_roles needs protocol='flags' at EP=2, got protocol 'lamport'"),
-    ({"protocol": "lamport", "_small_tokens": 3}, "_small_tokens must be 0 or a power of 2"),
-    ({"protocol": "lamport", "_small_tokens": 4},
-     "_small_tokens needs protocol='lamport', tile_tokens=1 and at most num_programs // 2 = 2"),
-    ({"protocol": "flags", "_small_tokens": 1}, "got 1 with protocol 'flags'"),
+    ({"protocol": "lamport", "_one_token_slots": True, "tile_tokens": 2},
+     "_one_token_slots needs protocol='lamport' at EP=2 with tile_tokens=1 and shift=0"),
+    ({"protocol": "flags", "_one_token_slots": True}, "got protocol 'flags' at EP=2"),
     ({"_combine_roles": True, "_roles_warps": 3}, "_roles_warps must be a power of 2 <= 16"),
     ({"_combine_roles": True, "_roles_pair": 3}, "_roles_pair (tokens a step) must be 1 or 2"),
     ({"_combine_roles": True, "_roles_programs": 67},
@@ -466,8 +465,8 @@ def _concurrent_worker(rank, world, tmp, E_, kw, G, shift, seed):
                       _backend_kwargs=dict(simulate_dir=tmp, num_programs=G, **kw))
     ep._backend.shift = shift   # the constructor refuses shift != 0 for the sequential sim
     seqs = [[M, 5, 2], [3, M, 0], [M, M, M], [1, 0, 7], [7, M, 4], [M, 1, M], [0, 4, 5]]
-    if kw.get("_small_tokens"):   # calls where every rank takes the small-batch path
-        seqs += [[2, 1, 3], [0, 0, 0], [4, 4, 4], [1, 1, 1]]
+    if kw.get("_one_token_slots"):   # calls on its path (<= 1 token on both ranks) and off
+        seqs += [[1, 1], [0, 1], [1, M], [1, 0], [0, 0], [1, 1], [M, 1], [1, 1]]
     errs = []
     for i, toks in enumerate(seqs):
         inputs = make_inputs(seed * 100 + i, world, toks[:world], E_, K, H, torch.float32,
@@ -486,10 +485,8 @@ def _concurrent_worker(rank, world, tmp, E_, kw, G, shift, seed):
     (2, 8, {}, 2, 1),                                             # several iterations/program
     (3, 6, {"tile_tokens": 2, "combine_tile_tokens": 4}, 3, 1),   # W=3
     (2, 8, {}, 8, 0),   # own rows placed by the other half of the grid at T <= 4, not above
-    (2, 8, {"_small_tokens": 4}, 8, 0),   # the small-batch dispatch, and its fall-back
-    (3, 6, {"_small_tokens": 4}, 8, 0),   # ... with two peers (slots in rank order)
-], ids=["w2-t4c2-G4s2", "w2-t1-G2s1", "w3-t2c4-G3s1", "w2-t1-G8", "w2-t1-G8-small4",
-        "w3-t1-G8-small4"])
+    (2, 8, {"_one_token_slots": True}, 8, 0),   # one-token calls without slot atomics
+], ids=["w2-t4c2-G4s2", "w2-t1-G2s1", "w3-t2c4-G3s1", "w2-t1-G8", "w2-t1-G8-one"])
 def test_p2p_sim_lamport_concurrent_programs(world, E_, kw, G, shift):
     with tempfile.TemporaryDirectory() as tmp:
         res = run_ranks(_concurrent_worker, world, tmp, E_, {"protocol": "lamport", **kw}, G,

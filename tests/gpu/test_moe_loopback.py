@@ -29,11 +29,11 @@ VARIANTS = {
     "lamport-t4c2": (2, {"protocol": "lamport", "tile_tokens": 4, "combine_tile_tokens": 2}),
     "lamport-shift": (2, {"protocol": "lamport", "tile_tokens": 2, "shift": 20,
                           "num_programs": 48}),
-    # the small-batch dispatch (A/B knob, session 16): its own cases below, every rank <= 4
-    "lamport-small4": (2, {"protocol": "lamport", "_small_tokens": 4}),
+    # one-token calls without slot atomics (A/B knob, session 16): ONE_CASES below
+    "lamport-one": (2, {"protocol": "lamport", "_one_token_slots": True}),
 }
-#: extra reference cases of a variant with ``_small_tokens``: calls that take that path
-SMALL_CASES = (("random", [1, 1]), ("dups", [4, 2]), ("random", [0, 3]), ("one_expert", [3, 4]))
+#: extra reference cases of a variant with ``_one_token_slots``: calls that take that path
+ONE_CASES = (("random", [1, 1]), ("dups", [1, 0]), ("random", [0, 1]), ("one_expert", [1, 1]))
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(importlib.util.find_spec("triton") is None,
@@ -79,7 +79,7 @@ def _reference_worker(rank, world_size, name):
         lb = Loopback(world, E, K, H, M, dtype, **kw)
         cases = (("random", [37, 0]), ("random", [96, 95]), ("one_expert", [40, 17]),
                  ("dups", [5, 33]), ("low_experts", [1, 40]), ("random", [3, 9]),
-                 ("random", [M, M])) + (SMALL_CASES if kw.get("_small_tokens") else ())
+                 ("random", [M, M])) + (ONE_CASES if kw.get("_one_token_slots") else ())
         for i, (routing, toks) in enumerate(cases):
             toks = [min(toks[r % 2] + r // 2, M) for r in range(world)]
             inputs = make_inputs(50 + i, world, toks, E, K, H, dtype, routing)
@@ -96,7 +96,7 @@ def _reference_worker(rank, world_size, name):
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_loopback_matches_reference(name):
     (rows,) = run_ranks(_reference_worker, 1, name, timeout=850)
-    assert len(rows) == 2 * (7 + (len(SMALL_CASES) if "_small_tokens" in VARIANTS[name][1]
+    assert len(rows) == 2 * (7 + (len(ONE_CASES) if "_one_token_slots" in VARIANTS[name][1]
                                   else 0))
     for H, routing, toks, n, err, left in rows:
         assert err < 2.5e-2, (H, routing, toks, err)
@@ -111,7 +111,7 @@ def _graph_worker(rank, world_size, name):
     from tests.distributed._moe_cases import capture_graph, make_inputs
 
     world, kw = VARIANTS[name]
-    E, K, H, M, T = 64, 6, 1024, 64, 3 if kw.get("_small_tokens") else 50
+    E, K, H, M, T = 64, 6, 1024, 64, 1 if kw.get("_one_token_slots") else 50
     dtype = torch.bfloat16
     lb = Loopback(world, E, K, H, M, dtype, **kw)
     L = E // world
@@ -149,7 +149,7 @@ def _graph_worker(rank, world_size, name):
 
 
 @pytest.mark.parametrize("name", ["flags", "flags-g8", "flags-g8-roles", "lamport",
-                                  "lamport-t4c2", "lamport-small4"])
+                                  "lamport-t4c2", "lamport-one"])
 def test_loopback_cuda_graph_replays_fresh_inputs(name):
     (errs,) = run_ranks(_graph_worker, 1, name, timeout=400)
     assert len(errs) == 7 * VARIANTS[name][0] and max(errs) < 2.5e-2
@@ -173,7 +173,7 @@ def _missing_worker(rank, world_size, name):
     return None
 
 
-@pytest.mark.parametrize("name", ["flags", "lamport", "lamport-small4"])
+@pytest.mark.parametrize("name", ["flags", "lamport", "lamport-one"])
 def test_loopback_missing_rank_times_out_naming_it(name):
     (res,) = run_ranks(_missing_worker, 1, name, timeout=300)
     assert res is not None, "rank 0 did not raise CollectiveTimeoutError"

@@ -33,7 +33,12 @@ P2P_VARIANTS = {
     "p2p-lamport-t4c2": {"protocol": "lamport", "tile_tokens": 4, "combine_tile_tokens": 2},
     "p2p-lamport-t2-w16-shift20": {"protocol": "lamport", "tile_tokens": 2, "num_warps": 16,
                                    "shift": 20},
+    # one-token calls without slot atomics (A/B knob, session 16): calls where both ranks
+    # have at most one token (ONE_CASES below), and the atomics where one has more
+    "p2p-lamport-one": {"protocol": "lamport", "_one_token_slots": True},
 }
+#: extra token counts a variant with ``_one_token_slots`` runs: calls that take that path
+ONE_CASES = (("random", [1, 1]), ("dups", [1, 0]), ("random", [0, 1]), ("one_expert", [1, 1]))
 LAMPORT = [n for n in P2P_VARIANTS if "lamport" in n]
 
 pytestmark = [pytest.mark.gpu2,
@@ -56,10 +61,11 @@ def _correctness_worker(rank, world, names):
             ep = EPDispatcher(dist.group.WORLD, E, K, H, M, dtype, backend=backend,
                               _backend_kwargs=kw or None)
             assert ep.backend == backend
+            one = ONE_CASES if kw.get("_one_token_slots") else ()
             for i, (routing, toks) in enumerate((("random", [37, 0]), ("random", [96, 95]),
                                                  ("one_expert", [40, 17]), ("dups", [5, 33]),
                                                  ("low_experts", [1, 40]),
-                                                 ("random", [3, 9]))):   # lamport: split combine
+                                                 ("random", [3, 9])) + one):   # lamport: split
                 inputs = make_inputs(50 + i, world, [min(t, M) for t in toks], E, K, H, dtype,
                                      routing)
                 n, err = roundtrip(ep, rank, world, E, inputs, dtype, device="cuda")
@@ -76,8 +82,9 @@ def _correctness_worker(rank, world, names):
                          ids=lambda names: "+".join(names))
 def test_backends_match_reference_on_gpu(names):
     res = run_ranks(_correctness_worker, 2, names, backend="nccl", timeout=500)
+    extra = sum(len(ONE_CASES) for n in names if "_one_token_slots" in P2P_VARIANTS.get(n, {}))
     for rows, decision in res:
-        assert len(rows) == 12 * len(names)
+        assert len(rows) == 12 * len(names) + 2 * extra
         assert decision.startswith("p2p") and "protocol lamport" in decision, decision
         for backend, H, routing, n, err in rows:
             assert err < 2.5e-2, (backend, H, routing, err)
@@ -90,7 +97,7 @@ def _graph_worker(rank, world, kw):
     from llmcomm.moe import EPDispatcher
     from tests.distributed._moe_cases import capture_graph, make_inputs
 
-    E, K, H, M, T = 64, 6, 1024, 64, 50
+    E, K, H, M, T = 64, 6, 1024, 64, 1 if kw.get("_one_token_slots") else 50
     dtype = torch.bfloat16
     ep = EPDispatcher(dist.group.WORLD, E, K, H, M, dtype, backend="p2p",
                       _backend_kwargs=kw or None)
@@ -130,7 +137,8 @@ def _check(rank, inputs, y, dtype):
     return check_combine_output(y, ref, dtype, what="graph replay")
 
 
-@pytest.mark.parametrize("variant", ["p2p-flags", "p2p-lamport", "p2p-lamport-t4c2"])
+@pytest.mark.parametrize("variant", ["p2p-flags", "p2p-lamport", "p2p-lamport-t4c2",
+                                     "p2p-lamport-one"])
 def test_p2p_cuda_graph_replays_fresh_inputs(variant):
     res = run_ranks(_graph_worker, 2, P2P_VARIANTS[variant], backend="nccl", timeout=300)
     for errs in res:
@@ -186,7 +194,10 @@ def _sentinel_worker(rank, world, kw):
         # the 5 s deadline is shorter than a first call's compile, and the ranks meet token
         # classes at different calls (session 15: without this the run timed out on 2 GPUs)
         ep.warmup(topk_ids_dtype=torch.int64)
-        for i, toks in enumerate(([M, M], [1, 8], [37, 0], [M, 5], [0, M], [17, 33], [M, M])):
+        seq = [[M, M], [1, 8], [37, 0], [M, 5], [0, M], [17, 33], [M, M]]
+        if kw.get("_one_token_slots"):   # calls on the one-token path, between the others
+            seq[2:2] = [[1, 1], [0, 1], [1, 0], [0, 0]]
+        for i, toks in enumerate(seq):
             inputs = make_inputs(70 + i, world, toks, E, K, H, dtype, "random")
             n, err = roundtrip(ep, rank, world, E, inputs, dtype, device="cuda")
             torch.cuda.synchronize()

@@ -1605,16 +1605,56 @@ def _lamport_poll_token(cnt_ptr, need, ts_known, bound, mp1, rp, c, RANK: tl.con
 
 
 @triton.jit
+def _token_slots_after(ids, valid, prev, RANK: tl.constexpr, L: tl.constexpr,
+                       K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``ONE`` (session 16): :func:`_token_claim` without the atomic, for a call in which this
+    rank places at most one own token and one token of its one peer, in that order: a new
+    local id takes slot 1 where ``prev`` (the ids [BLOCK_K] of the token placed before it, -1
+    for none) has it too, else 0. Returns the same ``(slot, el, local, first, new)``."""
+    offs_k = tl.arange(0, BLOCK_K)
+    mk = offs_k < K
+    el = ids - RANK * L
+    local = mk & (ids >= 0) & (el >= 0) & (el < L) & (tl.where(valid, K, 0) > offs_k)
+    same = (ids[:, None] == ids[None, :]) & mk[None, :]
+    first = tl.min(tl.where(same, offs_k[None, :], BLOCK_K), axis=1)
+    new = local & (first == offs_k)
+    hit = tl.sum(((ids[:, None] == prev[None, :]) & (prev >= 0)[None, :]).to(tl.int32), axis=1)
+    return tl.minimum(hit, 1), el, local, first, new
+
+
+@triton.jit
+def _one_counts(own, peer, counts, RANK: tl.constexpr, L: tl.constexpr, K: tl.constexpr,
+                BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr):
+    """``ONE``: ``counts[l]`` = whether the own token (ids ``own`` [BLOCK_K], -1 for none) has
+    local expert ``l``, plus whether the peer's (``peer``) has it."""
+    offs_l = tl.arange(0, BLOCK_L)
+    mk = tl.arange(0, BLOCK_K) < K
+    eo = own - RANK * L
+    ep = peer - RANK * L
+    ho = tl.sum(((eo[None, :] == offs_l[:, None]) & (own >= 0)[None, :] & mk[None, :]
+                 ).to(tl.int32), axis=1)
+    hp = tl.sum(((ep[None, :] == offs_l[:, None]) & (peer >= 0)[None, :] & mk[None, :]
+                 ).to(tl.int32), axis=1)
+    tl.store(counts + offs_l, tl.minimum(ho, 1) + tl.minimum(hp, 1), mask=offs_l < L)
+
+
+@triton.jit
 def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor,
                         slot_map, wloc, err_dev, err_host, timeout_ns, RANK: tl.constexpr,
                         W: tl.constexpr, G: tl.constexpr, M: tl.constexpr, H: tl.constexpr,
                         K: tl.constexpr, L: tl.constexpr, CAP: tl.constexpr,
                         BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr,
-                        USE_TIMER: tl.constexpr, NT: tl.constexpr):
+                        USE_TIMER: tl.constexpr, NT: tl.constexpr, T, own, counts,
+                        BLOCK_L: tl.constexpr, ONE: tl.constexpr):
     """:func:`_lamport_recv_tile` of a one-token tile (token ``c`` of source ``s``) on 1-D
     vectors (session 13): the count, meta and row polled together until every thread's copies
     have landed (:func:`_lamport_poll_token`, session 14), then expanded from those values
-    (:func:`_token_claim`, :func:`_token_place`); barrier; reset. Returns (count, dead)."""
+    (:func:`_token_claim`, :func:`_token_place`); barrier; reset. Returns (count, dead).
+
+    ``ONE`` (EP=2): when this rank has ``T <= 1`` own tokens and the peer's count is ``<= 1``,
+    the peer's token takes slots after the own token (ids ``own``, the caller's token 0) with
+    no atomic (:func:`_token_slots_after`), and the receiver of token 0 writes ``counts``
+    (:func:`_one_counts`); the caller then skips the "last program out"."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_k = tl.arange(0, BLOCK_K)
     need = ts_known < 0
@@ -1642,7 +1682,16 @@ def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_
                                axis=0) > 0)
         srow = s * M + tl.cast(tl.where(valid, c, 0), tl.int64)
         tl.store(wloc + srow * K + offs_k, wb.to(tl.float32, bitcast=True), mask=kv)
-        claim = _token_claim(ids, valid, cursor, RANK, L, K, BLOCK_K)
+        if ONE:
+            if (T <= 1) & (ts <= 1):
+                claim = _token_slots_after(ids, valid, own, RANK, L, K, BLOCK_K)
+                if c == 0:
+                    _one_counts(own, tl.where(kv, ids, -1), counts, RANK, L, K, BLOCK_K,
+                                BLOCK_L)
+            else:
+                claim = _token_claim(ids, valid, cursor, RANK, L, K, BLOCK_K)
+        else:
+            claim = _token_claim(ids, valid, cursor, RANK, L, K, BLOCK_K)
         _token_place(row, valid, claim, srow, expert_x, slot_map, H, K, CAP, BLOCK_H, BLOCK_K)
         tl.debug_barrier()   # every read of the received values done: no reset overtakes one
         if need:
@@ -1656,186 +1705,6 @@ def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_
 
 
 @triton.jit
-def _small_counts(lcnt, buf, pid, dead, err_dev, err_host, timeout_ns, RANK: tl.constexpr,
-                  W: tl.constexpr, G: tl.constexpr, BLOCK_W: tl.constexpr,
-                  USE_TIMER: tl.constexpr, NT: tl.constexpr):
-    """``SMALL`` path, every program: poll this program's count slot of every peer
-    (``lcnt[RANK][buf, s, pid]``, one thread a peer, so no value is held by two threads) until
-    none is the sentinel, then reset them. Returns ``(tsv [BLOCK_W] (0 for this rank), dead)``,
-    uniform over the program (every value comes out of a reduction)."""
-    i = tl.arange(0, NT)
-    lane = (i < W) & (i != RANK)
-    ptrs = lcnt[RANK] + (buf * W + tl.where(lane, i, 0)) * G + pid
-    v = tl.load(ptrs, mask=lane, other=0, volatile=True)
-    pending = tl.sum((lane & (v == -2147483648)).to(tl.int32), axis=0)
-    t0 = tl.full([], 0, tl.int64)   # set at the first check: no clock read unless waiting
-    spins = tl.full([], 0, tl.int64)
-    while (pending > 0) & (dead == 0):
-        v = tl.load(ptrs, mask=lane, other=0, volatile=True)
-        behind = lane & (v == -2147483648)
-        pending = tl.sum(behind.to(tl.int32), axis=0)
-        spins += 1
-        t0, dead = _spin_deadline(pending, spins, t0, dead, err_dev, err_host, timeout_ns, 1,
-                                  tl.min(tl.where(behind, i, NT), axis=0), USE_TIMER, NT)
-    if dead == 0:
-        tl.store(ptrs, tl.full([NT], -2147483648, tl.int32), mask=lane)
-    offs_w = tl.arange(0, BLOCK_W)
-    tsv = tl.sum(tl.where(i[None, :] == offs_w[:, None], v[None, :], 0), axis=1)
-    return tl.where(dead == 0, tsv, 0), dead
-
-
-@triton.jit
-def _small_slots(ids, vt, base, RANK: tl.constexpr, L: tl.constexpr, K: tl.constexpr,
-                 BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr):
-    """``SMALL`` path: the slots of ``R`` tokens of one source (``ids`` [R, BLOCK_K], valid
-    ``vt`` [R]) computed, not claimed: slot of a new local id ``el`` (:func:`_slot_masks`) =
-    ``base[el]`` + the new ids ``el`` of the source's earlier tokens. Returns ``(slot [R,
-    BLOCK_K] (raw, meaningful where new, as :func:`_claim_slots`), base + this source's new ids
-    per expert [BLOCK_L])``. Reference: ``for t, k in order: if new[t, k]: slot[t, k] =
-    base[el]; base[el] += 1``."""
-    R: tl.constexpr = ids.shape[0]
-    N: tl.constexpr = R * BLOCK_K
-    el, local, first, new = _slot_masks(ids, vt, RANK, L, K, BLOCK_K)
-    elf = tl.reshape(tl.where(new, el, -1), [N])
-    row = tl.arange(0, N) // BLOCK_K
-    prior = tl.sum(((elf[None, :] == elf[:, None]) & (elf[None, :] >= 0)
-                    & (row[None, :] < row[:, None])).to(tl.int32), axis=1)
-    offs_l = tl.arange(0, BLOCK_L)
-    at = tl.sum(tl.where(elf[:, None] == offs_l[None, :], base[None, :], 0), axis=1)
-    hist = tl.sum((elf[:, None] == offs_l[None, :]).to(tl.int32), axis=0)
-    return tl.reshape(at + prior, [R, BLOCK_K]), base + hist
-
-
-@triton.jit
-def _small_own(T, x_ptr, ids_ptr, w_ptr, H: tl.constexpr, K: tl.constexpr, E: tl.constexpr,
-               BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, R: tl.constexpr,
-               ROWS: tl.constexpr):
-    """``SMALL`` path: own tokens ``[0, R)`` (valid below ``T``): ``(ids [R, BLOCK_K] (-1
-    beyond K or out of range), vt [R], t64 [R], row [R, BLOCK_H] (zeros unless ROWS))``."""
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_h = tl.arange(0, BLOCK_H)
-    t = tl.arange(0, R)
-    vt = t < T
-    t64 = tl.cast(t, tl.int64)
-    m2 = vt[:, None] & (offs_k < K)[None, :]
-    ids = tl.load(ids_ptr + t64[:, None] * K + offs_k[None, :], mask=m2, other=-1).to(tl.int32)
-    ids = tl.where(m2 & (ids >= 0) & (ids < E), ids, -1)
-    if ROWS:
-        row = tl.load(x_ptr + t64[:, None] * H + offs_h[None, :],
-                      mask=vt[:, None] & (offs_h < H)[None, :])
-    else:
-        row = tl.zeros([R, BLOCK_H], x_ptr.dtype.element_ty)
-    return ids, vt, t64, row
-
-
-@triton.jit
-def _small_poll(mp, rp, vt, m2, RANK: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
-                L: tl.constexpr, BLOCK_H: tl.constexpr, BITS: tl.constexpr,
-                USE_TIMER: tl.constexpr, NT: tl.constexpr):
-    """One poll round of :func:`_small_recv`: meta and rows loaded together. Returns ``(ids,
-    weight bits, mine [R], rows, pending)``; ``pending`` as in :func:`_lamport_poll_token`."""
-    mh = tl.arange(0, BLOCK_H) < H
-    ids = tl.load(mp, mask=m2, other=-1, volatile=True)
-    wb = tl.load(mp + K, mask=m2, other=0, volatile=True)
-    mine = vt & (tl.sum((tl.where(ids >= 0, ids // L, -1) == RANK).to(tl.int32), axis=1) > 0)
-    row = tl.load(rp, mask=mine[:, None] & mh[None, :], other=0.0, volatile=True)
-    meta_pend = tl.sum(tl.sum((m2 & ((ids == -2147483648) | (wb == -2147483648))
-                               ).to(tl.int32), axis=1), axis=0)
-    pending = every_thread_max(meta_pend + _n_sent(row, mine[:, None] & mh[None, :], BITS, 2),
-                               NT, USE_TIMER)
-    return ids, wb, mine, row, pending
-
-
-@triton.jit
-def _small_recv(s, ts, base, dead, buf, lx, lmeta, expert_x, slot_map, wloc, err_dev,
-                err_host, timeout_ns, RANK: tl.constexpr, W: tl.constexpr, M: tl.constexpr,
-                H: tl.constexpr, K: tl.constexpr, L: tl.constexpr, CAP: tl.constexpr,
-                BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr,
-                R: tl.constexpr, BITS: tl.constexpr, USE_TIMER: tl.constexpr,
-                NT: tl.constexpr):
-    """``SMALL`` path, program ``R - 1``: every token of source ``s`` (``ts <= R`` of them, count
-    known): meta and rows polled in one loop until every thread's copies have landed
-    (:func:`.sync.every_thread_max`; the row counts where this thread's copy of the meta names
-    a local expert), then expanded at slots computed from ``base`` (:func:`_small_slots`), the
-    weights kept for the combine, a barrier, the slots reset. Returns ``(base, dead)``."""
-    offs_h = tl.arange(0, BLOCK_H)
-    mh = offs_h < H
-    offs_k = tl.arange(0, BLOCK_K)
-    t = tl.arange(0, R)
-    vt = t < ts
-    t64 = tl.cast(t, tl.int64)
-    m2 = vt[:, None] & (offs_k < K)[None, :]
-    rb = (buf * W + s) * M + t64
-    mp = lmeta[RANK] + rb[:, None] * (2 * K) + offs_k[None, :]
-    rp = lx[RANK] + rb[:, None] * H + offs_h[None, :]
-    ids, wb, mine, row, pending = _small_poll(mp, rp, vt, m2, RANK, H, K, L, BLOCK_H, BITS,
-                                              USE_TIMER, NT)
-    t0 = tl.full([], 0, tl.int64)   # set at the first check: no clock read unless waiting
-    spins = tl.full([], 0, tl.int64)
-    while (pending > 0) & (dead == 0):
-        ids, wb, mine, row, pending = _small_poll(mp, rp, vt, m2, RANK, H, K, L, BLOCK_H,
-                                                  BITS, USE_TIMER, NT)
-        spins += 1
-        t0, dead = _spin_deadline(pending, spins, t0, dead, err_dev, err_host, timeout_ns, 1,
-                                  s, USE_TIMER, NT)
-    if dead == 0:
-        tl.store(wloc + (s * M + t64)[:, None] * K + offs_k[None, :],
-                 wb.to(tl.float32, bitcast=True), mask=m2)
-        slot, base = _small_slots(ids, vt, base, RANK, L, K, BLOCK_K, BLOCK_L)
-        _place_rows(row, ids, vt, slot, s * M + t64, expert_x, slot_map, RANK, H, K, L, CAP,
-                    BLOCK_H, BLOCK_K)
-        tl.debug_barrier()   # every read of the received values done: no reset overtakes one
-        tl.store(mp, tl.full([R, BLOCK_K], -2147483648, tl.int32), mask=m2)
-        tl.store(mp + K, tl.full([R, BLOCK_K], -2147483648, tl.int32), mask=m2)
-        tl.store(rp, _sent_like(row, BITS), mask=mine[:, None] & mh[None, :])
-    return base, dead
-
-
-@triton.jit
-def _small_dispatch(pid, T, tsv, dead, buf, x_ptr, ids_ptr, w_ptr, lx, lmeta, expert_x,
-                    counts, slot_map, wloc, err_dev, err_host, timeout_ns, RANK: tl.constexpr,
-                    W: tl.constexpr, G: tl.constexpr, M: tl.constexpr, H: tl.constexpr,
-                    K: tl.constexpr, L: tl.constexpr, E: tl.constexpr, CAP: tl.constexpr,
-                    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr,
-                    BLOCK_W: tl.constexpr, R: tl.constexpr, BITS: tl.constexpr,
-                    USE_TIMER: tl.constexpr, NT: tl.constexpr):
-    """``SMALL`` path once every rank's count is known to be ``<= R``: no slot atomic, no
-    "last program out". Slots are computed in one fixed order -- own tokens first, then each
-    peer's in rank order, tokens ascending -- so program ``G // 2`` places the own rows at
-    once (their slots need nothing received), while program ``R - 1`` receives every peer's
-    tokens, places them after the own ones and writes ``counts``. Token ``t`` is sent by
-    program ``t`` of its rank, so the receiver waits only for peer programs with an index no
-    larger than its own: as in the rest of the kernel, a program never waits for one that
-    would be scheduled after it (the simulation runs programs one after another; with program
-    0 as the receiver, a call of 3 tokens deadlocked there). Returns ``dead``."""
-    offs_l = tl.arange(0, BLOCK_L)
-    if pid == G // 2:
-        ids, vt, t64, row = _small_own(T, x_ptr, ids_ptr, w_ptr, H, K, E, BLOCK_H, BLOCK_K, R,
-                                       True)
-        slot, own = _small_slots(ids, vt, tl.zeros([BLOCK_L], tl.int32), RANK, L, K, BLOCK_K,
-                                 BLOCK_L)
-        _place_rows(row, ids, vt, slot, RANK * M + t64, expert_x, slot_map, RANK, H, K, L,
-                    CAP, BLOCK_H, BLOCK_K)
-    if pid == R - 1:
-        ids, vt, t64, row = _small_own(T, x_ptr, ids_ptr, w_ptr, H, K, E, BLOCK_H, BLOCK_K, R,
-                                       False)
-        slot, base = _small_slots(ids, vt, tl.zeros([BLOCK_L], tl.int32), RANK, L, K, BLOCK_K,
-                                  BLOCK_L)
-        offs_w = tl.arange(0, BLOCK_W)
-        for s in tl.static_range(W):
-            if s != RANK:
-                if dead == 0:
-                    ts = tl.sum(tl.where(offs_w == s, tsv, 0), axis=0)
-                    base, dead = _small_recv(s, ts, base, dead, buf, lx, lmeta, expert_x,
-                                             slot_map, wloc, err_dev, err_host, timeout_ns,
-                                             RANK, W, M, H, K, L, CAP, BLOCK_H, BLOCK_K,
-                                             BLOCK_L, R, BITS, USE_TIMER, NT)
-        if dead == 0:
-            tl.store(counts + offs_l, base, mask=offs_l < L)
-    return dead
-
-
-@triton.jit
 def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                expert_x, counts, cursor, done, slot_map, wloc, peer_T, buf_ptr,
                                err_dev, err_host_addr, timeout_ns,
@@ -1846,7 +1715,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                BLOCK_L: tl.constexpr, BLOCK_W: tl.constexpr, TB: tl.constexpr,
                                BITS: tl.constexpr, NBUF: tl.constexpr, SHIFT: tl.constexpr,
                                USE_TIMER: tl.constexpr, PDL: tl.constexpr = False,
-                               NT: tl.constexpr = 256, SMALL: tl.constexpr = 0):
+                               NT: tl.constexpr = 256, ONE: tl.constexpr = False):
     """Lamport dispatch; see the module docstring. Tiles of ``TB`` tokens; program ``p`` sends
     own tiles ``p, p+G, ...`` and receives tiles ``q, q+G, ...`` (``q = (p + SHIFT) mod G``)
     of every peer, the own tile's rows copied after each receive."""
@@ -1864,30 +1733,6 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
             tl.store(lcnt[d] + (buf * W + RANK) * G + pid, T)
     n_own = tl.cdiv(T, TB)
     tsv = tl.full([BLOCK_W], -1, tl.int32)       # peers' token counts, -1 = not known yet
-    # SMALL (one-token tiles, SMALL <= G // 2): a batch of at most SMALL tokens is sent here,
-    # then every program learns every peer's count; when no rank has more than SMALL, the call
-    # ends in _small_dispatch (no atomics, no last program out), else the loop below receives
-    # as usual, the sends and counts already done
-    pre = False
-    small = False
-    if SMALL > 0:
-        pre = T < 0      # runtime bools (false), assigned in the runtime branch below
-        small = T < 0
-        if T <= SMALL:
-            pre = True
-            row1, ids1, w1, v1, t1 = _own_token(pid, T, x_ptr, ids_ptr, w_ptr, H, K, E,
-                                                BLOCK_H, BLOCK_K)
-            _lamport_send_token(row1, ids1, w1, v1, t1, buf, lx, lmeta, RANK, W, M, H, K, L,
-                                BLOCK_H, BLOCK_K)
-            tsv, dead = _small_counts(lcnt, buf, pid, dead, err_dev, err_host, timeout_ns,
-                                      RANK, W, G, BLOCK_W, USE_TIMER, NT)
-            small = tl.max(tl.where(is_peer, tsv, 0), axis=0) <= SMALL
-            if small & (dead == 0):
-                dead = _small_dispatch(pid, T, tsv, dead, buf, x_ptr, ids_ptr, w_ptr, lx,
-                                       lmeta, expert_x, counts, slot_map, wloc, err_dev,
-                                       err_host, timeout_ns, RANK, W, G, M, H, K, L, E, CAP,
-                                       BLOCK_H, BLOCK_K, BLOCK_L, BLOCK_W, SMALL, BITS,
-                                       USE_TIMER, NT)
     rbase = (pid + SHIFT) % G                    # received tiles: rbase, rbase + G, ...
     # own tiles placed into local experts: hp, hp + G, ... A batch of one-token tiles that fits
     # half the grid has them placed by the other half (hp half the grid away), so a sender
@@ -1897,7 +1742,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
         hp = tl.where(n_own <= G // 2, (pid + G // 2) % G, pid)
     i = tl.full([], 0, tl.int32)
     more = n_own > 0
-    more = (more | (W > 1)) & (not small)
+    more = more | (W > 1)
     while more:
         # send own tile i and claim its slots; nothing waits for the claim until the rows are
         # placed after the receive, so its round trip overlaps the poll instead of preceding it.
@@ -1905,14 +1750,16 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
         # a program has one tile, and nothing is carried across iterations (triton 3.6 fails
         # to compile a loop-carried [TB, BLOCK_H] row here: RemoveLayoutConversions)
         if TB == 1:   # 1-D vectors (session 13); own token hp + i*G placed here (session 14)
-            # (already sent when pre: every own token is pid < SMALL <= G // 2, iteration 0)
-            row1, ids1, w1, v1, t1 = _own_token(tl.where(pre, T, pid + i * G), T, x_ptr,
-                                                ids_ptr, w_ptr, H, K, E, BLOCK_H, BLOCK_K)
+            row1, ids1, w1, v1, t1 = _own_token(pid + i * G, T, x_ptr, ids_ptr, w_ptr, H, K, E,
+                                                BLOCK_H, BLOCK_K)
             _lamport_send_token(row1, ids1, w1, v1, t1, buf, lx, lmeta, RANK, W, M, H, K, L,
                                 BLOCK_H, BLOCK_K)
             rowp, idsp, wp, vp, tp = _own_token(hp + i * G, T, x_ptr, ids_ptr, w_ptr, H, K, E,
                                                 BLOCK_H, BLOCK_K)
-            claim = _token_claim(idsp, vp, cursor, RANK, L, K, BLOCK_K)
+            vc = vp
+            if ONE:   # at most one own token: its slots wait for the peer's count (below)
+                vc = vp & (T > 1)
+            claim = _token_claim(idsp, vc, cursor, RANK, L, K, BLOCK_K)
         else:
             row, ids, vt, t64 = _lamport_send_tile(pid + i * G, x_ptr, ids_ptr, w_ptr, T, buf,
                                                    lx, lmeta, RANK, W, M, H, K, L, E, BLOCK_H,
@@ -1927,7 +1774,8 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                         ts, dead = _lamport_recv_token(
                             cr, s, ts, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor,
                             slot_map, wloc, err_dev, err_host, timeout_ns, RANK, W, G, M, H,
-                            K, L, CAP, BLOCK_H, BLOCK_K, BITS, USE_TIMER, NT)
+                            K, L, CAP, BLOCK_H, BLOCK_K, BITS, USE_TIMER, NT, T, ids1, counts,
+                            BLOCK_L, ONE)
                     else:
                         ts, dead = _lamport_recv_tile(
                             cr, s, ts, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor,
@@ -1935,6 +1783,13 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                             K, L, CAP, BLOCK_H, BLOCK_K, TB, BITS, USE_TIMER, NT)
                     tsv = tl.where(offs_w == s, ts, tsv)
         if TB == 1:
+            if ONE:
+                if T <= 1:   # the own token first: slots 0, or claimed when the peer has more
+                    if tl.max(tl.where(is_peer, tsv, 0), axis=0) <= 1:
+                        claim = _token_slots_after(idsp, vp, tl.full([BLOCK_K], -1, tl.int32),
+                                                   RANK, L, K, BLOCK_K)
+                    else:
+                        claim = _token_claim(idsp, vp, cursor, RANK, L, K, BLOCK_K)
             _token_place(rowp, vp, claim, RANK * M + tp, expert_x, slot_map, H, K, CAP, BLOCK_H,
                          BLOCK_K)
         else:
@@ -1946,7 +1801,10 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
         more = (pid + i * G < n_own) | want_recv   # (hp != pid only with one own tile)
     tl.store(peer_T + offs_w, tl.maximum(tsv, 0), mask=is_peer)
     tl.store(buf_ptr + pid, (buf + 1) % NBUF)
-    if not small:
+    if ONE:   # counts written by the receiver of token 0 (_lamport_recv_token), no atomics
+        if (T > 1) | (tl.max(tl.where(is_peer, tsv, 0), axis=0) > 1):
+            _publish_counts(done, cursor, counts, G, L, BLOCK_L)
+    else:
         _publish_counts(done, cursor, counts, G, L, BLOCK_L)
 
 

@@ -166,7 +166,7 @@ class P2PBackend(MoEBackend):
                  _runtime_rounds: bool = False,
                  _combine_roles: bool = False, _roles_warps: int = 16,
                  _roles_pair: int = 1, _roles_programs: int | None = None,
-                 _small_tokens: int = 0) -> None:
+                 _one_token_slots: bool = False) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -365,19 +365,14 @@ class P2PBackend(MoEBackend):
         self._chunk_c = self.round_tokens if rounds_given or lamport else _round_tokens(
             M, self._Gc)
         self.shift = shift                   # None for "flags"
-        # A/B (session 16): SMALL in llmcomm.kernels.moe, the lamport dispatch of a call in
-        # which no rank has more than this many tokens, without slot atomics or "last program
-        # out" (slots computed in one fixed order: own tokens, then each peer's)
-        if not isinstance(_small_tokens, int) or _small_tokens < 0 \
-                or _small_tokens & (_small_tokens - 1):
-            raise ValueError(f"_small_tokens must be 0 or a power of 2, got {_small_tokens!r}")
-        if _small_tokens and (not lamport or self.tiles[0] != 1
-                              or _small_tokens > self.G // 2):
-            raise ValueError(f"_small_tokens needs protocol='lamport', tile_tokens=1 and at "
-                             f"most num_programs // 2 = {self.G // 2} tokens; got "
-                             f"{_small_tokens} with protocol {protocol!r}, tile_tokens "
-                             f"{self.tiles[0]}")
-        self._small = int(_small_tokens)
+        # A/B (session 16): ONE in llmcomm.kernels.moe -- a lamport dispatch in which this
+        # rank has at most one token and its peer too takes its slots without atomics and
+        # writes counts without the "last program out"
+        self._one = bool(_one_token_slots)
+        if self._one and (not lamport or W != 2 or self.tiles[0] != 1 or shift):
+            raise ValueError(f"_one_token_slots needs protocol='lamport' at EP=2 with "
+                             f"tile_tokens=1 and shift=0; got protocol {protocol!r} at "
+                             f"EP={W}, tile_tokens {self.tiles[0]}, shift {shift}")
         dev = cfg.device if not self._sim else torch.device("cpu")
         off = 0
         layout = {}
@@ -453,7 +448,7 @@ class P2PBackend(MoEBackend):
                 "fuse": self._fuse,
                 "fuse_combine": self._fuse_combine, "combine_roles": self._roles,
                 "combine_roles_programs": self._Gc if self._roles else None,
-                "small_tokens": self._small,
+                "one_token_slots": self._one,
                 **{k.lower(): v for k, v in self.variants.items()}}
 
     def _consts(self) -> dict[str, Any]:
@@ -578,7 +573,7 @@ class P2PBackend(MoEBackend):
                 self.expert_x, self.counts, self.cursor, self.done, self.slot_map, self.wloc,
                 self.peer_T, self.buf_d, self.err_dev, self.err_host.data_ptr(),
                 self.timeout_ns, CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts),
-                SMALL=self._small)
+                ONE=self._one)
             return self.expert_x, self.counts, (topk_ids, topk_weights)
         self._launch(ep_dispatch_kernel,
             x, topk_ids, topk_weights, T,
