@@ -367,7 +367,9 @@ class P2PBackend(MoEBackend):
         self.shift = shift                   # None for "flags"
         # A/B (session 16): ONE in llmcomm.kernels.moe -- a lamport dispatch in which this
         # rank has at most one token and its peer too takes its slots without atomics and
-        # writes counts without the "last program out"
+        # writes counts without the "last program out". Set per call, for T <= 1 only (the
+        # kernels of larger batches stay the default's: compiled with it, the 64-token
+        # dispatch was 0.3-0.8 us slower in loopback, session 16 call 2)
         self._one = bool(_one_token_slots)
         if self._one and (not lamport or W != 2 or self.tiles[0] != 1 or shift):
             raise ValueError(f"_one_token_slots needs protocol='lamport' at EP=2 with "
@@ -493,7 +495,7 @@ class P2PBackend(MoEBackend):
         that follows eager calls of the same sizes)."""
         warps = _lamport_warps(T, tb, self.G, self.combine_split, self.num_warps,
                                self._small_warps)
-        key = (kernel, T == 1, T % 16 == 0, ids.dtype, w.dtype)
+        key = (kernel, T == 1, T % 16 == 0, ids.dtype, w.dtype, kwargs.get("ONE", False))
         if self._small_warps is not None and not self._sim and key not in self._loaded:
             for nw in (self.num_warps, self._small_warps):
                 self._load(kernel, args, (self.G,), {**kwargs, **self._lamport_consts(tb, nw)})
@@ -573,7 +575,7 @@ class P2PBackend(MoEBackend):
                 self.expert_x, self.counts, self.cursor, self.done, self.slot_map, self.wloc,
                 self.peer_T, self.buf_d, self.err_dev, self.err_host.data_ptr(),
                 self.timeout_ns, CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts),
-                ONE=self._one)
+                ONE=self._one and T <= 1)
             return self.expert_x, self.counts, (topk_ids, topk_weights)
         self._launch(ep_dispatch_kernel,
             x, topk_ids, topk_weights, T,
