@@ -136,6 +136,11 @@ Switchable variants (``tl.constexpr``; see :class:`llmcomm.moe.p2p.P2PBackend` f
   (inline PTX); on by default there.
 * ``PDL``: programmatic dependent launch (sm_90+, launched with ``launch_pdl=True``):
   ``griddepcontrol.wait`` precedes every memory access, so semantics are unchanged.
+* ``ONE`` (lamport dispatch, EP=2, one-token tiles, ``SHIFT`` 0; an A/B knob, off by default,
+  session 16): when this rank has at most one token and so has its peer, the slots are computed
+  (own token first, then the peer's: :func:`_token_slots_after`) instead of claimed, the
+  receiver of token 0 writes ``counts`` (:func:`_one_counts`) and no program takes part in the
+  "last program out"; otherwise the default path. The launcher sets it per call (``T <= 1``).
 
 Slots of a token's local experts are taken with one masked vector ``atomic_add`` (its K
 atomics in flight together), always 1-D (:func:`_claim_slots`); the combine's K expert-row loads

@@ -225,6 +225,11 @@ class P2PBackend(MoEBackend):
                 :mod:`llmcomm.kernels.moe`). Default on; off restores the phased rounds (send
                 the round, signal, copy own, then receive), which a data-movement ladder
                 measured at +80 us per kernel at 4096 tokens (docs/moe.md, session 7).
+            _one_token_slots: ``"lamport"`` at EP=2 only, an A/B knob (default off): a dispatch
+                in which this rank and its peer have at most one token each computes its slots
+                and ``counts`` instead of taking them with atomics (``ONE`` in
+                :mod:`llmcomm.kernels.moe`). Loopback: 0.1-0.35 us less at one token; untimed
+                on 2 GPUs (docs/moe.md, session 16).
         """
         super().__init__(group, cfg)
         self._sim = simulate_dir is not None
