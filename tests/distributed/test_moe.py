@@ -429,6 +429,8 @@ def test_errors_world2():
     ({"protocol": "lamport", "_one_token_slots": True, "tile_tokens": 2},
      "_one_token_slots needs protocol='lamport' at EP=2 with tile_tokens=1 and shift=0"),
     ({"protocol": "flags", "_one_token_slots": True}, "got protocol 'flags' at EP=2"),
+    ({"protocol": "lamport", "_early_send": True, "tile_tokens": 2},
+     "_early_send needs protocol='lamport' with tile_tokens=1"),
     ({"_combine_roles": True, "_roles_warps": 3}, "_roles_warps must be a power of 2 <= 16"),
     ({"_combine_roles": True, "_roles_pair": 3}, "_roles_pair (tokens a step) must be 1 or 2"),
     ({"_combine_roles": True, "_roles_programs": 67},
@@ -486,7 +488,10 @@ def _concurrent_worker(rank, world, tmp, E_, kw, G, shift, seed):
     (3, 6, {"tile_tokens": 2, "combine_tile_tokens": 4}, 3, 1),   # W=3
     (2, 8, {}, 8, 0),   # own rows placed by the other half of the grid at T <= 4, not above
     (2, 8, {"_one_token_slots": True}, 8, 0),   # one-token calls without slot atomics
-], ids=["w2-t4c2-G4s2", "w2-t1-G2s1", "w3-t2c4-G3s1", "w2-t1-G8", "w2-t1-G8-one"])
+    # ... with the first own token sent before the loop (A/B knob, session 16)
+    (2, 8, {"_one_token_slots": True, "_early_send": True}, 8, 0),
+], ids=["w2-t4c2-G4s2", "w2-t1-G2s1", "w3-t2c4-G3s1", "w2-t1-G8", "w2-t1-G8-one",
+        "w2-t1-G8-one-early"])
 def test_p2p_sim_lamport_concurrent_programs(world, E_, kw, G, shift):
     with tempfile.TemporaryDirectory() as tmp:
         res = run_ranks(_concurrent_worker, world, tmp, E_, {"protocol": "lamport", **kw}, G,

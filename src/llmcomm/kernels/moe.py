@@ -1720,7 +1720,8 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                BLOCK_L: tl.constexpr, BLOCK_W: tl.constexpr, TB: tl.constexpr,
                                BITS: tl.constexpr, NBUF: tl.constexpr, SHIFT: tl.constexpr,
                                USE_TIMER: tl.constexpr, PDL: tl.constexpr = False,
-                               NT: tl.constexpr = 256, ONE: tl.constexpr = False):
+                               NT: tl.constexpr = 256, ONE: tl.constexpr = False,
+                               EARLY: tl.constexpr = False):
     """Lamport dispatch; see the module docstring. Tiles of ``TB`` tokens; program ``p`` sends
     own tiles ``p, p+G, ...`` and receives tiles ``q, q+G, ...`` (``q = (p + SHIFT) mod G``)
     of every peer, the own tile's rows copied after each receive."""
@@ -1729,6 +1730,9 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
         pdl_launch_dependents()
     pid = tl.program_id(0)
     err_host = err_host_addr.to(tl.pointer_type(tl.int32))
+    if EARLY:   # own token pid loaded beside the buffer index, sent before the loop
+        row0, ids0, w0, v0, t0 = _own_token(pid, T, x_ptr, ids_ptr, w_ptr, H, K, E, BLOCK_H,
+                                            BLOCK_K)
     buf = tl.load(buf_ptr + pid)
     dead = _dead(err_dev, NT)
     offs_w = tl.arange(0, BLOCK_W)
@@ -1736,6 +1740,9 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
     for d in tl.static_range(W):
         if d != RANK:
             tl.store(lcnt[d] + (buf * W + RANK) * G + pid, T)
+    if EARLY:
+        _lamport_send_token(row0, ids0, w0, v0, t0, buf, lx, lmeta, RANK, W, M, H, K, L,
+                            BLOCK_H, BLOCK_K)
     n_own = tl.cdiv(T, TB)
     tsv = tl.full([BLOCK_W], -1, tl.int32)       # peers' token counts, -1 = not known yet
     rbase = (pid + SHIFT) % G                    # received tiles: rbase, rbase + G, ...
@@ -1755,10 +1762,15 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
         # a program has one tile, and nothing is carried across iterations (triton 3.6 fails
         # to compile a loop-carried [TB, BLOCK_H] row here: RemoveLayoutConversions)
         if TB == 1:   # 1-D vectors (session 13); own token hp + i*G placed here (session 14)
-            row1, ids1, w1, v1, t1 = _own_token(pid + i * G, T, x_ptr, ids_ptr, w_ptr, H, K, E,
+            ts1 = pid + i * G
+            if EARLY:   # token pid went before the loop
+                ts1 = tl.where(i == 0, T, ts1)
+            row1, ids1, w1, v1, t1 = _own_token(ts1, T, x_ptr, ids_ptr, w_ptr, H, K, E,
                                                 BLOCK_H, BLOCK_K)
             _lamport_send_token(row1, ids1, w1, v1, t1, buf, lx, lmeta, RANK, W, M, H, K, L,
                                 BLOCK_H, BLOCK_K)
+            if EARLY:
+                ids1 = ids0   # ONE: own token 0's ids, for the program receiving token 0
             rowp, idsp, wp, vp, tp = _own_token(hp + i * G, T, x_ptr, ids_ptr, w_ptr, H, K, E,
                                                 BLOCK_H, BLOCK_K)
             vc = vp

@@ -166,7 +166,7 @@ class P2PBackend(MoEBackend):
                  _runtime_rounds: bool = False,
                  _combine_roles: bool = False, _roles_warps: int = 16,
                  _roles_pair: int = 1, _roles_programs: int | None = None,
-                 _one_token_slots: bool = False) -> None:
+                 _one_token_slots: bool = False, _early_send: bool = False) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -376,6 +376,12 @@ class P2PBackend(MoEBackend):
         # kernels of larger batches stay the default's: compiled with it, the 64-token
         # dispatch was 0.3-0.8 us slower in loopback, session 16 call 2)
         self._one = bool(_one_token_slots)
+        # A/B (session 16): EARLY in llmcomm.kernels.moe -- the lamport dispatch's first own
+        # token loaded beside the buffer index and sent before the loop
+        self._early = bool(_early_send)
+        if self._early and (not lamport or self.tiles[0] != 1):
+            raise ValueError(f"_early_send needs protocol='lamport' with tile_tokens=1; got "
+                             f"protocol {protocol!r}, tile_tokens {self.tiles[0]}")
         if self._one and (not lamport or W != 2 or self.tiles[0] != 1 or shift):
             raise ValueError(f"_one_token_slots needs protocol='lamport' at EP=2 with "
                              f"tile_tokens=1 and shift=0; got protocol {protocol!r} at "
@@ -455,7 +461,7 @@ class P2PBackend(MoEBackend):
                 "fuse": self._fuse,
                 "fuse_combine": self._fuse_combine, "combine_roles": self._roles,
                 "combine_roles_programs": self._Gc if self._roles else None,
-                "one_token_slots": self._one,
+                "one_token_slots": self._one, "early_send": self._early,
                 **{k.lower(): v for k, v in self.variants.items()}}
 
     def _consts(self) -> dict[str, Any]:
@@ -580,7 +586,7 @@ class P2PBackend(MoEBackend):
                 self.expert_x, self.counts, self.cursor, self.done, self.slot_map, self.wloc,
                 self.peer_T, self.buf_d, self.err_dev, self.err_host.data_ptr(),
                 self.timeout_ns, CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts),
-                ONE=self._one and T <= 1)
+                ONE=self._one and T <= 1, EARLY=self._early)
             return self.expert_x, self.counts, (topk_ids, topk_weights)
         self._launch(ep_dispatch_kernel,
             x, topk_ids, topk_weights, T,
