@@ -69,9 +69,9 @@ SWEEP = {
     "lam_cs1": ({"protocol": "lamport", "combine_split": 1}, None),
     "lam_cs2": ({"protocol": "lamport", "combine_split": 2}, None),
     "lam_cs8": ({"protocol": "lamport", "combine_split": 8}, None),
-    # one-token calls without slot atomics or "last program out" (session 16, an A/B knob:
-    # loopback dispatch 0.1-0.35 us faster at one token; untimed on 2 GPUs)
-    "lam_one": ({"protocol": "lamport", "_one_token_slots": True}, None),
+    # lamport without session 16's one-token path (own token sent before the loop, slots and
+    # counts computed; the default: loopback dispatch 0.6 us faster at one token)
+    "lam_noone": ({"protocol": "lamport", "_one_token_slots": False}, None),
     # flags rounds phased (send the round, signal, copy own, receive), as before session 7,
     # instead of interleaved token by token (the default)
     "phased": ({"protocol": "flags", "interleave": False}, None),

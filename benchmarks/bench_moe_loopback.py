@@ -32,12 +32,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 #: name -> (max_tokens_per_rank, backend kwargs)
 CONFIGS = {
     "lamport128": (128, {}),
-    # A/B candidate (session 16): one-token lamport dispatches without slot atomics or "last
-    # program out" (P2PBackend._one_token_slots)
-    "lamport128one": (128, {"_one_token_slots": True}),
-    # the first own token loaded at entry and sent before the loop (P2PBackend._early_send)
-    "lamport128early": (128, {"_early_send": True}),
-    "lamport128oe": (128, {"_one_token_slots": True, "_early_send": True}),   # both
+    # the default before session 16's one-token path (P2PBackend._one_token_slots=False)
+    "lamport128noone": (128, {"_one_token_slots": False}),
     "flags128": (128, {"protocol": "flags"}),
     "flags4096": (4096, {"protocol": "flags"}),
     # A/B candidate: the combine's push and finish in separate programs (16 warps, one token

@@ -15,8 +15,8 @@
 # both orders: flags rounds sized per call from the batch (rt), and the combine's push and finish
 # in separate programs (croles, croles_r8: min(G, SMs / 2) programs a role), ~6 min; then, in
 # a call of its own, STEPS="moe_ab_tests": the flags GPU tests. STEPS="moe_ab_decode": session
-# 16's one-token lamport knob (_one_token_slots) against the default at 1 and 8 tokens, both
-# orders, then its 2-GPU tests (~6 min cold).
+# 16's one-token lamport path (the default) against the path before it (_one_token_slots=False)
+# at 1 and 8 tokens, both orders, then its 2-GPU tests (~6 min cold).
 # WORLD (default 2) is the TP / EP size of the benchmarks; tests/gpu picks its own (gpu4 tests,
 # e.g. PP=2 x TP=2, run when 4 GPUs are visible).
 # FlashInfer is benchmarked and tested when importable (install the wheels first; CUDA_HOME set).
@@ -62,11 +62,11 @@ case " $STEPS " in *" moe_ab "*)
     --sweep-only default,rt,croles,croles_r8 --out "$OUT/ab_a"
   step ab_b 150 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1024,4096 \
     --sweep-only croles_r8,croles,rt,default --out "$OUT/ab_b" ;; esac
-case " $STEPS " in *" moe_ab_decode "*)   # session 16's one-token knob against the default
+case " $STEPS " in *" moe_ab_decode "*)   # session 16's one-token path against the one before
   step ab_decode_a 200 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1,8 \
-    --sweep-only lam,lam_one --out "$OUT/ab_dec_a"
+    --sweep-only lam,lam_noone --out "$OUT/ab_dec_a"
   step ab_decode_b 100 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1,8 \
-    --sweep-only lam_one,lam --out "$OUT/ab_dec_b"
+    --sweep-only lam_noone,lam --out "$OUT/ab_dec_b"
   step gpu_tests_moe_one 250 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_moe_p2p.py \
     -k "lamport-one" ;; esac
 case " $STEPS " in *" moe_ab_tests "*)   # a call of its own: the flags GPU tests (~5 min)

@@ -69,10 +69,6 @@ P2P_SIM = {"p2p-sim": {"protocol": "flags"},
            # 8 programs: up to 2 tokens per rank take the column-split combine in 4 chunks, 3-4
            # tokens in 2
            "p2p-sim-lamport-cs4": {"protocol": "lamport", "combine_split": 4,
-                                   "num_programs": 8},
-           # one-token calls without slot atomics (A/B knob, session 16): where this rank and
-           # its peer have at most one token; otherwise the atomics, as by default
-           "p2p-sim-lamport-one": {"protocol": "lamport", "_one_token_slots": True,
                                    "num_programs": 8}}
 #: the default protocol="auto" (lamport here: world 2, M <= 128); used by the repeat test only
 P2P_SIM_AUTO = {"p2p-sim-auto": {}}
@@ -196,7 +192,7 @@ def _repeat_worker(rank, world, tmp):
     log.setLevel(logging.INFO)
     log.addHandler(Hints())
     eps = {}
-    for b in ("p2p-sim", "p2p-sim-auto", "p2p-sim-lamport-cs4", "p2p-sim-lamport-one"):
+    for b in ("p2p-sim", "p2p-sim-auto", "p2p-sim-lamport-cs4"):
         os.makedirs(f"{tmp}/{b}", exist_ok=True)
         eps[b] = _make(b, 3, 9, f"{tmp}/{b}", dtype=torch.bfloat16)
     if rank == 1:   # local and a no-op in the simulation (nothing compiles ahead there)
@@ -226,7 +222,7 @@ def _repeat_worker(rank, world, tmp):
 def test_p2p_sim_repeated_calls_both_protocols():
     with tempfile.TemporaryDirectory() as tmp:
         res = run_ranks(_repeat_worker, 2, tmp, timeout=150, env=SIM)
-    assert [r[3] for r in res] == [4, 0]   # once per dispatcher on rank 0; rank 1 warmed up
+    assert [r[3] for r in res] == [3, 0]   # once per dispatcher on rank 0; rank 1 warmed up
     assert "warmup:   done (0 kernel variants" in res[1][4]     # the simulation compiles none
     assert "warmup:   not called" in res[0][4]
     for err, same, decisions, _, text in res:
@@ -429,8 +425,6 @@ def test_errors_world2():
     ({"protocol": "lamport", "_one_token_slots": True, "tile_tokens": 2},
      "_one_token_slots needs protocol='lamport' at EP=2 with tile_tokens=1 and shift=0"),
     ({"protocol": "flags", "_one_token_slots": True}, "got protocol 'flags' at EP=2"),
-    ({"protocol": "lamport", "_early_send": True, "tile_tokens": 2},
-     "_early_send needs protocol='lamport' with tile_tokens=1"),
     ({"_combine_roles": True, "_roles_warps": 3}, "_roles_warps must be a power of 2 <= 16"),
     ({"_combine_roles": True, "_roles_pair": 3}, "_roles_pair (tokens a step) must be 1 or 2"),
     ({"_combine_roles": True, "_roles_programs": 67},
@@ -467,7 +461,7 @@ def _concurrent_worker(rank, world, tmp, E_, kw, G, shift, seed):
                       _backend_kwargs=dict(simulate_dir=tmp, num_programs=G, **kw))
     ep._backend.shift = shift   # the constructor refuses shift != 0 for the sequential sim
     seqs = [[M, 5, 2], [3, M, 0], [M, M, M], [1, 0, 7], [7, M, 4], [M, 1, M], [0, 4, 5]]
-    if kw.get("_one_token_slots"):   # calls on its path (<= 1 token on both ranks) and off
+    if "_one_token_slots" in kw:   # calls on the one-token path (<= 1 token on both ranks)
         seqs += [[1, 1], [0, 1], [1, M], [1, 0], [0, 0], [1, 1], [M, 1], [1, 1]]
     errs = []
     for i, toks in enumerate(seqs):
@@ -487,11 +481,10 @@ def _concurrent_worker(rank, world, tmp, E_, kw, G, shift, seed):
     (2, 8, {}, 2, 1),                                             # several iterations/program
     (3, 6, {"tile_tokens": 2, "combine_tile_tokens": 4}, 3, 1),   # W=3
     (2, 8, {}, 8, 0),   # own rows placed by the other half of the grid at T <= 4, not above
-    (2, 8, {"_one_token_slots": True}, 8, 0),   # one-token calls without slot atomics
-    # ... with the first own token sent before the loop (A/B knob, session 16)
-    (2, 8, {"_one_token_slots": True, "_early_send": True}, 8, 0),
+    (2, 8, {"_one_token_slots": True}, 8, 0),   # one-token calls (now the default) ...
+    (2, 8, {"_one_token_slots": False}, 8, 0),  # ... and the atomics they replace
 ], ids=["w2-t4c2-G4s2", "w2-t1-G2s1", "w3-t2c4-G3s1", "w2-t1-G8", "w2-t1-G8-one",
-        "w2-t1-G8-one-early"])
+        "w2-t1-G8-noone"])
 def test_p2p_sim_lamport_concurrent_programs(world, E_, kw, G, shift):
     with tempfile.TemporaryDirectory() as tmp:
         res = run_ranks(_concurrent_worker, world, tmp, E_, {"protocol": "lamport", **kw}, G,

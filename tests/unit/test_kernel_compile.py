@@ -41,7 +41,7 @@ _MOE = dict(RANK=0, W=W, G=128, H=7168, K=8, L=128, E=256, BLOCK_H=8192, BLOCK_K
             RT=False)
 _AR = dict(RANK=1, W=W, NORM=True, FP8=False, BLOCK=8192, PDL=True, NT=512)
 _FLAGS = dict(_MOE, M=4096, CHUNK=8, POSTED=True, INTERLEAVE=True, FUSE=True)
-_LAMPORT = dict(_MOE, BITS=16, NBUF=3, SHIFT=0, ONE=False, EARLY=False)
+_LAMPORT = dict(_MOE, BITS=16, NBUF=3, SHIFT=0, ONE=False)
 
 #: (module, kernel, constexprs, num_warps): the launchers' defaults at hidden 7168, EP/TP = 2
 CASES = {
@@ -67,10 +67,10 @@ CASES = {
                              dict(_LAMPORT, M=128, CAP=256), 16),
     "moe-lamport-dispatch-t2": ("moe", "ep_dispatch_lamport_kernel",
                                 dict(_LAMPORT, M=128, CAP=256, SHIFT=64, TB=2), 16),
-    "moe-lamport-dispatch-early": ("moe", "ep_dispatch_lamport_kernel",
-                                   dict(_LAMPORT, M=128, CAP=256, EARLY=True), 16),
     "moe-lamport-dispatch-one-w8": ("moe", "ep_dispatch_lamport_kernel",
                                     dict(_LAMPORT, M=128, CAP=256, ONE=True, NT=256), 8),
+    "moe-lamport-dispatch-one": ("moe", "ep_dispatch_lamport_kernel",
+                                 dict(_LAMPORT, M=128, CAP=256, ONE=True), 16),
     "moe-lamport-dispatch-m4096": ("moe", "ep_dispatch_lamport_kernel",
                                    dict(_LAMPORT, M=4096, CAP=8192), 16),
     "moe-lamport-combine-split4": ("moe", "ep_combine_lamport_kernel",

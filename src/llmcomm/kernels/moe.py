@@ -136,11 +136,12 @@ Switchable variants (``tl.constexpr``; see :class:`llmcomm.moe.p2p.P2PBackend` f
   (inline PTX); on by default there.
 * ``PDL``: programmatic dependent launch (sm_90+, launched with ``launch_pdl=True``):
   ``griddepcontrol.wait`` precedes every memory access, so semantics are unchanged.
-* ``ONE`` (lamport dispatch, EP=2, one-token tiles, ``SHIFT`` 0; an A/B knob, off by default,
-  session 16): when this rank has at most one token and so has its peer, the slots are computed
+* ``ONE`` (lamport dispatch, EP=2, one-token tiles, ``SHIFT`` 0; session 16; the launcher sets
+  it per call, for ``T <= 1``): each program loads its first own token beside the buffer index
+  and sends it before the loop; when the peer's count is ``<= 1`` too, the slots are computed
   (own token first, then the peer's: :func:`_token_slots_after`) instead of claimed, the
   receiver of token 0 writes ``counts`` (:func:`_one_counts`) and no program takes part in the
-  "last program out"; otherwise the default path. The launcher sets it per call (``T <= 1``).
+  "last program out"; otherwise the slots are claimed as by default.
 
 Slots of a token's local experts are taken with one masked vector ``atomic_add`` (its K
 atomics in flight together), always 1-D (:func:`_claim_slots`); the combine's K expert-row loads
@@ -1720,8 +1721,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                BLOCK_L: tl.constexpr, BLOCK_W: tl.constexpr, TB: tl.constexpr,
                                BITS: tl.constexpr, NBUF: tl.constexpr, SHIFT: tl.constexpr,
                                USE_TIMER: tl.constexpr, PDL: tl.constexpr = False,
-                               NT: tl.constexpr = 256, ONE: tl.constexpr = False,
-                               EARLY: tl.constexpr = False):
+                               NT: tl.constexpr = 256, ONE: tl.constexpr = False):
     """Lamport dispatch; see the module docstring. Tiles of ``TB`` tokens; program ``p`` sends
     own tiles ``p, p+G, ...`` and receives tiles ``q, q+G, ...`` (``q = (p + SHIFT) mod G``)
     of every peer, the own tile's rows copied after each receive."""
@@ -1730,7 +1730,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
         pdl_launch_dependents()
     pid = tl.program_id(0)
     err_host = err_host_addr.to(tl.pointer_type(tl.int32))
-    if EARLY:   # own token pid loaded beside the buffer index, sent before the loop
+    if ONE:   # own token pid loaded beside the buffer index, sent before the loop
         row0, ids0, w0, v0, t0 = _own_token(pid, T, x_ptr, ids_ptr, w_ptr, H, K, E, BLOCK_H,
                                             BLOCK_K)
     buf = tl.load(buf_ptr + pid)
@@ -1740,7 +1740,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
     for d in tl.static_range(W):
         if d != RANK:
             tl.store(lcnt[d] + (buf * W + RANK) * G + pid, T)
-    if EARLY:
+    if ONE:
         _lamport_send_token(row0, ids0, w0, v0, t0, buf, lx, lmeta, RANK, W, M, H, K, L,
                             BLOCK_H, BLOCK_K)
     n_own = tl.cdiv(T, TB)
@@ -1763,14 +1763,14 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
         # to compile a loop-carried [TB, BLOCK_H] row here: RemoveLayoutConversions)
         if TB == 1:   # 1-D vectors (session 13); own token hp + i*G placed here (session 14)
             ts1 = pid + i * G
-            if EARLY:   # token pid went before the loop
+            if ONE:   # token pid went before the loop
                 ts1 = tl.where(i == 0, T, ts1)
             row1, ids1, w1, v1, t1 = _own_token(ts1, T, x_ptr, ids_ptr, w_ptr, H, K, E,
                                                 BLOCK_H, BLOCK_K)
             _lamport_send_token(row1, ids1, w1, v1, t1, buf, lx, lmeta, RANK, W, M, H, K, L,
                                 BLOCK_H, BLOCK_K)
-            if EARLY:
-                ids1 = ids0   # ONE: own token 0's ids, for the program receiving token 0
+            if ONE:
+                ids1 = ids0   # own token 0's ids, for the program receiving token 0
             rowp, idsp, wp, vp, tp = _own_token(hp + i * G, T, x_ptr, ids_ptr, w_ptr, H, K, E,
                                                 BLOCK_H, BLOCK_K)
             vc = vp

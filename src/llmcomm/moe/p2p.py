@@ -166,7 +166,7 @@ class P2PBackend(MoEBackend):
                  _runtime_rounds: bool = False,
                  _combine_roles: bool = False, _roles_warps: int = 16,
                  _roles_pair: int = 1, _roles_programs: int | None = None,
-                 _one_token_slots: bool = False, _early_send: bool = False) -> None:
+                 _one_token_slots: bool | None = None) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -225,11 +225,12 @@ class P2PBackend(MoEBackend):
                 :mod:`llmcomm.kernels.moe`). Default on; off restores the phased rounds (send
                 the round, signal, copy own, then receive), which a data-movement ladder
                 measured at +80 us per kernel at 4096 tokens (docs/moe.md, session 7).
-            _one_token_slots: ``"lamport"`` at EP=2 only, an A/B knob (default off): a dispatch
-                in which this rank and its peer have at most one token each computes its slots
-                and ``counts`` instead of taking them with atomics (``ONE`` in
-                :mod:`llmcomm.kernels.moe`). Loopback: 0.1-0.35 us less at one token; untimed
-                on 2 GPUs (docs/moe.md, session 16).
+            _one_token_slots: ``"lamport"`` at EP=2 with one-token tiles and ``shift`` 0 (the
+                default there; ``False`` for A/B): a dispatch of at most one own token sends it
+                before its loop and, when the peer has at most one too, computes its slots and
+                ``counts`` instead of taking them with atomics (``ONE`` in
+                :mod:`llmcomm.kernels.moe`). Loopback: the one-token dispatch 0.6 us faster;
+                untimed on 2 GPUs (docs/moe.md, session 16).
         """
         super().__init__(group, cfg)
         self._sim = simulate_dir is not None
@@ -370,18 +371,18 @@ class P2PBackend(MoEBackend):
         self._chunk_c = self.round_tokens if rounds_given or lamport else _round_tokens(
             M, self._Gc)
         self.shift = shift                   # None for "flags"
-        # A/B (session 16): ONE in llmcomm.kernels.moe -- a lamport dispatch in which this
-        # rank has at most one token and its peer too takes its slots without atomics and
-        # writes counts without the "last program out". Set per call, for T <= 1 only (the
-        # kernels of larger batches stay the default's: compiled with it, the 64-token
-        # dispatch was 0.3-0.8 us slower in loopback, session 16 call 2)
+        # ONE in llmcomm.kernels.moe (session 16): a lamport dispatch of at most one own token
+        # sends it before its loop and, when the peer has at most one too, computes its slots
+        # and counts instead of taking them with atomics. Set per call, for T <= 1 only
+        # (compiled into larger batches' kernels, the 64-token dispatch was 0.3-0.8 us slower
+        # in loopback). Default on where it applies (EP=2, one-token tiles, shift 0)
+        if _one_token_slots is None:
+            _one_token_slots = lamport and W == 2 and self.tiles[0] == 1 and not shift
         self._one = bool(_one_token_slots)
-        # A/B (session 16): EARLY in llmcomm.kernels.moe -- the lamport dispatch's first own
-        # token loaded beside the buffer index and sent before the loop
-        self._early = bool(_early_send)
-        if self._early and (not lamport or self.tiles[0] != 1):
-            raise ValueError(f"_early_send needs protocol='lamport' with tile_tokens=1; got "
-                             f"protocol {protocol!r}, tile_tokens {self.tiles[0]}")
+        if self._one and (not lamport or W != 2 or self.tiles[0] != 1 or shift):
+            raise ValueError(f"_one_token_slots needs protocol='lamport' at EP=2 with "
+                             f"tile_tokens=1 and shift=0; got protocol {protocol!r} at "
+                             f"EP={W}, tile_tokens {self.tiles[0]}, shift {shift}")
         if self._one and (not lamport or W != 2 or self.tiles[0] != 1 or shift):
             raise ValueError(f"_one_token_slots needs protocol='lamport' at EP=2 with "
                              f"tile_tokens=1 and shift=0; got protocol {protocol!r} at "
@@ -461,7 +462,7 @@ class P2PBackend(MoEBackend):
                 "fuse": self._fuse,
                 "fuse_combine": self._fuse_combine, "combine_roles": self._roles,
                 "combine_roles_programs": self._Gc if self._roles else None,
-                "one_token_slots": self._one, "early_send": self._early,
+                "one_token_slots": self._one,
                 **{k.lower(): v for k, v in self.variants.items()}}
 
     def _consts(self) -> dict[str, Any]:
@@ -586,7 +587,7 @@ class P2PBackend(MoEBackend):
                 self.expert_x, self.counts, self.cursor, self.done, self.slot_map, self.wloc,
                 self.peer_T, self.buf_d, self.err_dev, self.err_host.data_ptr(),
                 self.timeout_ns, CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts),
-                ONE=self._one and T <= 1, EARLY=self._early)
+                ONE=self._one and T <= 1 and not self.shift)
             return self.expert_x, self.counts, (topk_ids, topk_weights)
         self._launch(ep_dispatch_kernel,
             x, topk_ids, topk_weights, T,
