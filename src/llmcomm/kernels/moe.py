@@ -557,17 +557,25 @@ def _dispatch_pair_step(t64, vt, tr64, vr, x_ptr, ids_ptr, w_ptr, recv_x, recv_i
 
 
 @triton.jit
-def _token_claim(ids, valid, cursor, RANK: tl.constexpr, L: tl.constexpr, K: tl.constexpr,
+def _token_masks(ids, valid, RANK: tl.constexpr, L: tl.constexpr, K: tl.constexpr,
                  BLOCK_K: tl.constexpr):
-    """:func:`_slot_masks` + :func:`_claim_slots` for one token on 1-D vectors (``ids``
-    [BLOCK_K], ``valid`` a scalar): ``(slot, el, local, first, new)``, each [BLOCK_K]."""
+    """:func:`_slot_masks` for one token on 1-D vectors (``ids`` [BLOCK_K], ``valid`` a
+    scalar): ``(el, local, first, new)``, each [BLOCK_K]."""
     offs_k = tl.arange(0, BLOCK_K)
     mk = offs_k < K
     el = ids - RANK * L
     local = mk & (ids >= 0) & (el >= 0) & (el < L) & (tl.where(valid, K, 0) > offs_k)
     same = (ids[:, None] == ids[None, :]) & mk[None, :]
     first = tl.min(tl.where(same, offs_k[None, :], BLOCK_K), axis=1)
-    new = local & (first == offs_k)
+    return el, local, first, local & (first == offs_k)
+
+
+@triton.jit
+def _token_claim(ids, valid, cursor, RANK: tl.constexpr, L: tl.constexpr, K: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """:func:`_token_masks` + :func:`_claim_slots` for one token on 1-D vectors (``ids``
+    [BLOCK_K], ``valid`` a scalar): ``(slot, el, local, first, new)``, each [BLOCK_K]."""
+    el, local, first, new = _token_masks(ids, valid, RANK, L, K, BLOCK_K)
     slot = tl.atomic_add(cursor + tl.where(new, el, 0), tl.full([BLOCK_K], 1, tl.int32),
                          mask=new, sem="relaxed", scope="gpu")
     return slot, el, local, first, new
@@ -1617,13 +1625,7 @@ def _token_slots_after(ids, valid, prev, RANK: tl.constexpr, L: tl.constexpr,
     rank places at most one own token and one token of its one peer, in that order: a new
     local id takes slot 1 where ``prev`` (the ids [BLOCK_K] of the token placed before it, -1
     for none) has it too, else 0. Returns the same ``(slot, el, local, first, new)``."""
-    offs_k = tl.arange(0, BLOCK_K)
-    mk = offs_k < K
-    el = ids - RANK * L
-    local = mk & (ids >= 0) & (el >= 0) & (el < L) & (tl.where(valid, K, 0) > offs_k)
-    same = (ids[:, None] == ids[None, :]) & mk[None, :]
-    first = tl.min(tl.where(same, offs_k[None, :], BLOCK_K), axis=1)
-    new = local & (first == offs_k)
+    el, local, first, new = _token_masks(ids, valid, RANK, L, K, BLOCK_K)
     hit = tl.sum(((ids[:, None] == prev[None, :]) & (prev >= 0)[None, :]).to(tl.int32), axis=1)
     return tl.minimum(hit, 1), el, local, first, new
 
