@@ -1998,14 +1998,15 @@ def ep_combine_lamport_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T, lcomb, slot_
         pdl_launch_dependents()
     pid = tl.program_id(0)
     err_host = err_host_addr.to(tl.pointer_type(tl.int32))
-    buf = tl.load(buf_ptr + pid)
-    dead = _dead(err_dev, NT)
     offs_w = tl.arange(0, BLOCK_W)
     is_peer = (offs_w < W) & (offs_w != RANK)
-    tsv = tl.load(peer_T + offs_w, mask=is_peer, other=0)
     # one peer: the routing of the tile the small-batch path pushes, loaded beside peer_T
-    # instead of after it (the push is the peer's critical path; session 14)
+    # instead of after it (the push is the peer's critical path; session 14), and both before
+    # the error flag's read, a reduction whose barrier would hold them back (session 16)
+    tsv = tl.load(peer_T + offs_w, mask=is_peer, other=0)
     pre = _push_routing(pid // SPLIT, (RANK + 1) % W, slot_map, wloc, M, K, BLOCK_K, TB)
+    buf = tl.load(buf_ptr + pid)
+    dead = _dead(err_dev, NT)
     max_ts = tl.max(tsv, axis=0)
     n_own = tl.cdiv(T, TB)
     obase = (pid + SHIFT) % G                    # own tiles / units: obase, obase + G, ...
