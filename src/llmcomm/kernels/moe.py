@@ -1736,7 +1736,10 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
         row0, ids0, w0, v0, t0 = _own_token(pid, T, x_ptr, ids_ptr, w_ptr, H, K, E, BLOCK_H,
                                             BLOCK_K)
     buf = tl.load(buf_ptr + pid)
-    dead = _dead(err_dev, NT)
+    # this rank's error flag is not read here: a poll loop reads it at its first deadline
+    # check (SPIN_CHECK spins) -- a read at entry is a reduction whose barrier holds back
+    # everything after it (session 16)
+    dead = tl.full([], 0, tl.int32)
     offs_w = tl.arange(0, BLOCK_W)
     is_peer = (offs_w < W) & (offs_w != RANK)
     for d in tl.static_range(W):
@@ -2001,12 +2004,11 @@ def ep_combine_lamport_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T, lcomb, slot_
     offs_w = tl.arange(0, BLOCK_W)
     is_peer = (offs_w < W) & (offs_w != RANK)
     # one peer: the routing of the tile the small-batch path pushes, loaded beside peer_T
-    # instead of after it (the push is the peer's critical path; session 14), and both before
-    # the error flag's read, a reduction whose barrier would hold them back (session 16)
+    # instead of after it (the push is the peer's critical path; session 14)
     tsv = tl.load(peer_T + offs_w, mask=is_peer, other=0)
     pre = _push_routing(pid // SPLIT, (RANK + 1) % W, slot_map, wloc, M, K, BLOCK_K, TB)
     buf = tl.load(buf_ptr + pid)
-    dead = _dead(err_dev, NT)
+    dead = tl.full([], 0, tl.int32)   # the error flag: read by the poll loops (as the dispatch)
     max_ts = tl.max(tsv, axis=0)
     n_own = tl.cdiv(T, TB)
     obase = (pid + SHIFT) % G                    # own tiles / units: obase, obase + G, ...
