@@ -68,7 +68,9 @@ The combine reads ``recv_T``/``recv_w`` only before it signals, and a peer's nex
 overwrites them, cannot start before it has every round of this combine: no buffer is rewritten
 while it is read. Nothing host-side is frozen into a CUDA graph. Every spin has a deadline: on
 expiry the program writes an error record (device + pinned host mirror) naming the missing rank
-and stops waiting; later calls see the record and do not wait at all.
+and stops waiting; later calls see the record and do not wait at all (the lamport kernels, since
+session 16, at their poll loops' first deadline check, ``SPIN_CHECK`` spins in, instead of at
+entry: the entry read is a reduction whose barrier held back their first loads).
 
 Every value a spin loop branches on is uniform over the program's threads (flags and counts are
 read one thread per peer and combined by reductions; the error flag and the timer through
@@ -1736,10 +1738,14 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
         row0, ids0, w0, v0, t0 = _own_token(pid, T, x_ptr, ids_ptr, w_ptr, H, K, E, BLOCK_H,
                                             BLOCK_K)
     buf = tl.load(buf_ptr + pid)
-    # this rank's error flag is not read here: a poll loop reads it at its first deadline
-    # check (SPIN_CHECK spins) -- a read at entry is a reduction whose barrier holds back
-    # everything after it (session 16)
-    dead = tl.full([], 0, tl.int32)
+    # this rank's error flag is not read here but by the poll loops at their first deadline
+    # check (SPIN_CHECK spins): a read at entry is a reduction whose barrier holds back
+    # everything after it. Except with ONE, where the one-token dispatch measured 0.2-0.3 us
+    # faster with the read than without (session 16, calls 8-9)
+    if ONE:
+        dead = _dead(err_dev, NT)
+    else:
+        dead = tl.full([], 0, tl.int32)
     offs_w = tl.arange(0, BLOCK_W)
     is_peer = (offs_w < W) & (offs_w != RANK)
     for d in tl.static_range(W):
