@@ -1,0 +1,1 @@
+"""The main job: a small tensor- and expert-parallel decoder run end to end with llmcomm."""

@@ -1,0 +1,1 @@
+"""Triton kernels and thin launchers; importing the package itself imports nothing."""

@@ -1,0 +1,168 @@
+"""Inline-PTX helpers for cross-GPU synchronisation from Triton (stock Triton 3.4+).
+
+Triton's ``tl.load``/``tl.store`` have no system-scope acquire/release and ``tl.atomic_*`` always
+returns a value (an NVLink round trip for a remote flag). These helpers emit the exact PTX:
+
+* ``ld_acquire_sys(ptrs, mask) -> int32``: ``ld.acquire.sys.global.b32`` where ``mask``, else 0.
+* ``st_release_sys(ptrs, vals, mask)``: ``st.release.sys.global.b32`` where ``mask`` (posted, no
+  round trip; it orders every earlier write of the thread -- and, after ``tl.debug_barrier()``,
+  of the CTA -- before the flag at system scope).
+* ``globaltimer_uniform(NT) -> int64``: ``%globaltimer`` in nanoseconds (spin-wait deadlines),
+  the same value in every thread of the program (see below).
+* ``load_uniform(ptr, mask, other, NT)``: one volatile scalar load every thread sees alike.
+* ``uniform(x, NT)``: thread 0's value of a scalar computed from volatile loads, handed to every
+  thread (the MoE ``"lamport"`` polls; see below).
+* ``every_thread_max(x, NT, GPU)``: the largest value a scalar has in any thread, handed to
+  every thread (a poll that may use what it loaded only once every thread's copy has landed).
+* ``wait_flags(...)``: spin until every selected flag reached ``target`` (wrap-safe int32
+  comparison) or the deadline passed; on expiry write an error record (see below) and return.
+
+Triton treats a scalar as uniform across the threads of a program, but a volatile scalar load
+(or a timer read) is executed by every thread, and while a peer's write is landing some threads
+can see the old value and others the new one: a loop or branch on it then diverges inside the
+program (and its reductions and barriers no longer match). Every value a spin loop branches on
+must come from a reduction (``tl.sum``/``tl.max``), which hands every thread the same result;
+``load_uniform`` and ``globaltimer_uniform`` do that for one scalar.
+
+Use one element per thread (a tensor of ``32 * num_warps`` elements) so no thread duplicates a
+remote store. Error record layout (int32), shared by every kernel of :mod:`.allreduce`::
+
+    rec[0] = 1 once any wait timed out        rec[1] |= bitmask of group ranks that did not arrive
+    rec[2] = program id that timed out        rec[3] = phase code (1..9) of that wait
+    rec[4] = the call epoch (sequence number) of that call
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def globaltimer_uniform(NT: tl.constexpr):
+    """``%globaltimer`` (ns), the same value in every thread (max over the threads' reads)."""
+    i = tl.arange(0, NT)
+    t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer; // $1", "=l,r", [i],
+                                  dtype=tl.int64, is_pure=False, pack=1)
+    return tl.max(t, axis=0)
+
+
+@triton.jit
+def load_uniform(ptr, mask, other, NT: tl.constexpr):
+    """Volatile load of the scalar ``*ptr`` (``other`` where not ``mask``) by one thread, handed
+    to every thread of the program through a reduction, so a branch on it is uniform."""
+    i = tl.arange(0, NT)
+    m = (i == 0) & ((i * 0 + mask) != 0)  # a full vector (the interpreter rejects a 0-d mask)
+    v = tl.load(ptr + i * 0, mask=m, other=other, volatile=True)
+    return tl.sum(tl.where(i == 0, v, 0), axis=0)
+
+
+@triton.jit
+def uniform(x, NT: tl.constexpr):
+    """Thread 0's value of the scalar ``x``, handed to every thread of the program (a reduction
+    over an ``NT``-vector, so it goes through shared memory and a barrier).
+
+    A scalar computed from volatile loads is *not* uniform on a GPU even when every step looks
+    scalar: a small tensor (e.g. ``[TB, BLOCK_K]``) is replicated over many threads, each replica
+    issues its own volatile load (and the compiler may even duplicate the load into several
+    layouts), and reductions over replicated dimensions stay per warp. Every value a loop or
+    branch depends on must come through here (or ``load_uniform`` / ``globaltimer_uniform``)."""
+    i = tl.arange(0, NT)
+    return tl.sum(tl.where(i == 0, x, 0), axis=0)
+
+
+@triton.jit
+def every_thread_max(x, NT: tl.constexpr, GPU: tl.constexpr):
+    """The largest value the int32 scalar ``x`` has in any thread of the program, handed to
+    every thread (a reduction over an ``NT``-vector of the threads' own values).
+
+    Unlike :func:`uniform` (thread 0's value), a zero here says that *every* thread's ``x`` was
+    zero: a pending-count computed from each thread's own copies of replicated volatile loads,
+    reduced this way, ends a poll only once every copy any thread holds has landed. On the GPU
+    the vector goes through an opaque ``mov``, so the compiler cannot treat it as a splat of a
+    uniform scalar; ``GPU=False`` (the interpreter, one thread a program) skips it."""
+    i = tl.arange(0, NT)
+    v = x + i * 0
+    if GPU:
+        v = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [v], dtype=tl.int32,
+                                      is_pure=False, pack=1)
+    return tl.max(v, axis=0)
+
+
+@triton.jit
+def ld_acquire_sys(ptrs, mask):
+    return tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.s32 p, $2, 0; mov.u32 $0, 0; "
+        "@p ld.acquire.sys.global.b32 $0, [$1]; }",
+        "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def st_release_sys(ptrs, vals, mask):
+    return tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.s32 p, $3, 0; "
+        "@p st.release.sys.global.b32 [$1], $2; mov.u32 $0, 0; }",
+        "=r,l,r,r", [ptrs, vals.to(tl.int32), mask.to(tl.int32)], dtype=tl.int32,
+        is_pure=False, pack=1)
+
+
+@triton.jit
+def record_error(state_ptr, host_err_ptr, missing_bits, pid, phase, epoch,
+                 ERR_OFF: tl.constexpr):
+    """Write the error record into device ``state[ERR_OFF:]`` and the pinned host mirror."""
+    tl.atomic_or(state_ptr + ERR_OFF + 1, missing_bits, sem="relaxed", scope="gpu")
+    tl.atomic_xchg(state_ptr + ERR_OFF + 2, pid, sem="relaxed", scope="gpu")
+    tl.atomic_xchg(state_ptr + ERR_OFF + 3, phase, sem="relaxed", scope="gpu")
+    tl.atomic_xchg(state_ptr + ERR_OFF + 4, epoch, sem="relaxed", scope="gpu")
+    tl.atomic_xchg(state_ptr + ERR_OFF + 0, 1, sem="release", scope="gpu")
+    one = tl.full([1], 1, tl.int32)
+    k = tl.arange(0, 1)
+    hp = host_err_ptr + k
+    st_release_sys(hp + 1, one * missing_bits, one)
+    st_release_sys(hp + 2, one * pid, one)
+    st_release_sys(hp + 3, one * phase, one)
+    st_release_sys(hp + 4, one * epoch, one)
+    st_release_sys(hp + 0, one, one)
+
+
+@triton.jit
+def wait_flags(flag_ptrs, peer_idx, mask, target, dead, timeout_ns, state_ptr, host_err_ptr,
+               pid, phase, epoch, ERR_OFF: tl.constexpr):
+    """Spin until ``flag >= target`` (int32, wrap-safe) for every masked element.
+
+    ``flag_ptrs``, ``peer_idx``, ``mask``: one element per thread of the program (``32 *
+    num_warps``), so the deadline timer read over them is uniform too. Returns the new ``dead``
+    flag (1 when this or an earlier wait gave up). With ``dead`` already set it returns at once:
+    after a timeout nothing waits again, so no call can hang.
+    """
+    NT: tl.constexpr = peer_idx.shape[0]
+    d = ld_acquire_sys(flag_ptrs, mask) - target
+    pending = tl.sum((mask & (d < 0)).to(tl.int32), axis=0)
+    if dead == 0:
+        if pending > 0:
+            t0 = globaltimer_uniform(NT)
+            while pending > 0:
+                d = ld_acquire_sys(flag_ptrs, mask) - target
+                pending = tl.sum((mask & (d < 0)).to(tl.int32), axis=0)
+                if pending > 0:
+                    if globaltimer_uniform(NT) - t0 > timeout_ns:
+                        one = tl.full(peer_idx.shape, 1, tl.int32)
+                        bits = tl.sum(tl.where(mask & (d < 0), one << peer_idx, 0), axis=0)
+                        record_error(state_ptr, host_err_ptr, bits, pid, phase, epoch, ERR_OFF)
+                        dead = dead | 1
+                        pending = pending * 0
+    tl.debug_barrier()
+    return dead
+
+
+@triton.jit
+def pdl_wait():
+    """``griddepcontrol.wait`` (sm_90+): wait until the previous grid finished and its writes
+    are visible. Must precede every global memory access of a kernel launched with PDL."""
+    tl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def pdl_launch_dependents():
+    """``griddepcontrol.launch_dependents`` (sm_90+): the next PDL grid may start its launch."""
+    tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [],
+                              dtype=tl.int32, is_pure=False, pack=1)

@@ -1,0 +1,302 @@
+"""EP token-exchange backends built on torch.distributed collectives, and their shared contract.
+
+Every backend derives from :class:`MoEBackend`. The combine contract is declared in exactly one
+place, ``MoEBackend.output_is_reduced = True``: ``combine`` returns the final
+``y[t] = sum_k w[t, k] * expert_out(t, k)``, weights applied once and the top-k sum done once.
+A subclass may not override it; the dispatcher refuses a backend class that does.
+
+Layout shared by all backends (``W`` ranks, ``L`` local experts, ``M = max_tokens_per_rank``):
+``expert_x`` is ``[L, capacity, H]`` with ``capacity = W * M`` (the worst case: every token of
+every rank routed to one expert; a token reaches an expert at most once), rows
+``[:counts[l]]`` valid, in an unspecified order. ``combine`` takes ``expert_out`` of the same shape.
+
+Backends here:
+
+* ``torch`` — ``all_to_all_single`` of the deduplicated rows (a token travels once to each
+  destination rank). It works on any process group that implements all-to-all (NCCL across
+  nodes, gloo on CPU). **It synchronises the host once per dispatch** (the split sizes are read
+  back) and so cannot be captured in a CUDA graph.
+* ``allgather`` — ``all_gather`` of every rank's tokens padded to ``M`` rows, local selection,
+  then ``reduce_scatter`` of the per-rank partial sums. Static shapes, no host sync, graph-safe on
+  NCCL; it moves ``W * M`` rows whatever the real token count (the engines' fallback path).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+
+from ..agree import TimedCollectives
+
+
+@dataclass(frozen=True)
+class EPConfig:
+    """What a backend needs to know; identical on every rank (checked by fingerprint)."""
+
+    rank: int
+    world_size: int
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    max_tokens_per_rank: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def local_experts(self) -> int:
+        return self.num_experts // self.world_size
+
+    @property
+    def capacity(self) -> int:
+        return self.world_size * self.max_tokens_per_rank
+
+
+class MoEBackend:
+    """Base class of every EP backend. Instances belong to one :class:`EPDispatcher`."""
+
+    #: THE combine contract, declared once for every backend: ``combine`` returns the final,
+    #: reduced output (weights applied once, top-k summed once). Do not override.
+    output_is_reduced: ClassVar[bool] = True
+    #: may ``dispatch``/``combine`` be captured in a CUDA graph (no host sync, static shapes)
+    graph_safe: ClassVar[bool] = False
+    name: ClassVar[str] = "?"
+
+    def __init__(self, group: Any, cfg: EPConfig) -> None:
+        self.group = group
+        self.cfg = cfg
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Backend facts that must agree on every rank (added to the dispatcher's fingerprint)."""
+        return {}
+
+    def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Return ``(expert_x [L, cap, H], counts [L] int32, state for combine)``."""
+        raise NotImplementedError
+
+    def combine(self, expert_out: torch.Tensor, state: Any, num_tokens: int) -> torch.Tensor:
+        """Return ``y [num_tokens, H]`` in the dispatcher's dtype, fully reduced."""
+        raise NotImplementedError
+
+    def warmup(self, num_tokens: Sequence[int], ids_dtypes: Sequence[torch.dtype],
+               weights_dtype: torch.dtype) -> int:
+        """Compile and load every kernel that ``dispatch``/``combine`` would launch for these
+        token counts and input dtypes; launch nothing, talk to no peer. Return how many kernel
+        variants are now loaded for them (backends without kernels of their own: 0)."""
+        return 0
+
+    def check_errors(self, sync: bool = True) -> None:
+        """Raise an error recorded by a device kernel (backends without kernels: nothing)."""
+
+    def close(self) -> None:
+        """Release workspaces. Safe to call twice."""
+
+
+# --------------------------------------------------------------------------------------------
+# Local (per-rank) steps shared by the torch-collective backends. Pure tensor code, no sync.
+# --------------------------------------------------------------------------------------------
+
+def expand_to_experts(rows: torch.Tensor, ids: torch.Tensor, cfg: EPConfig,
+                      expert_x_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copy received rows into the per-expert layout.
+
+    ``rows [N, H]`` and ``ids [N, K]`` (global expert ids, ``-1`` = nothing) are the rows that
+    reached this rank; ``expert_x_rows`` is ``[L * cap + 1, H]`` (the last row is a scratch row
+    that absorbs writes of non-local entries, so no boolean indexing and no host sync is needed).
+    Returns ``counts [L] int32`` and ``slot [N, K] int64``: the flat row of ``expert_x`` that
+    holds ``(n, k)``, or ``-1`` when ``ids[n, k]`` is not a local expert. A repeated id in one row
+    gets one slot; every repeat points at it (so its weights add up in ``combine``).
+    Slots within an expert follow the order of ``rows`` (deterministic).
+    """
+    n, k = ids.shape
+    L, cap = cfg.local_experts, cfg.capacity
+    dev = ids.device
+    el = ids.long() - cfg.rank * L
+    local = (ids >= 0) & (el >= 0) & (el < L)
+    same = ids.unsqueeze(2) == ids.unsqueeze(1)                        # [N, K, K]
+    earlier = torch.ones(k, k, dtype=torch.bool, device=dev).tril(-1)   # j < i
+    dup = (same & earlier).any(dim=2)                                  # an earlier k has it
+    first_pos = torch.where(same & (earlier | torch.eye(k, dtype=torch.bool, device=dev)),
+                            torch.arange(k, device=dev).expand(k, k), k).amin(dim=2)  # [N, K]
+    first = local & ~dup
+    key = torch.where(first, el, L).flatten()                          # [N*K], L = "none"
+    counts_ext = torch.zeros(L + 1, dtype=torch.long, device=dev)
+    counts_ext.scatter_add_(0, key, torch.ones_like(key))
+    order = torch.sort(key, stable=True).indices
+    starts = torch.cumsum(counts_ext, 0) - counts_ext
+    sorted_key = key[order]
+    rank_in_key = torch.arange(key.numel(), device=dev) - starts[sorted_key]
+    slot_in_expert = torch.empty_like(key)
+    slot_in_expert[order] = rank_in_key
+    flat = torch.where(first.flatten(), key * cap + slot_in_expert, L * cap)  # scratch row
+    src_row = torch.arange(n, device=dev).repeat_interleave(k)
+    if flat.numel():
+        expert_x_rows.index_copy_(0, flat, rows.index_select(0, src_row))
+    slot_first = torch.where(first, flat.view(n, k), -1)
+    slot = torch.gather(slot_first, 1, first_pos)                      # repeats -> first slot
+    slot = torch.where(local, slot, -1)
+    return counts_ext[:L].to(torch.int32), slot
+
+
+def weighted_partial(expert_out: torch.Tensor, slot: torch.Tensor, weights: torch.Tensor
+                     ) -> torch.Tensor:
+    """``p[n] = sum_k w[n, k] * expert_out[slot[n, k]]`` over local entries, float32, k order."""
+    flat = expert_out.reshape(-1, expert_out.shape[-1])
+    n, k = slot.shape
+    acc = torch.zeros(n, flat.shape[1], dtype=torch.float32, device=flat.device)
+    w = weights.float()
+    for j in range(k):
+        idx = slot[:, j]
+        valid = (idx >= 0).unsqueeze(1)
+        v = flat.index_select(0, idx.clamp_min(0)).float()
+        acc += torch.where(valid, w[:, j:j + 1] * v, 0.0)   # where(): garbage rows never leak
+    return acc
+
+
+def _new_expert_x(cfg: EPConfig) -> torch.Tensor:
+    L, cap, H = cfg.local_experts, cfg.capacity, cfg.hidden_size
+    return torch.empty(L * cap + 1, H, dtype=cfg.dtype, device=cfg.device)
+
+
+def _pack_meta(ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """ids int32 and weights float32 in one int32 tensor ``[N, 2K]`` (one collective)."""
+    return torch.cat([ids.to(torch.int32), weights.to(torch.float32).view(torch.int32)], dim=1)
+
+
+def _unpack_meta(meta: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return meta[:, :k], meta[:, k:].contiguous().view(torch.float32)
+
+
+@dataclass
+class _A2AState:
+    send_idx: list[torch.Tensor]     # per destination rank: token indices sent there
+    send_splits: list[int]
+    recv_splits: list[int]
+    slot: torch.Tensor               # [N_recv, K]
+    recv_w: torch.Tensor             # [N_recv, K] float32
+
+
+class _CollectiveBackend(MoEBackend):
+    """Backends built on torch.distributed collectives: deadlines on gloo (see
+    :class:`llmcomm.agree.TimedCollectives`), plain capturable calls on NCCL."""
+
+    def __init__(self, group: Any, cfg: EPConfig) -> None:
+        super().__init__(group, cfg)
+        self._timed = TimedCollectives(group, f"EPDispatcher.{self.name}", cfg.device.type)
+
+    def _run(self, op: str, collective: Any, *args: Any, **kwargs: Any) -> None:
+        """``collective(*args, group=..., async_op=...)`` under the deadline."""
+        self._timed.run(f"{op} ({self.name} EP backend)",
+                        lambda a: collective(*args, group=self.group, async_op=a, **kwargs))
+
+
+class TorchA2ABackend(_CollectiveBackend):
+    """``all_to_all_single`` of deduplicated rows; spans nodes; syncs the host (not graph-safe)."""
+
+    name = "torch"
+    graph_safe = False
+
+    def dispatch(self, x, topk_ids, topk_weights):
+        cfg = self.cfg
+        W, L = cfg.world_size, cfg.local_experts
+        owner = topk_ids.long() // L                                       # [T, K]
+        hit = torch.zeros(x.shape[0], W, dtype=torch.bool, device=x.device)
+        if topk_ids.numel():
+            hit.scatter_(1, owner, True)
+        send_counts = hit.sum(dim=0)                                       # [W]
+        recv_counts = torch.empty_like(send_counts)
+        self._run("dispatch", dist.all_to_all_single, recv_counts, send_counts)
+        both = torch.stack([send_counts, recv_counts]).cpu()               # the one host sync
+        send_splits, recv_splits = both[0].tolist(), both[1].tolist()
+        send_idx = [hit[:, d].nonzero().flatten() for d in range(W)]
+        idx = torch.cat(send_idx)
+        send_x = x.index_select(0, idx)
+        send_meta = _pack_meta(topk_ids.index_select(0, idx), topk_weights.index_select(0, idx))
+        n_recv = sum(recv_splits)
+        recv_x = torch.empty(n_recv, cfg.hidden_size, dtype=x.dtype, device=x.device)
+        recv_meta = torch.empty(n_recv, 2 * cfg.top_k, dtype=torch.int32, device=x.device)
+        self._run("dispatch", dist.all_to_all_single, recv_x, send_x, recv_splits, send_splits)
+        self._run("dispatch", dist.all_to_all_single, recv_meta, send_meta, recv_splits,
+                  send_splits)
+        recv_ids, recv_w = _unpack_meta(recv_meta, cfg.top_k)
+        ex = _new_expert_x(cfg)
+        counts, slot = expand_to_experts(recv_x, recv_ids, cfg, ex)
+        expert_x = ex[:-1].view(L, cfg.capacity, cfg.hidden_size)
+        return expert_x, counts, _A2AState(send_idx, send_splits, recv_splits, slot, recv_w)
+
+    def combine(self, expert_out, state: _A2AState, num_tokens):
+        cfg = self.cfg
+        partial = weighted_partial(expert_out, state.slot, state.recv_w).to(cfg.dtype)
+        back = torch.empty(sum(state.send_splits), cfg.hidden_size, dtype=cfg.dtype,
+                           device=expert_out.device)
+        self._run("combine", dist.all_to_all_single, back, partial, state.send_splits,
+                  state.recv_splits)
+        y = torch.zeros(num_tokens, cfg.hidden_size, dtype=torch.float32, device=back.device)
+        start = 0
+        for d in range(cfg.world_size):                 # fixed rank order, no duplicate index
+            n = state.send_splits[d]
+            if n:
+                y.index_add_(0, state.send_idx[d], back[start:start + n].float())
+            start += n
+        return y.to(cfg.dtype)
+
+
+@dataclass
+class _AGState:
+    slot: torch.Tensor               # [W * M, K]
+    weights: torch.Tensor            # [W * M, K] float32
+
+
+class AllGatherBackend(_CollectiveBackend):
+    """``all_gather`` (padded to ``M`` rows) + local selection + ``reduce_scatter``; graph-safe."""
+
+    name = "allgather"
+    graph_safe = True
+
+    def __init__(self, group, cfg):
+        super().__init__(group, cfg)
+        # gloo implements neither all_gather_into_tensor nor reduce_scatter_tensor everywhere;
+        # the list forms are used there.
+        self._tensor_forms = dist.get_backend(group) == "nccl"
+
+    def _all_gather(self, out: torch.Tensor, inp: torch.Tensor) -> None:
+        if self._tensor_forms:
+            self._run("dispatch", dist.all_gather_into_tensor, out, inp)
+        else:
+            self._run("dispatch", dist.all_gather, list(out.chunk(self.cfg.world_size)), inp)
+
+    def dispatch(self, x, topk_ids, topk_weights):
+        cfg = self.cfg
+        W, M, K, H, L = (cfg.world_size, cfg.max_tokens_per_rank, cfg.top_k, cfg.hidden_size,
+                         cfg.local_experts)
+        T = x.shape[0]
+        xp = torch.empty(M, H, dtype=x.dtype, device=x.device)
+        xp[:T] = x
+        meta = torch.empty(M, 2 * K, dtype=torch.int32, device=x.device)
+        meta[:, :K] = -1
+        meta[:, K:] = 0
+        meta[:T] = _pack_meta(topk_ids, topk_weights)
+        all_x = torch.empty(W * M, H, dtype=x.dtype, device=x.device)
+        all_meta = torch.empty(W * M, 2 * K, dtype=torch.int32, device=x.device)
+        self._all_gather(all_x, xp)
+        self._all_gather(all_meta, meta)
+        ids, w = _unpack_meta(all_meta, K)
+        ex = _new_expert_x(cfg)
+        counts, slot = expand_to_experts(all_x, ids, cfg, ex)
+        return ex[:-1].view(L, cfg.capacity, H), counts, _AGState(slot, w)
+
+    def combine(self, expert_out, state: _AGState, num_tokens):
+        cfg = self.cfg
+        M = cfg.max_tokens_per_rank
+        partial = weighted_partial(expert_out, state.slot, state.weights).to(cfg.dtype)
+        out = torch.empty(M, cfg.hidden_size, dtype=cfg.dtype, device=expert_out.device)
+        if self._tensor_forms:
+            self._run("combine", dist.reduce_scatter_tensor, out, partial)
+        else:   # gloo: all_reduce then take this rank's block (same sum, more traffic)
+            self._run("combine", dist.all_reduce, partial)
+            out.copy_(partial[cfg.rank * M:(cfg.rank + 1) * M])
+        return out[:num_tokens].clone()

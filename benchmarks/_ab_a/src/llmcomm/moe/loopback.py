@@ -1,0 +1,165 @@
+"""Every rank of a p2p EP group in one process, on one GPU (tests and benchmarks only).
+
+The ``p2p`` kernels need a peer to exchange with. :class:`Loopback` builds one
+:class:`~llmcomm.moe.p2p.P2PBackend` per rank of a ``world_size``-rank group *on the same GPU*,
+over workspace buffers that all of them address directly (instead of torch symmetric memory over
+NVLink), and launches rank ``r``'s kernels on stream ``r`` so that the ranks' kernels run at the
+same time, as they do on ``world_size`` GPUs. The kernels, their constants and the protocol are
+exactly those of a real group; only the transport differs::
+
+    lb = Loopback(2, num_experts=256, top_k=8, hidden_size=7168, max_tokens_per_rank=128,
+                  dtype=torch.bfloat16)
+    outs = lb.dispatch(xs, ids, ws)       # per rank: (expert_x [L, W*M, H], counts [L], state)
+    ys = lb.combine([run_experts(o) for o in outs], outs, [x.shape[0] for x in xs])
+
+What it is for: checking the kernels on a GPU (real code generation, real concurrency between a
+rank's programs and its "peer's", CUDA-graph capture, deadlines) on a machine with one GPU, and
+timing a kernel change against the same kernels before it (A/B). What it is not: a measurement of NVLink, nor a bound on it in either direction. Every "peer" write is
+a local store, but both ranks share one GPU's SMs (half the programs each) and HBM, and every call
+forks and joins the rank streams: measured on one H200 (session 10), the decode pair at one token
+took 21.0 us in loopback against 15.5 us on 2 x H200 over NVLink, and 789 us at 4096 tokens
+against 449. Compare loopback figures only with loopback figures (A/B of a kernel change).
+
+Residency: a program of rank ``r`` waits for programs of its peers, so every program of every
+rank must be resident at once; the grid defaults to ``min(128, M, SMs // world_size)`` programs
+per rank and ``world_size * num_programs > SMs`` is refused. Every call first compiles and
+loads every rank's kernels for its arguments (a cache lookup after the first time), then
+launches them: no rank's programs wait while another rank's kernel is still being built.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+
+class LoopbackGroup:
+    """Stand-in for the EP process group of :class:`Loopback`: ranks ``0..W-1`` of one process,
+    whose workspaces are ``W`` byte buffers on one device, allocated by the first backend."""
+
+    def __init__(self, world_size: int, device: torch.device) -> None:
+        self.world_size = world_size
+        self.device = device
+        self._bufs: list[torch.Tensor] | None = None
+
+    def ranks(self) -> list[int]:
+        return list(range(self.world_size))
+
+    def buffers(self, nbytes: int) -> list[torch.Tensor]:
+        """The ``W`` workspace buffers (zeroed), the same list for every rank's backend."""
+        if self._bufs is None:
+            self._bufs = [torch.zeros(nbytes, dtype=torch.uint8, device=self.device)
+                          for _ in range(self.world_size)]
+        elif self._bufs[0].numel() != nbytes:
+            raise ValueError(
+                f"loopback workspace: rank 0 asked for {self._bufs[0].numel()} bytes, this rank "
+                f"for {nbytes}; every rank of a Loopback must be created with the same arguments")
+        return self._bufs
+
+
+class Loopback:
+    """``world_size`` p2p backends on one GPU, one stream each. See the module docstring.
+
+    Args:
+        world_size: ranks of the simulated EP group (2, 4, ...).
+        num_experts, top_k, hidden_size, max_tokens_per_rank, dtype: as for
+            :class:`~llmcomm.moe.EPDispatcher`.
+        device: the GPU (default the current one).
+        num_programs: grid of every kernel, per rank (default ``min(128, M, SMs // W)``);
+            with ``_combine_roles`` the combine's is ``2 * _roles_programs`` (default
+            ``SMs // (2 W)``).
+        timeout_s: device deadline of every wait (default ``LLMCOMM_TIMEOUT_S``, as for a
+            real group).
+        **backend_kwargs: passed to every :class:`~llmcomm.moe.p2p.P2PBackend`.
+    """
+
+    def __init__(self, world_size: int, num_experts: int, top_k: int, hidden_size: int,
+                 max_tokens_per_rank: int, dtype: torch.dtype, device: Any = None,
+                 num_programs: int | None = None, timeout_s: float | None = None,
+                 **backend_kwargs: Any) -> None:
+        from .backends import EPConfig
+        from .p2p import P2PBackend
+
+        if not isinstance(world_size, int) or world_size < 2:
+            raise ValueError(f"world_size must be an int >= 2, got {world_size!r}")
+        if num_experts % world_size:
+            raise ValueError(f"num_experts ({num_experts}) must be divisible by world_size "
+                             f"({world_size})")
+        if not torch.cuda.is_available():
+            raise ValueError("Loopback runs the p2p kernels on a CUDA GPU; none is visible "
+                             "(use the TRITON_INTERPRET simulation of tests/distributed on CPU)")
+        device = torch.device("cuda", torch.cuda.current_device()) if device is None \
+            else torch.device(device)
+        if device.type != "cuda":
+            raise ValueError(f"Loopback needs a CUDA device, got {device}")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        if num_programs is None:
+            num_programs = max(1, min(128, max_tokens_per_rank, sms // world_size))
+        if backend_kwargs.get("_combine_roles"):
+            backend_kwargs.setdefault("_roles_programs",
+                                      max(1, min(num_programs, sms // (2 * world_size))))
+        for what, grid, most in (
+                ("num_programs", num_programs, sms // world_size),
+                ("_roles_programs (x 2)", 2 * backend_kwargs.get("_roles_programs", 0),
+                 sms // world_size)):
+            if grid > most:
+                raise ValueError(
+                    f"Loopback: {world_size} ranks x {grid} programs ({what}) = "
+                    f"{world_size * grid} programs, but this GPU has {sms} SMs; every program "
+                    f"of every rank must be resident at once (programs wait for their peers'), "
+                    f"so give at most {most} programs a rank")
+        self.group = LoopbackGroup(world_size, device)
+        self.world_size = world_size
+        self.device = device
+        self.backends = [
+            P2PBackend(self.group, EPConfig(r, world_size, num_experts, top_k, hidden_size,
+                                            max_tokens_per_rank, dtype, device),
+                       num_programs=num_programs, **backend_kwargs)
+            for r in range(world_size)]
+        if timeout_s is not None:
+            for be in self.backends:
+                be.timeout_ns = int(timeout_s * 1e9)
+        self.streams = [torch.cuda.Stream(device) for _ in range(world_size)]
+        torch.cuda.synchronize(device)   # every workspace filled before any kernel runs
+
+    def _each_rank(self, call) -> list[Any]:
+        """``call(r)`` for every rank on stream ``r``, concurrently; joined into the current
+        stream (capturable: a fork and a join of streams in a CUDA graph). Every rank's kernel
+        is compiled and loaded for these arguments first (``P2PBackend._launch``), so no
+        launched program waits for a peer whose kernel is still being compiled or loaded."""
+        for r, be in enumerate(self.backends):
+            be._compile_only = True
+            try:
+                call(r)
+            finally:
+                be._compile_only = False
+        cur = torch.cuda.current_stream(self.device)
+        out = []
+        for r, s in enumerate(self.streams):
+            s.wait_stream(cur)
+            with torch.cuda.stream(s):
+                out.append(call(r))
+        for s in self.streams:
+            cur.wait_stream(s)
+        return out
+
+    def dispatch(self, xs: Sequence[torch.Tensor], topk_ids: Sequence[torch.Tensor],
+                 topk_weights: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
+        """Every rank's dispatch; per rank ``(expert_x, counts, state)`` (its backend's)."""
+        return self._each_rank(lambda r: self.backends[r].dispatch(xs[r], topk_ids[r],
+                                                                   topk_weights[r]))
+
+    def combine(self, expert_outs: Sequence[torch.Tensor], dispatched: Sequence[tuple],
+                num_tokens: Sequence[int]) -> list[torch.Tensor]:
+        """Every rank's combine of its ``dispatch`` output; per rank ``y [T_r, H]``."""
+        return self._each_rank(lambda r: self.backends[r].combine(
+            expert_outs[r], dispatched[r][2], num_tokens[r]))
+
+    def check_errors(self) -> None:
+        """Synchronise and raise the first rank's recorded deadline error, if any."""
+        torch.cuda.synchronize(self.device)
+        for be in self.backends:
+            be.check_errors(sync=False)

@@ -1,0 +1,632 @@
+"""The ``p2p`` EP backend: Triton kernels pushing rows over NVLink into symmetric memory.
+
+One node only. At creation (never later) it allocates one symmetric-memory buffer on the EP
+group and rendezvouses it once. Two protocols (``protocol=``, see :mod:`llmcomm.kernels.moe`):
+``"flags"`` and ``"lamport"``, chosen by :func:`llmcomm.policy.ep_p2p_protocol` unless given.
+Regions of that buffer, per rank (``W`` ranks, ``M`` max tokens per rank, ``K`` top-k, ``G``
+programs), for ``protocol="flags"`` (zero-initialised)::
+
+    recv_x  [W, M, H] dtype   rows pushed by each source rank (one per token and destination)
+    recv_ids[W, M, K] int32   the source token's expert ids (written for every token)
+    recv_w  [W, M, K] fp32    its weights
+    recv_T  [W]       int32   the source's token count
+    comb    [W, M, H] dtype   weighted partial sums pushed back by each expert rank
+    flags_d [G, W], flags_c [G, W] int32   monotonic per-program epochs (dispatch / combine)
+
+and for ``protocol="lamport"`` (``NBUF = 3`` rotating copies, every element initialised to the
+sentinel bit pattern, sign bit only; each receiver resets what it consumed)::
+
+    lx    [NBUF, W, M, H]  dtype  rows pushed by each source rank
+    lmeta [NBUF, W, M, 2K] int32  ids, then the fp32 weight bits, of every source token
+    lcnt  [NBUF, W, G]     int32  the source's token count, one slot per receiving program
+    lcomb [NBUF, W, M, H]  dtype  weighted partial sums pushed back by each expert rank
+
+Local: ``expert_x [L, W*M, H]``, counts, slot cursors, the slot map ``[W, M, K]``, per-program
+epochs (``"flags"``) or buffer indices (``"lamport"``, plus the peers' weights ``wloc [W, M, K]``
+and token counts ``peer_T [W]`` kept for the combine), and a 4-int error record (device, plus a
+pinned host mirror the host reads without a sync). The grid ``G`` and every launch knob
+(``protocol``, ``num_warps``, ``tile_tokens``, ``combine_tile_tokens``, ``pdl``, the ``"flags"``
+knobs ``round_tokens``, ``posted_flags``, ``interleave``, the ``"lamport"`` knob ``shift``;
+see :mod:`llmcomm.kernels.moe`) are pure functions of the creation
+arguments and are part of the fingerprint; the defaults are the tested configuration. Kernels
+take no host counter, so dispatch/combine capture into CUDA graphs; they never synchronise the
+host. NVLink multicast is not used (plain peer loads/stores only).
+
+``simulate_dir`` (tests only) replaces symmetric memory by files mapped by every process and runs
+the same kernels under ``TRITON_INTERPRET=1`` on CPU; a :class:`~llmcomm.moe.loopback.LoopbackGroup`
+as ``group`` (tests and benchmarks only) puts every rank's workspace on one GPU in one process.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..agree import exchange, group_ranks
+from ..config import get_config
+from ..errors import CollectiveTimeoutError
+from ..policy import Decision, ep_p2p_protocol
+from .backends import EPConfig, MoEBackend
+from .loopback import LoopbackGroup
+
+_ALIGN = 256
+NBUF = 3   # "lamport": receive buffers rotated per call (per program), so a reset never races
+LAMPORT_REGIONS = ("lx", "lmeta", "lcnt", "lcomb")   # "lamport": they start as the sentinel
+_OPS = {1: "EPDispatcher.dispatch (p2p)", 2: "EPDispatcher.combine (p2p)"}
+
+
+def _align(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _round_tokens(M: int, programs: int) -> int:
+    """The default tokens a round of a program whose share at capacity is ``ceil(M /
+    programs)``: 4 rounds, but at least half a share up to 8 tokens -- 2 rounds for 8 and 16
+    tokens a program (session 9: 145 vs 157-161 us at 1024 tokens per rank, 252-254 vs 255-256
+    at 2048; 4 rounds of 8 stay best at 4096) -- and one round for 2 (52 vs 58 us at 256). The
+    kernels' ``_chunk`` applies the same rule to each call's share (``RT``)."""
+    share = -(-M // programs)
+    return max(-(-share // 4), min(-(-share // 2), 8), min(share, 2))
+
+
+def _lamport_warps(T: int, tile: int, programs: int, split: int, num_warps: int,
+                   small: int | None) -> int:
+    """Warps a program of a ``"lamport"`` call with ``T`` own tokens runs: ``small`` when set
+    and the call's tiles times ``split`` fit the grid (the combine's small-batch path of
+    ``split`` column chunks a tile), else ``num_warps``.
+
+    Session 14 (loopback, one H200, hidden 7168): 8 warps instead of 16 took the combine from
+    6.92-6.94 to 5.97-5.99 us at one token (7.17-7.20 to 6.23-6.24 at 8) and the dispatch from
+    9.70-9.75 to 9.32-9.33 at one token, but the combine 1-3 us longer at 64-128 tokens (whole
+    rows a program): fewer threads make each cross-warp reduction and barrier cheaper, which
+    is what a small batch's chain is made of."""
+    if small is not None and -(-T // tile) * split <= programs:
+        return small
+    return num_warps
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _arrive(group: Any, what: str) -> None:
+    """Every rank of ``group`` has reached this point (a Loopback's ranks are built one after
+    the other in one process and launch nothing before all of them exist: nothing to wait for)."""
+    if not isinstance(group, LoopbackGroup):
+        exchange("ready", group, what)
+
+
+def _ranks(group: Any) -> list[int]:
+    return group.ranks() if isinstance(group, LoopbackGroup) else group_ranks(group)
+
+
+class _Workspace:
+    """One byte buffer per rank, addressable by every rank of the group."""
+
+    def __init__(self, nbytes: int, group: Any, cfg: EPConfig, simulate_dir: str | None):
+        self.nbytes = nbytes
+        W, rank = cfg.world_size, cfg.rank
+        if isinstance(group, LoopbackGroup):     # every rank in this process, one GPU
+            self.bufs = group.buffers(nbytes)
+            self.handle = None
+        elif simulate_dir is not None:
+            import torch.distributed as dist
+
+            path = os.path.join(simulate_dir, f"ep_ws_{rank}")
+            with open(path, "wb") as f:
+                f.truncate(nbytes)
+            dist.barrier(group=group)
+            self.bufs = [torch.from_file(os.path.join(simulate_dir, f"ep_ws_{r}"), shared=True,
+                                         size=nbytes, dtype=torch.uint8) for r in range(W)]
+            self.handle = None
+        else:
+            import torch.distributed._symmetric_memory as symm_mem
+
+            local = symm_mem.empty(nbytes, dtype=torch.uint8, device=cfg.device)
+            # every rank must arrive before torch's rendezvous, which has no deadline of ours
+            _arrive(group, "p2p EP workspace")
+            hdl = symm_mem.rendezvous(local, group.group_name)
+            if hdl.world_size != W:
+                raise ValueError(
+                    f"p2p EP workspace was rendezvoused over {hdl.world_size} ranks but the EP "
+                    f"group has {W}; the workspace must be sized to the EP group")
+            self.bufs = [local if r == rank else hdl.get_buffer(r, [nbytes], torch.uint8)
+                         for r in range(W)]
+            self.handle = hdl
+        self.bufs[rank].zero_()
+        if simulate_dir is None:
+            torch.cuda.synchronize(cfg.device)  # zeroed before any peer may write into it
+
+
+    def region(self, offset: int, shape: tuple[int, ...], dtype: torch.dtype
+               ) -> tuple[torch.Tensor, ...]:
+        n = 1
+        for s in shape:
+            n *= s
+        nbytes = n * torch.empty(0, dtype=dtype).element_size()
+        return tuple(b[offset:offset + nbytes].view(dtype).view(shape) for b in self.bufs)
+
+
+class P2PBackend(MoEBackend):
+    """Single-node NVLink backend (Triton over torch symmetric memory). Graph-safe."""
+
+    name = "p2p"
+    graph_safe = True
+
+    def __init__(self, group: Any, cfg: EPConfig, num_programs: int | None = None,
+                 simulate_dir: str | None = None, num_warps: int | None = None,
+                 tile_tokens: int = 1, combine_tile_tokens: int = 1,
+                 round_tokens: int | None = None, posted_flags: bool | None = None,
+                 pdl: bool = False, protocol: str = "auto", shift: int | None = None,
+                 combine_split: int | None = None, interleave: bool | None = None,
+                 _fuse: bool = True, _combine_fuse: bool | None = None,
+                 _runtime_rounds: bool = False,
+                 _combine_roles: bool = False, _roles_warps: int = 16,
+                 _roles_pair: int = 1, _roles_programs: int | None = None) -> None:
+        """Allocate and rendezvous the workspace (collective over ``group``).
+
+        Args:
+            num_programs: grid ``G`` of both kernels (default ``min(128, SMs, M)``); must be
+                equal on every rank.
+            simulate_dir: tests only, see the module docstring.
+            num_warps: warps per program (default 16 for H >= 4096, 8 for H >= 2048, else 4;
+                power of 2, <= 16). With ``"lamport"`` and the default at H >= 4096, a call
+                whose token tiles times ``combine_split`` fit the grid runs 8
+                (:func:`_lamport_warps`).
+            round_tokens: tokens of one program per round (``CHUNK`` in
+                :mod:`llmcomm.kernels.moe`): every round of sends is signalled on its own, so
+                a peer expands (dispatch) or sums (combine) round r - 1 while round r is on
+                the wire. Default: of a program's share ``n`` at ``max_tokens_per_rank``,
+                ``max(ceil(n / 4), min(ceil(n / 2), 8), min(n, 2))`` (one round for 1 or 2
+                tokens, 2 rounds of up to 8, then 4). A round costs ~5 us at 4096 tokens per
+                rank (docs/moe.md, session 9). ``_runtime_rounds=True`` (A/B knob, default
+                off until timed on 2 GPUs) applies the same rule per call, in the kernel, to
+                each batch's share instead (at most the rule at capacity; ``RT`` in
+                :mod:`llmcomm.kernels.moe`).
+            tile_tokens, combine_tile_tokens: tokens one program handles per loop step in
+                dispatch / combine (``TB``; powers of 2, <= 8; default 1): their loads and slot
+                atomics are in flight together. More need more registers (the combine's fp32
+                sums most); the session-3 sweep found no gain (docs/moe.md). Both protocols.
+            posted_flags: signal with a posted ``st.release.sys`` and poll with
+                ``ld.acquire.sys`` (``POSTED``) instead of system-scope atomics. Default on on a
+                GPU (fastest in the session-3 sweep at every size), off in the simulation
+                (inline PTX).
+            pdl: programmatic dependent launch (``PDL``, sm_90+), off by default. Both protocols.
+            protocol: ``"auto"`` (default: :func:`llmcomm.policy.ep_p2p_protocol` -- lamport
+                for small dispatchers at EP=2, flags otherwise; a flags-only knob given picks
+                flags, ``shift`` picks lamport), ``"flags"`` (per-program monotonic flags,
+                system-scope release/acquire) or ``"lamport"`` (sentinel-initialised receive
+                buffers, the data signals its own arrival; see :mod:`llmcomm.kernels.moe`).
+                ``round_tokens`` and ``posted_flags`` belong to ``"flags"``: leave them unset
+                with ``"lamport"``. ``self.protocol_decision`` says what was chosen and why.
+            shift: ``"lamport"`` only: program ``p`` receives (dispatch) and finishes its own
+                tokens (combine) of tile ``(p + shift) mod G``, so that with fewer tokens than
+                programs, sending and receiving run on different SMs. Default 0. A non-zero
+                shift is 0.3-1.7 us faster at small batches (docs/moe.md) but needs every program
+                of the grid resident at once (``G`` <= free SMs, nothing else occupying them,
+                e.g. no compute overlapped on another stream), else the programs can wait on
+                each other until the deadline; it must be 0 in the simulation (its programs
+                run one after another).
+            combine_split: ``"lamport"`` only: when every rank's token tiles times this fit the
+                grid (a small batch), the combine splits each token's hidden dimension into this
+                many column chunks on as many programs (SMs), so a token's K weighted expert rows
+                are not summed on one SM alone; when they do not fit but half as many chunks
+                do, half as many. Power of 2 <= 16; default 4 for hidden >= 2048, else 1 (no
+                split).
+            interleave: ``"flags"`` only: each round handles its tokens one tile at a time,
+                the own tile sent to the peers and copied into the local experts from the same
+                registers and, in the same step, a tile of the peers' previous round expanded
+                (combine: the peers' partials pushed and an own tile finished), so NVLink and
+                local HBM traffic are in flight together (``INTERLEAVE`` in
+                :mod:`llmcomm.kernels.moe`). Default on; off restores the phased rounds (send
+                the round, signal, copy own, then receive), which a data-movement ladder
+                measured at +80 us per kernel at 4096 tokens (docs/moe.md, session 7).
+        """
+        super().__init__(group, cfg)
+        self._sim = simulate_dir is not None
+        if protocol not in ("auto", "flags", "lamport"):
+            raise ValueError(f"protocol must be 'auto', 'flags' or 'lamport', got {protocol!r}")
+        esize = torch.empty(0, dtype=cfg.dtype).element_size()
+        if protocol != "auto":
+            self.protocol_decision = Decision(protocol, ("requested explicitly",))
+        elif (round_tokens, posted_flags, interleave) != (None,) * 3 or _runtime_rounds \
+                or _combine_roles:
+            self.protocol_decision = Decision("flags", ("a flags-only knob given",))
+        elif shift is not None:
+            self.protocol_decision = Decision("lamport", ("a lamport-only knob given",))
+        else:
+            self.protocol_decision = ep_p2p_protocol(cfg.world_size, cfg.max_tokens_per_rank,
+                                                     esize)
+        protocol = self.protocol_decision.choice
+        lamport = protocol == "lamport"
+        if lamport and (round_tokens is not None or posted_flags is not None):
+            raise ValueError("round_tokens and posted_flags apply to protocol='flags' only "
+                             "(protocol='lamport' has no rounds and no flags): leave them unset")
+        if not lamport and shift is not None:
+            raise ValueError("shift applies to protocol='lamport' only (the 'flags' kernels pair "
+                             "program p with program p of every peer): leave it unset")
+        if self._sim and shift:
+            raise ValueError("shift must be 0 in the TRITON_INTERPRET simulation (its programs "
+                             "run one after another): pass shift=0 or leave it unset")
+        if not self._sim and cfg.device.type != "cuda":
+            raise ValueError(f"p2p EP backend needs a CUDA device, got {cfg.device}")
+        # lamport with the default warps: 8 for a small batch (_lamport_warps), both compiled
+        # and loaded at the first call of each kernel (_launch_lamport)
+        self._small_warps = 8 if lamport and num_warps is None and cfg.hidden_size >= 4096 \
+            else None
+        if num_warps is None:
+            num_warps = 16 if cfg.hidden_size >= 4096 else 8 if cfg.hidden_size >= 2048 else 4
+        if num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps must be a power of 2 <= 16, got {num_warps}")
+        for name, v in (("tile_tokens", tile_tokens), ("combine_tile_tokens", combine_tile_tokens)):
+            if not isinstance(v, int) or v < 1 or v > 8 or v & (v - 1):
+                raise ValueError(f"{name} must be a power of 2 in [1, 8], got {v!r}")
+        self.tiles = (tile_tokens, combine_tile_tokens)
+        if lamport and esize not in (2, 4, 8):
+            raise ValueError(f"protocol='lamport' needs a 16, 32 or 64-bit dtype, got {cfg.dtype}")
+        if posted_flags is None:
+            posted_flags = not self._sim and not lamport
+        if self._sim and (posted_flags or pdl):
+            raise ValueError("posted_flags and pdl use inline PTX: not available in the "
+                             "TRITON_INTERPRET simulation")
+        if pdl and torch.cuda.get_device_capability(cfg.device) < (9, 0):
+            raise ValueError("pdl needs sm_90 or newer")
+        W, M, K, H, L = (cfg.world_size, cfg.max_tokens_per_rank, cfg.top_k, cfg.hidden_size,
+                         cfg.local_experts)
+        if num_programs is not None and num_programs < 1:
+            raise ValueError(f"num_programs must be >= 1, got {num_programs}")
+        if _roles_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"_roles_warps must be a power of 2 <= 16, got {_roles_warps!r}")
+        sms = 132 if self._sim else torch.cuda.get_device_properties(
+            cfg.device).multi_processor_count
+        if num_programs is None:
+            num_programs = min(128, sms, M)
+        self.G = int(num_programs)
+        # the combine with roles runs 2 Gc programs of _roles_warps warps at <= 128 registers:
+        # 16 // warps of them fit an SM, and all must be resident (finishers spin), so its
+        # grid may be smaller than the dispatch's (token t is program t % Gc's there)
+        fit = sms * max(1, 16 // _roles_warps) // 2
+        if _roles_programs is not None and not 1 <= _roles_programs <= fit:
+            raise ValueError(f"_roles_programs must be in [1, {fit}] (2 x that many programs "
+                             f"of {_roles_warps} warps fit {sms} SMs), got {_roles_programs!r}")
+        self._Gc = min(self.G, fit) if _roles_programs is None else int(_roles_programs)
+        self.protocol = protocol
+        rounds_given = round_tokens is not None
+        if lamport:
+            if shift is None:
+                shift = 0
+            if not isinstance(shift, int) or not 0 <= shift < self.G:
+                raise ValueError(f"shift must be an int in [0, num_programs={self.G}), "
+                                 f"got {shift!r}")
+        else:
+            if round_tokens is None:
+                round_tokens = _round_tokens(M, self.G)
+            if not isinstance(round_tokens, int) or round_tokens < 1:
+                raise ValueError(f"round_tokens must be an int >= 1, got {round_tokens!r}")
+        if lamport:
+            if combine_split is None:
+                combine_split = 4 if cfg.hidden_size >= 2048 else 1
+            if not isinstance(combine_split, int) or combine_split < 1 or combine_split > 16 \
+                    or combine_split & (combine_split - 1):
+                raise ValueError(f"combine_split must be a power of 2 in [1, 16], got "
+                                 f"{combine_split!r}")
+        elif combine_split is not None:
+            raise ValueError("combine_split applies to protocol='lamport' only: leave it unset")
+        if lamport and interleave is not None:
+            raise ValueError("interleave applies to protocol='flags' only (the 'lamport' "
+                             "kernels have no rounds): leave it unset")
+        self.interleave = None if lamport else (True if interleave is None else bool(interleave))
+        self.combine_split = combine_split   # None for "flags"
+        # A/B only: FUSE in llmcomm.kernels.moe (flags, interleaved, EP=2). With one-token
+        # combine tiles (the default) the fused step runs on 1-D rows and wins at every
+        # hidden size (session 8: 234 vs 264 us unfused at 7168, 4096 tokens); the [TB, H]
+        # pair step of larger tiles holds two fp32 row accumulators and lost at hidden 7168
+        # (session 7; in column chunks too, session 8), so with combine_tile_tokens > 1 the
+        # combine fuses up to hidden 4096
+        self._fuse = bool(_fuse) and not lamport
+        if _combine_fuse is None:
+            _combine_fuse = self._fuse and (combine_tile_tokens == 1
+                                            or _next_pow2(cfg.hidden_size) <= 4096)
+        self._fuse_combine = bool(_combine_fuse) and not lamport
+        # CLAIM_RB in llmcomm.kernels.moe: a round's slots taken at its start, in one vector
+        # atomic, for the fused one-token dispatch steps, in rounds of <= 16 tokens (session 8:
+        # dispatch 229-243 vs 254-266 us at 4096 tokens, hidden 7168)
+        rb = _next_pow2(round_tokens) if not lamport else 0
+        self._claim_rb = rb if rb <= 16 else 0
+        self.round_tokens = round_tokens     # None for "lamport"; the upper bound with RT
+        # A/B only: RT in llmcomm.kernels.moe (default rounds sized per call from the batch,
+        # interleaved). Off by default: on one GPU (loopback, session
+        # 11) it is slower (1024 tokens 232 vs 226.5 us, 256 tokens 95 vs 81), where rounds
+        # have no NVLink transfer to overlap; its 2-GPU timing is still to do.
+        self._rt = bool(_runtime_rounds)
+        if self._rt and (lamport or not self.interleave or rounds_given):
+            raise ValueError("_runtime_rounds needs protocol='flags' with interleave and the "
+                             "default rounds: leave round_tokens unset")
+        # A/B only: the combine's push and finish in separate programs, a grid of 2 Gc at
+        # _roles_warps warps (128 registers at most), _roles_pair tokens a step
+        # (ep_combine_roles_kernel in llmcomm.kernels.moe; sessions 11-12: at par with the
+        # default in loopback at 16 warps and one token a step, with the register cap only --
+        # see _roles_consts; untimed on 2 GPUs; its grid is 2 Gc, Gc <= G so that all of it
+        # fits the SMs, above). The dispatch's counterpart (slower in loopback) is on branch
+        # wip/s11-roles.
+        self._roles = bool(_combine_roles)
+        if self._roles and (lamport or W != 2):
+            raise ValueError(f"_combine_roles needs protocol='flags' at EP=2, got protocol "
+                             f"{protocol!r} at EP={W}")
+        self._roles_warps = int(_roles_warps)
+        if _roles_pair not in (1, 2):
+            raise ValueError(f"_roles_pair (tokens a step) must be 1 or 2, got {_roles_pair!r}")
+        self._roles_pair = int(_roles_pair)
+        # its rounds: round_tokens if given, else the default rule at its own share
+        self._chunk_c = self.round_tokens if rounds_given or lamport else _round_tokens(
+            M, self._Gc)
+        self.shift = shift                   # None for "flags"
+        dev = cfg.device if not self._sim else torch.device("cpu")
+        off = 0
+        layout = {}
+        if lamport:
+            regions = (("lx", (NBUF, W, M, H), cfg.dtype),
+                       ("lmeta", (NBUF, W, M, 2 * K), torch.int32),
+                       ("lcnt", (NBUF, W, self.G), torch.int32),
+                       ("lcomb", (NBUF, W, M, H), cfg.dtype))
+        else:
+            regions = (("recv_x", (W, M, H), cfg.dtype),
+                       ("recv_ids", (W, M, K), torch.int32),
+                       ("recv_w", (W, M, K), torch.float32),
+                       ("recv_T", (W,), torch.int32),
+                       ("comb", (W, M, H), cfg.dtype),
+                       ("flags_d", (self.G, W), torch.int32),
+                       ("flags_c", (self.G, W), torch.int32))
+        for name, shape, dt in regions:
+            n = 1
+            for s in shape:
+                n *= s
+            layout[name] = (off, shape, dt)
+            off += _align(n * (esize if dt == cfg.dtype else 4))
+        self.ws = _Workspace(off, group, cfg, simulate_dir)
+        for name, (o, shape, dt) in layout.items():
+            setattr(self, name, self.ws.region(o, shape, dt))
+        if lamport:   # every receive slot starts as the sentinel (sign bit only)
+            for name in LAMPORT_REGIONS:
+                region = getattr(self, name)[cfg.rank]
+                ibits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[region.element_size()]
+                region.view(ibits).fill_(torch.iinfo(ibits).min)
+            if not self._sim:
+                torch.cuda.synchronize(cfg.device)
+            # no peer may write into this rank's buffer before the fill (the backend must be
+            # safe on its own, not only behind EPDispatcher's agree())
+            _arrive(group, "p2p EP lamport workspace")
+        self.expert_x = torch.empty(L, cfg.capacity, H, dtype=cfg.dtype, device=dev)
+        self.counts = torch.zeros(L, dtype=torch.int32, device=dev)
+        self.cursor = torch.zeros(L, dtype=torch.int32, device=dev)
+        self.done = torch.zeros(1, dtype=torch.int32, device=dev)
+        self.slot_map = torch.full((W, M, K), -1, dtype=torch.int32, device=dev)
+        if lamport:
+            self.wloc = torch.zeros(W, M, K, dtype=torch.float32, device=dev)
+            self.peer_T = torch.zeros(W, dtype=torch.int32, device=dev)
+            self.buf_d = torch.zeros(self.G, dtype=torch.int32, device=dev)
+            self.buf_c = torch.zeros(self.G, dtype=torch.int32, device=dev)
+        else:
+            self.epoch_d = torch.zeros(self.G, dtype=torch.int32, device=dev)
+            # 2 G: one per program of the combine with roles (its grid is 2 Gc <= 2 G)
+            self.epoch_c = torch.zeros(2 * self.G, dtype=torch.int32, device=dev)
+        self.err_dev = torch.zeros(4, dtype=torch.int32, device=dev)
+        self.err_host = torch.zeros(4, dtype=torch.int32, pin_memory=not self._sim)
+        self._dummy_x = torch.zeros(1, H, dtype=cfg.dtype, device=dev)
+        self._dummy_ids = torch.full((1, K), -1, dtype=torch.int32, device=dev)
+        self._dummy_w = torch.zeros(1, K, dtype=torch.float32, device=dev)
+        self.num_warps = int(num_warps)
+        self.variants = {"POSTED": bool(posted_flags), "PDL": bool(pdl)}
+        self.timeout_ns = int(get_config().timeout_s * 1e9)
+        self._failed: CollectiveTimeoutError | None = None
+        self._compile_only = False   # Loopback and warmup, see _launch
+        self._warmed: set[int] | None = None   # in warmup: ids of the kernels _load loaded
+        self._loaded: set[Any] = set()   # lamport (kernel, T class, dtypes) at both warp counts
+        if not self._sim:
+            torch.cuda.synchronize(cfg.device)   # zeroed flags visible before any peer signals
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"num_programs": self.G, "workspace_bytes": self.ws.nbytes,
+                "protocol": self.protocol, "shift": self.shift,
+                "num_warps": self.num_warps, "small_batch_warps": self._small_warps,
+                "round_tokens": self.round_tokens,
+                "tile_tokens": self.tiles[0], "combine_tile_tokens": self.tiles[1],
+                "combine_split": self.combine_split, "interleave": self.interleave,
+                "runtime_rounds": self._rt,
+                "fuse": self._fuse,
+                "fuse_combine": self._fuse_combine, "combine_roles": self._roles,
+                "combine_roles_programs": self._Gc if self._roles else None,
+                **{k.lower(): v for k, v in self.variants.items()}}
+
+    def _consts(self) -> dict[str, Any]:
+        c = self.cfg
+        extra = {"launch_pdl": True} if self.variants["PDL"] else {}
+        return dict(RANK=c.rank, W=c.world_size, G=self.G, M=c.max_tokens_per_rank,
+                    H=c.hidden_size, K=c.top_k, L=c.local_experts, E=c.num_experts,
+                    BLOCK_H=_next_pow2(c.hidden_size), BLOCK_K=_next_pow2(c.top_k),
+                    BLOCK_W=_next_pow2(c.world_size), CHUNK=self.round_tokens,
+                    USE_TIMER=not self._sim, num_warps=self.num_warps,
+                    NT=32 * self.num_warps, **self.variants, **extra)
+
+    def _roles_consts(self) -> dict[str, Any]:
+        """:meth:`_consts` for the combine with roles: its warps, at most 128 registers. Keep
+        the cap at 16 warps too: without it ptxas takes 117 registers and spills nothing
+        (with it 128 and 12 bytes of spills; triton 3.6, sm_90a), yet the combine is slower:
+        469-501 vs 387-390 us at 4096 tokens in loopback (session 12, docs/moe.md)."""
+        extra = {} if self._sim else {"maxnreg": 128}
+        return {**self._consts(), "G": self._Gc, "CHUNK": self._chunk_c,
+                "num_warps": self._roles_warps, "NT": 32 * self._roles_warps,
+                "PAIR": self._roles_pair, **extra}
+
+    def _lamport_consts(self, tb: int, warps: int) -> dict[str, Any]:
+        c = self.cfg
+        extra = {"launch_pdl": True} if self.variants["PDL"] else {}
+        return dict(RANK=c.rank, W=c.world_size, G=self.G, M=c.max_tokens_per_rank,
+                    H=c.hidden_size, K=c.top_k, L=c.local_experts, E=c.num_experts,
+                    BLOCK_H=_next_pow2(c.hidden_size), BLOCK_K=_next_pow2(c.top_k),
+                    BLOCK_W=_next_pow2(c.world_size), TB=tb,
+                    BITS=8 * torch.empty(0, dtype=c.dtype).element_size(), NBUF=NBUF,
+                    SHIFT=self.shift, USE_TIMER=not self._sim, PDL=self.variants["PDL"],
+                    num_warps=warps, NT=32 * warps, **extra)
+
+    def _launch_lamport(self, kernel: Any, T: int, tb: int, ids: torch.Tensor,
+                        w: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """:meth:`_launch` of a lamport kernel for ``T`` own tokens in tiles of ``tb``, at the
+        warps :func:`_lamport_warps` picks. Where it can pick two, the first call of each class
+        of arguments that triton compiles apart (``T == 1``, ``T`` a multiple of 16, any other;
+        the dtypes of the routing ``ids`` and weights ``w``, which are also in ``args``)
+        compiles and loads both before it launches, so the warp switch adds no compile to a
+        later call (one that would run while the peers spin, or inside a CUDA-graph capture
+        that follows eager calls of the same sizes)."""
+        warps = _lamport_warps(T, tb, self.G, self.combine_split, self.num_warps,
+                               self._small_warps)
+        key = (kernel, T == 1, T % 16 == 0, ids.dtype, w.dtype)
+        if self._small_warps is not None and not self._sim and key not in self._loaded:
+            for nw in (self.num_warps, self._small_warps):
+                self._load(kernel, args, (self.G,), {**kwargs, **self._lamport_consts(tb, nw)})
+            self._loaded.add(key)
+        self._launch(kernel, *args, **kwargs, **self._lamport_consts(tb, warps))
+
+    def _load(self, kernel: Any, args: tuple, grid: tuple, kwargs: dict[str, Any]) -> None:
+        """Compile ``kernel`` for these arguments and load its module; launch nothing."""
+        k = kernel.warmup(*args, grid=grid, **kwargs)
+        if hasattr(k, "result"):           # triton's asynchronous compile mode
+            k = k.result()
+        k._init_handles()
+        if self._warmed is not None:
+            self._warmed.add(id(k))
+
+    def warmup(self, num_tokens: Sequence[int], ids_dtypes: Sequence[torch.dtype],
+               weights_dtype: torch.dtype) -> int:
+        """Compile and load both kernels for each token count and ids dtype (every warp count
+        :meth:`_launch_lamport` may pick), through :meth:`dispatch` and :meth:`combine` with
+        ``_compile_only`` set: exactly the arguments a real call passes, so triton's keys
+        match. Local: no launch, no peer. The simulation compiles nothing ahead (returns 0).
+
+        In turn, on this thread: threads would not help, triton 3.6 keeps the GIL while it
+        compiles (session 15, the 2-core CPU machine: two lamport kernels for sm_90 took 9.2 s
+        on two threads against 8.1 s one after the other)."""
+        if self._sim:
+            return 0
+        c = self.cfg
+        self._warmed, self._compile_only = set(), True
+        try:
+            with torch.cuda.device(c.device):
+                for T in num_tokens:
+                    for ids_dtype in ids_dtypes:
+                        x = torch.empty(T, c.hidden_size, dtype=c.dtype, device=c.device)
+                        ids = torch.empty(T, c.top_k, dtype=ids_dtype, device=c.device)
+                        w = torch.empty(T, c.top_k, dtype=weights_dtype, device=c.device)
+                        _, _, state = self.dispatch(x, ids, w)
+                        self.combine(self.expert_x, state, T)
+            return len(self._warmed)
+        finally:
+            self._warmed, self._compile_only = None, False
+
+    def _launch(self, kernel: Any, *args: Any, grid: int | None = None, **kwargs: Any) -> None:
+        """``kernel[(grid or G,)](*args, **kwargs)``; with ``_compile_only`` set (by
+        :class:`~llmcomm.moe.loopback.Loopback`), compile and load it for exactly these
+        arguments instead and launch nothing. A loopback compiles and loads every rank's kernel
+        before it launches any, so no rank's programs spin while a later rank's kernel is
+        compiled or its module loaded (a module load may wait for running work; session 10's
+        first loopback run, which compiled rank by rank between launches, hung every call until
+        its deadline).
+
+        On the dispatcher's device whatever the current one is: triton launches on the current
+        device's stream (as the TP p2p backend, which guards every launch the same way)."""
+        g = (grid or self.G,)
+        dev = self.cfg.device
+        if not self._sim and torch.cuda.current_device() != dev.index:
+            with torch.cuda.device(dev):
+                self._launch(kernel, *args, grid=grid, **kwargs)
+            return
+        if self._compile_only:
+            self._load(kernel, args, g, kwargs)
+        else:
+            kernel[g](*args, **kwargs)
+
+    def dispatch(self, x, topk_ids, topk_weights):
+        from ..kernels.moe import ep_dispatch_kernel, ep_dispatch_lamport_kernel
+
+        if self._failed is not None:
+            raise self._failed
+        T = x.shape[0]
+        if T == 0:
+            x, topk_ids, topk_weights = self._dummy_x, self._dummy_ids, self._dummy_w
+        c = self.cfg
+        if self.protocol == "lamport":
+            self._launch_lamport(ep_dispatch_lamport_kernel, T, self.tiles[0], topk_ids,
+                topk_weights, x, topk_ids, topk_weights, T, self.lx, self.lmeta, self.lcnt,
+                self.expert_x, self.counts, self.cursor, self.done, self.slot_map, self.wloc,
+                self.peer_T, self.buf_d, self.err_dev, self.err_host.data_ptr(),
+                self.timeout_ns, CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts))
+            return self.expert_x, self.counts, (topk_ids, topk_weights)
+        self._launch(ep_dispatch_kernel,
+            x, topk_ids, topk_weights, T,
+            self.recv_x, self.recv_ids, self.recv_w, self.recv_T, self.flags_d,
+            self.expert_x, self.counts, self.cursor, self.done, self.slot_map, self.epoch_d,
+            self.err_dev, self.err_host.data_ptr(), self.timeout_ns,
+            CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts), TB=self.tiles[0],
+            INTERLEAVE=self.interleave, FUSE=self._fuse, CLAIM_RB=self._claim_rb, RT=self._rt,
+            **self._consts())
+        return self.expert_x, self.counts, (topk_ids, topk_weights)
+
+    def combine(self, expert_out, state, num_tokens):
+        from ..kernels.moe import (ep_combine_kernel, ep_combine_lamport_kernel,
+                                   ep_combine_roles_kernel)
+
+        if self._failed is not None:
+            raise self._failed
+        ids, w = state
+        c = self.cfg
+        y = torch.empty(num_tokens, c.hidden_size, dtype=c.dtype, device=expert_out.device)
+        y_arg = y if num_tokens else self._dummy_x
+        if self.protocol == "lamport":
+            self._launch_lamport(ep_combine_lamport_kernel, num_tokens, self.tiles[1], ids, w,
+                expert_out, ids, w, y_arg, num_tokens, self.lcomb, self.slot_map, self.wloc,
+                self.peer_T, self.buf_c, self.err_dev, self.err_host.data_ptr(),
+                self.timeout_ns, SPLIT=min(self.combine_split, _next_pow2(c.hidden_size)))
+            return y
+        if self._roles:
+            self._launch(ep_combine_roles_kernel,
+                expert_out, ids, w, y_arg, num_tokens,
+                self.recv_w, self.recv_T, self.comb, self.flags_c, self.slot_map, self.epoch_c,
+                self.err_dev, self.err_host.data_ptr(), self.timeout_ns, grid=2 * self._Gc,
+                **self._roles_consts())
+            return y
+        self._launch(ep_combine_kernel,
+            expert_out, ids, w, y_arg, num_tokens,
+            self.recv_w, self.recv_T, self.comb, self.flags_c, self.slot_map, self.epoch_c,
+            self.err_dev, self.err_host.data_ptr(), self.timeout_ns, TB=self.tiles[1],
+            INTERLEAVE=self.interleave, FUSE=self._fuse_combine, RT=self._rt,
+            **self._consts())
+        return y
+
+    def check_errors(self, sync: bool = True) -> None:
+        if self._failed is not None:
+            raise self._failed
+        if sync and not self._sim:
+            torch.cuda.synchronize(self.cfg.device)
+        code = int(self.err_host[0])
+        if code == 0:
+            return
+        op, missing = code >> 16, (code & 0xFFFF) - 1
+        ranks = _ranks(self.group)
+        glob = ranks[missing] if 0 <= missing < len(ranks) else missing
+        self._failed = CollectiveTimeoutError(
+            _OPS.get(op, f"op {op}"), "[" + ",".join(map(str, ranks)) + "]", [glob],
+            self.timeout_s, detail=f"group rank {missing} did not signal; the p2p workspace is "
+            f"now unusable, create a new EPDispatcher after fixing the cause (if it was that "
+            f"rank's first call at a new token count, it may have been compiling its kernels "
+            f"meanwhile: call EPDispatcher.warmup() on every rank before serving)")
+        raise self._failed
+
+    @property
+    def timeout_s(self) -> float:
+        return self.timeout_ns / 1e9
+
+    def close(self) -> None:
+        self.ws = None  # type: ignore[assignment]
