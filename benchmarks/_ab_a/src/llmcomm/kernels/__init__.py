@@ -1,1 +1,0 @@
-"""Triton kernels and thin launchers; importing the package itself imports nothing."""
