@@ -383,10 +383,6 @@ class P2PBackend(MoEBackend):
             raise ValueError(f"_one_token_slots needs protocol='lamport' at EP=2 with "
                              f"tile_tokens=1 and shift=0; got protocol {protocol!r} at "
                              f"EP={W}, tile_tokens {self.tiles[0]}, shift {shift}")
-        if self._one and (not lamport or W != 2 or self.tiles[0] != 1 or shift):
-            raise ValueError(f"_one_token_slots needs protocol='lamport' at EP=2 with "
-                             f"tile_tokens=1 and shift=0; got protocol {protocol!r} at "
-                             f"EP={W}, tile_tokens {self.tiles[0]}, shift {shift}")
         dev = cfg.device if not self._sim else torch.device("cpu")
         off = 0
         layout = {}
