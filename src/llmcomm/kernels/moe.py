@@ -1601,7 +1601,10 @@ def _lamport_poll_token(cnt_ptr, need, ts_known, bound, mp1, rp, c, RANK: tl.con
     uses them as they are -- no barrier and re-read as after :func:`_lamport_poll_meta`."""
     offs_k = tl.arange(0, BLOCK_K)
     offs_h = tl.arange(0, BLOCK_H)
-    c_raw = load_uniform(cnt_ptr, need, 0, NT)  # branched on: must be uniform
+    # every thread its own copy of the count (a load_uniform is a reduction across the program
+    # on every spin): nothing is decided on it before every thread's copy has landed
+    # (pending, below), and then all copies hold the one value written (session 16)
+    c_raw = tl.where(need, tl.load(cnt_ptr, volatile=True), 0)
     kv = offs_k < tl.where(c < bound, K, 0)
     ids = tl.load(mp1 + offs_k, mask=kv, other=-1, volatile=True)
     wb = tl.load(mp1 + K + offs_k, mask=kv, other=0, volatile=True)
