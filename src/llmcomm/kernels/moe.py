@@ -76,7 +76,9 @@ Every value a spin loop branches on is uniform over the program's threads (flags
 read one thread per peer and combined by reductions; the error flag and the timer through
 :func:`.sync.load_uniform` / :func:`.sync.globaltimer_uniform`): a volatile scalar load executed
 by every thread can return different values while a peer's write lands, and a branch on it
-would split the program.
+would split the program. The lamport one-token receive instead lets every thread load its own
+copies (count, meta, row) and branches only on :func:`.sync.every_thread_max` of what each thread
+still misses: at zero every copy has landed, and a value written once is then the same in all.
 
 Protocol ``"lamport"`` (``ep_dispatch_lamport_kernel`` / ``ep_combine_lamport_kernel``): no flags,
 no system-scope fence, no waiting for a whole program's sends. Every receive slot of the workspace
