@@ -215,7 +215,8 @@ def _repeat_worker(rank, world, tmp):
     for ep in eps.values():
         ep.check_errors()
     return (max(errs), same, [str(ep.decision) for ep in eps.values()], len(hints),
-            eps["p2p-sim-auto"].describe())
+            eps["p2p-sim-auto"].describe(),
+            [ep._backend.fingerprint()["one_token_slots"] for ep in eps.values()])
 
 
 @NEEDS_TRITON
@@ -225,7 +226,10 @@ def test_p2p_sim_repeated_calls_both_protocols():
     assert [r[3] for r in res] == [3, 0]   # once per dispatcher on rank 0; rank 1 warmed up
     assert "warmup:   done (0 kernel variants" in res[1][4]     # the simulation compiles none
     assert "warmup:   not called" in res[0][4]
-    for err, same, decisions, _, text in res:
+    for err, same, decisions, _, text, one in res:
+        # the one-token lamport path is on by default for lamport at EP=2 (session 16), and part
+        # of the fingerprint (ranks agree on it)
+        assert one == [False, True, True], one
         assert "protocol lamport" in text and "GB; symmetric workspace" in text, text
         assert err <= 2.5e-2
         assert same, "flags and lamport combine outputs differ bitwise"
