@@ -101,6 +101,11 @@ def roundtrip(ep: Any, rank: int, world: int, num_experts: int, inputs, dtype,
     return n, err
 
 
+#: routings and per-rank token counts (EP=2) on the lamport dispatch's one-token path (both ranks
+#: hold at most one token: slots and counts computed, no atomics; session 16), for the GPU tests
+ONE_CASES = (("random", [1, 1]), ("dups", [1, 0]), ("random", [0, 1]), ("one_expert", [1, 1]))
+
+
 def capture_graph(step):
     """Run ``step()`` once on a side stream (compile, warm up), then capture one call of it in a
     CUDA graph; returns ``(graph, what step returned inside the capture)``."""

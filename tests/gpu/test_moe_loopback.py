@@ -14,6 +14,7 @@ import importlib.util
 import pytest
 
 from tests._dist import run_ranks
+from tests.distributed._moe_cases import ONE_CASES
 
 #: name -> (world, Loopback keyword arguments)
 VARIANTS = {
@@ -29,11 +30,10 @@ VARIANTS = {
     "lamport-t4c2": (2, {"protocol": "lamport", "tile_tokens": 4, "combine_tile_tokens": 2}),
     "lamport-shift": (2, {"protocol": "lamport", "tile_tokens": 2, "shift": 20,
                           "num_programs": 48}),
-    # one-token calls without slot atomics (A/B knob, session 16): ONE_CASES below
+    # the one-token path explicitly (the lamport default since session 16), with the extra
+    # reference cases of ONE_CASES where both ranks hold at most one token
     "lamport-one": (2, {"protocol": "lamport", "_one_token_slots": True}),
 }
-#: extra reference cases of a variant with ``_one_token_slots``: calls that take that path
-ONE_CASES = (("random", [1, 1]), ("dups", [1, 0]), ("random", [0, 1]), ("one_expert", [1, 1]))
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(importlib.util.find_spec("triton") is None,

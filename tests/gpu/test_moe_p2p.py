@@ -15,6 +15,7 @@ import importlib.util
 import pytest
 
 from tests._dist import run_ranks
+from tests.distributed._moe_cases import ONE_CASES
 
 #: name -> P2PBackend keyword arguments
 P2P_VARIANTS = {
@@ -33,12 +34,11 @@ P2P_VARIANTS = {
     "p2p-lamport-t4c2": {"protocol": "lamport", "tile_tokens": 4, "combine_tile_tokens": 2},
     "p2p-lamport-t2-w16-shift20": {"protocol": "lamport", "tile_tokens": 2, "num_warps": 16,
                                    "shift": 20},
-    # one-token calls without slot atomics (A/B knob, session 16): calls where both ranks
-    # have at most one token (ONE_CASES below), and the atomics where one has more
+    # the one-token path explicitly (the lamport default since session 16), with the extra
+    # cases of ONE_CASES where both ranks hold at most one token, and the atomics where one
+    # has more
     "p2p-lamport-one": {"protocol": "lamport", "_one_token_slots": True},
 }
-#: extra token counts a variant with ``_one_token_slots`` runs: calls that take that path
-ONE_CASES = (("random", [1, 1]), ("dups", [1, 0]), ("random", [0, 1]), ("one_expert", [1, 1]))
 LAMPORT = [n for n in P2P_VARIANTS if "lamport" in n]
 
 pytestmark = [pytest.mark.gpu2,
