@@ -93,6 +93,10 @@ SWEEP = {
     # untimed on 2 GPUs. Rounds by the default rule at the combine's share / of 8
     "croles": ({"protocol": "flags", "_combine_roles": True}, None),
     "croles_r8": ({"protocol": "flags", "_combine_roles": True, "round_tokens": 8}, None),
+    # the dispatch's rows by copy engine, a round of every program (8 x 128 = 1024 tokens at
+    # 4096 per rank) a copy, for batches of 2048+ tokens (session 17, P2PBackend._ce_tokens;
+    # off by default until timed here)
+    "ce": ({"protocol": "flags", "_ce_tokens": 2048}, None),
     # interleaved rounds with the own and the peer's tile in separate steps (the default fuses
     # them into one step at EP=2: FUSE in llmcomm.kernels.moe)
     "nofuse": ({"protocol": "flags", "_fuse": False}, None),

@@ -62,6 +62,10 @@ P2P_SIM = {"p2p-sim": {"protocol": "flags"},
            "p2p-sim-r17": {"round_tokens": 17},
            # the phased rounds (interleave=False; the default interleaves), 2-token tiles
            "p2p-sim-phased": {"interleave": False, "tile_tokens": 2, "round_tokens": 3},
+           # rows by copy engine (an A/B knob): every call with a token; and only calls of 9+
+           # tokens, so that in most cases one rank sends by copy engine and the other not
+           "p2p-sim-ce": {"protocol": "flags", "_ce_tokens": 1},
+           "p2p-sim-ce9r2": {"protocol": "flags", "_ce_tokens": 9, "round_tokens": 2},
            "p2p-sim-lamport": {"protocol": "lamport"},
            "p2p-sim-lamport-t2": {"protocol": "lamport", "tile_tokens": 2},
            "p2p-sim-lamport-t4c2": {"protocol": "lamport", "tile_tokens": 4,
@@ -429,6 +433,11 @@ def test_errors_world2():
     ({"protocol": "lamport", "_one_token_slots": True, "tile_tokens": 2},
      "_one_token_slots needs protocol='lamport' at EP=2 with tile_tokens=1 and shift=0"),
     ({"protocol": "flags", "_one_token_slots": True}, "got protocol 'flags' at EP=2"),
+    ({"_ce_tokens": 0}, "_ce_tokens must be an int >= 1 (or None: off), got 0"),
+    ({"protocol": "lamport", "_ce_tokens": 8},
+     "_ce_tokens needs protocol='flags' at EP=2 with interleave and the default rounds; got "
+     "protocol 'lamport'"),
+    ({"_ce_tokens": 8, "interleave": False}, "interleave False"),
     ({"_combine_roles": True, "_roles_warps": 3}, "_roles_warps must be a power of 2 <= 16"),
     ({"_combine_roles": True, "_roles_pair": 3}, "_roles_pair (tokens a step) must be 1 or 2"),
     ({"_combine_roles": True, "_roles_programs": 67},

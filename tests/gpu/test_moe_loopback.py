@@ -26,6 +26,9 @@ VARIANTS = {
     # the combine's push and finish in separate programs (grid 2 x 8 a rank), rounds of 3
     "flags-g8-roles": (2, {"protocol": "flags", "num_programs": 8, "_combine_roles": True,
                            "round_tokens": 3}),
+    # rows by copy engine from 9 tokens (an A/B knob): most reference cases have one rank at
+    # 9+ tokens and one below, so one sends by copy engine and the other by its kernel
+    "flags-g8-ce": (2, {"protocol": "flags", "num_programs": 8, "_ce_tokens": 9}),
     "lamport": (2, {"protocol": "lamport"}),
     "lamport-t4c2": (2, {"protocol": "lamport", "tile_tokens": 4, "combine_tile_tokens": 2}),
     "lamport-shift": (2, {"protocol": "lamport", "tile_tokens": 2, "shift": 20,
@@ -148,8 +151,8 @@ def _graph_worker(rank, world_size, name):
     return errs
 
 
-@pytest.mark.parametrize("name", ["flags", "flags-g8", "flags-g8-roles", "lamport",
-                                  "lamport-t4c2", "lamport-one"])
+@pytest.mark.parametrize("name", ["flags", "flags-g8", "flags-g8-roles", "flags-g8-ce",
+                                  "lamport", "lamport-t4c2", "lamport-one"])
 def test_loopback_cuda_graph_replays_fresh_inputs(name):
     (errs,) = run_ranks(_graph_worker, 1, name, timeout=400)
     assert len(errs) == 7 * VARIANTS[name][0] and max(errs) < 2.5e-2

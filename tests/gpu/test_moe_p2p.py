@@ -30,6 +30,8 @@ P2P_VARIANTS = {
     # the combine's push and finish in separate programs (grid 2 x 8), rounds of 3
     "p2p-flags-g8-roles": {"protocol": "flags", "num_programs": 8, "_combine_roles": True,
                            "round_tokens": 3},
+    # rows by copy engine from 9 tokens (an A/B knob), the same with 8 programs
+    "p2p-flags-g8-ce": {"protocol": "flags", "num_programs": 8, "_ce_tokens": 9},
     "p2p-lamport": {"protocol": "lamport"},
     "p2p-lamport-t4c2": {"protocol": "lamport", "tile_tokens": 4, "combine_tile_tokens": 2},
     "p2p-lamport-t2-w16-shift20": {"protocol": "lamport", "tile_tokens": 2, "num_warps": 16,
@@ -137,8 +139,8 @@ def _check(rank, inputs, y, dtype):
     return check_combine_output(y, ref, dtype, what="graph replay")
 
 
-@pytest.mark.parametrize("variant", ["p2p-flags", "p2p-lamport", "p2p-lamport-t4c2",
-                                     "p2p-lamport-one"])
+@pytest.mark.parametrize("variant", ["p2p-flags", "p2p-flags-g8-ce", "p2p-lamport",
+                                     "p2p-lamport-t4c2", "p2p-lamport-one"])
 def test_p2p_cuda_graph_replays_fresh_inputs(variant):
     res = run_ranks(_graph_worker, 2, P2P_VARIANTS[variant], backend="nccl", timeout=300)
     for errs in res:

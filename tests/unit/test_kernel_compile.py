@@ -27,7 +27,8 @@ _TYPES = {
     "done": "*i32", "slot_map": "*i32", "wloc": "*fp32", "peer_T": "*i32", "buf_ptr": "*i32",
     "epoch_ptr": "*i32", "err_dev": "*i32", "err_host_addr": "i64", "timeout_ns": "i64",
     "recv_x": ("*bf16",) * W, "recv_ids": ("*i32",) * W, "recv_w": ("*fp32",) * W,
-    "recv_T": ("*i32",) * W, "flags": ("*i32",) * W, "comb": ("*bf16",) * W,
+    "recv_T": ("*i32",) * W, "flags": ("*i32",) * W, "ce_flag": ("*i32",) * W,
+    "ce_next": "*i32", "comb": ("*bf16",) * W,
     "lx": ("*bf16",) * W, "lmeta": ("*i32",) * W, "lcnt": ("*i32",) * W,
     "lcomb": ("*bf16",) * W,
     # allreduce + epilogue
@@ -40,7 +41,7 @@ _MOE = dict(RANK=0, W=W, G=128, H=7168, K=8, L=128, E=256, BLOCK_H=8192, BLOCK_K
             BLOCK_L=128, BLOCK_W=2, TB=1, USE_TIMER=True, PDL=False, NT=512, CLAIM_RB=0,
             RT=False)
 _AR = dict(RANK=1, W=W, NORM=True, FP8=False, BLOCK=8192, PDL=True, NT=512)
-_FLAGS = dict(_MOE, M=4096, CHUNK=8, POSTED=True, INTERLEAVE=True, FUSE=True)
+_FLAGS = dict(_MOE, M=4096, CHUNK=8, POSTED=True, INTERLEAVE=True, FUSE=True, CE=False, CE_MIN=0)
 _LAMPORT = dict(_MOE, BITS=16, NBUF=3, SHIFT=0, ONE=False)
 
 #: (module, kernel, constexprs, num_warps): the launchers' defaults at hidden 7168, EP/TP = 2
@@ -50,6 +51,9 @@ CASES = {
                               dict(_FLAGS, CAP=8192, CLAIM_RB=8, RT=True), 16),
     "moe-flags-dispatch-r32": ("moe", "ep_dispatch_kernel", dict(_FLAGS, CAP=8192, CHUNK=32),
                                16),
+    "moe-flags-dispatch-ce": ("moe", "ep_dispatch_kernel",
+                              dict(_FLAGS, CAP=8192, CLAIM_RB=8, CE=True, CE_MIN=1024),
+                              16),
     "moe-flags-dispatch-phased": ("moe", "ep_dispatch_kernel",
                                   dict(_FLAGS, CAP=8192, INTERLEAVE=False, FUSE=False), 16),
     "moe-flags-combine": ("moe", "ep_combine_kernel", _FLAGS, 16),

@@ -484,10 +484,12 @@ def _own_tokens(t64, vt, x_ptr, ids_ptr, w_ptr, H: tl.constexpr, K: tl.constexpr
 @triton.jit
 def _send_tile(t64, vt, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w, RANK: tl.constexpr,
                W: tl.constexpr, M: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
-               L: tl.constexpr, E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+               L: tl.constexpr, E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+               CE: tl.constexpr = False):
     """Own tokens ``t64`` [TB]: ids/weights to every peer, each row once to every peer owning
     one of its experts (the local copies come after the round is signalled:
-    :func:`_copy_own_tile`, or at once: :func:`_send_expand_tile`). Returns ``(row, ids)``."""
+    :func:`_copy_own_tile`, or at once: :func:`_send_expand_tile`). Returns ``(row, ids)``.
+    ``CE``: the rows are not stored (the copy engine sends them, see ``ep_dispatch_kernel``)."""
     offs_h = tl.arange(0, BLOCK_H)
     mh = offs_h < H
     offs_k = tl.arange(0, BLOCK_K)
@@ -498,9 +500,10 @@ def _send_tile(t64, vt, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w, RANK: t
             mrow = RANK * M + t64
             tl.store(recv_ids[d] + mrow[:, None] * K + offs_k[None, :], ids, mask=m2)
             tl.store(recv_w[d] + mrow[:, None] * K + offs_k[None, :], w, mask=m2)
-            to_d = vt & (tl.sum((owner == d).to(tl.int32), axis=1) > 0)
-            tl.store(recv_x[d] + mrow[:, None] * H + offs_h[None, :], row,
-                     mask=to_d[:, None] & mh[None, :])
+            if not CE:
+                to_d = vt & (tl.sum((owner == d).to(tl.int32), axis=1) > 0)
+                tl.store(recv_x[d] + mrow[:, None] * H + offs_h[None, :], row,
+                         mask=to_d[:, None] & mh[None, :])
     return row, ids
 
 
@@ -521,12 +524,13 @@ def _copy_own_tile(t64, vt, x_ptr, ids_ptr, w_ptr, expert_x, cursor, slot_map,
 def _send_expand_tile(t64, vt, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w, expert_x, cursor,
                       slot_map, RANK: tl.constexpr, W: tl.constexpr, M: tl.constexpr,
                       H: tl.constexpr, K: tl.constexpr, L: tl.constexpr, E: tl.constexpr,
-                      CAP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+                      CAP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                      CE: tl.constexpr = False):
     """Own tokens ``t64`` [TB]: :func:`_send_tile`, then the same rows (still in registers) into
     the local experts' slots (``INTERLEAVE``: no second load, and the NVLink stores and the
     local HBM stores of one token are in flight together)."""
     row, ids = _send_tile(t64, vt, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w, RANK, W, M,
-                          H, K, L, E, BLOCK_H, BLOCK_K)
+                          H, K, L, E, BLOCK_H, BLOCK_K, CE)
     _expand_tile(row, ids, vt, RANK, t64, expert_x, cursor, slot_map, RANK, M, H, K, L, CAP,
                  BLOCK_H, BLOCK_K)
 
@@ -535,7 +539,8 @@ def _send_expand_tile(t64, vt, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w, 
 def _dispatch_pair_step(t64, vt, tr64, vr, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w,
                         expert_x, cursor, slot_map, RANK: tl.constexpr, M: tl.constexpr,
                         H: tl.constexpr, K: tl.constexpr, L: tl.constexpr, E: tl.constexpr,
-                        CAP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+                        CAP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                        CE: tl.constexpr = False):
     """``FUSE`` (two ranks): own tokens ``t64`` [TB] sent and expanded as in
     :func:`_send_expand_tile`, and the peer's tokens ``tr64`` (already acquired) expanded as in
     :func:`_recv_tile`, in one step: every load of both tiles is issued first, then the sends,
@@ -551,7 +556,7 @@ def _dispatch_pair_step(t64, vt, tr64, vr, x_ptr, ids_ptr, w_ptr, recv_x, recv_i
     rrow = tl.load(recv_x[RANK] + mrow[:, None] * H + offs_h[None, :],
                    mask=vr[:, None] & (offs_h < H)[None, :], cache_modifier=".cg")
     row, ids = _send_tile(t64, vt, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w, RANK, 2, M,
-                          H, K, L, E, BLOCK_H, BLOCK_K)
+                          H, K, L, E, BLOCK_H, BLOCK_K, CE)
     slot = _claim_slots(ids, vt, cursor, RANK, L, K, BLOCK_K)
     rslot = _claim_slots(rids, vr, cursor, RANK, L, K, BLOCK_K)
     _place_rows(row, ids, vt, slot, RANK * M + t64, expert_x, slot_map, RANK, H, K, L, CAP,
@@ -623,11 +628,13 @@ def _token_copy(row, valid, srow, expert_x, slot_map, H: tl.constexpr, K: tl.con
 @triton.jit
 def _dtok_load(t, v, KIND: tl.constexpr, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w,
                RANK: tl.constexpr, M: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
-               L: tl.constexpr, E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+               L: tl.constexpr, E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+               CE: tl.constexpr = False):
     """One token of a one-token dispatch step, loaded: ``(row, ids, srow)`` ([BLOCK_H],
     [BLOCK_K] int32, its slot-map row). ``KIND`` 0: the own token ``t``, also sent (ids and
-    weights to the peer, the row where one of its experts is the peer's); 1: the peer's token
-    ``t`` from the receive buffers (already acquired)."""
+    weights to the peer, the row where one of its experts is the peer's, unless ``CE``: the
+    copy engine sends the rows); 1: the peer's token ``t`` from the receive buffers (already
+    acquired)."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_k = tl.arange(0, BLOCK_K)
     s: tl.constexpr = 1 - RANK
@@ -647,8 +654,9 @@ def _dtok_load(t, v, KIND: tl.constexpr, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids
         srow = RANK * M + ti
         tl.store(recv_ids[s] + srow * K + offs_k, ids, mask=kv)
         tl.store(recv_w[s] + srow * K + offs_k, w, mask=kv)
-        to_s = tl.sum((tl.where(ids >= 0, ids // L, -1) == s).to(tl.int32), axis=0) > 0
-        tl.store(recv_x[s] + srow * H + offs_h, row, mask=offs_h < tl.where(to_s, H, 0))
+        if not CE:
+            to_s = tl.sum((tl.where(ids >= 0, ids // L, -1) == s).to(tl.int32), axis=0) > 0
+            tl.store(recv_x[s] + srow * H + offs_h, row, mask=offs_h < tl.where(to_s, H, 0))
     return row, ids, srow
 
 
@@ -658,7 +666,7 @@ def _dispatch_two_tokens(ta, va, tb, vb, KA: tl.constexpr, KB: tl.constexpr, x_p
                          RANK: tl.constexpr, M: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
                          L: tl.constexpr, E: tl.constexpr, CAP: tl.constexpr,
                          BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                         CLAIMED: tl.constexpr = False):
+                         CLAIMED: tl.constexpr = False, CE: tl.constexpr = False):
     """:func:`_dispatch_pair_step` for one-token tiles (``TB == 1``): two tokens ``ta``, ``tb``
     (int64 scalars, valid where ``va`` / ``vb``) of kinds ``KA``, ``KB`` (0: own, sent and
     expanded; 1: the peer's, expanded; :func:`_dtok_load`) on 1-D rows and [BLOCK_K] vectors:
@@ -666,9 +674,9 @@ def _dispatch_two_tokens(ta, va, tb, vb, KA: tl.constexpr, KB: tl.constexpr, x_p
     their slots were taken by :func:`_claim_round`. The usual pair is (own, peer); a round
     with tokens on one side only takes two of them."""
     row_b, ids_b, srow_b = _dtok_load(tb, vb, KB, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids,
-                                      recv_w, RANK, M, H, K, L, E, BLOCK_H, BLOCK_K)
+                                      recv_w, RANK, M, H, K, L, E, BLOCK_H, BLOCK_K, CE)
     row_a, ids_a, srow_a = _dtok_load(ta, va, KA, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids,
-                                      recv_w, RANK, M, H, K, L, E, BLOCK_H, BLOCK_K)
+                                      recv_w, RANK, M, H, K, L, E, BLOCK_H, BLOCK_K, CE)
     if CLAIMED:
         _token_copy(row_a, va, srow_a, expert_x, slot_map, H, K, BLOCK_H, BLOCK_K)
         _token_copy(row_b, vb, srow_b, expert_x, slot_map, H, K, BLOCK_H, BLOCK_K)
@@ -704,7 +712,8 @@ def _recv_tile(s, t64, vt, recv_x, recv_ids, expert_x, cursor, slot_map, RANK: t
 
 @triton.jit
 def _publish_counts(done, cursor, counts, G: tl.constexpr, L: tl.constexpr,
-                    BLOCK_L: tl.constexpr):
+                    BLOCK_L: tl.constexpr, next_ptr=None, next_val=0,
+                    NEXT: tl.constexpr = False):
     """End of a dispatch: the last of the ``G`` programs out publishes the per-expert slot
     cursors as ``counts`` and resets them (and ``done``) for the next call (graph-safe).
 
@@ -716,7 +725,8 @@ def _publish_counts(done, cursor, counts, G: tl.constexpr, L: tl.constexpr,
     address of a later store) before the barrier, so that read-modify-write was performed at the
     L2, where atomics on one address are serialised; the last program's exchange comes after the
     ``done`` increment that made it last. Expert rows and counts are seen by later kernels
-    (kernel boundary)."""
+    (kernel boundary). ``NEXT``: the last program out also stores ``next_val`` at
+    ``next_ptr`` (the flags dispatch's next copy-engine flag value, ``CE_MIN``)."""
     tl.debug_barrier()
     prev = tl.atomic_add(done, 1, sem="relaxed", scope="gpu")
     if prev == G - 1:
@@ -725,12 +735,14 @@ def _publish_counts(done, cursor, counts, G: tl.constexpr, L: tl.constexpr,
         c = tl.atomic_xchg(cursor + offs_l, tl.zeros([BLOCK_L], tl.int32), mask=ml,
                            sem="relaxed", scope="gpu")
         tl.store(counts + offs_l, c, mask=ml)
+        if NEXT:
+            tl.store(next_ptr, next_val)
         tl.atomic_xchg(done, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
 def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
-                       recv_x, recv_ids, recv_w, recv_T, flags,
+                       recv_x, recv_ids, recv_w, recv_T, flags, ce_flag, ce_next,
                        expert_x, counts, cursor, done, slot_map, epoch_ptr, err_dev,
                        err_host_addr, timeout_ns,
                        RANK: tl.constexpr, W: tl.constexpr, G: tl.constexpr, M: tl.constexpr,
@@ -740,12 +752,25 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                        TB: tl.constexpr, USE_TIMER: tl.constexpr, POSTED: tl.constexpr = False,
                        PDL: tl.constexpr = False, NT: tl.constexpr = 256,
                        INTERLEAVE: tl.constexpr = False, FUSE: tl.constexpr = False,
-                       CLAIM_RB: tl.constexpr = 0, RT: tl.constexpr = False):
+                       CLAIM_RB: tl.constexpr = 0, RT: tl.constexpr = False,
+                       CE: tl.constexpr = False, CE_MIN: tl.constexpr = 0):
     """Flags dispatch; see the module docstring (``INTERLEAVE``: its own section there).
     With ``FUSE``, two ranks and one-token tiles, the fused steps run on 1-D rows
     (:func:`_dispatch_two_tokens`), and a round with tokens on one side only takes two of them
     per step. ``CLAIM_RB`` > 0 (a power of 2 >= every round's tokens): the slots of a round's
-    fused steps are taken at the round's start (:func:`_claim_round`)."""
+    fused steps are taken at the round's start (:func:`_claim_round`).
+
+    ``CE_MIN`` > 0 (``INTERLEAVE``, not ``RT``): a rank with at least ``CE_MIN`` tokens sends
+    its rows by the copy engine (``P2PBackend._ce_send``), and ``CE`` says this rank does in
+    this call: its kernel stores no rows to the peers. Round ``r`` of every program together
+    is the contiguous tokens ``[r * CHUNK * G, (r + 1) * CHUNK * G)``, copied into each peer's
+    ``recv_x`` and then flagged, in that stream's order, by a copy of ``ce_next`` (local: the
+    call's epoch, stored there by the previous call's last program out) into the peer's
+    ``ce_flag[r * W + RANK]``. Before a program expands round ``r`` of a peer whose token
+    count (``recv_T``, read after round 0) is at least ``CE_MIN`` it waits for
+    ``ce_flag[RANK][r * W + s] >= epoch`` too. Monotonic, as the flags: nothing is reset, so a
+    peer already one call ahead (back-to-back dispatches, as a dispatch-only benchmark runs
+    them) cannot have its flag erased."""
     if PDL:  # nothing is touched before the previous grid finished
         pdl_wait()
         pdl_launch_dependents()
@@ -761,6 +786,7 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
     dead = _dead(err_dev, NT)
     n_in = tl.zeros([BLOCK_W], tl.int32)      # peers' token counts for this program
     r_in = tl.full([BLOCK_W], 1, tl.int32)    # peers' rounds (1 until round 0 told us)
+    ce_in = offs_w < 0                        # CE_MIN: which peers send by copy engine
     r = 0
     more = True
     if INTERLEAVE:
@@ -776,11 +802,21 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                 if (dead == 0) & (rr == 0):
                     n_in, r_in = _peer_rounds(recv_T[RANK], pid, RANK, W, G, CHUNK, BLOCK_W,
                                               NT, RT)
+                    if CE_MIN > 0:
+                        pm = (offs_w < W) & (offs_w != RANK)
+                        ce_in = pm & (tl.load(recv_T[RANK] + tl.where(pm, offs_w, 0), mask=pm,
+                                              other=0, volatile=True) >= CE_MIN)
             s0, jown = _span(r, n_own, CHUNK, RT)     # own round r: s0 + [0, jown)
             jown = tl.where(r < r_own, jown, 0)
             q0v, jin = _span(rr, n_in, CHUNK, RT)   # the peers' round rr: q0v + [0, jin)
             q0 = _of_peer(q0v, 1 - RANK, BLOCK_W, RT)   # the peer's (W == 2)
             jin = tl.where((rr >= 0) & (rr < r_in) & (dead == 0), jin, 0)
+            if CE_MIN > 0:   # the rows of the peers' round rr, sent by their copy engines
+                if rr >= 0:
+                    dead = _wait_peers(ce_flag[RANK] + rr * W, epoch, ce_in & (jin > 0), dead,
+                                       err_dev, err_host, timeout_ns, 1, USE_TIMER, POSTED,
+                                       BLOCK_W, NT)
+                    jin = tl.where(dead == 0, jin, 0)
             # a round of one own tile (small batches): send it, signal, then expand it
             one = (jown >= 1) & (jown <= TB)
             nsteps = tl.maximum(jown, tl.max(jin, axis=0))
@@ -818,26 +854,27 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                                              jj + half < jown, 0, 0, x_ptr, ids_ptr, w_ptr,
                                              recv_x, recv_ids, recv_w, expert_x, cursor,
                                              slot_map, RANK, M, H, K, L, E, CAP, BLOCK_H,
-                                             BLOCK_K, CLAIM)
+                                             BLOCK_K, CLAIM, CE)
                     elif (jj >= both) & (jp > jown):   # two of the peer's tokens
                         _dispatch_two_tokens(tl.cast(pid + (q0 + jj) * G, tl.int64), jj < jp,
                                              tl.cast(pid + (q0 + jj + half) * G, tl.int64),
                                              jj + half < jp, 1, 1, x_ptr, ids_ptr, w_ptr,
                                              recv_x, recv_ids, recv_w, expert_x, cursor,
                                              slot_map, RANK, M, H, K, L, E, CAP, BLOCK_H,
-                                             BLOCK_K, CLAIM)
+                                             BLOCK_K, CLAIM, CE)
                     else:   # own + the peer's
                         _dispatch_two_tokens(tl.cast(pid + (s0 + jj) * G, tl.int64), jj < jown,
                                              tl.cast(pid + (q0 + jj) * G, tl.int64), jj < jp,
                                              0, 1, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids,
                                              recv_w, expert_x, cursor, slot_map, RANK, M, H, K,
-                                             L, E, CAP, BLOCK_H, BLOCK_K, CLAIM)
+                                             L, E, CAP, BLOCK_H, BLOCK_K, CLAIM, CE)
                 else:
                     if jj < jown:
                         t64, vt = _tile(s0 + jj, s0 + jown, pid, G, TB)
                         if one:
                             row, ids = _send_tile(t64, vt, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids,
-                                                  recv_w, RANK, W, M, H, K, L, E, BLOCK_H, BLOCK_K)
+                                                  recv_w, RANK, W, M, H, K, L, E, BLOCK_H, BLOCK_K,
+                                                  CE)
                             _signal_peers(flags, pid, base + r + 1, RANK, W, POSTED, NT)
                             _expand_tile(row, ids, vt, RANK, t64, expert_x, cursor, slot_map, RANK,
                                          M, H, K, L, CAP, BLOCK_H, BLOCK_K)
@@ -846,11 +883,11 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
                             tr64, vr = _tile(q0 + jj, q0 + js, pid, G, TB)
                             _dispatch_pair_step(t64, vt, tr64, vr, x_ptr, ids_ptr, w_ptr, recv_x,
                                                 recv_ids, recv_w, expert_x, cursor, slot_map, RANK,
-                                                M, H, K, L, E, CAP, BLOCK_H, BLOCK_K)
+                                                M, H, K, L, E, CAP, BLOCK_H, BLOCK_K, CE)
                         else:
                             _send_expand_tile(t64, vt, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids,
                                               recv_w, expert_x, cursor, slot_map, RANK, W, M, H, K,
-                                              L, E, CAP, BLOCK_H, BLOCK_K)
+                                              L, E, CAP, BLOCK_H, BLOCK_K, CE)
                     fused = jj < 0   # whether the step above took the peer's tile too
                     if FUSE & (W == 2):
                         fused = (jj < jown) & (jown > TB)
@@ -904,7 +941,7 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
             r += 1
             more = (r < r_own) | (r - 1 < tl.max(tl.where(dead == 0, r_in, 0), axis=0))
     tl.store(epoch_ptr + pid, epoch)
-    _publish_counts(done, cursor, counts, G, L, BLOCK_L)
+    _publish_counts(done, cursor, counts, G, L, BLOCK_L, ce_next, epoch + 1, CE_MIN > 0)
 
 
 @triton.jit

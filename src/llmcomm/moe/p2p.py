@@ -166,7 +166,7 @@ class P2PBackend(MoEBackend):
                  _runtime_rounds: bool = False,
                  _combine_roles: bool = False, _roles_warps: int = 16,
                  _roles_pair: int = 1, _roles_programs: int | None = None,
-                 _one_token_slots: bool | None = None) -> None:
+                 _one_token_slots: bool | None = None, _ce_tokens: int | None = None) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -231,6 +231,17 @@ class P2PBackend(MoEBackend):
                 ``counts`` instead of taking them with atomics (``ONE`` in
                 :mod:`llmcomm.kernels.moe`). Loopback: the one-token dispatch 0.6 us faster;
                 untimed on 2 GPUs (docs/moe.md, session 16).
+            _ce_tokens: ``"flags"`` at EP=2, interleaved, default rounds (A/B knob, off by
+                default until timed on 2 GPUs): a dispatch of at least this many own tokens
+                sends its rows with the copy engine instead of the kernel's stores -- round
+                ``r`` of every program (``round_tokens * G`` contiguous tokens) in one
+                ``copy_`` into the peer's receive buffer, then a flag, on a side stream beside
+                the kernel, which still sends the ids and weights and expands every row
+                (``CE`` in :mod:`llmcomm.kernels.moe`). Every own row goes to the peer, also
+                those without an expert there (at EP=2 and top-8 of 256 experts, 0.4 % of
+                them). Session 7 timed the copy engine at 154 us for the 4096-token dispatch's
+                bytes against 164 us for SM stores alone and 217 us for today's dispatch
+                (docs/moe.md, session 17).
         """
         super().__init__(group, cfg)
         self._sim = simulate_dir is not None
@@ -239,8 +250,8 @@ class P2PBackend(MoEBackend):
         esize = torch.empty(0, dtype=cfg.dtype).element_size()
         if protocol != "auto":
             self.protocol_decision = Decision(protocol, ("requested explicitly",))
-        elif (round_tokens, posted_flags, interleave) != (None,) * 3 or _runtime_rounds \
-                or _combine_roles:
+        elif (round_tokens, posted_flags, interleave, _ce_tokens) != (None,) * 4 \
+                or _runtime_rounds or _combine_roles:
             self.protocol_decision = Decision("flags", ("a flags-only knob given",))
         elif shift is not None:
             self.protocol_decision = Decision("lamport", ("a lamport-only knob given",))
@@ -379,6 +390,18 @@ class P2PBackend(MoEBackend):
         if _one_token_slots is None:
             _one_token_slots = lamport and W == 2 and self.tiles[0] == 1 and not shift
         self._one = bool(_one_token_slots)
+        if _ce_tokens is not None and (not isinstance(_ce_tokens, int) or _ce_tokens < 1):
+            raise ValueError(f"_ce_tokens must be an int >= 1 (or None: off), got "
+                             f"{_ce_tokens!r}")
+        if _ce_tokens is not None and (lamport or W != 2 or not self.interleave or self._rt):
+            raise ValueError(f"_ce_tokens needs protocol='flags' at EP=2 with interleave and "
+                             f"the default rounds; got protocol {protocol!r} at EP={W}, "
+                             f"interleave {self.interleave}, _runtime_rounds {self._rt}")
+        self._ce_tokens = _ce_tokens
+        # its flags: one per (round, source rank), monotonic (the call's epoch)
+        rounds = 1 + -(-max(-(-M // self.G) - (self.round_tokens or 1), 0)
+                       // (self.round_tokens or 1))
+        self._nce = rounds * W if _ce_tokens is not None else 0
         if self._one and (not lamport or W != 2 or self.tiles[0] != 1 or shift):
             raise ValueError(f"_one_token_slots needs protocol='lamport' at EP=2 with "
                              f"tile_tokens=1 and shift=0; got protocol {protocol!r} at "
@@ -399,6 +422,8 @@ class P2PBackend(MoEBackend):
                        ("comb", (W, M, H), cfg.dtype),
                        ("flags_d", (self.G, W), torch.int32),
                        ("flags_c", (self.G, W), torch.int32))
+            if self._nce:
+                regions += (("ce_flag", (self._nce,), torch.int32),)
         for name, shape, dt in regions:
             n = 1
             for s in shape:
@@ -437,6 +462,9 @@ class P2PBackend(MoEBackend):
         self._dummy_x = torch.zeros(1, H, dtype=cfg.dtype, device=dev)
         self._dummy_ids = torch.full((1, K), -1, dtype=torch.int32, device=dev)
         self._dummy_w = torch.zeros(1, K, dtype=torch.float32, device=dev)
+        if self._nce:
+            self._ce_next = torch.ones(1, dtype=torch.int32, device=dev)   # the next epoch
+            self._ce_stream = None if self._sim else torch.cuda.Stream(cfg.device)
         self.num_warps = int(num_warps)
         self.variants = {"POSTED": bool(posted_flags), "PDL": bool(pdl)}
         self.timeout_ns = int(get_config().timeout_s * 1e9)
@@ -458,7 +486,7 @@ class P2PBackend(MoEBackend):
                 "fuse": self._fuse,
                 "fuse_combine": self._fuse_combine, "combine_roles": self._roles,
                 "combine_roles_programs": self._Gc if self._roles else None,
-                "one_token_slots": self._one,
+                "one_token_slots": self._one, "ce_tokens": self._ce_tokens,
                 **{k.lower(): v for k, v in self.variants.items()}}
 
     def _consts(self) -> dict[str, Any]:
@@ -585,15 +613,48 @@ class P2PBackend(MoEBackend):
                 self.timeout_ns, CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts),
                 ONE=self._one and T <= 1 and not self.shift)
             return self.expert_x, self.counts, (topk_ids, topk_weights)
+        ce = self._ce_tokens is not None and T >= self._ce_tokens
+        side = self._ce_send(x, T) if ce and not self._compile_only else None
         self._launch(ep_dispatch_kernel,
             x, topk_ids, topk_weights, T,
             self.recv_x, self.recv_ids, self.recv_w, self.recv_T, self.flags_d,
+            self.ce_flag if self._nce else self.flags_d,
+            self._ce_next if self._nce else self.epoch_d,
             self.expert_x, self.counts, self.cursor, self.done, self.slot_map, self.epoch_d,
             self.err_dev, self.err_host.data_ptr(), self.timeout_ns,
             CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts), TB=self.tiles[0],
             INTERLEAVE=self.interleave, FUSE=self._fuse, CLAIM_RB=self._claim_rb, RT=self._rt,
-            **self._consts())
+            CE=ce, CE_MIN=self._ce_tokens or 0, **self._consts())
+        if side is not None:   # the copies joined after the kernel's launch: they overlap it
+            torch.cuda.current_stream(c.device).wait_stream(side)
         return self.expert_x, self.counts, (topk_ids, topk_weights)
+
+    def _ce_send(self, x: torch.Tensor, T: int) -> Any:
+        """``_ce_tokens``: this rank's rows into the peer's ``recv_x``, round by round (``CE``
+        in :mod:`llmcomm.kernels.moe`), each followed by its flag (this call's epoch, which the
+        previous dispatch kernel left in ``_ce_next``), on the side stream (forked from the
+        current one, after that kernel; returned for the join) -- in the simulation at once,
+        before the kernel. Stream order puts a round's flag after its rows (a copy starts
+        after the previous one on its stream completed)."""
+        c = self.cfg
+        peer, span = 1 - c.rank, self.round_tokens * self.G
+        x = x.contiguous()
+
+        def send():
+            for r, a in enumerate(range(0, T, span)):
+                b = min(T, a + span)
+                self.recv_x[peer][c.rank, a:b].copy_(x[a:b])
+                self.ce_flag[peer][r * 2 + c.rank:r * 2 + c.rank + 1].copy_(self._ce_next)
+
+        if self._sim:
+            send()
+            return None
+        with torch.cuda.device(c.device):
+            side = self._ce_stream
+            side.wait_stream(torch.cuda.current_stream(c.device))
+            with torch.cuda.stream(side):
+                send()
+        return side
 
     def combine(self, expert_out, state, num_tokens):
         from ..kernels.moe import (ep_combine_kernel, ep_combine_lamport_kernel,
