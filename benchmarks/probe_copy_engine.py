@@ -1,20 +1,22 @@
-"""Does a copy progress while kernels hold every SM? Tensor.copy_ against the copy engine.
+"""Does ``Tensor.copy_`` progress while kernels hold every SM (copy engine), or wait for an SM?
 
-The p2p dispatch's copy-engine rows (``P2PBackend(_ce_tokens=...)``) are copied while the
-dispatch kernel's programs spin on every SM waiting for them. A copy the driver runs as a kernel
-then waits for an SM that never frees: session 17's first loopback run (66 programs a rank x 2
-ranks = every SM of an H200) timed out at 2048 tokens. This probe isolates it on one GPU:
+The p2p dispatch's copy-engine rows (``P2PBackend(_ce_tokens=...)``) are copied with ``copy_``
+while the dispatch's programs spin on the SMs, waiting for them. ``copy_`` is a
+``cudaMemcpyAsync``, which the driver may run as a kernel (pytorch/pytorch#191284); such a copy
+needs an SM the spinners leave free. This probe tells which, per destination:
 
-* ``spin``: ``4 x SMs`` programs of 16 warps (every thread slot of every SM) spin until a flag
-  reaches 1 or 2 s passed (then they count themselves late);
-* beside them, on another stream, 64 MiB are copied, then a 4-byte 1 into the flag, by
-  ``Tensor.copy_`` or by :func:`llmcomm.copy_engine.copy_async`; eagerly and in a CUDA graph
-  (spinner and copies captured as independent branches);
-* reported: late programs (0 = the copy ran beside the spinners), the spinner's time, whether
-  the destination holds the source; then each method's bandwidth alone (median of 9 graph
-  replays of 10 copies).
+* ``4 x SMs`` programs of 16 warps (every thread slot of every SM) spin on a flag in pinned host
+  memory, for at most 2 s (then they count themselves late);
+* beside them, on another stream, ``--mib`` MiB are copied with ``copy_`` into a local buffer
+  (``local``) or, with two GPUs, into the other rank's torch symmetric-memory buffer as the p2p
+  backend maps it (``peer``, rank 0 copies, rank 1 waits); the host watches the copy's event and
+  then sets the flag;
+* reported: when the copy completed (ms after launch), late programs (0: it ran beside the
+  spinners, on a copy engine; all: it waited for them), and the copy's bandwidth alone (median
+  of 9 graph replays of 10 copies).
 
-Usage: ``PYTHONPATH=src:. python3 benchmarks/probe_copy_engine.py [--mib 64]``. GPU only.
+Usage: ``PYTHONPATH=src:. python3 benchmarks/probe_copy_engine.py [--peer] [--mib 64]``.
+Session 17, one H200 (torch 2.11, CUDA 13, driver 580): a local copy waited for the spinners.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -33,7 +36,8 @@ from llmcomm.kernels.sync import globaltimer_uniform, load_uniform
 
 
 @triton.jit
-def _spin_kernel(flag, late, timeout_ns, NT: tl.constexpr):
+def _spin_kernel(flag_addr, late, timeout_ns, NT: tl.constexpr):
+    flag = flag_addr.to(tl.pointer_type(tl.int32))   # pinned host memory
     t0 = globaltimer_uniform(NT)
     v = load_uniform(flag, True, 0, NT)
     over = 0
@@ -43,71 +47,41 @@ def _spin_kernel(flag, late, timeout_ns, NT: tl.constexpr):
     tl.atomic_add(late, over)
 
 
-def _trial(method: str, graph: bool, src, dst, one, flag, late, sms: int) -> dict:
+def _trial(src, dst) -> dict:
+    """Spinners on every SM, ``dst.copy_(src)`` beside them (see the module docstring)."""
     import torch
 
-    from llmcomm.copy_engine import copy_async
-
+    sms = torch.cuda.get_device_properties(src.device).multi_processor_count
+    flag = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+    late = torch.zeros(1, dtype=torch.int32, device=src.device)
     dst.fill_(-1)
-    flag.zero_()
-    late.zero_()
     torch.cuda.synchronize()
-    cur = torch.cuda.current_stream()
     side = torch.cuda.Stream()
-
-    def work():
-        side.wait_stream(torch.cuda.current_stream())
-        _spin_kernel[(4 * sms,)](flag, late, 2_000_000_000, NT=512, num_warps=16)
-        with torch.cuda.stream(side):
-            if method == "copy_":
-                dst.copy_(src)
-                flag.copy_(one)
-            else:
-                copy_async([(dst, src)], side)
-                copy_async([(flag, one)], side)
-        torch.cuda.current_stream().wait_stream(side)
-
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    if graph:
-        g = torch.cuda.CUDAGraph()
-        s = torch.cuda.Stream()
-        s.wait_stream(cur)
-        with torch.cuda.graph(g, stream=s):
-            work()
-        dst.fill_(-1)
-        flag.zero_()
-        late.zero_()
-        torch.cuda.synchronize()
-        a.record()
-        g.replay()
-        b.record()
-    else:
-        a.record()
-        work()
-        b.record()
+    side.wait_stream(torch.cuda.current_stream())
+    done = torch.cuda.Event()
+    t0 = time.perf_counter()
+    _spin_kernel[(4 * sms,)](flag.data_ptr(), late, 2_000_000_000, NT=512, num_warps=16)
+    with torch.cuda.stream(side):
+        dst.copy_(src)
+        done.record()
+    while not done.query() and time.perf_counter() - t0 < 5:
+        time.sleep(0.0002)
+    copied_ms = (time.perf_counter() - t0) * 1e3
+    flag[0] = 1
     torch.cuda.synchronize()
-    return {"method": method, "graph": graph, "late_programs": int(late.item()),
-            "programs": 4 * sms, "ms": round(a.elapsed_time(b), 3),
-            "copied": bool(torch.equal(dst, src))}
+    return {"copy_done_ms": round(copied_ms, 2), "late_programs": int(late.item()),
+            "programs": 4 * sms, "copied": bool(torch.equal(dst, src))}
 
 
-def _bandwidth(method: str, src, dst) -> float:
+def _bandwidth(src, dst) -> float:
     import torch
 
-    from llmcomm.copy_engine import copy_async
-
-    def once():
-        if method == "copy_":
-            dst.copy_(src)
-        else:
-            copy_async([(dst, src)])
-
-    once()
+    dst.copy_(src)
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         for _ in range(10):
-            once()
+            dst.copy_(src)
     ts = []
     for _ in range(9):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -116,47 +90,57 @@ def _bandwidth(method: str, src, dst) -> float:
         b.record()
         torch.cuda.synchronize()
         ts.append(a.elapsed_time(b) / 10)
-    ms = sorted(ts)[len(ts) // 2]
-    return round(src.numel() * src.element_size() / ms / 1e6, 1)   # GB/s
+    return round(src.numel() * src.element_size() / sorted(ts)[4] / 1e6, 1)   # GB/s
+
+
+def _local(mib: int) -> dict:
+    import torch
+
+    src = torch.randn(mib * 2 ** 19, device="cuda").bfloat16()
+    dst = torch.empty_like(src)
+    return {"dest": "local", **_trial(src, dst), "alone_GBps": _bandwidth(src, dst)}
+
+
+def _peer_worker(rank, world, mib):
+    import torch
+    import torch.distributed as dist
+    import torch.distributed._symmetric_memory as symm_mem
+
+    n = mib * 2 ** 19
+    local = symm_mem.empty(n, dtype=torch.bfloat16, device=f"cuda:{rank}")
+    hdl = symm_mem.rendezvous(local, dist.group.WORLD.group_name)
+    out = None
+    if rank == 0:
+        src = torch.randn(n, device="cuda:0").bfloat16()
+        dst = hdl.get_buffer(1, [n], torch.bfloat16)
+        out = {"dest": "peer (symmetric memory)", **_trial(src, dst),
+               "alone_GBps": _bandwidth(src, dst)}
+    dist.barrier()
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mib", type=int, default=64)
+    ap.add_argument("--peer", action="store_true", help="also into a second GPU's buffer")
     ap.add_argument("--out", default=None, help="JSON file for the results")
     args = ap.parse_args()
+    for k, v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+                 ("NVSHMEM_DISABLE_NVLS", "1")):
+        os.environ.setdefault(k, v)
     import torch
-
-    from llmcomm import copy_engine
 
     if not torch.cuda.is_available():
         sys.exit("probe_copy_engine.py needs a CUDA GPU")
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    n = args.mib * 2 ** 20 // 2
-    src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    one = torch.ones(1, dtype=torch.int32, device="cuda")
-    flag = torch.zeros(1, dtype=torch.int32, device="cuda")
-    late = torch.zeros(1, dtype=torch.int32, device="cuda")
-    print(f"{torch.cuda.get_device_name(0)}, {sms} SMs, torch {torch.__version__}, triton "
-          f"{triton.__version__}, copy engine batch API: {copy_engine.available()}", flush=True)
-    rows = []
-    for method in ("copy_engine", "copy_"):
-        for graph in (False, True):
-            try:
-                r = _trial(method, graph, src, dst, one, flag, late, sms)
-            except Exception as e:   # report and go on: the other cells still tell
-                r = {"method": method, "graph": graph, "error": f"{type(e).__name__}: {e}"}
-                torch.cuda.synchronize()
-            print(json.dumps(r), flush=True)
-            rows.append(r)
-    for method in ("copy_engine", "copy_"):
-        try:
-            gbs = _bandwidth(method, src, dst)
-        except Exception as e:
-            gbs = f"{type(e).__name__}: {e}"
-        print(json.dumps({"method": method, "alone_GBps": gbs, "MiB": args.mib}), flush=True)
-        rows.append({"method": method, "alone_GBps": gbs})
+    print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, triton "
+          f"{triton.__version__}", flush=True)
+    rows = [_local(args.mib)]
+    print(json.dumps(rows[-1]), flush=True)
+    if args.peer:
+        from llmcomm.launch import run_ranks
+
+        rows.append(run_ranks(_peer_worker, 2, args.mib, backend="nccl", timeout=120)[0])
+        print(json.dumps(rows[-1]), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

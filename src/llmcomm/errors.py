@@ -23,11 +23,6 @@ class CaptureError(LlmcommError):
     """Something that must happen before CUDA-graph capture was attempted during capture."""
 
 
-class CopyEngineError(LlmcommError):
-    """The CUDA driver refused a copy-engine copy (:mod:`llmcomm.copy_engine`; its CUresult
-    is in the message)."""
-
-
 class CollectiveTimeoutError(LlmcommError):
     """A cross-rank wait exceeded its deadline (``LLMCOMM_TIMEOUT_S``).
 

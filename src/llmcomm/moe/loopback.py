@@ -66,7 +66,8 @@ class Loopback:
         num_experts, top_k, hidden_size, max_tokens_per_rank, dtype: as for
             :class:`~llmcomm.moe.EPDispatcher`.
         device: the GPU (default the current one).
-        num_programs: grid of every kernel, per rank (default ``min(128, M, SMs // W)``);
+        num_programs: grid of every kernel, per rank (default ``min(128, M, SMs // W)``,
+            ``(SMs - 16) // W`` with ``_ce_tokens``: a same-device ``copy_`` runs on SMs);
             with ``_combine_roles`` the combine's is ``2 * _roles_programs`` (default
             ``SMs // (2 W)``).
         timeout_s: device deadline of every wait (default ``LLMCOMM_TIMEOUT_S``, as for a
@@ -97,7 +98,9 @@ class Loopback:
             device = torch.device("cuda", torch.cuda.current_device())
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         if num_programs is None:
-            num_programs = max(1, min(128, max_tokens_per_rank, sms // world_size))
+            # _ce_tokens: the copies run as kernels on one GPU (session 17), so leave them SMs
+            free = 16 if backend_kwargs.get("_ce_tokens") is not None else 0
+            num_programs = max(1, min(128, max_tokens_per_rank, (sms - free) // world_size))
         if backend_kwargs.get("_combine_roles"):
             backend_kwargs.setdefault("_roles_programs",
                                       max(1, min(num_programs, sms // (2 * world_size))))

@@ -632,25 +632,37 @@ class P2PBackend(MoEBackend):
     def _ce_send(self, x: torch.Tensor, T: int) -> Any:
         """``_ce_tokens``: this rank's rows into the peer's ``recv_x``, round by round (``CE``
         in :mod:`llmcomm.kernels.moe`), each followed by its flag (this call's epoch, which the
-        previous dispatch kernel left in ``_ce_next``), by copy engine
-        (:func:`llmcomm.copy_engine.copy_async`: a copy kernel could wait for SMs that the
-        spinning dispatch holds) on the side stream (forked from the current one, after that
-        kernel; returned for the join) -- in the simulation at once, before the kernel. Stream
-        order puts a round's flag after its rows (a copy starts after the previous one on its
-        stream completed)."""
-        from ..copy_engine import copy_async
+        previous dispatch kernel left in ``_ce_next``), by ``Tensor.copy_`` on the side stream
+        (forked from the current one, after that kernel; returned for the join) -- in the
+        simulation at once, before the kernel. Stream order puts a round's flag after its rows
+        (a copy starts after the previous one on its stream completed).
 
+        ``copy_`` is a ``cudaMemcpyAsync``, which the driver may run as a kernel on the SMs
+        rather than on a copy engine: on one H200 a same-device copy did (session 17,
+        ``benchmarks/probe_copy_engine.py``: it waited for spinning kernels on every SM). Such a
+        copy needs SMs the dispatch grid leaves free, or the grid spins until its deadline.
+        Whether a copy into a peer's buffer over NVLink runs on a copy engine is to be probed on
+        two GPUs. (``cuMemcpyBatchAsync`` with ``PREFER_OVERLAP_WITH_COMPUTE`` is not an
+        alternative: it cannot be captured into a CUDA graph, CUresult 900, and did not
+        progress beside the spinners either.)"""
         c = self.cfg
         peer, span = 1 - c.rank, self.round_tokens * self.G
         x = x.contiguous()
-        side = self._ce_stream
-        if side is not None:
+
+        def send():
+            for r, a in enumerate(range(0, T, span)):
+                b = min(T, a + span)
+                self.recv_x[peer][c.rank, a:b].copy_(x[a:b])
+                self.ce_flag[peer][r * 2 + c.rank:r * 2 + c.rank + 1].copy_(self._ce_next)
+
+        if self._sim:
+            send()
+            return None
+        with torch.cuda.device(c.device):
+            side = self._ce_stream
             side.wait_stream(torch.cuda.current_stream(c.device))
-        for r, a in enumerate(range(0, T, span)):
-            b = min(T, a + span)
-            copy_async([(self.recv_x[peer][c.rank, a:b], x[a:b])], side)
-            copy_async([(self.ce_flag[peer][r * 2 + c.rank:r * 2 + c.rank + 1],
-                         self._ce_next)], side)
+            with torch.cuda.stream(side):
+                send()
         return side
 
     def combine(self, expert_out, state, num_tokens):
