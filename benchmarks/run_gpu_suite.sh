@@ -17,8 +17,9 @@
 # a call of its own, STEPS="moe_ab_tests": the flags GPU tests. STEPS="moe_ab_decode": session
 # 16's one-token lamport path (the default) against the path before it (_one_token_slots=False)
 # at 1 and 8 tokens, both orders, then its 2-GPU tests (~6 min cold). STEPS="moe_ab_ce":
-# session 17's dispatch rows by copy engine (ce) against the default at 1024-4096 tokens, both
-# orders, then its 2-GPU tests.
+# session 17's probe (does copy_ into a peer's buffer run beside kernels on every SM, i.e. on a
+# copy engine?), then the dispatch rows by copy_ (ce) against the default at 1024-4096 tokens,
+# both orders, then its 2-GPU tests.
 # WORLD (default 2) is the TP / EP size of the benchmarks; tests/gpu picks its own (gpu4 tests,
 # e.g. PP=2 x TP=2, run when 4 GPUs are visible).
 # FlashInfer is benchmarked and tested when importable (install the wheels first; CUDA_HOME set).
@@ -72,6 +73,7 @@ case " $STEPS " in *" moe_ab_decode "*)   # session 16's one-token path against 
   step gpu_tests_moe_one 250 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_moe_p2p.py \
     -k "lamport-one" ;; esac
 case " $STEPS " in *" moe_ab_ce "*)   # session 17: the dispatch's rows by copy engine (ce)
+  step probe_copy_engine 120 python3 benchmarks/probe_copy_engine.py --peer --out "$OUT/probe_ce.json"
   step ab_ce_a 240 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1024,2048,4096 \
     --sweep-only default,ce --out "$OUT/ab_ce_a"
   step ab_ce_b 150 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1024,2048,4096 \

@@ -233,15 +233,17 @@ class P2PBackend(MoEBackend):
                 untimed on 2 GPUs (docs/moe.md, session 16).
             _ce_tokens: ``"flags"`` at EP=2, interleaved, default rounds (A/B knob, off by
                 default until timed on 2 GPUs): a dispatch of at least this many own tokens
-                sends its rows with the copy engine instead of the kernel's stores -- round
+                sends its rows by ``Tensor.copy_`` instead of the kernel's stores -- round
                 ``r`` of every program (``round_tokens * G`` contiguous tokens) in one
                 ``copy_`` into the peer's receive buffer, then a flag, on a side stream beside
                 the kernel, which still sends the ids and weights and expands every row
-                (``CE`` in :mod:`llmcomm.kernels.moe`). Every own row goes to the peer, also
-                those without an expert there (at EP=2 and top-8 of 256 experts, 0.4 % of
-                them). Session 7 timed the copy engine at 154 us for the 4096-token dispatch's
-                bytes against 164 us for SM stores alone and 217 us for today's dispatch
-                (docs/moe.md, session 17).
+                (``CE`` in :mod:`llmcomm.kernels.moe`; :meth:`_ce_send`). Every own row goes
+                to the peer, also those without an expert there (at EP=2 and top-8 of 256
+                experts, 0.4 % of them). Meant for a copy engine: session 7 timed such a copy
+                at 154 us for the 4096-token dispatch's bytes against 164 us for SM stores
+                alone and 217 us for the dispatch; but where the driver runs the copy as a
+                kernel (a same-device copy on one H200 did, session 17), it needs SMs the grid
+                leaves free (docs/moe.md, session 17).
         """
         super().__init__(group, cfg)
         self._sim = simulate_dir is not None
