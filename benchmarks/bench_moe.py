@@ -97,6 +97,10 @@ SWEEP = {
     # 4096 per rank) a copy, for batches of 2048+ tokens (session 17, P2PBackend._ce_tokens;
     # off by default until timed here)
     "ce": ({"protocol": "flags", "_ce_tokens": 2048}, None),
+    # ... in rounds of 4 (8 at 4096 tokens, 32 a program): with no NVLink stores in the kernel
+    # a round's release drains no NVLink writes, so more, shorter rounds may pay (the copy's
+    # first and last rounds run alone); the combine takes the same rounds
+    "ce_r4": ({"protocol": "flags", "_ce_tokens": 2048, "round_tokens": 4}, None),
     # interleaved rounds with the own and the peer's tile in separate steps (the default fuses
     # them into one step at EP=2: FUSE in llmcomm.kernels.moe)
     "nofuse": ({"protocol": "flags", "_fuse": False}, None),

@@ -19,7 +19,8 @@
 # at 1 and 8 tokens, both orders, then its 2-GPU tests (~6 min cold). STEPS="moe_ab_ce":
 # session 17's probe (does copy_ into a peer's buffer run beside kernels on every SM, i.e. on a
 # copy engine?), then the dispatch rows by copy_ (ce) against the default at 1024-4096 tokens,
-# both orders, then its 2-GPU tests.
+# both orders (with rounds of 4 too: ce_r4); STEPS="moe_ab_ce_tests", a call of its own: the
+# ce 2-GPU tests.
 # WORLD (default 2) is the TP / EP size of the benchmarks; tests/gpu picks its own (gpu4 tests,
 # e.g. PP=2 x TP=2, run when 4 GPUs are visible).
 # FlashInfer is benchmarked and tested when importable (install the wheels first; CUDA_HOME set).
@@ -72,13 +73,14 @@ case " $STEPS " in *" moe_ab_decode "*)   # session 16's one-token path against 
     --sweep-only lam_noone,lam --out "$OUT/ab_dec_b"
   step gpu_tests_moe_one 250 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_moe_p2p.py \
     -k "lamport-one" ;; esac
-case " $STEPS " in *" moe_ab_ce "*)   # session 17: the dispatch's rows by copy engine (ce)
-  step probe_copy_engine 120 python3 benchmarks/probe_copy_engine.py --peer --out "$OUT/probe_ce.json"
-  step ab_ce_a 240 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1024,2048,4096 \
-    --sweep-only default,ce --out "$OUT/ab_ce_a"
+case " $STEPS " in *" moe_ab_ce "*)   # session 17: the dispatch's rows by copy_ (ce), ~9 min
+  step probe_copy_engine 90 python3 benchmarks/probe_copy_engine.py --peer --out "$OUT/probe_ce.json"
+  step ab_ce_a 300 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1024,2048,4096 \
+    --sweep-only default,ce,ce_r4 --out "$OUT/ab_ce_a"
   step ab_ce_b 150 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1024,2048,4096 \
-    --sweep-only ce,default --out "$OUT/ab_ce_b"
-  step gpu_tests_moe_ce 250 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_moe_p2p.py \
+    --sweep-only ce_r4,ce,default --out "$OUT/ab_ce_b" ;; esac
+case " $STEPS " in *" moe_ab_ce_tests "*)   # a call of its own: the ce 2-GPU tests
+  step gpu_tests_moe_ce 300 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_moe_p2p.py \
     -k "ce" ;; esac
 case " $STEPS " in *" moe_ab_tests "*)   # a call of its own: the flags GPU tests (~5 min)
   step gpu_tests_moe_flags 300 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_moe_p2p.py \
