@@ -489,7 +489,7 @@ def _send_tile(t64, vt, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids, recv_w, RANK: t
     """Own tokens ``t64`` [TB]: ids/weights to every peer, each row once to every peer owning
     one of its experts (the local copies come after the round is signalled:
     :func:`_copy_own_tile`, or at once: :func:`_send_expand_tile`). Returns ``(row, ids)``.
-    ``CE``: the rows are not stored (the copy engine sends them, see ``ep_dispatch_kernel``)."""
+    ``CE``: the rows are not stored (the launcher copies them, see ``ep_dispatch_kernel``)."""
     offs_h = tl.arange(0, BLOCK_H)
     mh = offs_h < H
     offs_k = tl.arange(0, BLOCK_K)
@@ -633,7 +633,7 @@ def _dtok_load(t, v, KIND: tl.constexpr, x_ptr, ids_ptr, w_ptr, recv_x, recv_ids
     """One token of a one-token dispatch step, loaded: ``(row, ids, srow)`` ([BLOCK_H],
     [BLOCK_K] int32, its slot-map row). ``KIND`` 0: the own token ``t``, also sent (ids and
     weights to the peer, the row where one of its experts is the peer's, unless ``CE``: the
-    copy engine sends the rows); 1: the peer's token ``t`` from the receive buffers (already
+    launcher copies the rows); 1: the peer's token ``t`` from the receive buffers (already
     acquired)."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_k = tl.arange(0, BLOCK_K)
@@ -726,7 +726,7 @@ def _publish_counts(done, cursor, counts, G: tl.constexpr, L: tl.constexpr,
     L2, where atomics on one address are serialised; the last program's exchange comes after the
     ``done`` increment that made it last. Expert rows and counts are seen by later kernels
     (kernel boundary). ``NEXT``: the last program out also stores ``next_val`` at
-    ``next_ptr`` (the flags dispatch's next copy-engine flag value, ``CE_MIN``)."""
+    ``next_ptr`` (the flags dispatch's next copied-rows flag value, ``CE_MIN``)."""
     tl.debug_barrier()
     prev = tl.atomic_add(done, 1, sem="relaxed", scope="gpu")
     if prev == G - 1:
@@ -761,8 +761,8 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
     fused steps are taken at the round's start (:func:`_claim_round`).
 
     ``CE_MIN`` > 0 (``INTERLEAVE``, not ``RT``): a rank with at least ``CE_MIN`` tokens sends
-    its rows by the copy engine (``P2PBackend._ce_send``), and ``CE`` says this rank does in
-    this call: its kernel stores no rows to the peers. Round ``r`` of every program together
+    its rows by ``copy_`` on a side stream, meant for a copy engine (``P2PBackend._ce_send``),
+    and ``CE`` says this rank does in this call: its kernel stores no rows to the peers. Round ``r`` of every program together
     is the contiguous tokens ``[r * CHUNK * G, (r + 1) * CHUNK * G)``, copied into each peer's
     ``recv_x`` and then flagged, in that stream's order, by a copy of ``ce_next`` (local: the
     call's epoch, stored there by the previous call's last program out) into the peer's
@@ -786,7 +786,7 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
     dead = _dead(err_dev, NT)
     n_in = tl.zeros([BLOCK_W], tl.int32)      # peers' token counts for this program
     r_in = tl.full([BLOCK_W], 1, tl.int32)    # peers' rounds (1 until round 0 told us)
-    ce_in = offs_w < 0                        # CE_MIN: which peers send by copy engine
+    ce_in = offs_w < 0                        # CE_MIN: which peers copy their rows
     r = 0
     more = True
     if INTERLEAVE:
@@ -811,7 +811,7 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
             q0v, jin = _span(rr, n_in, CHUNK, RT)   # the peers' round rr: q0v + [0, jin)
             q0 = _of_peer(q0v, 1 - RANK, BLOCK_W, RT)   # the peer's (W == 2)
             jin = tl.where((rr >= 0) & (rr < r_in) & (dead == 0), jin, 0)
-            if CE_MIN > 0:   # the rows of the peers' round rr, sent by their copy engines
+            if CE_MIN > 0:   # the rows of the peers' round rr, copied by their launchers
                 if rr >= 0:
                     dead = _wait_peers(ce_flag[RANK] + rr * W, epoch, ce_in & (jin > 0), dead,
                                        err_dev, err_host, timeout_ns, 1, USE_TIMER, POSTED,
