@@ -232,7 +232,7 @@ def _warmup_worker(rank, world_size, name):
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("name", ["flags", "lamport"])
+@pytest.mark.parametrize("name", ["flags", "lamport", "flags-g8-ce"])
 def test_loopback_warmup_leaves_nothing_to_compile(name):
     (res,) = run_ranks(_warmup_worker, 1, name, timeout=850)
     loaded, warm_s, after_warmup, control_compiles, err = res

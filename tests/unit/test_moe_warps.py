@@ -35,3 +35,21 @@ def test_warmup_covers_every_token_class(M, expect):
     assert counts == expect
     classes = {(t == 1, t % 16 == 0) for t in range(M + 1)}
     assert {(t == 1, t % 16 == 0) for t in counts} == classes
+
+
+@pytest.mark.parametrize("ce, M, expect", [
+    (None, 4096, []), (5000, 4096, []),
+    (2048, 4096, [2048, 2049]), (2049, 4096, [2049, 2064]), (9, 40, [9, 16]),
+    (1, 40, [1, 2, 16]), (16, 16, [16]), (40, 40, [40]), (33, 40, [33]),
+])
+def test_ce_warmup_covers_the_copy_paths_classes(ce, M, expect):
+    """P2PBackend.warmup's extra counts for ``_ce_tokens``: a count >= the threshold in every
+    class triton compiles apart that has one up to M (the copy path is its own variant)."""
+    from llmcomm.moe.p2p import _ce_warm_tokens
+
+    counts = _ce_warm_tokens(ce, M)
+    assert counts == expect
+    if ce is not None and ce <= M:
+        assert all(ce <= t <= M for t in counts)
+        classes = {(t == 1, t % 16 == 0) for t in range(ce, M + 1)}
+        assert {(t == 1, t % 16 == 0) for t in counts} == classes

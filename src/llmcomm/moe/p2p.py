@@ -88,6 +88,19 @@ def _lamport_warps(T: int, tile: int, programs: int, split: int, num_warps: int,
     return num_warps
 
 
+def _ce_warm_tokens(ce_tokens: int | None, max_tokens: int) -> list[int]:
+    """Token counts whose dispatch takes ``_ce_tokens``' copy path (``T >= ce_tokens``), one
+    of each class triton compiles apart (``T == 1``, a multiple of 16, any other) where there
+    is one up to ``max_tokens``: :meth:`P2PBackend.warmup` adds them, as the copy path is a
+    kernel variant of its own (``CE``) that the default counts may miss (a 2049-token call of
+    a 4096 dispatcher with ``_ce_tokens=2048``)."""
+    if ce_tokens is None or ce_tokens > max_tokens:
+        return []
+    other = next((t for t in (ce_tokens, ce_tokens + 1) if t != 1 and t % 16), None)
+    return sorted(t for t in {ce_tokens, -(-ce_tokens // 16) * 16, other}
+                  if t is not None and t <= max_tokens)
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -554,7 +567,8 @@ class P2PBackend(MoEBackend):
         """Compile and load both kernels for each token count and ids dtype (every warp count
         :meth:`_launch_lamport` may pick), through :meth:`dispatch` and :meth:`combine` with
         ``_compile_only`` set: exactly the arguments a real call passes, so triton's keys
-        match. Local: no launch, no peer. The simulation compiles nothing ahead (returns 0).
+        match), and with ``_ce_tokens`` the counts of :func:`_ce_warm_tokens` too. Local: no
+        launch, no peer. The simulation compiles nothing ahead (returns 0).
 
         In turn, on this thread: threads would not help, triton 3.6 keeps the GIL while it
         compiles (session 15, the 2-core CPU machine: two lamport kernels for sm_90 took 9.2 s
@@ -564,8 +578,10 @@ class P2PBackend(MoEBackend):
         c = self.cfg
         self._warmed, self._compile_only = set(), True
         try:
+            counts = sorted({*num_tokens,
+                             *_ce_warm_tokens(self._ce_tokens, c.max_tokens_per_rank)})
             with torch.cuda.device(c.device):
-                for T in num_tokens:
+                for T in counts:
                     for ids_dtype in ids_dtypes:
                         x = torch.empty(T, c.hidden_size, dtype=c.dtype, device=c.device)
                         ids = torch.empty(T, c.top_k, dtype=ids_dtype, device=c.device)
