@@ -101,6 +101,9 @@ SWEEP = {
     # a round's release drains no NVLink writes, so more, shorter rounds may pay (the copy's
     # first and last rounds run alone); the combine takes the same rounds
     "ce_r4": ({"protocol": "flags", "_ce_tokens": 2048, "round_tokens": 4}, None),
+    # ... with 112 programs: should a copy into a peer's buffer run as a kernel (as a local one
+    # does, session 17), it gets 20 SMs instead of 4
+    "ce_g112": ({"protocol": "flags", "_ce_tokens": 2048, "num_programs": 112}, None),
     # interleaved rounds with the own and the peer's tile in separate steps (the default fuses
     # them into one step at EP=2: FUSE in llmcomm.kernels.moe)
     "nofuse": ({"protocol": "flags", "_fuse": False}, None),

@@ -19,8 +19,8 @@
 # at 1 and 8 tokens, both orders, then its 2-GPU tests (~6 min cold). STEPS="moe_ab_ce":
 # session 17's probe (does copy_ into a peer's buffer run beside kernels on every SM, i.e. on a
 # copy engine?), then the dispatch rows by copy_ (ce) against the default at 1024-4096 tokens,
-# both orders (with rounds of 4 too: ce_r4); STEPS="moe_ab_ce_tests", a call of its own: the
-# ce 2-GPU tests.
+# both orders (with rounds of 4 too: ce_r4, and 112 programs: ce_g112); STEPS="moe_ab_ce_tests",
+# a call of its own: the ce 2-GPU tests.
 # WORLD (default 2) is the TP / EP size of the benchmarks; tests/gpu picks its own (gpu4 tests,
 # e.g. PP=2 x TP=2, run when 4 GPUs are visible).
 # FlashInfer is benchmarked and tested when importable (install the wheels first; CUDA_HOME set).
@@ -75,10 +75,10 @@ case " $STEPS " in *" moe_ab_decode "*)   # session 16's one-token path against 
     -k "lamport-one" ;; esac
 case " $STEPS " in *" moe_ab_ce "*)   # session 17: the dispatch's rows by copy_ (ce), ~9 min
   step probe_copy_engine 90 python3 benchmarks/probe_copy_engine.py --peer --out "$OUT/probe_ce.json"
-  step ab_ce_a 300 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1024,2048,4096 \
-    --sweep-only default,ce,ce_r4 --out "$OUT/ab_ce_a"
+  step ab_ce_a 330 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1024,2048,4096 \
+    --sweep-only default,ce,ce_r4,ce_g112 --out "$OUT/ab_ce_a"
   step ab_ce_b 150 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1024,2048,4096 \
-    --sweep-only ce_r4,ce,default --out "$OUT/ab_ce_b" ;; esac
+    --sweep-only ce_g112,ce_r4,ce,default --out "$OUT/ab_ce_b" ;; esac
 case " $STEPS " in *" moe_ab_ce_tests "*)   # a call of its own: the ce 2-GPU tests
   step gpu_tests_moe_ce 300 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_moe_p2p.py \
     -k "ce" ;; esac
