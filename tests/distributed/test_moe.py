@@ -287,6 +287,7 @@ def _missing_combine_worker(rank, world, tmp, backend):
 
 @NEEDS_TRITON
 @pytest.mark.parametrize("op, backend", [("dispatch", "p2p-sim"), ("dispatch", "p2p-sim-lamport"),
+                                         ("dispatch", "p2p-sim-ce"),
                                          ("combine", "p2p-sim"), ("combine", "p2p-sim-lamport"),
                                          ("combine", "p2p-sim-roles")])
 def test_p2p_sim_missing_peer_times_out(op, backend):
@@ -297,6 +298,8 @@ def test_p2p_sim_missing_peer_times_out(op, backend):
     assert res[0] is not None, f"rank 0's {op} did not raise CollectiveTimeoutError"
     missing, text = res[0]
     assert missing == [1] and op in text, text
+    # the copied-rows path says what else may hold a dispatch back: copies waiting for SMs
+    assert ("_ce_tokens=1" in text and "num_programs" in text) == ("-ce" in backend), text
 
 
 @NEEDS_TRITON

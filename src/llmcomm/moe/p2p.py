@@ -730,7 +730,11 @@ class P2PBackend(MoEBackend):
             self.timeout_s, detail=f"group rank {missing} did not signal; the p2p workspace is "
             f"now unusable, create a new EPDispatcher after fixing the cause (if it was that "
             f"rank's first call at a new token count, it may have been compiling its kernels "
-            f"meanwhile: call EPDispatcher.warmup() on every rank before serving)")
+            f"meanwhile: call EPDispatcher.warmup() on every rank before serving)" + (
+                f"; with _ce_tokens={self._ce_tokens} a dispatch's rows come by copy_ on a side "
+                f"stream, which the driver may run on SMs: if the grid ({self.G} programs) "
+                f"holds every SM, pass a smaller num_programs" if op == 1 and self._ce_tokens
+                else ""))
         raise self._failed
 
     @property
