@@ -62,8 +62,9 @@ P2P_SIM = {"p2p-sim": {"protocol": "flags"},
            "p2p-sim-r17": {"round_tokens": 17},
            # the phased rounds (interleave=False; the default interleaves), 2-token tiles
            "p2p-sim-phased": {"interleave": False, "tile_tokens": 2, "round_tokens": 3},
-           # rows by copy engine (an A/B knob): every call with a token; and only calls of 9+
-           # tokens, so that in most cases one rank sends by copy engine and the other not
+           # rows by copy_ on a side stream (an A/B knob): every call with a token; and only
+           # calls of 9+ tokens, so that in most cases one rank copies its rows and the other
+           # stores them
            "p2p-sim-ce": {"protocol": "flags", "_ce_tokens": 1},
            "p2p-sim-ce9r2": {"protocol": "flags", "_ce_tokens": 9, "round_tokens": 2},
            "p2p-sim-lamport": {"protocol": "lamport"},

@@ -26,8 +26,8 @@ VARIANTS = {
     # the combine's push and finish in separate programs (grid 2 x 8 a rank), rounds of 3
     "flags-g8-roles": (2, {"protocol": "flags", "num_programs": 8, "_combine_roles": True,
                            "round_tokens": 3}),
-    # rows by copy engine from 9 tokens (an A/B knob): most reference cases have one rank at
-    # 9+ tokens and one below, so one sends by copy engine and the other by its kernel
+    # rows by copy_ from 9 tokens (an A/B knob): most reference cases have one rank at
+    # 9+ tokens and one below, so one copies its rows and the other stores them from its kernel
     "flags-g8-ce": (2, {"protocol": "flags", "num_programs": 8, "_ce_tokens": 9}),
     "lamport": (2, {"protocol": "lamport"}),
     "lamport-t4c2": (2, {"protocol": "lamport", "tile_tokens": 4, "combine_tile_tokens": 2}),

@@ -30,7 +30,7 @@ P2P_VARIANTS = {
     # the combine's push and finish in separate programs (grid 2 x 8), rounds of 3
     "p2p-flags-g8-roles": {"protocol": "flags", "num_programs": 8, "_combine_roles": True,
                            "round_tokens": 3},
-    # rows by copy engine from 9 tokens (an A/B knob), the same with 8 programs
+    # rows by copy_ from 9 tokens (an A/B knob), 8 programs
     "p2p-flags-g8-ce": {"protocol": "flags", "num_programs": 8, "_ce_tokens": 9},
     "p2p-lamport": {"protocol": "lamport"},
     "p2p-lamport-t4c2": {"protocol": "lamport", "tile_tokens": 4, "combine_tile_tokens": 2},
