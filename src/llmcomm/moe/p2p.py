@@ -12,6 +12,8 @@ programs), for ``protocol="flags"`` (zero-initialised)::
     recv_T  [W]       int32   the source's token count
     comb    [W, M, H] dtype   weighted partial sums pushed back by each expert rank
     flags_d [G, W], flags_c [G, W] int32   monotonic per-program epochs (dispatch / combine)
+    ce_flag [R * W]   int32   with ``_ce_tokens`` only: per (round, source rank), the epoch of
+                              the source's copied rows (``R``: rounds at capacity)
 
 and for ``protocol="lamport"`` (``NBUF = 3`` rotating copies, every element initialised to the
 sentinel bit pattern, sign bit only; each receiver resets what it consumed)::
