@@ -20,7 +20,11 @@ needs an SM the spinners leave free. This probe tells which, per destination:
   spinners, on a copy engine; all: it waited for them), and the copy's bandwidth alone (median
   of 9 runs of 10 copies: graph replays for ``copy_``, eager for ``batch``).
 
-Usage: ``PYTHONPATH=src:. python3 benchmarks/probe_copy_engine.py [--peer] [--mib 64]``.
+``--stream-ops``: whether a stream can wait for a value a kernel writes (``cuStreamWaitValue32``)
+and write one, eagerly and in a captured CUDA graph (what a copied combine would need).
+
+Usage: ``PYTHONPATH=src:. python3 benchmarks/probe_copy_engine.py [--peer] [--stream-ops]
+[--mib 64]``.
 Session 17, one H200 (torch 2.11, CUDA 13, driver 580): a local ``copy_`` waited for the
 spinners.
 """
@@ -65,21 +69,25 @@ class _Attributes(ctypes.Structure):
 
 
 @functools.cache
-def _batch_fn():
-    """The driver's ``cuMemcpyBatchAsync`` for CUDA 13.0 (no ``failIdx``), or None."""
+def _driver_fn(name: str, version: int, *argtypes):
+    """The driver's entry point ``name`` as of CUDA ``version`` (``cuGetProcAddress``), typed
+    ``CUresult name(*argtypes)``; None where the driver has none."""
     lib = ctypes.CDLL("libcuda.so.1")
     get = lib.cuGetProcAddress_v2
     get.restype = ctypes.c_int
     get.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int,
                     ctypes.c_uint64, ctypes.POINTER(ctypes.c_int)]
     fn, status = ctypes.c_void_p(), ctypes.c_int()
-    if get(b"cuMemcpyBatchAsync", ctypes.byref(fn), 13000, 0, ctypes.byref(status)) \
-            or not fn.value:
+    if get(name.encode(), ctypes.byref(fn), version, 0, ctypes.byref(status)) or not fn.value:
         return None
+    return ctypes.CFUNCTYPE(ctypes.c_int, *argtypes)(fn.value)
+
+
+def _batch_fn():
+    """The driver's ``cuMemcpyBatchAsync`` for CUDA 13.0 (no ``failIdx``), or None."""
     u64p, szp = ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_size_t)
-    return ctypes.CFUNCTYPE(ctypes.c_int, u64p, u64p, szp, ctypes.c_size_t,
-                            ctypes.POINTER(_Attributes), szp, ctypes.c_size_t,
-                            ctypes.c_void_p)(fn.value)
+    return _driver_fn("cuMemcpyBatchAsync", 13000, u64p, u64p, szp, ctypes.c_size_t,
+                      ctypes.POINTER(_Attributes), szp, ctypes.c_size_t, ctypes.c_void_p)
 
 
 def _copy(method: str, dst, src, stream=None) -> None:
@@ -202,10 +210,76 @@ def _peer_worker(rank, world, mib):
     return out
 
 
+def _stream_op(name: str, stream, tensor, value: int, flags: int = 0) -> int:
+    """``cuStreamWaitValue32`` / ``cuStreamWriteValue32`` (CUDA 12.0 entry points) on
+    ``tensor``'s first int32; returns the CUresult."""
+    fn = _driver_fn(name, 12000, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32,
+                    ctypes.c_uint)
+    if fn is None:
+        return -1
+    return fn(ctypes.c_void_p(stream.cuda_stream), tensor.data_ptr(), value, flags)
+
+
+def _stream_ops() -> dict:
+    """Can a stream wait on a value in device memory (``cuStreamWaitValue32``, GEQ) and write one
+    (``cuStreamWriteValue32``), eagerly and inside a captured CUDA graph? What a copy that must
+    start after a kernel's round (the copied combine sketched in docs/moe.md) would need. The
+    graph: a side branch waits for ``flag >= 1``, then writes 7 into ``done`` and resets
+    ``flag``; the main branch sets ``flag`` with a kernel after a ~1 ms spin of its own."""
+    import torch
+
+    out = {}
+    flag = torch.zeros(1, dtype=torch.int32, device="cuda")
+    done = torch.zeros(1, dtype=torch.int32, device="cuda")
+    side = torch.cuda.Stream()
+    # eager
+    side.wait_stream(torch.cuda.current_stream())
+    rc_wait = _stream_op("cuStreamWaitValue32", side, flag, 1)
+    rc_write = _stream_op("cuStreamWriteValue32", side, done, 5)
+    torch.cuda._sleep(1_000_000)
+    flag.fill_(1)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    out["eager"] = {"wait_rc": rc_wait, "write_rc": rc_write, "done": int(done.item())}
+    # captured
+    flag.zero_()
+    done.zero_()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    rcs = {}
+    try:
+        with torch.cuda.graph(g):
+            cur = torch.cuda.current_stream()
+            side.wait_stream(cur)
+            rcs["wait_rc"] = _stream_op("cuStreamWaitValue32", side, flag, 1)
+            rcs["write_rc"] = _stream_op("cuStreamWriteValue32", side, done, 7)
+            rcs["reset_rc"] = _stream_op("cuStreamWriteValue32", side, flag, 0)
+            torch.cuda._sleep(1_000_000)
+            flag.fill_(1)
+            cur.wait_stream(side)
+    except RuntimeError as e:
+        out["graph"] = {**rcs, "capture_error": str(e)[:200]}
+        torch.cuda.synchronize()
+        return out
+    replays = []
+    for _ in range(3):
+        done.zero_()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        g.replay()
+        torch.cuda.synchronize()
+        replays.append((int(done.item()), int(flag.item()),
+                        round((time.perf_counter() - t0) * 1e3, 2)))
+    out["graph"] = {**rcs, "replays (done, flag after, ms)": replays}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mib", type=int, default=64)
     ap.add_argument("--peer", action="store_true", help="also into a second GPU's buffer")
+    ap.add_argument("--stream-ops", action="store_true",
+                    help="also: can cuStreamWaitValue32 / cuStreamWriteValue32 be captured?")
     ap.add_argument("--out", default=None, help="JSON file for the results")
     args = ap.parse_args()
     for k, v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
@@ -222,6 +296,8 @@ def main() -> None:
         from llmcomm.launch import run_ranks
 
         rows += run_ranks(_peer_worker, 2, args.mib, backend="nccl", timeout=120)[0]
+    if args.stream_ops:
+        rows.append({"stream_ops": _stream_ops()})
     for r in rows:
         print(json.dumps(r), flush=True)
     if args.out:
