@@ -232,15 +232,28 @@ def _stream_ops() -> dict:
     flag = torch.zeros(1, dtype=torch.int32, device="cuda")
     done = torch.zeros(1, dtype=torch.int32, device="cuda")
     side = torch.cuda.Stream()
+
+    def settle(what: str) -> None:
+        """Wait up to 5 s for the device; if it is stuck, print what is known and exit."""
+        ev = torch.cuda.Event()
+        ev.record()
+        t0 = time.perf_counter()
+        while not ev.query():
+            if time.perf_counter() - t0 > 5:
+                print(json.dumps({"stream_ops": out, "stuck": what}), flush=True)
+                os._exit(3)
+            time.sleep(0.001)
+
     # eager
     side.wait_stream(torch.cuda.current_stream())
     rc_wait = _stream_op("cuStreamWaitValue32", side, flag, 1)
     rc_write = _stream_op("cuStreamWriteValue32", side, done, 5)
+    out["eager"] = {"wait_rc": rc_wait, "write_rc": rc_write}
     torch.cuda._sleep(1_000_000)
     flag.fill_(1)
     torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    out["eager"] = {"wait_rc": rc_wait, "write_rc": rc_write, "done": int(done.item())}
+    settle("eager: the side stream's wait or write never completed")
+    out["eager"]["done"] = int(done.item())
     # captured
     flag.zero_()
     done.zero_()
@@ -267,7 +280,7 @@ def _stream_ops() -> dict:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         g.replay()
-        torch.cuda.synchronize()
+        settle(f"graph replay {len(replays)}")
         replays.append((int(done.item()), int(flag.item()),
                         round((time.perf_counter() - t0) * 1e3, 2)))
     out["graph"] = {**rcs, "replays (done, flag after, ms)": replays}
@@ -296,10 +309,11 @@ def main() -> None:
         from llmcomm.launch import run_ranks
 
         rows += run_ranks(_peer_worker, 2, args.mib, backend="nccl", timeout=120)[0]
-    if args.stream_ops:
-        rows.append({"stream_ops": _stream_ops()})
     for r in rows:
         print(json.dumps(r), flush=True)
+    if args.stream_ops:
+        rows.append({"stream_ops": _stream_ops()})
+        print(json.dumps(rows[-1]), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
