@@ -244,14 +244,21 @@ def _stream_ops() -> dict:
                 os._exit(3)
             time.sleep(0.001)
 
+    def step(what: str) -> None:   # where it is, in case the next call never returns
+        print(f"stream-ops: {what}", file=sys.stderr, flush=True)
+
     # eager
     side.wait_stream(torch.cuda.current_stream())
+    step("eager wait")
     rc_wait = _stream_op("cuStreamWaitValue32", side, flag, 1)
+    step(f"eager write (wait rc {rc_wait})")
     rc_write = _stream_op("cuStreamWriteValue32", side, done, 5)
     out["eager"] = {"wait_rc": rc_wait, "write_rc": rc_write}
+    step(f"eager flag (write rc {rc_write})")
     torch.cuda._sleep(1_000_000)
     flag.fill_(1)
     torch.cuda.current_stream().wait_stream(side)
+    step("eager settle")
     settle("eager: the side stream's wait or write never completed")
     out["eager"]["done"] = int(done.item())
     # captured
@@ -260,6 +267,7 @@ def _stream_ops() -> dict:
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     rcs = {}
+    step("capture")
     try:
         with torch.cuda.graph(g):
             cur = torch.cuda.current_stream()
@@ -274,6 +282,7 @@ def _stream_ops() -> dict:
         out["graph"] = {**rcs, "capture_error": str(e)[:200]}
         torch.cuda.synchronize()
         return out
+    step(f"replays (capture rcs {rcs})")
     replays = []
     for _ in range(3):
         done.zero_()
