@@ -20,11 +20,10 @@ needs an SM the spinners leave free. This probe tells which, per destination:
   spinners, on a copy engine; all: it waited for them), and the copy's bandwidth alone (median
   of 9 runs of 10 copies: graph replays for ``copy_``, eager for ``batch``).
 
-``--stream-ops``: whether a stream can wait for a value a kernel writes (``cuStreamWaitValue32``)
-and write one, eagerly and in a captured CUDA graph (what a copied combine would need).
+(Session 17 also tried ``cuStreamWaitValue32`` here, ``--stream-ops`` at commit ed2831c: the
+host hung, so it was taken out; see the session log.)
 
-Usage: ``PYTHONPATH=src:. python3 benchmarks/probe_copy_engine.py [--peer] [--stream-ops]
-[--mib 64]``.
+Usage: ``PYTHONPATH=src:. python3 benchmarks/probe_copy_engine.py [--peer] [--mib 64]``.
 Session 17, one H200 (torch 2.11, CUDA 13, driver 580): a local ``copy_`` waited for the
 spinners.
 """
@@ -210,98 +209,10 @@ def _peer_worker(rank, world, mib):
     return out
 
 
-def _stream_op(name: str, stream, tensor, value: int, flags: int = 0) -> int:
-    """``cuStreamWaitValue32`` / ``cuStreamWriteValue32`` (CUDA 12.0 entry points) on
-    ``tensor``'s first int32; returns the CUresult."""
-    fn = _driver_fn(name, 12000, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32,
-                    ctypes.c_uint)
-    if fn is None:
-        return -1
-    return fn(ctypes.c_void_p(stream.cuda_stream), tensor.data_ptr(), value, flags)
-
-
-def _stream_ops() -> dict:
-    """Can a stream wait on a value in device memory (``cuStreamWaitValue32``, GEQ) and write one
-    (``cuStreamWriteValue32``), eagerly and inside a captured CUDA graph? What a copy that must
-    start after a kernel's round (the copied combine sketched in docs/moe.md) would need. The
-    graph: a side branch waits for ``flag >= 1``, then writes 7 into ``done`` and resets
-    ``flag``; the main branch sets ``flag`` with a kernel after a ~1 ms spin of its own."""
-    import torch
-
-    out = {}
-    flag = torch.zeros(1, dtype=torch.int32, device="cuda")
-    done = torch.zeros(1, dtype=torch.int32, device="cuda")
-    side = torch.cuda.Stream()
-
-    def settle(what: str) -> None:
-        """Wait up to 5 s for the device; if it is stuck, print what is known and exit."""
-        ev = torch.cuda.Event()
-        ev.record()
-        t0 = time.perf_counter()
-        while not ev.query():
-            if time.perf_counter() - t0 > 5:
-                print(json.dumps({"stream_ops": out, "stuck": what}), flush=True)
-                os._exit(3)
-            time.sleep(0.001)
-
-    def step(what: str) -> None:   # where it is, in case the next call never returns
-        print(f"stream-ops: {what}", file=sys.stderr, flush=True)
-
-    # eager
-    side.wait_stream(torch.cuda.current_stream())
-    step("eager wait")
-    rc_wait = _stream_op("cuStreamWaitValue32", side, flag, 1)
-    step(f"eager write (wait rc {rc_wait})")
-    rc_write = _stream_op("cuStreamWriteValue32", side, done, 5)
-    out["eager"] = {"wait_rc": rc_wait, "write_rc": rc_write}
-    step(f"eager flag (write rc {rc_write})")
-    torch.cuda._sleep(1_000_000)
-    flag.fill_(1)
-    torch.cuda.current_stream().wait_stream(side)
-    step("eager settle")
-    settle("eager: the side stream's wait or write never completed")
-    out["eager"]["done"] = int(done.item())
-    # captured
-    flag.zero_()
-    done.zero_()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    rcs = {}
-    step("capture")
-    try:
-        with torch.cuda.graph(g):
-            cur = torch.cuda.current_stream()
-            side.wait_stream(cur)
-            rcs["wait_rc"] = _stream_op("cuStreamWaitValue32", side, flag, 1)
-            rcs["write_rc"] = _stream_op("cuStreamWriteValue32", side, done, 7)
-            rcs["reset_rc"] = _stream_op("cuStreamWriteValue32", side, flag, 0)
-            torch.cuda._sleep(1_000_000)
-            flag.fill_(1)
-            cur.wait_stream(side)
-    except RuntimeError as e:
-        out["graph"] = {**rcs, "capture_error": str(e)[:200]}
-        torch.cuda.synchronize()
-        return out
-    step(f"replays (capture rcs {rcs})")
-    replays = []
-    for _ in range(3):
-        done.zero_()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        g.replay()
-        settle(f"graph replay {len(replays)}")
-        replays.append((int(done.item()), int(flag.item()),
-                        round((time.perf_counter() - t0) * 1e3, 2)))
-    out["graph"] = {**rcs, "replays (done, flag after, ms)": replays}
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mib", type=int, default=64)
     ap.add_argument("--peer", action="store_true", help="also into a second GPU's buffer")
-    ap.add_argument("--stream-ops", action="store_true",
-                    help="also: can cuStreamWaitValue32 / cuStreamWriteValue32 be captured?")
     ap.add_argument("--out", default=None, help="JSON file for the results")
     args = ap.parse_args()
     for k, v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
@@ -320,9 +231,6 @@ def main() -> None:
         rows += run_ranks(_peer_worker, 2, args.mib, backend="nccl", timeout=120)[0]
     for r in rows:
         print(json.dumps(r), flush=True)
-    if args.stream_ops:
-        rows.append({"stream_ops": _stream_ops()})
-        print(json.dumps(rows[-1]), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
