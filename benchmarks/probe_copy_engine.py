@@ -1,6 +1,6 @@
 """Does ``Tensor.copy_`` progress while kernels hold every SM (copy engine), or wait for an SM?
 
-The p2p dispatch's copy-engine rows (``P2PBackend(_ce_tokens=...)``) are copied with ``copy_``
+The p2p dispatch's copied rows (``P2PBackend(_ce_tokens=...)``) go by ``copy_``
 while the dispatch's programs spin on the SMs, waiting for them. ``copy_`` is a
 ``cudaMemcpyAsync``, which the driver may run as a kernel (pytorch/pytorch#191284); such a copy
 needs an SM the spinners leave free. This probe tells which, per destination:
@@ -24,8 +24,8 @@ needs an SM the spinners leave free. This probe tells which, per destination:
 host hung, so it was taken out; see the session log.)
 
 Usage: ``PYTHONPATH=src:. python3 benchmarks/probe_copy_engine.py [--peer] [--mib 64]``.
-Session 17, one H200 (torch 2.11, CUDA 13, driver 580): a local ``copy_`` waited for the
-spinners.
+Session 17, one H200 (torch 2.11, CUDA 13, driver 580): a local ``copy_`` and a local ``batch``
+copy both waited for the spinners.
 """
 
 from __future__ import annotations
