@@ -94,8 +94,8 @@ SWEEP = {
     "croles": ({"protocol": "flags", "_combine_roles": True}, None),
     "croles_r8": ({"protocol": "flags", "_combine_roles": True, "round_tokens": 8}, None),
     # the dispatch's rows by copy engine, a round of every program (8 x 128 = 1024 tokens at
-    # 4096 per rank) a copy, for batches of 2048+ tokens (session 17, P2PBackend._ce_tokens;
-    # off by default until timed here)
+    # 4096 per rank) a copy, for batches of 2048+ tokens (session 17, P2PBackend._ce_tokens,
+    # off: slower on 2 x H200, 228.6 vs 217 us for the 4096-token dispatch)
     "ce": ({"protocol": "flags", "_ce_tokens": 2048}, None),
     # ... in rounds of 4 (8 at 4096 tokens, 32 a program): with no NVLink stores in the kernel
     # a round's release drains no NVLink writes, so more, shorter rounds may pay (the copy's

@@ -246,8 +246,10 @@ class P2PBackend(MoEBackend):
                 ``counts`` instead of taking them with atomics (``ONE`` in
                 :mod:`llmcomm.kernels.moe`). Loopback: the one-token dispatch 0.6 us faster;
                 untimed on 2 GPUs (docs/moe.md, session 16).
-            _ce_tokens: ``"flags"`` at EP=2, interleaved, default rounds (A/B knob, off by
-                default until timed on 2 GPUs): a dispatch of at least this many own tokens
+            _ce_tokens: ``"flags"`` at EP=2, interleaved, default rounds (A/B knob, off: on
+                2 x H200 it was slower, 228.6 vs 217 us for the 4096-token dispatch, although
+                the peer copy ran on a copy engine; docs/moe.md, session 17): a dispatch of at
+                least this many own tokens
                 sends its rows by ``Tensor.copy_`` instead of the kernel's stores -- round
                 ``r`` of every program (``round_tokens * G`` contiguous tokens) in one
                 ``copy_`` into the peer's receive buffer, then a flag, on a side stream beside
