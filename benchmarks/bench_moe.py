@@ -72,6 +72,8 @@ SWEEP = {
     # lamport without session 16's one-token path (own token sent before the loop, slots and
     # counts computed; the default: loopback dispatch 0.6 us faster at one token)
     "lam_noone": ({"protocol": "lamport", "_one_token_slots": False}, None),
+    # ... and with it (off by default since session 17: a wrong count on 2 GPUs)
+    "lam_one": ({"protocol": "lamport", "_one_token_slots": True}, None),
     # flags rounds phased (send the round, signal, copy own, receive), as before session 7,
     # instead of interleaved token by token (the default)
     "phased": ({"protocol": "flags", "interleave": False}, None),

@@ -32,7 +32,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 #: name -> (max_tokens_per_rank, backend kwargs)
 CONFIGS = {
     "lamport128": (128, {}),
-    # the default before session 16's one-token path (P2PBackend._one_token_slots=False)
+    # without session 16's one-token path (P2PBackend._one_token_slots=False, the default
+    # again since session 17)
     "lamport128noone": (128, {"_one_token_slots": False}),
     "flags128": (128, {"protocol": "flags"}),
     "flags4096": (4096, {"protocol": "flags"}),

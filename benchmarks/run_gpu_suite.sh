@@ -68,9 +68,9 @@ case " $STEPS " in *" moe_ab "*)
     --sweep-only croles_r8,croles,rt,default --out "$OUT/ab_b" ;; esac
 case " $STEPS " in *" moe_ab_decode "*)   # session 16's one-token path against the one before
   step ab_decode_a 200 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1,8 \
-    --sweep-only lam,lam_noone --out "$OUT/ab_dec_a"
+    --sweep-only lam,lam_one --out "$OUT/ab_dec_a"
   step ab_decode_b 100 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1,8 \
-    --sweep-only lam_noone,lam --out "$OUT/ab_dec_b"
+    --sweep-only lam_one,lam --out "$OUT/ab_dec_b"
   step gpu_tests_moe_one 250 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_moe_p2p.py \
     -k "lamport-one" ;; esac
 case " $STEPS " in *" moe_ab_ce "*)   # session 17: the dispatch's rows by copy_ (ce), ~9 min

@@ -234,7 +234,7 @@ def test_p2p_sim_repeated_calls_both_protocols():
     for err, same, decisions, _, text, one in res:
         # the one-token lamport path is on by default for lamport at EP=2 (session 16), and part
         # of the fingerprint (ranks agree on it)
-        assert one == [False, True, True], one
+        assert one == [False, False, False], one   # off by default since session 17
         assert "protocol lamport" in text and "GB; symmetric workspace" in text, text
         assert err <= 2.5e-2
         assert same, "flags and lamport combine outputs differ bitwise"
@@ -498,7 +498,7 @@ def _concurrent_worker(rank, world, tmp, E_, kw, G, shift, seed):
     (2, 8, {}, 2, 1),                                             # several iterations/program
     (3, 6, {"tile_tokens": 2, "combine_tile_tokens": 4}, 3, 1),   # W=3
     (2, 8, {}, 8, 0),   # own rows placed by the other half of the grid at T <= 4, not above
-    (2, 8, {"_one_token_slots": True}, 8, 0),   # one-token calls (now the default) ...
+    (2, 8, {"_one_token_slots": True}, 8, 0),   # one-token calls (off by default) ...
     (2, 8, {"_one_token_slots": False}, 8, 0),  # ... and the atomics they replace
 ], ids=["w2-t4c2-G4s2", "w2-t1-G2s1", "w3-t2c4-G3s1", "w2-t1-G8", "w2-t1-G8-one",
         "w2-t1-G8-noone"])

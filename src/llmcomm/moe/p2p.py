@@ -240,12 +240,13 @@ class P2PBackend(MoEBackend):
                 :mod:`llmcomm.kernels.moe`). Default on; off restores the phased rounds (send
                 the round, signal, copy own, then receive), which a data-movement ladder
                 measured at +80 us per kernel at 4096 tokens (docs/moe.md, session 7).
-            _one_token_slots: ``"lamport"`` at EP=2 with one-token tiles and ``shift`` 0 (the
-                default there; ``False`` for A/B): a dispatch of at most one own token sends it
-                before its loop and, when the peer has at most one too, computes its slots and
-                ``counts`` instead of taking them with atomics (``ONE`` in
-                :mod:`llmcomm.kernels.moe`). Loopback: the one-token dispatch 0.6 us faster;
-                untimed on 2 GPUs (docs/moe.md, session 16).
+            _one_token_slots: ``"lamport"`` at EP=2 with one-token tiles and ``shift`` 0: a
+                dispatch of at most one own token sends it before its loop and, when the peer
+                has at most one too, computes its slots and ``counts`` instead of taking them
+                with atomics (``ONE`` in :mod:`llmcomm.kernels.moe`). Off by default since
+                session 17: on 2 x H200 its sentinel test found a wrong count (a received row
+                missing) in a sequence of calls, and it was 0.75-1.0 us faster at one token
+                there (docs/moe.md, session 17).
             _ce_tokens: ``"flags"`` at EP=2, interleaved, default rounds (A/B knob, off: on
                 2 x H200 it was slower, 228.6 vs 217 us for the 4096-token dispatch, although
                 the peer copy ran on a copy engine; docs/moe.md, session 17): a dispatch of at
@@ -405,9 +406,13 @@ class P2PBackend(MoEBackend):
         # sends it before its loop and, when the peer has at most one too, computes its slots
         # and counts instead of taking them with atomics. Set per call, for T <= 1 only
         # (compiled into larger batches' kernels, the 64-token dispatch was 0.3-0.8 us slower
-        # in loopback). Default on where it applies (EP=2, one-token tiles, shift 0)
+        # in loopback). Default OFF since session 17: on 2 x H200 its sentinel test failed
+        # (a received row missing from counts, rank 0, in a sequence of calls with changing
+        # token counts; tests/gpu/test_moe_p2p.py -k lamport-one), though its reference and
+        # graph tests passed there and everything passed in loopback and the CPU simulation.
+        # It was 0.75-1.0 us faster at one token on 2 GPUs (docs/moe.md, session 17)
         if _one_token_slots is None:
-            _one_token_slots = lamport and W == 2 and self.tiles[0] == 1 and not shift
+            _one_token_slots = False
         self._one = bool(_one_token_slots)
         if _ce_tokens is not None and (not isinstance(_ce_tokens, int) or _ce_tokens < 1):
             raise ValueError(f"_ce_tokens must be an int >= 1 (or None: off), got "
