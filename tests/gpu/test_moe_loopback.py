@@ -33,7 +33,7 @@ VARIANTS = {
     "lamport-t4c2": (2, {"protocol": "lamport", "tile_tokens": 4, "combine_tile_tokens": 2}),
     "lamport-shift": (2, {"protocol": "lamport", "tile_tokens": 2, "shift": 20,
                           "num_programs": 48}),
-    # the one-token path explicitly (the lamport default since session 16), with the extra
+    # the one-token path (opt-in: off by default since session 17), with the extra
     # reference cases of ONE_CASES where both ranks hold at most one token
     "lamport-one": (2, {"protocol": "lamport", "_one_token_slots": True}),
 }

@@ -36,7 +36,7 @@ P2P_VARIANTS = {
     "p2p-lamport-t4c2": {"protocol": "lamport", "tile_tokens": 4, "combine_tile_tokens": 2},
     "p2p-lamport-t2-w16-shift20": {"protocol": "lamport", "tile_tokens": 2, "num_warps": 16,
                                    "shift": 20},
-    # the one-token path explicitly (the lamport default since session 16), with the extra
+    # the one-token path (opt-in: off by default since session 17), with the extra
     # cases of ONE_CASES where both ranks hold at most one token, and the atomics where one
     # has more
     "p2p-lamport-one": {"protocol": "lamport", "_one_token_slots": True},
@@ -215,7 +215,7 @@ def _sentinel_worker(rank, world, kw):
 @pytest.mark.parametrize("variant", [
     pytest.param(v, marks=pytest.mark.xfail(
         reason="session 17, 2 x H200: rank 0 expert 0 count 2 != expected 3 (a received row "
-               "missing) with _one_token_slots=True; off by default since; not yet found",
+               "missing) with _one_token_slots=True; off by default since then; the bug is not found yet",
         strict=False)) if v == "p2p-lamport-one" else v for v in LAMPORT])
 def test_p2p_lamport_slots_back_to_sentinel(variant):
     res = run_ranks(_sentinel_worker, 2, P2P_VARIANTS[variant], backend="nccl", timeout=450,
