@@ -10,8 +10,19 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import sys
+
+#: NVLink multicast stays off in every benchmark process (and the ranks it spawns)
+SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+            "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def set_safe_env() -> None:
+    """Set :data:`SAFE_ENV` where the caller has not (before torch or NCCL read it)."""
+    for k, v in SAFE_ENV.items():
+        os.environ.setdefault(k, v)
 
 
 def time_graph(fn, group=None, iters: int = 50, reps: int = 7, warmup: int = 3,

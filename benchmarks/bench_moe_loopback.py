@@ -140,9 +140,9 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="result file stem (default benchmarks/results/"
                     "moe_loopback_<gpu>_h<hidden>)")
     args = ap.parse_args()
-    for k, v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
-                 ("NVSHMEM_DISABLE_NVLS", "1")):
-        os.environ.setdefault(k, v)
+    from benchmarks._common import set_safe_env
+
+    set_safe_env()
     import torch
 
     from benchmarks._common import save_one_gpu_results

@@ -215,9 +215,9 @@ def main() -> None:
     ap.add_argument("--peer", action="store_true", help="also into a second GPU's buffer")
     ap.add_argument("--out", default=None, help="JSON file for the results")
     args = ap.parse_args()
-    for k, v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
-                 ("NVSHMEM_DISABLE_NVLS", "1")):
-        os.environ.setdefault(k, v)
+    from benchmarks._common import set_safe_env
+
+    set_safe_env()
     import torch
 
     if not torch.cuda.is_available():
