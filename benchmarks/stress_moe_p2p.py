@@ -12,9 +12,15 @@ call's counts one program early), and for lamport every receive slot back to the
 The ranks exchange a verdict after each call (so one rank's failure stops both, no hang) and
 the first failure of each variant is reported with the calls before it.
 
-Usage (2 GPUs; prints progressively, one JSON line per variant at the end)::
+Usage (prints progressively, one JSON line per variant and size)::
 
     python3 benchmarks/stress_moe_p2p.py [--variants one,lam] [--seconds 60] [--out DIR]
+    python3 benchmarks/stress_moe_p2p.py --loopback ...   # one GPU: both ranks on it
+    python3 benchmarks/stress_moe_p2p.py --sim ...        # CPU simulation: a smoke run
+
+Checking costs most of a call's time at the large size (its rows come to the host): on
+2 x H200 a second of stress is ~18 calls at H=264 and, before the checks copied only the
+counted rows, 0.35 at H=7168 (session 18, call 1).
 """
 
 from __future__ import annotations
@@ -37,13 +43,14 @@ VARIANTS = {
 }
 #: (experts, top_k, hidden, max tokens per rank, dtype name): session 17's sentinel test sizes
 CONFIGS = ((16, 3, 264, 40, "float32"), (256, 8, 7168, 96, "bfloat16"))
+SIM_CONFIGS = ((16, 3, 40, 13, "float32"),)
 
 
-def _state(ep, rank: int, lamport: bool) -> list[str]:
-    """What is not back to its idle value after a call on a quiet group."""
+def _state(be, rank: int, lamport: bool) -> list[str]:
+    """What of backend ``be`` (rank ``rank``'s) is not back to its idle value after a call on
+    a quiet group."""
     from tests.distributed._moe_cases import lamport_left
 
-    be = ep._backend
     bad = []
     done = int(be.done.item())
     if done:
@@ -57,49 +64,82 @@ def _state(ep, rank: int, lamport: bool) -> list[str]:
     return bad
 
 
-def _roundtrip(ep, rank: int, world: int, E: int, inputs, dtype, device) -> str:
-    """One dispatch + combine checked against the reference; returns what failed ("" if
-    nothing). The combine runs even when the dispatch check failed, so the peer's combine
-    does not wait for this rank until its deadline."""
-    import torch
+def _check(rank: int, world: int, E: int, inputs, dtype, d, y) -> str:
+    """Rank ``rank``'s dispatch ``d`` (expert_x, counts) and combine ``y`` against the
+    reference; what failed, "" if nothing."""
+    from tests.distributed._moe_cases import check_combine, check_dispatch
 
-    from tests.distributed._moe_cases import check_combine, check_dispatch, run_experts
-
-    x, ids, w = (t.to(device) for t in inputs[rank])
-    d = ep.dispatch(x, ids, w)
-    msg = ""
     try:
-        check_dispatch(rank, world, E, inputs, d.expert_x, d.counts)
+        check_dispatch(rank, world, E, inputs, d[0], d[1])
+        check_combine(rank, inputs, y, dtype, what="combine")
     except AssertionError as e:
-        msg = f"dispatch: {e}"
-    y = ep.combine(run_experts(rank, E, world, d.expert_x, d.counts), d)
-    if device != "cpu":
-        torch.cuda.synchronize()
-    if not msg:
-        try:
-            check_combine(rank, inputs, y, dtype, what="combine")
-        except AssertionError as e:
-            msg = f"combine: {e}"
-    return msg
+        return str(e)
+    return ""
 
 
-def _worker(rank: int, world: int, names: list[str], seconds: float, seed: int,
-            sim_dir: str | None):
+def _stress(name: str, cfg: tuple, seconds: float, seed: int, call, state, agree) -> dict:
+    """Random calls for ``seconds``: ``call(inputs) -> str`` runs and checks one (what failed,
+    "" if nothing), ``state() -> list[str]`` is what is not idle after it, ``agree(flag)`` the
+    flag or-ed over the ranks (so they stop together). Returns the summary, with the first
+    failure and the five calls before it."""
     import random
     import traceback
 
     import torch
+
+    from tests.distributed._moe_cases import make_inputs
+
+    E, K, H, M, dt = cfg
+    dtype = getattr(torch, dt)
+    rng = random.Random(seed)          # the same sequence on every rank
+    choices = [0, 1, 1, 1, 2, 3, 8, 17, M]
+    hist: list[list[int]] = []
+    fail = None
+    t0 = time.monotonic()
+    n = 0
+    while not agree(time.monotonic() - t0 > seconds):
+        toks = [min(rng.choice(choices), M) for _ in range(2)]
+        hist.append(toks)
+        routing = rng.choice(["random", "random", "random", "dups", "one_expert"])
+        inputs = make_inputs(rng.randrange(1 << 30), 2, toks, E, K, H, dtype, routing)
+        try:
+            msg = call(inputs)
+        except Exception:          # a deadline (CollectiveTimeoutError) and the like
+            msg = "raised: " + traceback.format_exc(limit=3)
+        left = [] if msg.startswith("raised") else state()
+        n += 1
+        if agree(bool(msg or left)):
+            fail = {"call": n - 1, "tokens": toks, "routing": routing, "before": hist[-6:-1],
+                    "error": msg[:600], "state": left[:6]}
+            break
+        if n % 500 == 0:
+            print(f"  {name} E={E} H={H}: {n} calls ok ({time.monotonic() - t0:.0f} s)",
+                  flush=True)
+    return {"variant": name, "E": E, "K": K, "H": H, "M": M, "calls": n,
+            "seconds": round(time.monotonic() - t0, 1), "first_failure": fail}
+
+
+def _worker(rank: int, world: int, names: list[str], seconds: float, seed: int,
+            sim_dir: str | None):
+    """One rank of a 2-GPU group (NCCL), or of the CPU simulation (gloo, ``sim_dir``)."""
+    import torch
     import torch.distributed as dist
 
     from llmcomm.moe import EPDispatcher
-    from tests.distributed._moe_cases import make_inputs
+    from tests.distributed._moe_cases import run_experts
 
     device = "cpu" if sim_dir else "cuda"
-    configs = ((16, 3, 40, 13, "float32"),) if sim_dir else CONFIGS
+
+    def agree(flag: bool) -> bool:
+        t = torch.tensor([flag], dtype=torch.int32, device=device)
+        dist.all_reduce(t)
+        return bool(t.item())
+
     results = []
     for name in names:
         kw = dict(VARIANTS[name])
-        for ci, (E, K, H, M, dt) in enumerate(configs):
+        for ci, cfg in enumerate(SIM_CONFIGS if sim_dir else CONFIGS):
+            E, K, H, M, dt = cfg
             dtype = getattr(torch, dt)
             if sim_dir:
                 from llmcomm.moe.p2p import P2PBackend
@@ -112,47 +152,57 @@ def _worker(rank: int, world: int, names: list[str], seconds: float, seed: int,
                 ep = EPDispatcher(dist.group.WORLD, E, K, H, M, dtype, backend="p2p",
                                   _backend_kwargs=kw)
                 ep.warmup(topk_ids_dtype=torch.int64)
-            lamport = kw.get("protocol") == "lamport"
-            rng = random.Random(seed)          # the same sequence on both ranks
-            choices = [0, 1, 1, 1, 2, 3, 8, 17, M]
-            hist: list[list[int]] = []
-            fail = None
-            t0 = time.monotonic()
-            n = 0
-            while True:
-                flag = torch.tensor([time.monotonic() - t0 > seconds], dtype=torch.int32,
-                                    device=device)
-                dist.all_reduce(flag)          # stop together
-                if flag.item():
-                    break
-                toks = [min(rng.choice(choices), M) for _ in range(world)]
-                hist.append(toks)
-                routing = rng.choice(["random", "random", "random", "dups", "one_expert"])
-                inputs = make_inputs(rng.randrange(1 << 30), world, toks, E, K, H, dtype,
-                                     routing)
-                try:
-                    msg = _roundtrip(ep, rank, world, E, inputs, dtype, device)
-                except Exception:          # a deadline (CollectiveTimeoutError) and the like
-                    msg = "raised: " + traceback.format_exc(limit=3)
-                dist.barrier()
-                left = [] if msg.startswith("raised") else _state(ep, rank, lamport)
-                bad = torch.tensor([bool(msg or left)], dtype=torch.int32, device=device)
-                dist.all_reduce(bad)
-                n += 1
-                if bad.item():
-                    fail = {"call": n - 1, "tokens": toks, "routing": routing,
-                            "before": hist[-6:-1], "rank_error": msg[:600],
-                            "state": left[:6]}
-                    break
-                if n % 200 == 0 and rank == 0:
-                    print(f"  {name} E={E} H={H}: {n} calls ok ({time.monotonic() - t0:.0f} s)",
-                          flush=True)
-            res = {"variant": name, "E": E, "K": K, "H": H, "M": M, "calls": n,
-                   "seconds": round(time.monotonic() - t0, 1), "first_failure": fail}
-            if rank == 0 or fail:
+
+            def call(inputs):
+                x, ids, w = (t.to(device) for t in inputs[rank])
+                d = ep.dispatch(x, ids, w)
+                # the combine runs whatever the dispatch gave: the peer's waits for it
+                y = ep.combine(run_experts(rank, E, world, d.expert_x, d.counts), d)
+                if device != "cpu":
+                    torch.cuda.synchronize()
+                dist.barrier()   # both ranks idle before the state is read
+                return _check(rank, world, E, inputs, dtype, (d.expert_x, d.counts), y)
+
+            res = _stress(name, cfg, seconds, seed, call,
+                          lambda: _state(ep._backend, rank, kw.get("protocol") == "lamport"),
+                          agree)
+            if rank == 0 or res["first_failure"]:
                 print(json.dumps({"rank": rank, **res}), flush=True)
             results.append(res)
             dist.barrier()   # after a failure the next config gets a fresh dispatcher
+    return results
+
+
+def _loopback(names: list[str], seconds: float, seed: int) -> list[dict]:
+    """Both ranks on one GPU (:class:`llmcomm.moe.loopback.Loopback`)."""
+    import torch
+
+    from llmcomm.moe.loopback import Loopback
+    from tests.distributed._moe_cases import run_experts
+
+    results = []
+    for name in names:
+        kw = dict(VARIANTS[name])
+        for cfg in CONFIGS:
+            E, K, H, M, dt = cfg
+            dtype = getattr(torch, dt)
+            lb = Loopback(2, E, K, H, M, dtype, **kw)
+
+            def call(inputs):
+                xs, ids, ws = ([t.cuda() for t in z] for z in zip(*inputs))
+                outs = lb.dispatch(xs, ids, ws)
+                ys = lb.combine([run_experts(r, E, 2, o[0], o[1]) for r, o in enumerate(outs)],
+                                outs, [x.shape[0] for x in xs])
+                lb.check_errors()
+                return "; ".join(m for r in range(2)
+                                 if (m := _check(r, 2, E, inputs, dtype, outs[r], ys[r])))
+
+            res = _stress(name, cfg, seconds, seed, call,
+                          lambda: [b for r, be in enumerate(lb.backends)
+                                   for b in _state(be, r, kw.get("protocol") == "lamport")],
+                          bool)
+            print(json.dumps(res), flush=True)
+            results.append(res)
     return results
 
 
@@ -166,6 +216,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="folder for stress_moe_p2p.json")
     ap.add_argument("--sim", action="store_true",
                     help="CPU: the kernels' simulation on gloo, one small config")
+    ap.add_argument("--loopback", action="store_true",
+                    help="one GPU: both ranks on it (llmcomm.moe.loopback.Loopback)")
     a = ap.parse_args()
     names = a.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
@@ -175,7 +227,10 @@ def main() -> None:
 
     budget = len(names) * len(CONFIGS) * (a.seconds + 90) + 60
     env = {"LLMCOMM_TIMEOUT_S": a.timeout_s}
-    if a.sim:   # the CPU simulation (TRITON_INTERPRET): a smoke run of this script
+    if a.loopback:
+        os.environ.setdefault("LLMCOMM_TIMEOUT_S", a.timeout_s)
+        res = [_loopback(names, a.seconds, a.seed)]
+    elif a.sim:   # the CPU simulation (TRITON_INTERPRET): a smoke run of this script
         import tempfile
 
         env["TRITON_INTERPRET"] = "1"
@@ -191,7 +246,7 @@ def main() -> None:
             json.dump({"argv": sys.argv, "results": res}, f, indent=1)
     bad = [r for rr in res for r in rr if r["first_failure"]]
     print(f"stress: {sum(r['calls'] for r in res[0])} calls, "
-          f"{len(bad)} failures over ranks", flush=True)
+          f"{len(bad)} failures (counted on every rank that saw one)", flush=True)
 
 
 if __name__ == "__main__":

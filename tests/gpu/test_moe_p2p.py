@@ -201,7 +201,10 @@ def _sentinel_worker(rank, world, kw):
             seq[2:2] = [[1, 1], [0, 1], [1, 0], [0, 0]]
         for i, toks in enumerate(seq):
             inputs = make_inputs(70 + i, world, toks, E, K, H, dtype, "random")
-            n, err = roundtrip(ep, rank, world, E, inputs, dtype, device="cuda")
+            try:
+                n, err = roundtrip(ep, rank, world, E, inputs, dtype, device="cuda")
+            except AssertionError as e:   # name the call (session 17's failure did not)
+                raise AssertionError(f"H={H} call {i} tokens {toks}: {e}") from e
             torch.cuda.synchronize()
             dist.barrier()
             assert_lamport_sentinel(ep, rank, f"H={H} call {i} tokens {toks}")
