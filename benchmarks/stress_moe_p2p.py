@@ -42,7 +42,7 @@ VARIANTS = {
     "flags": {"protocol": "flags"},
 }
 #: (experts, top_k, hidden, max tokens per rank, dtype name): session 17's sentinel test sizes
-CONFIGS = ((16, 3, 264, 40, "float32"), (256, 8, 7168, 96, "bfloat16"))
+CONFIGS = {"small": (16, 3, 264, 40, "float32"), "large": (256, 8, 7168, 96, "bfloat16")}
 SIM_CONFIGS = ((16, 3, 40, 13, "float32"),)
 
 
@@ -119,8 +119,8 @@ def _stress(name: str, cfg: tuple, seconds: float, seed: int, call, state, agree
             "seconds": round(time.monotonic() - t0, 1), "first_failure": fail}
 
 
-def _worker(rank: int, world: int, names: list[str], seconds: float, seed: int,
-            sim_dir: str | None):
+def _worker(rank: int, world: int, names: list[str], sizes: list[str], seconds: float,
+            seed: int, sim_dir: str | None):
     """One rank of a 2-GPU group (NCCL), or of the CPU simulation (gloo, ``sim_dir``)."""
     import torch
     import torch.distributed as dist
@@ -138,7 +138,7 @@ def _worker(rank: int, world: int, names: list[str], seconds: float, seed: int,
     results = []
     for name in names:
         kw = dict(VARIANTS[name])
-        for ci, cfg in enumerate(SIM_CONFIGS if sim_dir else CONFIGS):
+        for ci, cfg in enumerate(SIM_CONFIGS if sim_dir else [CONFIGS[z] for z in sizes]):
             E, K, H, M, dt = cfg
             dtype = getattr(torch, dt)
             if sim_dir:
@@ -173,20 +173,26 @@ def _worker(rank: int, world: int, names: list[str], seconds: float, seed: int,
     return results
 
 
-def _loopback(names: list[str], seconds: float, seed: int) -> list[dict]:
-    """Both ranks on one GPU (:class:`llmcomm.moe.loopback.Loopback`)."""
+def _loopback(names: list[str], sizes: list[str], seconds: float, seed: int) -> list[dict]:
+    """Both ranks on one GPU (:class:`llmcomm.moe.loopback.Loopback`), every backend warmed
+    up first (compiling a large size's kernels would take most of the stress time)."""
     import torch
 
+    from llmcomm.moe.dispatcher import warm_token_counts
     from llmcomm.moe.loopback import Loopback
     from tests.distributed._moe_cases import run_experts
 
     results = []
     for name in names:
         kw = dict(VARIANTS[name])
-        for cfg in CONFIGS:
+        for cfg in [CONFIGS[z] for z in sizes]:
             E, K, H, M, dt = cfg
             dtype = getattr(torch, dt)
             lb = Loopback(2, E, K, H, M, dtype, **kw)
+            t0 = time.monotonic()
+            for be in lb.backends:
+                be.warmup(warm_token_counts(M), (torch.int32, torch.int64), torch.float32)
+            print(f"  {name} E={E} H={H}: warmup {time.monotonic() - t0:.0f} s", flush=True)
 
             def call(inputs):
                 xs, ids, ws = ([t.cuda() for t in z] for z in zip(*inputs))
@@ -210,7 +216,8 @@ def main() -> None:
     set_safe_env()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default="one,lam", help=f"of {sorted(VARIANTS)}")
-    ap.add_argument("--seconds", type=float, default=60.0, help="per variant and config")
+    ap.add_argument("--seconds", type=float, default=60.0, help="per variant and size")
+    ap.add_argument("--sizes", default="small,large", help=f"of {sorted(CONFIGS)}")
     ap.add_argument("--seed", type=int, default=18)
     ap.add_argument("--timeout-s", default="5", help="LLMCOMM_TIMEOUT_S for the ranks")
     ap.add_argument("--out", default=None, help="folder for stress_moe_p2p.json")
@@ -220,25 +227,27 @@ def main() -> None:
                     help="one GPU: both ranks on it (llmcomm.moe.loopback.Loopback)")
     a = ap.parse_args()
     names = a.variants.split(",")
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        raise SystemExit(f"unknown variants {unknown}; expected some of {sorted(VARIANTS)}")
+    sizes = a.sizes.split(",")
+    for what, got, known in (("variants", names, VARIANTS), ("sizes", sizes, CONFIGS)):
+        unknown = [n for n in got if n not in known]
+        if unknown:
+            raise SystemExit(f"unknown {what} {unknown}; expected some of {sorted(known)}")
     from llmcomm.launch import run_ranks
 
-    budget = len(names) * len(CONFIGS) * (a.seconds + 90) + 60
+    budget = len(names) * len(sizes) * (a.seconds + 120) + 60
     env = {"LLMCOMM_TIMEOUT_S": a.timeout_s}
     if a.loopback:
         os.environ.setdefault("LLMCOMM_TIMEOUT_S", a.timeout_s)
-        res = [_loopback(names, a.seconds, a.seed)]
+        res = [_loopback(names, sizes, a.seconds, a.seed)]
     elif a.sim:   # the CPU simulation (TRITON_INTERPRET): a smoke run of this script
         import tempfile
 
         env["TRITON_INTERPRET"] = "1"
         with tempfile.TemporaryDirectory() as tmp:
-            res = run_ranks(_worker, 2, names, a.seconds, a.seed, tmp, backend="gloo",
+            res = run_ranks(_worker, 2, names, sizes, a.seconds, a.seed, tmp, backend="gloo",
                             timeout=budget, env=env)
     else:
-        res = run_ranks(_worker, 2, names, a.seconds, a.seed, None, backend="nccl",
+        res = run_ranks(_worker, 2, names, sizes, a.seconds, a.seed, None, backend="nccl",
                         timeout=budget, env=env)
     if a.out:
         os.makedirs(a.out, exist_ok=True)
