@@ -42,7 +42,11 @@ VARIANTS = {
     "flags": {"protocol": "flags"},
 }
 #: (experts, top_k, hidden, max tokens per rank, dtype name): session 17's sentinel test sizes
-CONFIGS = {"small": (16, 3, 264, 40, "float32"), "large": (256, 8, 7168, 96, "bfloat16")}
+#: "large64": the large size at 64 tokens, whose grid (64 programs) fits loopback on one GPU
+#: (66 programs a rank on 132 SMs) with one peer token a program at T = 64, as "large" has on
+#: two GPUs (96 programs)
+CONFIGS = {"small": (16, 3, 264, 40, "float32"), "large": (256, 8, 7168, 96, "bfloat16"),
+           "large64": (256, 8, 7168, 64, "bfloat16")}
 SIM_CONFIGS = ((16, 3, 40, 13, "float32"),)
 
 
