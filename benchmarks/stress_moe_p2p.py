@@ -75,6 +75,15 @@ def _check(rank: int, world: int, E: int, inputs, dtype, d, y) -> str:
 
     try:
         check_dispatch(rank, world, E, inputs, d[0], d[1])
+    except AssertionError as e:   # every expert whose count is off, not only the first
+        from llmcomm.moe.reference import reference_dispatch
+
+        ref = reference_dispatch([i for _, i, _ in inputs], E, rank)
+        want = [len(ref[le]) for le in range(len(ref))]
+        got = d[1].cpu().tolist()
+        off = [(le, got[le], want[le]) for le in range(len(want)) if got[le] != want[le]]
+        return f"{e} [(expert, count, expected) off: {off[:8]}]"
+    try:
         check_combine(rank, inputs, y, dtype, what="combine")
     except AssertionError as e:
         return str(e)
