@@ -22,7 +22,8 @@
 # both orders (with rounds of 4 too: ce_r4, and 112 programs: ce_g112); STEPS="moe_ab_ce_tests",
 # a call of its own: the ce 2-GPU tests.
 # STEPS="stress" (a call of its own): benchmarks/stress_moe_p2p.py, random sequences of calls
-# each checked against the reference (STRESS_VARIANTS=one, STRESS_SIZES=large, STRESS_S=400 s).
+# each checked against the reference (STRESS_VARIANTS=one, STRESS_SIZES=large, STRESS_S=400 s;
+# STRESS_ARGS=--replay: the sentinel test's call sequence over and over instead).
 # WORLD (default 2) is the TP / EP size of the benchmarks; tests/gpu picks its own (gpu4 tests,
 # e.g. PP=2 x TP=2, run when 4 GPUs are visible).
 # FlashInfer is benchmarked and tested when importable (install the wheels first; CUDA_HOME set).
@@ -89,7 +90,7 @@ case " $STEPS " in *" moe_ab_tests "*)   # a call of its own: the flags GPU test
     -k flags ;; esac
 case " $STEPS " in *" stress "*)   # session 18: random call sequences checked after each call
   step stress_moe 570 python3 benchmarks/stress_moe_p2p.py --variants "${STRESS_VARIANTS:-one}" \
-    --sizes "${STRESS_SIZES:-large}" --seconds "${STRESS_S:-400}" --out "$OUT" ;; esac
+    --sizes "${STRESS_SIZES:-large}" --seconds "${STRESS_S:-400}" ${STRESS_ARGS:-} --out "$OUT" ;; esac
 case " $STEPS " in *" sweep "*)
   if [ "$WORLD" -gt 2 ]; then   # W>2: where Lamport / one-shot / two-shot cross (docs/kernels.md)
     step sweep_allreduce 240 python3 benchmarks/bench_allreduce.py --sweep --reps 7 --world "$WORLD" \

@@ -90,17 +90,20 @@ def _check(rank: int, world: int, E: int, inputs, dtype, d, y) -> str:
     return ""
 
 
-def _stress(name: str, cfg: tuple, seconds: float, seed: int, call, state, agree) -> dict:
-    """Random calls for ``seconds``: ``call(inputs) -> str`` runs and checks one (what failed,
-    "" if nothing), ``state() -> list[str]`` is what is not idle after it, ``agree(flag)`` the
-    flag or-ed over the ranks (so they stop together). Returns the summary, with the first
-    failure and the five calls before it."""
+def _stress(name: str, cfg: tuple, seconds: float, seed: int, call, state, agree,
+            replay: bool = False) -> dict:
+    """Random calls for ``seconds`` (``replay``: the sentinel test's calls, with the
+    one-token ones, over and over instead: ``tests.distributed._moe_cases.sentinel_calls``).
+    ``call(inputs) -> str`` runs and checks one (what failed, "" if nothing), ``state() ->
+    list[str]`` is what is not idle after it, ``agree(flag)`` the flag or-ed over the ranks
+    (so they stop together). Returns the summary, with the first failure and
+    the five calls before it."""
     import random
     import traceback
 
     import torch
 
-    from tests.distributed._moe_cases import make_inputs
+    from tests.distributed._moe_cases import make_inputs, sentinel_calls
 
     E, K, H, M, dt = cfg
     dtype = getattr(torch, dt)
@@ -110,11 +113,16 @@ def _stress(name: str, cfg: tuple, seconds: float, seed: int, call, state, agree
     fail = None
     t0 = time.monotonic()
     n = 0
+    fixed = sentinel_calls(M, one_token=True)
     while not agree(time.monotonic() - t0 > seconds):
-        toks = [min(rng.choice(choices), M) for _ in range(2)]
+        if replay:
+            toks, iseed, routing = fixed[n % len(fixed)], 70 + n % len(fixed), "random"
+        else:
+            toks = [min(rng.choice(choices), M) for _ in range(2)]
+            routing = rng.choice(["random", "random", "random", "dups", "one_expert"])
+            iseed = rng.randrange(1 << 30)
         hist.append(toks)
-        routing = rng.choice(["random", "random", "random", "dups", "one_expert"])
-        inputs = make_inputs(rng.randrange(1 << 30), 2, toks, E, K, H, dtype, routing)
+        inputs = make_inputs(iseed, 2, toks, E, K, H, dtype, routing)
         try:
             msg = call(inputs)
         except Exception:          # a deadline (CollectiveTimeoutError) and the like
@@ -133,7 +141,7 @@ def _stress(name: str, cfg: tuple, seconds: float, seed: int, call, state, agree
 
 
 def _worker(rank: int, world: int, names: list[str], sizes: list[str], seconds: float,
-            seed: int, sim_dir: str | None):
+            seed: int, sim_dir: str | None, replay: bool = False):
     """One rank of a 2-GPU group (NCCL), or of the CPU simulation (gloo, ``sim_dir``)."""
     import torch
     import torch.distributed as dist
@@ -178,7 +186,7 @@ def _worker(rank: int, world: int, names: list[str], sizes: list[str], seconds: 
 
             res = _stress(name, cfg, seconds, seed, call,
                           lambda: _state(ep._backend, rank, kw.get("protocol") == "lamport"),
-                          agree)
+                          agree, replay)
             if rank == 0 or res["first_failure"]:
                 print(json.dumps({"rank": rank, **res}), flush=True)
             results.append(res)
@@ -186,7 +194,8 @@ def _worker(rank: int, world: int, names: list[str], sizes: list[str], seconds: 
     return results
 
 
-def _loopback(names: list[str], sizes: list[str], seconds: float, seed: int) -> list[dict]:
+def _loopback(names: list[str], sizes: list[str], seconds: float, seed: int,
+              replay: bool = False) -> list[dict]:
     """Both ranks on one GPU (:class:`llmcomm.moe.loopback.Loopback`), every backend warmed
     up first (compiling a large size's kernels would take most of the stress time)."""
     import torch
@@ -219,7 +228,7 @@ def _loopback(names: list[str], sizes: list[str], seconds: float, seed: int) -> 
             res = _stress(name, cfg, seconds, seed, call,
                           lambda: [b for r, be in enumerate(lb.backends)
                                    for b in _state(be, r, kw.get("protocol") == "lamport")],
-                          bool)
+                          bool, replay)
             print(json.dumps(res), flush=True)
             results.append(res)
     return results
@@ -236,6 +245,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="folder for stress_moe_p2p.json")
     ap.add_argument("--sim", action="store_true",
                     help="CPU: the kernels' simulation on gloo, one small config")
+    ap.add_argument("--replay", action="store_true",
+                    help="the sentinel test's call sequence over and over, not random calls")
     ap.add_argument("--loopback", action="store_true",
                     help="one GPU: both ranks on it (llmcomm.moe.loopback.Loopback)")
     a = ap.parse_args()
@@ -251,17 +262,17 @@ def main() -> None:
     env = {"LLMCOMM_TIMEOUT_S": a.timeout_s}
     if a.loopback:
         os.environ.setdefault("LLMCOMM_TIMEOUT_S", a.timeout_s)
-        res = [_loopback(names, sizes, a.seconds, a.seed)]
+        res = [_loopback(names, sizes, a.seconds, a.seed, a.replay)]
     elif a.sim:   # the CPU simulation (TRITON_INTERPRET): a smoke run of this script
         import tempfile
 
         env["TRITON_INTERPRET"] = "1"
         with tempfile.TemporaryDirectory() as tmp:
-            res = run_ranks(_worker, 2, names, sizes, a.seconds, a.seed, tmp, backend="gloo",
-                            timeout=budget, env=env)
+            res = run_ranks(_worker, 2, names, sizes, a.seconds, a.seed, tmp, a.replay,
+                            backend="gloo", timeout=budget, env=env)
     else:
-        res = run_ranks(_worker, 2, names, sizes, a.seconds, a.seed, None, backend="nccl",
-                        timeout=budget, env=env)
+        res = run_ranks(_worker, 2, names, sizes, a.seconds, a.seed, None, a.replay,
+                        backend="nccl", timeout=budget, env=env)
     if a.out:
         os.makedirs(a.out, exist_ok=True)
         with open(os.path.join(a.out, "stress_moe_p2p.json"), "w") as f:

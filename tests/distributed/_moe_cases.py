@@ -106,6 +106,16 @@ def roundtrip(ep: Any, rank: int, world: int, num_experts: int, inputs, dtype,
 ONE_CASES = (("random", [1, 1]), ("dups", [1, 0]), ("random", [0, 1]), ("one_expert", [1, 1]))
 
 
+def sentinel_calls(M: int, one_token: bool) -> list[list[int]]:
+    """Per-rank token counts of the lamport sentinel test's consecutive calls (EP=2, ``M``
+    tokens at most), with the calls on the one-token path (both ranks <= 1 token) between
+    them when ``one_token``; call ``i`` draws ``make_inputs(70 + i, ...)``."""
+    seq = [[M, M], [1, 8], [37, 0], [M, 5], [0, M], [17, 33], [M, M]]
+    if one_token:
+        seq[2:2] = [[1, 1], [0, 1], [1, 0], [0, 0]]
+    return [[min(t, M) for t in toks] for toks in seq]
+
+
 def capture_graph(step):
     """Run ``step()`` once on a side stream (compile, warm up), then capture one call of it in a
     CUDA graph; returns ``(graph, what step returned inside the capture)``."""

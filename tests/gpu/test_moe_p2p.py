@@ -186,7 +186,8 @@ def _sentinel_worker(rank, world, kw):
     import torch.distributed as dist
 
     from llmcomm.moe import EPDispatcher
-    from tests.distributed._moe_cases import assert_lamport_sentinel, make_inputs, roundtrip
+    from tests.distributed._moe_cases import (assert_lamport_sentinel, make_inputs, roundtrip,
+                                              sentinel_calls)
 
     out = []
     for (E, K, H, M, dtype) in ((16, 3, 264, 40, torch.float32),
@@ -196,10 +197,7 @@ def _sentinel_worker(rank, world, kw):
         # the 5 s deadline is shorter than a first call's compile, and the ranks meet token
         # classes at different calls (session 15: without this the run timed out on 2 GPUs)
         ep.warmup(topk_ids_dtype=torch.int64)
-        seq = [[M, M], [1, 8], [37, 0], [M, 5], [0, M], [17, 33], [M, M]]
-        if kw.get("_one_token_slots"):   # calls on the one-token path, between the others
-            seq[2:2] = [[1, 1], [0, 1], [1, 0], [0, 0]]
-        for i, toks in enumerate(seq):
+        for i, toks in enumerate(sentinel_calls(M, bool(kw.get("_one_token_slots")))):
             inputs = make_inputs(70 + i, world, toks, E, K, H, dtype, "random")
             try:
                 n, err = roundtrip(ep, rank, world, E, inputs, dtype, device="cuda")

@@ -79,3 +79,21 @@ def test_stress_stops_at_the_first_failure_with_its_history():
                     lambda: ["rank 0 done = 1"], bool)
     assert again["calls"] == 1 and again["first_failure"]["state"] == ["rank 0 done = 1"]
     assert again["first_failure"]["tokens"] == seen[0]
+
+
+def test_replay_runs_the_sentinel_tests_calls_in_order():
+    from tests.distributed._moe_cases import sentinel_calls
+
+    seen = []
+
+    def call(inputs):
+        seen.append(([x.shape[0] for x, _, _ in inputs], inputs[0][1].clone()))
+        return "stop" if len(seen) == 14 else ""
+
+    _stress("fake", (E, K, H, 40, "float32"), 60.0, 1, call, lambda: [], bool, replay=True)
+    want = sentinel_calls(40, one_token=True)
+    assert [toks for toks, _ in seen] == (want + want)[:14]
+    # call i draws make_inputs(70 + i): the same ids each time round
+    n = len(want)
+    assert torch.equal(seen[1][1], make_inputs(71, 2, want[1], E, K, H, torch.float32)[0][1])
+    assert torch.equal(seen[1][1], seen[1 + n][1])
