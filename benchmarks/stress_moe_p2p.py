@@ -68,26 +68,38 @@ def _state(be, rank: int, lamport: bool) -> list[str]:
     return bad
 
 
-def _check(rank: int, world: int, E: int, inputs, dtype, d, y) -> str:
-    """Rank ``rank``'s dispatch ``d`` (expert_x, counts) and combine ``y`` against the
-    reference; what failed, "" if nothing."""
-    from tests.distributed._moe_cases import check_combine, check_dispatch
+def _check_dispatch(rank: int, world: int, E: int, inputs, d) -> str:
+    """Rank ``rank``'s dispatch ``d`` (expert_x, counts) against the reference; what failed
+    (every expert whose count is off, not only the first), "" if nothing."""
+    from llmcomm.moe.reference import reference_dispatch
+    from tests.distributed._moe_cases import check_dispatch
 
     try:
         check_dispatch(rank, world, E, inputs, d[0], d[1])
-    except AssertionError as e:   # every expert whose count is off, not only the first
-        from llmcomm.moe.reference import reference_dispatch
-
+    except AssertionError as e:
         ref = reference_dispatch([i for _, i, _ in inputs], E, rank)
         want = [len(ref[le]) for le in range(len(ref))]
         got = d[1].cpu().tolist()
         off = [(le, got[le], want[le]) for le in range(len(want)) if got[le] != want[le]]
         return f"{e} [(expert, count, expected) off: {off[:8]}]"
+    return ""
+
+
+def _check_combine(rank: int, inputs, dtype, y) -> str:
+    """Rank ``rank``'s combine output ``y`` against the reference; what failed, "" if
+    nothing."""
+    from tests.distributed._moe_cases import check_combine
+
     try:
         check_combine(rank, inputs, y, dtype, what="combine")
     except AssertionError as e:
         return str(e)
     return ""
+
+
+def _check(rank: int, world: int, E: int, inputs, dtype, d, y) -> str:
+    """:func:`_check_dispatch`, then (if it passed) :func:`_check_combine`."""
+    return _check_dispatch(rank, world, E, inputs, d) or _check_combine(rank, inputs, dtype, y)
 
 
 def _stress(name: str, cfg: tuple, seconds: float, seed: int, call, state, agree,
@@ -177,12 +189,15 @@ def _worker(rank: int, world: int, names: list[str], sizes: list[str], seconds: 
             def call(inputs):
                 x, ids, w = (t.to(device) for t in inputs[rank])
                 d = ep.dispatch(x, ids, w)
-                # the combine runs whatever the dispatch gave: the peer's waits for it
+                # checked before the combine, as the tests' roundtrip does (its host time
+                # between the two kernels differs per rank); the combine runs whatever the
+                # dispatch gave: the peer's waits for it
+                msg = _check_dispatch(rank, world, E, inputs, (d.expert_x, d.counts))
                 y = ep.combine(run_experts(rank, E, world, d.expert_x, d.counts), d)
                 if device != "cpu":
                     torch.cuda.synchronize()
                 dist.barrier()   # both ranks idle before the state is read
-                return _check(rank, world, E, inputs, dtype, (d.expert_x, d.counts), y)
+                return msg or _check_combine(rank, inputs, dtype, y)
 
             res = _stress(name, cfg, seconds, seed, call,
                           lambda: _state(ep._backend, rank, kw.get("protocol") == "lamport"),
