@@ -40,6 +40,8 @@ VARIANTS = {
     "one": {"protocol": "lamport", "_one_token_slots": True},
     "lam": {"protocol": "lamport"},
     "flags": {"protocol": "flags"},
+    # 8 programs: several tokens a program, in rounds (the large-batch shape at small sizes)
+    "flags-g8": {"protocol": "flags", "num_programs": 8},
 }
 #: (experts, top_k, hidden, max tokens per rank, dtype name): session 17's sentinel test sizes
 #: "large64": the large size at 64 tokens, whose grid (64 programs) fits loopback on one GPU
