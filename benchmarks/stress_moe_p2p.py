@@ -184,7 +184,7 @@ def _worker(rank: int, world: int, names: list[str], sizes: list[str], seconds: 
                 d = os.path.join(sim_dir, f"{name}{ci}")
                 os.makedirs(d, exist_ok=True)
                 ep = EPDispatcher(dist.group.WORLD, E, K, H, M, dtype, _backend_cls=P2PBackend,
-                                  _backend_kwargs=dict(simulate_dir=d, num_programs=3, **kw))
+                                  _backend_kwargs={"num_programs": 3, **kw, "simulate_dir": d})
             else:
                 ep = EPDispatcher(dist.group.WORLD, E, K, H, M, dtype, backend="p2p",
                                   _backend_kwargs=kw)
