@@ -10,7 +10,7 @@
 # The one-GPU loopback tests (tests/gpu/test_moe_loopback.py, for machines without a second
 # GPU) are not in "tests": STEPS="loopback" runs them (~20 min cold: over one call, so name
 # tests with PYTEST_K, e.g. PYTEST_K=lamport).
-# STEPS="moe_ab" (not in the default): the A/Bs left open by session 11 (docs/moe.md), two
+# STEPS="moe_ab" (not in the default): the A/Bs left open by session 11 (docs/moe_sessions.md), two
 # off-by-default knobs against the default at 1024 and 4096 tokens, dispatch / combine alone, in
 # both orders: flags rounds sized per call from the batch (rt), and the combine's push and finish
 # in separate programs (croles, croles_r8: min(G, SMs / 2) programs a role), ~6 min; then, in

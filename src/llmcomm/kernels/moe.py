@@ -98,7 +98,8 @@ there are no rounds. The dispatch's one-token tiles (the default) run on 1-D vec
 receive polls the count, meta and row in one loop that ends only when *every* thread's copies
 have landed (:func:`.sync.every_thread_max`), so the values polled are used as they are (no
 barrier and re-read), and a batch that fits half the grid has its own rows copied by the other
-half (loopback: the dispatch 1.6-2.8 us faster at 1-128 tokens, ``docs/moe.md``).
+half (loopback: the dispatch 1.6-2.8 us faster at 1-128 tokens; ``docs/moe_sessions.md``,
+session 14).
 
 dispatch, program p (own tiles ``p, p+G, ...``; received tiles ``q, q+G, ...`` with
 ``q = (p + SHIFT) mod G``; ``SHIFT = 0`` by default, see :class:`llmcomm.moe.p2p.P2PBackend`):
@@ -762,12 +763,13 @@ def ep_dispatch_kernel(x_ptr, ids_ptr, w_ptr, T,
 
     ``CE_MIN`` > 0 (``INTERLEAVE``, not ``RT``): a rank with at least ``CE_MIN`` tokens sends
     its rows by ``copy_`` on a side stream, meant for a copy engine (``P2PBackend._ce_send``),
-    and ``CE`` says this rank does in this call: its kernel stores no rows to the peers. Round ``r`` of every program together
-    is the contiguous tokens ``[r * CHUNK * G, (r + 1) * CHUNK * G)``, copied into each peer's
-    ``recv_x`` and then flagged, in that stream's order, by a copy of ``ce_next`` (local: the
-    call's epoch, stored there by the previous call's last program out) into the peer's
-    ``ce_flag[r * W + RANK]``. Before a program expands round ``r`` of a peer whose token
-    count (``recv_T``, read after round 0) is at least ``CE_MIN`` it waits for
+    and ``CE`` says this rank does in this call: its kernel stores no rows to the peers. Round
+    ``r`` of every program together is the contiguous tokens ``[r * CHUNK * G, (r + 1) * CHUNK
+    * G)``, copied into each peer's ``recv_x`` and then flagged, in that stream's order, by a
+    copy of ``ce_next`` (local: the call's epoch, stored there by the previous call's last
+    program out) into the peer's ``ce_flag[r * W + RANK]``. Before a program expands round
+    ``r`` of a peer whose token count (``recv_T``, read after round 0) is at least ``CE_MIN``
+    it waits for
     ``ce_flag[RANK][r * W + s] >= epoch`` too. Monotonic, as the flags: nothing is reset, so a
     peer already one call ahead (back-to-back dispatches, as a dispatch-only benchmark runs
     them) cannot have its flag erased."""
@@ -1190,7 +1192,7 @@ def ep_combine_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
     offs_w = tl.arange(0, BLOCK_W)
     dead = _dead(err_dev, NT)
     n_own, r_own = _rounds(T, pid, G, CHUNK, RT)
-    # the peers' token counts (from the dispatch; read before any signal, see docs/moe.md)
+    # the peers' token counts (written by the dispatch, so read before any of this call's signals)
     n_in, r_in = _peer_rounds(recv_T[RANK], pid, RANK, W, G, CHUNK, BLOCK_W, NT, RT)
     r = 0
     more = True
@@ -1375,7 +1377,7 @@ def ep_combine_roles_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T,
     drains the program's NVLink writes) and wait stall both halves of its work, and its first
     iteration only pushes (NVLink, HBM idle) and its last only finishes. Here a pusher never
     waits and a finisher never releases, and the SMs pushing (NVLink) and those finishing (HBM)
-    overlap without a schedule. Session 11 (loopback, one GPU, docs/moe.md): at 16 warps and
+    overlap without a schedule. Session 11 (loopback, one GPU, docs/moe_sessions.md): 16 warps,
     one token a step as fast as the interleaved combine (4096 tokens 387.0 vs 386.6 us); at 8
     warps, two tokens a step and two programs an SM, half as fast (register pressure).
     Pushers never wait, so a finisher spinning on an SM cannot hold up any pusher of its own

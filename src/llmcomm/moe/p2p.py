@@ -198,14 +198,15 @@ class P2PBackend(MoEBackend):
                 the wire. Default: of a program's share ``n`` at ``max_tokens_per_rank``,
                 ``max(ceil(n / 4), min(ceil(n / 2), 8), min(n, 2))`` (one round for 1 or 2
                 tokens, 2 rounds of up to 8, then 4). A round costs ~5 us at 4096 tokens per
-                rank (docs/moe.md, session 9). ``_runtime_rounds=True`` (A/B knob, default
+                rank (docs/moe_sessions.md, session 9). ``_runtime_rounds=True`` (A/B knob, default
                 off until timed on 2 GPUs) applies the same rule per call, in the kernel, to
                 each batch's share instead (at most the rule at capacity; ``RT`` in
                 :mod:`llmcomm.kernels.moe`).
             tile_tokens, combine_tile_tokens: tokens one program handles per loop step in
                 dispatch / combine (``TB``; powers of 2, <= 8; default 1): their loads and slot
                 atomics are in flight together. More need more registers (the combine's fp32
-                sums most); the session-3 sweep found no gain (docs/moe.md). Both protocols.
+                sums most); the session-3 sweep found no gain (docs/moe_sessions.md). Both
+                protocols.
             posted_flags: signal with a posted ``st.release.sys`` and poll with
                 ``ld.acquire.sys`` (``POSTED``) instead of system-scope atomics. Default on on a
                 GPU (fastest in the session-3 sweep at every size), off in the simulation
@@ -239,18 +240,18 @@ class P2PBackend(MoEBackend):
                 local HBM traffic are in flight together (``INTERLEAVE`` in
                 :mod:`llmcomm.kernels.moe`). Default on; off restores the phased rounds (send
                 the round, signal, copy own, then receive), which a data-movement ladder
-                measured at +80 us per kernel at 4096 tokens (docs/moe.md, session 7).
+                measured at +80 us per kernel at 4096 tokens (docs/moe_sessions.md, session 7).
             _one_token_slots: ``"lamport"`` at EP=2 with one-token tiles and ``shift`` 0: a
                 dispatch of at most one own token sends it before its loop and, when the peer
                 has at most one too, computes its slots and ``counts`` instead of taking them
                 with atomics (``ONE`` in :mod:`llmcomm.kernels.moe`). Off by default since
                 session 17: on 2 x H200 its sentinel test found a wrong count (a received row
                 missing) in a sequence of calls, and it was 0.75-1.0 us faster at one token
-                there (docs/moe.md, session 17).
+                there (docs/moe_sessions.md, session 17).
             _ce_tokens: ``"flags"`` at EP=2, interleaved, default rounds (A/B knob, off: on
                 2 x H200 it was slower, 228.6 vs 217 us for the 4096-token dispatch, although
-                the peer copy ran on a copy engine; docs/moe.md, session 17): a dispatch of at
-                least this many own tokens
+                the peer copy ran on a copy engine; docs/moe_sessions.md, session 17): a
+                dispatch of at least this many own tokens
                 sends its rows by ``Tensor.copy_`` instead of the kernel's stores -- round
                 ``r`` of every program (``round_tokens * G`` contiguous tokens) in one
                 ``copy_`` into the peer's receive buffer, then a flag, on a side stream beside
@@ -261,7 +262,7 @@ class P2PBackend(MoEBackend):
                 at 154 us for the 4096-token dispatch's bytes against 164 us for SM stores
                 alone and 217 us for the dispatch; but where the driver runs the copy as a
                 kernel (a same-device copy on one H200 did, session 17), it needs SMs the grid
-                leaves free (docs/moe.md, session 17).
+                leaves free (docs/moe_sessions.md, session 17).
         """
         super().__init__(group, cfg)
         self._sim = simulate_dir is not None
@@ -410,7 +411,7 @@ class P2PBackend(MoEBackend):
         # (a received row missing from counts, rank 0, in a sequence of calls with changing
         # token counts; tests/gpu/test_moe_p2p.py -k lamport-one), though its reference and
         # graph tests passed there and everything passed in loopback and the CPU simulation.
-        # It was 0.75-1.0 us faster at one token on 2 GPUs (docs/moe.md, session 17)
+        # It was 0.75-1.0 us faster at one token on 2 GPUs (docs/moe_sessions.md, session 17)
         if _one_token_slots is None:
             _one_token_slots = False
         self._one = bool(_one_token_slots)
@@ -527,7 +528,7 @@ class P2PBackend(MoEBackend):
         """:meth:`_consts` for the combine with roles: its warps, at most 128 registers. Keep
         the cap at 16 warps too: without it ptxas takes 117 registers and spills nothing
         (with it 128 and 12 bytes of spills; triton 3.6, sm_90a), yet the combine is slower:
-        469-501 vs 387-390 us at 4096 tokens in loopback (session 12, docs/moe.md)."""
+        469-501 vs 387-390 us at 4096 tokens in loopback (session 12, docs/moe_sessions.md)."""
         extra = {} if self._sim else {"maxnreg": 128}
         return {**self._consts(), "G": self._Gc, "CHUNK": self._chunk_c,
                 "num_warps": self._roles_warps, "NT": 32 * self._roles_warps,
