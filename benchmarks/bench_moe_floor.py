@@ -1,12 +1,13 @@
 """Data-movement floor of the p2p MoE design at large batches (EP=2, one node, NVLink).
 
 Issue 4 asks for >= 70 % of NVLink (394 GB/s one way) at 4096 tokens per rank; the p2p kernels
-reach ~50 %. This benchmark times *unsynchronised* Triton kernels that move exactly the bytes
-the p2p dispatch and combine move, with the same routing, the same ``expert_x`` contract
-(each row copied into every local expert that chose it) and the same grid, but no flags, no
-polls and no slot atomics (the receive buffers are read whatever they hold). What they take is
-a floor for any kernel of this design in Triton; the gap to the real kernels is what
-synchronisation and scheduling cost. Beside them, in the same run:
+reached ~50 % when this was written (session 7; 66 % since session 8). This benchmark times
+*unsynchronised* Triton kernels that move exactly the bytes the p2p dispatch and combine move,
+with the same routing, the same ``expert_x`` contract (each row copied into every local expert
+that chose it) and the same grid, but no flags, no polls and no slot atomics (the receive
+buffers are read whatever they hold). What they take is a floor for any kernel of this design in
+Triton; the gap to the real kernels is what synchronisation and scheduling cost. Beside them,
+in the same run:
 
 * ``wire``: rows only, ``x[t]`` stored into the peer's buffer (the dispatch's NVLink part), by
   the same kernel shape, both ranks at once;
@@ -15,6 +16,8 @@ synchronisation and scheduling cost. Beside them, in the same run:
 
 CUDA-graph replays, median of repeats, max over ranks (``benchmarks._common.time_graph``).
 Usage (2 GPUs): ``python3 benchmarks/bench_moe_floor.py [--tokens 4096] [--hidden 7168]``.
+At decode sizes (``--tokens 128 --programs 128``, likewise 1 and 64: a token a program) the same
+kernels give the floor of the small-batch target: two kernels' launches and the bytes, no polls.
 Results: ``benchmarks/results/moe_floor_ep2.json``.
 """
 

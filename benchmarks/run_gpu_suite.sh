@@ -24,6 +24,8 @@
 # STEPS="stress" (a call of its own): benchmarks/stress_moe_p2p.py, random sequences of calls
 # each checked against the reference (STRESS_VARIANTS=one, STRESS_SIZES=large, STRESS_S=400 s;
 # STRESS_ARGS=--replay: the sentinel test's call sequence over and over instead).
+# STEPS="floor_small" (~5 min cold): benchmarks/bench_moe_floor.py at 1, 64 and 128 tokens, the
+# floor the decode target sits on (docs/moe.md, "Why the targets are missed").
 # WORLD (default 2) is the TP / EP size of the benchmarks; tests/gpu picks its own (gpu4 tests,
 # e.g. PP=2 x TP=2, run when 4 GPUs are visible).
 # FlashInfer is benchmarked and tested when importable (install the wheels first; CUDA_HOME set).
@@ -91,6 +93,11 @@ case " $STEPS " in *" moe_ab_tests "*)   # a call of its own: the flags GPU test
 case " $STEPS " in *" stress "*)   # session 18: random call sequences checked after each call
   step stress_moe 570 python3 benchmarks/stress_moe_p2p.py --variants "${STRESS_VARIANTS:-one}" \
     --sizes "${STRESS_SIZES:-large}" --seconds "${STRESS_S:-400}" ${STRESS_ARGS:-} --out "$OUT" ;; esac
+case " $STEPS " in *" floor_small "*)   # session 19: the contract's data-movement floor, decode sizes
+  for t in 1 64 128; do
+    step "floor_t$t" 150 python3 benchmarks/bench_moe_floor.py --tokens "$t" --programs 128 \
+      --rungs dispatch_us,combine_us,pair_us,wire_us,expand_us --out "$OUT/floor_t$t"
+  done ;; esac
 case " $STEPS " in *" sweep "*)
   if [ "$WORLD" -gt 2 ]; then   # W>2: where Lamport / one-shot / two-shot cross (docs/kernels.md)
     step sweep_allreduce 240 python3 benchmarks/bench_allreduce.py --sweep --reps 7 --world "$WORLD" \
