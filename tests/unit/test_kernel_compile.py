@@ -154,3 +154,15 @@ def test_floor_benchmark_kernels_compile(which, consts):
 
     fn = _kernels()[("dispatch", "combine", "combine_token").index(which)]
     _compile(fn, dict(_FLOOR, **consts), _FLOOR_TYPES, 16)
+
+
+@pytest.mark.parametrize("kind", ["sum8", "all_threads", "atomic8", "first8", "row_sum"])
+def test_chain_probe_kernel_compiles(kind):
+    """``benchmarks/probe_chain_cost.py`` prices the small-batch kernels' dependent steps on a
+    device: its kernel must compile first (the kinds with reductions, atomics and asm)."""
+    from benchmarks.probe_chain_cost import KINDS, _kernel
+
+    k = _compile(_kernel(), dict(KIND=KINDS.index(kind), BLOCK_K=8, NT=256, BLOCK_H=8192),
+                 {"buf": "*i32", "cnt": "*i32", "row_ptr": "*i32", "out": "*i32", "R": "i32"},
+                 8)
+    assert "ld.global" in k.asm["ptx"]

@@ -1,0 +1,137 @@
+"""What one dependent step of a small-batch kernel costs on this GPU (one GPU, no peers).
+
+The lamport one-token dispatch spends ~5 us above a launch and one NVLink hop (docs/moe.md, "Why
+the targets are missed"): a chain of dependent steps, each a few hundred ns. This probe prices
+the kinds of step that chain is made of, so that a rewrite (Gluon, warp-specialised) can be
+budgeted before it is written. Each kernel runs ``R`` dependent steps of one kind in a loop
+(every step needs the last one's result) in ``G`` programs of ``W`` warps; a step costs
+``(t(R) - t(0)) / R``. Kinds:
+
+* ``alu``: a scalar multiply-add (the loop's own cost);
+* ``sum8``: ``tl.sum`` over an int32 ``[8]`` vector (a token's top-k ids), as the kernels'
+  masks and counts do;
+* ``pick8``: element ``k`` of an ``[8]`` vector as a scalar (``tl.max(tl.where(offs == k,
+  ...))``), as the one-token place step does for each of its K slots;
+* ``all_threads``: :func:`llmcomm.kernels.sync.every_thread_max` (a reduction over every
+  thread of the program), as the one-token poll does on every spin;
+* ``barrier``: ``tl.debug_barrier()``;
+* ``load_l1``: a dependent scalar load that hits (``buf[s & 7]``);
+* ``load_volatile``: the same load ``volatile`` (goes to L2, as a poll's does);
+* ``atomic8``: a relaxed ``[8]`` vector ``atomic_add`` whose results are used (the slot claim),
+  on a program's own counters (plus a ``tl.max`` over its ``[8]`` result);
+* ``first8``: the first position of each id among the token's ``[8]`` ids (an ``[8, 8]``
+  compare and a min over one axis, as ``_token_masks`` finds repeated ids);
+* ``row_sum``: a count over a ``[BLOCK_H]`` row (8192 elements), as a poll counts the
+  sentinels left in a row.
+
+CUDA-graph replays of ``--iters`` launches, median of ``--reps``. Usage (one GPU):
+``python3 benchmarks/probe_chain_cost.py [--warps 8,16] [--steps 64] [--out DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+KINDS = ("alu", "sum8", "pick8", "all_threads", "barrier", "load_l1", "load_volatile",
+         "atomic8", "first8", "row_sum")
+
+
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    from llmcomm.kernels.sync import every_thread_max
+
+    @triton.jit
+    def chain_kernel(buf, cnt, row_ptr, out, R, KIND: tl.constexpr, BLOCK_K: tl.constexpr,
+                     NT: tl.constexpr, BLOCK_H: tl.constexpr):
+        pid = tl.program_id(0)
+        offs = tl.arange(0, BLOCK_K)
+        v = tl.load(buf + offs)
+        if KIND == 9:
+            row = tl.load(row_ptr + tl.arange(0, BLOCK_H))
+        s = tl.load(buf + BLOCK_K + pid % BLOCK_K)
+        for _ in range(R):
+            if KIND == 0:
+                s = s * 1664525 + 1013904223
+            elif KIND == 1:
+                s = tl.sum(v ^ s, axis=0)
+            elif KIND == 2:
+                s = tl.max(tl.where(offs == (s & (BLOCK_K - 1)), v ^ s, -2147483648), axis=0)
+            elif KIND == 3:
+                s = every_thread_max(s ^ 5, NT, True)
+            elif KIND == 4:
+                tl.debug_barrier()
+                s = s * 1664525 + 1013904223
+            elif KIND == 5:
+                s = tl.load(buf + (s & (BLOCK_K - 1)))
+            elif KIND == 6:
+                s = tl.load(buf + (s & (BLOCK_K - 1)), volatile=True)
+            elif KIND == 7:
+                slot = tl.atomic_add(cnt + pid * BLOCK_K + offs, (s & 1) + offs * 0,
+                                     sem="relaxed", scope="gpu")
+                s = tl.max(slot, axis=0) & 7
+            elif KIND == 8:
+                ids = v ^ (s & 3)
+                same = ids[:, None] == ids[None, :]
+                first = tl.min(tl.where(same, offs[None, :], BLOCK_K), axis=1)
+                s = tl.sum(first ^ s, axis=0)
+            else:
+                s = tl.sum(((row ^ s) < 0).to(tl.int32), axis=0)
+        tl.store(out + pid, s)
+
+    return chain_kernel
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--warps", default="8,16")
+    ap.add_argument("--programs", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = ap.parse_args()
+
+    import torch
+
+    from benchmarks._common import environment, time_graph
+
+    kern = _kernel()
+    G, K = args.programs, 8
+    buf = torch.randint(0, 1 << 20, (2 * K,), dtype=torch.int32, device="cuda")
+    buf[K:] = torch.arange(K, dtype=torch.int32, device="cuda")   # starting values, not 0
+    cnt = torch.zeros(G * K, dtype=torch.int32, device="cuda")
+    row = torch.randint(-(1 << 30), 1 << 30, (8192,), dtype=torch.int32, device="cuda")
+    out = torch.empty(G, dtype=torch.int32, device="cuda")
+    rows = []
+    for warps in [int(w) for w in args.warps.split(",")]:
+        for i, kind in enumerate(KINDS):
+            def run(R, i=i, warps=warps):
+                kern[(G,)](buf, cnt, row, out, R, KIND=i, BLOCK_K=K, NT=32 * warps,
+                           BLOCK_H=8192, num_warps=warps)
+            t = {}
+            for R in (0, args.steps):
+                run(R)
+                torch.cuda.synchronize()
+                t[R] = time_graph(lambda R=R, run=run: run(R), iters=args.iters,
+                                  reps=args.reps)
+            row = {"warps": warps, "kind": kind, "us_at_0": round(t[0], 3),
+                   f"us_at_{args.steps}": round(t[args.steps], 3),
+                   "ns_per_step": round(1000 * (t[args.steps] - t[0]) / args.steps, 1)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "probe_chain_cost.json")
+    with open(path, "w") as f:
+        json.dump({"meta": environment(), "args": vars(args), "rows": rows}, f, indent=1)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
