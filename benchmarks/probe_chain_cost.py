@@ -22,7 +22,11 @@ budgeted before it is written. Each kernel runs ``R`` dependent steps of one kin
 * ``first8``: the first position of each id among the token's ``[8]`` ids (an ``[8, 8]``
   compare and a min over one axis, as ``_token_masks`` finds repeated ids);
 * ``row_sum``: a count over a ``[BLOCK_H]`` row (8192 elements), as a poll counts the
-  sentinels left in a row.
+  sentinels left in a row;
+* ``load_volatile_own``: ``load_volatile`` on an address of the program's own (every program
+  above loads the same few), as a poll of a program's own count slot;
+* ``poll_row``: one spin of a row poll: the program's own ``[BLOCK_H]`` row loaded
+  ``volatile``, its sentinels counted (the next address depends on the count).
 
 CUDA-graph replays of ``--iters`` launches, median of ``--reps``. Usage (one GPU):
 ``python3 benchmarks/probe_chain_cost.py [--warps 8,16] [--steps 64] [--out DIR]``.
@@ -38,7 +42,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 KINDS = ("alu", "sum8", "pick8", "all_threads", "barrier", "load_l1", "load_volatile",
-         "atomic8", "first8", "row_sum")
+         "atomic8", "first8", "row_sum", "load_volatile_own", "poll_row")
 
 
 def _kernel():
@@ -81,8 +85,14 @@ def _kernel():
                 same = ids[:, None] == ids[None, :]
                 first = tl.min(tl.where(same, offs[None, :], BLOCK_K), axis=1)
                 s = tl.sum(first ^ s, axis=0)
-            else:
+            elif KIND == 9:
                 s = tl.sum(((row ^ s) < 0).to(tl.int32), axis=0)
+            elif KIND == 10:
+                s = tl.load(row_ptr + pid * 64 + (s & (BLOCK_K - 1)), volatile=True)
+            else:
+                r = tl.load(row_ptr + pid * BLOCK_H + (s & 1) + tl.arange(0, BLOCK_H),
+                            volatile=True)
+                s = tl.sum((r < 0).to(tl.int32), axis=0)
         tl.store(out + pid, s)
 
     return chain_kernel
@@ -107,7 +117,7 @@ def main() -> None:
     buf = torch.randint(0, 1 << 20, (2 * K,), dtype=torch.int32, device="cuda")
     buf[K:] = torch.arange(K, dtype=torch.int32, device="cuda")   # starting values, not 0
     cnt = torch.zeros(G * K, dtype=torch.int32, device="cuda")
-    row = torch.randint(-(1 << 30), 1 << 30, (8192,), dtype=torch.int32, device="cuda")
+    row = torch.randint(-(1 << 30), 1 << 30, (G * 8192 + 1,), dtype=torch.int32, device="cuda")
     out = torch.empty(G, dtype=torch.int32, device="cuda")
     rows = []
     for warps in [int(w) for w in args.warps.split(",")]:
@@ -121,11 +131,11 @@ def main() -> None:
                 torch.cuda.synchronize()
                 t[R] = time_graph(lambda R=R, run=run: run(R), iters=args.iters,
                                   reps=args.reps)
-            row = {"warps": warps, "kind": kind, "us_at_0": round(t[0], 3),
+            res = {"warps": warps, "kind": kind, "us_at_0": round(t[0], 3),
                    f"us_at_{args.steps}": round(t[args.steps], 3),
                    "ns_per_step": round(1000 * (t[args.steps] - t[0]) / args.steps, 1)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            rows.append(res)
+            print(json.dumps(res), flush=True)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "probe_chain_cost.json")
     with open(path, "w") as f:

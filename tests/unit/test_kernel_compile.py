@@ -156,7 +156,7 @@ def test_floor_benchmark_kernels_compile(which, consts):
     _compile(fn, dict(_FLOOR, **consts), _FLOOR_TYPES, 16)
 
 
-@pytest.mark.parametrize("kind", ["sum8", "all_threads", "atomic8", "first8", "row_sum"])
+@pytest.mark.parametrize("kind", ["sum8", "all_threads", "atomic8", "first8", "row_sum", "poll_row"])
 def test_chain_probe_kernel_compiles(kind):
     """``benchmarks/probe_chain_cost.py`` prices the small-batch kernels' dependent steps on a
     device: its kernel must compile first (the kinds with reductions, atomics and asm)."""
