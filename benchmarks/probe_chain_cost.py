@@ -26,7 +26,8 @@ budgeted before it is written. Each kernel runs ``R`` dependent steps of one kin
 * ``load_volatile_own``: ``load_volatile`` on an address of the program's own (every program
   above loads the same few), as a poll of a program's own count slot;
 * ``poll_row``: one spin of a row poll: the program's own ``[BLOCK_H]`` row loaded
-  ``volatile``, its sentinels counted (the next address depends on the count).
+  ``volatile`` (16-byte vectors, as the kernels' row polls compile), its sentinels counted (the
+  next address depends on the count).
 
 CUDA-graph replays of ``--iters`` launches, median of ``--reps``. Usage (one GPU):
 ``python3 benchmarks/probe_chain_cost.py [--warps 8,16] [--steps 64] [--out DIR]``.
@@ -90,7 +91,7 @@ def _kernel():
             elif KIND == 10:
                 s = tl.load(row_ptr + pid * 64 + (s & (BLOCK_K - 1)), volatile=True)
             else:
-                r = tl.load(row_ptr + pid * BLOCK_H + (s & 1) + tl.arange(0, BLOCK_H),
+                r = tl.load(row_ptr + pid * BLOCK_H + (s & 1) * 16 + tl.arange(0, BLOCK_H),
                             volatile=True)
                 s = tl.sum((r < 0).to(tl.int32), axis=0)
         tl.store(out + pid, s)
@@ -101,6 +102,7 @@ def _kernel():
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--warps", default="8,16")
+    ap.add_argument("--kinds", default=",".join(KINDS))
     ap.add_argument("--programs", type=int, default=128)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--iters", type=int, default=20)
@@ -117,11 +119,13 @@ def main() -> None:
     buf = torch.randint(0, 1 << 20, (2 * K,), dtype=torch.int32, device="cuda")
     buf[K:] = torch.arange(K, dtype=torch.int32, device="cuda")   # starting values, not 0
     cnt = torch.zeros(G * K, dtype=torch.int32, device="cuda")
-    row = torch.randint(-(1 << 30), 1 << 30, (G * 8192 + 1,), dtype=torch.int32, device="cuda")
+    row = torch.randint(-(1 << 30), 1 << 30, (G * 8192 + 16,), dtype=torch.int32, device="cuda")
     out = torch.empty(G, dtype=torch.int32, device="cuda")
     rows = []
     for warps in [int(w) for w in args.warps.split(",")]:
         for i, kind in enumerate(KINDS):
+            if kind not in args.kinds.split(","):
+                continue
             def run(R, i=i, warps=warps):
                 kern[(G,)](buf, cnt, row, out, R, KIND=i, BLOCK_K=K, NT=32 * warps,
                            BLOCK_H=8192, num_warps=warps)
