@@ -74,6 +74,10 @@ SWEEP = {
     "lam_noone": ({"protocol": "lamport", "_one_token_slots": False}, None),
     # ... and with it (off by default since session 17: a wrong count on 2 GPUs)
     "lam_one": ({"protocol": "lamport", "_one_token_slots": True}, None),
+    # lamport with programmatic dependent launch: the next kernel's launch overlaps this one's
+    # tail (session 19: an empty kernel costs ~1.1-1.5 us a launch in a graph; PDL was last
+    # timed in sessions 2-3, on the flags kernels of then)
+    "lam_pdl": ({"protocol": "lamport", "pdl": True}, None),
     # flags rounds phased (send the round, signal, copy own, receive), as before session 7,
     # instead of interleaved token by token (the default)
     "phased": ({"protocol": "flags", "interleave": False}, None),

@@ -24,6 +24,7 @@
 # STEPS="stress" (a call of its own): benchmarks/stress_moe_p2p.py, random sequences of calls
 # each checked against the reference (STRESS_VARIANTS=one, STRESS_SIZES=large, STRESS_S=400 s;
 # STRESS_ARGS=--replay: the sentinel test's call sequence over and over instead).
+# STEPS="moe_ab_pdl": the lamport decode pair with and without PDL at 1-128 tokens, both orders.
 # STEPS="floor_small" (~5 min cold): benchmarks/bench_moe_floor.py at 1, 64 and 128 tokens, the
 # floor the decode target sits on (docs/moe.md, "Why the targets are missed").
 # WORLD (default 2) is the TP / EP size of the benchmarks; tests/gpu picks its own (gpu4 tests,
@@ -93,6 +94,11 @@ case " $STEPS " in *" moe_ab_tests "*)   # a call of its own: the flags GPU test
 case " $STEPS " in *" stress "*)   # session 18: random call sequences checked after each call
   step stress_moe 570 python3 benchmarks/stress_moe_p2p.py --variants "${STRESS_VARIANTS:-one}" \
     --sizes "${STRESS_SIZES:-large}" --seconds "${STRESS_S:-400}" ${STRESS_ARGS:-} --out "$OUT" ;; esac
+case " $STEPS " in *" moe_ab_pdl "*)   # session 19: the lamport pair with PDL, both orders (~4 min cold)
+  step ab_pdl_a 220 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1,8,64,128 \
+    --sweep-only lam,lam_pdl --out "$OUT/ab_pdl_a"
+  step ab_pdl_b 120 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1,8,64,128 \
+    --sweep-only lam_pdl,lam --out "$OUT/ab_pdl_b" ;; esac
 case " $STEPS " in *" floor_small "*)   # session 19: the contract's data-movement floor, decode sizes
   for t in 1 64 128; do
     step "floor_t$t" 150 python3 benchmarks/bench_moe_floor.py --tokens "$t" --programs 128 \
