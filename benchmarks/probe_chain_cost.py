@@ -50,11 +50,14 @@ def _kernel():
     import triton
     import triton.language as tl
 
-    from llmcomm.kernels.sync import every_thread_max
+    from llmcomm.kernels.sync import every_thread_max, pdl_launch_dependents, pdl_wait
 
     @triton.jit
     def chain_kernel(buf, cnt, row_ptr, out, R, KIND: tl.constexpr, BLOCK_K: tl.constexpr,
-                     NT: tl.constexpr, BLOCK_H: tl.constexpr):
+                     NT: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr = False):
+        if PDL:   # as the kernels' PDL variant: nothing is touched before the previous grid ends
+            pdl_wait()
+            pdl_launch_dependents()
         pid = tl.program_id(0)
         offs = tl.arange(0, BLOCK_K)
         v = tl.load(buf + offs)
@@ -103,6 +106,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--warps", default="8,16")
     ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--pdl", action="store_true",
+                    help="launch with programmatic dependent launch (the kernel waits for the "
+                         "previous grid first, as the p2p kernels' PDL variant): t(0) is then "
+                         "the cost of a launch that overlaps the previous kernel's tail")
     ap.add_argument("--programs", type=int, default=128)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--iters", type=int, default=20)
@@ -128,14 +135,15 @@ def main() -> None:
                 continue
             def run(R, i=i, warps=warps):
                 kern[(G,)](buf, cnt, row, out, R, KIND=i, BLOCK_K=K, NT=32 * warps,
-                           BLOCK_H=8192, num_warps=warps)
+                           BLOCK_H=8192, PDL=args.pdl, num_warps=warps,
+                           **({"launch_pdl": True} if args.pdl else {}))
             t = {}
             for R in (0, args.steps):
                 run(R)
                 torch.cuda.synchronize()
                 t[R] = time_graph(lambda R=R, run=run: run(R), iters=args.iters,
                                   reps=args.reps)
-            res = {"warps": warps, "kind": kind, "us_at_0": round(t[0], 3),
+            res = {"warps": warps, "kind": kind, "pdl": args.pdl, "us_at_0": round(t[0], 3),
                    f"us_at_{args.steps}": round(t[args.steps], 3),
                    "ns_per_step": round(1000 * (t[args.steps] - t[0]) / args.steps, 1)}
             rows.append(res)
