@@ -41,6 +41,9 @@ CONFIGS = {
     # a step; 2 x SMs // (2 * world) programs a rank, the dispatch keeps its grid), rounds of 8
     "croles4096r8": (4096, {"protocol": "flags", "_combine_roles": True, "round_tokens": 8}),
     "croles4096": (4096, {"protocol": "flags", "_combine_roles": True}),   # default round rule
+    # programmatic dependent launch on the decode pair (session 19; in loopback the rank
+    # streams' fork and join sit between a rank's kernels, which PDL may not overlap)
+    "lamport128pdl": (128, {"pdl": True}),
     # A/B candidate (session 17): dispatches of 2048+ tokens send their rows by copy engine
     "ce4096": (4096, {"protocol": "flags", "_ce_tokens": 2048}),
 }
