@@ -6,10 +6,14 @@ half the SMs each (``num_programs`` defaults to ``SMs // world``), sharing one G
 stream fork and join per call. Not a bound on the 2-GPU figures in either direction (one H200:
 21.0 us for the decode pair at one token vs 15.5 on 2 x H200; see :mod:`llmcomm.moe.loopback`):
 use it for A/Bs of kernel changes where only one GPU is lent. The 2-GPU figures are
-``bench_moe.py``'s. Every figure is a CUDA-graph replay of ``iters``
-back-to-back calls of every rank (fork/join over the rank streams), median of 7 replays; each
-(config, tokens) is checked once against the dense float64 reference before it is timed
-(identity experts: ``y = x * sum_k w``). Inputs bf16, routing uniform random top-k.
+``bench_moe.py``'s. Every figure is a CUDA-graph replay of ``iters`` back-to-back calls of every
+rank (fork/join over the rank streams), median of 7 replays; each (config, tokens) is checked
+once against the dense float64 reference before it is timed (identity experts: ``y = x * sum_k
+w``). Inputs bf16, routing uniform random top-k. ``pair_free_us`` (session 19): the same pairs
+with the rank streams forked once before all of them and joined once after
+(:func:`_free_pairs`), so each rank's kernels follow each other on its stream as on its own GPU
+-- no fork/join between calls, and PDL (``lamport128pdl``) can overlap a kernel's launch with
+the previous one's tail.
 
     python3 benchmarks/bench_moe_loopback.py                       # hidden 7168 / 256 experts
     python3 benchmarks/bench_moe_loopback.py --configs lamport128 --tokens 1,8
@@ -76,6 +80,25 @@ def _check(lb, xs, ids, ws):
     return max(errs)
 
 
+def _free_pairs(lb, xs, ids, ws, n):
+    """``n`` dispatch + combine pairs of every rank on its own stream, forked once before them
+    and joined once after (``Loopback`` forks and joins around every call): the rank streams run
+    free, as on one GPU per rank, and a rank's kernels follow each other on one stream, so PDL
+    can overlap them. Identity experts (``expert_out = expert_x``)."""
+    import torch
+
+    cur = torch.cuda.current_stream()
+    for s in lb.streams:
+        s.wait_stream(cur)
+    for r, (be, s) in enumerate(zip(lb.backends, lb.streams)):
+        with torch.cuda.stream(s):
+            for _ in range(n):
+                ex, _, state = be.dispatch(xs[r], ids[r], ws[r])
+                be.combine(ex, state, xs[r].shape[0])
+    for s in lb.streams:
+        cur.wait_stream(s)
+
+
 def run(args) -> list[dict]:
     import torch
 
@@ -98,6 +121,7 @@ def run(args) -> list[dict]:
                 print(f"{name:>10} T={T:<5} CHECK FAILED: {e}", flush=True)
                 rows.append({"config": name, "hidden": H, "tokens": T, "M": M,
                              "protocol": be0.protocol, "programs": be0.G, "pair_us": None,
+                             "pair_free_us": None,
                              "dispatch_us": None, "combine_us": None, "rel_err": None})
                 continue
             if args.check_only:
@@ -111,6 +135,7 @@ def run(args) -> list[dict]:
                 lb.combine([o[0] for o in outs], outs, Ts)
 
             t_pair = time_graph(pair, iters=iters)
+            t_free = time_graph(lambda: _free_pairs(lb, xs, ids, ws, iters), iters=1) / iters
             outs = lb.dispatch(xs, ids, ws)
             t_disp = time_graph(lambda: lb.dispatch(xs, ids, ws), iters=iters)
             outs = lb.dispatch(xs, ids, ws)
@@ -118,10 +143,11 @@ def run(args) -> list[dict]:
             lb.check_errors()
             row = {"config": name, "hidden": H, "tokens": T, "M": M,
                    "protocol": be0.protocol, "programs": be0.G, "pair_us": round(t_pair, 2),
-                   "dispatch_us": round(t_disp, 2), "combine_us": round(t_comb, 2),
+                   "pair_free_us": round(t_free, 2), "dispatch_us": round(t_disp, 2), "combine_us": round(t_comb, 2),
                    "rel_err": float(f"{err:.3g}")}
             rows.append(row)
             print(f"{name:>10} T={T:<5} G={be0.G:<4} {be0.protocol:>7}  pair {t_pair:8.2f} us  "
+                  f"free-running {t_free:8.2f}  "
                   f"dispatch {t_disp:8.2f}  combine {t_comb:8.2f}  (check rel err {err:.2e})",
                   flush=True)
     return rows
