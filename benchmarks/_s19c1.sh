@@ -2,4 +2,4 @@ set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=src:. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-timeout 540 python3 benchmarks/bench_moe_loopback.py --configs lamport128,lamport128pdl,lamport128,lamport128pdl --tokens 1,8,64,128 --out "$OUT/lb_pdl" 2>&1; echo "loopback rc=$?"
+timeout 560 python3 benchmarks/bench_moe_loopback.py --configs lamport128,lamport128pdl,lamport128one,lamport128,lamport128pdl,lamport128one --tokens 1,8,64 --out "$OUT/lb_free" 2>&1; echo "loopback rc=$?"
