@@ -257,6 +257,114 @@ def _loopback(names: list[str], sizes: list[str], seconds: float, seed: int,
     return results
 
 
+def _free_loopback(names: list[str], sizes: list[str], seconds: float, seed: int,
+                   batch: int = 64) -> list[dict]:
+    """Both ranks on one GPU, running free: batches of ``batch`` random calls launched on the
+    rank streams with one fork before and one join after each batch (no synchronisation between
+    the calls, so the ranks drift against each other as on two GPUs -- :class:`Loopback`'s own
+    calls fork and join around every call). Experts are the identity (nothing on the host
+    between a dispatch and its combine); each call's ``counts`` and combine output are copied
+    aside on the rank's stream and checked after the batch, then the "last program out" state
+    and the lamport slots."""
+    import random
+
+    import torch
+
+    from llmcomm.errors import CollectiveTimeoutError
+    from llmcomm.moe.dispatcher import warm_token_counts
+    from llmcomm.moe.loopback import Loopback
+    from llmcomm.moe.reference import check_combine_output, reference_combine, reference_dispatch
+    from tests.distributed._moe_cases import make_inputs
+
+    results = []
+    for name in names:
+        kw = dict(VARIANTS[name])
+        for cfg in [CONFIGS[z] for z in sizes]:
+            E, K, H, M, dt = cfg
+            dtype = getattr(torch, dt)
+            lb = Loopback(2, E, K, H, M, dtype, **kw)
+            t0 = time.monotonic()
+            for be in lb.backends:
+                be.warmup(warm_token_counts(M), (torch.int32, torch.int64), torch.float32)
+            print(f"  {name} E={E} H={H} (free-running): warmup {time.monotonic() - t0:.0f} s",
+                  flush=True)
+            rng = random.Random(seed)
+            choices = [0, 1, 1, 1, 2, 3, 8, 17, M]
+            n, fail, t0 = 0, None, time.monotonic()
+            while fail is None and time.monotonic() - t0 < seconds:
+                calls = []
+                for _ in range(batch):
+                    toks = [min(rng.choice(choices), M) for _ in range(2)]
+                    routing = rng.choice(["random", "random", "random", "dups", "one_expert"])
+                    inputs = make_inputs(rng.randrange(1 << 30), 2, toks, E, K, H, dtype,
+                                         routing)
+                    calls.append((toks, routing, inputs,
+                                  [[t.cuda() for t in inputs[r]] for r in range(2)]))
+                counts = [[None] * batch for _ in range(2)]
+                ys = [[None] * batch for _ in range(2)]
+                cur = torch.cuda.current_stream()
+                for st in lb.streams:
+                    st.wait_stream(cur)
+                order = [(r, i) for r in range(2) for i in range(batch)]   # rank after rank
+                if rng.random() < 0.5:                                    # or call after call
+                    order.sort(key=lambda ri: ri[1])
+                for r, i in order:
+                    be, (x, ids, w) = lb.backends[r], calls[i][3][r]
+                    with torch.cuda.stream(lb.streams[r]):
+                        ex, cnt, state = be.dispatch(x, ids, w)
+                        counts[r][i] = cnt.clone()
+                        ys[r][i] = be.combine(ex, state, x.shape[0])   # identity experts
+                for st in lb.streams:
+                    cur.wait_stream(st)
+                msg = ""
+                try:
+                    lb.check_errors()
+                except CollectiveTimeoutError as e:
+                    msg = f"raised: {e}"
+                bad_call = None
+                for i in range(batch if not msg else 0):
+                    toks, routing, inputs, _ = calls[i]
+                    for r in range(2):
+                        ref = reference_dispatch([c[1] for c in inputs], E, r)
+                        want = [len(ref[le]) for le in range(len(ref))]
+                        got = counts[r][i].cpu().tolist()
+                        off = [(le, got[le], want[le]) for le in range(len(want))
+                               if got[le] != want[le]]
+                        if off:
+                            msg = f"rank {r} counts off (expert, count, expected): {off[:8]}"
+                        else:
+                            x, ids, w = inputs[r]
+                            try:
+                                check_combine_output(ys[r][i], reference_combine(
+                                    x, ids, w, expert_fn=lambda e, rows: rows), dtype,
+                                    what=f"rank {r} combine")
+                            except AssertionError as e:
+                                msg = str(e)
+                        if msg:
+                            bad_call = i
+                            break
+                    if msg:
+                        break
+                left = [] if msg.startswith("raised") else [
+                    b for r, be in enumerate(lb.backends)
+                    for b in _state(be, r, kw.get("protocol") == "lamport")]
+                if msg or left:
+                    i = batch - 1 if bad_call is None else bad_call
+                    fail = {"call": n + i, "tokens": calls[i][0], "routing": calls[i][1],
+                            "before": [c[0] for c in calls[max(0, i - 5):i]],
+                            "error": msg[:600], "state": left[:6]}
+                n += batch if fail is None else (0 if bad_call is None else bad_call + 1)
+                if fail is None and n % (8 * batch) == 0:
+                    print(f"  {name} E={E} H={H}: {n} calls ok ({time.monotonic() - t0:.0f} s)",
+                          flush=True)
+            res = {"variant": name, "E": E, "K": K, "H": H, "M": M, "free_running": True,
+                   "calls": n, "seconds": round(time.monotonic() - t0, 1),
+                   "first_failure": fail}
+            print(json.dumps(res), flush=True)
+            results.append(res)
+    return results
+
+
 def main() -> None:
     set_safe_env()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -272,6 +380,9 @@ def main() -> None:
                     help="the sentinel test's call sequence over and over, not random calls")
     ap.add_argument("--loopback", action="store_true",
                     help="one GPU: both ranks on it (llmcomm.moe.loopback.Loopback)")
+    ap.add_argument("--free", action="store_true",
+                    help="with --loopback: batches of calls with no synchronisation between "
+                         "them (the ranks drift as on two GPUs), checked after each batch")
     a = ap.parse_args()
     names = a.variants.split(",")
     sizes = a.sizes.split(",")
@@ -283,9 +394,12 @@ def main() -> None:
 
     budget = len(names) * len(sizes) * (a.seconds + 120) + 60
     env = {"LLMCOMM_TIMEOUT_S": a.timeout_s}
+    if a.free and not a.loopback:
+        raise SystemExit("--free needs --loopback (on 2 GPUs the ranks run free already)")
     if a.loopback:
         os.environ.setdefault("LLMCOMM_TIMEOUT_S", a.timeout_s)
-        res = [_loopback(names, sizes, a.seconds, a.seed, a.replay)]
+        res = [_free_loopback(names, sizes, a.seconds, a.seed) if a.free
+               else _loopback(names, sizes, a.seconds, a.seed, a.replay)]
     elif a.sim:   # the CPU simulation (TRITON_INTERPRET): a smoke run of this script
         import tempfile
 
