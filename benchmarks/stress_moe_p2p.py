@@ -257,6 +257,27 @@ def _loopback(names: list[str], sizes: list[str], seconds: float, seed: int,
     return results
 
 
+def _check_free(rank: int, E: int, dtype, inputs, counts, y) -> str:
+    """One call of :func:`_free_loopback` on rank ``rank``: its ``counts`` (every expert whose
+    count is off) and its combine output ``y`` with identity experts (``y = sum_k w_k x``)
+    against the reference; what failed, "" if nothing."""
+    from llmcomm.moe.reference import check_combine_output, reference_combine, reference_dispatch
+
+    ref = reference_dispatch([c[1] for c in inputs], E, rank)
+    want = [len(ref[le]) for le in range(len(ref))]
+    got = counts.cpu().tolist()
+    off = [(le, got[le], want[le]) for le in range(len(want)) if got[le] != want[le]]
+    if off:
+        return f"rank {rank} counts off (expert, count, expected): {off[:8]}"
+    x, ids, w = inputs[rank]
+    try:
+        check_combine_output(y, reference_combine(x, ids, w, expert_fn=lambda e, rows: rows),
+                             dtype, what=f"rank {rank} combine")
+    except AssertionError as e:
+        return str(e)
+    return ""
+
+
 def _free_loopback(names: list[str], sizes: list[str], seconds: float, seed: int,
                    batch: int = 64) -> list[dict]:
     """Both ranks on one GPU, running free: batches of ``batch`` random calls launched on the
@@ -273,7 +294,6 @@ def _free_loopback(names: list[str], sizes: list[str], seconds: float, seed: int
     from llmcomm.errors import CollectiveTimeoutError
     from llmcomm.moe.dispatcher import warm_token_counts
     from llmcomm.moe.loopback import Loopback
-    from llmcomm.moe.reference import check_combine_output, reference_combine, reference_dispatch
     from tests.distributed._moe_cases import make_inputs
 
     results = []
@@ -323,27 +343,10 @@ def _free_loopback(names: list[str], sizes: list[str], seconds: float, seed: int
                     msg = f"raised: {e}"
                 bad_call = None
                 for i in range(batch if not msg else 0):
-                    toks, routing, inputs, _ = calls[i]
-                    for r in range(2):
-                        ref = reference_dispatch([c[1] for c in inputs], E, r)
-                        want = [len(ref[le]) for le in range(len(ref))]
-                        got = counts[r][i].cpu().tolist()
-                        off = [(le, got[le], want[le]) for le in range(len(want))
-                               if got[le] != want[le]]
-                        if off:
-                            msg = f"rank {r} counts off (expert, count, expected): {off[:8]}"
-                        else:
-                            x, ids, w = inputs[r]
-                            try:
-                                check_combine_output(ys[r][i], reference_combine(
-                                    x, ids, w, expert_fn=lambda e, rows: rows), dtype,
-                                    what=f"rank {r} combine")
-                            except AssertionError as e:
-                                msg = str(e)
-                        if msg:
-                            bad_call = i
-                            break
+                    msg = "; ".join(m for r in range(2) if (m := _check_free(
+                        r, E, dtype, calls[i][2], counts[r][i], ys[r][i])))
                     if msg:
+                        bad_call = i
                         break
                 left = [] if msg.startswith("raised") else [
                     b for r, be in enumerate(lb.backends)
