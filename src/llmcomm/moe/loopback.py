@@ -14,11 +14,16 @@ exactly those of a real group; only the transport differs::
 
 What it is for: checking the kernels on a GPU (real code generation, real concurrency between a
 rank's programs and its "peer's", CUDA-graph capture, deadlines) on a machine with one GPU, and
-timing a kernel change against the same kernels before it (A/B). What it is not: a measurement of NVLink, nor a bound on it in either direction. Every "peer" write is
-a local store, but both ranks share one GPU's SMs (half the programs each) and HBM, and every call
-forks and joins the rank streams: measured on one H200 (session 10), the decode pair at one token
-took 21.0 us in loopback against 15.5 us on 2 x H200 over NVLink, and 789 us at 4096 tokens
-against 449. Compare loopback figures only with loopback figures (A/B of a kernel change).
+timing a kernel change against the same kernels before it (A/B). What it is not: a measurement
+of NVLink, nor a bound on it in either direction. Every "peer" write is a local store, but both
+ranks share one GPU's SMs (half the programs each) and HBM, and every call forks and joins the
+rank streams: measured on one H200 (session 10), the decode pair at one token took 21.0 us in
+loopback against 15.5 us on 2 x H200 over NVLink, and 789 us at 4096 tokens against 449. Compare
+loopback figures only with loopback figures (A/B of a kernel change). Most of the small-batch
+difference is the fork and join around every call: with the rank streams forked once before 50
+pairs and joined once after (``benchmarks/bench_moe_loopback.py``'s ``pair_free_us``, session
+19) one H200 takes 11.9-12.0 us for the one-token pair, against 12.33 on 2 x H200 (session 15;
+session 16 changed the kernels since, on one GPU only).
 
 Residency: a program of rank ``r`` waits for programs of its peers, so every program of every
 rank must be resident at once; the grid defaults to ``min(128, M, SMs // world_size)`` programs
