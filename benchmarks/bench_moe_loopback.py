@@ -50,6 +50,10 @@ CONFIGS = {
     "lamport128pdl": (128, {"pdl": True}),
     # session 16's one-token path (off by default since session 17: a wrong count on 2 GPUs)
     "lamport128one": (128, {"_one_token_slots": True}),
+    "lamport128onepdl": (128, {"_one_token_slots": True, "pdl": True}),
+    # program p receives tile p + G/2 (33 of loopback's 66 programs a rank; session 4 on
+    # 2 GPUs: 0.3-1.7 us faster at small batches, needs every program resident)
+    "lamport128shift": (128, {"shift": 33}),
     # A/B candidate (session 17): dispatches of 2048+ tokens send their rows by copy engine
     "ce4096": (4096, {"protocol": "flags", "_ce_tokens": 2048}),
 }
