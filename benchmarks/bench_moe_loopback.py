@@ -107,14 +107,18 @@ def _free_pairs(lb, xs, ids, ws, n):
 
 def _free_ok(be, T):
     """Whether :func:`_free_pairs` can run ``T`` tokens a rank with backend ``be``'s settings.
-    Not with PDL at 16 warps a program (one program an SM): PDL lets a rank's next kernel take
-    the SMs its current one leaves, and in loopback the ranks share one GPU's SMs, so that
-    kernel can starve the peer rank's current one, which its own current one waits for (call 8
-    of session 19 ran into the deadline so at 64 tokens). On one GPU per rank it cannot."""
+    With PDL only where two programs fit an SM: PDL lets a rank's next kernel take the SMs its
+    current one leaves, and in loopback the ranks share one GPU's SMs, so with one program an
+    SM that kernel can starve the peer rank's current one, which its own current one waits for.
+    Session 19 ran into the deadline so at 64 tokens (16 warps a program) and with the one-token
+    path at one token (its dispatch needs 162 registers a thread at 8 warps, the default one 128:
+    one program an SM). On one GPU per rank it cannot happen."""
     from llmcomm.moe.p2p import _lamport_warps
 
     if not be.variants["PDL"]:
         return True
+    if be._one:
+        return False
     return all(_lamport_warps(T, tb, be.G, be.combine_split, be.num_warps, be._small_warps) < 16
                for tb in be.tiles)
 
