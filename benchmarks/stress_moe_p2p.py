@@ -217,17 +217,15 @@ def _worker(rank: int, world: int, names: list[str], sizes: list[str], seconds: 
     return results
 
 
-def _loopback(names: list[str], sizes: list[str], seconds: float, seed: int,
-              replay: bool = False) -> list[dict]:
-    """Both ranks on one GPU (:class:`llmcomm.moe.loopback.Loopback`), every backend warmed
-    up first (compiling a large size's kernels would take most of the stress time)."""
+def _warm_loopbacks(names: list[str], sizes: list[str], what: str):
+    """For every variant and size: ``(name, backend kwargs, config, dtype, Loopback)``, both
+    ranks on one GPU, every backend warmed up first (compiling a large size's kernels while the
+    peers spin would take most of the stress time)."""
     import torch
 
     from llmcomm.moe.dispatcher import warm_token_counts
     from llmcomm.moe.loopback import Loopback
-    from tests.distributed._moe_cases import run_experts
 
-    results = []
     for name in names:
         kw = dict(VARIANTS[name])
         for cfg in [CONFIGS[z] for z in sizes]:
@@ -237,23 +235,36 @@ def _loopback(names: list[str], sizes: list[str], seconds: float, seed: int,
             t0 = time.monotonic()
             for be in lb.backends:
                 be.warmup(warm_token_counts(M), (torch.int32, torch.int64), torch.float32)
-            print(f"  {name} E={E} H={H}: warmup {time.monotonic() - t0:.0f} s", flush=True)
+            print(f"  {name} E={E} H={H}{what}: warmup {time.monotonic() - t0:.0f} s",
+                  flush=True)
+            yield name, kw, cfg, dtype, lb
 
-            def call(inputs):
-                xs, ids, ws = ([t.cuda() for t in z] for z in zip(*inputs))
-                outs = lb.dispatch(xs, ids, ws)
-                ys = lb.combine([run_experts(r, E, 2, o[0], o[1]) for r, o in enumerate(outs)],
-                                outs, [x.shape[0] for x in xs])
-                lb.check_errors()
-                return "; ".join(m for r in range(2)
-                                 if (m := _check(r, 2, E, inputs, dtype, outs[r], ys[r])))
 
-            res = _stress(name, cfg, seconds, seed, call,
-                          lambda: [b for r, be in enumerate(lb.backends)
-                                   for b in _state(be, r, kw.get("protocol") == "lamport")],
-                          bool, replay)
-            print(json.dumps(res), flush=True)
-            results.append(res)
+def _loopback(names: list[str], sizes: list[str], seconds: float, seed: int,
+              replay: bool = False) -> list[dict]:
+    """Both ranks on one GPU (:class:`llmcomm.moe.loopback.Loopback`), every backend warmed
+    up first (:func:`_warm_loopbacks`), each call checked as it returns."""
+    from tests.distributed._moe_cases import run_experts
+
+    results = []
+    for name, kw, cfg, dtype, lb in _warm_loopbacks(names, sizes, ""):
+        E, K, H, M, dt = cfg
+
+        def call(inputs):
+            xs, ids, ws = ([t.cuda() for t in z] for z in zip(*inputs))
+            outs = lb.dispatch(xs, ids, ws)
+            ys = lb.combine([run_experts(r, E, 2, o[0], o[1]) for r, o in enumerate(outs)],
+                            outs, [x.shape[0] for x in xs])
+            lb.check_errors()
+            return "; ".join(m for r in range(2)
+                             if (m := _check(r, 2, E, inputs, dtype, outs[r], ys[r])))
+
+        res = _stress(name, cfg, seconds, seed, call,
+                      lambda: [b for r, be in enumerate(lb.backends)
+                               for b in _state(be, r, kw.get("protocol") == "lamport")],
+                      bool, replay)
+        print(json.dumps(res), flush=True)
+        results.append(res)
     return results
 
 
@@ -292,79 +303,68 @@ def _free_loopback(names: list[str], sizes: list[str], seconds: float, seed: int
     import torch
 
     from llmcomm.errors import CollectiveTimeoutError
-    from llmcomm.moe.dispatcher import warm_token_counts
-    from llmcomm.moe.loopback import Loopback
     from tests.distributed._moe_cases import make_inputs
 
     results = []
-    for name in names:
-        kw = dict(VARIANTS[name])
-        for cfg in [CONFIGS[z] for z in sizes]:
-            E, K, H, M, dt = cfg
-            dtype = getattr(torch, dt)
-            lb = Loopback(2, E, K, H, M, dtype, **kw)
-            t0 = time.monotonic()
-            for be in lb.backends:
-                be.warmup(warm_token_counts(M), (torch.int32, torch.int64), torch.float32)
-            print(f"  {name} E={E} H={H} (free-running): warmup {time.monotonic() - t0:.0f} s",
-                  flush=True)
-            rng = random.Random(seed)
-            choices = [0, 1, 1, 1, 2, 3, 8, 17, M]
-            n, fail, t0 = 0, None, time.monotonic()
-            while fail is None and time.monotonic() - t0 < seconds:
-                calls = []
-                for _ in range(batch):
-                    toks = [min(rng.choice(choices), M) for _ in range(2)]
-                    routing = rng.choice(["random", "random", "random", "dups", "one_expert"])
-                    inputs = make_inputs(rng.randrange(1 << 30), 2, toks, E, K, H, dtype,
-                                         routing)
-                    calls.append((toks, routing, inputs,
-                                  [[t.cuda() for t in inputs[r]] for r in range(2)]))
-                counts = [[None] * batch for _ in range(2)]
-                ys = [[None] * batch for _ in range(2)]
-                cur = torch.cuda.current_stream()
-                for st in lb.streams:
-                    st.wait_stream(cur)
-                order = [(r, i) for r in range(2) for i in range(batch)]   # rank after rank
-                if rng.random() < 0.5:                                    # or call after call
-                    order.sort(key=lambda ri: ri[1])
-                for r, i in order:
-                    be, (x, ids, w) = lb.backends[r], calls[i][3][r]
-                    with torch.cuda.stream(lb.streams[r]):
-                        ex, cnt, state = be.dispatch(x, ids, w)
-                        counts[r][i] = cnt.clone()
-                        ys[r][i] = be.combine(ex, state, x.shape[0])   # identity experts
-                for st in lb.streams:
-                    cur.wait_stream(st)
-                msg = ""
-                try:
-                    lb.check_errors()
-                except CollectiveTimeoutError as e:
-                    msg = f"raised: {e}"
-                bad_call = None
-                for i in range(batch if not msg else 0):
-                    msg = "; ".join(m for r in range(2) if (m := _check_free(
-                        r, E, dtype, calls[i][2], counts[r][i], ys[r][i])))
-                    if msg:
-                        bad_call = i
-                        break
-                left = [] if msg.startswith("raised") else [
-                    b for r, be in enumerate(lb.backends)
-                    for b in _state(be, r, kw.get("protocol") == "lamport")]
-                if msg or left:
-                    i = batch - 1 if bad_call is None else bad_call
-                    fail = {"call": n + i, "tokens": calls[i][0], "routing": calls[i][1],
-                            "before": [c[0] for c in calls[max(0, i - 5):i]],
-                            "error": msg[:600], "state": left[:6]}
-                n += batch if fail is None else (0 if bad_call is None else bad_call + 1)
-                if fail is None and n % (8 * batch) == 0:
-                    print(f"  {name} E={E} H={H}: {n} calls ok ({time.monotonic() - t0:.0f} s)",
-                          flush=True)
-            res = {"variant": name, "E": E, "K": K, "H": H, "M": M, "free_running": True,
-                   "calls": n, "seconds": round(time.monotonic() - t0, 1),
-                   "first_failure": fail}
-            print(json.dumps(res), flush=True)
-            results.append(res)
+    for name, kw, cfg, dtype, lb in _warm_loopbacks(names, sizes, " (free-running)"):
+        E, K, H, M, dt = cfg
+        rng = random.Random(seed)
+        choices = [0, 1, 1, 1, 2, 3, 8, 17, M]
+        n, fail, t0 = 0, None, time.monotonic()
+        while fail is None and time.monotonic() - t0 < seconds:
+            calls = []
+            for _ in range(batch):
+                toks = [min(rng.choice(choices), M) for _ in range(2)]
+                routing = rng.choice(["random", "random", "random", "dups", "one_expert"])
+                inputs = make_inputs(rng.randrange(1 << 30), 2, toks, E, K, H, dtype,
+                                     routing)
+                calls.append((toks, routing, inputs,
+                              [[t.cuda() for t in inputs[r]] for r in range(2)]))
+            counts = [[None] * batch for _ in range(2)]
+            ys = [[None] * batch for _ in range(2)]
+            cur = torch.cuda.current_stream()
+            for st in lb.streams:
+                st.wait_stream(cur)
+            order = [(r, i) for r in range(2) for i in range(batch)]   # rank after rank
+            if rng.random() < 0.5:                                    # or call after call
+                order.sort(key=lambda ri: ri[1])
+            for r, i in order:
+                be, (x, ids, w) = lb.backends[r], calls[i][3][r]
+                with torch.cuda.stream(lb.streams[r]):
+                    ex, cnt, state = be.dispatch(x, ids, w)
+                    counts[r][i] = cnt.clone()
+                    ys[r][i] = be.combine(ex, state, x.shape[0])   # identity experts
+            for st in lb.streams:
+                cur.wait_stream(st)
+            msg = ""
+            try:
+                lb.check_errors()
+            except CollectiveTimeoutError as e:
+                msg = f"raised: {e}"
+            bad_call = None
+            for i in range(batch if not msg else 0):
+                msg = "; ".join(m for r in range(2) if (m := _check_free(
+                    r, E, dtype, calls[i][2], counts[r][i], ys[r][i])))
+                if msg:
+                    bad_call = i
+                    break
+            left = [] if msg.startswith("raised") else [
+                b for r, be in enumerate(lb.backends)
+                for b in _state(be, r, kw.get("protocol") == "lamport")]
+            if msg or left:
+                i = batch - 1 if bad_call is None else bad_call
+                fail = {"call": n + i, "tokens": calls[i][0], "routing": calls[i][1],
+                        "before": [c[0] for c in calls[max(0, i - 5):i]],
+                        "error": msg[:600], "state": left[:6]}
+            n += batch if fail is None else (0 if bad_call is None else bad_call + 1)
+            if fail is None and n % (8 * batch) == 0:
+                print(f"  {name} E={E} H={H}: {n} calls ok ({time.monotonic() - t0:.0f} s)",
+                      flush=True)
+        res = {"variant": name, "E": E, "K": K, "H": H, "M": M, "free_running": True,
+               "calls": n, "seconds": round(time.monotonic() - t0, 1),
+               "first_failure": fail}
+        print(json.dumps(res), flush=True)
+        results.append(res)
     return results
 
 
