@@ -45,13 +45,13 @@ CONFIGS = {
     # a step; 2 x SMs // (2 * world) programs a rank, the dispatch keeps its grid), rounds of 8
     "croles4096r8": (4096, {"protocol": "flags", "_combine_roles": True, "round_tokens": 8}),
     "croles4096": (4096, {"protocol": "flags", "_combine_roles": True}),   # default round rule
-    # programmatic dependent launch on the decode pair (session 19; in loopback the rank
-    # streams' fork and join sit between a rank's kernels, which PDL may not overlap)
+    # programmatic dependent launch on the decode pair (session 19: in pair_free_us -0.6..-1.0
+    # us at one token; nothing in pair_us, whose fork and join sit between a rank's kernels)
     "lamport128pdl": (128, {"pdl": True}),
     # session 16's one-token path (off by default since session 17: a wrong count on 2 GPUs)
     "lamport128one": (128, {"_one_token_slots": True}),
     "lamport128onepdl": (128, {"_one_token_slots": True, "pdl": True}),
-    # program p receives tile p + G/2 (33 of loopback's 66 programs a rank; session 4 on
+    # program p receives tile p + G/2 (33 of the 66 programs a rank of a 132-SM GPU; session 4 on
     # 2 GPUs: 0.3-1.7 us faster at small batches, needs every program resident)
     "lamport128shift": (128, {"shift": 33}),
     # A/B candidate (session 17): dispatches of 2048+ tokens send their rows by copy engine

@@ -10,8 +10,8 @@
 # The one-GPU loopback tests (tests/gpu/test_moe_loopback.py, for machines without a second
 # GPU) are not in "tests": STEPS="loopback" runs them (~20 min cold: over one call, so name
 # tests with PYTEST_K, e.g. PYTEST_K=lamport).
-# STEPS="moe_ab" (not in the default): the A/Bs left open by session 11 (docs/moe_sessions.md), two
-# off-by-default knobs against the default at 1024 and 4096 tokens, dispatch / combine alone, in
+# STEPS="moe_ab" (not in the default): the A/Bs left open by session 11 (docs/moe_sessions.md),
+# two off-by-default knobs against the default at 1024 and 4096 tokens, dispatch / combine alone, in
 # both orders: flags rounds sized per call from the batch (rt), and the combine's push and finish
 # in separate programs (croles, croles_r8: min(G, SMs / 2) programs a role), ~6 min; then, in
 # a call of its own, STEPS="moe_ab_tests": the flags GPU tests. STEPS="moe_ab_decode": session
@@ -99,7 +99,7 @@ case " $STEPS " in *" moe_ab_pdl "*)   # session 19: the lamport pair with PDL, 
     --sweep-only lam,lam_pdl --out "$OUT/ab_pdl_a"
   step ab_pdl_b 120 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1,8,64,128 \
     --sweep-only lam_pdl,lam --out "$OUT/ab_pdl_b" ;; esac
-case " $STEPS " in *" floor_small "*)   # session 19: the contract's data-movement floor, decode sizes
+case " $STEPS " in *" floor_small "*)   # session 19: the data-movement floor at decode sizes
   for t in 1 64 128; do
     step "floor_t$t" 150 python3 benchmarks/bench_moe_floor.py --tokens "$t" --programs 128 \
       --rungs dispatch_us,combine_us,pair_us,wire_us,expand_us --out "$OUT/floor_t$t"

@@ -44,9 +44,9 @@ VARIANTS = {
     "flags-g8": {"protocol": "flags", "num_programs": 8},
 }
 #: size -> (experts, top_k, hidden, max tokens per rank, dtype name): "small" and "large" are
-#: session 17's sentinel test sizes; "large64" is the large size at 64 tokens, whose grid (64 programs) fits loopback on one GPU
-#: (66 programs a rank on 132 SMs) with one peer token a program at T = 64, as "large" has on
-#: two GPUs (96 programs)
+#: session 17's sentinel test sizes; "large64" is the large size at 64 tokens, whose grid (64
+#: programs) fits loopback on one GPU (66 programs a rank on 132 SMs) with one peer token a
+#: program at T = 64, as "large" has on two GPUs (96 programs)
 CONFIGS = {"small": (16, 3, 264, 40, "float32"), "large": (256, 8, 7168, 96, "bfloat16"),
            "large64": (256, 8, 7168, 64, "bfloat16")}
 SIM_CONFIGS = ((16, 3, 40, 13, "float32"),)
