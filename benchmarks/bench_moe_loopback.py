@@ -112,10 +112,16 @@ def _free_ok(be, T):
     SM that kernel can starve the peer rank's current one, which its own current one waits for.
     Session 19 ran into the deadline so at 64 tokens (16 warps a program) and with the one-token
     path at one token (its dispatch needs 162 registers a thread at 8 warps, the default one 128:
-    one program an SM). On one GPU per rank it cannot happen."""
+    one program an SM). On one GPU per rank it cannot happen. A grid small enough for two
+    kernels of every rank at one program an SM (``--programs`` <= SMs / 4 at EP=2) is safe."""
+    import torch
+
     from llmcomm.moe.p2p import _lamport_warps
 
     if not be.variants["PDL"]:
+        return True
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    if 2 * be.cfg.world_size * be.G <= sms:
         return True
     if be._one:
         return False
