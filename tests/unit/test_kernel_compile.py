@@ -156,13 +156,17 @@ def test_floor_benchmark_kernels_compile(which, consts):
     _compile(fn, dict(_FLOOR, **consts), _FLOOR_TYPES, 16)
 
 
-@pytest.mark.parametrize("kind", ["sum8", "all_threads", "atomic8", "first8", "row_sum", "poll_row"])
-def test_chain_probe_kernel_compiles(kind):
+@pytest.mark.parametrize("kind, pdl", [("sum8", False), ("all_threads", False),
+                                       ("atomic8", False), ("first8", False),
+                                       ("row_sum", False), ("poll_row", False), ("alu", True)])
+def test_chain_probe_kernel_compiles(kind, pdl):
     """``benchmarks/probe_chain_cost.py`` prices the small-batch kernels' dependent steps on a
-    device: its kernel must compile first (the kinds with reductions, atomics and asm)."""
+    device: its kernel must compile first (the kinds with reductions, atomics and asm, and its
+    PDL variant)."""
     from benchmarks.probe_chain_cost import KINDS, _kernel
 
-    k = _compile(_kernel(), dict(KIND=KINDS.index(kind), BLOCK_K=8, NT=256, BLOCK_H=8192),
+    k = _compile(_kernel(), dict(KIND=KINDS.index(kind), BLOCK_K=8, NT=256, BLOCK_H=8192,
+                                 PDL=pdl),
                  {"buf": "*i32", "cnt": "*i32", "row_ptr": "*i32", "out": "*i32", "R": "i32"},
                  8)
     assert "ld.global" in k.asm["ptx"]
