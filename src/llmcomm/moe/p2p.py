@@ -212,6 +212,10 @@ class P2PBackend(MoEBackend):
                 GPU (fastest in the session-3 sweep at every size), off in the simulation
                 (inline PTX).
             pdl: programmatic dependent launch (``PDL``, sm_90+), off by default. Both protocols.
+                Sessions 2-3 (2 GPUs, the flags kernels of then): mixed at one token, slower at
+                8-4096. Session 19 (free-running loopback, lamport): 0.6-1.2 us faster a pair at
+                1-8 tokens where the next kernel's programs fit beside the current ones;
+                untimed on 2 GPUs since (docs/moe_sessions.md).
             protocol: ``"auto"`` (default: :func:`llmcomm.policy.ep_p2p_protocol` -- lamport
                 for small dispatchers at EP=2, flags otherwise; a flags-only knob given picks
                 flags, ``shift`` picks lamport), ``"flags"`` (per-program monotonic flags,
