@@ -116,6 +116,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
+    unknown = [k for k in args.kinds.split(",") if k not in KINDS]
+    if unknown:
+        raise SystemExit(f"unknown --kinds {unknown}; expected some of {list(KINDS)}")
 
     import torch
 
@@ -133,6 +136,7 @@ def main() -> None:
         for i, kind in enumerate(KINDS):
             if kind not in args.kinds.split(","):
                 continue
+
             def run(R, i=i, warps=warps):
                 kern[(G,)](buf, cnt, row, out, R, KIND=i, BLOCK_K=K, NT=32 * warps,
                            BLOCK_H=8192, PDL=args.pdl, num_warps=warps,
@@ -151,7 +155,7 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "probe_chain_cost.json")
     with open(path, "w") as f:
-        json.dump({"meta": environment(), "args": vars(args), "rows": rows}, f, indent=1)
+        json.dump({"meta": environment(), "argv": sys.argv, "args": vars(args), "rows": rows}, f, indent=1)
     print(f"wrote {path}")
 
 
