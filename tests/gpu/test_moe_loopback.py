@@ -36,6 +36,8 @@ VARIANTS = {
     # the one-token path (opt-in: off by default since session 17), with the extra
     # reference cases of ONE_CASES where both ranks hold at most one token
     "lamport-one": (2, {"protocol": "lamport", "_one_token_slots": True}),
+    # the combine's per-thread spin (A/B knob, session 20): fp32 (H 264) and bf16 rows
+    "lamport-tspin": (2, {"protocol": "lamport", "_thread_spin": True}),
 }
 
 pytestmark = [pytest.mark.gpu,
@@ -152,7 +154,7 @@ def _graph_worker(rank, world_size, name):
 
 
 @pytest.mark.parametrize("name", ["flags", "flags-g8", "flags-g8-roles", "flags-g8-ce",
-                                  "lamport", "lamport-t4c2", "lamport-one"])
+                                  "lamport", "lamport-t4c2", "lamport-one", "lamport-tspin"])
 def test_loopback_cuda_graph_replays_fresh_inputs(name):
     (errs,) = run_ranks(_graph_worker, 1, name, timeout=400)
     assert len(errs) == 7 * VARIANTS[name][0] and max(errs) < 2.5e-2
@@ -182,6 +184,50 @@ def test_loopback_missing_rank_times_out_naming_it(name):
     assert res is not None, "rank 0 did not raise CollectiveTimeoutError"
     missing, text = res
     assert missing == [1] and "dispatch" in text, text
+
+
+def _missing_combine_worker(rank, world_size, name, T):
+    """Every rank dispatches; only rank 0 combines: its poll of rank 1's partials must end at
+    the deadline with the error record naming rank 1 and the combine (with ``_thread_spin``
+    the deadline is each thread's own, inside the inline-PTX loop), and rank 0's later
+    calls must raise instead of launching."""
+    import torch
+
+    from llmcomm.errors import CollectiveTimeoutError
+    from llmcomm.moe.loopback import Loopback
+    from tests.distributed._moe_cases import make_inputs
+
+    world, kw = VARIANTS[name]
+    E, K, H, M, dtype = 16, 4, 7168, 16, torch.bfloat16
+    lb = Loopback(world, E, K, H, M, dtype, timeout_s=2.0, **kw)
+    inputs = make_inputs(5, world, [T] * world, E, K, H, dtype)
+    xs, ids, ws = ([t.to("cuda") for t in col] for col in zip(*inputs))
+    outs = lb.dispatch(xs, ids, ws)
+    lb.check_errors()
+    be = lb.backends[0]
+    be.combine(outs[0][0].clone(), outs[0][2], T)   # rank 1 never combines
+    res = None
+    try:
+        be.check_errors(sync=True)
+    except CollectiveTimeoutError as e:
+        res = (e.missing_ranks, str(e))
+    try:
+        be.combine(outs[0][0], outs[0][2], T)
+        again = "no error"
+    except CollectiveTimeoutError:
+        again = "raised"
+    return res, again
+
+
+@pytest.mark.parametrize("T", [1, 16])
+@pytest.mark.parametrize("name", ["lamport", "lamport-tspin"])
+def test_loopback_missing_rank_in_combine_times_out_naming_it(name, T):
+    (out,) = run_ranks(_missing_combine_worker, 1, name, T, timeout=300)
+    res, again = out
+    assert res is not None, "rank 0's combine did not raise CollectiveTimeoutError"
+    missing, text = res
+    assert missing == [1] and "combine" in text, text
+    assert again == "raised", again
 
 
 def _warmup_worker(rank, world_size, name):

@@ -42,7 +42,7 @@ _MOE = dict(RANK=0, W=W, G=128, H=7168, K=8, L=128, E=256, BLOCK_H=8192, BLOCK_K
             RT=False)
 _AR = dict(RANK=1, W=W, NORM=True, FP8=False, BLOCK=8192, PDL=True, NT=512)
 _FLAGS = dict(_MOE, M=4096, CHUNK=8, POSTED=True, INTERLEAVE=True, FUSE=True, CE=False, CE_MIN=0)
-_LAMPORT = dict(_MOE, BITS=16, NBUF=3, SHIFT=0, ONE=False)
+_LAMPORT = dict(_MOE, BITS=16, NBUF=3, SHIFT=0, ONE=False, TSPIN=False)
 
 #: (module, kernel, constexprs, num_warps): the launchers' defaults at hidden 7168, EP/TP = 2
 CASES = {
@@ -81,6 +81,11 @@ CASES = {
                                    dict(_LAMPORT, M=128, SPLIT=4), 16),
     "moe-lamport-combine-split1": ("moe", "ep_combine_lamport_kernel",
                                    dict(_LAMPORT, M=128, SPLIT=1), 16),
+    "moe-lamport-combine-split4-tspin-w8": ("moe", "ep_combine_lamport_kernel",
+                                            dict(_LAMPORT, M=128, SPLIT=4, NT=256, TSPIN=True),
+                                            8),
+    "moe-lamport-combine-split4-tspin": ("moe", "ep_combine_lamport_kernel",
+                                         dict(_LAMPORT, M=128, SPLIT=4, TSPIN=True), 16),
     "ar-lamport": ("allreduce", "lamport_kernel", dict(_AR, CHUNK=8 * 512, ELEM_BITS=16), 16),
     "ar-lamport-rows-fp8": ("allreduce", "lamport_rows_kernel",
                             dict(_AR, FP8=True, LAG=1, ELEM_BITS=16), 16),
@@ -122,6 +127,24 @@ def _compile(fn, consts, types, num_warps):
         if "ptxas" in str(e) and "not found" in str(e).lower():   # no bundled assembler
             pytest.skip(str(e))
         raise
+
+
+@pytest.mark.parametrize("num_warps, spins", [(8, 1 + 2 + 4), (16, 1 + 1 + 2)])
+def test_thread_spin_is_not_duplicated(num_warps, spins):
+    """``TSPIN``: the combine's per-thread spin (inline PTX, impure) must stay one instance per
+    group of a thread's elements, with no layout conversion around it: when its result needs
+    another layout, triton rematerialises the asm there and keeps the original (impure), so
+    every thread would spin twice, and a reset store of the other layout could overtake a spin
+    (session 20's prototype did exactly that). The combine's three poll sites hold 2048, 4096
+    and 8192 columns: at 8 warps 8, 16 and 32 elements a thread (groups of 8), at 16 warps 4,
+    8 and 16 (groups of 4 and 8)."""
+    from llmcomm.kernels.moe import ep_combine_lamport_kernel
+
+    k = _compile(ep_combine_lamport_kernel,
+                 dict(_LAMPORT, M=128, SPLIT=4, NT=32 * num_warps, TSPIN=True), _TYPES,
+                 num_warps)
+    assert k.asm["ptx"].count("SPIN:") == spins
+    assert "convert_layout" not in k.asm["ttgir"]
 
 
 #: benchmarks/bench_moe_floor.py's kernels (the data-movement floor and its ladder), by argument

@@ -157,7 +157,7 @@ import triton
 import triton.language as tl
 
 from .sync import (every_thread_max, globaltimer_uniform, ld_acquire_sys, load_uniform,
-                   pdl_launch_dependents, pdl_wait, st_release_sys, uniform)
+                   pdl_launch_dependents, pdl_wait, spin_landed, st_release_sys, uniform)
 
 
 #: spins of a poll loop between two checks of the deadline and of this rank's error flag: each
@@ -1893,27 +1893,38 @@ def _n_sent(v, mask, BITS: tl.constexpr, ND: tl.constexpr):
 
 @triton.jit
 def _poll_rows(ptrs, mask, dead, peer, err_dev, err_host, timeout_ns, OP: tl.constexpr,
-               BITS: tl.constexpr, USE_TIMER: tl.constexpr, NT: tl.constexpr):
+               BITS: tl.constexpr, USE_TIMER: tl.constexpr, NT: tl.constexpr,
+               TSPIN: tl.constexpr = False):
     """Volatile-load the ``[TB, BLOCK]`` tile ``ptrs`` until no masked element is the sentinel
     (or the deadline).
 
     The loop condition is made uniform explicitly (``uniform``). A tile with fewer elements than
     threads is replicated: its copies are loaded independently and the one returned need not be
     the one counted, so it is re-read after a barrier. Ends with a barrier, so a reset store
-    issued after it (whatever its layout) never overtakes a read of this poll."""
+    issued after it (whatever its layout) never overtakes a read of this poll.
+
+    ``TSPIN`` (GPU, 16/32-bit, at least 2 elements a thread): each thread spins on its own
+    elements instead (:func:`.sync.spin_landed`, no reduction in the loop), then the barrier.
+    ``dead`` is returned as it came: a deadline passed inside writes the error record, and
+    what is still pending comes back as the sentinel, which the caller may reset and sum as if
+    it had landed (the launcher raises before anything reads the result)."""
     v = tl.load(ptrs, mask=mask, other=0.0, volatile=True)
-    pending = uniform(_n_sent(v, mask, BITS, 2), NT)
-    t0 = tl.full([], 0, tl.int64)   # set at the first check: no clock read unless waiting
-    spins = tl.full([], 0, tl.int64)
-    while (pending > 0) & (dead == 0):
-        v = tl.load(ptrs, mask=mask, other=0.0, volatile=True)
+    if TSPIN and USE_TIMER and BITS <= 32 and ptrs.numel * BITS >= NT * 32:
+        v = spin_landed(v, ptrs, mask, timeout_ns, err_dev, err_host, OP * 65536 + peer + 1,
+                        BITS, NT)
+    else:
         pending = uniform(_n_sent(v, mask, BITS, 2), NT)
-        spins += 1
-        t0, dead = _spin_deadline(pending, spins, t0, dead, err_dev, err_host, timeout_ns, OP,
-                                  peer, USE_TIMER, NT)
-    if ptrs.numel < NT:   # replicated layout: re-read, every copy now sees the landed values
-        tl.debug_barrier()
-        v = tl.load(ptrs, mask=mask, other=0.0, volatile=True)
+        t0 = tl.full([], 0, tl.int64)   # set at the first check: no clock read unless waiting
+        spins = tl.full([], 0, tl.int64)
+        while (pending > 0) & (dead == 0):
+            v = tl.load(ptrs, mask=mask, other=0.0, volatile=True)
+            pending = uniform(_n_sent(v, mask, BITS, 2), NT)
+            spins += 1
+            t0, dead = _spin_deadline(pending, spins, t0, dead, err_dev, err_host, timeout_ns,
+                                      OP, peer, USE_TIMER, NT)
+        if ptrs.numel < NT:   # replicated layout: re-read, every copy now sees landed values
+            tl.debug_barrier()
+            v = tl.load(ptrs, mask=mask, other=0.0, volatile=True)
     tl.debug_barrier()
     return v, dead
 
@@ -1974,9 +1985,10 @@ def _lamport_finish(co, col0, T, dead, buf, expert_out, ids_ptr, w_ptr, y_ptr, l
                     M: tl.constexpr, H: tl.constexpr, K: tl.constexpr, L: tl.constexpr,
                     E: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
                     TB: tl.constexpr, BITS: tl.constexpr, USE_TIMER: tl.constexpr,
-                    NT: tl.constexpr):
+                    NT: tl.constexpr, TSPIN: tl.constexpr = False):
     """Columns ``[col0, col0 + BLOCK_C)`` of own tile ``co``: own partial (fp32) and each peer's
-    (polled, then reset), summed in fixed rank order into ``y``. Returns ``dead``."""
+    (polled, then reset; ``TSPIN``: :func:`_poll_rows`), summed in fixed rank order into ``y``.
+    Returns ``dead``."""
     offs_h = col0 + tl.arange(0, BLOCK_C)
     mh = offs_h < H
     offs_k = tl.arange(0, BLOCK_K)
@@ -2000,7 +2012,7 @@ def _lamport_finish(co, col0, T, dead, buf, expert_out, ids_ptr, w_ptr, y_ptr, l
             mrow = from_d[:, None] & mh[None, :]
             src = lcomb[RANK] + ((buf * W + d) * M + to64)[:, None] * H + offs_h[None, :]
             v, dead = _poll_rows(src, mrow, dead, d, err_dev, err_host, timeout_ns, 2, BITS,
-                                 USE_TIMER, NT)
+                                 USE_TIMER, NT, TSPIN)
             if dead == 0:
                 tl.store(src, _sent_like(v, BITS), mask=mrow)
             acco += v.to(tl.float32)
@@ -2016,7 +2028,8 @@ def _lamport_split_combine(pid, obase, n_own, T, dead, tsv, buf, expert_out, ids
                            H: tl.constexpr, K: tl.constexpr, L: tl.constexpr, E: tl.constexpr,
                            CW: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr,
                            TB: tl.constexpr, BITS: tl.constexpr, USE_TIMER: tl.constexpr,
-                           NT: tl.constexpr, S: tl.constexpr, pre, PRE: tl.constexpr):
+                           NT: tl.constexpr, S: tl.constexpr, pre, PRE: tl.constexpr,
+                           TSPIN: tl.constexpr = False):
     """A small batch's combine, ``S`` column chunks of ``CW`` per tile (every tile's chunks fit
     the grid): program ``pid`` pushes chunk ``pid mod S`` of the peers' tile ``pid // S`` and
     finishes chunk ``obase mod S`` of its own tile ``obase // S``. Returns ``dead``."""
@@ -2026,7 +2039,8 @@ def _lamport_split_combine(pid, obase, n_own, T, dead, tsv, buf, expert_out, ids
     if obase // S < n_own:
         dead = _lamport_finish(obase // S, (obase % S) * CW, T, dead, buf, expert_out, ids_ptr,
                                w_ptr, y_ptr, lcomb, slot_map, err_dev, err_host, timeout_ns,
-                               RANK, W, M, H, K, L, E, CW, BLOCK_K, TB, BITS, USE_TIMER, NT)
+                               RANK, W, M, H, K, L, E, CW, BLOCK_K, TB, BITS, USE_TIMER, NT,
+                               TSPIN)
     return dead
 
 
@@ -2039,7 +2053,8 @@ def ep_combine_lamport_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T, lcomb, slot_
                               BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr, TB: tl.constexpr,
                               BITS: tl.constexpr, NBUF: tl.constexpr, SHIFT: tl.constexpr,
                               SPLIT: tl.constexpr, USE_TIMER: tl.constexpr,
-                              PDL: tl.constexpr = False, NT: tl.constexpr = 256):
+                              PDL: tl.constexpr = False, NT: tl.constexpr = 256,
+                              TSPIN: tl.constexpr = False):
     """Lamport combine; see the module docstring. When every rank's tiles times ``SPLIT`` fit
     the grid (a small batch), program ``p`` handles column chunk ``p mod SPLIT`` of tile
     ``p // SPLIT`` (push the peers', finish own tile ``q // SPLIT``, chunk ``q mod SPLIT``, ``q =
@@ -2072,13 +2087,13 @@ def ep_combine_lamport_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T, lcomb, slot_
                                       w_ptr, y_ptr, lcomb, slot_map, wloc, err_dev, err_host,
                                       timeout_ns, RANK, W, M, H, K, L, E, BLOCK_H // SPLIT,
                                       BLOCK_K, BLOCK_W, TB, BITS, USE_TIMER, NT, SPLIT, pre,
-                                      W == 2)
+                                      W == 2, TSPIN)
     elif tiles * HALF <= G:
         dead = _lamport_split_combine(pid, obase, n_own, T, dead, tsv, buf, expert_out, ids_ptr,
                                       w_ptr, y_ptr, lcomb, slot_map, wloc, err_dev, err_host,
                                       timeout_ns, RANK, W, M, H, K, L, E, BLOCK_H // HALF,
                                       BLOCK_K, BLOCK_W, TB, BITS, USE_TIMER, NT, HALF, pre,
-                                      False)
+                                      False, TSPIN)
     else:
         i = tl.full([], 0, tl.int32)
         more = (pid * TB < max_ts) | (obase < n_own)
@@ -2090,7 +2105,8 @@ def ep_combine_lamport_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T, lcomb, slot_
             if (i > 0) & (co < n_own):
                 dead = _lamport_finish(co, 0, T, dead, buf, expert_out, ids_ptr, w_ptr, y_ptr,
                                        lcomb, slot_map, err_dev, err_host, timeout_ns, RANK, W, M,
-                                       H, K, L, E, BLOCK_H, BLOCK_K, TB, BITS, USE_TIMER, NT)
+                                       H, K, L, E, BLOCK_H, BLOCK_K, TB, BITS, USE_TIMER, NT,
+                                       TSPIN)
             i += 1
             more = ((pid + i * G) * TB < max_ts) | (obase + (i - 1) * G < n_own)
     tl.store(buf_ptr + pid, (buf + 1) % NBUF)

@@ -16,6 +16,9 @@ returns a value (an NVLink round trip for a remote flag). These helpers emit the
   every thread (a poll that may use what it loaded only once every thread's copy has landed).
 * ``wait_flags(...)``: spin until every selected flag reached ``target`` (wrap-safe int32
   comparison) or the deadline passed; on expiry write an error record (see below) and return.
+* ``spin_landed(v, ptrs, mask, ...)``: each thread spins on its own elements of a lamport
+  buffer until none is the sentinel (no reduction, no barrier inside the loop), with its own
+  deadline; see its docstring.
 
 Triton treats a scalar as uniform across the threads of a program, but a volatile scalar load
 (or a timer read) is executed by every thread, and while a peer's write is landing some threads
@@ -34,6 +37,55 @@ remote store. Error record layout (int32), shared by every kernel of :mod:`.allr
 
 import triton
 import triton.language as tl
+
+
+def _spin_asm(bits: int, pack: int) -> tuple[str, str]:
+    """PTX and constraints of :func:`spin_landed` for ``pack`` elements of ``bits`` (16 or 32)
+    a thread: the values already loaded, then for each element its address and mask, the
+    timeout, the error flag's address, the host mirror's address and the error code (every
+    argument is per element: inline asm takes no scalars; the loop uses element 0's)."""
+    regs = pack * bits // 32                 # 16-bit values come packed two to a register
+    val = [f"${regs + j}" for j in range(regs)]
+    base = 2 * regs
+    ptr = [f"${base + i}" for i in range(pack)]
+    msk = [f"${base + pack + i}" for i in range(pack)]
+    tmo, errd, errh, code = (f"${base + k * pack}" for k in (2, 3, 4, 5))
+    t = "b16" if bits == 16 else "b32"
+    sent = "0x8000" if bits == 16 else "0x80000000"
+    a = ["{", f".reg .pred %m<{pack}>;", ".reg .pred %q, %w;", f".reg .{t} %h<{pack}>;",
+         ".reg .u32 %n, %e;", ".reg .u64 %t0, %t1;"]
+    if bits == 16:
+        a += [f"mov.b32 {{%h{2 * j}, %h{2 * j + 1}}}, {val[j]};" for j in range(regs)]
+    else:
+        a += [f"mov.b32 %h{j}, {val[j]};" for j in range(regs)]
+    a += [f"setp.ne.s32 %m{i}, {msk[i]}, 0;" for i in range(pack)]
+    a += ["mov.u32 %n, 0;", "mov.u64 %t0, 0;", "bra.uni CHECK;", "SPIN:"]
+    a += [f"@%m{i} ld.volatile.global.{t} %h{i}, [{ptr[i]}];" for i in range(pack)]
+    a += ["CHECK:", f"setp.eq.and.{t} %q, %h0, {sent}, %m0;"]
+    for i in range(1, pack):
+        a += [f"setp.eq.and.{t} %w, %h{i}, {sent}, %m{i};", "or.pred %q, %q, %w;"]
+    # every 64th spin: the deadline (from the first check) and this rank's error flag
+    a += ["@!%q bra DONE;", "add.u32 %n, %n, 1;", "and.b32 %e, %n, 63;",
+          "setp.ne.u32 %w, %e, 0;", "@%w bra SPIN;", "mov.u64 %t1, %globaltimer;",
+          "setp.eq.u64 %w, %t0, 0;", "@%w mov.u64 %t0, %t1;", "sub.u64 %t1, %t1, %t0;",
+          f"setp.gt.s64 %w, %t1, {tmo};", "@%w bra FAIL;",
+          f"ld.volatile.global.b32 %e, [{errd}];", "setp.ne.s32 %w, %e, 0;", "@%w bra DONE;",
+          "bra SPIN;", "FAIL:", f"st.volatile.global.b32 [{errd}], {code};",
+          f"st.volatile.global.b32 [{errh}], {code};", "DONE:"]
+    if bits == 16:
+        a += [f"mov.b32 ${j}, {{%h{2 * j}, %h{2 * j + 1}}};" for j in range(regs)]
+    else:
+        a += [f"mov.b32 ${j}, %h{j};" for j in range(regs)]
+    a += ["}"]
+    cons = ["=r"] * regs + ["r"] * regs + ["l"] * pack + ["r"] * pack + ["l"] * (3 * pack) + \
+        ["r"] * pack
+    return "\n".join(a), ",".join(cons)
+
+
+_S16_2, _S16_4, _S16_8 = (tl.constexpr(_spin_asm(16, p)[0]) for p in (2, 4, 8))
+_C16_2, _C16_4, _C16_8 = (tl.constexpr(_spin_asm(16, p)[1]) for p in (2, 4, 8))
+_S32_1, _S32_2, _S32_4 = (tl.constexpr(_spin_asm(32, p)[0]) for p in (1, 2, 4))
+_C32_1, _C32_2, _C32_4 = (tl.constexpr(_spin_asm(32, p)[1]) for p in (1, 2, 4))
 
 
 @triton.jit
@@ -166,3 +218,57 @@ def pdl_launch_dependents():
     """``griddepcontrol.launch_dependents`` (sm_90+): the next PDL grid may start its launch."""
     tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [],
                               dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def spin_landed(v, ptrs, mask, timeout_ns, err_dev, err_host, code, BITS: tl.constexpr,
+                NT: tl.constexpr):
+    """``v`` (a volatile load of ``ptrs`` where ``mask``) once no masked element is the
+    lamport sentinel (``BITS`` 16 or 32): each thread re-loads only its own elements, in a
+    loop of inline PTX with no reduction and no barrier, until none of its own is the
+    sentinel. Reference semantics::
+
+        while any(is_sentinel(v[i]) for i in my_elements if mask[i]):
+            v[my_elements] = volatile_load(ptrs[my_elements])
+
+    Against a poll that reduces a pending count over the program every spin (two reductions,
+    each a barrier: ~0.27 us a spin at 8 warps, session 19), a spin here is one load. Every
+    thread checks exactly the copies it returns, so a replicated layout needs no re-read; but
+    the threads leave at different times: the caller puts a barrier before anything that
+    another thread's elements depend on (a reset store of another layout).
+
+    Every 64th spin a thread reads ``%globaltimer`` (the deadline counts from the first such
+    read, ``timeout_ns`` after it) and this rank's error flag ``*err_dev``: past the deadline
+    it stores ``code`` at ``err_dev`` and at the pinned host mirror ``err_host`` and leaves; a flag already set (another program gave up) ends it too. Either way
+    the elements still pending come back as the sentinel, and the launcher raises at its next
+    check. Elements a thread holds: ``ptrs.numel // NT`` (at most 8 for 16-bit, 4 for 32-bit,
+    a power of 2, >= 2 for 16-bit); a larger tile is handled in several groups, one after the
+    other. GPU only (inline PTX); ``v``'s layout is the one the load gave ``ptrs``, so the asm
+    needs no layout conversion (a conversion would make the compiler duplicate it)."""
+    PER: tl.constexpr = ptrs.numel // NT
+    z = ptrs.to(tl.int64) * 0
+    args = [ptrs.to(tl.int64), mask.to(tl.int32), timeout_ns + z, err_dev.to(tl.int64) + z,
+            err_host.to(tl.int64) + z, (code + z).to(tl.int32)]
+    if BITS == 16:
+        vi = v.to(tl.int16, bitcast=True)
+        if PER >= 8:
+            r = tl.inline_asm_elementwise(_S16_8, _C16_8, [vi] + args, dtype=tl.int16,
+                                          is_pure=False, pack=8)
+        elif PER == 4:
+            r = tl.inline_asm_elementwise(_S16_4, _C16_4, [vi] + args, dtype=tl.int16,
+                                          is_pure=False, pack=4)
+        else:
+            r = tl.inline_asm_elementwise(_S16_2, _C16_2, [vi] + args, dtype=tl.int16,
+                                          is_pure=False, pack=2)
+    else:
+        vi = v.to(tl.int32, bitcast=True)
+        if PER >= 4:
+            r = tl.inline_asm_elementwise(_S32_4, _C32_4, [vi] + args, dtype=tl.int32,
+                                          is_pure=False, pack=4)
+        elif PER == 2:
+            r = tl.inline_asm_elementwise(_S32_2, _C32_2, [vi] + args, dtype=tl.int32,
+                                          is_pure=False, pack=2)
+        else:
+            r = tl.inline_asm_elementwise(_S32_1, _C32_1, [vi] + args, dtype=tl.int32,
+                                          is_pure=False, pack=1)
+    return r.to(v.dtype, bitcast=True)

@@ -181,7 +181,8 @@ class P2PBackend(MoEBackend):
                  _runtime_rounds: bool = False,
                  _combine_roles: bool = False, _roles_warps: int = 16,
                  _roles_pair: int = 1, _roles_programs: int | None = None,
-                 _one_token_slots: bool | None = None, _ce_tokens: int | None = None) -> None:
+                 _one_token_slots: bool | None = None, _ce_tokens: int | None = None,
+                 _thread_spin: bool = False) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -252,6 +253,11 @@ class P2PBackend(MoEBackend):
                 session 17: on 2 x H200 its sentinel test found a wrong count (a received row
                 missing) in a sequence of calls, and it was 0.75-1.0 us faster at one token
                 there (docs/moe_sessions.md, session 17).
+            _thread_spin: ``"lamport"`` only (A/B knob, off until timed): the combine polls a
+                peer's partial sums with every thread spinning on its own elements in inline
+                PTX (:func:`llmcomm.kernels.sync.spin_landed`) instead of a loop that reduces
+                a pending count over the program every spin (``TSPIN`` in
+                :mod:`llmcomm.kernels.moe`; session 20). GPU only.
             _ce_tokens: ``"flags"`` at EP=2, interleaved, default rounds (A/B knob, off: on
                 2 x H200 it was slower, 228.6 vs 217 us for the 4096-token dispatch, although
                 the peer copy ran on a copy engine; docs/moe_sessions.md, session 17): a
@@ -312,9 +318,9 @@ class P2PBackend(MoEBackend):
             raise ValueError(f"protocol='lamport' needs a 16, 32 or 64-bit dtype, got {cfg.dtype}")
         if posted_flags is None:
             posted_flags = not self._sim and not lamport
-        if self._sim and (posted_flags or pdl):
-            raise ValueError("posted_flags and pdl use inline PTX: not available in the "
-                             "TRITON_INTERPRET simulation")
+        if self._sim and (posted_flags or pdl or _thread_spin):
+            raise ValueError("posted_flags, pdl and _thread_spin use inline PTX: not available "
+                             "in the TRITON_INTERPRET simulation")
         if pdl and torch.cuda.get_device_capability(cfg.device) < (9, 0):
             raise ValueError("pdl needs sm_90 or newer")
         W, M, K, H, L = (cfg.world_size, cfg.max_tokens_per_rank, cfg.top_k, cfg.hidden_size,
@@ -427,6 +433,10 @@ class P2PBackend(MoEBackend):
                              f"the default rounds; got protocol {protocol!r} at EP={W}, "
                              f"interleave {self.interleave}, _runtime_rounds {self._rt}")
         self._ce_tokens = _ce_tokens
+        if _thread_spin and not lamport:
+            raise ValueError(f"_thread_spin needs protocol='lamport', got protocol {protocol!r} "
+                             f"(it resolved to flags); pass protocol='lamport' or drop it")
+        self._tspin = bool(_thread_spin)
         # its flags: one per (round, source rank), monotonic (the call's epoch)
         rounds = 1 + -(-max(-(-M // self.G) - (self.round_tokens or 1), 0)
                        // (self.round_tokens or 1))
@@ -516,6 +526,7 @@ class P2PBackend(MoEBackend):
                 "fuse_combine": self._fuse_combine, "combine_roles": self._roles,
                 "combine_roles_programs": self._Gc if self._roles else None,
                 "one_token_slots": self._one, "ce_tokens": self._ce_tokens,
+                "thread_spin": self._tspin,
                 **{k.lower(): v for k, v in self.variants.items()}}
 
     def _consts(self) -> dict[str, Any]:
@@ -711,7 +722,8 @@ class P2PBackend(MoEBackend):
             self._launch_lamport(ep_combine_lamport_kernel, num_tokens, self.tiles[1], ids, w,
                 expert_out, ids, w, y_arg, num_tokens, self.lcomb, self.slot_map, self.wloc,
                 self.peer_T, self.buf_c, self.err_dev, self.err_host.data_ptr(),
-                self.timeout_ns, SPLIT=min(self.combine_split, _next_pow2(c.hidden_size)))
+                self.timeout_ns, SPLIT=min(self.combine_split, _next_pow2(c.hidden_size)),
+                TSPIN=self._tspin)
             return y
         if self._roles:
             self._launch(ep_combine_roles_kernel,
