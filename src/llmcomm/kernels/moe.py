@@ -1534,7 +1534,8 @@ def _lamport_recv_tile(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_x
                        W: tl.constexpr, G: tl.constexpr, M: tl.constexpr, H: tl.constexpr,
                        K: tl.constexpr, L: tl.constexpr, CAP: tl.constexpr,
                        BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, TB: tl.constexpr,
-                       BITS: tl.constexpr, USE_TIMER: tl.constexpr, NT: tl.constexpr):
+                       BITS: tl.constexpr, USE_TIMER: tl.constexpr, NT: tl.constexpr,
+                       TSPIN: tl.constexpr = False):
     """Tokens ``[c*TB, c*TB+TB)`` of source ``s``: wait until they landed (deadline), reset the
     slots to the sentinel, expand into local experts. ``ts_known < 0``: the source's token
     count is not known yet and is polled (and reset) too. Returns (count, dead).
@@ -1569,7 +1570,7 @@ def _lamport_recv_tile(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_x
         owner = tl.where(ids >= 0, ids // L, -1)
         mine = vt & (tl.sum((owner == RANK).to(tl.int32), axis=1) > 0)
         row, dead = _poll_rows(rp + offs_h[None, :], mine[:, None] & mh[None, :], dead, s,
-                               err_dev, err_host, timeout_ns, 1, BITS, USE_TIMER, NT)
+                               err_dev, err_host, timeout_ns, 1, BITS, USE_TIMER, NT, TSPIN)
         # (_poll_rows ends with a barrier: no reset below overtakes any thread's read)
     if dead == 0:
         if need:
@@ -1630,7 +1631,7 @@ def _lamport_send_token(row, ids, w, valid, ti, buf, lx, lmeta, RANK: tl.constex
 def _lamport_poll_token(cnt_ptr, need, ts_known, bound, mp1, rp, c, RANK: tl.constexpr,
                         M: tl.constexpr, H: tl.constexpr, K: tl.constexpr, L: tl.constexpr,
                         BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr,
-                        USE_TIMER: tl.constexpr, NT: tl.constexpr):
+                        USE_TIMER: tl.constexpr, NT: tl.constexpr, ROW: tl.constexpr = True):
     """One poll round of a one-token receive (token ``c`` of a source, while ``c < bound``):
     the count (when ``need``), the meta and the row loaded together, one round trip. The row
     counts only when the meta names a local expert. Returns (count, next bound, ids, weight
@@ -1639,7 +1640,9 @@ def _lamport_poll_token(cnt_ptr, need, ts_known, bound, mp1, rp, c, RANK: tl.con
     ``pending`` is the largest over every thread of what that thread's own copies still miss
     (:func:`.sync.every_thread_max`; the meta is replicated over the threads, each copy its own
     volatile load): at ``pending == 0`` every value any thread holds has landed, so the caller
-    uses them as they are -- no barrier and re-read as after :func:`_lamport_poll_meta`."""
+    uses them as they are -- no barrier and re-read as after :func:`_lamport_poll_meta`.
+    ``ROW=False``: the row is loaded but left out of ``pending`` (the caller waits for it per
+    thread, :func:`_recv_row_spin`)."""
     offs_k = tl.arange(0, BLOCK_K)
     offs_h = tl.arange(0, BLOCK_H)
     # every thread its own copy of the count (a load_uniform is a reduction across the program
@@ -1658,9 +1661,11 @@ def _lamport_poll_token(cnt_ptr, need, ts_known, bound, mp1, rp, c, RANK: tl.con
     meta_pend = tl.sum((kh & ((ids == -2147483648) | (wb == -2147483648))).to(tl.int32),
                        axis=0)
     mine = tl.sum((kh & (tl.where(ids >= 0, ids // L, -1) == RANK)).to(tl.int32), axis=0) > 0
-    row_pend = _n_sent(row, offs_h < H, BITS, 1)
-    pending = every_thread_max(cnt_pend.to(tl.int32) + meta_pend + tl.where(mine, row_pend, 0),
-                               NT, USE_TIMER)
+    if ROW:
+        row_pend = tl.where(mine, _n_sent(row, offs_h < H, BITS, 1), 0)
+    else:
+        row_pend = 0
+    pending = every_thread_max(cnt_pend.to(tl.int32) + meta_pend + row_pend, NT, USE_TIMER)
     return ts, nbound, ids, wb, row, pending
 
 
@@ -1693,13 +1698,23 @@ def _one_counts(own, peer, counts, RANK: tl.constexpr, L: tl.constexpr, K: tl.co
 
 
 @triton.jit
+def _recv_row_spin(row, ptrs, mask, s, err_dev, err_host, timeout_ns, BITS: tl.constexpr,
+                   NT: tl.constexpr):
+    """``TSPIN``: a received row (``row``, the poll's last volatile load of ``ptrs``) once each
+    thread's own masked elements have landed (:func:`.sync.spin_landed`; a deadline passed
+    inside records the dispatch, source ``s``). No barrier: the receive's barrier before its
+    resets follows."""
+    return spin_landed(row, ptrs, mask, timeout_ns, err_dev, err_host, 65536 + s + 1, BITS, NT)
+
+
+@triton.jit
 def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor,
                         slot_map, wloc, err_dev, err_host, timeout_ns, RANK: tl.constexpr,
                         W: tl.constexpr, G: tl.constexpr, M: tl.constexpr, H: tl.constexpr,
                         K: tl.constexpr, L: tl.constexpr, CAP: tl.constexpr,
                         BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr,
                         USE_TIMER: tl.constexpr, NT: tl.constexpr, T, own, counts,
-                        BLOCK_L: tl.constexpr, ONE: tl.constexpr):
+                        BLOCK_L: tl.constexpr, ONE: tl.constexpr, TSPIN: tl.constexpr = False):
     """:func:`_lamport_recv_tile` of a one-token tile (token ``c`` of source ``s``) on 1-D
     vectors (session 13): the count, meta and row polled together until every thread's copies
     have landed (:func:`_lamport_poll_token`, session 14), then expanded from those values
@@ -1708,7 +1723,12 @@ def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_
     ``ONE`` (EP=2): when this rank has ``T <= 1`` own tokens and the peer's count is ``<= 1``,
     the peer's token takes slots after the own token (ids ``own``, the caller's token 0) with
     no atomic (:func:`_token_slots_after`), and the receiver of token 0 writes ``counts``
-    (:func:`_one_counts`); the caller then skips the "last program out"."""
+    (:func:`_one_counts`); the caller then skips the "last program out".
+
+    ``TSPIN`` (GPU, 16/32-bit rows of at least 2 elements a thread): the poll loop waits for
+    the count and meta only, then each thread waits for its own elements of the row
+    (:func:`_recv_row_spin`)."""
+    SPIN: tl.constexpr = TSPIN and USE_TIMER and BITS <= 32 and BLOCK_H * BITS >= NT * 32
     offs_h = tl.arange(0, BLOCK_H)
     offs_k = tl.arange(0, BLOCK_K)
     need = ts_known < 0
@@ -1719,13 +1739,14 @@ def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_
     bound = tl.where(need, M, ts_known)
     ts, bound, ids, wb, row, pending = _lamport_poll_token(cnt_ptr, need, ts_known, bound, mp1,
                                                            rp, c, RANK, M, H, K, L, BLOCK_H,
-                                                           BLOCK_K, BITS, USE_TIMER, NT)
+                                                           BLOCK_K, BITS, USE_TIMER, NT,
+                                                           not SPIN)
     t0 = tl.full([], 0, tl.int64)   # set at the first check: no clock read unless waiting
     spins = tl.full([], 0, tl.int64)
     while (pending > 0) & (dead == 0):
         ts, bound, ids, wb, row, pending = _lamport_poll_token(
             cnt_ptr, need, ts_known, bound, mp1, rp, c, RANK, M, H, K, L, BLOCK_H, BLOCK_K,
-            BITS, USE_TIMER, NT)
+            BITS, USE_TIMER, NT, not SPIN)
         spins += 1
         t0, dead = _spin_deadline(pending, spins, t0, dead, err_dev, err_host, timeout_ns, 1,
                                   s, USE_TIMER, NT)
@@ -1734,6 +1755,9 @@ def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_
         kv = offs_k < tl.where(valid, K, 0)
         mine = valid & (tl.sum((tl.where(ids >= 0, ids // L, -1) == RANK).to(tl.int32),
                                axis=0) > 0)
+        if SPIN:
+            row = _recv_row_spin(row, rp + offs_h, offs_h < tl.where(mine, H, 0), s, err_dev,
+                                 err_host, timeout_ns, BITS, NT)
         srow = s * M + tl.cast(tl.where(valid, c, 0), tl.int64)
         tl.store(wloc + srow * K + offs_k, wb.to(tl.float32, bitcast=True), mask=kv)
         if ONE:
@@ -1769,7 +1793,8 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                BLOCK_L: tl.constexpr, BLOCK_W: tl.constexpr, TB: tl.constexpr,
                                BITS: tl.constexpr, NBUF: tl.constexpr, SHIFT: tl.constexpr,
                                USE_TIMER: tl.constexpr, PDL: tl.constexpr = False,
-                               NT: tl.constexpr = 256, ONE: tl.constexpr = False):
+                               NT: tl.constexpr = 256, ONE: tl.constexpr = False,
+                               TSPIN: tl.constexpr = False):
     """Lamport dispatch; see the module docstring. Tiles of ``TB`` tokens; program ``p`` sends
     own tiles ``p, p+G, ...`` and receives tiles ``q, q+G, ...`` (``q = (p + SHIFT) mod G``)
     of every peer, the own tile's rows copied after each receive."""
@@ -1847,12 +1872,12 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                             cr, s, ts, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor,
                             slot_map, wloc, err_dev, err_host, timeout_ns, RANK, W, G, M, H,
                             K, L, CAP, BLOCK_H, BLOCK_K, BITS, USE_TIMER, NT, T, ids1, counts,
-                            BLOCK_L, ONE)
+                            BLOCK_L, ONE, TSPIN)
                     else:
                         ts, dead = _lamport_recv_tile(
                             cr, s, ts, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor,
                             slot_map, wloc, err_dev, err_host, timeout_ns, RANK, W, G, M, H,
-                            K, L, CAP, BLOCK_H, BLOCK_K, TB, BITS, USE_TIMER, NT)
+                            K, L, CAP, BLOCK_H, BLOCK_K, TB, BITS, USE_TIMER, NT, TSPIN)
                     tsv = tl.where(offs_w == s, ts, tsv)
         if TB == 1:
             if ONE:

@@ -253,10 +253,11 @@ class P2PBackend(MoEBackend):
                 session 17: on 2 x H200 its sentinel test found a wrong count (a received row
                 missing) in a sequence of calls, and it was 0.75-1.0 us faster at one token
                 there (docs/moe_sessions.md, session 17).
-            _thread_spin: ``"lamport"`` only (A/B knob, off until timed): the combine polls a
-                peer's partial sums with every thread spinning on its own elements in inline
-                PTX (:func:`llmcomm.kernels.sync.spin_landed`) instead of a loop that reduces
-                a pending count over the program every spin (``TSPIN`` in
+            _thread_spin: ``"lamport"`` only (A/B knob, off until timed): the combine waits
+                for a peer's partial sums, and the dispatch for a received row (after its
+                count and meta), with every thread spinning on its own elements in inline PTX
+                (:func:`llmcomm.kernels.sync.spin_landed`) instead of a loop that reduces a
+                pending count over the program every spin (``TSPIN`` in
                 :mod:`llmcomm.kernels.moe`; session 20). GPU only.
             _ce_tokens: ``"flags"`` at EP=2, interleaved, default rounds (A/B knob, off: on
                 2 x H200 it was slower, 228.6 vs 217 us for the 4096-token dispatch, although
@@ -654,7 +655,7 @@ class P2PBackend(MoEBackend):
                 self.expert_x, self.counts, self.cursor, self.done, self.slot_map, self.wloc,
                 self.peer_T, self.buf_d, self.err_dev, self.err_host.data_ptr(),
                 self.timeout_ns, CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts),
-                ONE=self._one and T <= 1 and not self.shift)
+                ONE=self._one and T <= 1 and not self.shift, TSPIN=self._tspin)
             return self.expert_x, self.counts, (topk_ids, topk_weights)
         ce = self._ce_tokens is not None and T >= self._ce_tokens
         side = self._ce_send(x, T) if ce and not self._compile_only else None
