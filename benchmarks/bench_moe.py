@@ -78,8 +78,9 @@ SWEEP = {
     # tail (session 19: an empty kernel costs ~1.1-1.5 us a launch in a graph; PDL was last
     # timed in sessions 2-3, on the flags kernels of then)
     "lam_pdl": ({"protocol": "lamport", "pdl": True}, None),
-    # lamport with the combine's poll spun per thread in inline PTX (session 20; A/B knob)
-    "lam_tspin": ({"protocol": "lamport", "_thread_spin": True}, None),
+    # lamport without session 20's per-thread spin (the polls reduce over the program every
+    # spin, as before; _thread_spin is the default on a GPU)
+    "lam_notspin": ({"protocol": "lamport", "_thread_spin": False}, None),
     # flags rounds phased (send the round, signal, copy own, receive), as before session 7,
     # instead of interleaved token by token (the default)
     "phased": ({"protocol": "flags", "interleave": False}, None),

@@ -51,10 +51,8 @@ CONFIGS = {
     # session 16's one-token path (off by default since session 17: a wrong count on 2 GPUs)
     "lamport128one": (128, {"_one_token_slots": True}),
     "lamport128onepdl": (128, {"_one_token_slots": True, "pdl": True}),
-    # A/B candidate (session 20): the combine's poll with each thread spinning on its own
-    # elements in inline PTX (P2PBackend._thread_spin), alone and with PDL
-    "lamport128tspin": (128, {"_thread_spin": True}),
-    "lamport128tspinpdl": (128, {"_thread_spin": True, "pdl": True}),
+    # without session 20's per-thread spin (P2PBackend._thread_spin, the default on a GPU)
+    "lamport128notspin": (128, {"_thread_spin": False}),
     # program p receives tile p + G/2 (33 of the 66 programs a rank of a 132-SM GPU; session 4 on
     # 2 GPUs: 0.3-1.7 us faster at small batches, needs every program resident)
     "lamport128shift": (128, {"shift": 33}),

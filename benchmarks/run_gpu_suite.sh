@@ -94,12 +94,12 @@ case " $STEPS " in *" moe_ab_tests "*)   # a call of its own: the flags GPU test
 case " $STEPS " in *" stress "*)   # session 18: random call sequences checked after each call
   step stress_moe 570 python3 benchmarks/stress_moe_p2p.py --variants "${STRESS_VARIANTS:-one}" \
     --sizes "${STRESS_SIZES:-large}" --seconds "${STRESS_S:-400}" ${STRESS_ARGS:-} --out "$OUT" ;; esac
-case " $STEPS " in *" moe_ab_pdl "*)   # sessions 19-20: the lamport pair with PDL / the
-  # combine's per-thread spin, both orders (~5 min cold)
+case " $STEPS " in *" moe_ab_pdl "*)   # sessions 19-20: the lamport pair with PDL / without
+  # the per-thread spin (the default since session 20), both orders (~5 min cold)
   step ab_pdl_a 260 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1,8,64,128 \
-    --sweep-only lam,lam_pdl,lam_tspin --out "$OUT/ab_pdl_a"
+    --sweep-only lam,lam_pdl,lam_notspin --out "$OUT/ab_pdl_a"
   step ab_pdl_b 140 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1,8,64,128 \
-    --sweep-only lam_tspin,lam_pdl,lam --out "$OUT/ab_pdl_b" ;; esac
+    --sweep-only lam_notspin,lam_pdl,lam --out "$OUT/ab_pdl_b" ;; esac
 case " $STEPS " in *" floor_small "*)   # session 19: the data-movement floor at decode sizes
   for t in 1 64 128; do
     step "floor_t$t" 150 python3 benchmarks/bench_moe_floor.py --tokens "$t" --programs 128 \

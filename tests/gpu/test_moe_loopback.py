@@ -36,8 +36,9 @@ VARIANTS = {
     # the one-token path (opt-in: off by default since session 17), with the extra
     # reference cases of ONE_CASES where both ranks hold at most one token
     "lamport-one": (2, {"protocol": "lamport", "_one_token_slots": True}),
-    # the combine's per-thread spin (A/B knob, session 20): fp32 (H 264) and bf16 rows
-    "lamport-tspin": (2, {"protocol": "lamport", "_thread_spin": True}),
+    # the polls that reduce over the program every spin, as before session 20's per-thread
+    # spin (_thread_spin, the default on a GPU); fp32 (H 264) and bf16 rows
+    "lamport-notspin": (2, {"protocol": "lamport", "_thread_spin": False}),
 }
 
 pytestmark = [pytest.mark.gpu,
@@ -154,7 +155,7 @@ def _graph_worker(rank, world_size, name):
 
 
 @pytest.mark.parametrize("name", ["flags", "flags-g8", "flags-g8-roles", "flags-g8-ce",
-                                  "lamport", "lamport-t4c2", "lamport-one", "lamport-tspin"])
+                                  "lamport", "lamport-t4c2", "lamport-one", "lamport-notspin"])
 def test_loopback_cuda_graph_replays_fresh_inputs(name):
     (errs,) = run_ranks(_graph_worker, 1, name, timeout=400)
     assert len(errs) == 7 * VARIANTS[name][0] and max(errs) < 2.5e-2
@@ -178,7 +179,7 @@ def _missing_worker(rank, world_size, name):
     return None
 
 
-@pytest.mark.parametrize("name", ["flags", "lamport", "lamport-one", "lamport-tspin"])
+@pytest.mark.parametrize("name", ["flags", "lamport", "lamport-one", "lamport-notspin"])
 def test_loopback_missing_rank_times_out_naming_it(name):
     (res,) = run_ranks(_missing_worker, 1, name, timeout=300)
     assert res is not None, "rank 0 did not raise CollectiveTimeoutError"
@@ -188,9 +189,9 @@ def test_loopback_missing_rank_times_out_naming_it(name):
 
 def _missing_combine_worker(rank, world_size, name, T):
     """Every rank dispatches; only rank 0 combines: its poll of rank 1's partials must end at
-    the deadline with the error record naming rank 1 and the combine (with ``_thread_spin``
-    the deadline is each thread's own, inside the inline-PTX loop), and rank 0's later
-    calls must raise instead of launching."""
+    the deadline with the error record naming rank 1 and the combine (with ``_thread_spin``,
+    the default, the deadline is each thread's own, inside the inline-PTX loop), and rank 0's
+    later calls must raise instead of launching."""
     import torch
 
     from llmcomm.errors import CollectiveTimeoutError
@@ -220,7 +221,7 @@ def _missing_combine_worker(rank, world_size, name, T):
 
 
 @pytest.mark.parametrize("T", [1, 16])
-@pytest.mark.parametrize("name", ["lamport", "lamport-tspin"])
+@pytest.mark.parametrize("name", ["lamport", "lamport-notspin"])
 def test_loopback_missing_rank_in_combine_times_out_naming_it(name, T):
     (out,) = run_ranks(_missing_combine_worker, 1, name, T, timeout=300)
     res, again = out

@@ -42,7 +42,7 @@ _MOE = dict(RANK=0, W=W, G=128, H=7168, K=8, L=128, E=256, BLOCK_H=8192, BLOCK_K
             RT=False)
 _AR = dict(RANK=1, W=W, NORM=True, FP8=False, BLOCK=8192, PDL=True, NT=512)
 _FLAGS = dict(_MOE, M=4096, CHUNK=8, POSTED=True, INTERLEAVE=True, FUSE=True, CE=False, CE_MIN=0)
-_LAMPORT = dict(_MOE, BITS=16, NBUF=3, SHIFT=0, ONE=False, TSPIN=False)
+_LAMPORT = dict(_MOE, BITS=16, NBUF=3, SHIFT=0, ONE=False, TSPIN=True)
 
 #: (module, kernel, constexprs, num_warps): the launchers' defaults at hidden 7168, EP/TP = 2
 CASES = {
@@ -75,24 +75,18 @@ CASES = {
                                     dict(_LAMPORT, M=128, CAP=256, ONE=True, NT=256), 8),
     "moe-lamport-dispatch-one": ("moe", "ep_dispatch_lamport_kernel",
                                  dict(_LAMPORT, M=128, CAP=256, ONE=True), 16),
-    "moe-lamport-dispatch-tspin": ("moe", "ep_dispatch_lamport_kernel",
-                                   dict(_LAMPORT, M=128, CAP=256, TSPIN=True), 16),
-    "moe-lamport-dispatch-one-tspin-w8": ("moe", "ep_dispatch_lamport_kernel",
-                                          dict(_LAMPORT, M=128, CAP=256, ONE=True, NT=256,
-                                               TSPIN=True), 8),
-    "moe-lamport-dispatch-t2-tspin": ("moe", "ep_dispatch_lamport_kernel",
-                                      dict(_LAMPORT, M=128, CAP=256, TB=2, TSPIN=True), 16),
+    "moe-lamport-dispatch-notspin": ("moe", "ep_dispatch_lamport_kernel",
+                                     dict(_LAMPORT, M=128, CAP=256, TSPIN=False), 16),
     "moe-lamport-dispatch-m4096": ("moe", "ep_dispatch_lamport_kernel",
                                    dict(_LAMPORT, M=4096, CAP=8192), 16),
     "moe-lamport-combine-split4": ("moe", "ep_combine_lamport_kernel",
                                    dict(_LAMPORT, M=128, SPLIT=4), 16),
     "moe-lamport-combine-split1": ("moe", "ep_combine_lamport_kernel",
                                    dict(_LAMPORT, M=128, SPLIT=1), 16),
-    "moe-lamport-combine-split4-tspin-w8": ("moe", "ep_combine_lamport_kernel",
-                                            dict(_LAMPORT, M=128, SPLIT=4, NT=256, TSPIN=True),
-                                            8),
-    "moe-lamport-combine-split4-tspin": ("moe", "ep_combine_lamport_kernel",
-                                         dict(_LAMPORT, M=128, SPLIT=4, TSPIN=True), 16),
+    "moe-lamport-combine-split4-w8": ("moe", "ep_combine_lamport_kernel",
+                                      dict(_LAMPORT, M=128, SPLIT=4, NT=256), 8),
+    "moe-lamport-combine-notspin": ("moe", "ep_combine_lamport_kernel",
+                                    dict(_LAMPORT, M=128, SPLIT=4, TSPIN=False), 16),
     "ar-lamport": ("allreduce", "lamport_kernel", dict(_AR, CHUNK=8 * 512, ELEM_BITS=16), 16),
     "ar-lamport-rows-fp8": ("allreduce", "lamport_rows_kernel",
                             dict(_AR, FP8=True, LAG=1, ELEM_BITS=16), 16),
@@ -150,8 +144,8 @@ def test_thread_spin_is_not_duplicated(kernel, num_warps, spins):
     import importlib
 
     fn = getattr(importlib.import_module("llmcomm.kernels.moe"), kernel)
-    k = _compile(fn, dict(_LAMPORT, M=128, CAP=256, SPLIT=4, NT=32 * num_warps, TSPIN=True),
-                 _TYPES, num_warps)
+    k = _compile(fn, dict(_LAMPORT, M=128, CAP=256, SPLIT=4, NT=32 * num_warps), _TYPES,
+                 num_warps)
     assert k.asm["ptx"].count("SPIN:") == spins
 
 

@@ -147,6 +147,12 @@ Switchable variants (``tl.constexpr``; see :class:`llmcomm.moe.p2p.P2PBackend` f
   (own token first, then the peer's: :func:`_token_slots_after`) instead of claimed, the
   receiver of token 0 writes ``counts`` (:func:`_one_counts`) and no program takes part in the
   "last program out"; otherwise the slots are claimed as by default.
+* ``TSPIN`` (lamport, GPU, 16/32-bit; session 20; ``P2PBackend(_thread_spin=True)``): the
+  combine's wait for a peer's partial sums (:func:`_poll_rows`) and the dispatch's wait for a
+  received row (:func:`_lamport_recv_token`, after the count and meta, which keep the
+  program-wide poll) are per-thread spins in inline PTX (:func:`.sync.spin_landed`): each
+  thread re-loads only its own elements until none is the sentinel, with no reduction or
+  barrier in the loop, then one barrier before the resets.
 
 Slots of a token's local experts are taken with one masked vector ``atomic_add`` (its K
 atomics in flight together), always 1-D (:func:`_claim_slots`); the combine's K expert-row loads

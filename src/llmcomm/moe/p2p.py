@@ -182,7 +182,7 @@ class P2PBackend(MoEBackend):
                  _combine_roles: bool = False, _roles_warps: int = 16,
                  _roles_pair: int = 1, _roles_programs: int | None = None,
                  _one_token_slots: bool | None = None, _ce_tokens: int | None = None,
-                 _thread_spin: bool = False) -> None:
+                 _thread_spin: bool | None = None) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -253,12 +253,15 @@ class P2PBackend(MoEBackend):
                 session 17: on 2 x H200 its sentinel test found a wrong count (a received row
                 missing) in a sequence of calls, and it was 0.75-1.0 us faster at one token
                 there (docs/moe_sessions.md, session 17).
-            _thread_spin: ``"lamport"`` only (A/B knob, off until timed): the combine waits
-                for a peer's partial sums, and the dispatch for a received row (after its
-                count and meta), with every thread spinning on its own elements in inline PTX
-                (:func:`llmcomm.kernels.sync.spin_landed`) instead of a loop that reduces a
-                pending count over the program every spin (``TSPIN`` in
-                :mod:`llmcomm.kernels.moe`; session 20). GPU only.
+            _thread_spin: ``"lamport"`` only (default on on a GPU, off in the simulation): the
+                combine waits for a peer's partial sums, and the dispatch for a received row
+                (after its count and meta), with every thread spinning on its own elements in
+                inline PTX (:func:`llmcomm.kernels.sync.spin_landed`) instead of a loop that
+                reduces a pending count over the program every spin (``TSPIN`` in
+                :mod:`llmcomm.kernels.moe`). Session 20, free-running loopback on one H200:
+                the pair -0.2..-0.5 us at 1-8 tokens, -1.5..-2.1 at 64, -4..-5.7 at 128 (the
+                combine alone 21 -> 15 us at 128), the dispatch's part at par; untimed on 2
+                GPUs (docs/moe_sessions.md).
             _ce_tokens: ``"flags"`` at EP=2, interleaved, default rounds (A/B knob, off: on
                 2 x H200 it was slower, 228.6 vs 217 us for the 4096-token dispatch, although
                 the peer copy ran on a copy engine; docs/moe_sessions.md, session 17): a
@@ -319,6 +322,8 @@ class P2PBackend(MoEBackend):
             raise ValueError(f"protocol='lamport' needs a 16, 32 or 64-bit dtype, got {cfg.dtype}")
         if posted_flags is None:
             posted_flags = not self._sim and not lamport
+        if _thread_spin is None:
+            _thread_spin = lamport and not self._sim
         if self._sim and (posted_flags or pdl or _thread_spin):
             raise ValueError("posted_flags, pdl and _thread_spin use inline PTX: not available "
                              "in the TRITON_INTERPRET simulation")
