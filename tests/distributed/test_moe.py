@@ -428,6 +428,7 @@ def test_errors_world2():
      "combine_tile_tokens must be a power of 2 in [1, 8]"),
     ({"protocol": "lamport", "pdl": True}, "inline PTX"),
     ({"protocol": "lamport", "_thread_spin": True}, "inline PTX"),
+    ({"protocol": "lamport", "_meta_spin": True}, "_meta_spin needs _thread_spin"),
     ({"protocol": "lamport", "combine_split": 3}, "combine_split must be a power of 2 in [1, 16]"),
     ({"protocol": "flags", "combine_split": 2}, "combine_split applies to protocol='lamport'"),
     ({"protocol": "lamport", "interleave": True}, "interleave applies to protocol='flags' only"),

@@ -42,7 +42,7 @@ _MOE = dict(RANK=0, W=W, G=128, H=7168, K=8, L=128, E=256, BLOCK_H=8192, BLOCK_K
             RT=False)
 _AR = dict(RANK=1, W=W, NORM=True, FP8=False, BLOCK=8192, PDL=True, NT=512)
 _FLAGS = dict(_MOE, M=4096, CHUNK=8, POSTED=True, INTERLEAVE=True, FUSE=True, CE=False, CE_MIN=0)
-_LAMPORT = dict(_MOE, BITS=16, NBUF=3, SHIFT=0, ONE=False, TSPIN=True)
+_LAMPORT = dict(_MOE, BITS=16, NBUF=3, SHIFT=0, ONE=False, TSPIN=True, MSPIN=False)
 
 #: (module, kernel, constexprs, num_warps): the launchers' defaults at hidden 7168, EP/TP = 2
 CASES = {
@@ -75,6 +75,10 @@ CASES = {
                                     dict(_LAMPORT, M=128, CAP=256, ONE=True, NT=256), 8),
     "moe-lamport-dispatch-one": ("moe", "ep_dispatch_lamport_kernel",
                                  dict(_LAMPORT, M=128, CAP=256, ONE=True), 16),
+    "moe-lamport-dispatch-mspin-w8": ("moe", "ep_dispatch_lamport_kernel",
+                                      dict(_LAMPORT, M=128, CAP=256, MSPIN=True, NT=256), 8),
+    "moe-lamport-dispatch-one-mspin": ("moe", "ep_dispatch_lamport_kernel",
+                                       dict(_LAMPORT, M=128, CAP=256, ONE=True, MSPIN=True), 16),
     "moe-lamport-dispatch-notspin": ("moe", "ep_dispatch_lamport_kernel",
                                      dict(_LAMPORT, M=128, CAP=256, TSPIN=False), 16),
     "moe-lamport-dispatch-m4096": ("moe", "ep_dispatch_lamport_kernel",
@@ -147,6 +151,20 @@ def test_thread_spin_is_not_duplicated(kernel, num_warps, spins):
     k = _compile(fn, dict(_LAMPORT, M=128, CAP=256, SPLIT=4, NT=32 * num_warps), _TYPES,
                  num_warps)
     assert k.asm["ptx"].count("SPIN:") == spins
+
+
+@pytest.mark.parametrize("num_warps", [8, 16])
+def test_meta_spin_is_not_duplicated(num_warps):
+    """``MSPIN``: the count-and-meta spin of the dispatch's one-token receive is one instance
+    (the [BLOCK_K] meta holds one element a thread), then the row's groups as without it."""
+    from llmcomm.kernels.moe import ep_dispatch_lamport_kernel
+
+    k = _compile(ep_dispatch_lamport_kernel,
+                 dict(_LAMPORT, M=128, CAP=256, NT=32 * num_warps, MSPIN=True), _TYPES,
+                 num_warps)
+    ptx = k.asm["ptx"]
+    assert (ptx.count("CNT:"), ptx.count("MSPIN:")) == (1, 1)
+    assert ptx.count("\nSPIN:") == 8192 // (32 * num_warps) // 8
 
 
 #: benchmarks/bench_moe_floor.py's kernels (the data-movement floor and its ladder), by argument

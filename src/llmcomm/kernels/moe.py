@@ -163,7 +163,8 @@ import triton
 import triton.language as tl
 
 from .sync import (every_thread_max, globaltimer_uniform, ld_acquire_sys, load_uniform,
-                   pdl_launch_dependents, pdl_wait, spin_landed, st_release_sys, uniform)
+                   pdl_launch_dependents, pdl_wait, spin_landed, spin_meta, st_release_sys,
+                   uniform)
 
 
 #: spins of a poll loop between two checks of the deadline and of this rank's error flag: each
@@ -1720,7 +1721,8 @@ def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_
                         K: tl.constexpr, L: tl.constexpr, CAP: tl.constexpr,
                         BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr,
                         USE_TIMER: tl.constexpr, NT: tl.constexpr, T, own, counts,
-                        BLOCK_L: tl.constexpr, ONE: tl.constexpr, TSPIN: tl.constexpr = False):
+                        BLOCK_L: tl.constexpr, ONE: tl.constexpr, TSPIN: tl.constexpr = False,
+                        MSPIN: tl.constexpr = False):
     """:func:`_lamport_recv_tile` of a one-token tile (token ``c`` of source ``s``) on 1-D
     vectors (session 13): the count, meta and row polled together until every thread's copies
     have landed (:func:`_lamport_poll_token`, session 14), then expanded from those values
@@ -1733,8 +1735,12 @@ def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_
 
     ``TSPIN`` (GPU, 16/32-bit rows of at least 2 elements a thread): the poll loop waits for
     the count and meta only, then each thread waits for its own elements of the row
-    (:func:`_recv_row_spin`)."""
+    (:func:`_recv_row_spin`). ``MSPIN`` (with ``TSPIN``; A/B): the count and meta are
+    per-thread spins too (:func:`.sync.spin_meta`), followed by one reduction that yields the
+    count, whether the token has a local expert and whether a deadline passed; the row is
+    then loaded and spun on."""
     SPIN: tl.constexpr = TSPIN and USE_TIMER and BITS <= 32 and BLOCK_H * BITS >= NT * 32
+    META: tl.constexpr = SPIN and MSPIN
     offs_h = tl.arange(0, BLOCK_H)
     offs_k = tl.arange(0, BLOCK_K)
     need = ts_known < 0
@@ -1742,25 +1748,47 @@ def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_
     base = (buf * W + s) * M + tl.cast(c, tl.int64)   # masked off wherever c >= M
     mp1 = lmeta[RANK] + base * (2 * K)
     rp = lx[RANK] + base * H
-    bound = tl.where(need, M, ts_known)
-    ts, bound, ids, wb, row, pending = _lamport_poll_token(cnt_ptr, need, ts_known, bound, mp1,
-                                                           rp, c, RANK, M, H, K, L, BLOCK_H,
-                                                           BLOCK_K, BITS, USE_TIMER, NT,
-                                                           not SPIN)
-    t0 = tl.full([], 0, tl.int64)   # set at the first check: no clock read unless waiting
-    spins = tl.full([], 0, tl.int64)
-    while (pending > 0) & (dead == 0):
+    if META:
+        # the spin's outputs feed this one reduction only: a consumer in another layout would
+        # make triton rematerialise the asm there (session 20: 26 copies, one after another)
+        sid, swb, tsv = spin_meta(mp1 + offs_k, mp1 + K + offs_k, offs_k < K, cnt_ptr, need,
+                                  ts_known, c, timeout_ns, err_dev, err_host, 65536 + s + 1)
+        late = (tsv == -2147483648) | ((offs_k < K) & (c < tsv) & (
+            (sid == -2147483648) | (swb == -2147483648)))
+        hit = ((sid >= 0) & (sid // L == RANK)).to(tl.int32)
+        r = tl.max(tl.where(late, 1 << 30, tsv * 2 + hit), axis=0)
+        dead = tl.where(r >= (1 << 30), 1, dead)
+        ts = r >> 1
+        mine_m = (r & 1) > 0
+        # re-read after that reduction's barrier: every copy of the meta sees what some thread
+        # saw land (a later read cannot return an older value), the row where it has landed
+        km = offs_k < tl.where((c < ts) & (dead == 0), K, 0)
+        ids = tl.load(mp1 + offs_k, mask=km, other=-1, volatile=True)
+        wb = tl.load(mp1 + K + offs_k, mask=km, other=0, volatile=True)
+        row = tl.load(rp + offs_h, mask=offs_h < tl.where(mine_m & (dead == 0), H, 0),
+                      other=0.0, volatile=True)
+    else:
+        bound = tl.where(need, M, ts_known)
         ts, bound, ids, wb, row, pending = _lamport_poll_token(
             cnt_ptr, need, ts_known, bound, mp1, rp, c, RANK, M, H, K, L, BLOCK_H, BLOCK_K,
             BITS, USE_TIMER, NT, not SPIN)
-        spins += 1
-        t0, dead = _spin_deadline(pending, spins, t0, dead, err_dev, err_host, timeout_ns, 1,
-                                  s, USE_TIMER, NT)
+        t0 = tl.full([], 0, tl.int64)   # set at the first check: no clock read unless waiting
+        spins = tl.full([], 0, tl.int64)
+        while (pending > 0) & (dead == 0):
+            ts, bound, ids, wb, row, pending = _lamport_poll_token(
+                cnt_ptr, need, ts_known, bound, mp1, rp, c, RANK, M, H, K, L, BLOCK_H,
+                BLOCK_K, BITS, USE_TIMER, NT, not SPIN)
+            spins += 1
+            t0, dead = _spin_deadline(pending, spins, t0, dead, err_dev, err_host, timeout_ns,
+                                      1, s, USE_TIMER, NT)
     if dead == 0:
         valid = c < ts
         kv = offs_k < tl.where(valid, K, 0)
-        mine = valid & (tl.sum((tl.where(ids >= 0, ids // L, -1) == RANK).to(tl.int32),
-                               axis=0) > 0)
+        if META:
+            mine = valid & mine_m
+        else:
+            mine = valid & (tl.sum((tl.where(ids >= 0, ids // L, -1) == RANK).to(tl.int32),
+                                   axis=0) > 0)
         if SPIN:
             row = _recv_row_spin(row, rp + offs_h, offs_h < tl.where(mine, H, 0), s, err_dev,
                                  err_host, timeout_ns, BITS, NT)
@@ -1800,7 +1828,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                BITS: tl.constexpr, NBUF: tl.constexpr, SHIFT: tl.constexpr,
                                USE_TIMER: tl.constexpr, PDL: tl.constexpr = False,
                                NT: tl.constexpr = 256, ONE: tl.constexpr = False,
-                               TSPIN: tl.constexpr = False):
+                               TSPIN: tl.constexpr = False, MSPIN: tl.constexpr = False):
     """Lamport dispatch; see the module docstring. Tiles of ``TB`` tokens; program ``p`` sends
     own tiles ``p, p+G, ...`` and receives tiles ``q, q+G, ...`` (``q = (p + SHIFT) mod G``)
     of every peer, the own tile's rows copied after each receive."""
@@ -1878,7 +1906,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                             cr, s, ts, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor,
                             slot_map, wloc, err_dev, err_host, timeout_ns, RANK, W, G, M, H,
                             K, L, CAP, BLOCK_H, BLOCK_K, BITS, USE_TIMER, NT, T, ids1, counts,
-                            BLOCK_L, ONE, TSPIN)
+                            BLOCK_L, ONE, TSPIN, MSPIN)
                     else:
                         ts, dead = _lamport_recv_tile(
                             cr, s, ts, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor,

@@ -64,13 +64,8 @@ def _spin_asm(bits: int, pack: int) -> tuple[str, str]:
     a += ["CHECK:", f"setp.eq.and.{t} %q, %h0, {sent}, %m0;"]
     for i in range(1, pack):
         a += [f"setp.eq.and.{t} %w, %h{i}, {sent}, %m{i};", "or.pred %q, %q, %w;"]
-    # every 64th spin: the deadline (from the first check) and this rank's error flag
-    a += ["@!%q bra DONE;", "add.u32 %n, %n, 1;", "and.b32 %e, %n, 63;",
-          "setp.ne.u32 %w, %e, 0;", "@%w bra SPIN;", "mov.u64 %t1, %globaltimer;",
-          "setp.eq.u64 %w, %t0, 0;", "@%w mov.u64 %t0, %t1;", "sub.u64 %t1, %t1, %t0;",
-          f"setp.gt.s64 %w, %t1, {tmo};", "@%w bra FAIL;",
-          f"ld.volatile.global.b32 %e, [{errd}];", "setp.ne.s32 %w, %e, 0;", "@%w bra DONE;",
-          "bra SPIN;", "FAIL:", f"st.volatile.global.b32 [{errd}], {code};",
+    a += ["@!%q bra DONE;"] + _deadline_asm("SPIN", tmo, errd, errh, code)
+    a += ["FAIL:", f"st.volatile.global.b32 [{errd}], {code};",
           f"st.volatile.global.b32 [{errh}], {code};", "DONE:"]
     if bits == 16:
         a += [f"mov.b32 ${j}, {{%h{2 * j}, %h{2 * j + 1}}};" for j in range(regs)]
@@ -82,6 +77,40 @@ def _spin_asm(bits: int, pack: int) -> tuple[str, str]:
     return "\n".join(a), ",".join(cons)
 
 
+def _deadline_asm(again: str, tmo: str, errd: str, errh: str, code: str) -> list[str]:
+    """Lines of a spin's check: every 64th spin read the timer (the deadline counts from the
+    first read) and this rank's error flag; past the deadline record ``code`` (both copies)
+    and leave (``DONE``), with the flag set leave, else branch to ``again``."""
+    return ["add.u32 %n, %n, 1;", "and.b32 %e, %n, 63;", "setp.ne.u32 %w, %e, 0;",
+            f"@%w bra {again};", "mov.u64 %t1, %globaltimer;", "setp.eq.u64 %w, %t0, 0;",
+            "@%w mov.u64 %t0, %t1;", "sub.u64 %t1, %t1, %t0;", f"setp.gt.s64 %w, %t1, {tmo};",
+            "@%w bra FAIL;", f"ld.volatile.global.b32 %e, [{errd}];", "setp.ne.s32 %w, %e, 0;",
+            "@%w bra DONE;", f"bra {again};"]
+
+
+def _meta_asm() -> tuple[str, str]:
+    """PTX of :func:`spin_meta`, one element a thread: outputs id, weight bits, count;
+    inputs id address, weight address, mask, count address, need, known count, token, timeout,
+    error flag address, host mirror address, error code."""
+    ids, wb, km, cnt, need, known, c, tmo, errd, errh, code = (f"${3 + i}" for i in range(11))
+    a = ["{", ".reg .pred %w, %km;", ".reg .b32 %ts, %a, %b, %e;", ".reg .u32 %n;",
+         ".reg .u64 %t0, %t1;", "mov.u32 %n, 0;", "mov.u64 %t0, 0;", "mov.b32 %a, -1;",
+         "mov.b32 %b, 0;", f"mov.b32 %ts, {known};", f"setp.ne.s32 %w, {need}, 0;",
+         "@!%w bra META;", "CNT:", f"ld.volatile.global.b32 %ts, [{cnt}];",
+         "setp.ne.b32 %w, %ts, 0x80000000;", "@%w bra META;"]
+    a += _deadline_asm("CNT", tmo, errd, errh, code)
+    a += ["META:", f"setp.ne.s32 %km, {km}, 0;", f"setp.lt.and.s32 %km, {c}, %ts, %km;",
+          "@!%km bra DONE;", "MSPIN:", f"ld.volatile.global.b32 %a, [{ids}];",
+          f"ld.volatile.global.b32 %b, [{wb}];", "setp.eq.b32 %w, %a, 0x80000000;",
+          "setp.eq.or.b32 %w, %b, 0x80000000, %w;", "@!%w bra DONE;"]
+    a += _deadline_asm("MSPIN", tmo, errd, errh, code)
+    a += ["FAIL:", f"st.volatile.global.b32 [{errd}], {code};",
+          f"st.volatile.global.b32 [{errh}], {code};", "DONE:", "mov.b32 $0, %a;",
+          "mov.b32 $1, %b;", "mov.b32 $2, %ts;", "}"]
+    return "\n".join(a), "=r,=r,=r,l,l,r,l,r,r,r,l,l,l,r"
+
+
+_SMETA, _CMETA = (tl.constexpr(x) for x in _meta_asm())
 _S16_2, _S16_4, _S16_8 = (tl.constexpr(_spin_asm(16, p)[0]) for p in (2, 4, 8))
 _C16_2, _C16_4, _C16_8 = (tl.constexpr(_spin_asm(16, p)[1]) for p in (2, 4, 8))
 _S32_1, _S32_2, _S32_4 = (tl.constexpr(_spin_asm(32, p)[0]) for p in (1, 2, 4))
@@ -272,3 +301,31 @@ def spin_landed(v, ptrs, mask, timeout_ns, err_dev, err_host, code, BITS: tl.con
             r = tl.inline_asm_elementwise(_S32_1, _C32_1, [vi] + args, dtype=tl.int32,
                                           is_pure=False, pack=1)
     return r.to(v.dtype, bitcast=True)
+
+
+@triton.jit
+def spin_meta(ids_ptrs, wb_ptrs, mask, cnt_ptr, need, ts_known, c, timeout_ns, err_dev,
+              err_host, code):
+    """A lamport receive's count and meta, each thread spinning on its own copies (inline PTX,
+    no reduction in the loop; the per-thread counterpart of a program-wide count + meta poll).
+    Reference semantics, per thread, for its elements ``k`` of ``ids_ptrs`` / ``wb_ptrs``
+    ([BLOCK_K] int32, replicated over the threads)::
+
+        ts = spin_until_landed(cnt_ptr) if need else ts_known
+        if c < ts and mask[k]:
+            ids[k], wb[k] = spin_until_landed(ids_ptrs[k], wb_ptrs[k])
+        else:
+            ids[k], wb[k] = -1, 0
+        return ids, wb, ts (per element)
+
+    Every thread holds only values it saw land, so any reduction over the results is uniform.
+    The deadline and error flag as :func:`spin_landed`; what timed out comes back as the
+    sentinel (``ts`` and the meta), for the caller's one reduction to see."""
+    z = ids_ptrs.to(tl.int64) * 0
+    i32 = tl.zeros(ids_ptrs.shape, tl.int32)
+    return tl.inline_asm_elementwise(
+        _SMETA, _CMETA,
+        [ids_ptrs.to(tl.int64), wb_ptrs.to(tl.int64), mask.to(tl.int32),
+         cnt_ptr.to(tl.int64) + z, need.to(tl.int32) + i32, ts_known + i32, c + i32,
+         timeout_ns + z, err_dev.to(tl.int64) + z, err_host.to(tl.int64) + z, code + i32],
+        dtype=(tl.int32, tl.int32, tl.int32), is_pure=False, pack=1)

@@ -182,7 +182,7 @@ class P2PBackend(MoEBackend):
                  _combine_roles: bool = False, _roles_warps: int = 16,
                  _roles_pair: int = 1, _roles_programs: int | None = None,
                  _one_token_slots: bool | None = None, _ce_tokens: int | None = None,
-                 _thread_spin: bool | None = None) -> None:
+                 _thread_spin: bool | None = None, _meta_spin: bool = False) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -262,6 +262,10 @@ class P2PBackend(MoEBackend):
                 the pair -0.2..-0.5 us at 1-8 tokens, -1.5..-2.1 at 64, -4..-5.7 at 128 (the
                 combine alone 21 -> 15 us at 128), the dispatch's part at par; untimed on 2
                 GPUs (docs/moe_sessions.md).
+            _meta_spin: with ``_thread_spin`` (A/B knob, off until timed): the dispatch's
+                one-token receive waits for the peer's count and the token's meta with
+                per-thread spins too (:func:`llmcomm.kernels.sync.spin_meta`), then one
+                reduction, instead of a loop with three reductions a spin (``MSPIN``).
             _ce_tokens: ``"flags"`` at EP=2, interleaved, default rounds (A/B knob, off: on
                 2 x H200 it was slower, 228.6 vs 217 us for the 4096-token dispatch, although
                 the peer copy ran on a copy engine; docs/moe_sessions.md, session 17): a
@@ -443,6 +447,11 @@ class P2PBackend(MoEBackend):
             raise ValueError(f"_thread_spin needs protocol='lamport', got protocol {protocol!r} "
                              f"(it resolved to flags); pass protocol='lamport' or drop it")
         self._tspin = bool(_thread_spin)
+        if _meta_spin and not self._tspin:
+            raise ValueError("_meta_spin needs _thread_spin (the per-thread spins of the "
+                             "lamport protocol, on by default on a GPU): leave _thread_spin "
+                             "unset or pass True")
+        self._mspin = bool(_meta_spin)
         # its flags: one per (round, source rank), monotonic (the call's epoch)
         rounds = 1 + -(-max(-(-M // self.G) - (self.round_tokens or 1), 0)
                        // (self.round_tokens or 1))
@@ -532,7 +541,7 @@ class P2PBackend(MoEBackend):
                 "fuse_combine": self._fuse_combine, "combine_roles": self._roles,
                 "combine_roles_programs": self._Gc if self._roles else None,
                 "one_token_slots": self._one, "ce_tokens": self._ce_tokens,
-                "thread_spin": self._tspin,
+                "thread_spin": self._tspin, "meta_spin": self._mspin,
                 **{k.lower(): v for k, v in self.variants.items()}}
 
     def _consts(self) -> dict[str, Any]:
@@ -660,7 +669,8 @@ class P2PBackend(MoEBackend):
                 self.expert_x, self.counts, self.cursor, self.done, self.slot_map, self.wloc,
                 self.peer_T, self.buf_d, self.err_dev, self.err_host.data_ptr(),
                 self.timeout_ns, CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts),
-                ONE=self._one and T <= 1 and not self.shift, TSPIN=self._tspin)
+                ONE=self._one and T <= 1 and not self.shift, TSPIN=self._tspin,
+                MSPIN=self._mspin)
             return self.expert_x, self.counts, (topk_ids, topk_weights)
         ce = self._ce_tokens is not None and T >= self._ce_tokens
         side = self._ce_send(x, T) if ce and not self._compile_only else None
