@@ -53,8 +53,9 @@ CONFIGS = {
     "lamport128onepdl": (128, {"_one_token_slots": True, "pdl": True}),
     # without session 20's per-thread spin (P2PBackend._thread_spin, the default on a GPU)
     "lamport128notspin": (128, {"_thread_spin": False}),
-    # A/B candidate (session 20): the dispatch's count and meta spun per thread too
-    "lamport128mspin": (128, {"_meta_spin": True}),
+    # without the dispatch's per-thread count and meta spin (session 20; the default at <= 8
+    # warps a program)
+    "lamport128nomspin": (128, {"_meta_spin": False}),
     # program p receives tile p + G/2 (33 of the 66 programs a rank of a 132-SM GPU; session 4 on
     # 2 GPUs: 0.3-1.7 us faster at small batches, needs every program resident)
     "lamport128shift": (128, {"shift": 33}),

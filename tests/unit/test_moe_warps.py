@@ -4,7 +4,7 @@ batch whose tiles times ``combine_split`` fit the grid, the configured count abo
 
 import pytest
 
-from llmcomm.moe.p2p import _lamport_warps
+from llmcomm.moe.p2p import _at_warps, _lamport_warps
 
 
 @pytest.mark.parametrize("T, tile, expect", [
@@ -20,6 +20,16 @@ def test_no_small_count_keeps_the_configured_warps():
     # an explicit num_warps (or hidden < 4096) leaves small=None: every call runs num_warps
     assert [_lamport_warps(T, 1, 66, 4, 16, None) for T in (0, 1, 128)] == [16, 16, 16]
     assert _lamport_warps(1, 1, 66, 4, 4, None) == 4
+
+
+def test_meta_spin_only_at_small_warp_counts():
+    """``MSPIN`` (session 20: faster at 8 warps, 1 us slower a dispatch at 16) is dropped from
+    a launch at more than 8 warps; nothing else changes."""
+    kw = {"ONE": True, "TSPIN": True, "MSPIN": True}
+    assert _at_warps(kw, 8) == kw and _at_warps(kw, 4) == kw
+    assert _at_warps(kw, 16) == {"ONE": True, "TSPIN": True, "MSPIN": False}
+    assert _at_warps({"TSPIN": True}, 16) == {"TSPIN": True}
+    assert kw["MSPIN"] is True   # not mutated
 
 
 @pytest.mark.parametrize("M, expect", [

@@ -268,9 +268,9 @@ def spin_landed(v, ptrs, mask, timeout_ns, err_dev, err_host, code, BITS: tl.con
 
     Every 64th spin a thread reads ``%globaltimer`` (the deadline counts from the first such
     read, ``timeout_ns`` after it) and this rank's error flag ``*err_dev``: past the deadline
-    it stores ``code`` at ``err_dev`` and at the pinned host mirror ``err_host`` and leaves; a flag already set (another program gave up) ends it too. Either way
-    the elements still pending come back as the sentinel, and the launcher raises at its next
-    check. Elements a thread holds: ``ptrs.numel // NT`` (at most 8 for 16-bit, 4 for 32-bit,
+    it stores ``code`` at ``err_dev`` and at the pinned host mirror ``err_host`` and leaves;
+    a flag already set (another program gave up) ends it too. Either way the elements still
+    pending come back as the sentinel, and the launcher raises at its next check. Elements a thread holds: ``ptrs.numel // NT`` (at most 8 for 16-bit, 4 for 32-bit,
     a power of 2, >= 2 for 16-bit); a larger tile is handled in several groups, one after the
     other. GPU only (inline PTX); ``v``'s layout is the one the load gave ``ptrs``, so the asm
     needs no layout conversion (a conversion would make the compiler duplicate it)."""

@@ -90,6 +90,16 @@ def _lamport_warps(T: int, tile: int, programs: int, split: int, num_warps: int,
     return num_warps
 
 
+def _at_warps(kwargs: dict[str, Any], warps: int) -> dict[str, Any]:
+    """A lamport launch's variant constexprs at ``warps`` a program: ``MSPIN`` (the dispatch's
+    count and meta spun per thread) only at <= 8 warps, where session 20 measured it faster
+    (at 16 the dispatch was 1 us slower: 512 threads spinning on the same few words, and the
+    meta re-read after the reduction)."""
+    if kwargs.get("MSPIN") and warps > 8:
+        return {**kwargs, "MSPIN": False}
+    return kwargs
+
+
 def _ce_warm_tokens(ce_tokens: int | None, max_tokens: int) -> list[int]:
     """Token counts whose dispatch takes ``_ce_tokens``' copy path (``T >= ce_tokens``), one
     of each class triton compiles apart (``T == 1``, a multiple of 16, any other) where there
@@ -182,7 +192,7 @@ class P2PBackend(MoEBackend):
                  _combine_roles: bool = False, _roles_warps: int = 16,
                  _roles_pair: int = 1, _roles_programs: int | None = None,
                  _one_token_slots: bool | None = None, _ce_tokens: int | None = None,
-                 _thread_spin: bool | None = None, _meta_spin: bool = False) -> None:
+                 _thread_spin: bool | None = None, _meta_spin: bool | None = None) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -262,10 +272,14 @@ class P2PBackend(MoEBackend):
                 the pair -0.2..-0.5 us at 1-8 tokens, -1.5..-2.1 at 64, -4..-5.7 at 128 (the
                 combine alone 21 -> 15 us at 128), the dispatch's part at par; untimed on 2
                 GPUs (docs/moe_sessions.md).
-            _meta_spin: with ``_thread_spin`` (A/B knob, off until timed): the dispatch's
-                one-token receive waits for the peer's count and the token's meta with
+            _meta_spin: with ``_thread_spin`` (default: on with it): a dispatch call that runs
+                at most 8 warps a program (the small batches, :func:`_lamport_warps`) waits in
+                its one-token receive for the peer's count and the token's meta with
                 per-thread spins too (:func:`llmcomm.kernels.sync.spin_meta`), then one
                 reduction, instead of a loop with three reductions a spin (``MSPIN``).
+                Session 20, free-running loopback on one H100: the pair -0.35..-0.5 us at one
+                token, -0.1..-0.3 at 8; at 16 warps (64 tokens) the dispatch was 1 us slower,
+                hence not there.
             _ce_tokens: ``"flags"`` at EP=2, interleaved, default rounds (A/B knob, off: on
                 2 x H200 it was slower, 228.6 vs 217 us for the 4096-token dispatch, although
                 the peer copy ran on a copy engine; docs/moe_sessions.md, session 17): a
@@ -447,6 +461,8 @@ class P2PBackend(MoEBackend):
             raise ValueError(f"_thread_spin needs protocol='lamport', got protocol {protocol!r} "
                              f"(it resolved to flags); pass protocol='lamport' or drop it")
         self._tspin = bool(_thread_spin)
+        if _meta_spin is None:
+            _meta_spin = self._tspin
         if _meta_spin and not self._tspin:
             raise ValueError("_meta_spin needs _thread_spin (the per-thread spins of the "
                              "lamport protocol, on by default on a GPU): leave _thread_spin "
@@ -589,9 +605,10 @@ class P2PBackend(MoEBackend):
         key = (kernel, T == 1, T % 16 == 0, ids.dtype, w.dtype, kwargs.get("ONE", False))
         if self._small_warps is not None and not self._sim and key not in self._loaded:
             for nw in (self.num_warps, self._small_warps):
-                self._load(kernel, args, (self.G,), {**kwargs, **self._lamport_consts(tb, nw)})
+                self._load(kernel, args, (self.G,), {**_at_warps(kwargs, nw),
+                                                     **self._lamport_consts(tb, nw)})
             self._loaded.add(key)
-        self._launch(kernel, *args, **kwargs, **self._lamport_consts(tb, warps))
+        self._launch(kernel, *args, **_at_warps(kwargs, warps), **self._lamport_consts(tb, warps))
 
     def _load(self, kernel: Any, args: tuple, grid: tuple, kwargs: dict[str, Any]) -> None:
         """Compile ``kernel`` for these arguments and load its module; launch nothing."""
