@@ -21,7 +21,9 @@ the previous one's tail.
 
 Configs (``--configs``): ``lamport128`` (the decode dispatcher: M = 128, ``protocol="auto"``
 picks lamport at EP=2), ``flags128`` (M = 128, flags), ``flags4096`` (M = 4096, flags; the
-default 2-GPU dispatcher, here on half the programs). Results: ``benchmarks/results/
+default 2-GPU dispatcher, here on half the programs); A/B configs against a knob are listed
+with a comment in ``CONFIGS`` (e.g. ``lamport128notspin``: without session 20's per-thread
+spins; ``lamport128pdl``: PDL, with ``--programs 33``). Results: ``benchmarks/results/
 moe_loopback_<gpu>_h<hidden>.{csv,json}`` with the GPU, versions, date and command.
 """
 
