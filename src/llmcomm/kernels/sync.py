@@ -278,6 +278,7 @@ def spin_landed(v, ptrs, mask, timeout_ns, err_dev, err_host, code, BITS: tl.con
     z = ptrs.to(tl.int64) * 0
     args = [ptrs.to(tl.int64), mask.to(tl.int32), timeout_ns + z, err_dev.to(tl.int64) + z,
             err_host.to(tl.int64) + z, (code + z).to(tl.int32)]
+    # one call per branch: triton turns a constexpr string bound to a local into a tensor
     if BITS == 16:
         vi = v.to(tl.int16, bitcast=True)
         if PER >= 8:
