@@ -40,6 +40,9 @@ P2P_VARIANTS = {
     # cases of ONE_CASES where both ranks hold at most one token, and the atomics where one
     # has more
     "p2p-lamport-one": {"protocol": "lamport", "_one_token_slots": True},
+    # the polls that reduce over the program every spin, as before session 20's per-thread
+    # spins (_thread_spin / _meta_spin, the default on a GPU since then)
+    "p2p-lamport-notspin": {"protocol": "lamport", "_thread_spin": False},
 }
 LAMPORT = [n for n in P2P_VARIANTS if "lamport" in n]
 
