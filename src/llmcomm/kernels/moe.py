@@ -152,7 +152,8 @@ Switchable variants (``tl.constexpr``; see :class:`llmcomm.moe.p2p.P2PBackend` f
   received row (:func:`_lamport_recv_token`, after the count and meta, which keep the
   program-wide poll) are per-thread spins in inline PTX (:func:`.sync.spin_landed`): each
   thread re-loads only its own elements until none is the sentinel, with no reduction or
-  barrier in the loop, then one barrier before the resets.
+  barrier in the loop, then one barrier before the resets. ``MSPIN`` (with ``TSPIN``, at <= 8
+  warps): the dispatch's count and meta too (:func:`.sync.spin_meta`), then one reduction.
 
 Slots of a token's local experts are taken with one masked vector ``atomic_add`` (its K
 atomics in flight together), always 1-D (:func:`_claim_slots`); the combine's K expert-row loads
@@ -1735,8 +1736,8 @@ def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_
 
     ``TSPIN`` (GPU, 16/32-bit rows of at least 2 elements a thread): the poll loop waits for
     the count and meta only, then each thread waits for its own elements of the row
-    (:func:`_recv_row_spin`). ``MSPIN`` (with ``TSPIN``; A/B): the count and meta are
-    per-thread spins too (:func:`.sync.spin_meta`), followed by one reduction that yields the
+    (:func:`_recv_row_spin`). ``MSPIN`` (with ``TSPIN``; the launcher sets it at <= 8 warps
+    a program, ``p2p._at_warps``): the count and meta are per-thread spins too (:func:`.sync.spin_meta`), followed by one reduction that yields the
     count, whether the token has a local expert and whether a deadline passed; the row is
     then loaded and spun on."""
     SPIN: tl.constexpr = TSPIN and USE_TIMER and BITS <= 32 and BLOCK_H * BITS >= NT * 32

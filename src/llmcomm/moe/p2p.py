@@ -269,7 +269,7 @@ class P2PBackend(MoEBackend):
                 inline PTX (:func:`llmcomm.kernels.sync.spin_landed`) instead of a loop that
                 reduces a pending count over the program every spin (``TSPIN`` in
                 :mod:`llmcomm.kernels.moe`). Session 20, free-running loopback on one H200:
-                the pair -0.2..-0.5 us at 1-8 tokens, -1.5..-2.1 at 64, -4..-5.7 at 128 (the
+                the pair -0.2..-0.7 us at 1-8 tokens, -1.3..-2.1 at 64, -4.6..-5.6 at 128 (the
                 combine alone 21 -> 15 us at 128), the dispatch's part at par; untimed on 2
                 GPUs (docs/moe_sessions.md).
             _meta_spin: with ``_thread_spin`` (default: on with it): a dispatch call that runs
