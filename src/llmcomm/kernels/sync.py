@@ -111,10 +111,11 @@ def _meta_asm() -> tuple[str, str]:
 
 
 _SMETA, _CMETA = (tl.constexpr(x) for x in _meta_asm())
-_S16_2, _S16_4, _S16_8 = (tl.constexpr(_spin_asm(16, p)[0]) for p in (2, 4, 8))
-_C16_2, _C16_4, _C16_8 = (tl.constexpr(_spin_asm(16, p)[1]) for p in (2, 4, 8))
-_S32_1, _S32_2, _S32_4 = (tl.constexpr(_spin_asm(32, p)[0]) for p in (1, 2, 4))
-_C32_1, _C32_2, _C32_4 = (tl.constexpr(_spin_asm(32, p)[1]) for p in (1, 2, 4))
+# module-level constexpr strings: a jit function can pass only those to inline asm
+(_S16_2, _C16_2), (_S16_4, _C16_4), (_S16_8, _C16_8) = (
+    tuple(map(tl.constexpr, _spin_asm(16, p))) for p in (2, 4, 8))
+(_S32_1, _C32_1), (_S32_2, _C32_2), (_S32_4, _C32_4) = (
+    tuple(map(tl.constexpr, _spin_asm(32, p))) for p in (1, 2, 4))
 
 
 @triton.jit
