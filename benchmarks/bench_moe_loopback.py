@@ -42,6 +42,11 @@ CONFIGS = {
     # again since session 17)
     "lamport128noone": (128, {"_one_token_slots": False}),
     "flags128": (128, {"protocol": "flags"}),
+    # lamport forced (protocol="auto" picks it at EP=2 only): for --world 4 / 8 (session 21)
+    "lam128": (128, {"protocol": "lamport"}),
+    # ... with each program receiving token p of every peer, one peer after another (the EP=2
+    # way; at EP > 2 the default spreads the peers' tokens over the programs, session 21)
+    "lam128seq": (128, {"protocol": "lamport", "_peer_spread": False}),
     "flags4096": (4096, {"protocol": "flags"}),
     # A/B candidate: the combine's push and finish in separate programs (16 warps, one token
     # a step; 2 x SMs // (2 * world) programs a rank, the dispatch keeps its grid), rounds of 8
@@ -149,6 +154,12 @@ def run(args) -> list[dict]:
         M, kw = CONFIGS[name]
         lb = Loopback(W, E, K, H, M, torch.bfloat16, num_programs=args.programs, **kw)
         be0 = lb.backends[0]
+        if args.warm_rank is not None:   # compile rank R's kernels into triton's cache only
+            n = lb.backends[args.warm_rank].warmup(
+                [int(t) for t in args.tokens.split(",") if int(t) <= M], [torch.int64],
+                torch.float32)
+            print(f"{name:>10} rank {args.warm_rank}: {n} kernels compiled and loaded", flush=True)
+            continue
         for T in (int(t) for t in args.tokens.split(",")):
             if T > M:
                 continue
@@ -211,6 +222,10 @@ def main() -> None:
     ap.add_argument("--check-only", action="store_true",
                     help="check every (config, tokens) once, time nothing, write nothing (also "
                     "compiles every kernel, e.g. in parallel processes before a timed run)")
+    ap.add_argument("--warm-rank", type=int, default=None,
+                    help="only compile rank R's kernels for the configs and tokens into triton's "
+                    "cache, run nothing (one process a rank in parallel before a timed run: "
+                    "the kernels are compiled per rank, and at EP=4 each takes ~10 s)")
     ap.add_argument("--out", default=None, help="result file stem (default benchmarks/results/"
                     "moe_loopback_<gpu>_h<hidden>)")
     args = ap.parse_args()
@@ -224,7 +239,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench_moe_loopback.py needs a CUDA GPU")
     rows = run(args)
-    if args.check_only:
+    if args.check_only or args.warm_rank is not None:
         return
     save_one_gpu_results(rows, "loopback: every EP rank on one GPU, local stores instead of "
                          "NVLink; not comparable with 2-GPU figures", args.out,

@@ -439,6 +439,12 @@ def test_errors_world2():
     ({"protocol": "lamport", "_one_token_slots": True, "tile_tokens": 2},
      "_one_token_slots needs protocol='lamport' at EP=2 with tile_tokens=1 and shift=0"),
     ({"protocol": "flags", "_one_token_slots": True}, "got protocol 'flags' at EP=2"),
+    ({"protocol": "lamport", "_peer_spread": True},
+     "_peer_spread needs every program of a grid running at once"),
+    ({"protocol": "flags", "_peer_spread": True},
+     "_peer_spread needs protocol='lamport' with tile_tokens=1, shift 0 and without "
+     "_one_token_slots; got protocol 'flags'"),
+    ({"protocol": "lamport", "tile_tokens": 2, "_peer_spread": True}, "tile_tokens 2"),
     ({"_ce_tokens": 0}, "_ce_tokens must be an int >= 1 (or None: off), got 0"),
     ({"protocol": "lamport", "_ce_tokens": 8},
      "_ce_tokens needs protocol='flags' at EP=2 with interleave and the default rounds; got "
@@ -462,7 +468,7 @@ def test_p2p_knob_validation(kw, words, tmp_path):
         P2PBackend(None, cfg, simulate_dir=str(tmp_path), **kw)
 
 
-def _concurrent_worker(rank, world, tmp, E_, kw, G, shift, seed):
+def _concurrent_worker(rank, world, tmp, E_, kw, G, shift, seed, spread=False):
     """The lamport kernels with every program of a grid running concurrently (one thread each,
     ``_interp_threads``), so ``shift != 0`` (program p waits for program p - shift of the peer)
     and GPU-like orderings run on CPU. Consecutive back-to-back calls with changing T (0, M, T
@@ -479,16 +485,19 @@ def _concurrent_worker(rank, world, tmp, E_, kw, G, shift, seed):
     ep = EPDispatcher(dist.group.WORLD, E_, K, H, M, torch.float32, _backend_cls=P2PBackend,
                       _backend_kwargs=dict(simulate_dir=tmp, num_programs=G, **kw))
     ep._backend.shift = shift   # the constructor refuses shift != 0 for the sequential sim
+    if spread:                  # and _peer_spread (the default at EP > 2 on a GPU)
+        ep._backend._spread = True
     seqs = [[M, 5, 2], [3, M, 0], [M, M, M], [1, 0, 7], [7, M, 4], [M, 1, M], [0, 4, 5]]
     if "_one_token_slots" in kw:   # calls on the one-token path (<= 1 token on both ranks)
         seqs += [[1, 1], [0, 1], [1, M], [1, 0], [0, 0], [1, 1], [M, 1], [1, 1]]
     errs = []
     for i, toks in enumerate(seqs):
-        inputs = make_inputs(seed * 100 + i, world, toks[:world], E_, K, H, torch.float32,
+        toks = (toks + toks[::-1])[:world]   # world 4: the counts of ranks 0-2, then rank 2's
+        inputs = make_inputs(seed * 100 + i, world, toks, E_, K, H, torch.float32,
                              ("random", "dups", "one_expert")[i % 3])
         errs.append(roundtrip(ep, rank, world, E_, inputs, torch.float32)[1])
         dist.barrier()
-        assert_lamport_sentinel(ep, rank, f"after call {i} (tokens {toks[:world]})")
+        assert_lamport_sentinel(ep, rank, f"after call {i} (tokens {toks})")
         dist.barrier()
     ep.check_errors()
     return max(errs)
@@ -502,10 +511,16 @@ def _concurrent_worker(rank, world, tmp, E_, kw, G, shift, seed):
     (2, 8, {}, 8, 0),   # own rows placed by the other half of the grid at T <= 4, not above
     (2, 8, {"_one_token_slots": True}, 8, 0),   # one-token calls (off by default) ...
     (2, 8, {"_one_token_slots": False}, 8, 0),  # ... and the atomics they replace
+    # the peers' tokens spread over the programs (_peer_spread, the default at EP > 2 on a
+    # GPU): several units a program (G 2), and one a program with ranks of 0 tokens (G 8)
+    (3, 6, {"_peer_spread": True}, 2, 0),
+    (4, 8, {"_peer_spread": True}, 8, 0),
 ], ids=["w2-t4c2-G4s2", "w2-t1-G2s1", "w3-t2c4-G3s1", "w2-t1-G8", "w2-t1-G8-one",
-        "w2-t1-G8-noone"])
+        "w2-t1-G8-noone", "w3-t1-G2-spread", "w4-t1-G8-spread"])
 def test_p2p_sim_lamport_concurrent_programs(world, E_, kw, G, shift):
+    kw = dict(kw)
+    spread = kw.pop("_peer_spread", False)   # set after construction, as shift
     with tempfile.TemporaryDirectory() as tmp:
         res = run_ranks(_concurrent_worker, world, tmp, E_, {"protocol": "lamport", **kw}, G,
-                        shift, 5, timeout=200, env=SIM)
+                        shift, 5, spread, timeout=200, env=SIM)
     assert max(res) <= 2e-5

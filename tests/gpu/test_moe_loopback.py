@@ -39,6 +39,10 @@ VARIANTS = {
     # the polls that reduce over the program every spin, as before session 20's per-thread
     # spin (_thread_spin, the default on a GPU); fp32 (H 264) and bf16 rows
     "lamport-notspin": (2, {"protocol": "lamport", "_thread_spin": False}),
+    # lamport at EP=4 and EP=8 (protocol="auto" keeps flags there until lamport is timed on 4
+    # and 8 GPUs; session 21: four and eight ranks on one GPU, 33 and 16 programs a rank)
+    "lamport-w4": (4, {"protocol": "lamport"}),
+    "lamport-w8": (8, {"protocol": "lamport"}),
 }
 
 pytestmark = [pytest.mark.gpu,
@@ -155,7 +159,8 @@ def _graph_worker(rank, world_size, name):
 
 
 @pytest.mark.parametrize("name", ["flags", "flags-g8", "flags-g8-roles", "flags-g8-ce",
-                                  "lamport", "lamport-t4c2", "lamport-one", "lamport-notspin"])
+                                  "lamport", "lamport-t4c2", "lamport-one", "lamport-notspin",
+                                  "lamport-w4", "lamport-w8"])
 def test_loopback_cuda_graph_replays_fresh_inputs(name):
     (errs,) = run_ranks(_graph_worker, 1, name, timeout=400)
     assert len(errs) == 7 * VARIANTS[name][0] and max(errs) < 2.5e-2

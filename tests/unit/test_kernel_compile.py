@@ -42,7 +42,8 @@ _MOE = dict(RANK=0, W=W, G=128, H=7168, K=8, L=128, E=256, BLOCK_H=8192, BLOCK_K
             RT=False)
 _AR = dict(RANK=1, W=W, NORM=True, FP8=False, BLOCK=8192, PDL=True, NT=512)
 _FLAGS = dict(_MOE, M=4096, CHUNK=8, POSTED=True, INTERLEAVE=True, FUSE=True, CE=False, CE_MIN=0)
-_LAMPORT = dict(_MOE, BITS=16, NBUF=3, SHIFT=0, ONE=False, TSPIN=True, MSPIN=False)
+_LAMPORT = dict(_MOE, BITS=16, NBUF=3, SHIFT=0, ONE=False, TSPIN=True, MSPIN=False,
+                SPREAD=False)
 
 #: (module, kernel, constexprs, num_warps): the launchers' defaults at hidden 7168, EP/TP = 2
 CASES = {
@@ -80,6 +81,11 @@ CASES = {
     "moe-lamport-dispatch-one-mspin-w8": ("moe", "ep_dispatch_lamport_kernel",
                                           dict(_LAMPORT, M=128, CAP=256, ONE=True, MSPIN=True,
                                                NT=256), 8),
+    "moe-lamport-dispatch-spread-mspin-w8": ("moe", "ep_dispatch_lamport_kernel",
+                                             dict(_LAMPORT, M=128, CAP=256, SPREAD=True,
+                                                  MSPIN=True, NT=256), 8),
+    "moe-lamport-dispatch-spread": ("moe", "ep_dispatch_lamport_kernel",
+                                    dict(_LAMPORT, M=128, CAP=256, SPREAD=True), 16),
     "moe-lamport-dispatch-notspin": ("moe", "ep_dispatch_lamport_kernel",
                                      dict(_LAMPORT, M=128, CAP=256, TSPIN=False), 16),
     "moe-lamport-dispatch-m4096": ("moe", "ep_dispatch_lamport_kernel",
@@ -166,6 +172,20 @@ def test_meta_spin_is_not_duplicated(num_warps):
     ptx = k.asm["ptx"]
     assert (ptx.count("CNT:"), ptx.count("MSPIN:")) == (1, 1)
     assert ptx.count("\nSPIN:") == 8192 // (32 * num_warps) // 8
+
+
+@pytest.mark.parametrize("spread, receives", [(True, 1), (False, 3)])
+def test_peer_spread_inlines_one_receive(spread, receives):
+    """``SPREAD`` (the default at EP > 2): one receive a program and iteration, whichever peer
+    it is from, so the EP=4 dispatch holds one inlined one-token receive (one count-and-meta
+    spin) where the peer-by-peer loop holds ``W - 1``."""
+    from llmcomm.kernels.moe import ep_dispatch_lamport_kernel
+
+    w4 = {k: (v[0],) * 4 if isinstance(v, tuple) else v for k, v in _TYPES.items()}
+    k = _compile(ep_dispatch_lamport_kernel,
+                 dict(_LAMPORT, W=4, BLOCK_W=4, L=64, M=128, CAP=256, NT=256, MSPIN=True,
+                      SPREAD=spread), w4, 8)
+    assert k.asm["ptx"].count("MSPIN:") == receives
 
 
 #: benchmarks/bench_moe_floor.py's kernels (the data-movement floor and its ladder), by argument

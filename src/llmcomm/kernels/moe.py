@@ -1716,6 +1716,35 @@ def _recv_row_spin(row, ptrs, mask, s, err_dev, err_host, timeout_ns, BITS: tl.c
 
 
 @triton.jit
+def _lamport_counts(ptrs, mask, dead, err_dev, err_host, timeout_ns, USE_TIMER: tl.constexpr,
+                    NT: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Every peer's count for this program at once (``SPREAD``): the ``[BLOCK_W]`` count slots
+    ``ptrs`` (``mask``: the peers) volatile-loaded until none is the sentinel (or the
+    deadline, which names the lowest peer still missing), re-read after a barrier (the vector
+    is replicated over the threads), then reset. Returns ``(counts, dead)``, 0 off the mask
+    (and everywhere once ``dead``)."""
+    offs_w = tl.arange(0, BLOCK_W)
+    v = tl.load(ptrs, mask=mask, other=0, volatile=True)
+    pending = uniform(tl.sum((mask & (v == -2147483648)).to(tl.int32), axis=0), NT)
+    t0 = tl.full([], 0, tl.int64)   # set at the first check: no clock read unless waiting
+    spins = tl.full([], 0, tl.int64)
+    while (pending > 0) & (dead == 0):
+        v = tl.load(ptrs, mask=mask, other=0, volatile=True)
+        late = mask & (v == -2147483648)
+        pending = uniform(tl.sum(late.to(tl.int32), axis=0), NT)
+        spins += 1
+        peer = uniform(tl.min(tl.where(late, offs_w, BLOCK_W), axis=0), NT)
+        t0, dead = _spin_deadline(pending, spins, t0, dead, err_dev, err_host, timeout_ns, 1,
+                                  peer, USE_TIMER, NT)
+    tl.debug_barrier()
+    v = tl.load(ptrs, mask=mask, other=0, volatile=True)
+    tl.debug_barrier()   # every copy read: no reset overtakes one
+    if dead == 0:
+        tl.store(ptrs, tl.full([BLOCK_W], -2147483648, tl.int32), mask=mask)
+    return tl.where(mask & (dead == 0), v, 0), dead
+
+
+@triton.jit
 def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor,
                         slot_map, wloc, err_dev, err_host, timeout_ns, RANK: tl.constexpr,
                         W: tl.constexpr, G: tl.constexpr, M: tl.constexpr, H: tl.constexpr,
@@ -1829,10 +1858,21 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                BITS: tl.constexpr, NBUF: tl.constexpr, SHIFT: tl.constexpr,
                                USE_TIMER: tl.constexpr, PDL: tl.constexpr = False,
                                NT: tl.constexpr = 256, ONE: tl.constexpr = False,
-                               TSPIN: tl.constexpr = False, MSPIN: tl.constexpr = False):
+                               TSPIN: tl.constexpr = False, MSPIN: tl.constexpr = False,
+                               SPREAD: tl.constexpr = False):
     """Lamport dispatch; see the module docstring. Tiles of ``TB`` tokens; program ``p`` sends
     own tiles ``p, p+G, ...`` and receives tiles ``q, q+G, ...`` (``q = (p + SHIFT) mod G``)
-    of every peer, the own tile's rows copied after each receive."""
+    of every peer, the own tile's rows copied after each receive.
+
+    ``SPREAD`` (one-token tiles, ``SHIFT`` 0, not ``ONE``; the launcher's choice for EP > 2):
+    the peers' tokens are spread over the programs instead, one a program and iteration, so
+    a program does not receive from the ``W - 1`` peers one after another. After sending its
+    first own token every program polls every peer's count at once
+    (:func:`_lamport_counts`); the received tokens are then numbered peer by peer (rank
+    order, ``u = sum of the counts of lower ranks + c``) and program ``p`` receives ``u = p,
+    p + G, ...``. Every program still reads and resets its own count slot of every peer."""
+    tl.static_assert((not SPREAD) or ((TB == 1) and (SHIFT == 0) and (not ONE)),
+                     "SPREAD needs one-token tiles, SHIFT 0 and not ONE")
     if PDL:  # nothing is touched before the previous grid finished
         pdl_wait()
         pdl_launch_dependents()
@@ -1870,6 +1910,8 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
     i = tl.full([], 0, tl.int32)
     more = n_own > 0
     more = more | (W > 1)
+    cum = tl.zeros([BLOCK_W], tl.int32)        # SPREAD: the counts' running sum, rank order
+    units = tl.full([], 0, tl.int32)           # SPREAD: the peers' tokens in all
     while more:
         # send own tile i and claim its slots; nothing waits for the claim until the rows are
         # placed after the receive, so its round trip overlaps the poll instead of preceding it.
@@ -1898,8 +1940,23 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                                    BLOCK_K, TB)
             slot = _claim_slots(ids, vt, cursor, RANK, L, K, BLOCK_K)
         cr = rbase + i * G
+        if SPREAD:   # every peer's count at the first iteration, then the unit pid + i * G
+            if i == 0:
+                tsv, dead = _lamport_counts(lcnt[RANK] + (buf * W + offs_w) * G + pid, is_peer,
+                                            dead, err_dev, err_host, timeout_ns, USE_TIMER, NT,
+                                            BLOCK_W)
+                cum = tl.cumsum(tsv, axis=0)     # inclusive; 0 at this rank
+                units = tl.sum(tsv, axis=0)
+            if (dead == 0) & (cr < units):
+                s = tl.sum((cum <= cr).to(tl.int32), axis=0)   # the peer of unit cr
+                ts = tl.sum(tl.where(offs_w == s, tsv, 0), axis=0)
+                c = cr - (tl.sum(tl.where(offs_w == s, cum, 0), axis=0) - ts)
+                ts, dead = _lamport_recv_token(
+                    c, s, ts, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor, slot_map,
+                    wloc, err_dev, err_host, timeout_ns, RANK, W, G, M, H, K, L, CAP, BLOCK_H,
+                    BLOCK_K, BITS, USE_TIMER, NT, T, ids1, counts, BLOCK_L, False, TSPIN, MSPIN)
         for s in tl.static_range(W):
-            if s != RANK:
+            if (s != RANK) & (not SPREAD):
                 ts = tl.sum(tl.where(offs_w == s, tsv, 0), axis=0)
                 if (dead == 0) & ((ts < 0) | (cr * TB < ts)):
                     if TB == 1:
@@ -1930,6 +1987,8 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
         i += 1
         big = tl.where(is_peer, tl.where(tsv < 0, 2147483647, tsv), 0)
         want_recv = ((rbase + i * G) * TB < tl.max(big, axis=0)) & (dead == 0)
+        if SPREAD:
+            want_recv = (rbase + i * G < units) & (dead == 0)
         more = (pid + i * G < n_own) | want_recv   # (hp != pid only with one own tile)
     tl.store(peer_T + offs_w, tl.maximum(tsv, 0), mask=is_peer)
     tl.store(buf_ptr + pid, (buf + 1) % NBUF)

@@ -192,7 +192,8 @@ class P2PBackend(MoEBackend):
                  _combine_roles: bool = False, _roles_warps: int = 16,
                  _roles_pair: int = 1, _roles_programs: int | None = None,
                  _one_token_slots: bool | None = None, _ce_tokens: int | None = None,
-                 _thread_spin: bool | None = None, _meta_spin: bool | None = None) -> None:
+                 _thread_spin: bool | None = None, _meta_spin: bool | None = None,
+                 _peer_spread: bool | None = None) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -280,6 +281,17 @@ class P2PBackend(MoEBackend):
                 Session 20, free-running loopback on one H100: the pair -0.35..-0.5 us at one
                 token, -0.1..-0.3 at 8; at 16 warps (64 tokens) the dispatch was 1 us slower,
                 hence not there.
+            _peer_spread: ``"lamport"`` with one-token tiles, ``shift`` 0 and without
+                ``_one_token_slots`` (default: on at EP > 2, off at EP=2): every program
+                first polls every peer's count, then receives the peers' tokens spread over
+                the programs, one a program and iteration (``SPREAD`` in
+                :mod:`llmcomm.kernels.moe`), instead of each program receiving token ``p``
+                of every peer one peer after another. One receive instead of ``W - 1`` on a
+                one-token program's chain, and one inlined receive in the kernel instead of
+                ``W - 1`` (session 21; EP=4 and 8 timed in loopback only). Program ``p``
+                then waits for tokens that other programs of the peer send, so every
+                program must be resident, as with ``shift``: not in the sequential
+                simulation.
             _ce_tokens: ``"flags"`` at EP=2, interleaved, default rounds (A/B knob, off: on
                 2 x H200 it was slower, 228.6 vs 217 us for the 4096-token dispatch, although
                 the peer copy ran on a copy engine; docs/moe_sessions.md, session 17): a
@@ -468,6 +480,19 @@ class P2PBackend(MoEBackend):
                              "lamport protocol, on by default on a GPU): leave _thread_spin "
                              "unset or pass True")
         self._mspin = bool(_meta_spin)
+        spread_ok = lamport and self.tiles[0] == 1 and not shift and not self._one
+        if _peer_spread is None:   # (the sequential simulation cannot run it, as shift)
+            _peer_spread = spread_ok and W > 2 and not self._sim
+        if _peer_spread and not spread_ok:
+            raise ValueError(f"_peer_spread needs protocol='lamport' with tile_tokens=1, "
+                             f"shift 0 and without _one_token_slots; got protocol {protocol!r}, "
+                             f"tile_tokens {self.tiles[0]}, shift {shift}, "
+                             f"_one_token_slots {self._one}")
+        if _peer_spread and self._sim:
+            raise ValueError("_peer_spread needs every program of a grid running at once (a "
+                             "program receives tokens another program of the peer sent): not "
+                             "in the TRITON_INTERPRET simulation; leave it unset")
+        self._spread = bool(_peer_spread)
         # its flags: one per (round, source rank), monotonic (the call's epoch)
         rounds = 1 + -(-max(-(-M // self.G) - (self.round_tokens or 1), 0)
                        // (self.round_tokens or 1))
@@ -558,6 +583,7 @@ class P2PBackend(MoEBackend):
                 "combine_roles_programs": self._Gc if self._roles else None,
                 "one_token_slots": self._one, "ce_tokens": self._ce_tokens,
                 "thread_spin": self._tspin, "meta_spin": self._mspin,
+                "peer_spread": self._spread,
                 **{k.lower(): v for k, v in self.variants.items()}}
 
     def _consts(self) -> dict[str, Any]:
@@ -687,7 +713,7 @@ class P2PBackend(MoEBackend):
                 self.peer_T, self.buf_d, self.err_dev, self.err_host.data_ptr(),
                 self.timeout_ns, CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts),
                 ONE=self._one and T <= 1 and not self.shift, TSPIN=self._tspin,
-                MSPIN=self._mspin)
+                MSPIN=self._mspin, SPREAD=self._spread)
             return self.expert_x, self.counts, (topk_ids, topk_weights)
         ce = self._ce_tokens is not None and T >= self._ce_tokens
         side = self._ce_send(x, T) if ce and not self._compile_only else None
