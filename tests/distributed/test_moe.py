@@ -492,7 +492,7 @@ def _concurrent_worker(rank, world, tmp, E_, kw, G, shift, seed, spread=False):
         seqs += [[1, 1], [0, 1], [1, M], [1, 0], [0, 0], [1, 1], [M, 1], [1, 1]]
     errs = []
     for i, toks in enumerate(seqs):
-        toks = (toks + toks[::-1])[:world]   # world 4: the counts of ranks 0-2, then rank 2's
+        toks = ((toks + toks[::-1]) * 2)[:world]   # world 4: ranks 0-2 as listed, rank 3 as 2
         inputs = make_inputs(seed * 100 + i, world, toks, E_, K, H, torch.float32,
                              ("random", "dups", "one_expert")[i % 3])
         errs.append(roundtrip(ep, rank, world, E_, inputs, torch.float32)[1])

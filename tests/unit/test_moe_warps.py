@@ -4,7 +4,7 @@ batch whose tiles times ``combine_split`` fit the grid, the configured count abo
 
 import pytest
 
-from llmcomm.moe.p2p import _at_warps, _lamport_warps
+from llmcomm.moe.p2p import _at_warps, _lamport_warps, _spread_by_default
 
 
 @pytest.mark.parametrize("T, tile, expect", [
@@ -30,6 +30,24 @@ def test_meta_spin_only_at_small_warp_counts():
     assert _at_warps(kw, 16) == {"ONE": True, "TSPIN": True, "MSPIN": False}
     assert _at_warps({"TSPIN": True}, 16) == {"TSPIN": True}
     assert kw["MSPIN"] is True   # not mutated
+
+
+def test_peer_spread_launches_at_most_128_registers_on_a_gpu():
+    """``SPREAD`` gets ``maxnreg=128`` on a GPU (ptxas gives it ~200 registers at 8 warps
+    otherwise: one program an SM), not in the simulation, and nothing else gets it."""
+    kw = {"TSPIN": True, "MSPIN": True, "SPREAD": True}
+    assert _at_warps(kw, 8) == {**kw, "maxnreg": 128}
+    assert _at_warps(kw, 16) == {**kw, "MSPIN": False, "maxnreg": 128}
+    assert _at_warps(kw, 8, sim=True) == kw
+    assert "maxnreg" not in _at_warps({"TSPIN": True, "SPREAD": False}, 8)
+    assert "maxnreg" not in kw
+
+
+def test_peer_spread_default_by_ep_size():
+    """On by default at EP 3-4 only (EP=2: slower; EP=8: loopback's first instance ran into the
+    deadline, session 21), never in the sequential simulation."""
+    assert [_spread_by_default(w, False) for w in (2, 3, 4, 8)] == [False, True, True, False]
+    assert not _spread_by_default(4, True)
 
 
 @pytest.mark.parametrize("M, expect", [

@@ -90,14 +90,36 @@ def _lamport_warps(T: int, tile: int, programs: int, split: int, num_warps: int,
     return num_warps
 
 
-def _at_warps(kwargs: dict[str, Any], warps: int) -> dict[str, Any]:
-    """A lamport launch's variant constexprs at ``warps`` a program: ``MSPIN`` (the dispatch's
-    count and meta spun per thread) only at <= 8 warps, where session 20 measured it faster
-    (at 16 the dispatch was 1 us slower: 512 threads spinning on the same few words, and the
-    meta re-read after the reduction)."""
+def _at_warps(kwargs: dict[str, Any], warps: int, sim: bool = False) -> dict[str, Any]:
+    """A lamport launch's variant constexprs (and options) at ``warps`` a program: ``MSPIN``
+    (the dispatch's count and meta spun per thread) only at <= 8 warps, where session 20
+    measured it faster (at 16 the dispatch was 1 us slower: 512 threads spinning on the same
+    few words, and the meta re-read after the reduction); ``SPREAD`` with triton's
+    ``maxnreg=128`` on a GPU (``sim`` False)."""
     if kwargs.get("MSPIN") and warps > 8:
-        return {**kwargs, "MSPIN": False}
+        kwargs = {**kwargs, "MSPIN": False}
+    if kwargs.get("SPREAD") and not sim:
+        # at most 128 registers a thread: ptxas gives the SPREAD dispatch 192-200 at 8 warps
+        # (triton 3.6, sm_90a; the other dispatch 128), one program an SM instead of two, and
+        # at EP=8 in loopback its calls then ran into the deadline (session 21, call 4).
+        # With the cap: no spills at EP=4, 20 bytes at EP=8 (at 16 warps 128 is the limit anyway)
+        kwargs = {**kwargs, "maxnreg": 128}
     return kwargs
+
+
+#: EP sizes where the lamport dispatch spreads the peers' tokens over its programs by default
+#: (``_peer_spread``). Loopback, session 21: EP=4 pair 16.6 vs 22.0 us peer by peer at one
+#: token, and the GPU graph test passed; EP=8 25.4-26.1 vs 45.1-46.2 us, but the first
+#: loopback instance of every EP=8 run ran into the deadline (4 runs of 4; 1 of 5 later ones),
+#: unexplained, so EP > 4 keeps the peer-by-peer receive until that is understood.
+SPREAD_EP_SIZES = (3, 4)
+
+
+def _spread_by_default(world_size: int, sim: bool) -> bool:
+    """Whether a lamport dispatcher of ``world_size`` ranks uses ``SPREAD`` unless told
+    (:data:`SPREAD_EP_SIZES`; never in the sequential simulation, whose programs run one after
+    another, while a spread program waits for tokens another program of the peer sent)."""
+    return world_size in SPREAD_EP_SIZES and not sim
 
 
 def _ce_warm_tokens(ce_tokens: int | None, max_tokens: int) -> list[int]:
@@ -282,14 +304,15 @@ class P2PBackend(MoEBackend):
                 token, -0.1..-0.3 at 8; at 16 warps (64 tokens) the dispatch was 1 us slower,
                 hence not there.
             _peer_spread: ``"lamport"`` with one-token tiles, ``shift`` 0 and without
-                ``_one_token_slots`` (default: on at EP > 2, off at EP=2): every program
-                first polls every peer's count, then receives the peers' tokens spread over
-                the programs, one a program and iteration (``SPREAD`` in
+                ``_one_token_slots`` (default: on at EP 3-4, :data:`SPREAD_EP_SIZES`): every
+                program first polls every peer's count, then receives the peers' tokens
+                spread over the programs, one a program and iteration (``SPREAD`` in
                 :mod:`llmcomm.kernels.moe`), instead of each program receiving token ``p``
                 of every peer one peer after another. One receive instead of ``W - 1`` on a
                 one-token program's chain, and one inlined receive in the kernel instead of
-                ``W - 1`` (session 21; EP=4 and 8 timed in loopback only). Program ``p``
-                then waits for tokens that other programs of the peer send, so every
+                ``W - 1`` (session 21, loopback: the EP=4 pair 16.6 vs 22.0 us at one token;
+                slower at EP=2, where the default polls count and meta in one spin). Program
+                ``p`` then waits for tokens that other programs of the peer send, so every
                 program must be resident, as with ``shift``: not in the sequential
                 simulation.
             _ce_tokens: ``"flags"`` at EP=2, interleaved, default rounds (A/B knob, off: on
@@ -481,8 +504,8 @@ class P2PBackend(MoEBackend):
                              "unset or pass True")
         self._mspin = bool(_meta_spin)
         spread_ok = lamport and self.tiles[0] == 1 and not shift and not self._one
-        if _peer_spread is None:   # (the sequential simulation cannot run it, as shift)
-            _peer_spread = spread_ok and W > 2 and not self._sim
+        if _peer_spread is None:
+            _peer_spread = spread_ok and _spread_by_default(W, self._sim)
         if _peer_spread and not spread_ok:
             raise ValueError(f"_peer_spread needs protocol='lamport' with tile_tokens=1, "
                              f"shift 0 and without _one_token_slots; got protocol {protocol!r}, "
@@ -631,10 +654,11 @@ class P2PBackend(MoEBackend):
         key = (kernel, T == 1, T % 16 == 0, ids.dtype, w.dtype, kwargs.get("ONE", False))
         if self._small_warps is not None and not self._sim and key not in self._loaded:
             for nw in (self.num_warps, self._small_warps):
-                self._load(kernel, args, (self.G,), {**_at_warps(kwargs, nw),
+                self._load(kernel, args, (self.G,), {**_at_warps(kwargs, nw, self._sim),
                                                      **self._lamport_consts(tb, nw)})
             self._loaded.add(key)
-        self._launch(kernel, *args, **_at_warps(kwargs, warps), **self._lamport_consts(tb, warps))
+        self._launch(kernel, *args, **_at_warps(kwargs, warps, self._sim),
+                     **self._lamport_consts(tb, warps))
 
     def _load(self, kernel: Any, args: tuple, grid: tuple, kwargs: dict[str, Any]) -> None:
         """Compile ``kernel`` for these arguments and load its module; launch nothing."""
