@@ -45,7 +45,7 @@ CONFIGS = {
     # lamport forced (protocol="auto" picks it at EP=2 only): for --world 4 / 8 (session 21)
     "lam128": (128, {"protocol": "lamport"}),
     # ... with each program receiving token p of every peer, one peer after another (the EP=2
-    # way; at EP > 2 the default spreads the peers' tokens over the programs, session 21)
+    # way; at EP 3-4 the default spreads the peers' tokens over the programs, session 21)
     "lam128seq": (128, {"protocol": "lamport", "_peer_spread": False}),
     # ... and the spread at EP=2 (where the default receives peer by peer)
     "lam128spread": (128, {"protocol": "lamport", "_peer_spread": True}),
@@ -239,7 +239,8 @@ def main() -> None:
     set_safe_env()
     # one stream a rank plus the caller's: with more streams than CUDA's hardware queues
     # (CUDA_DEVICE_MAX_CONNECTIONS, 8 by default) two ranks' kernels can share a queue, and
-    # one then waits behind the other, which spins for it (suspected in session 21 at EP=8)
+    # one may then wait behind the other, which spins for it (EP=8: 9 streams; suspected in
+    # session 21, where it was not the cause of the EP=8 timeouts, but the risk stays)
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
     import torch
 

@@ -100,9 +100,10 @@ def _at_warps(kwargs: dict[str, Any], warps: int, sim: bool = False) -> dict[str
         kwargs = {**kwargs, "MSPIN": False}
     if kwargs.get("SPREAD") and not sim:
         # at most 128 registers a thread: ptxas gives the SPREAD dispatch 192-200 at 8 warps
-        # (triton 3.6, sm_90a; the other dispatch 128), one program an SM instead of two, and
-        # at EP=8 in loopback its calls then ran into the deadline (session 21, call 4).
-        # With the cap: no spills at EP=4, 20 bytes at EP=8 (at 16 warps 128 is the limit anyway)
+        # (triton 3.6, sm_90a; the other dispatch 128), one program an SM instead of two.
+        # With the cap: no spills at EP=4, 20 bytes at EP=8, timing unchanged at EP=4 (at 16
+        # warps 128 is the limit anyway). It did not cure session 21's EP=8 loopback timeouts
+        # (first suspected residency; see SPREAD_EP_SIZES)
         kwargs = {**kwargs, "maxnreg": 128}
     return kwargs
 
