@@ -29,7 +29,12 @@ Residency: a program of rank ``r`` waits for programs of its peers, so every pro
 rank must be resident at once; the grid defaults to ``min(128, M, SMs // world_size)`` programs
 per rank and ``world_size * num_programs > SMs`` is refused. Every call first compiles and
 loads every rank's kernels for its arguments (a cache lookup after the first time), then
-launches them: no rank's programs wait while another rank's kernel is still being built.
+launches them: no rank's programs wait while another rank's kernel is still being built. That
+load also raises the context's stack limit to the kernel's local memory (its register spills;
+``P2PBackend._load``, :mod:`llmcomm._cuda`): a launch that has to raise it waits for the kernels
+running on the GPU, which here spin for ranks not launched yet (session 22: the EP=8 lamport
+combine of rank 6 needs 1072 bytes a thread against the default 1024, and every EP=8 loopback
+hung at its first call until the deadline).
 """
 
 from __future__ import annotations

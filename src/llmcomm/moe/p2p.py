@@ -41,18 +41,22 @@ as ``group`` (tests and benchmarks only) puts every rank's workspace on one GPU 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from .. import _cuda
 from ..agree import exchange, group_ranks
 from ..config import get_config
 from ..errors import CollectiveTimeoutError
 from ..policy import Decision, ep_p2p_protocol
 from .backends import EPConfig, MoEBackend
 from .loopback import LoopbackGroup
+
+log = logging.getLogger(__name__)
 
 _ALIGN = 256
 NBUF = 3   # "lamport": receive buffers rotated per call (per program), so a reset never races
@@ -655,13 +659,29 @@ class P2PBackend(MoEBackend):
                      **self._lamport_consts(tb, warps))
 
     def _load(self, kernel: Any, args: tuple, grid: tuple, kwargs: dict[str, Any]) -> None:
-        """Compile ``kernel`` for these arguments and load its module; launch nothing."""
+        """Compile ``kernel`` for these arguments and load its module; launch nothing. Then make
+        the context's stack limit hold the kernel's local memory (its register spills), so that
+        its launch does not resize it: that resize waits for the running kernels, which in a
+        :class:`~llmcomm.moe.loopback.Loopback` spin on ranks the host has yet to launch
+        (:mod:`llmcomm._cuda`; session 22's EP=8 hang). Not while a CUDA graph is captured
+        (the resize is no capturable call): run the same call eagerly first, or ``warmup()``."""
         k = kernel.warmup(*args, grid=grid, **kwargs)
         if hasattr(k, "result"):           # triton's asynchronous compile mode
             k = k.result()
         k._init_handles()
         if self._warmed is not None:
             self._warmed.add(id(k))
+        local = 4 * int(getattr(k, "n_spills", 0) or 0)   # triton: local bytes / 4
+        if local:
+            with torch.cuda.device(self.cfg.device):
+                if torch.cuda.is_current_stream_capturing():
+                    if local > _cuda.stack_limit():
+                        log.warning("%s needs %d bytes of local memory a thread, above the "
+                                    "stack limit, and is first loaded inside a CUDA-graph "
+                                    "capture; call warmup() (or the same call eagerly) before "
+                                    "capturing", getattr(k, "name", kernel), local)
+                else:
+                    _cuda.ensure_stack_limit(local)
 
     def warmup(self, num_tokens: Sequence[int], ids_dtypes: Sequence[torch.dtype],
                weights_dtype: torch.dtype) -> int:
