@@ -44,9 +44,16 @@ VARIANTS = {
     # on one GPU, 33 programs a rank. Graph test only: the reference test's shapes and token
     # classes would compile ~100 kernels of ~10 s at EP=4 (session 21)
     "lamport-w4": (4, {"protocol": "lamport"}),
+    # ... and at EP=8 (16 programs a rank): its 32 kernels compiled first in 8 processes
+    # (Loopback.warmup(processes=8); one process would take over 10 minutes, session 22)
+    "lamport-w8": (8, {"protocol": "lamport"}),
 }
 #: compiled too long for the reference test (above)
-_GRAPH_ONLY = ("lamport-w4",)
+_GRAPH_ONLY = ("lamport-w4", "lamport-w8")
+#: extra environment of a variant's process: at EP=8 nine streams (a rank each and the
+#: caller's), more than CUDA's default 8 hardware queues, where two ranks' kernels could share
+#: a queue and one wait behind the other that spins for it
+_ENV = {"lamport-w8": {"CUDA_DEVICE_MAX_CONNECTIONS": "32"}}
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(importlib.util.find_spec("triton") is None,
@@ -144,6 +151,8 @@ def _graph_worker(rank, world_size, name):
             xs[r].copy_(inputs[r][0]); ids[r].copy_(inputs[r][1]); ws[r].copy_(inputs[r][2])
         return inputs
 
+    if world >= 8:
+        lb.warmup([T], (torch.long,), torch.float32, processes=world)
     load(1)
     g, ys = capture_graph(step)
     errs = []
@@ -163,9 +172,11 @@ def _graph_worker(rank, world_size, name):
 
 @pytest.mark.parametrize("name", ["flags", "flags-g8", "flags-g8-roles", "flags-g8-ce",
                                   "lamport", "lamport-t4c2", "lamport-one", "lamport-notspin",
-                                  "lamport-w4"])
+                                  "lamport-w4",
+                                  pytest.param("lamport-w8", marks=pytest.mark.timeout(900))])
 def test_loopback_cuda_graph_replays_fresh_inputs(name):
-    (errs,) = run_ranks(_graph_worker, 1, name, timeout=400)
+    (errs,) = run_ranks(_graph_worker, 1, name, timeout=850 if name == "lamport-w8" else 400,
+                        env=_ENV.get(name))
     assert len(errs) == 7 * VARIANTS[name][0] and max(errs) < 2.5e-2
 
 

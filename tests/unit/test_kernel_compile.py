@@ -18,6 +18,8 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
+from llmcomm.kernels import LAUNCH_OPTIONS  # noqa: E402
+
 W = 2
 #: argument name -> Triton signature type (tuples: one pointer per rank of the group)
 _TYPES = {
@@ -134,7 +136,8 @@ def _compile(fn, consts, types, num_warps):
     sig = {n: "constexpr" if n in consts else types[n] for n in fn.arg_names}
     try:
         return triton.compile(ASTSource(fn, sig, consts), target=target,
-                              options={"num_warps": num_warps, "num_stages": 1})
+                              options={"num_warps": num_warps, "num_stages": 1,
+                                       **LAUNCH_OPTIONS})
     except RuntimeError as e:
         if "ptxas" in str(e) and "not found" in str(e).lower():   # no bundled assembler
             pytest.skip(str(e))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 import torch
 
@@ -36,3 +39,50 @@ def test_loopback_argument_errors(world, experts, match):
 def test_loopback_without_gpu_says_so():
     with pytest.raises(ValueError, match="CUDA GPU; none is visible"):
         Loopback(2, 8, 2, 64, 16, torch.bfloat16)
+
+
+# --- Loopback.warmup(processes=N): the parallel compile's children (stand-ins on the CPU) ------
+
+def _children(tmp_path, monkeypatch, target, world=8, processes=3, timeout_s=60.0):
+    from pathlib import Path
+
+    from llmcomm.moe import loopback
+
+    root = str(Path(__file__).resolve().parents[2])          # tests/ importable in the child
+    monkeypatch.setenv("PYTHONPATH", root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setenv("LOOPBACK_TEST_DIR", str(tmp_path))
+    spec = ((world, 16, 2, 64, 4, torch.bfloat16), {"num_programs": 2})
+    loopback._compile_in_children(spec, 0, [1, 8], (torch.int64, torch.int32), torch.float32,
+                                  processes, timeout_s,
+                                  target=f"tests.unit._loopback_children:{target}")
+
+
+def test_parallel_warmup_gives_every_rank_to_one_child(tmp_path, monkeypatch):
+    _children(tmp_path, monkeypatch, "record")
+    got = {}
+    for f in sorted(tmp_path.iterdir()):
+        ranks, tokens, dev, ids, w, world = eval(f.read_text())
+        assert (tokens, dev, ids, w, world) == ([1, 8], 0, ["torch.int64", "torch.int32"],
+                                                "torch.float32", 8)
+        got[f.name] = ranks
+    assert got == {"ranks_0": [0, 3, 6], "ranks_1": [1, 4, 7], "ranks_2": [2, 5]}
+
+
+def test_parallel_warmup_reports_a_failed_child_with_its_output(tmp_path, monkeypatch):
+    with pytest.raises(RuntimeError, match=r"(?s)child 1 \(ranks \[1, 4, 7\]\) exited with 3:"
+                                           r".*compile error in ranks \[1, 4, 7\]"):
+        _children(tmp_path, monkeypatch, "fail_on_rank_one")
+
+
+def test_parallel_warmup_kills_a_child_past_its_deadline(tmp_path, monkeypatch):
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"child 0 \(ranks \[0, 2\]\) still compiling after 3 s"):
+        _children(tmp_path, monkeypatch, "hang", world=4, processes=2, timeout_s=3.0)
+    assert time.monotonic() - t0 < 30
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5])
+def test_warmup_refuses_a_bad_process_count(bad):
+    lb = Loopback.__new__(Loopback)          # the check precedes any use of the GPU
+    with pytest.raises(ValueError, match="processes must be an int >= 0"):
+        lb.warmup([1], processes=bad)

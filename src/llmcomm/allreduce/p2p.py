@@ -32,6 +32,7 @@ import torch
 from .. import __version__, policy
 from ..config import get_config
 from ..errors import BackendUnavailableError, CaptureError, CollectiveTimeoutError
+from ..kernels import LAUNCH_OPTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -406,7 +407,7 @@ class P2PAllReduceBackend:
                   self._peers.data_ptr())
         meta = dict(RANK=self.rank, W=self.world_size, NORM=norm, FP8=fp8, BLOCK=plan["block"],
                     NT=32 * plan["num_warps"], num_warps=plan["num_warps"], num_stages=1,
-                    PDL=self.use_pdl, launch_pdl=self.use_pdl)
+                    PDL=self.use_pdl, launch_pdl=self.use_pdl, **LAUNCH_OPTIONS)
         state = (self._state, self._host_err.data_ptr(), self._timeout_ns)
         grid = (plan["grid"],)
         with torch.cuda.device(self.device):

@@ -16,6 +16,7 @@ import logging
 import triton
 import triton.language as tl
 
+from . import LAUNCH_OPTIONS
 from .allreduce import _epilogue
 
 logger = logging.getLogger(__name__)
@@ -82,4 +83,4 @@ def add_rms_norm_epilogue(summed, residual, weight, eps, normed_out, residual_ou
     add_rms_norm_kernel[grid](
         summed, residual, weight, normed_out, residual_out,
         fp8_out if fp8 else normed_out, quant_scale if fp8 else weight, float(eps), T, H,
-        FP8=fp8, BLOCK=block, num_warps=_num_warps(block), num_stages=1)
+        FP8=fp8, BLOCK=block, num_warps=_num_warps(block), num_stages=1, **LAUNCH_OPTIONS)

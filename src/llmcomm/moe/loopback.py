@@ -39,9 +39,19 @@ hung at its first call until the deadline).
 
 from __future__ import annotations
 
+import logging
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class LoopbackGroup:
@@ -124,6 +134,9 @@ class Loopback:
                     f"{world_size * grid} programs, but this GPU has {sms} SMs; every program "
                     f"of every rank must be resident at once (programs wait for their peers'), "
                     f"so give at most {most} programs a rank")
+        #: what a child process of :meth:`warmup` needs to build the same ranks
+        self._spec = ((world_size, num_experts, top_k, hidden_size, max_tokens_per_rank, dtype),
+                      dict(num_programs=num_programs, timeout_s=timeout_s, **backend_kwargs))
         self.group = LoopbackGroup(world_size, device)
         self.world_size = world_size
         self.device = device
@@ -137,6 +150,33 @@ class Loopback:
                 be.timeout_ns = int(timeout_s * 1e9)
         self.streams = [torch.cuda.Stream(device) for _ in range(world_size)]
         torch.cuda.synchronize(device)   # every workspace filled before any kernel runs
+
+    def warmup(self, num_tokens: Sequence[int], ids_dtypes: Sequence[torch.dtype] = (torch.int64,),
+               weights_dtype: torch.dtype = torch.float32, processes: int = 0,
+               timeout_s: float = 900.0) -> int:
+        """Compile and load every rank's kernels for calls of ``num_tokens`` tokens a rank
+        (:meth:`~llmcomm.moe.p2p.P2PBackend.warmup` of each rank, which launches nothing);
+        returns how many kernels were loaded.
+
+        The kernels are compiled per rank (``RANK`` is a constant), one after another in this
+        process: triton keeps the GIL while it compiles. At EP=8 one class of token counts is
+        32 kernels of ~25 s (session 22), over a 10-minute device call. With ``processes > 0``
+        the ranks are first compiled into triton's on-disk cache (``TRITON_CACHE_DIR``) by that
+        many child processes, rank ``r`` in child ``r % processes``, each building the same
+        :class:`Loopback` on this GPU; this process then only loads them (cache hits). The
+        children are ``subprocess`` runs of this interpreter, so this works inside a daemonic
+        process too (``run_ranks``); each must finish within ``timeout_s`` or it is killed and
+        :class:`RuntimeError` names it."""
+        if not isinstance(processes, int) or processes < 0:
+            raise ValueError(f"processes must be an int >= 0, got {processes!r}")
+        tokens = [int(t) for t in num_tokens]
+        if processes:
+            t0 = time.monotonic()
+            _compile_in_children(self._spec, self.device.index, tokens, tuple(ids_dtypes),
+                                 weights_dtype, min(processes, self.world_size), timeout_s)
+            log.info("loopback warmup: %d ranks compiled in %d processes in %.0f s",
+                     self.world_size, min(processes, self.world_size), time.monotonic() - t0)
+        return sum(be.warmup(tokens, ids_dtypes, weights_dtype) for be in self.backends)
 
     def _each_rank(self, call) -> list[Any]:
         """``call(r)`` for every rank on stream ``r``, concurrently; joined into the current
@@ -176,3 +216,66 @@ class Loopback:
         torch.cuda.synchronize(self.device)
         for be in self.backends:
             be.check_errors(sync=False)
+
+
+def _compile_in_children(spec: tuple, device_index: int, tokens: list[int], ids_dtypes: tuple,
+                         weights_dtype: torch.dtype, processes: int, timeout_s: float,
+                         target: str = "llmcomm.moe.loopback:_warm_child") -> None:
+    """:meth:`Loopback.warmup`'s parallel compile: ``processes`` children, each running
+    ``target`` (``module:function``, :func:`_warm_child`; tests give another) on its share of
+    the ranks, the task pickled on its stdin; raises :class:`RuntimeError` with a child's
+    output if it fails or outlives ``timeout_s``, after every child has ended."""
+    module, func = target.split(":")
+    world = spec[0][0]
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[2])      # the folder that holds llmcomm/
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    children = []
+    for c in range(processes):
+        task = pickle.dumps((spec, device_index, list(range(c, world, processes)), tokens,
+                             ids_dtypes, weights_dtype))
+        log_file = tempfile.TemporaryFile()          # not a pipe: a full pipe would block it
+        p = subprocess.Popen([sys.executable, "-c", f"from {module} import {func}; {func}()"],
+                             stdin=subprocess.PIPE, stdout=log_file, stderr=subprocess.STDOUT,
+                             env=env)
+        p.stdin.write(task)
+        p.stdin.close()
+        children.append((p, log_file))
+    deadline = time.monotonic() + timeout_s
+    failed = []
+    try:
+        for c, (p, log_file) in enumerate(children):
+            what = f"child {c} (ranks {list(range(c, world, processes))})"
+            try:
+                p.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+                what += f" still compiling after {timeout_s:g} s"
+            else:
+                if not p.returncode:
+                    continue
+                what += f" exited with {p.returncode}"
+            log_file.seek(0)
+            failed.append(f"{what}:\n{log_file.read().decode(errors='replace')[-4000:]}")
+    finally:
+        for p, log_file in children:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            log_file.close()
+    if failed:
+        raise RuntimeError("Loopback.warmup(processes=...): " + "\n".join(failed))
+
+
+def _warm_child() -> None:
+    """Body of a :func:`_compile_in_children` process: build the same :class:`Loopback` and
+    compile its share of the ranks (the task pickled on stdin)."""
+    spec, device_index, ranks, tokens, ids_dtypes, weights_dtype = pickle.loads(
+        sys.stdin.buffer.read())
+    args, kwargs = spec
+    torch.cuda.set_device(device_index)
+    lb = Loopback(*args, device=torch.device("cuda", device_index), **kwargs)
+    for r in ranks:
+        n = lb.backends[r].warmup(tokens, ids_dtypes, weights_dtype)
+        print(f"rank {r}: {n} kernels compiled", flush=True)

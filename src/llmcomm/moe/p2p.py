@@ -53,6 +53,7 @@ from ..agree import exchange, group_ranks
 from ..config import get_config
 from ..errors import CollectiveTimeoutError
 from ..policy import Decision, ep_p2p_protocol
+from ..kernels import LAUNCH_OPTIONS
 from .backends import EPConfig, MoEBackend
 from .loopback import LoopbackGroup
 
@@ -725,6 +726,7 @@ class P2PBackend(MoEBackend):
         On the dispatcher's device whatever the current one is: triton launches on the current
         device's stream (as the TP p2p backend, which guards every launch the same way)."""
         g = (grid or self.G,)
+        kwargs = {**LAUNCH_OPTIONS, **kwargs}
         dev = self.cfg.device
         if not self._sim and torch.cuda.current_device() != dev.index:
             with torch.cuda.device(dev):
