@@ -239,8 +239,9 @@ def main() -> None:
                     "cache, run nothing (one process a rank in parallel before a timed run: "
                     "the kernels are compiled per rank, and at EP=4 each takes ~10 s)")
     ap.add_argument("--warm-processes", type=int, default=0,
-                    help="compile every rank's kernels in N parallel processes before checking "
-                    "(Loopback.warmup; EP=8: ~3-4 min on 16 cores instead of 10+ in turn)")
+                    help="compile every rank's kernels in up to N parallel processes before "
+                    "checking, one (rank, token class) pair a process (Loopback.warmup; up to "
+                    "ranks x 3 classes are useful, no more than the CPU cores)")
     ap.add_argument("--out", default=None, help="result file stem (default benchmarks/results/"
                     "moe_loopback_<gpu>_h<hidden>)")
     args = ap.parse_args()

@@ -15,18 +15,19 @@ def _task():
 
 
 def record() -> None:
-    """Write the ranks and token counts this child got to ``$LOOPBACK_TEST_DIR``."""
-    spec, device_index, ranks, tokens, ids_dtypes, weights_dtype = _task()
-    with open(os.path.join(os.environ["LOOPBACK_TEST_DIR"], f"ranks_{ranks[0]}"), "w") as f:
-        f.write(repr((ranks, tokens, device_index, [str(d) for d in ids_dtypes],
-                      str(weights_dtype), spec[0][0])))
+    """Write the (rank, token counts) pairs this child got to ``$LOOPBACK_TEST_DIR``."""
+    spec, device_index, tasks, ids_dtypes, weights_dtype = _task()
+    name = "child_%d_%s" % tasks[0]
+    with open(os.path.join(os.environ["LOOPBACK_TEST_DIR"], name), "w") as f:
+        f.write(repr((tasks, device_index, [str(d) for d in ids_dtypes], str(weights_dtype),
+                      spec[0][0])))
 
 
 def fail_on_rank_one() -> None:
-    """Exit 3 with a message in the child that holds rank 1; the others succeed."""
-    ranks = _task()[2]
-    if 1 in ranks:
-        print(f"compile error in ranks {ranks}", flush=True)
+    """Exit 3 with a message in a child that holds rank 1; the others succeed."""
+    tasks = _task()[2]
+    if any(r == 1 for r, _ in tasks):
+        print(f"compile error in {tasks}", flush=True)
         sys.exit(3)
 
 

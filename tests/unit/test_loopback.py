@@ -43,7 +43,7 @@ def test_loopback_without_gpu_says_so():
 
 # --- Loopback.warmup(processes=N): the parallel compile's children (stand-ins on the CPU) ------
 
-def _children(tmp_path, monkeypatch, target, world=8, processes=3, timeout_s=60.0):
+def _children(tmp_path, monkeypatch, target, tasks, processes=3, timeout_s=60.0):
     from pathlib import Path
 
     from llmcomm.moe import loopback
@@ -51,33 +51,48 @@ def _children(tmp_path, monkeypatch, target, world=8, processes=3, timeout_s=60.
     root = str(Path(__file__).resolve().parents[2])          # tests/ importable in the child
     monkeypatch.setenv("PYTHONPATH", root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     monkeypatch.setenv("LOOPBACK_TEST_DIR", str(tmp_path))
-    spec = ((world, 16, 2, 64, 4, torch.bfloat16), {"num_programs": 2})
-    loopback._compile_in_children(spec, 0, [1, 8], (torch.int64, torch.int32), torch.float32,
+    spec = ((4, 16, 2, 64, 4, torch.bfloat16), {"num_programs": 2})
+    loopback._compile_in_children(spec, 0, tasks, (torch.int64, torch.int32), torch.float32,
                                   processes, timeout_s,
                                   target=f"tests.unit._loopback_children:{target}")
 
 
-def test_parallel_warmup_gives_every_rank_to_one_child(tmp_path, monkeypatch):
-    _children(tmp_path, monkeypatch, "record")
+def test_parallel_warmup_splits_ranks_by_token_class():
+    from llmcomm.moe.loopback import _warm_tasks
+
+    assert _warm_tasks(2, [8, 1, 16, 3, 0, 32]) == [
+        (0, [8, 3]), (1, [8, 3]), (0, [1]), (1, [1]), (0, [16, 0, 32]), (1, [16, 0, 32])]
+    assert _warm_tasks(3, []) == []
+
+
+def test_parallel_warmup_gives_every_pair_to_one_child(tmp_path, monkeypatch):
+    from llmcomm.moe.loopback import _warm_tasks
+
+    tasks = _warm_tasks(4, [1, 8])           # 8 pairs over 3 children
+    _children(tmp_path, monkeypatch, "record", tasks)
     got = {}
     for f in sorted(tmp_path.iterdir()):
-        ranks, tokens, dev, ids, w, world = eval(f.read_text())
-        assert (tokens, dev, ids, w, world) == ([1, 8], 0, ["torch.int64", "torch.int32"],
-                                                "torch.float32", 8)
-        got[f.name] = ranks
-    assert got == {"ranks_0": [0, 3, 6], "ranks_1": [1, 4, 7], "ranks_2": [2, 5]}
+        mine, dev, ids, w, world = eval(f.read_text())
+        assert (dev, ids, w, world) == (0, ["torch.int64", "torch.int32"], "torch.float32", 4)
+        got[f.name] = mine
+    assert got == {"child_0_[1]": [(0, [1]), (3, [1]), (2, [8])],
+                   "child_1_[1]": [(1, [1]), (0, [8]), (3, [8])],
+                   "child_2_[1]": [(2, [1]), (1, [8])]}
 
 
 def test_parallel_warmup_reports_a_failed_child_with_its_output(tmp_path, monkeypatch):
-    with pytest.raises(RuntimeError, match=r"(?s)child 1 \(ranks \[1, 4, 7\]\) exited with 3:"
-                                           r".*compile error in ranks \[1, 4, 7\]"):
-        _children(tmp_path, monkeypatch, "fail_on_rank_one")
+    tasks = [(0, [1]), (1, [1]), (0, [8]), (1, [8])]
+    with pytest.raises(RuntimeError, match=r"(?s)child 1 \(rank 1 at \[1\], rank 1 at \[8\]\) "
+                                           r"exited with 3:.*compile error in \[\(1, \[1\]\)"):
+        _children(tmp_path, monkeypatch, "fail_on_rank_one", tasks, processes=2)
 
 
 def test_parallel_warmup_kills_a_child_past_its_deadline(tmp_path, monkeypatch):
     t0 = time.monotonic()
-    with pytest.raises(RuntimeError, match=r"child 0 \(ranks \[0, 2\]\) still compiling after 3 s"):
-        _children(tmp_path, monkeypatch, "hang", world=4, processes=2, timeout_s=3.0)
+    with pytest.raises(RuntimeError, match=r"child 0 \(rank 0 at \[1\]\) still compiling "
+                                           r"after 3 s"):
+        _children(tmp_path, monkeypatch, "hang", [(0, [1]), (1, [1])], processes=2,
+                  timeout_s=3.0)
     assert time.monotonic() - t0 < 30
 
 

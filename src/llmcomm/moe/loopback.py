@@ -158,24 +158,27 @@ class Loopback:
         (:meth:`~llmcomm.moe.p2p.P2PBackend.warmup` of each rank, which launches nothing);
         returns how many kernels were loaded.
 
-        The kernels are compiled per rank (``RANK`` is a constant), one after another in this
-        process: triton keeps the GIL while it compiles. At EP=8 one class of token counts is
-        32 kernels of ~25 s (session 22), over a 10-minute device call. With ``processes > 0``
-        the ranks are first compiled into triton's on-disk cache (``TRITON_CACHE_DIR``) by that
-        many child processes, rank ``r`` in child ``r % processes``, each building the same
-        :class:`Loopback` on this GPU; this process then only loads them (cache hits). The
-        children are ``subprocess`` runs of this interpreter, so this works inside a daemonic
-        process too (``run_ranks``); each must finish within ``timeout_s`` or it is killed and
-        :class:`RuntimeError` names it."""
+        The kernels are compiled per rank (``RANK`` is a constant) and per class of token
+        counts that triton specialises apart (``T == 1``, ``T`` a multiple of 16, any other),
+        one after another in this process: triton keeps the GIL while it compiles. At EP=8 one
+        class is 32 kernels of ~25 s (session 22), over a 10-minute device call. With
+        ``processes > 0`` the (rank, class) pairs are first compiled into triton's on-disk
+        cache (``TRITON_CACHE_DIR``) by up to that many child processes, pair ``i`` in child
+        ``i % processes``, each building the same :class:`Loopback` on this GPU; this process
+        then only loads them (cache hits). The children are ``subprocess`` runs of this
+        interpreter, so this works inside a daemonic process too (``run_ranks``); each must
+        finish within ``timeout_s`` or it is killed and :class:`RuntimeError` names it."""
         if not isinstance(processes, int) or processes < 0:
             raise ValueError(f"processes must be an int >= 0, got {processes!r}")
         tokens = [int(t) for t in num_tokens]
         if processes:
+            tasks = _warm_tasks(self.world_size, tokens)
+            n = min(processes, len(tasks))
             t0 = time.monotonic()
-            _compile_in_children(self._spec, self.device.index, tokens, tuple(ids_dtypes),
-                                 weights_dtype, min(processes, self.world_size), timeout_s)
-            log.info("loopback warmup: %d ranks compiled in %d processes in %.0f s",
-                     self.world_size, min(processes, self.world_size), time.monotonic() - t0)
+            _compile_in_children(self._spec, self.device.index, tasks, tuple(ids_dtypes),
+                                 weights_dtype, n, timeout_s)
+            log.info("loopback warmup: %d (rank, token class) pairs compiled in %d processes "
+                     "in %.0f s", len(tasks), n, time.monotonic() - t0)
         return sum(be.warmup(tokens, ids_dtypes, weights_dtype) for be in self.backends)
 
     def _each_rank(self, call) -> list[Any]:
@@ -218,22 +221,33 @@ class Loopback:
             be.check_errors(sync=False)
 
 
-def _compile_in_children(spec: tuple, device_index: int, tokens: list[int], ids_dtypes: tuple,
-                         weights_dtype: torch.dtype, processes: int, timeout_s: float,
+def _warm_tasks(world_size: int, tokens: Sequence[int]) -> list[tuple[int, list[int]]]:
+    """The ``(rank, token counts)`` pairs of a parallel :meth:`Loopback.warmup`: ``tokens``
+    split by the classes triton compiles apart (``T == 1``, a multiple of 16, any other; the
+    order of first appearance), times every rank; class by class, rank by rank."""
+    classes: dict[tuple[bool, bool], list[int]] = {}
+    for t in tokens:
+        classes.setdefault((t == 1, t % 16 == 0), []).append(t)
+    return [(r, ts) for ts in classes.values() for r in range(world_size)]
+
+
+def _compile_in_children(spec: tuple, device_index: int, tasks: list[tuple[int, list[int]]],
+                         ids_dtypes: tuple, weights_dtype: torch.dtype, processes: int,
+                         timeout_s: float,
                          target: str = "llmcomm.moe.loopback:_warm_child") -> None:
-    """:meth:`Loopback.warmup`'s parallel compile: ``processes`` children, each running
-    ``target`` (``module:function``, :func:`_warm_child`; tests give another) on its share of
-    the ranks, the task pickled on its stdin; raises :class:`RuntimeError` with a child's
-    output if it fails or outlives ``timeout_s``, after every child has ended."""
+    """:meth:`Loopback.warmup`'s parallel compile: ``processes`` children, child ``c`` running
+    ``target`` (``module:function``, :func:`_warm_child`; tests give another) on the
+    ``(rank, token counts)`` pairs ``tasks[c::processes]``, pickled on its stdin; raises
+    :class:`RuntimeError` with a child's output if it fails or outlives ``timeout_s``, after
+    every child has ended."""
     module, func = target.split(":")
-    world = spec[0][0]
     env = dict(os.environ)
     src = str(Path(__file__).resolve().parents[2])      # the folder that holds llmcomm/
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
     children = []
     for c in range(processes):
-        task = pickle.dumps((spec, device_index, list(range(c, world, processes)), tokens,
-                             ids_dtypes, weights_dtype))
+        task = pickle.dumps((spec, device_index, tasks[c::processes], ids_dtypes,
+                             weights_dtype))
         log_file = tempfile.TemporaryFile()          # not a pipe: a full pipe would block it
         p = subprocess.Popen([sys.executable, "-c", f"from {module} import {func}; {func}()"],
                              stdin=subprocess.PIPE, stdout=log_file, stderr=subprocess.STDOUT,
@@ -245,7 +259,8 @@ def _compile_in_children(spec: tuple, device_index: int, tokens: list[int], ids_
     failed = []
     try:
         for c, (p, log_file) in enumerate(children):
-            what = f"child {c} (ranks {list(range(c, world, processes))})"
+            what = f"child {c} (" + ", ".join(f"rank {r} at {ts}"
+                                              for r, ts in tasks[c::processes]) + ")"
             try:
                 p.wait(timeout=max(1.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -270,12 +285,11 @@ def _compile_in_children(spec: tuple, device_index: int, tokens: list[int], ids_
 
 def _warm_child() -> None:
     """Body of a :func:`_compile_in_children` process: build the same :class:`Loopback` and
-    compile its share of the ranks (the task pickled on stdin)."""
-    spec, device_index, ranks, tokens, ids_dtypes, weights_dtype = pickle.loads(
-        sys.stdin.buffer.read())
+    compile its (rank, token counts) pairs (the task pickled on stdin)."""
+    spec, device_index, tasks, ids_dtypes, weights_dtype = pickle.loads(sys.stdin.buffer.read())
     args, kwargs = spec
     torch.cuda.set_device(device_index)
     lb = Loopback(*args, device=torch.device("cuda", device_index), **kwargs)
-    for r in ranks:
+    for r, tokens in tasks:
         n = lb.backends[r].warmup(tokens, ids_dtypes, weights_dtype)
-        print(f"rank {r}: {n} kernels compiled", flush=True)
+        print(f"rank {r} at {tokens}: {n} kernels compiled", flush=True)
