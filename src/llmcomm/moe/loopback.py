@@ -151,7 +151,8 @@ class Loopback:
         self.streams = [torch.cuda.Stream(device) for _ in range(world_size)]
         torch.cuda.synchronize(device)   # every workspace filled before any kernel runs
 
-    def warmup(self, num_tokens: Sequence[int], ids_dtypes: Sequence[torch.dtype] = (torch.int64,),
+    def warmup(self, num_tokens: Sequence[int],
+               ids_dtypes: Sequence[torch.dtype] = (torch.int64,),
                weights_dtype: torch.dtype = torch.float32, processes: int = 0,
                timeout_s: float = 900.0) -> int:
         """Compile and load every rank's kernels for calls of ``num_tokens`` tokens a rank
@@ -245,19 +246,19 @@ def _compile_in_children(spec: tuple, device_index: int, tasks: list[tuple[int, 
     src = str(Path(__file__).resolve().parents[2])      # the folder that holds llmcomm/
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
     children = []
-    for c in range(processes):
-        task = pickle.dumps((spec, device_index, tasks[c::processes], ids_dtypes,
-                             weights_dtype))
-        log_file = tempfile.TemporaryFile()          # not a pipe: a full pipe would block it
-        p = subprocess.Popen([sys.executable, "-c", f"from {module} import {func}; {func}()"],
-                             stdin=subprocess.PIPE, stdout=log_file, stderr=subprocess.STDOUT,
-                             env=env)
-        p.stdin.write(task)
-        p.stdin.close()
-        children.append((p, log_file))
-    deadline = time.monotonic() + timeout_s
     failed = []
     try:
+        for c in range(processes):
+            log_file = tempfile.TemporaryFile()      # not a pipe: a full pipe would block it
+            p = subprocess.Popen([sys.executable, "-c",
+                                  f"from {module} import {func}; {func}()"],
+                                 stdin=subprocess.PIPE, stdout=log_file,
+                                 stderr=subprocess.STDOUT, env=env)
+            children.append((p, log_file))
+            p.stdin.write(pickle.dumps((spec, device_index, tasks[c::processes], ids_dtypes,
+                                        weights_dtype)))
+            p.stdin.close()
+        deadline = time.monotonic() + timeout_s
         for c, (p, log_file) in enumerate(children):
             what = f"child {c} (" + ", ".join(f"rank {r} at {ts}"
                                               for r, ts in tasks[c::processes]) + ")"

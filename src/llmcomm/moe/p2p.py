@@ -52,8 +52,8 @@ from .. import _cuda
 from ..agree import exchange, group_ranks
 from ..config import get_config
 from ..errors import CollectiveTimeoutError
-from ..policy import Decision, ep_p2p_protocol
 from ..kernels import LAUNCH_OPTIONS
+from ..policy import Decision, ep_p2p_protocol
 from .backends import EPConfig, MoEBackend
 from .loopback import LoopbackGroup
 
