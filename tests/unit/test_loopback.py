@@ -101,3 +101,40 @@ def test_warmup_refuses_a_bad_process_count(bad):
     lb = Loopback.__new__(Loopback)          # the check precedes any use of the GPU
     with pytest.raises(ValueError, match="processes must be an int >= 0"):
         lb.warmup([1], processes=bad)
+
+
+def test_warm_child_builds_one_rank_backend_at_a_time(monkeypatch, capsys):
+    """The real child body with fake backends: each (rank, tokens) pair compiled through that
+    rank's backend alone, which is dropped before the next is built (session 23: children
+    that each built a whole EP=8 Loopback ran one H100 out of memory)."""
+    import gc
+    import io
+    import pickle
+    import sys
+    import weakref
+
+    from llmcomm.moe import loopback
+
+    built, alive = [], []
+
+    class FakeBackend:
+        def __init__(self, group, rank, spec):
+            assert not any(ref() is not None for ref in alive), "previous backend still held"
+            self.rank = rank
+            built.append((rank, group.world_size, spec[1]["protocol"]))
+            alive.append(weakref.ref(self))
+
+        def warmup(self, tokens, ids_dtypes, weights_dtype):
+            built.append(("warm", self.rank, tokens, list(ids_dtypes), weights_dtype))
+            return len(tokens)
+
+    monkeypatch.setattr(loopback, "_rank_backend", FakeBackend)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", gc.collect)
+    spec = ((4, 16, 2, 64, 4, torch.bfloat16), {"num_programs": 2, "protocol": "lamport"})
+    task = (spec, 0, [(2, [1]), (0, [8, 3])], (torch.int64,), torch.float32)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(pickle.dumps(task))))
+    loopback._warm_child()
+    assert built == [(2, 4, "lamport"), ("warm", 2, [1], [torch.int64], torch.float32),
+                     (0, 4, "lamport"), ("warm", 0, [8, 3], [torch.int64], torch.float32)]
+    assert "rank 0 at [8, 3]: 2 kernels compiled" in capsys.readouterr().out

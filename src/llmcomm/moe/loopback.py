@@ -99,9 +99,6 @@ class Loopback:
                  max_tokens_per_rank: int, dtype: torch.dtype, device: Any = None,
                  num_programs: int | None = None, timeout_s: float | None = None,
                  **backend_kwargs: Any) -> None:
-        from .backends import EPConfig
-        from .p2p import P2PBackend
-
         if not isinstance(world_size, int) or world_size < 2:
             raise ValueError(f"world_size must be an int >= 2, got {world_size!r}")
         if num_experts % world_size:
@@ -134,17 +131,13 @@ class Loopback:
                     f"{world_size * grid} programs, but this GPU has {sms} SMs; every program "
                     f"of every rank must be resident at once (programs wait for their peers'), "
                     f"so give at most {most} programs a rank")
-        #: what a child process of :meth:`warmup` needs to build the same ranks
+        #: what a child process of :meth:`warmup` needs to build one of these ranks
         self._spec = ((world_size, num_experts, top_k, hidden_size, max_tokens_per_rank, dtype),
-                      dict(num_programs=num_programs, timeout_s=timeout_s, **backend_kwargs))
+                      dict(num_programs=num_programs, **backend_kwargs))
         self.group = LoopbackGroup(world_size, device)
         self.world_size = world_size
         self.device = device
-        self.backends = [
-            P2PBackend(self.group, EPConfig(r, world_size, num_experts, top_k, hidden_size,
-                                            max_tokens_per_rank, dtype, device),
-                       num_programs=num_programs, **backend_kwargs)
-            for r in range(world_size)]
+        self.backends = [_rank_backend(self.group, r, self._spec) for r in range(world_size)]
         if timeout_s is not None:
             for be in self.backends:
                 be.timeout_ns = int(timeout_s * 1e9)
@@ -222,6 +215,17 @@ class Loopback:
             be.check_errors(sync=False)
 
 
+def _rank_backend(group: LoopbackGroup, rank: int, spec: tuple) -> Any:
+    """Rank ``rank``'s :class:`~llmcomm.moe.p2p.P2PBackend` of a :class:`Loopback` over
+    ``group``, from its ``_spec`` (the constructor's resolved arguments)."""
+    from .backends import EPConfig
+    from .p2p import P2PBackend
+
+    (world_size, num_experts, top_k, hidden_size, max_tokens_per_rank, dtype), kwargs = spec
+    return P2PBackend(group, EPConfig(rank, world_size, num_experts, top_k, hidden_size,
+                                      max_tokens_per_rank, dtype, group.device), **kwargs)
+
+
 def _warm_tasks(world_size: int, tokens: Sequence[int]) -> list[tuple[int, list[int]]]:
     """The ``(rank, token counts)`` pairs of a parallel :meth:`Loopback.warmup`: ``tokens``
     split by the classes triton compiles apart (``T == 1``, a multiple of 16, any other; the
@@ -285,12 +289,18 @@ def _compile_in_children(spec: tuple, device_index: int, tasks: list[tuple[int, 
 
 
 def _warm_child() -> None:
-    """Body of a :func:`_compile_in_children` process: build the same :class:`Loopback` and
-    compile its (rank, token counts) pairs (the task pickled on stdin)."""
+    """Body of a :func:`_compile_in_children` process: compile its (rank, token counts) pairs
+    (the task pickled on stdin), each through that rank's backend alone, built over the
+    group's shared workspaces and dropped after it. Not a whole :class:`Loopback`: at EP=8
+    (hidden 7168, 128 tokens) every rank's ``expert_x`` is 470 MB, and 16 children that each
+    held all eight ran one H100 out of memory (session 23, call 7)."""
     spec, device_index, tasks, ids_dtypes, weights_dtype = pickle.loads(sys.stdin.buffer.read())
-    args, kwargs = spec
-    torch.cuda.set_device(device_index)
-    lb = Loopback(*args, device=torch.device("cuda", device_index), **kwargs)
+    device = torch.device("cuda", device_index)
+    torch.cuda.set_device(device)
+    group = LoopbackGroup(spec[0][0], device)
     for r, tokens in tasks:
-        n = lb.backends[r].warmup(tokens, ids_dtypes, weights_dtype)
+        be = _rank_backend(group, r, spec)
+        n = be.warmup(tokens, ids_dtypes, weights_dtype)
+        del be
+        torch.cuda.empty_cache()
         print(f"rank {r} at {tokens}: {n} kernels compiled", flush=True)
