@@ -249,6 +249,11 @@ def _compile_in_children(spec: tuple, device_index: int, tasks: list[tuple[int, 
     env = dict(os.environ)
     src = str(Path(__file__).resolve().parents[2])      # the folder that holds llmcomm/
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    # the children launch nothing concurrent: one hardware queue each. At 32 (the loopback
+    # benchmark's setting) contexts run out before memory does: session 23, one H100, 24
+    # processes creating a context at once: 3 succeeded at 32 connections ("CUDA error: out
+    # of memory" for the rest, with 0.5 of 80 GB in use), all 24 at 1
+    env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
     children = []
     failed = []
     try:
