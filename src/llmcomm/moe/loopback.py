@@ -308,4 +308,4 @@ def _warm_child() -> None:
         n = be.warmup(tokens, ids_dtypes, weights_dtype)
         del be
         torch.cuda.empty_cache()
-        print(f"rank {r} at {tokens}: {n} kernels compiled", flush=True)
+        log.info("rank %d at %s: %d kernels compiled", r, tokens, n)
