@@ -74,10 +74,11 @@ SWEEP = {
     "lam_noone": ({"protocol": "lamport", "_one_token_slots": False}, None),
     # ... and with it (off by default since session 17: a wrong count on 2 GPUs)
     "lam_one": ({"protocol": "lamport", "_one_token_slots": True}, None),
-    # lamport with programmatic dependent launch: the next kernel's launch overlaps this one's
-    # tail (session 19: an empty kernel costs ~1.1-1.5 us a launch in a graph; PDL was last
-    # timed in sessions 2-3, on the flags kernels of then)
+    # lamport with / without programmatic dependent launch: the next kernel's launch overlaps
+    # this one's tail (session 19: an empty kernel costs ~1.1-1.5 us a launch in a graph). On
+    # for lamport by default since session 24 (2 x H200: -0.1..-1.4 us a pair at 1-128 tokens)
     "lam_pdl": ({"protocol": "lamport", "pdl": True}, None),
+    "lam_nopdl": ({"protocol": "lamport", "pdl": False}, None),
     # lamport without session 20's per-thread spin (the polls reduce over the program every
     # spin, as before; _thread_spin is the default on a GPU)
     "lam_notspin": ({"protocol": "lamport", "_thread_spin": False}, None),

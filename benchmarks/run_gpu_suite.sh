@@ -66,7 +66,7 @@ case " $STEPS " in *" demo "*)
     --compile ;; esac
 case " $STEPS " in *" bench "*)
   step bench_allreduce 240 python3 benchmarks/bench_allreduce.py --check --strategies --world "$WORLD" --out "$OUT"
-  step bench_moe 150 python3 benchmarks/bench_moe.py --world "$WORLD" --out "$OUT" ;; esac
+  step bench_moe 300 python3 benchmarks/bench_moe.py --world "$WORLD" --out "$OUT" ;; esac
 case " $STEPS " in *" moe_ab "*)
   step ab_a 240 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1024,4096 \
     --sweep-only default,rt,croles,croles_r8 --out "$OUT/ab_a"
@@ -94,12 +94,13 @@ case " $STEPS " in *" moe_ab_tests "*)   # a call of its own: the flags GPU test
 case " $STEPS " in *" stress "*)   # session 18: random call sequences checked after each call
   step stress_moe 570 python3 benchmarks/stress_moe_p2p.py --variants "${STRESS_VARIANTS:-one}" \
     --sizes "${STRESS_SIZES:-large}" --seconds "${STRESS_S:-400}" ${STRESS_ARGS:-} --out "$OUT" ;; esac
-case " $STEPS " in *" moe_ab_pdl "*)   # sessions 19-20: the lamport pair with PDL / without
-  # the per-thread spin (the default since session 20), both orders (~5 min cold)
+case " $STEPS " in *" moe_ab_pdl "*)   # the lamport pair without PDL (the default since
+  # session 24) / without the per-thread spin (the default since session 20), both orders
+  # (~5 min cold)
   step ab_pdl_a 260 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1,8,64,128 \
-    --sweep-only lam,lam_pdl,lam_notspin --out "$OUT/ab_pdl_a"
+    --sweep-only lam,lam_nopdl,lam_notspin --out "$OUT/ab_pdl_a"
   step ab_pdl_b 140 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1,8,64,128 \
-    --sweep-only lam_notspin,lam_pdl,lam --out "$OUT/ab_pdl_b" ;; esac
+    --sweep-only lam_notspin,lam_nopdl,lam --out "$OUT/ab_pdl_b" ;; esac
 case " $STEPS " in *" floor_small "*)   # session 19: the data-movement floor at decode sizes
   for t in 1 64 128; do
     step "floor_t$t" 150 python3 benchmarks/bench_moe_floor.py --tokens "$t" --programs 128 \

@@ -206,7 +206,7 @@ class P2PBackend(MoEBackend):
                  simulate_dir: str | None = None, num_warps: int | None = None,
                  tile_tokens: int = 1, combine_tile_tokens: int = 1,
                  round_tokens: int | None = None, posted_flags: bool | None = None,
-                 pdl: bool = False, protocol: str = "auto", shift: int | None = None,
+                 pdl: bool | None = None, protocol: str = "auto", shift: int | None = None,
                  combine_split: int | None = None, interleave: bool | None = None,
                  _fuse: bool = True, _combine_fuse: bool | None = None,
                  _runtime_rounds: bool = False,
@@ -244,11 +244,15 @@ class P2PBackend(MoEBackend):
                 ``ld.acquire.sys`` (``POSTED``) instead of system-scope atomics. Default on on a
                 GPU (fastest in the session-3 sweep at every size), off in the simulation
                 (inline PTX).
-            pdl: programmatic dependent launch (``PDL``, sm_90+), off by default. Both protocols.
-                Sessions 2-3 (2 GPUs, the flags kernels of then): mixed at one token, slower at
-                8-4096. Session 19 (free-running loopback, lamport): 0.6-1.2 us faster a pair at
-                1-8 tokens where the next kernel's programs fit beside the current ones;
-                untimed on 2 GPUs since (docs/moe_sessions.md).
+            pdl: programmatic dependent launch (``PDL``, sm_90+): each kernel's programs may be
+                scheduled while the previous kernel in the stream finishes, and wait for it
+                (``griddepcontrol.wait``) before their first memory access. Both protocols.
+                Default: on for ``"lamport"`` on an sm_90+ GPU, off for ``"flags"`` and in the
+                simulation. Session 24 (2 x H200, CUDA-graph replays, both orders): the
+                lamport pair 10.1-10.5 vs 11.2-11.9 us at one token, 11.7-11.9 vs 12.0-12.9 at
+                8, 15.8-16.1 vs 16.9-17.6 at 64, 23.4-25.1 vs 24.1-25.4 at 128. Sessions 2-3
+                (2 GPUs, the flags kernels of then): mixed at one token, slower at 8-4096, so
+                flags keeps it off (docs/moe_sessions.md).
             protocol: ``"auto"`` (default: :func:`llmcomm.policy.ep_p2p_protocol` -- lamport
                 for small dispatchers at EP=2, flags otherwise; a flags-only knob given picks
                 flags, ``shift`` picks lamport), ``"flags"`` (per-program monotonic flags,
@@ -376,6 +380,9 @@ class P2PBackend(MoEBackend):
             posted_flags = not self._sim and not lamport
         if _thread_spin is None:
             _thread_spin = lamport and not self._sim
+        if pdl is None:
+            pdl = (lamport and not self._sim
+                   and torch.cuda.get_device_capability(cfg.device) >= (9, 0))
         if self._sim and (posted_flags or pdl or _thread_spin):
             raise ValueError("posted_flags, pdl and _thread_spin use inline PTX: not available "
                              "in the TRITON_INTERPRET simulation")
