@@ -23,8 +23,9 @@ Configs (``--configs``): ``lamport128`` (the decode dispatcher: M = 128, ``proto
 picks lamport at EP=2), ``flags128`` (M = 128, flags), ``flags4096`` (M = 4096, flags; the
 default 2-GPU dispatcher, here on half the programs); A/B configs against a knob are listed
 with a comment in ``CONFIGS`` (e.g. ``lamport128notspin``: without session 20's per-thread
-spins; ``lamport128pdl``: PDL, with ``--programs 33``). Results: ``benchmarks/results/
-moe_loopback_<gpu>_h<hidden>.{csv,json}`` with the GPU, versions, date and command.
+spins; ``lamport128nopdl``: without PDL, the lamport default since session 24). Results:
+``benchmarks/results/moe_loopback_<gpu>_h<hidden>.{csv,json}`` with the GPU, versions, date and
+the command.
 """
 
 from __future__ import annotations
@@ -56,8 +57,11 @@ CONFIGS = {
     "croles4096r8": (4096, {"protocol": "flags", "_combine_roles": True, "round_tokens": 8}),
     "croles4096": (4096, {"protocol": "flags", "_combine_roles": True}),   # default round rule
     # programmatic dependent launch on the decode pair (session 19: in pair_free_us -0.6..-1.0
-    # us at one token; nothing in pair_us, whose fork and join sit between a rank's kernels)
+    # us at one token; nothing in pair_us, whose fork and join sit between a rank's kernels);
+    # the lamport default since session 24 (2 x H200), so lamport128pdl is lamport128 now and
+    # lamport128nopdl the A/B against it
     "lamport128pdl": (128, {"pdl": True}),
+    "lamport128nopdl": (128, {"pdl": False}),
     # session 16's one-token path (off by default since session 17: a wrong count on 2 GPUs)
     "lamport128one": (128, {"_one_token_slots": True}),
     "lamport128onepdl": (128, {"_one_token_slots": True, "pdl": True}),
