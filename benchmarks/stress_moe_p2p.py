@@ -39,6 +39,9 @@ from benchmarks._common import set_safe_env  # noqa: E402
 VARIANTS = {
     "one": {"protocol": "lamport", "_one_token_slots": True},
     "lam": {"protocol": "lamport"},
+    # 32 programs: with --loopback, two grids a rank fit one GPU (2 x 2 x 32 <= 132 SMs), so
+    # the loopback keeps the lamport default's PDL on (llmcomm.moe.loopback.loopback_pdl)
+    "lam-g32": {"protocol": "lamport", "num_programs": 32},
     "flags": {"protocol": "flags"},
     # 8 programs: several tokens a program, in rounds (the large-batch shape at small sizes)
     "flags-g8": {"protocol": "flags", "num_programs": 8},
@@ -268,27 +271,6 @@ def _loopback(names: list[str], sizes: list[str], seconds: float, seed: int,
     return results
 
 
-def _check_free(rank: int, E: int, dtype, inputs, counts, y) -> str:
-    """One call of :func:`_free_loopback` on rank ``rank``: its ``counts`` (every expert whose
-    count is off) and its combine output ``y`` with identity experts (``y = sum_k w_k x``)
-    against the reference; what failed, "" if nothing."""
-    from llmcomm.moe.reference import check_combine_output, reference_combine, reference_dispatch
-
-    ref = reference_dispatch([c[1] for c in inputs], E, rank)
-    want = [len(ref[le]) for le in range(len(ref))]
-    got = counts.cpu().tolist()
-    off = [(le, got[le], want[le]) for le in range(len(want)) if got[le] != want[le]]
-    if off:
-        return f"rank {rank} counts off (expert, count, expected): {off[:8]}"
-    x, ids, w = inputs[rank]
-    try:
-        check_combine_output(y, reference_combine(x, ids, w, expert_fn=lambda e, rows: rows),
-                             dtype, what=f"rank {rank} combine")
-    except AssertionError as e:
-        return str(e)
-    return ""
-
-
 def _free_loopback(names: list[str], sizes: list[str], seconds: float, seed: int,
                    batch: int = 64) -> list[dict]:
     """Both ranks on one GPU, running free: batches of ``batch`` random calls launched on the
@@ -303,7 +285,7 @@ def _free_loopback(names: list[str], sizes: list[str], seconds: float, seed: int
     import torch
 
     from llmcomm.errors import CollectiveTimeoutError
-    from tests.distributed._moe_cases import make_inputs
+    from tests.distributed._moe_cases import check_identity_call, make_inputs
 
     results = []
     for name, kw, cfg, dtype, lb in _warm_loopbacks(names, sizes, " (free-running)"):
@@ -343,7 +325,7 @@ def _free_loopback(names: list[str], sizes: list[str], seconds: float, seed: int
                 msg = f"raised: {e}"
             bad_call = None
             for i in range(batch if not msg else 0):
-                msg = "; ".join(m for r in range(2) if (m := _check_free(
+                msg = "; ".join(m for r in range(2) if (m := check_identity_call(
                     r, E, dtype, calls[i][2], counts[r][i], ys[r][i])))
                 if msg:
                     bad_call = i

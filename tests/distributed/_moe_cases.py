@@ -90,6 +90,26 @@ def check_combine(rank: int, inputs, y: torch.Tensor, dtype: torch.dtype,
     return check_combine_output(y, reference_combine(x, ids, w), dtype, what=what)
 
 
+def check_identity_call(rank: int, num_experts: int, dtype: torch.dtype, inputs,
+                        counts: torch.Tensor, y: torch.Tensor) -> str:
+    """One dispatch + combine of rank ``rank`` whose experts were the identity (the combine
+    given ``expert_x`` itself): its ``counts`` (every local expert whose count is off) and its
+    output ``y`` (``sum_k w_k x``) against the float64 reference; what failed, "" if nothing."""
+    ref = reference_dispatch([c[1] for c in inputs], num_experts, rank)
+    want = [len(ref[le]) for le in range(len(ref))]
+    got = counts.cpu().tolist()
+    off = [(le, got[le], want[le]) for le in range(len(want)) if got[le] != want[le]]
+    if off:
+        return f"rank {rank} counts off (expert, count, expected): {off[:8]}"
+    x, ids, w = inputs[rank]
+    try:
+        check_combine_output(y, reference_combine(x, ids, w, expert_fn=lambda e, rows: rows),
+                             dtype, what=f"rank {rank} combine")
+    except AssertionError as e:
+        return str(e)
+    return ""
+
+
 def roundtrip(ep: Any, rank: int, world: int, num_experts: int, inputs, dtype,
               device="cpu") -> tuple[int, float]:
     x, ids, w = (t.to(device) for t in inputs[rank])

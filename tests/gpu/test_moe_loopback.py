@@ -180,6 +180,63 @@ def test_loopback_cuda_graph_replays_fresh_inputs(name):
     assert len(errs) == 7 * VARIANTS[name][0] and max(errs) < 2.5e-2
 
 
+def _free_pdl_worker(rank, world_size):
+    import random
+
+    import torch
+
+    from llmcomm.moe.loopback import Loopback
+    from tests.distributed._moe_cases import check_identity_call, make_inputs
+
+    E, K, H, M, dtype = 256, 8, 7168, 64, torch.bfloat16
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    pdl = {}
+    room = min(32, sms // 4)   # 32: the grid of the stress tool's lam-g32 (a shared cache)
+    for programs in (M, room):   # Loopback's default grid (no room: PDL off), then room
+        lb = Loopback(2, E, K, H, M, dtype, num_programs=min(programs, sms // 2),
+                      timeout_s=5.0, protocol="lamport")
+        pdl[programs] = [be.variants["PDL"] for be in lb.backends]
+    lb.warmup([0, 1, 2, 8, 17, M], processes=4)
+    rng = random.Random(24)
+    calls = []
+    for i in range(24):
+        toks = [rng.choice([0, 1, 2, 8, 17, M]) for _ in range(2)]
+        inputs = make_inputs(900 + i, 2, toks, E, K, H, dtype, "random")
+        calls.append((inputs, [[t.cuda() for t in inputs[r]] for r in range(2)]))
+    # every call of rank 0 launched before rank 1's, with no join between a rank's calls: each
+    # kernel's successor may become resident early (PDL). Identity experts: the combine is given
+    # expert_x itself, so nothing runs on the host between a dispatch and its combine
+    cur = torch.cuda.current_stream()
+    for st in lb.streams:
+        st.wait_stream(cur)
+    res = [[None] * len(calls) for _ in range(2)]
+    for r, (be, st) in enumerate(zip(lb.backends, lb.streams)):
+        with torch.cuda.stream(st):
+            for i, (_, dev) in enumerate(calls):
+                x, ids, w = dev[r]
+                ex, cnt, state = be.dispatch(x, ids, w)
+                res[r][i] = (cnt.clone(), be.combine(ex, state, x.shape[0]))
+    for st in lb.streams:
+        cur.wait_stream(st)
+    lb.check_errors()
+    bad = [f"call {i} tokens {[len(c[0]) for c in calls[i][0]]}: {m}"
+           for i in range(len(calls)) for r in range(2)
+           if (m := check_identity_call(r, E, dtype, calls[i][0], *res[r][i]))]
+    return pdl, room, bad
+
+
+@pytest.mark.timeout(900)
+def test_loopback_free_running_calls_with_pdl():
+    """The lamport default launches with PDL; a Loopback keeps it where two grids of every
+    rank fit the SMs (session 24: with 64 programs a rank, rank 0's next grid took the SMs rank
+    1 still needed and the free-running stress ran into the deadline). 24 calls a rank, back to
+    back on the rank streams, rank 0's all launched first, checked against the reference."""
+    (res,) = run_ranks(_free_pdl_worker, 1, timeout=850)
+    pdl, room, bad = res
+    assert pdl == {64: [False, False], room: [True, True]}, pdl
+    assert bad == [], bad[:4]
+
+
 def _missing_worker(rank, world_size, name):
     import torch
 

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from llmcomm.moe.loopback import Loopback, LoopbackGroup
+from llmcomm.moe.loopback import Loopback, LoopbackGroup, loopback_pdl
 
 
 def test_group_hands_every_rank_the_same_zeroed_buffers():
@@ -56,6 +56,25 @@ def _children(tmp_path, monkeypatch, target, tasks, processes=3, timeout_s=60.0)
     loopback._compile_in_children(spec, 0, tasks, (torch.int64, torch.int32), torch.float32,
                                   processes, timeout_s,
                                   target=f"tests.unit._loopback_children:{target}")
+
+
+@pytest.mark.parametrize("world, programs, sms, requested, want", [
+    (2, 33, 132, None, None),     # room for two grids a rank: the backend's default (on)
+    (2, 33, 132, True, True),
+    (2, 33, 132, False, False),
+    (2, 34, 132, None, False),    # 136 > 132: off
+    (2, 66, 132, None, False),    # Loopback's default grid at EP=2
+    (4, 16, 132, None, None),
+    (8, 16, 132, False, False),
+])
+def test_loopback_pdl_needs_two_grids_a_rank_to_fit(world, programs, sms, requested, want):
+    assert loopback_pdl(world, programs, sms, requested) is want
+
+
+def test_loopback_pdl_refuses_pdl_without_room():
+    with pytest.raises(ValueError, match=r"2 x 2 ranks x 66 programs = 264 > 132 SMs\. Pass "
+                                         r"num_programs <= 33"):
+        loopback_pdl(2, 66, 132, True)
 
 
 def test_parallel_warmup_splits_ranks_by_token_class():

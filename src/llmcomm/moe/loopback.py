@@ -35,6 +35,17 @@ load also raises the context's stack limit to the kernel's local memory (its reg
 running on the GPU, which here spin for ranks not launched yet (session 22: the EP=8 lamport
 combine of rank 6 needs 1072 bytes a thread against the default 1024, and every EP=8 loopback
 hung at its first call until the deadline).
+
+PDL (programmatic dependent launch, the lamport default on sm_90+): a kernel's programs call
+``griddepcontrol.launch_dependents`` at their start, so the next kernel of the same stream can
+become resident (and wait) while the current one runs. On its own GPU a rank then holds two
+grids, both its own, and nothing deadlocks. Here one rank's next grid can take the SMs that a
+peer's current grid still needs, and the current grid waits for that peer: session 24's
+free-running stress (64 programs a rank, rank 0's calls launched before rank 1's) ran into the
+deadline at once. So a :class:`Loopback` leaves PDL on only where two grids of every rank fit
+the SMs at one program an SM (``2 * world_size * num_programs <= SMs``, :func:`loopback_pdl`),
+and refuses ``pdl=True`` otherwise. (Its own calls fork and join the rank streams around every
+call, which keeps a rank's kernels from overlapping at all; the hazard is in free-running use.)
 """
 
 from __future__ import annotations
@@ -131,6 +142,9 @@ class Loopback:
                     f"{world_size * grid} programs, but this GPU has {sms} SMs; every program "
                     f"of every rank must be resident at once (programs wait for their peers'), "
                     f"so give at most {most} programs a rank")
+        pdl = loopback_pdl(world_size, num_programs, sms, backend_kwargs.get("pdl"))
+        if pdl is False:
+            backend_kwargs["pdl"] = False
         #: what a child process of :meth:`warmup` needs to build one of these ranks
         self._spec = ((world_size, num_experts, top_k, hidden_size, max_tokens_per_rank, dtype),
                       dict(num_programs=num_programs, **backend_kwargs))
@@ -213,6 +227,28 @@ class Loopback:
         torch.cuda.synchronize(self.device)
         for be in self.backends:
             be.check_errors(sync=False)
+
+
+def loopback_pdl(world_size: int, num_programs: int, sms: int,
+                 requested: bool | None) -> bool | None:
+    """The ``pdl`` a :class:`Loopback` passes to its backends (see the module docstring):
+    ``requested`` as given when every rank's current and next grid fit the ``sms`` SMs at one
+    program an SM (``None``: the backend's default), else ``False``; ``requested=True`` where
+    they do not fit is a :class:`ValueError`.
+
+    >>> loopback_pdl(2, 33, 132, None), loopback_pdl(2, 66, 132, None)
+    (None, False)
+    """
+    if 2 * world_size * num_programs <= sms:
+        return requested
+    if requested:
+        raise ValueError(
+            f"Loopback: pdl=True needs room for every rank's next kernel beside the current "
+            f"kernels of all ranks (a rank's next grid may take SMs its peers' current grids "
+            f"still need): 2 x {world_size} ranks x {num_programs} programs = "
+            f"{2 * world_size * num_programs} > {sms} SMs. Pass num_programs <= "
+            f"{sms // (2 * world_size)}, or leave pdl unset (off here)")
+    return False
 
 
 def _rank_backend(group: LoopbackGroup, rank: int, spec: tuple) -> Any:
