@@ -1,22 +1,6 @@
 """The CUDA driver calls torch does not expose (``ctypes`` on ``libcuda``; GPU processes only).
 
-Both are about a launch that waits for the kernels already running, which deadlocks where
-those kernels spin on a peer whose kernels the same host thread has yet to launch (every rank
-of a :class:`~llmcomm.moe.loopback.Loopback` on one GPU), so both are done ahead, while nothing
-spins (``P2PBackend._load``, which ``warmup`` and a loopback's first call of each kernel run).
-
-**Lazy loading** (:func:`load_function`). Since CUDA 12.2 the driver loads a kernel's code
-onto the device at its first launch (``CUDA_MODULE_LOADING=LAZY``, also torch's default), and
-that load may need the context synchronised: NVIDIA's lazy-loading guide names exactly a kernel
-that spins until another one runs as the case that deadlocks. Session 24 met it: a loopback's
-first free-running batch after ``warmup`` (rank 0's 64 calls launched before rank 1's) ran
-into the deadline in the first call in two fresh processes of three, and the same batch in the
-same process later passed. ``cuFuncLoad`` (CUDA 12.4+) finishes the load without a launch::
-
-    cuFuncIsLoaded(&state, f)             # CU_FUNCTION_LOADING_STATE_LOADED == 1 ?
-    if state != LOADED: cuFuncLoad(f)
-
-**The stack limit** (:func:`ensure_stack_limit`): the current context's per-thread stack limit (``CU_LIMIT_STACK_SIZE``), which is
+One so far: the current context's per-thread stack limit (``CU_LIMIT_STACK_SIZE``), which is
 how the driver sizes the local memory a kernel's register spills live in. A launch of a kernel
 whose local memory exceeds the limit makes the driver raise the limit first, and that resize
 waits for the work already running on the GPU. When that work is a kernel spinning on a peer
@@ -24,7 +8,7 @@ whose kernels the same host thread has not launched yet -- every rank of a
 :class:`~llmcomm.moe.loopback.Loopback` on one GPU -- the launch never returns and the
 spinners run into their deadline (session 22: the EP=8 lamport combine spills 124-272 words a
 thread, growing with the rank; rank 6's was the first above the default 1 KiB, and its launch
-blocked until the deadline). It is raised ahead instead::
+blocked until the deadline). :func:`ensure_stack_limit` raises the limit while nothing waits::
 
     before = stack_limit()
     if nbytes > before:
@@ -46,7 +30,6 @@ from .errors import BackendUnavailableError
 log = logging.getLogger(__name__)
 
 _CU_LIMIT_STACK_SIZE = 0x00
-_CU_FUNCTION_LOADING_STATE_LOADED = 1
 
 
 @functools.cache
@@ -88,29 +71,4 @@ def ensure_stack_limit(nbytes: int) -> bool:
            f"cuCtxSetLimit(CU_LIMIT_STACK_SIZE, {nbytes})")
     log.info("per-thread stack limit raised from %d to %d bytes (a kernel's local memory)",
              before, nbytes)
-    return True
-
-
-def function_loaded(handle: int) -> bool | None:
-    """Whether the kernel ``handle`` (a ``CUfunction``, e.g. triton's ``CompiledKernel.function``)
-    has its code loaded on the device (``cuFuncIsLoaded``); ``None`` where the driver predates
-    the call (CUDA 12.4)."""
-    try:
-        fn = _libcuda().cuFuncIsLoaded
-    except AttributeError:
-        return None
-    state = ctypes.c_int(0)
-    _check(fn(ctypes.byref(state), ctypes.c_void_p(handle)), "cuFuncIsLoaded")
-    return state.value == _CU_FUNCTION_LOADING_STATE_LOADED
-
-
-def load_function(handle: int) -> bool:
-    """Load the kernel ``handle``'s code onto the device now rather than at its first launch
-    (``cuFuncLoad``; see the module docstring); ``True`` where this call loaded it. Call it
-    with nothing spinning on work this thread has yet to launch. Without ``cuFuncIsLoaded``
-    (a driver before CUDA 12.4) it does nothing and returns ``False``: set
-    ``CUDA_MODULE_LOADING=EAGER`` there."""
-    if function_loaded(handle) is not False:
-        return False
-    _check(_libcuda().cuFuncLoad(ctypes.c_void_p(handle)), "cuFuncLoad")
     return True

@@ -185,20 +185,10 @@ def _free_pdl_worker(rank, world_size):
 
     import torch
 
-    from llmcomm import _cuda
     from llmcomm.moe.loopback import Loopback
     from tests.distributed._moe_cases import check_identity_call, make_inputs
 
     E, K, H, M, dtype = 256, 8, 7168, 64, torch.bfloat16
-    handles, by_us = [], []
-    load = _cuda.load_function
-
-    def recording_load(handle):
-        handles.append(handle)
-        by_us.append(load(handle))
-        return by_us[-1]
-
-    _cuda.load_function = recording_load
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     pdl = {}
     room = min(32, sms // 4)   # 32: the grid of the stress tool's lam-g32 (a shared cache)
@@ -207,10 +197,6 @@ def _free_pdl_worker(rank, world_size):
                       timeout_s=5.0, protocol="lamport")
         pdl[programs] = [be.variants["PDL"] for be in lb.backends]
     lb.warmup([0, 1, 2, 8, 17, M], processes=4)
-    _cuda.load_function = load
-    # every kernel warmed has its code on the device before the first launch (CUDA loads
-    # lazily by default, and a lazy load may wait for the kernels spinning on a peer)
-    loaded = (len(handles), sum(by_us), [_cuda.function_loaded(h) for h in handles])
     rng = random.Random(24)
     calls = []
     for i in range(24):
@@ -236,7 +222,7 @@ def _free_pdl_worker(rank, world_size):
     bad = [f"call {i} tokens {[len(c[0]) for c in calls[i][0]]}: {m}"
            for i in range(len(calls)) for r in range(2)
            if (m := check_identity_call(r, E, dtype, calls[i][0], *res[r][i]))]
-    return pdl, room, bad, loaded
+    return pdl, room, bad
 
 
 @pytest.mark.timeout(900)
@@ -246,9 +232,7 @@ def test_loopback_free_running_calls_with_pdl():
     1 still needed and the free-running stress ran into the deadline). 24 calls a rank, back to
     back on the rank streams, rank 0's all launched first, checked against the reference."""
     (res,) = run_ranks(_free_pdl_worker, 1, timeout=850)
-    pdl, room, bad, (n, by_us, states) = res
-    print(f"warmup loaded {n} kernels, {by_us} of them not loaded until then")
-    assert n > 0 and set(states) <= {True, None}, states   # None: a driver before CUDA 12.4
+    pdl, room, bad = res
     assert pdl == {64: [False, False], room: [True, True]}, pdl
     assert bad == [], bad[:4]
 
@@ -339,7 +323,11 @@ def _warmup_worker(rank, world_size, name):
     from tests.distributed._moe_cases import make_inputs
 
     world, kw = VARIANTS[name]
-    E, K, H, M, dtype = 32, 4, 4096, 40, torch.bfloat16   # H 4096: lamport loads 2 warp counts
+    # H 4096: lamport loads 2 warp counts. M 48, a multiple of 16: warmup's only call of the
+    # "other" token class is at 2 tokens (8 warps), so 37 and 40 (16 warps) use what its
+    # both-warps pre-load left (with M 40, the class was warmed at 16 warps too, which hid
+    # session 24's pre-load under another cache key)
+    E, K, H, M, dtype = 32, 4, 4096, 48, torch.bfloat16
     lb = Loopback(world, E, K, H, M, dtype, **kw)
     t0 = time.perf_counter()
     loaded = [be.warmup(warm_token_counts(M), (torch.int32, torch.int64), torch.float32)

@@ -1,7 +1,6 @@
-"""CPU checks of :mod:`llmcomm._cuda` (the stack limit, lazy loading) and of its use by the p2p
-MoE backend's kernel loads, against a fake ``libcuda``. Session 22: an EP=8 loopback hung in its
-first call because a combine's launch raised the stack limit while the other ranks' kernels
-spun; session 24: a first launch's lazy load did the same."""
+"""CPU checks of :mod:`llmcomm._cuda` (the stack limit) and of its use by the p2p MoE backend's
+kernel loads, against a fake ``libcuda``. Session 22: an EP=8 loopback hung in its first call
+because a combine's launch raised the stack limit while the other ranks' kernels spun."""
 
 from __future__ import annotations
 
@@ -35,26 +34,9 @@ class FakeDriver:
         return self.rc
 
 
-class LazyDriver(FakeDriver):
-    """... with ``cuFuncIsLoaded`` / ``cuFuncLoad`` (CUDA 12.4+) over a set of loaded kernels."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.loaded, self.loads = set(), []
-
-    def cuFuncIsLoaded(self, ref, fn):
-        ref._obj.value = int(fn.value in self.loaded)   # CU_FUNCTION_LOADING_STATE_LOADED = 1
-        return self.rc
-
-    def cuFuncLoad(self, fn):
-        self.loads.append(fn.value)
-        self.loaded.add(fn.value)
-        return self.rc
-
-
 @pytest.fixture
 def driver(monkeypatch):
-    fake = LazyDriver()
+    fake = FakeDriver()
     monkeypatch.setattr(_cuda, "_libcuda", lambda: fake)
     return fake
 
@@ -76,30 +58,9 @@ def test_stack_limit_errors(driver):
         _cuda.stack_limit()
 
 
-def test_load_function_loads_only_a_kernel_not_loaded_yet(driver):
-    driver.loaded.add(0x20)
-    assert _cuda.function_loaded(0x10) is False and _cuda.function_loaded(0x20) is True
-    assert _cuda.load_function(0x10) is True and _cuda.load_function(0x10) is False
-    assert _cuda.load_function(0x20) is False
-    assert driver.loads == [0x10] and _cuda.function_loaded(0x10) is True
-
-
-def test_load_function_without_the_driver_call_does_nothing(monkeypatch):
-    old = FakeDriver()   # a driver before CUDA 12.4: no cuFuncIsLoaded / cuFuncLoad
-    monkeypatch.setattr(_cuda, "_libcuda", lambda: old)
-    assert _cuda.function_loaded(0x10) is None and _cuda.load_function(0x10) is False
-
-
-def test_load_function_errors(driver):
-    driver.rc = 201
-    with pytest.raises(BackendUnavailableError, match="cuFuncIsLoaded.*CUresult 201"):
-        _cuda.load_function(0x10)
-
-
 class FakeCompiled:
     def __init__(self, n_spills: int) -> None:
         self.n_spills, self.name, self.loaded = n_spills, "fake_kernel", False
-        self.function = 0x40 + n_spills
 
     def _init_handles(self) -> None:
         self.loaded = True
@@ -109,7 +70,7 @@ def _backend(monkeypatch, capturing: bool) -> P2PBackend:
     """A p2p backend with only what ``_load`` touches (no group, no workspace)."""
     be = object.__new__(P2PBackend)
     be.cfg = types.SimpleNamespace(device=torch.device("cuda", 0))
-    be._warmed, be._sim = None, False
+    be._warmed = None
     monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
     return be
@@ -124,7 +85,6 @@ def test_kernel_load_raises_the_stack_to_its_local_memory(driver, monkeypatch, s
     be._load(types.SimpleNamespace(warmup=lambda *a, **kw: k), (), (1,), {})
     assert k.loaded and _cuda.stack_limit() == limit
     assert driver.sets == ([limit] if limit > 1024 else [])
-    assert driver.loads == [k.function]   # its code on the device before any launch
 
 
 def test_kernel_load_inside_a_capture_only_warns(driver, monkeypatch, caplog):

@@ -667,23 +667,29 @@ class P2PBackend(MoEBackend):
                      **self._lamport_consts(tb, warps))
 
     def _load(self, kernel: Any, args: tuple, grid: tuple, kwargs: dict[str, Any]) -> None:
-        """Compile ``kernel`` for these arguments and load its module and its code on the device
-        (not at its first launch: CUDA loads lazily by default); launch nothing. Then make the
-        context's stack limit hold the kernel's local memory (its register spills), so that its
-        launch does not resize it. The lazy load and the resize both may wait for the running
-        kernels, which in a :class:`~llmcomm.moe.loopback.Loopback` spin on ranks the host has
-        yet to launch (:mod:`llmcomm._cuda`; sessions 22 and 24). Not while a CUDA graph is
-        captured (the resize is no capturable call): run the same call eagerly first, or
-        ``warmup()``."""
+        """Compile ``kernel`` for these arguments and load its module; launch nothing. Then make
+        the context's stack limit hold the kernel's local memory (its register spills), so that
+        its launch does not resize it: that resize waits for the running kernels, which in a
+        :class:`~llmcomm.moe.loopback.Loopback` spin on ranks the host has yet to launch
+        (:mod:`llmcomm._cuda`; session 22's EP=8 hang). Not while a CUDA graph is captured
+        (the resize is no capturable call): run the same call eagerly first, or ``warmup()``.
+
+        ``kwargs`` get :data:`~llmcomm.kernels.LAUNCH_OPTIONS` first, as :meth:`_launch` gives
+        its launches: triton keys its in-memory cache on the options exactly as passed
+        (``str(options)``, order included), so a load without them is a different entry from
+        the launch it prepares, and that launch compiles (a disk-cache hit) and loads its
+        module again -- while the peers' kernels spin. Session 24: the lamport warp count that
+        only :meth:`_launch_lamport`'s both-warps pre-load had covered (16 warps for 33-127
+        tokens, none a multiple of 16) did that at its first call after ``warmup()``; in a
+        loopback launched rank after rank the load waited for rank 0's first dispatch, which
+        waited for rank 1's, which the host had not launched yet, until the deadline."""
+        kwargs = {**LAUNCH_OPTIONS, **kwargs}
         k = kernel.warmup(*args, grid=grid, **kwargs)
         if hasattr(k, "result"):           # triton's asynchronous compile mode
             k = k.result()
         k._init_handles()
         if self._warmed is not None:
             self._warmed.add(id(k))
-        if not self._sim and getattr(k, "function", None):
-            with torch.cuda.device(self.cfg.device):
-                _cuda.load_function(k.function)
         local = 4 * int(getattr(k, "n_spills", 0) or 0)   # triton: local bytes / 4
         if local:
             with torch.cuda.device(self.cfg.device):
