@@ -40,9 +40,9 @@ PDL (programmatic dependent launch, the lamport default on sm_90+): a kernel's p
 ``griddepcontrol.launch_dependents`` at their start, so the next kernel of the same stream can
 become resident (and wait) while the current one runs. On its own GPU a rank then holds two
 grids, both its own, and nothing deadlocks. Here one rank's next grid can take the SMs that a
-peer's current grid still needs, and the current grid waits for that peer: session 24's
-free-running stress (64 programs a rank, rank 0's calls launched before rank 1's) ran into the
-deadline at once. So a :class:`Loopback` leaves PDL on only where two grids of every rank fit
+peer's current grid still needs, and the current grid waits for that peer: session 19's
+free-running PDL pairs at 64 tokens (66 programs a rank, 16 warps) ran into the deadline. So a
+:class:`Loopback` leaves PDL on only where two grids of every rank fit
 the SMs at one program an SM (``2 * world_size * num_programs <= SMs``, :func:`loopback_pdl`),
 and refuses ``pdl=True`` otherwise. (Its own calls fork and join the rank streams around every
 call, which keeps a rank's kernels from overlapping at all; the hazard is in free-running use.)
