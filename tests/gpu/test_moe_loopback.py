@@ -229,8 +229,9 @@ def _free_pdl_worker(rank, world_size):
 def test_loopback_free_running_calls_with_pdl():
     """The lamport default launches with PDL; a Loopback keeps it where two grids of every
     rank fit the SMs (a rank's next grid can take SMs its peer's current grid needs: session
-    19's free-running PDL pairs at 66 programs a rank ran into the deadline). 24 calls a rank, back to
-    back on the rank streams, rank 0's all launched first, checked against the reference."""
+    19's free-running PDL pairs at 66 programs a rank ran into the deadline). 24 calls a rank,
+    back to back on the rank streams, rank 0's all launched first, checked against the
+    reference."""
     (res,) = run_ranks(_free_pdl_worker, 1, timeout=850)
     pdl, room, bad = res
     assert pdl == {64: [False, False], room: [True, True]}, pdl
