@@ -684,7 +684,8 @@ class P2PBackend(MoEBackend):
         loopback launched rank after rank the load waited for rank 0's first dispatch, which
         waited for rank 1's, which the host had not launched yet, until the deadline."""
         kwargs = {**LAUNCH_OPTIONS, **kwargs}
-        k = kernel.warmup(*args, grid=grid, **kwargs)
+        with torch.cuda.device(self.cfg.device):   # triton compiles for the current device
+            k = kernel.warmup(*args, grid=grid, **kwargs)
         if hasattr(k, "result"):           # triton's asynchronous compile mode
             k = k.result()
         k._init_handles()
