@@ -42,9 +42,9 @@ become resident (and wait) while the current one runs. On its own GPU a rank the
 grids, both its own, and nothing deadlocks. Here one rank's next grid can take the SMs that a
 peer's current grid still needs, and the current grid waits for that peer: session 19's
 free-running PDL pairs at 64 tokens (66 programs a rank, 16 warps) ran into the deadline. So a
-:class:`Loopback` leaves PDL on only where two grids of every rank fit
-the SMs at one program an SM (``2 * world_size * num_programs <= SMs``, :func:`loopback_pdl`),
-and refuses ``pdl=True`` otherwise. (Its own calls fork and join the rank streams around every
+:class:`Loopback` leaves PDL on only where two grids of every rank fit the SMs at one program
+an SM (``2 * world_size * num_programs <= SMs``, :func:`loopback_pdl`), and refuses
+``pdl=True`` otherwise. (Its own calls fork and join the rank streams around every
 call, which keeps a rank's kernels from overlapping at all; the hazard is in free-running use.)
 """
 
