@@ -100,10 +100,11 @@ def test_replay_runs_the_sentinel_tests_calls_in_order():
 
 
 def test_free_running_check_names_off_counts_and_a_wrong_combine():
-    """``--loopback --free`` checks each call after its batch from copies of ``counts`` and of
-    the combine output with identity experts: a correct call passes, an expert one row short
-    is named with both counts, a combine that lost a token's contribution fails."""
-    from benchmarks.stress_moe_p2p import _check_free
+    """``--loopback --free`` (and the free-running PDL GPU test) check each call after its
+    batch from copies of ``counts`` and of the combine output with identity experts
+    (``check_identity_call``): a correct call passes, an expert one row short is named with
+    both counts, a combine that lost a token's contribution fails."""
+    from tests.distributed._moe_cases import check_identity_call as _check_free
 
     inputs = make_inputs(9, 2, [5, 3], E, K, H, torch.float32)
     _, counts, _ = _dispatched(inputs, rank=1)
