@@ -39,7 +39,10 @@ WORLD="${WORLD:-2}"
 step() {  # name, limit in seconds, command...
   local name=$1 limit=$2; shift 2
   echo "=== $name (limit ${limit}s)"
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$?" >> "$OUT/$name.log"
+  # appended (O_APPEND): a child still writing after a timeout kill (e.g. multiprocessing's
+  # resource tracker) would otherwise write at its own offset, over the rc line (session 24)
+  : > "$OUT/$name.log"
+  timeout "$limit" "$@" >> "$OUT/$name.log" 2>&1; echo "rc=$?" >> "$OUT/$name.log"
   tail -n 25 "$OUT/$name.log"
 }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
