@@ -71,3 +71,16 @@ def test_lamport_pre_load_is_the_entry_its_launch_uses(monkeypatch):
     (launch,) = [list(kw.items()) for what, _, kw in k.calls if what == "launch"]
     assert dict(launch)["num_warps"] == 16 and not dict(launch)["MSPIN"]
     assert launch in loads, (launch, loads)
+    # and every token count 0..M after warmup's counts (warm_token_counts): each launch is an
+    # entry a load made (the T class itself is _launch_lamport's key, not modelled here)
+    from llmcomm.moe.dispatcher import warm_token_counts
+
+    k, be._loaded, be._compile_only = FakeKernel(), set(), True
+    for T in warm_token_counts(128):
+        be._launch_lamport(k, T, 1, ids, w, "x", ids, w, T, TSPIN=True, MSPIN=True)
+    be._compile_only = False
+    for T in range(129):
+        be._launch_lamport(k, T, 1, ids, w, "x", ids, w, T, TSPIN=True, MSPIN=True)
+    loads = {tuple(kw.items()) for what, _, kw in k.calls if what == "warmup"}
+    launches = {tuple(kw.items()) for what, _, kw in k.calls if what == "launch"}
+    assert len(launches) == 2 and launches <= loads, launches - loads   # 8 and 16 warps
