@@ -14,7 +14,8 @@ alone (graph replays of the backend's dispatch, or of its combine on the last di
 protocol may differ (``llmcomm.policy.ep_p2p_protocol``; ``p2p_decode_protocol``); the ``p2p``
 column's dispatcher is sized for the largest token count.
 
-    PYTHONPATH=src:. python3 benchmarks/bench_moe.py [--tokens 1,8,...] [--out benchmarks/results]
+    PYTHONPATH=src:. python3 benchmarks/bench_moe.py [--tokens 1,8,...] [--hidden 7168]
+        [--out benchmarks/results]
 
 ``--p2p-kwargs '{"num_programs": 64}'``: P2PBackend keyword arguments (JSON) of the timed p2p
 backend (``--programs N`` is the same as ``{"num_programs": N}``).
@@ -124,7 +125,7 @@ SWEEP = {
 }
 
 
-def _worker(rank, world, tokens, p2p_kwargs):
+def _worker(rank, world, tokens, p2p_kwargs, configs=CONFIGS):
     import torch
     import torch.distributed as dist
 
@@ -134,7 +135,7 @@ def _worker(rank, world, tokens, p2p_kwargs):
     rows = []
     dtype = torch.bfloat16
     M = max(tokens)
-    for H, E, K in CONFIGS:
+    for H, E, K in configs:
         ep = EPDispatcher(dist.group.WORLD, E, K, H, M, dtype, backend="p2p",
                           _backend_kwargs=p2p_kwargs or None)
         small = EPDispatcher(dist.group.WORLD, E, K, H, min(M, DECODE_M), dtype, backend="p2p",
@@ -345,6 +346,8 @@ def main() -> None:
     ap.add_argument("--programs", type=int, default=None, help="p2p grid size (default: auto)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--world", type=int, default=2)
+    ap.add_argument("--hidden", default=",".join(str(c[0]) for c in CONFIGS),
+                    help="which CONFIGS to time, by hidden size (e.g. 7168: half the run)")
     ap.add_argument("--sweep", action="store_true", help="time the SWEEP knob grid instead")
     ap.add_argument("--sweep-tokens", default=",".join(map(str, SWEEP_TOKENS)))
     ap.add_argument("--sweep-only", default="",
@@ -387,7 +390,13 @@ def main() -> None:
         print(f"wrote {path}; {secs} s; errors: {errors}")
         return
 
-    res = run_ranks(_worker, args.world, tokens, p2p_kwargs, backend="nccl", timeout=560)
+    hidden = {int(h) for h in args.hidden.split(",")}
+    configs = tuple(c for c in CONFIGS if c[0] in hidden)
+    if not configs:
+        ap.error(f"--hidden {args.hidden}: none of the configured sizes "
+                 f"{[c[0] for c in CONFIGS]}")
+    res = run_ranks(_worker, args.world, tokens, p2p_kwargs, configs, backend="nccl",
+                    timeout=560)
     rows = res[0]
     meta = environment()
     meta.update(world=args.world, note=__doc__.split("\n\n")[1].replace("\n", " "),
