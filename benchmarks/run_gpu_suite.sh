@@ -25,6 +25,7 @@
 # each checked against the reference (STRESS_VARIANTS=one, STRESS_SIZES=large, STRESS_S=400 s;
 # STRESS_ARGS=--replay: the sentinel test's call sequence over and over instead).
 # STEPS="moe_ab_pdl": the lamport decode pair with and without PDL at 1-128 tokens, both orders.
+# STEPS="tests_moe_default": only the default lamport dispatcher's 2-GPU tests (a short lease).
 # STEPS="floor_small" (~5 min cold): benchmarks/bench_moe_floor.py at 1, 64 and 128 tokens, the
 # floor the decode target sits on (docs/moe.md, "Why the targets are missed").
 # WORLD (default 2) is the TP / EP size of the benchmarks; tests/gpu picks its own (gpu4 tests,
@@ -53,6 +54,16 @@ case " $STEPS " in *" tests "*)
 case " $STEPS " in *" tests_moe "*)
   step gpu_tests_moe 560 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_moe_p2p.py \
     -k "not (warmup or dispatchers_device or sentinel)" ;; esac
+case " $STEPS " in *" tests_moe_default "*)   # the default lamport dispatcher's 2-GPU tests
+  # alone (reference, graph replays, a missing rank, warmup, sentinel): a first call for a
+  # short 2-GPU lease (session 24 had one call)
+  T=tests/gpu/test_moe_p2p.py
+  step gpu_tests_moe_default 560 python3 -m pytest -q -p no:cacheprovider \
+    "$T::test_backends_match_reference_on_gpu[p2p-lamport]" \
+    "$T::test_p2p_cuda_graph_replays_fresh_inputs[p2p-lamport]" \
+    "$T::test_p2p_missing_rank_times_out_naming_it[p2p-lamport]" \
+    "$T::test_p2p_warmup_leaves_nothing_to_compile[p2p-lamport]" \
+    "$T::test_p2p_lamport_slots_back_to_sentinel[p2p-lamport]" ;; esac
 case " $STEPS " in *" tests_moe_sentinel "*)   # 14 calls per variant after a warm-up each
   step gpu_tests_moe_sentinel 560 python3 -m pytest -q -p no:cacheprovider \
     tests/gpu/test_moe_p2p.py -k sentinel ;; esac

@@ -244,7 +244,10 @@ def _warmup_worker(rank, world, kw):
     from llmcomm.moe import EPDispatcher
     from tests.distributed._moe_cases import make_inputs, roundtrip
 
-    E, K, H, M, dtype = 32, 4, 4096, 40, torch.bfloat16
+    # M 48 (a multiple of 16): the "other" token class is warmed at 2 tokens only (8 warps), so
+    # the 37- and 40-token calls (16 warps) meet what the both-warps pre-load left (session 24;
+    # tests/gpu/test_moe_loopback.py's warmup test, same shapes)
+    E, K, H, M, dtype = 32, 4, 4096, 48, torch.bfloat16
     ep = EPDispatcher(dist.group.WORLD, E, K, H, M, dtype, backend="p2p",
                       _backend_kwargs=kw or None)
     time.sleep(2.0 * rank)                 # local: the ranks warm up at different times
