@@ -104,18 +104,18 @@ def test_free_running_check_names_off_counts_and_a_wrong_combine():
     batch from copies of ``counts`` and of the combine output with identity experts
     (``check_identity_call``): a correct call passes, an expert one row short is named with
     both counts, a combine that lost a token's contribution fails."""
-    from tests.distributed._moe_cases import check_identity_call as _check_free
+    from tests.distributed._moe_cases import check_identity_call
 
     inputs = make_inputs(9, 2, [5, 3], E, K, H, torch.float32)
     _, counts, _ = _dispatched(inputs, rank=1)
     x, ids, w = inputs[1]
     y = (w.double().sum(dim=1, keepdim=True) * x.double()).float()   # identity experts
-    assert _check_free(1, E, torch.float32, inputs, counts, y) == ""
+    assert check_identity_call(1, E, torch.float32, inputs, counts, y) == ""
     bad = counts.clone()
     lo = int(torch.nonzero(bad).flatten()[0])
     bad[lo] -= 1
-    msg = _check_free(1, E, torch.float32, inputs, bad, y)
+    msg = check_identity_call(1, E, torch.float32, inputs, bad, y)
     assert f"({lo}, {int(counts[lo]) - 1}, {int(counts[lo])})" in msg, msg
     y_bad = y.clone()
     y_bad[1] = 0.0
-    assert "combine" in _check_free(1, E, torch.float32, inputs, counts, y_bad)
+    assert "combine" in check_identity_call(1, E, torch.float32, inputs, counts, y_bad)
