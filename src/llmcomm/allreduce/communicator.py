@@ -14,6 +14,8 @@ Per call it validates the inputs (dtype, device, 2-D ``[tokens, hidden]``, conti
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -21,6 +23,7 @@ import torch
 from .. import __version__, policy
 from .._warn import warn_once
 from ..agree import CallChecker, agree, group_label, group_ranks
+from ..errors import CaptureError
 from ..topology import TopologyFacts, gather_topology
 from .torch_backend import TorchAllReduceBackend
 
@@ -78,6 +81,7 @@ class TPCommunicator:
         self.world_size = len(self.ranks)
         self.label = group_label(group)
         self._call_check = CallChecker(group, "TPCommunicator")
+        self._warmed: int | None = None
         self._warned: set[str] = set()
 
         self.facts: TopologyFacts = gather_topology(group, self.device)
@@ -242,6 +246,70 @@ class TPCommunicator:
             return normed, residual_out
         return fp8, residual_out, normed
 
+    def check_errors(self, sync: bool = True) -> None:
+        """Raise :class:`~llmcomm.errors.CollectiveTimeoutError` if a device wait of this
+        communicator's kernels timed out (``p2p``: a missing peer). ``sync=True`` waits for the
+        current stream first, so every call launched so far is checked; call it after
+        synchronising when calls run in CUDA-graph replays (eager calls check the host's copy
+        of the error record at their start anyway). Backends without device waits of their own
+        (``torch``: NCCL's watchdog; ``flashinfer``) have nothing to report."""
+        fn = getattr(self.backend, "check_errors", None)
+        if fn is not None:
+            fn(sync)
+
+    def warmup(self, num_tokens: Sequence[int] | None = None, *,
+               weight_dtypes: Sequence[torch.dtype] | None = None, fp8: bool = True) -> int:
+        """Compile and load, ahead, every kernel later calls with these token counts would
+        launch; launch nothing. Call it on every rank after creation, before capturing CUDA
+        graphs (the p2p backend refuses to compile inside a capture: :class:`CaptureError`).
+
+        Local: no peer is involved, and it is not counted by the call-order check. Only the
+        ``p2p`` backend has triton kernels of its own; ``torch`` and ``flashinfer`` return 0
+        (FlashInfer builds and loads its own module; build it once before spawning ranks).
+
+        Args:
+            num_tokens: token counts to cover, each in ``[0, max_tokens]``. Default: all of
+                them (triton does not specialise the kernels on ``T``, so this costs one
+                compile per distinct launch plan, a handful, not one per count).
+            weight_dtypes: the RMSNorm weight dtype(s) fused calls will get. Default the
+                communicator's dtype and float32.
+            fp8: cover the fused calls with ``quant_scale`` (FP8 output) too.
+
+        Returns:
+            how many kernel variants are loaded (0 for backends without kernels).
+
+        Inputs that are not 16-byte aligned (e.g. a row slice) are another class: such a call
+        still compiles at its first eager call and raises inside a capture.
+        """
+        if torch.compiler.is_compiling():
+            raise RuntimeError("TPCommunicator.warmup() compiles kernels on the host: call it "
+                               "once before torch.compile tracing, not inside it")
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise CaptureError("TPCommunicator.warmup() must run before CUDA-graph capture, "
+                               "not inside it")
+        counts = None if num_tokens is None else list(num_tokens)
+        if counts is not None and (not counts or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= self.max_tokens
+                for t in counts)):
+            raise ValueError(f"warmup: num_tokens must be a non-empty sequence of ints in "
+                             f"[0, max_tokens={self.max_tokens}], got {num_tokens!r}")
+        wds = None if weight_dtypes is None else (
+            (weight_dtypes,) if isinstance(weight_dtypes, torch.dtype) else tuple(weight_dtypes))
+        if wds is not None and (not wds or any(d not in (self.dtype, torch.float32)
+                                                for d in wds)):
+            raise TypeError(f"warmup: weight_dtypes must be {self.dtype} and/or torch.float32 "
+                            f"(what all_reduce_add_rms_norm accepts), got {weight_dtypes!r}")
+        fn = getattr(self.backend, "warmup", None)
+        if fn is None:
+            self._warmed = 0
+            return 0
+        t0 = time.perf_counter()
+        n = fn(counts, wds, bool(fp8))
+        logger.info("TPCommunicator.warmup: %d kernel variants loaded in %.1f s", n,
+                    time.perf_counter() - t0)
+        self._warmed = n
+        return n
+
     def describe(self) -> str:
         """Multi-line, human-readable account of the choices made for this group."""
         lines = [f"TPCommunicator group={self.label} hidden={self.hidden_size} dtype={self.dtype} "
@@ -249,7 +317,9 @@ class TPCommunicator:
                  f"  topology: {self.facts.describe()}",
                  f"  backend:  {self.decision}",
                  f"  fusion:   {self.fusion}",
-                 f"  fp8:      {self.fusion_fp8}"]
+                 f"  fp8:      {self.fusion_fp8}",
+                 "  warmup:   " + (f"done ({self._warmed} kernel variants loaded)"
+                                   if self._warmed is not None else "not called")]
         for r in getattr(self.backend, "reasons", ()) or ():
             lines.append(f"  note:     {r}")
         return "\n".join(lines)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -382,6 +383,37 @@ class P2PAllReduceBackend:
                              f"{tokens}, or use backend='auto' to fall back to NCCL")
         return tokens
 
+    def _key(self, strat: str, plan: dict[str, int], norm: bool, fp8: bool, aligned: bool,
+             w_dtype: torch.dtype) -> tuple:
+        """What tells apart the compiled kernels of this backend's calls (``T`` is not
+        specialised): a call whose key is not in :attr:`_warm` compiles and loads one."""
+        return (strat, norm, fp8, aligned, w_dtype, self.use_pdl, plan["block"],
+                plan["num_warps"], plan["chunk"], plan["rows"], plan["lag"])
+
+    def _kernel_call(self, strat: str, plan: dict[str, int], x, res, w, out, rout, q, scale,
+                     eps, norm: bool, tokens: int) -> tuple[Any, tuple[int], tuple, dict]:
+        """``(kernel, grid, args, kwargs)`` of one launch. The one place a call's launch and
+        :meth:`warmup`'s compile are built, so their triton cache keys (the options as passed,
+        order included) are the same."""
+        k = self._k
+        fp8 = q is not None
+        common = (x, res, w, out, rout, q if fp8 else self._dummy_fp8,
+                  scale if fp8 else self._dummy_scale, float(eps), tokens, self.hidden_size,
+                  self._peers.data_ptr())
+        meta = dict(RANK=self.rank, W=self.world_size, NORM=norm, FP8=fp8, BLOCK=plan["block"],
+                    NT=32 * plan["num_warps"], num_warps=plan["num_warps"], num_stages=1,
+                    PDL=self.use_pdl, launch_pdl=self.use_pdl, **LAUNCH_OPTIONS)
+        state = (self._state, self._host_err.data_ptr(), self._timeout_ns)
+        grid = (plan["grid"],)
+        if strat == "lamport" and plan["rows"]:
+            return (k.lamport_rows_kernel, grid, (*common, self.lamp_off, self.slot_elems, *state),
+                    dict(LAG=plan["lag"], ELEM_BITS=8 * self.itemsize, **meta))
+        if strat == "lamport":
+            return (k.lamport_kernel, grid, (*common, self.lamp_off, self.slot_elems, *state),
+                    dict(CHUNK=plan["chunk"], ELEM_BITS=8 * self.itemsize, **meta))
+        fn = k.oneshot_kernel if strat == "oneshot" else k.twoshot_kernel
+        return fn, grid, (*common, self.flag_off, self.stage_off, self.msg_elems, *state), meta
+
     def _launch(self, op: str, x, res, w, out, rout, q, scale, eps, norm: bool) -> None:
         tokens = self._validate(x)
         capturing = torch.cuda.is_current_stream_capturing()
@@ -395,37 +427,76 @@ class P2PAllReduceBackend:
                            self.world_size, self.table)
         fp8 = q is not None
         aligned = all(t.data_ptr() % 16 == 0 for t in (x, res, out, rout))
-        key = (strat, norm, fp8, aligned, w.dtype, self.use_pdl, plan["block"],
-               plan["num_warps"], plan["chunk"], plan["rows"], plan["lag"])
+        key = self._key(strat, plan, norm, fp8, aligned, w.dtype)
         if capturing and key not in self._warm:
             raise CaptureError(f"{op}: the {strat} kernel (fused={norm}, fp8={fp8}) would be "
-                               f"compiled and loaded during CUDA-graph capture; run one eager "
-                               f"call of every op/size class on every rank before capturing")
-        k = self._k
-        common = (x, res, w, out, rout, q if fp8 else self._dummy_fp8,
-                  scale if fp8 else self._dummy_scale, float(eps), tokens, self.hidden_size,
-                  self._peers.data_ptr())
-        meta = dict(RANK=self.rank, W=self.world_size, NORM=norm, FP8=fp8, BLOCK=plan["block"],
-                    NT=32 * plan["num_warps"], num_warps=plan["num_warps"], num_stages=1,
-                    PDL=self.use_pdl, launch_pdl=self.use_pdl, **LAUNCH_OPTIONS)
-        state = (self._state, self._host_err.data_ptr(), self._timeout_ns)
-        grid = (plan["grid"],)
+                               f"compiled and loaded during CUDA-graph capture; call "
+                               f"TPCommunicator.warmup() (or one eager call of every op/size "
+                               f"class) on every rank before capturing")
+        fn, grid, args, kwargs = self._kernel_call(strat, plan, x, res, w, out, rout, q, scale,
+                                                   eps, norm, tokens)
         with torch.cuda.device(self.device):
-            if strat == "lamport" and plan["rows"]:
-                kern = k.lamport_rows_kernel[grid](*common, self.lamp_off, self.slot_elems,
-                                                   *state, LAG=plan["lag"],
-                                                   ELEM_BITS=8 * self.itemsize, **meta)
-            elif strat == "lamport":
-                kern = k.lamport_kernel[grid](*common, self.lamp_off, self.slot_elems, *state,
-                                              CHUNK=plan["chunk"], ELEM_BITS=8 * self.itemsize,
-                                              **meta)
-            else:
-                fn = k.oneshot_kernel if strat == "oneshot" else k.twoshot_kernel
-                kern = fn[grid](*common, self.flag_off, self.stage_off, self.msg_elems, *state,
-                                **meta)
+            kern = fn[grid](*args, **kwargs)
         #: benchmarks only: (plan, compiled kernel or None) of the latest launch
         self.last_launch = (plan, kern)
         self._warm.add(key)
+
+    def warm_classes(self, num_tokens: Sequence[int], weight_dtypes: Sequence[torch.dtype],
+                     fp8: bool) -> dict[tuple, tuple]:
+        """The kernel classes calls with these token counts would compile (16-byte aligned,
+        contiguous inputs, as fresh allocations are): ``{key: (T, strategy, plan, norm, fp8,
+        weight dtype)}``, one token count per class -- ``all_reduce`` (its weight argument is
+        a float32 dummy), then ``all_reduce_add_rms_norm`` with each weight dtype, without and
+        (``fp8``) with the FP8 output. Pure host arithmetic, no launch."""
+        ops = [(False, False, torch.float32)]
+        ops += [(True, q, wd) for wd in dict.fromkeys(weight_dtypes)
+                for q in ((False, True) if fp8 else (False,))]
+        out: dict[tuple, tuple] = {}
+        for T in sorted(set(num_tokens)):
+            if T == 0:
+                continue   # launches nothing
+            strat = self.strategy(T)
+            for norm in (False, True):
+                plan = launch_plan(strat, norm, T, self.hidden_size, self.itemsize,
+                                   self.world_size, self.table)
+                for n, q, wd in ops:
+                    if n == norm:
+                        out.setdefault(self._key(strat, plan, n, q, True, wd),
+                                       (T, strat, plan, n, q, wd))
+        return out
+
+    def warmup(self, num_tokens: Sequence[int] | None = None,
+               weight_dtypes: Sequence[torch.dtype] | None = None, fp8: bool = True) -> int:
+        """Compile and load, ahead, the kernel of every class in :meth:`warm_classes` (default:
+        every token count in ``[1, max_tokens]``, weights in the communicator's dtype and in
+        float32); launch nothing, touch no peer. Returns the number of classes. After it, a
+        call of a covered class neither compiles nor loads a module, so it may be the first
+        call inside a CUDA-graph capture (:class:`CaptureError` otherwise)."""
+        counts = range(1, self.max_tokens + 1) if num_tokens is None else num_tokens
+        wds = (self.dtype, torch.float32) if weight_dtypes is None else tuple(weight_dtypes)
+        classes = self.warm_classes(counts, wds, fp8)
+        if not classes:
+            return 0
+        Tmax = max(c[0] for c in classes.values())
+        dev, H = self.device, self.hidden_size
+        with torch.cuda.device(dev):
+            bufs = [torch.empty(Tmax, H, dtype=self.dtype, device=dev) for _ in range(4)]
+            q = torch.empty(Tmax, H, dtype=torch.float8_e4m3fn, device=dev)
+            weights = {wd: torch.empty(H, dtype=wd, device=dev) for wd in wds}
+            for key, (T, strat, plan, norm, f, wd) in classes.items():
+                x, res, out, rout = (b[:T] for b in bufs)
+                w = weights[wd] if norm else self._dummy_scale
+                if not norm:
+                    res, rout = x, out
+                fn, grid, args, kwargs = self._kernel_call(
+                    strat, plan, x, res, w, out, rout, q[:T] if f else None,
+                    self._dummy_scale if f else None, 1e-6 if norm else 0.0, norm, T)
+                kern = fn.warmup(*args, grid=grid, **kwargs)
+                if hasattr(kern, "result"):   # triton's asynchronous compile mode
+                    kern = kern.result()
+                kern._init_handles()
+                self._warm.add(key)
+        return len(classes)
 
     def all_reduce(self, x: torch.Tensor, out: torch.Tensor) -> None:
         """``out[T, H] = (x_0.float() + ... + x_{W-1}.float()).to(dtype)`` (rank order)."""

@@ -56,6 +56,7 @@ def worker(rank: int, world: int, cfg: DemoConfig) -> dict:
     tokens = cfg.batch * cfg.prompt
     comm = llmcomm.TPCommunicator(groups.tp, p.hidden, dtype, max_tokens=tokens,
                                   backend=cfg.allreduce_backend, layout=layout)
+    comm.warmup()   # p2p: every kernel class compiled now; torch / flashinfer: nothing to do
     ep = None
     if p.moe_layers:
         ep = llmcomm.EPDispatcher(groups.ep, num_experts=p.experts, top_k=p.top_k,
