@@ -1859,7 +1859,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                USE_TIMER: tl.constexpr, PDL: tl.constexpr = False,
                                NT: tl.constexpr = 256, ONE: tl.constexpr = False,
                                TSPIN: tl.constexpr = False, MSPIN: tl.constexpr = False,
-                               SPREAD: tl.constexpr = False):
+                               SPREAD: tl.constexpr = False, EARLY: tl.constexpr = False):
     """Lamport dispatch; see the module docstring. Tiles of ``TB`` tokens; program ``p`` sends
     own tiles ``p, p+G, ...`` and receives tiles ``q, q+G, ...`` (``q = (p + SHIFT) mod G``)
     of every peer, the own tile's rows copied after each receive.
@@ -1870,7 +1870,13 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
     first own token every program polls every peer's count at once
     (:func:`_lamport_counts`); the received tokens are then numbered peer by peer (rank
     order, ``u = sum of the counts of lower ranks + c``) and program ``p`` receives ``u = p,
-    p + G, ...``. Every program still reads and resets its own count slot of every peer."""
+    p + G, ...``. Every program still reads and resets its own count slot of every peer.
+
+    ``EARLY`` (one-token tiles, not ``ONE``; session 25, an A/B knob): an own token's rows are
+    placed into the local experts right after its slots are claimed, before the receive,
+    so their HBM writes overlap the peers' rows in flight instead of following their landing
+    (at 128 tokens and 128 programs a program places an own and a received token; without
+    it both placements wait for the landing)."""
     tl.static_assert((not SPREAD) or ((TB == 1) and (SHIFT == 0) and (not ONE)),
                      "SPREAD needs one-token tiles, SHIFT 0 and not ONE")
     if PDL:  # nothing is touched before the previous grid finished
@@ -1907,6 +1913,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
     hp = pid
     if TB == 1:
         hp = tl.where(n_own <= G // 2, (pid + G // 2) % G, pid)
+    EO: tl.constexpr = EARLY and (TB == 1) and (not ONE)
     i = tl.full([], 0, tl.int32)
     more = n_own > 0
     more = more | (W > 1)
@@ -1934,6 +1941,9 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
             if ONE:   # at most one own token: its slots wait for the peer's count (below)
                 vc = vp & (T > 1)
             claim = _token_claim(idsp, vc, cursor, RANK, L, K, BLOCK_K)
+            if EO:   # the own rows now, overlapping the peers' rows in flight
+                _token_place(rowp, vp, claim, RANK * M + tp, expert_x, slot_map, H, K, CAP,
+                             BLOCK_H, BLOCK_K)
         else:
             row, ids, vt, t64 = _lamport_send_tile(pid + i * G, x_ptr, ids_ptr, w_ptr, T, buf,
                                                    lx, lmeta, RANK, W, M, H, K, L, E, BLOCK_H,
@@ -1979,8 +1989,9 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                                    RANK, L, K, BLOCK_K)
                     else:
                         claim = _token_claim(idsp, vp, cursor, RANK, L, K, BLOCK_K)
-            _token_place(rowp, vp, claim, RANK * M + tp, expert_x, slot_map, H, K, CAP, BLOCK_H,
-                         BLOCK_K)
+            if not EO:
+                _token_place(rowp, vp, claim, RANK * M + tp, expert_x, slot_map, H, K, CAP,
+                             BLOCK_H, BLOCK_K)
         else:
             _place_rows(row, ids, vt, slot, RANK * M + t64, expert_x, slot_map, RANK, H, K, L,
                         CAP, BLOCK_H, BLOCK_K)

@@ -214,7 +214,7 @@ class P2PBackend(MoEBackend):
                  _roles_pair: int = 1, _roles_programs: int | None = None,
                  _one_token_slots: bool | None = None, _ce_tokens: int | None = None,
                  _thread_spin: bool | None = None, _meta_spin: bool | None = None,
-                 _peer_spread: bool | None = None) -> None:
+                 _peer_spread: bool | None = None, _early_own: bool = False) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -318,6 +318,11 @@ class P2PBackend(MoEBackend):
                 ``p`` then waits for tokens that other programs of the peer send, so every
                 program must be resident, as with ``shift``: not in the sequential
                 simulation.
+            _early_own: ``"lamport"`` with one-token tiles (A/B knob, session 25, off): an
+                own token's rows go into the local experts before the receive instead of
+                after it (``EARLY`` in :mod:`llmcomm.kernels.moe`), so their HBM writes
+                overlap the peers' rows in flight. Not with ``_one_token_slots``' one-token
+                calls, which keep their order.
             _ce_tokens: ``"flags"`` at EP=2, interleaved, default rounds (A/B knob, off: on
                 2 x H200 it was slower, 228.6 vs 217 us for the 4096-token dispatch, although
                 the peer copy ran on a copy engine; docs/moe_sessions.md, session 17): a
@@ -522,6 +527,10 @@ class P2PBackend(MoEBackend):
                              "program receives tokens another program of the peer sent): not "
                              "in the TRITON_INTERPRET simulation; leave it unset")
         self._spread = bool(_peer_spread)
+        if _early_own and not (lamport and self.tiles[0] == 1):
+            raise ValueError(f"_early_own needs protocol='lamport' with tile_tokens=1; got "
+                             f"protocol {protocol!r}, tile_tokens {self.tiles[0]}")
+        self._early = bool(_early_own)
         # its flags: one per (round, source rank), monotonic (the call's epoch)
         rounds = 1 + -(-max(-(-M // self.G) - (self.round_tokens or 1), 0)
                        // (self.round_tokens or 1))
@@ -612,7 +621,7 @@ class P2PBackend(MoEBackend):
                 "combine_roles_programs": self._Gc if self._roles else None,
                 "one_token_slots": self._one, "ce_tokens": self._ce_tokens,
                 "thread_spin": self._tspin, "meta_spin": self._mspin,
-                "peer_spread": self._spread,
+                "peer_spread": self._spread, "early_own": self._early,
                 **{k.lower(): v for k, v in self.variants.items()}}
 
     def _consts(self) -> dict[str, Any]:
@@ -772,7 +781,7 @@ class P2PBackend(MoEBackend):
                 self.peer_T, self.buf_d, self.err_dev, self.err_host.data_ptr(),
                 self.timeout_ns, CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts),
                 ONE=self._one and T <= 1 and not self.shift, TSPIN=self._tspin,
-                MSPIN=self._mspin, SPREAD=self._spread)
+                MSPIN=self._mspin, SPREAD=self._spread, EARLY=self._early)
             return self.expert_x, self.counts, (topk_ids, topk_weights)
         ce = self._ce_tokens is not None and T >= self._ce_tokens
         side = self._ce_send(x, T) if ce and not self._compile_only else None
