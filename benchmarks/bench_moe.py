@@ -83,6 +83,9 @@ SWEEP = {
     # lamport without session 20's per-thread spin (the polls reduce over the program every
     # spin, as before; _thread_spin is the default on a GPU)
     "lam_notspin": ({"protocol": "lamport", "_thread_spin": False}, None),
+    # lamport with own rows placed after the receive, as before session 25 (the default places
+    # them before it where a program also receives: loopback -1.3..-2.0 us at 128 tokens)
+    "lam_noearly": ({"protocol": "lamport", "_early_own": False}, None),
     # flags rounds phased (send the round, signal, copy own, receive), as before session 7,
     # instead of interleaved token by token (the default)
     "phased": ({"protocol": "flags", "interleave": False}, None),

@@ -73,8 +73,10 @@ CONFIGS = {
     # program p receives tile p + G/2 (33 of the 66 programs a rank of a 132-SM GPU; session 4 on
     # 2 GPUs: 0.3-1.7 us faster at small batches, needs every program resident)
     "lamport128shift": (128, {"shift": 33}),
-    # A/B candidate (session 25): own rows placed before the receive, not after it
+    # own rows placed before the receive where a program also receives (session 25; the
+    # default since), and the A/B against it
     "lamport128early": (128, {"_early_own": True}),
+    "lamport128noearly": (128, {"_early_own": False}),
     # A/B candidate (session 17): dispatches of 2048+ tokens send their rows by copy engine
     "ce4096": (4096, {"protocol": "flags", "_ce_tokens": 2048}),
 }

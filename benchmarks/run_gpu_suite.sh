@@ -25,6 +25,7 @@
 # each checked against the reference (STRESS_VARIANTS=one, STRESS_SIZES=large, STRESS_S=400 s;
 # STRESS_ARGS=--replay: the sentinel test's call sequence over and over instead).
 # STEPS="moe_ab_pdl": the lamport decode pair with and without PDL at 1-128 tokens, both orders.
+# STEPS="moe_ab_early": the same with and without session 25's early own rows (_early_own).
 # STEPS="tests_moe_default": only the default lamport dispatcher's 2-GPU tests (a short lease).
 # STEPS="floor_small" (~5 min cold): benchmarks/bench_moe_floor.py at 1, 64 and 128 tokens, the
 # floor the decode target sits on (docs/moe.md, "Why the targets are missed").
@@ -115,6 +116,12 @@ case " $STEPS " in *" moe_ab_pdl "*)   # the lamport pair without PDL (the defau
     --sweep-only lam,lam_nopdl,lam_notspin --out "$OUT/ab_pdl_a"
   step ab_pdl_b 140 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1,8,64,128 \
     --sweep-only lam_notspin,lam_nopdl,lam --out "$OUT/ab_pdl_b" ;; esac
+case " $STEPS " in *" moe_ab_early "*)   # the lamport pair with own rows placed after the
+  # receive (as before session 25) against the default, both orders (~4 min cold)
+  step ab_early_a 240 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1,8,64,128 \
+    --sweep-only lam,lam_noearly --out "$OUT/ab_early_a"
+  step ab_early_b 140 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1,8,64,128 \
+    --sweep-only lam_noearly,lam --out "$OUT/ab_early_b" ;; esac
 case " $STEPS " in *" floor_small "*)   # session 19: the data-movement floor at decode sizes
   for t in 1 64 128; do
     step "floor_t$t" 150 python3 benchmarks/bench_moe_floor.py --tokens "$t" --programs 128 \

@@ -39,8 +39,9 @@ VARIANTS = {
     # the polls that reduce over the program every spin, as before session 20's per-thread
     # spin (_thread_spin, the default on a GPU); fp32 (H 264) and bf16 rows
     "lamport-notspin": (2, {"protocol": "lamport", "_thread_spin": False}),
-    # own rows placed before the receive, not after it (session 25's A/B knob)
-    "lamport-early": (2, {"protocol": "lamport", "_early_own": True}),
+    # own rows placed after the receive, as before session 25 (the default places them before
+    # it where a program receives too)
+    "lamport-noearly": (2, {"protocol": "lamport", "_early_own": False}),
     # lamport at EP=4, its peers' tokens spread over the programs (_peer_spread, the default
     # there; protocol="auto" keeps flags at EP > 2 until lamport is timed on 4 GPUs): 4 ranks
     # on one GPU, 33 programs a rank. Graph test only: the reference test's shapes and token

@@ -214,7 +214,7 @@ class P2PBackend(MoEBackend):
                  _roles_pair: int = 1, _roles_programs: int | None = None,
                  _one_token_slots: bool | None = None, _ce_tokens: int | None = None,
                  _thread_spin: bool | None = None, _meta_spin: bool | None = None,
-                 _peer_spread: bool | None = None, _early_own: bool = False) -> None:
+                 _peer_spread: bool | None = None, _early_own: bool | None = None) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -318,11 +318,15 @@ class P2PBackend(MoEBackend):
                 ``p`` then waits for tokens that other programs of the peer send, so every
                 program must be resident, as with ``shift``: not in the sequential
                 simulation.
-            _early_own: ``"lamport"`` with one-token tiles (A/B knob, session 25, off): an
-                own token's rows go into the local experts before the receive instead of
-                after it (``EARLY`` in :mod:`llmcomm.kernels.moe`), so their HBM writes
-                overlap the peers' rows in flight. Not with ``_one_token_slots``' one-token
-                calls, which keep their order.
+            _early_own: ``"lamport"`` with one-token tiles (default: on there, session 25):
+                where a program places its own token and receives one too (more own tokens
+                than half the grid), the own rows go into the local experts before the
+                receive instead of after it (``EARLY`` in :mod:`llmcomm.kernels.moe`), so
+                their HBM writes overlap the peers' rows in flight. Free-running loopback
+                on one H100: the pair -0.7..-1.5 us at 64 tokens and -1.3..-2.0 at 128 (66
+                programs a rank), par at 1-8 where it does not apply; 2 GPUs untimed
+                (``bench_moe.py`` ``lam_noearly`` is the A/B). Not with
+                ``_one_token_slots``' one-token calls, which keep their order.
             _ce_tokens: ``"flags"`` at EP=2, interleaved, default rounds (A/B knob, off: on
                 2 x H200 it was slower, 228.6 vs 217 us for the 4096-token dispatch, although
                 the peer copy ran on a copy engine; docs/moe_sessions.md, session 17): a
@@ -527,6 +531,8 @@ class P2PBackend(MoEBackend):
                              "program receives tokens another program of the peer sent): not "
                              "in the TRITON_INTERPRET simulation; leave it unset")
         self._spread = bool(_peer_spread)
+        if _early_own is None:
+            _early_own = lamport and self.tiles[0] == 1
         if _early_own and not (lamport and self.tiles[0] == 1):
             raise ValueError(f"_early_own needs protocol='lamport' with tile_tokens=1; got "
                              f"protocol {protocol!r}, tile_tokens {self.tiles[0]}")
