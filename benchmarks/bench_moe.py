@@ -86,6 +86,8 @@ SWEEP = {
     # lamport with own rows placed after the receive, as before session 25 (the default places
     # them before it where a program also receives: loopback -1.3..-2.0 us at 128 tokens)
     "lam_noearly": ({"protocol": "lamport", "_early_own": False}, None),
+    # A/B candidate (session 25): a received token's slots claimed before the wait for its row
+    "lam_claim1": ({"protocol": "lamport", "_claim_first": True}, None),
     # flags rounds phased (send the round, signal, copy own, receive), as before session 7,
     # instead of interleaved token by token (the default)
     "phased": ({"protocol": "flags", "interleave": False}, None),

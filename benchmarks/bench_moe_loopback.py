@@ -77,6 +77,8 @@ CONFIGS = {
     # default since), and the A/B against it
     "lamport128early": (128, {"_early_own": True}),
     "lamport128noearly": (128, {"_early_own": False}),
+    # A/B candidate (session 25): a received token's slots claimed before the wait for its row
+    "lamport128claim1": (128, {"_claim_first": True}),
     # A/B candidate (session 17): dispatches of 2048+ tokens send their rows by copy engine
     "ce4096": (4096, {"protocol": "flags", "_ce_tokens": 2048}),
 }

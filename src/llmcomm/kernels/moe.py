@@ -1745,6 +1745,26 @@ def _lamport_counts(ptrs, mask, dead, err_dev, err_host, timeout_ns, USE_TIMER: 
 
 
 @triton.jit
+def _recv_slots(ids, valid, kv, own, cursor, counts, c, ts, T, RANK: tl.constexpr,
+                L: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr,
+                ONE: tl.constexpr):
+    """The slots of a received token (``ids`` [BLOCK_K], landed): by the cursor atomics, or
+    with ``ONE`` in a call of at most one token on each side (``T <= 1``, the peer's count
+    ``ts <= 1``) after the own token's (:func:`_token_slots_after`), the receiver of token 0
+    then writing ``counts`` (:func:`_one_counts`). Returns :func:`_token_claim`'s tuple."""
+    if ONE:
+        if (T <= 1) & (ts <= 1):
+            claim = _token_slots_after(ids, valid, own, RANK, L, K, BLOCK_K)
+            if c == 0:
+                _one_counts(own, tl.where(kv, ids, -1), counts, RANK, L, K, BLOCK_K, BLOCK_L)
+        else:
+            claim = _token_claim(ids, valid, cursor, RANK, L, K, BLOCK_K)
+    else:
+        claim = _token_claim(ids, valid, cursor, RANK, L, K, BLOCK_K)
+    return claim
+
+
+@triton.jit
 def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor,
                         slot_map, wloc, err_dev, err_host, timeout_ns, RANK: tl.constexpr,
                         W: tl.constexpr, G: tl.constexpr, M: tl.constexpr, H: tl.constexpr,
@@ -1752,7 +1772,7 @@ def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_
                         BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr,
                         USE_TIMER: tl.constexpr, NT: tl.constexpr, T, own, counts,
                         BLOCK_L: tl.constexpr, ONE: tl.constexpr, TSPIN: tl.constexpr = False,
-                        MSPIN: tl.constexpr = False):
+                        MSPIN: tl.constexpr = False, CLAIM1: tl.constexpr = False):
     """:func:`_lamport_recv_tile` of a one-token tile (token ``c`` of source ``s``) on 1-D
     vectors (session 13): the count, meta and row polled together until every thread's copies
     have landed (:func:`_lamport_poll_token`, session 14), then expanded from those values
@@ -1768,7 +1788,10 @@ def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_
     (:func:`_recv_row_spin`). ``MSPIN`` (with ``TSPIN``; the launcher sets it at <= 8 warps
     a program, ``p2p._at_warps``): the count and meta are per-thread spins too (:func:`.sync.spin_meta`), followed by one reduction that yields the
     count, whether the token has a local expert and whether a deadline passed; the row is
-    then loaded and spun on."""
+    then loaded and spun on.
+
+    ``CLAIM1`` (session 25, an A/B knob): the received token's slots are claimed once its meta
+    has landed, before the wait for its row (with ``TSPIN``), not after it."""
     SPIN: tl.constexpr = TSPIN and USE_TIMER and BITS <= 32 and BLOCK_H * BITS >= NT * 32
     META: tl.constexpr = SPIN and MSPIN
     offs_h = tl.arange(0, BLOCK_H)
@@ -1819,21 +1842,17 @@ def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_
         else:
             mine = valid & (tl.sum((tl.where(ids >= 0, ids // L, -1) == RANK).to(tl.int32),
                                    axis=0) > 0)
+        if CLAIM1:   # the slots' atomic round trip overlaps the wait for the row
+            claim = _recv_slots(ids, valid, kv, own, cursor, counts, c, ts, T, RANK, L, K,
+                                BLOCK_K, BLOCK_L, ONE)
         if SPIN:
             row = _recv_row_spin(row, rp + offs_h, offs_h < tl.where(mine, H, 0), s, err_dev,
                                  err_host, timeout_ns, BITS, NT)
         srow = s * M + tl.cast(tl.where(valid, c, 0), tl.int64)
         tl.store(wloc + srow * K + offs_k, wb.to(tl.float32, bitcast=True), mask=kv)
-        if ONE:
-            if (T <= 1) & (ts <= 1):
-                claim = _token_slots_after(ids, valid, own, RANK, L, K, BLOCK_K)
-                if c == 0:
-                    _one_counts(own, tl.where(kv, ids, -1), counts, RANK, L, K, BLOCK_K,
-                                BLOCK_L)
-            else:
-                claim = _token_claim(ids, valid, cursor, RANK, L, K, BLOCK_K)
-        else:
-            claim = _token_claim(ids, valid, cursor, RANK, L, K, BLOCK_K)
+        if not CLAIM1:
+            claim = _recv_slots(ids, valid, kv, own, cursor, counts, c, ts, T, RANK, L, K,
+                                BLOCK_K, BLOCK_L, ONE)
         _token_place(row, valid, claim, srow, expert_x, slot_map, H, K, CAP, BLOCK_H, BLOCK_K)
         tl.debug_barrier()   # every read of the received values done: no reset overtakes one
         if need:
@@ -1859,7 +1878,8 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                USE_TIMER: tl.constexpr, PDL: tl.constexpr = False,
                                NT: tl.constexpr = 256, ONE: tl.constexpr = False,
                                TSPIN: tl.constexpr = False, MSPIN: tl.constexpr = False,
-                               SPREAD: tl.constexpr = False, EARLY: tl.constexpr = False):
+                               SPREAD: tl.constexpr = False, EARLY: tl.constexpr = False,
+                               CLAIM1: tl.constexpr = False):
     """Lamport dispatch; see the module docstring. Tiles of ``TB`` tokens; program ``p`` sends
     own tiles ``p, p+G, ...`` and receives tiles ``q, q+G, ...`` (``q = (p + SHIFT) mod G``)
     of every peer, the own tile's rows copied after each receive.
@@ -1967,7 +1987,8 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                 ts, dead = _lamport_recv_token(
                     c, s, ts, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor, slot_map,
                     wloc, err_dev, err_host, timeout_ns, RANK, W, G, M, H, K, L, CAP, BLOCK_H,
-                    BLOCK_K, BITS, USE_TIMER, NT, T, ids1, counts, BLOCK_L, False, TSPIN, MSPIN)
+                    BLOCK_K, BITS, USE_TIMER, NT, T, ids1, counts, BLOCK_L, False, TSPIN, MSPIN,
+                    CLAIM1)
         for s in tl.static_range(W):
             if (s != RANK) & (not SPREAD):
                 ts = tl.sum(tl.where(offs_w == s, tsv, 0), axis=0)
@@ -1977,7 +1998,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                             cr, s, ts, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor,
                             slot_map, wloc, err_dev, err_host, timeout_ns, RANK, W, G, M, H,
                             K, L, CAP, BLOCK_H, BLOCK_K, BITS, USE_TIMER, NT, T, ids1, counts,
-                            BLOCK_L, ONE, TSPIN, MSPIN)
+                            BLOCK_L, ONE, TSPIN, MSPIN, CLAIM1)
                     else:
                         ts, dead = _lamport_recv_tile(
                             cr, s, ts, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor,

@@ -214,7 +214,8 @@ class P2PBackend(MoEBackend):
                  _roles_pair: int = 1, _roles_programs: int | None = None,
                  _one_token_slots: bool | None = None, _ce_tokens: int | None = None,
                  _thread_spin: bool | None = None, _meta_spin: bool | None = None,
-                 _peer_spread: bool | None = None, _early_own: bool | None = None) -> None:
+                 _peer_spread: bool | None = None, _early_own: bool | None = None,
+                 _claim_first: bool = False) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -327,6 +328,9 @@ class P2PBackend(MoEBackend):
                 programs a rank), par at 1-8 where it does not apply; 2 GPUs untimed
                 (``bench_moe.py`` ``lam_noearly`` is the A/B). Not with
                 ``_one_token_slots``' one-token calls, which keep their order.
+            _claim_first: ``"lamport"`` with one-token tiles (A/B knob, session 25, off): a
+                received token's slots are claimed as soon as its meta has landed, before
+                the per-thread wait for its row (``CLAIM1`` in :mod:`llmcomm.kernels.moe`).
             _ce_tokens: ``"flags"`` at EP=2, interleaved, default rounds (A/B knob, off: on
                 2 x H200 it was slower, 228.6 vs 217 us for the 4096-token dispatch, although
                 the peer copy ran on a copy engine; docs/moe_sessions.md, session 17): a
@@ -537,6 +541,10 @@ class P2PBackend(MoEBackend):
             raise ValueError(f"_early_own needs protocol='lamport' with tile_tokens=1; got "
                              f"protocol {protocol!r}, tile_tokens {self.tiles[0]}")
         self._early = bool(_early_own)
+        if _claim_first and not (lamport and self.tiles[0] == 1):
+            raise ValueError(f"_claim_first needs protocol='lamport' with tile_tokens=1; got "
+                             f"protocol {protocol!r}, tile_tokens {self.tiles[0]}")
+        self._claim1 = bool(_claim_first)
         # its flags: one per (round, source rank), monotonic (the call's epoch)
         rounds = 1 + -(-max(-(-M // self.G) - (self.round_tokens or 1), 0)
                        // (self.round_tokens or 1))
@@ -628,6 +636,7 @@ class P2PBackend(MoEBackend):
                 "one_token_slots": self._one, "ce_tokens": self._ce_tokens,
                 "thread_spin": self._tspin, "meta_spin": self._mspin,
                 "peer_spread": self._spread, "early_own": self._early,
+                "claim_first": self._claim1,
                 **{k.lower(): v for k, v in self.variants.items()}}
 
     def _consts(self) -> dict[str, Any]:
@@ -787,7 +796,8 @@ class P2PBackend(MoEBackend):
                 self.peer_T, self.buf_d, self.err_dev, self.err_host.data_ptr(),
                 self.timeout_ns, CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts),
                 ONE=self._one and T <= 1 and not self.shift, TSPIN=self._tspin,
-                MSPIN=self._mspin, SPREAD=self._spread, EARLY=self._early)
+                MSPIN=self._mspin, SPREAD=self._spread, EARLY=self._early,
+                CLAIM1=self._claim1)
             return self.expert_x, self.counts, (topk_ids, topk_weights)
         ce = self._ce_tokens is not None and T >= self._ce_tokens
         side = self._ce_send(x, T) if ce and not self._compile_only else None
