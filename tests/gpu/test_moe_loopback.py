@@ -322,10 +322,10 @@ def _warmup_worker(rank, world_size, name):
     import time
 
     import torch
-    import triton
 
     from llmcomm.moe.dispatcher import warm_token_counts
     from llmcomm.moe.loopback import Loopback
+    from tests._compiles import record_compiles
     from tests.distributed._moe_cases import make_inputs
 
     world, kw = VARIANTS[name]
@@ -339,28 +339,22 @@ def _warmup_worker(rank, world_size, name):
     loaded = [be.warmup(warm_token_counts(M), (torch.int32, torch.int64), torch.float32)
               for be in lb.backends]
     warm_s = time.perf_counter() - t0
-    compiled = []
-
-    def hook(*args, **kwargs):
-        compiled.append(str(kwargs.get("repr", args[:1]))[:120])
-        return False            # go on compiling: the hook only records
-
-    triton.knobs.runtime.jit_cache_hook = hook
-    errs = []
-    for i, toks in enumerate(([1, 37], [16, 0], [5, 40], [0, 1], [37, 2], [40, 16], [3, 1])):
-        ids_dtype = (torch.int64, torch.int32)[i % 2]
-        inputs = [(x, ids.to(ids_dtype), w)
-                  for x, ids, w in make_inputs(300 + i, world, toks, E, K, H, dtype)]
-        errs.append(_roundtrip(lb, world, E, inputs, dtype)[1])
-    after_warmup = list(compiled)
-    T = 3
-    xs = [torch.randn(T * H + 1, device="cuda").to(dtype)[1:].view(T, H) for _ in range(world)]
-    ids = [torch.randint(0, E, (T, K), device="cuda") for _ in range(world)]
-    ws = [torch.rand(T, K, device="cuda") for _ in range(world)]
-    outs = lb.dispatch(xs, ids, ws)
-    lb.combine([o[0] for o in outs], outs, [T] * world)
-    lb.check_errors()
-    triton.knobs.runtime.jit_cache_hook = None
+    with record_compiles() as compiled:
+        errs = []
+        for i, toks in enumerate(([1, 37], [16, 0], [5, 40], [0, 1], [37, 2], [40, 16], [3, 1])):
+            ids_dtype = (torch.int64, torch.int32)[i % 2]
+            inputs = [(x, ids.to(ids_dtype), w)
+                      for x, ids, w in make_inputs(300 + i, world, toks, E, K, H, dtype)]
+            errs.append(_roundtrip(lb, world, E, inputs, dtype)[1])
+        after_warmup = list(compiled)
+        T = 3
+        xs = [torch.randn(T * H + 1, device="cuda").to(dtype)[1:].view(T, H)
+              for _ in range(world)]
+        ids = [torch.randint(0, E, (T, K), device="cuda") for _ in range(world)]
+        ws = [torch.rand(T, K, device="cuda") for _ in range(world)]
+        outs = lb.dispatch(xs, ids, ws)
+        lb.combine([o[0] for o in outs], outs, [T] * world)
+        lb.check_errors()
     return loaded, warm_s, after_warmup, len(compiled) - len(after_warmup), max(errs)
 
 

@@ -239,9 +239,9 @@ def _warmup_worker(rank, world, kw):
 
     import torch
     import torch.distributed as dist
-    import triton
 
     from llmcomm.moe import EPDispatcher
+    from tests._compiles import record_compiles
     from tests.distributed._moe_cases import make_inputs, roundtrip
 
     # M 48 (a multiple of 16): the "other" token class is warmed at 2 tokens only (8 warps), so
@@ -253,25 +253,19 @@ def _warmup_worker(rank, world, kw):
     time.sleep(2.0 * rank)                 # local: the ranks warm up at different times
     loaded = ep.warmup()
     dist.barrier()
-    compiled = []
-
-    def hook(*args, **kwargs):
-        compiled.append(str(kwargs.get("repr", args[:1]))[:120])
-        return False
-
-    triton.knobs.runtime.jit_cache_hook = hook
-    errs = []
-    for i, toks in enumerate(([1, 37], [16, 0], [5, 40], [0, 1], [37, 2], [M, 16], [3, 1])):
-        ids_dtype = (torch.int64, torch.int32)[(i + rank) % 2]
-        inputs = [(x, ids.to(ids_dtype), w)
-                  for x, ids, w in make_inputs(500 + i, world, toks, E, K, H, dtype)]
-        errs.append(roundtrip(ep, rank, world, E, inputs, dtype, device="cuda")[1])
-    after_warmup = list(compiled)
-    T = 3
-    x = torch.randn(T * H + 1, device="cuda").to(dtype)[1:].view(T, H)
-    d = ep.dispatch(x, torch.randint(0, E, (T, K), device="cuda"), torch.rand(T, K, device="cuda"))
-    ep.combine(d.expert_x, d)
-    triton.knobs.runtime.jit_cache_hook = None
+    with record_compiles() as compiled:
+        errs = []
+        for i, toks in enumerate(([1, 37], [16, 0], [5, 40], [0, 1], [37, 2], [M, 16], [3, 1])):
+            ids_dtype = (torch.int64, torch.int32)[(i + rank) % 2]
+            inputs = [(x, ids.to(ids_dtype), w)
+                      for x, ids, w in make_inputs(500 + i, world, toks, E, K, H, dtype)]
+            errs.append(roundtrip(ep, rank, world, E, inputs, dtype, device="cuda")[1])
+        after_warmup = list(compiled)
+        T = 3
+        x = torch.randn(T * H + 1, device="cuda").to(dtype)[1:].view(T, H)
+        d = ep.dispatch(x, torch.randint(0, E, (T, K), device="cuda"),
+                        torch.rand(T, K, device="cuda"))
+        ep.combine(d.expert_x, d)
     ep.check_errors(sync=True)
     return loaded, after_warmup, len(compiled) - len(after_warmup), max(errs)
 
