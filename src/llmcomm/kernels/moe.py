@@ -1882,7 +1882,8 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                CLAIM1: tl.constexpr = False):
     """Lamport dispatch; see the module docstring. Tiles of ``TB`` tokens; program ``p`` sends
     own tiles ``p, p+G, ...`` and receives tiles ``q, q+G, ...`` (``q = (p + SHIFT) mod G``)
-    of every peer, the own tile's rows copied after each receive.
+    of every peer, the own tile's rows copied after each receive (before it with ``EARLY``,
+    below).
 
     ``SPREAD`` (one-token tiles, ``SHIFT`` 0, not ``ONE``; the launcher's default at EP > 2):
     the peers' tokens are spread over the programs instead, one a program and iteration, so
@@ -1943,7 +1944,8 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
     units = tl.full([], 0, tl.int32)           # SPREAD: the peers' tokens in all
     while more:
         # send own tile i and claim its slots; nothing waits for the claim until the rows are
-        # placed after the receive, so its round trip overlaps the poll instead of preceding it.
+        # placed after the receive, so its round trip overlaps the poll instead of preceding it
+        # (with EARLY, a program that also receives places its own rows before the receive).
         # The receive is of the peers' tile i (not i - 1): with the decode grid (G >= tiles)
         # a program has one tile, and nothing is carried across iterations (triton 3.6 fails
         # to compile a loop-carried [TB, BLOCK_H] row here: RemoveLayoutConversions)
