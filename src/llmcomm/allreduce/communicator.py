@@ -22,8 +22,8 @@ import torch
 
 from .. import __version__, policy
 from .._warn import warn_once
+from .._warmup import check_warmup_context, warm_counts
 from ..agree import CallChecker, agree, group_label, group_ranks
-from ..errors import CaptureError
 from ..topology import TopologyFacts, gather_topology
 from .torch_backend import TorchAllReduceBackend
 
@@ -281,18 +281,9 @@ class TPCommunicator:
         Inputs that are not 16-byte aligned (e.g. a row slice) are another class: such a call
         still compiles at its first eager call and raises inside a capture.
         """
-        if torch.compiler.is_compiling():
-            raise RuntimeError("TPCommunicator.warmup() compiles kernels on the host: call it "
-                               "once before torch.compile tracing, not inside it")
-        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise CaptureError("TPCommunicator.warmup() must run before CUDA-graph capture, "
-                               "not inside it")
-        counts = None if num_tokens is None else list(num_tokens)
-        if counts is not None and (not counts or not all(
-                isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= self.max_tokens
-                for t in counts)):
-            raise ValueError(f"warmup: num_tokens must be a non-empty sequence of ints in "
-                             f"[0, max_tokens={self.max_tokens}], got {num_tokens!r}")
+        check_warmup_context("TPCommunicator", self.device)
+        counts = None if num_tokens is None else warm_counts(num_tokens, [], self.max_tokens,
+                                                              "max_tokens")
         wds = None if weight_dtypes is None else (
             (weight_dtypes,) if isinstance(weight_dtypes, torch.dtype) else tuple(weight_dtypes))
         if wds is not None and (not wds or any(d not in (self.dtype, torch.float32)

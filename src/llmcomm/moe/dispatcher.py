@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .._warmup import check_warmup_context, is_int, warm_counts
 from ..agree import CallChecker, agree, group_label, group_ranks
 from ..config import get_config
 from ..errors import BackendUnavailableError, CaptureError, ConfigMismatchError  # noqa: F401
@@ -338,17 +339,9 @@ class EPDispatcher:
         Inputs of other strides or alignment (e.g. a row slice not 16-byte aligned) are
         another class: pass contiguous, freshly allocated tensors as :meth:`dispatch` asks.
         """
-        if torch.compiler.is_compiling():
-            raise RuntimeError("EPDispatcher.warmup() compiles kernels on the host: call it "
-                               "once before torch.compile tracing, not inside it")
-        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise CaptureError("EPDispatcher.warmup() must run before CUDA-graph capture, not "
-                               "inside it")
+        check_warmup_context("EPDispatcher", self.device)
         M = self.max_tokens_per_rank
-        counts = warm_token_counts(M) if num_tokens is None else list(num_tokens)
-        if not counts or not all(_is_int(t) and 0 <= t <= M for t in counts):
-            raise ValueError(f"warmup: num_tokens must be a non-empty sequence of ints in "
-                             f"[0, max_tokens_per_rank={M}], got {num_tokens!r}")
+        counts = warm_counts(num_tokens, warm_token_counts(M), M, "max_tokens_per_rank")
         id_dtypes = (topk_ids_dtype,) if isinstance(topk_ids_dtype, torch.dtype) \
             else tuple(topk_ids_dtype)
         for d in id_dtypes:
@@ -429,16 +422,12 @@ def _backend_class(name: str) -> type[MoEBackend]:
 
 # ---------------------------------------------------------------------- validation (pure)
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def validate_config(*, num_experts: int, top_k: int, hidden_size: int, max_tokens_per_rank: int,
                     dtype: Any, group_size: int, backend: str) -> None:
     """Check the constructor arguments; raise TypeError/ValueError saying how to fix them."""
     for name, v in (("num_experts", num_experts), ("top_k", top_k), ("hidden_size", hidden_size),
                     ("max_tokens_per_rank", max_tokens_per_rank)):
-        if not _is_int(v):
+        if not is_int(v):
             raise TypeError(f"EPDispatcher {name} must be an int, got {type(v).__name__} {v!r}")
     if num_experts < 1:
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")
