@@ -131,3 +131,23 @@ def progress(items, enabled: bool, desc: str):
     except ImportError:
         return items
     return tqdm(items, desc=desc, unit="size", file=sys.stderr, leave=False)
+
+
+def format_trace(summaries: dict, title: str) -> str:
+    """The lamport dispatch's stage trace (``P2PBackend.trace_summary()`` of each rank,
+    ``{rank: summary}``) as a table: us after a program's entry, program 0 / program G//2 /
+    the slowest program's mean, per rank."""
+    ranks = sorted(summaries)
+    head = "  ".join(f"r{r} p0 / pH / max".rjust(24) for r in ranks)
+    lines = [f"{title}  (us after the program's entry; mean over passes)",
+             f"  {'stage':<20}{head}"]
+
+    def f(v):
+        return "-" if v is None else f"{v:.2f}"
+
+    for stage in summaries[ranks[0]]:
+        cells = "  ".join(
+            f"{f(summaries[r][stage]['p0'])} / {f(summaries[r][stage]['pH'])} / "
+            f"{f(summaries[r][stage]['max'])}".rjust(24) for r in ranks)
+        lines.append(f"  {stage:<20}{cells}")
+    return "\n".join(lines)

@@ -88,6 +88,9 @@ SWEEP = {
     "lam_noearly": ({"protocol": "lamport", "_early_own": False}, None),
     # A/B candidate (session 25): a received token's slots claimed before the wait for its row
     "lam_claim1": ({"protocol": "lamport", "_claim_first": True}, None),
+    # the default lamport pair with the dispatch's stage stamps (a diagnostic, session 26): its
+    # timing is of the stamped kernel, and each size prints the stage table of every rank
+    "lam_trace": ({"protocol": "lamport", "_trace": True}, None),
     # flags rounds phased (send the round, signal, copy own, receive), as before session 7,
     # instead of interleaved token by token (the default)
     "phased": ({"protocol": "flags", "interleave": False}, None),
@@ -225,7 +228,7 @@ def _sweep_worker(rank, world, tokens, names, split_halves=False):
     import torch
     import torch.distributed as dist
 
-    from benchmarks._common import time_graph
+    from benchmarks._common import format_trace, time_graph
     from llmcomm.moe import EPDispatcher
 
     H, E, K = SWEEP_CONFIG
@@ -302,6 +305,17 @@ def _sweep_worker(rank, world, tokens, names, split_halves=False):
                 break
             row[name] = round(t, 2)
             row[f"{name}/a2a"] = round(t / row["nccl_a2a_us"], 3)
+            if ep._backend.trace is not None:   # the stages of a graph of the same pairs,
+                # zeroed before each replay: the table is of the last replay's calls only
+                time_graph(lambda: p2p(), iters=50 if T <= 512 else 20, reps=3,
+                           before_replay=ep._backend.trace.zero_)
+                ep.check_errors(sync=True)
+                got = [None] * world
+                dist.all_gather_object(got, ep._backend.trace_summary())
+                row[f"{name}.trace"] = dict(enumerate(got))
+                if rank == 0:
+                    print(format_trace(row[f"{name}.trace"], f"  {name} T={T} dispatch stages"),
+                          flush=True)
             split = ""
             if split_halves:   # each half alone, through the backend (as _worker)
                 be = ep._backend

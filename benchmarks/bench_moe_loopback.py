@@ -157,7 +157,7 @@ def _free_ok(be, T):
 def run(args) -> list[dict]:
     import torch
 
-    from benchmarks._common import time_graph
+    from benchmarks._common import format_trace, time_graph
     from llmcomm.errors import CollectiveTimeoutError
     from llmcomm.moe.loopback import Loopback
 
@@ -165,6 +165,8 @@ def run(args) -> list[dict]:
     W, E, K, H = args.world, args.experts, args.top_k, args.hidden
     for name in args.configs.split(","):
         M, kw = CONFIGS[name]
+        if args.trace:
+            kw = {**kw, "_trace": True}
         lb = Loopback(W, E, K, H, M, torch.bfloat16, num_programs=args.programs, **kw)
         be0 = lb.backends[0]
         if args.warm_rank is not None:   # compile rank R's kernels into triton's cache only
@@ -209,6 +211,21 @@ def run(args) -> list[dict]:
             t_free = None
             if _free_ok(be0, T):
                 t_free = time_graph(lambda: _free_pairs(lb, xs, ids, ws, iters), iters=1) / iters
+            if args.trace:   # the stages of the pairs just timed (free-running where it can):
+                # zeroed before each replay, so the table is of the last replay's calls only
+                # (not of the eager warm-up calls, launched rank after rank)
+                def zero():
+                    for be in lb.backends:
+                        be.trace.zero_()
+                if t_free is not None:
+                    time_graph(lambda: _free_pairs(lb, xs, ids, ws, iters), iters=1,
+                               before_replay=zero)
+                else:
+                    time_graph(pair, iters=iters, before_replay=zero)
+                trace = {r: be.trace_summary() for r, be in enumerate(lb.backends)}
+                print(format_trace(trace, f"{name} T={T} dispatch stages "
+                                          f"({'free-running' if t_free else 'fork/join'})"),
+                      flush=True)
             outs = lb.dispatch(xs, ids, ws)
             t_disp = time_graph(lambda: lb.dispatch(xs, ids, ws), iters=iters)
             outs = lb.dispatch(xs, ids, ws)
@@ -239,6 +256,10 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=256)
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--world", type=int, default=2)
+    ap.add_argument("--trace", action="store_true",
+                    help="lamport configs: build them with the dispatch's stage stamps "
+                    "(P2PBackend(_trace=True); the timings are then of the stamped kernels) and "
+                    "print each size's stage table")
     ap.add_argument("--programs", type=int, default=None,
                     help="grid per rank (default min(128, M, SMs // world))")
     ap.add_argument("--check-only", action="store_true",

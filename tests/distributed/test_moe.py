@@ -242,6 +242,66 @@ def test_p2p_sim_repeated_calls_both_protocols():
         assert "protocol lamport (max_tokens_per_rank 9 <= 128 at EP=2" in decisions[1], decisions
 
 
+def _trace_worker(rank, world, tmp):
+    """``_trace``: a lamport dispatcher whose dispatch stamps its stages, checked calls (the
+    stamps must not change a result), then how often each stage was passed. The interpreter
+    has no clock (every stamp is 0 ns), so the counts are what is checked here."""
+    import torch.distributed as dist
+
+    from llmcomm.kernels.moe import TRACE_STAGES
+    from llmcomm.moe import EPDispatcher
+    from llmcomm.moe.p2p import P2PBackend
+
+    G, M, K = 4, 6, 3
+    ep = EPDispatcher(dist.group.WORLD, E, K, H, M, torch.float32, _backend_cls=P2PBackend,
+                      _backend_kwargs=dict(simulate_dir=tmp, num_programs=G, protocol="lamport",
+                                           _trace=True))
+    tokens = [[6, 2], [0, 3], [1, 1], [5, 6]]
+    errs = []
+    for i, toks in enumerate(tokens):
+        inputs = make_inputs(90 + i, world, toks, E, K, H, torch.float32, "random")
+        errs.append(roundtrip(ep, rank, world, E, inputs, torch.float32)[1])
+    ep.check_errors()
+    plain = EPDispatcher(dist.group.WORLD, E, K, H, M, torch.float32, _backend_cls=P2PBackend,
+                         _backend_kwargs=dict(simulate_dir=f"{tmp}/plain", num_programs=G,
+                                              protocol="lamport"))
+    try:
+        plain._backend.trace_summary()
+        refused = ""
+    except ValueError as e:
+        refused = str(e)
+    summary = ep._backend.trace_summary()
+    return max(errs), list(summary) == list(TRACE_STAGES), summary, refused
+
+
+@NEEDS_TRITON
+def test_p2p_sim_lamport_trace_counts_every_stage():
+    """With one-token tiles on 4 programs: per call, every program stamps "counts sent",
+    "loop done" and "end" once, one program "counts published"; "own token sent" once an
+    iteration, and program ``p`` iterates while it has an own or a peer's token ``p + i*G``
+    left (calls of 6 and 5 tokens: programs 0-1 twice)."""
+    import os
+
+    with tempfile.TemporaryDirectory() as tmp:
+        os.makedirs(f"{tmp}/plain")
+        res = run_ranks(_trace_worker, 2, tmp, timeout=150, env=SIM)
+    G, calls = 4, 4
+    for err, names_ok, summary, refused in res:
+        assert err <= 2e-5
+        assert names_ok
+        assert "_trace=True" in refused, refused
+        for stage in ("counts sent", "loop done", "end"):
+            assert summary[stage]["n"] == calls * G, (stage, summary[stage])
+        assert summary["counts published"]["n"] == calls, summary["counts published"]
+    tokens = [[6, 2], [0, 3], [1, 1], [5, 6]]   # as _trace_worker's calls, rank 0 / rank 1
+    iters = sum(1 + sum(p + i * G < max(toks) for i in range(1, 3))
+                for toks in tokens for p in range(G))
+    assert iters == 4 * G + 2 + 2   # programs 0 and 1 of calls 0 and 3 (the peer's 6 tokens)
+    for _, _, summary, _ in res:
+        assert summary["own token sent"]["n"] == iters, summary["own token sent"]
+        assert summary["end"]["p0"] == 0.0 and summary["end"]["max"] == 0.0   # no clock here
+
+
 def _missing_peer_worker(rank, world, tmp, backend, absent=1):
     import torch.distributed as dist
 

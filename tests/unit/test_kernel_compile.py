@@ -45,7 +45,7 @@ _MOE = dict(RANK=0, W=W, G=128, H=7168, K=8, L=128, E=256, BLOCK_H=8192, BLOCK_K
 _AR = dict(RANK=1, W=W, NORM=True, FP8=False, BLOCK=8192, PDL=True, NT=512)
 _FLAGS = dict(_MOE, M=4096, CHUNK=8, POSTED=True, INTERLEAVE=True, FUSE=True, CE=False, CE_MIN=0)
 _LAMPORT = dict(_MOE, BITS=16, NBUF=3, SHIFT=0, ONE=False, TSPIN=True, MSPIN=False,
-                SPREAD=False, EARLY=False, CLAIM1=False)
+                SPREAD=False, EARLY=False, CLAIM1=False, TRACE=False, trace=None)
 
 #: (module, kernel, constexprs, num_warps): the launchers' defaults at hidden 7168, EP/TP = 2
 CASES = {
@@ -93,6 +93,13 @@ CASES = {
     "moe-lamport-dispatch-early-mspin-w8": ("moe", "ep_dispatch_lamport_kernel",
                                             dict(_LAMPORT, M=128, CAP=256, EARLY=True,
                                                  MSPIN=True, NT=256), 8),
+    "moe-lamport-dispatch-trace": ("moe", "ep_dispatch_lamport_kernel",
+                                   dict(_LAMPORT, M=128, CAP=256, EARLY=True, TRACE=True,
+                                        trace="*i64"), 16),
+    "moe-lamport-dispatch-trace-one-mspin-w8": ("moe", "ep_dispatch_lamport_kernel",
+                                                dict(_LAMPORT, M=128, CAP=256, ONE=True,
+                                                     MSPIN=True, NT=256, TRACE=True,
+                                                     trace="*i64"), 8),
     "moe-lamport-dispatch-claim1": ("moe", "ep_dispatch_lamport_kernel",
                                     dict(_LAMPORT, M=128, CAP=256, CLAIM1=True), 16),
     "moe-lamport-dispatch-claim1-mspin-w8": ("moe", "ep_dispatch_lamport_kernel",
@@ -142,7 +149,9 @@ def _compile(fn, consts, types, num_warps):
     """``fn`` compiled for sm_90 with the constexprs it takes from ``consts``, every other
     argument typed by ``types``; skips where Triton has no bundled assembler."""
     ASTSource, target = _cuda_target()
-    consts = {k: v for k, v in consts.items() if k in fn.arg_names}
+    ptrs = {k: v for k, v in consts.items() if isinstance(v, str) and v.startswith("*")}
+    types = {**types, **ptrs}   # a pointer given its type here: an argument, not a constexpr
+    consts = {k: v for k, v in consts.items() if k in fn.arg_names and k not in ptrs}
     sig = {n: "constexpr" if n in consts else types[n] for n in fn.arg_names}
     try:
         return triton.compile(ASTSource(fn, sig, consts), target=target,

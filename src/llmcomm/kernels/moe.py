@@ -163,9 +163,9 @@ are masked loads (no branch per k), so they overlap.
 import triton
 import triton.language as tl
 
-from .sync import (every_thread_max, globaltimer_uniform, ld_acquire_sys, load_uniform,
-                   pdl_launch_dependents, pdl_wait, spin_landed, spin_meta, st_release_sys,
-                   uniform)
+from .sync import (every_thread_max, globaltimer_threads, globaltimer_uniform, ld_acquire_sys,
+                   load_uniform, pdl_launch_dependents, pdl_wait, spin_landed, spin_meta,
+                   st_release_sys, uniform)
 
 
 #: spins of a poll loop between two checks of the deadline and of this rank's error flag: each
@@ -182,6 +182,42 @@ def _now(USE_TIMER: tl.constexpr, NT: tl.constexpr):
     else:
         t = tl.full([], 0, tl.int64)
     return t
+
+
+#: ``TRACE`` (a diagnostic, off): the stages the lamport dispatch stamps, in order -- stage ``s``
+#: of program ``p`` adds (ns since the program's entry, 1) to ``trace[p, s]`` (int64 [G, NS, 2])
+#: each time the program passes it. "peer ..." stages are per receive (a program with no token
+#: to receive still polls the count: "peer meta seen" is then its count's landing);
+#: "counts published" is the last program out's only.
+TRACE_STAGES = ("counts sent", "own token sent", "own slots claimed", "peer meta seen",
+                "peer row seen", "peer slots claimed", "peer rows placed", "peer token reset",
+                "own rows placed", "loop done", "counts published", "end")
+TRACE_NS = tl.constexpr(len(TRACE_STAGES))
+
+
+@triton.jit
+def _clock(TRACE: tl.constexpr, USE_TIMER: tl.constexpr, NT: tl.constexpr):
+    """``TRACE``: each thread's ``%globaltimer`` (int64 [NT]; zeros in the interpreter)."""
+    if TRACE and USE_TIMER:
+        t = globaltimer_threads(NT)
+    else:
+        t = tl.zeros([NT], tl.int64)
+    return t
+
+
+@triton.jit
+def _stamp(trace, pid, S: tl.constexpr, t0, TRACE: tl.constexpr, USE_TIMER: tl.constexpr,
+           NT: tl.constexpr):
+    """``TRACE``: add (thread 0's ns since ``t0``, 1) to ``trace[pid, S]`` by relaxed atomics
+    whose results nobody waits for, and no barrier: the stamp holds the program back by two
+    instructions' issue. Nothing at all without ``TRACE`` (the default kernels' PTX)."""
+    if TRACE:
+        i = tl.arange(0, NT)
+        p = trace + (pid * TRACE_NS + S) * 2 + i * 0
+        tl.atomic_add(p, _clock(TRACE, USE_TIMER, NT) - t0, mask=i == 0, sem="relaxed",
+                      scope="gpu")
+        tl.atomic_add(p + 1, tl.full([NT], 1, tl.int64), mask=i == 0, sem="relaxed",
+                      scope="gpu")
 
 
 @triton.jit
@@ -735,10 +771,12 @@ def _publish_counts(done, cursor, counts, G: tl.constexpr, L: tl.constexpr,
     L2, where atomics on one address are serialised; the last program's exchange comes after the
     ``done`` increment that made it last. Expert rows and counts are seen by later kernels
     (kernel boundary). ``NEXT``: the last program out also stores ``next_val`` at
-    ``next_ptr`` (the flags dispatch's next copied-rows flag value, ``CE_MIN``)."""
+    ``next_ptr`` (the flags dispatch's next copied-rows flag value, ``CE_MIN``). Returns
+    whether this program was the last out."""
     tl.debug_barrier()
     prev = tl.atomic_add(done, 1, sem="relaxed", scope="gpu")
-    if prev == G - 1:
+    last = prev == G - 1
+    if last:
         offs_l = tl.arange(0, BLOCK_L)
         ml = offs_l < L
         c = tl.atomic_xchg(cursor + offs_l, tl.zeros([BLOCK_L], tl.int32), mask=ml,
@@ -747,6 +785,7 @@ def _publish_counts(done, cursor, counts, G: tl.constexpr, L: tl.constexpr,
         if NEXT:
             tl.store(next_ptr, next_val)
         tl.atomic_xchg(done, 0, sem="relaxed", scope="gpu")
+    return last
 
 
 @triton.jit
@@ -1772,7 +1811,8 @@ def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_
                         BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr,
                         USE_TIMER: tl.constexpr, NT: tl.constexpr, T, own, counts,
                         BLOCK_L: tl.constexpr, ONE: tl.constexpr, TSPIN: tl.constexpr = False,
-                        MSPIN: tl.constexpr = False, CLAIM1: tl.constexpr = False):
+                        MSPIN: tl.constexpr = False, CLAIM1: tl.constexpr = False,
+                        TRACE: tl.constexpr = False, trace=None, t0_trace=None):
     """:func:`_lamport_recv_tile` of a one-token tile (token ``c`` of source ``s``) on 1-D
     vectors (session 13): the count, meta and row polled together until every thread's copies
     have landed (:func:`_lamport_poll_token`, session 14), then expanded from those values
@@ -1791,7 +1831,10 @@ def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_
     then loaded and spun on.
 
     ``CLAIM1`` (session 25, an A/B knob): the received token's slots are claimed once its meta
-    has landed, before the wait for its row (with ``TSPIN``), not after it."""
+    has landed, before the wait for its row (with ``TSPIN``), not after it.
+
+    ``TRACE``: stamps "peer meta seen", "peer row seen", "peer slots claimed", "peer rows
+    placed", "peer token reset" (:func:`_stamp`; ``t0_trace`` the program's entry clock)."""
     SPIN: tl.constexpr = TSPIN and USE_TIMER and BITS <= 32 and BLOCK_H * BITS >= NT * 32
     META: tl.constexpr = SPIN and MSPIN
     offs_h = tl.arange(0, BLOCK_H)
@@ -1834,6 +1877,7 @@ def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_
             spins += 1
             t0, dead = _spin_deadline(pending, spins, t0, dead, err_dev, err_host, timeout_ns,
                                       1, s, USE_TIMER, NT)
+    _stamp(trace, pid, 3, t0_trace, TRACE, USE_TIMER, NT)
     if dead == 0:
         valid = c < ts
         kv = offs_k < tl.where(valid, K, 0)
@@ -1845,21 +1889,26 @@ def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_
         if CLAIM1:   # the slots' atomic round trip overlaps the wait for the row
             claim = _recv_slots(ids, valid, kv, own, cursor, counts, c, ts, T, RANK, L, K,
                                 BLOCK_K, BLOCK_L, ONE)
+            _stamp(trace, pid, 5, t0_trace, TRACE, USE_TIMER, NT)
         if SPIN:
             row = _recv_row_spin(row, rp + offs_h, offs_h < tl.where(mine, H, 0), s, err_dev,
                                  err_host, timeout_ns, BITS, NT)
+        _stamp(trace, pid, 4, t0_trace, TRACE, USE_TIMER, NT)
         srow = s * M + tl.cast(tl.where(valid, c, 0), tl.int64)
         tl.store(wloc + srow * K + offs_k, wb.to(tl.float32, bitcast=True), mask=kv)
         if not CLAIM1:
             claim = _recv_slots(ids, valid, kv, own, cursor, counts, c, ts, T, RANK, L, K,
                                 BLOCK_K, BLOCK_L, ONE)
+            _stamp(trace, pid, 5, t0_trace, TRACE, USE_TIMER, NT)
         _token_place(row, valid, claim, srow, expert_x, slot_map, H, K, CAP, BLOCK_H, BLOCK_K)
+        _stamp(trace, pid, 6, t0_trace, TRACE, USE_TIMER, NT)
         tl.debug_barrier()   # every read of the received values done: no reset overtakes one
         if need:
             tl.store(cnt_ptr, -2147483648)
         tl.store(mp1 + offs_k, tl.full([BLOCK_K], -2147483648, tl.int32), mask=kv)
         tl.store(mp1 + K + offs_k, tl.full([BLOCK_K], -2147483648, tl.int32), mask=kv)
         tl.store(rp + offs_h, _sent_like(row, BITS), mask=offs_h < tl.where(mine, H, 0))
+        _stamp(trace, pid, 7, t0_trace, TRACE, USE_TIMER, NT)
     else:
         ts = ts * 0
     return ts, dead
@@ -1879,7 +1928,8 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                NT: tl.constexpr = 256, ONE: tl.constexpr = False,
                                TSPIN: tl.constexpr = False, MSPIN: tl.constexpr = False,
                                SPREAD: tl.constexpr = False, EARLY: tl.constexpr = False,
-                               CLAIM1: tl.constexpr = False):
+                               CLAIM1: tl.constexpr = False, TRACE: tl.constexpr = False,
+                               trace=None):
     """Lamport dispatch; see the module docstring. Tiles of ``TB`` tokens; program ``p`` sends
     own tiles ``p, p+G, ...`` and receives tiles ``q, q+G, ...`` (``q = (p + SHIFT) mod G``)
     of every peer, the own tile's rows copied after each receive (before it with ``EARLY``,
@@ -1899,13 +1949,18 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
     are claimed, before the receive, so their HBM writes overlap the peers' rows in flight
     instead of following their landing. Smaller batches keep the order (own rows placed by
     the other half of the grid after its count poll): placing first there measured 0.2-0.5
-    us slower at 1-8 tokens (loopback)."""
+    us slower at 1-8 tokens (loopback).
+
+    ``TRACE`` (a diagnostic, off by default; the knob ``P2PBackend(_trace=True)``): each
+    program stamps the stages of :data:`TRACE_STAGES` into ``trace`` (int64 [G, NS, 2]: ns
+    since its entry after the PDL wait, summed, and how many times), :func:`_stamp`."""
     tl.static_assert((not SPREAD) or ((TB == 1) and (SHIFT == 0) and (not ONE)),
                      "SPREAD needs one-token tiles, SHIFT 0 and not ONE")
     if PDL:  # nothing is touched before the previous grid finished
         pdl_wait()
         pdl_launch_dependents()
     pid = tl.program_id(0)
+    t0_trace = _clock(TRACE, USE_TIMER, NT)
     err_host = err_host_addr.to(tl.pointer_type(tl.int32))
     if ONE:   # own token pid loaded beside the buffer index, sent before the loop
         row0, ids0, w0, v0, t0 = _own_token(pid, T, x_ptr, ids_ptr, w_ptr, H, K, E, BLOCK_H,
@@ -1924,6 +1979,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
     for d in tl.static_range(W):
         if d != RANK:
             tl.store(lcnt[d] + (buf * W + RANK) * G + pid, T)
+    _stamp(trace, pid, 0, t0_trace, TRACE, USE_TIMER, NT)
     if ONE:
         _lamport_send_token(row0, ids0, w0, v0, t0, buf, lx, lmeta, RANK, W, M, H, K, L,
                             BLOCK_H, BLOCK_K)
@@ -1957,6 +2013,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                                 BLOCK_H, BLOCK_K)
             _lamport_send_token(row1, ids1, w1, v1, t1, buf, lx, lmeta, RANK, W, M, H, K, L,
                                 BLOCK_H, BLOCK_K)
+            _stamp(trace, pid, 1, t0_trace, TRACE, USE_TIMER, NT)
             if ONE:
                 ids1 = ids0   # own token 0's ids, for the program receiving token 0
             rowp, idsp, wp, vp, tp = _own_token(hp + i * G, T, x_ptr, ids_ptr, w_ptr, H, K, E,
@@ -1969,6 +2026,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                 if hp == pid:
                     _token_place(rowp, vp, claim, RANK * M + tp, expert_x, slot_map, H, K,
                                  CAP, BLOCK_H, BLOCK_K)
+            _stamp(trace, pid, 2, t0_trace, TRACE, USE_TIMER, NT)
         else:
             row, ids, vt, t64 = _lamport_send_tile(pid + i * G, x_ptr, ids_ptr, w_ptr, T, buf,
                                                    lx, lmeta, RANK, W, M, H, K, L, E, BLOCK_H,
@@ -1990,7 +2048,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                     c, s, ts, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor, slot_map,
                     wloc, err_dev, err_host, timeout_ns, RANK, W, G, M, H, K, L, CAP, BLOCK_H,
                     BLOCK_K, BITS, USE_TIMER, NT, T, ids1, counts, BLOCK_L, False, TSPIN, MSPIN,
-                    CLAIM1)
+                    CLAIM1, TRACE, trace, t0_trace)
         for s in tl.static_range(W):
             if (s != RANK) & (not SPREAD):
                 ts = tl.sum(tl.where(offs_w == s, tsv, 0), axis=0)
@@ -2000,7 +2058,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                             cr, s, ts, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor,
                             slot_map, wloc, err_dev, err_host, timeout_ns, RANK, W, G, M, H,
                             K, L, CAP, BLOCK_H, BLOCK_K, BITS, USE_TIMER, NT, T, ids1, counts,
-                            BLOCK_L, ONE, TSPIN, MSPIN, CLAIM1)
+                            BLOCK_L, ONE, TSPIN, MSPIN, CLAIM1, TRACE, trace, t0_trace)
                     else:
                         ts, dead = _lamport_recv_tile(
                             cr, s, ts, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor,
@@ -2022,6 +2080,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
             else:
                 _token_place(rowp, vp, claim, RANK * M + tp, expert_x, slot_map, H, K, CAP,
                              BLOCK_H, BLOCK_K)
+            _stamp(trace, pid, 8, t0_trace, TRACE, USE_TIMER, NT)
         else:
             _place_rows(row, ids, vt, slot, RANK * M + t64, expert_x, slot_map, RANK, H, K, L,
                         CAP, BLOCK_H, BLOCK_K)
@@ -2033,11 +2092,18 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
         more = (pid + i * G < n_own) | want_recv   # (hp != pid only with one own tile)
     tl.store(peer_T + offs_w, tl.maximum(tsv, 0), mask=is_peer)
     tl.store(buf_ptr + pid, (buf + 1) % NBUF)
+    _stamp(trace, pid, 9, t0_trace, TRACE, USE_TIMER, NT)
     if ONE:   # counts written by the receiver of token 0 (_lamport_recv_token), no atomics
         if (T > 1) | (tl.max(tl.where(is_peer, tsv, 0), axis=0) > 1):
-            _publish_counts(done, cursor, counts, G, L, BLOCK_L)
+            last = _publish_counts(done, cursor, counts, G, L, BLOCK_L)
+        else:
+            last = pid < 0   # (a tensor, as the other branch's)
     else:
-        _publish_counts(done, cursor, counts, G, L, BLOCK_L)
+        last = _publish_counts(done, cursor, counts, G, L, BLOCK_L)
+    if TRACE:
+        if last:
+            _stamp(trace, pid, 10, t0_trace, TRACE, USE_TIMER, NT)
+    _stamp(trace, pid, 11, t0_trace, TRACE, USE_TIMER, NT)
 
 
 @triton.jit

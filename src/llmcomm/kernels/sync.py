@@ -8,7 +8,8 @@ returns a value (an NVLink round trip for a remote flag). These helpers emit the
   round trip; it orders every earlier write of the thread -- and, after ``tl.debug_barrier()``,
   of the CTA -- before the flag at system scope).
 * ``globaltimer_uniform(NT) -> int64``: ``%globaltimer`` in nanoseconds (spin-wait deadlines),
-  the same value in every thread of the program (see below).
+  the same value in every thread of the program (see below); ``globaltimer_threads(NT)``: each
+  thread's own read, int64 [NT] (trace stamps).
 * ``load_uniform(ptr, mask, other, NT)``: one volatile scalar load every thread sees alike.
 * ``uniform(x, NT)``: thread 0's value of a scalar computed from volatile loads, handed to every
   thread (the MoE ``"lamport"`` polls; see below).
@@ -119,12 +120,18 @@ _SMETA, _CMETA = (tl.constexpr(x) for x in _meta_asm())
 
 
 @triton.jit
+def globaltimer_threads(NT: tl.constexpr):
+    """``%globaltimer`` (ns) as each thread reads it: int64 [NT], one element a thread, no
+    reduction (so no barrier: a trace stamp that does not hold the program back)."""
+    i = tl.arange(0, NT)
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer; // $1", "=l,r", [i],
+                                     dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
 def globaltimer_uniform(NT: tl.constexpr):
     """``%globaltimer`` (ns), the same value in every thread (max over the threads' reads)."""
-    i = tl.arange(0, NT)
-    t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer; // $1", "=l,r", [i],
-                                  dtype=tl.int64, is_pure=False, pack=1)
-    return tl.max(t, axis=0)
+    return tl.max(globaltimer_threads(NT), axis=0)
 
 
 @triton.jit

@@ -215,7 +215,7 @@ class P2PBackend(MoEBackend):
                  _one_token_slots: bool | None = None, _ce_tokens: int | None = None,
                  _thread_spin: bool | None = None, _meta_spin: bool | None = None,
                  _peer_spread: bool | None = None, _early_own: bool | None = None,
-                 _claim_first: bool = False) -> None:
+                 _claim_first: bool = False, _trace: bool = False) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -331,6 +331,10 @@ class P2PBackend(MoEBackend):
             _claim_first: ``"lamport"`` with one-token tiles (A/B knob, session 25, off): a
                 received token's slots are claimed as soon as its meta has landed, before
                 the per-thread wait for its row (``CLAIM1`` in :mod:`llmcomm.kernels.moe`).
+            _trace: ``"lamport"`` (a diagnostic, off): the dispatch stamps its stages
+                (``TRACE`` in :mod:`llmcomm.kernels.moe`) into ``self.trace``; read them
+                with :meth:`trace_summary`, zero them with ``self.trace.zero_()``. Not for
+                timing runs: each stage adds two atomics.
             _ce_tokens: ``"flags"`` at EP=2, interleaved, default rounds (A/B knob, off: on
                 2 x H200 it was slower, 228.6 vs 217 us for the 4096-token dispatch, although
                 the peer copy ran on a copy engine; docs/moe_sessions.md, session 17): a
@@ -545,6 +549,9 @@ class P2PBackend(MoEBackend):
             raise ValueError(f"_claim_first needs protocol='lamport' with tile_tokens=1; got "
                              f"protocol {protocol!r}, tile_tokens {self.tiles[0]}")
         self._claim1 = bool(_claim_first)
+        if _trace and not lamport:
+            raise ValueError(f"_trace needs protocol='lamport' (the flags kernels have no "
+                             f"stamps); got protocol {protocol!r}")
         # its flags: one per (round, source rank), monotonic (the call's epoch)
         rounds = 1 + -(-max(-(-M // self.G) - (self.round_tokens or 1), 0)
                        // (self.round_tokens or 1))
@@ -604,6 +611,10 @@ class P2PBackend(MoEBackend):
             self.epoch_d = torch.zeros(self.G, dtype=torch.int32, device=dev)
             # 2 G: one per program of the combine with roles (its grid is 2 Gc <= 2 G)
             self.epoch_c = torch.zeros(2 * self.G, dtype=torch.int32, device=dev)
+        self.trace = None   # _trace: the lamport dispatch's stage stamps, int64 [G, NS, 2]
+        if _trace:
+            from ..kernels.moe import TRACE_STAGES
+            self.trace = torch.zeros(self.G, len(TRACE_STAGES), 2, dtype=torch.int64, device=dev)
         self.err_dev = torch.zeros(4, dtype=torch.int32, device=dev)
         self.err_host = torch.zeros(4, dtype=torch.int32, pin_memory=not self._sim)
         self._dummy_x = torch.zeros(1, H, dtype=cfg.dtype, device=dev)
@@ -797,7 +808,7 @@ class P2PBackend(MoEBackend):
                 self.timeout_ns, CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts),
                 ONE=self._one and T <= 1 and not self.shift, TSPIN=self._tspin,
                 MSPIN=self._mspin, SPREAD=self._spread, EARLY=self._early,
-                CLAIM1=self._claim1)
+                CLAIM1=self._claim1, **self._trace_args())
             return self.expert_x, self.counts, (topk_ids, topk_weights)
         ce = self._ce_tokens is not None and T >= self._ce_tokens
         side = self._ce_send(x, T) if ce and not self._compile_only else None
@@ -814,6 +825,39 @@ class P2PBackend(MoEBackend):
         if side is not None:   # the copies joined after the kernel's launch: they overlap it
             torch.cuda.current_stream(c.device).wait_stream(side)
         return self.expert_x, self.counts, (topk_ids, topk_weights)
+
+    def _trace_args(self) -> dict[str, Any]:
+        """The lamport dispatch's ``TRACE`` arguments: none by default (its PTX is then the same
+        as a kernel without stamps), the stage buffer with ``_trace``."""
+        return {} if self.trace is None else {"TRACE": True, "trace": self.trace}
+
+    def trace_summary(self) -> dict[str, dict[str, float | None]]:
+        """``_trace``: the dispatch's stages since ``self.trace`` was last zeroed, as mean
+        microseconds after a program's entry: ``{stage: {"p0": program 0, "pH": program G // 2,
+        "max": the largest program mean, "n": passes over every program}}`` (None where a
+        program never passed the stage). Program 0 sends and receives token 0; at batches of
+        at most ``G // 2`` tokens program ``G // 2`` places own token 0's rows."""
+        from ..kernels.moe import TRACE_STAGES
+
+        if self.trace is None:
+            raise ValueError("trace_summary needs a backend created with _trace=True")
+        t = self.trace.double().cpu()
+        n = t[:, :, 1]
+        mean = torch.where(n > 0, t[:, :, 0] / n.clamp_min(1) / 1000.0,
+                           torch.full_like(n, float("nan")))
+        out = {}
+        for s, name in enumerate(TRACE_STAGES):
+            col = mean[:, s]
+
+            def at(p, col=col):
+                v = float(col[p])
+                return None if v != v else round(v, 3)
+
+            seen = col[~col.isnan()]
+            out[name] = {"p0": at(0), "pH": at(self.G // 2),
+                         "max": round(float(seen.max()), 3) if seen.numel() else None,
+                         "n": int(n[:, s].sum())}
+        return out
 
     def _ce_send(self, x: torch.Tensor, T: int) -> Any:
         """``_ce_tokens``: this rank's rows into the peer's ``recv_x``, round by round (``CE``
