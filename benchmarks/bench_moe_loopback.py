@@ -79,6 +79,8 @@ CONFIGS = {
     "lamport128noearly": (128, {"_early_own": False}),
     # A/B candidate (session 25): a received token's slots claimed before the wait for its row
     "lamport128claim1": (128, {"_claim_first": True}),
+    # claims and placements masked off where there is no token, as before session 26's GATE
+    "lamport128nogate": (128, {"_gate": False}),
     # A/B candidate (session 17): dispatches of 2048+ tokens send their rows by copy engine
     "ce4096": (4096, {"protocol": "flags", "_ce_tokens": 2048}),
 }

@@ -44,6 +44,8 @@ VARIANTS = {
     "lamport-noearly": (2, {"protocol": "lamport", "_early_own": False}),
     # a received token's slots claimed before the wait for its row (session 25's A/B knob)
     "lamport-claim1": (2, {"protocol": "lamport", "_claim_first": True}),
+    # claims and placements masked off where there is no token (before session 26's GATE)
+    "lamport-nogate": (2, {"protocol": "lamport", "_gate": False}),
     # lamport at EP=4, its peers' tokens spread over the programs (_peer_spread, the default
     # there; protocol="auto" keeps flags at EP > 2 until lamport is timed on 4 GPUs): 4 ranks
     # on one GPU, 33 programs a rank. Graph test only: the reference test's shapes and token

@@ -32,6 +32,16 @@ def test_meta_spin_only_at_small_warp_counts():
     assert kw["MSPIN"] is True   # not mutated
 
 
+def test_gate_only_at_small_warp_counts():
+    """``GATE`` (session 26: faster at 1-8 tokens, at 8 warps; 0.2-0.7 us slower at 64-128
+    tokens, 16 warps) is dropped from a launch at more than 8 warps, as ``MSPIN``."""
+    kw = {"TSPIN": True, "MSPIN": True, "GATE": True, "EARLY": True}
+    assert _at_warps(kw, 8) == kw
+    assert _at_warps(kw, 16) == {**kw, "MSPIN": False, "GATE": False}
+    assert _at_warps({"GATE": False}, 8) == {"GATE": False}
+    assert kw["GATE"] is True   # not mutated
+
+
 def test_peer_spread_launches_at_most_128_registers_on_a_gpu():
     """``SPREAD`` gets ``maxnreg=128`` on a GPU (ptxas gives it ~200 registers at 8 warps
     otherwise: one program an SM), not in the simulation, and nothing else gets it."""

@@ -636,6 +636,15 @@ def _token_claim(ids, valid, cursor, RANK: tl.constexpr, L: tl.constexpr, K: tl.
 
 
 @triton.jit
+def _no_claim(BLOCK_K: tl.constexpr):
+    """:func:`_token_claim`'s tuple for no token (``GATE``'s other branch): nothing local,
+    nothing new, no atomic, no reduction."""
+    z = tl.zeros([BLOCK_K], tl.int32)
+    f = z != 0
+    return z, z - 1, f, z, f
+
+
+@triton.jit
 def _token_place(row, valid, claim, srow, expert_x, slot_map, H: tl.constexpr,
                  K: tl.constexpr, CAP: tl.constexpr, BLOCK_H: tl.constexpr,
                  BLOCK_K: tl.constexpr):
@@ -1812,7 +1821,8 @@ def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_
                         USE_TIMER: tl.constexpr, NT: tl.constexpr, T, own, counts,
                         BLOCK_L: tl.constexpr, ONE: tl.constexpr, TSPIN: tl.constexpr = False,
                         MSPIN: tl.constexpr = False, CLAIM1: tl.constexpr = False,
-                        TRACE: tl.constexpr = False, trace=None, t0_trace=None):
+                        TRACE: tl.constexpr = False, trace=None, t0_trace=None,
+                        GATE: tl.constexpr = False):
     """:func:`_lamport_recv_tile` of a one-token tile (token ``c`` of source ``s``) on 1-D
     vectors (session 13): the count, meta and row polled together until every thread's copies
     have landed (:func:`_lamport_poll_token`, session 14), then expanded from those values
@@ -1834,7 +1844,11 @@ def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_
     has landed, before the wait for its row (with ``TSPIN``), not after it.
 
     ``TRACE``: stamps "peer meta seen", "peer row seen", "peer slots claimed", "peer rows
-    placed", "peer token reset" (:func:`_stamp`; ``t0_trace`` the program's entry clock)."""
+    placed", "peer token reset" (:func:`_stamp`; ``t0_trace`` the program's entry clock).
+
+    ``GATE`` (not with ``ONE`` or ``CLAIM1``): the claim and the placement run under a branch
+    on the token being there (``c < ts``), so a program with nothing to receive skips them
+    instead of running them masked off (:func:`ep_dispatch_lamport_kernel`)."""
     SPIN: tl.constexpr = TSPIN and USE_TIMER and BITS <= 32 and BLOCK_H * BITS >= NT * 32
     META: tl.constexpr = SPIN and MSPIN
     offs_h = tl.arange(0, BLOCK_H)
@@ -1896,11 +1910,20 @@ def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_
         _stamp(trace, pid, 4, t0_trace, TRACE, USE_TIMER, NT)
         srow = s * M + tl.cast(tl.where(valid, c, 0), tl.int64)
         tl.store(wloc + srow * K + offs_k, wb.to(tl.float32, bitcast=True), mask=kv)
-        if not CLAIM1:
-            claim = _recv_slots(ids, valid, kv, own, cursor, counts, c, ts, T, RANK, L, K,
-                                BLOCK_K, BLOCK_L, ONE)
-            _stamp(trace, pid, 5, t0_trace, TRACE, USE_TIMER, NT)
-        _token_place(row, valid, claim, srow, expert_x, slot_map, H, K, CAP, BLOCK_H, BLOCK_K)
+        if GATE and (not CLAIM1) and (not ONE):   # no token: no claim, no place at all
+            if valid:
+                claim = _recv_slots(ids, valid, kv, own, cursor, counts, c, ts, T, RANK, L, K,
+                                    BLOCK_K, BLOCK_L, ONE)
+                _stamp(trace, pid, 5, t0_trace, TRACE, USE_TIMER, NT)
+                _token_place(row, valid, claim, srow, expert_x, slot_map, H, K, CAP, BLOCK_H,
+                             BLOCK_K)
+        else:
+            if not CLAIM1:
+                claim = _recv_slots(ids, valid, kv, own, cursor, counts, c, ts, T, RANK, L, K,
+                                    BLOCK_K, BLOCK_L, ONE)
+                _stamp(trace, pid, 5, t0_trace, TRACE, USE_TIMER, NT)
+            _token_place(row, valid, claim, srow, expert_x, slot_map, H, K, CAP, BLOCK_H,
+                         BLOCK_K)
         _stamp(trace, pid, 6, t0_trace, TRACE, USE_TIMER, NT)
         tl.debug_barrier()   # every read of the received values done: no reset overtakes one
         if need:
@@ -1928,8 +1951,8 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                NT: tl.constexpr = 256, ONE: tl.constexpr = False,
                                TSPIN: tl.constexpr = False, MSPIN: tl.constexpr = False,
                                SPREAD: tl.constexpr = False, EARLY: tl.constexpr = False,
-                               CLAIM1: tl.constexpr = False, TRACE: tl.constexpr = False,
-                               trace=None):
+                               CLAIM1: tl.constexpr = False, GATE: tl.constexpr = False,
+                               TRACE: tl.constexpr = False, trace=None):
     """Lamport dispatch; see the module docstring. Tiles of ``TB`` tokens; program ``p`` sends
     own tiles ``p, p+G, ...`` and receives tiles ``q, q+G, ...`` (``q = (p + SHIFT) mod G``)
     of every peer, the own tile's rows copied after each receive (before it with ``EARLY``,
@@ -1950,6 +1973,14 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
     instead of following their landing. Smaller batches keep the order (own rows placed by
     the other half of the grid after its count poll): placing first there measured 0.2-0.5
     us slower at 1-8 tokens (loopback).
+
+    ``GATE`` (one-token tiles, not ``ONE``; session 26): a token's slot claim and row
+    placement run under a branch on the token being there, own or received, instead of
+    masked off. Session 26's stage stamps (``TRACE``, loopback, one token) priced the masked-off
+    forms at ~0.3 us (claim) and ~0.45-0.8 us (placement: ``K`` reductions, each with its
+    barriers): the program receiving token 0 of a small batch ran both for an own token it
+    does not have (the other half of the grid places it) after its receive, on the critical
+    path.
 
     ``TRACE`` (a diagnostic, off by default; the knob ``P2PBackend(_trace=True)``): each
     program stamps the stages of :data:`TRACE_STAGES` into ``trace`` (int64 [G, NS, 2]: ns
@@ -1993,6 +2024,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
     if TB == 1:
         hp = tl.where(n_own <= G // 2, (pid + G // 2) % G, pid)
     EO: tl.constexpr = EARLY and (TB == 1) and (not ONE)
+    GC: tl.constexpr = GATE and (TB == 1) and (not ONE)
     i = tl.full([], 0, tl.int32)
     more = n_own > 0
     more = more | (W > 1)
@@ -2021,11 +2053,21 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
             vc = vp
             if ONE:   # at most one own token: its slots wait for the peer's count (below)
                 vc = vp & (T > 1)
-            claim = _token_claim(idsp, vc, cursor, RANK, L, K, BLOCK_K)
-            if EO:   # the own rows now, overlapping the peers' rows in flight
-                if hp == pid:
-                    _token_place(rowp, vp, claim, RANK * M + tp, expert_x, slot_map, H, K,
-                                 CAP, BLOCK_H, BLOCK_K)
+            if GC:   # an own token to place: claim and (EARLY) place; else neither
+                if vp:
+                    claim = _token_claim(idsp, vc, cursor, RANK, L, K, BLOCK_K)
+                    if EO:
+                        if hp == pid:
+                            _token_place(rowp, vp, claim, RANK * M + tp, expert_x, slot_map,
+                                         H, K, CAP, BLOCK_H, BLOCK_K)
+                else:
+                    claim = _no_claim(BLOCK_K)
+            else:
+                claim = _token_claim(idsp, vc, cursor, RANK, L, K, BLOCK_K)
+                if EO:   # the own rows now, overlapping the peers' rows in flight
+                    if hp == pid:
+                        _token_place(rowp, vp, claim, RANK * M + tp, expert_x, slot_map, H, K,
+                                     CAP, BLOCK_H, BLOCK_K)
             _stamp(trace, pid, 2, t0_trace, TRACE, USE_TIMER, NT)
         else:
             row, ids, vt, t64 = _lamport_send_tile(pid + i * G, x_ptr, ids_ptr, w_ptr, T, buf,
@@ -2048,7 +2090,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                     c, s, ts, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor, slot_map,
                     wloc, err_dev, err_host, timeout_ns, RANK, W, G, M, H, K, L, CAP, BLOCK_H,
                     BLOCK_K, BITS, USE_TIMER, NT, T, ids1, counts, BLOCK_L, False, TSPIN, MSPIN,
-                    CLAIM1, TRACE, trace, t0_trace)
+                    CLAIM1, TRACE, trace, t0_trace, GATE)
         for s in tl.static_range(W):
             if (s != RANK) & (not SPREAD):
                 ts = tl.sum(tl.where(offs_w == s, tsv, 0), axis=0)
@@ -2058,7 +2100,8 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                             cr, s, ts, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor,
                             slot_map, wloc, err_dev, err_host, timeout_ns, RANK, W, G, M, H,
                             K, L, CAP, BLOCK_H, BLOCK_K, BITS, USE_TIMER, NT, T, ids1, counts,
-                            BLOCK_L, ONE, TSPIN, MSPIN, CLAIM1, TRACE, trace, t0_trace)
+                            BLOCK_L, ONE, TSPIN, MSPIN, CLAIM1, TRACE, trace, t0_trace,
+                            GATE)
                     else:
                         ts, dead = _lamport_recv_tile(
                             cr, s, ts, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor,
@@ -2073,7 +2116,16 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                                    RANK, L, K, BLOCK_K)
                     else:
                         claim = _token_claim(idsp, vp, cursor, RANK, L, K, BLOCK_K)
-            if EO:
+            if GC:
+                if vp:
+                    if EO:
+                        if hp != pid:
+                            _token_place(rowp, vp, claim, RANK * M + tp, expert_x, slot_map,
+                                         H, K, CAP, BLOCK_H, BLOCK_K)
+                    else:
+                        _token_place(rowp, vp, claim, RANK * M + tp, expert_x, slot_map, H,
+                                     K, CAP, BLOCK_H, BLOCK_K)
+            elif EO:
                 if hp != pid:
                     _token_place(rowp, vp, claim, RANK * M + tp, expert_x, slot_map, H, K,
                                  CAP, BLOCK_H, BLOCK_K)

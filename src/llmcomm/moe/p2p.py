@@ -99,10 +99,15 @@ def _at_warps(kwargs: dict[str, Any], warps: int, sim: bool = False) -> dict[str
     """A lamport launch's variant constexprs (and options) at ``warps`` a program: ``MSPIN``
     (the dispatch's count and meta spun per thread) only at <= 8 warps, where session 20
     measured it faster (at 16 the dispatch was 1 us slower: 512 threads spinning on the same
-    few words, and the meta re-read after the reduction); ``SPREAD`` with triton's
-    ``maxnreg=128`` on a GPU (``sim`` False)."""
+    few words, and the meta re-read after the reduction); ``GATE`` (claims and placements
+    branched around where there is no token) only at <= 8 warps too, the small batches, where
+    session 26 measured it faster (loopback pair -0.8..-1.1 us at 1-8 tokens) -- at 16 warps
+    (64-128 tokens, a token in nearly every program) it only added 0.2-0.7 us; ``SPREAD`` with
+    triton's ``maxnreg=128`` on a GPU (``sim`` False)."""
     if kwargs.get("MSPIN") and warps > 8:
         kwargs = {**kwargs, "MSPIN": False}
+    if kwargs.get("GATE") and warps > 8:
+        kwargs = {**kwargs, "GATE": False}
     if kwargs.get("SPREAD") and not sim:
         # at most 128 registers a thread: ptxas gives the SPREAD dispatch 192-200 at 8 warps
         # (triton 3.6, sm_90a; the other dispatch 128), one program an SM instead of two.
@@ -215,7 +220,8 @@ class P2PBackend(MoEBackend):
                  _one_token_slots: bool | None = None, _ce_tokens: int | None = None,
                  _thread_spin: bool | None = None, _meta_spin: bool | None = None,
                  _peer_spread: bool | None = None, _early_own: bool | None = None,
-                 _claim_first: bool = False, _trace: bool = False) -> None:
+                 _claim_first: bool = False, _gate: bool | None = None,
+                 _trace: bool = False) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -331,6 +337,11 @@ class P2PBackend(MoEBackend):
             _claim_first: ``"lamport"`` with one-token tiles (A/B knob, session 25, off): a
                 received token's slots are claimed as soon as its meta has landed, before
                 the per-thread wait for its row (``CLAIM1`` in :mod:`llmcomm.kernels.moe`).
+            _gate: ``"lamport"`` with one-token tiles (default on there, session 26): a
+                token's slot claim and row placement run under a branch on the token being
+                there, not masked off (``GATE`` in :mod:`llmcomm.kernels.moe`), in the
+                launches at <= 8 warps a program (the small batches; :func:`_at_warps`), not
+                on the one-token path's calls. ``False`` is the A/B against the masked form.
             _trace: ``"lamport"`` (a diagnostic, off): the dispatch stamps its stages
                 (``TRACE`` in :mod:`llmcomm.kernels.moe`) into ``self.trace``; read them
                 with :meth:`trace_summary`, zero them with ``self.trace.zero_()``. Not for
@@ -549,6 +560,12 @@ class P2PBackend(MoEBackend):
             raise ValueError(f"_claim_first needs protocol='lamport' with tile_tokens=1; got "
                              f"protocol {protocol!r}, tile_tokens {self.tiles[0]}")
         self._claim1 = bool(_claim_first)
+        if _gate is None:
+            _gate = lamport and self.tiles[0] == 1
+        if _gate and not (lamport and self.tiles[0] == 1):
+            raise ValueError(f"_gate needs protocol='lamport' with tile_tokens=1; got "
+                             f"protocol {protocol!r}, tile_tokens {self.tiles[0]}")
+        self._gate = bool(_gate)
         if _trace and not lamport:
             raise ValueError(f"_trace needs protocol='lamport' (the flags kernels have no "
                              f"stamps); got protocol {protocol!r}")
@@ -647,7 +664,7 @@ class P2PBackend(MoEBackend):
                 "one_token_slots": self._one, "ce_tokens": self._ce_tokens,
                 "thread_spin": self._tspin, "meta_spin": self._mspin,
                 "peer_spread": self._spread, "early_own": self._early,
-                "claim_first": self._claim1,
+                "claim_first": self._claim1, "gate": self._gate,
                 **{k.lower(): v for k, v in self.variants.items()}}
 
     def _consts(self) -> dict[str, Any]:
@@ -808,7 +825,7 @@ class P2PBackend(MoEBackend):
                 self.timeout_ns, CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts),
                 ONE=self._one and T <= 1 and not self.shift, TSPIN=self._tspin,
                 MSPIN=self._mspin, SPREAD=self._spread, EARLY=self._early,
-                CLAIM1=self._claim1, **self._trace_args())
+                CLAIM1=self._claim1, GATE=self._gate, **self._trace_args())
             return self.expert_x, self.counts, (topk_ids, topk_weights)
         ce = self._ce_tokens is not None and T >= self._ce_tokens
         side = self._ce_send(x, T) if ce and not self._compile_only else None
