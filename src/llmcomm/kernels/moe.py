@@ -647,28 +647,22 @@ def _no_claim(BLOCK_K: tl.constexpr):
 @triton.jit
 def _token_place(row, valid, claim, srow, expert_x, slot_map, H: tl.constexpr,
                  K: tl.constexpr, CAP: tl.constexpr, BLOCK_H: tl.constexpr,
-                 BLOCK_K: tl.constexpr, WIDE: tl.constexpr = False):
+                 BLOCK_K: tl.constexpr):
     """:func:`_place_rows` for one token: ``row`` [BLOCK_H] into the slots of ``claim`` (from
-    :func:`_token_claim`), and its slot-map row ``slot_map[srow]``.
-
-    ``WIDE`` (session 26): the ``K`` row copies as one [BLOCK_K, BLOCK_H] store, the slots
-    handed to every thread once, instead of ``K`` stores each after a reduction of its slot
-    over the program."""
+    :func:`_token_claim`), and its slot-map row ``slot_map[srow]``. (Each slot is picked out
+    by a reduction over the ``[BLOCK_K]`` vector: warp shuffles, no barrier -- the PTX has
+    none; session 26's one ``[BLOCK_K, BLOCK_H]`` store instead added 3 barriers a call site
+    for the slots' layout conversion.)"""
     slot, el, local, first, new = claim
     offs_h = tl.arange(0, BLOCK_H)
     offs_k = tl.arange(0, BLOCK_K)
     new = new & (slot < CAP)             # cannot fail (CAP is the worst case); never write OOB
     entry = tl.where(new, el * CAP + slot, -1)
     shared = tl.max(tl.where(offs_k[None, :] == first[:, None], entry[None, :], -1), axis=1)
-    if WIDE:
-        ptrs = expert_x + tl.cast(tl.maximum(entry, 0), tl.int64)[:, None] * H + offs_h[None, :]
-        tl.store(ptrs, tl.broadcast_to(row[None, :], [BLOCK_K, BLOCK_H]),
-                 mask=(entry >= 0)[:, None] & (offs_h < H)[None, :])
-    else:
-        for k in tl.static_range(K):
-            e = tl.max(tl.where(offs_k == k, entry, -1), axis=0)
-            tl.store(expert_x + tl.cast(tl.maximum(e, 0), tl.int64) * H + offs_h, row,
-                     mask=offs_h < tl.where(e >= 0, H, 0))
+    for k in tl.static_range(K):
+        e = tl.max(tl.where(offs_k == k, entry, -1), axis=0)
+        tl.store(expert_x + tl.cast(tl.maximum(e, 0), tl.int64) * H + offs_h, row,
+                 mask=offs_h < tl.where(e >= 0, H, 0))
     tl.store(slot_map + srow * K + offs_k, tl.where(local, shared, -1),
              mask=tl.where(valid, K, 0) > offs_k)
 
@@ -1831,7 +1825,7 @@ def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_
                         BLOCK_L: tl.constexpr, ONE: tl.constexpr, TSPIN: tl.constexpr = False,
                         MSPIN: tl.constexpr = False, CLAIM1: tl.constexpr = False,
                         TRACE: tl.constexpr = False, trace=None, t0_trace=None,
-                        GATE: tl.constexpr = False, WIDE: tl.constexpr = False):
+                        GATE: tl.constexpr = False):
     """:func:`_lamport_recv_tile` of a one-token tile (token ``c`` of source ``s``) on 1-D
     vectors (session 13): the count, meta and row polled together until every thread's copies
     have landed (:func:`_lamport_poll_token`, session 14), then expanded from those values
@@ -1925,14 +1919,14 @@ def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_
                                     BLOCK_K, BLOCK_L, ONE)
                 _stamp(trace, pid, 5, t0_trace, TRACE, USE_TIMER, NT)
                 _token_place(row, valid, claim, srow, expert_x, slot_map, H, K, CAP, BLOCK_H,
-                             BLOCK_K, WIDE)
+                             BLOCK_K)
         else:
             if not CLAIM1:
                 claim = _recv_slots(ids, valid, kv, own, cursor, counts, c, ts, T, RANK, L, K,
                                     BLOCK_K, BLOCK_L, ONE)
                 _stamp(trace, pid, 5, t0_trace, TRACE, USE_TIMER, NT)
             _token_place(row, valid, claim, srow, expert_x, slot_map, H, K, CAP, BLOCK_H,
-                         BLOCK_K, WIDE)
+                         BLOCK_K)
         _stamp(trace, pid, 6, t0_trace, TRACE, USE_TIMER, NT)
         tl.debug_barrier()   # every read of the received values done: no reset overtakes one
         if need:
@@ -1961,8 +1955,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                TSPIN: tl.constexpr = False, MSPIN: tl.constexpr = False,
                                SPREAD: tl.constexpr = False, EARLY: tl.constexpr = False,
                                CLAIM1: tl.constexpr = False, GATE: tl.constexpr = False,
-                               WIDE: tl.constexpr = False, TRACE: tl.constexpr = False,
-                               trace=None):
+                               TRACE: tl.constexpr = False, trace=None):
     """Lamport dispatch; see the module docstring. Tiles of ``TB`` tokens; program ``p`` sends
     own tiles ``p, p+G, ...`` and receives tiles ``q, q+G, ...`` (``q = (p + SHIFT) mod G``)
     of every peer, the own tile's rows copied after each receive (before it with ``EARLY``,
@@ -2069,7 +2062,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                     if EO:
                         if hp == pid:
                             _token_place(rowp, vp, claim, RANK * M + tp, expert_x, slot_map,
-                                         H, K, CAP, BLOCK_H, BLOCK_K, WIDE)
+                                         H, K, CAP, BLOCK_H, BLOCK_K)
                 else:
                     claim = _no_claim(BLOCK_K)
             else:
@@ -2077,7 +2070,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                 if EO:   # the own rows now, overlapping the peers' rows in flight
                     if hp == pid:
                         _token_place(rowp, vp, claim, RANK * M + tp, expert_x, slot_map, H, K,
-                                     CAP, BLOCK_H, BLOCK_K, WIDE)
+                                     CAP, BLOCK_H, BLOCK_K)
             _stamp(trace, pid, 2, t0_trace, TRACE, USE_TIMER, NT)
         else:
             row, ids, vt, t64 = _lamport_send_tile(pid + i * G, x_ptr, ids_ptr, w_ptr, T, buf,
@@ -2100,7 +2093,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                     c, s, ts, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor, slot_map,
                     wloc, err_dev, err_host, timeout_ns, RANK, W, G, M, H, K, L, CAP, BLOCK_H,
                     BLOCK_K, BITS, USE_TIMER, NT, T, ids1, counts, BLOCK_L, False, TSPIN, MSPIN,
-                    CLAIM1, TRACE, trace, t0_trace, GATE, WIDE)
+                    CLAIM1, TRACE, trace, t0_trace, GATE)
         for s in tl.static_range(W):
             if (s != RANK) & (not SPREAD):
                 ts = tl.sum(tl.where(offs_w == s, tsv, 0), axis=0)
@@ -2111,7 +2104,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                             slot_map, wloc, err_dev, err_host, timeout_ns, RANK, W, G, M, H,
                             K, L, CAP, BLOCK_H, BLOCK_K, BITS, USE_TIMER, NT, T, ids1, counts,
                             BLOCK_L, ONE, TSPIN, MSPIN, CLAIM1, TRACE, trace, t0_trace,
-                            GATE, WIDE)
+                            GATE)
                     else:
                         ts, dead = _lamport_recv_tile(
                             cr, s, ts, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor,
@@ -2131,17 +2124,17 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                     if EO:
                         if hp != pid:
                             _token_place(rowp, vp, claim, RANK * M + tp, expert_x, slot_map,
-                                         H, K, CAP, BLOCK_H, BLOCK_K, WIDE)
+                                         H, K, CAP, BLOCK_H, BLOCK_K)
                     else:
                         _token_place(rowp, vp, claim, RANK * M + tp, expert_x, slot_map, H,
-                                     K, CAP, BLOCK_H, BLOCK_K, WIDE)
+                                     K, CAP, BLOCK_H, BLOCK_K)
             elif EO:
                 if hp != pid:
                     _token_place(rowp, vp, claim, RANK * M + tp, expert_x, slot_map, H, K,
-                                 CAP, BLOCK_H, BLOCK_K, WIDE)
+                                 CAP, BLOCK_H, BLOCK_K)
             else:
                 _token_place(rowp, vp, claim, RANK * M + tp, expert_x, slot_map, H, K, CAP,
-                             BLOCK_H, BLOCK_K, WIDE)
+                             BLOCK_H, BLOCK_K)
             _stamp(trace, pid, 8, t0_trace, TRACE, USE_TIMER, NT)
         else:
             _place_rows(row, ids, vt, slot, RANK * M + t64, expert_x, slot_map, RANK, H, K, L,
