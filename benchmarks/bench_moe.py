@@ -90,9 +90,6 @@ SWEEP = {
     "lam_claim1": ({"protocol": "lamport", "_claim_first": True}, None),
     # claims and placements masked off where there is no token, as before session 26's GATE
     "lam_nogate": ({"protocol": "lamport", "_gate": False}, None),
-    # deferred resets, and a helper program placing half of a small batch's received rows
-    # (session 26's A/B knob _help: loopback, see docs/moe.md)
-    "lam_help": ({"protocol": "lamport", "_help": True}, None),
     # the default lamport pair with the dispatch's stage stamps (a diagnostic, session 26): its
     # timing is of the stamped kernel, and each size prints the stage table of every rank
     "lam_trace": ({"protocol": "lamport", "_trace": True}, None),

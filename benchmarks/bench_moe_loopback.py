@@ -81,9 +81,6 @@ CONFIGS = {
     "lamport128claim1": (128, {"_claim_first": True}),
     # claims and placements masked off where there is no token, as before session 26's GATE
     "lamport128nogate": (128, {"_gate": False}),
-    # deferred resets, and a helper program placing half of a small batch's received rows
-    # (session 26's A/B knob _help)
-    "lamport128help": (128, {"_help": True}),
     # A/B candidate (session 17): dispatches of 2048+ tokens send their rows by copy engine
     "ce4096": (4096, {"protocol": "flags", "_ce_tokens": 2048}),
 }

@@ -154,19 +154,14 @@ def capture_graph(step):
 def lamport_left(be, rank: int) -> list[str]:
     """What of a ``protocol="lamport"`` backend's receive slots (rank ``rank``'s, on a quiet
     group) is not the sentinel: nothing sent may be left unread, nothing read left unreset,
-    and no reset overtaken by a late write. With ``_help`` (``DEFER``) the last call's received
-    meta and rows are reset by the next call: those (``lamport_pending``) are left out."""
+    and no reset overtaken by a late write."""
     from llmcomm.moe.p2p import LAMPORT_REGIONS
 
     bad = []
-    pending = be.lamport_pending() if hasattr(be, "lamport_pending") else {}
     for name in LAMPORT_REGIONS:
         reg = getattr(be, name)[rank]
         ib = {2: torch.int16, 4: torch.int32, 8: torch.int64}[reg.element_size()]
-        left = reg.view(ib) != torch.iinfo(ib).min   # compared in place
-        for b, s, c in pending.get(name, ()):   # _help: the next call resets these
-            left[b, s, c] = False
-        idx = left.nonzero().cpu()
+        idx = (reg.view(ib) != torch.iinfo(ib).min).nonzero().cpu()   # compared in place
         if len(idx):
             bad.append(f"rank {rank} {name}: {len(idx)} slots not reset, e.g. "
                        f"{idx[:3].tolist()}")

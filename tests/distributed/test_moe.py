@@ -550,8 +550,6 @@ def _concurrent_worker(rank, world, tmp, E_, kw, G, shift, seed, spread=False):
     seqs = [[M, 5, 2], [3, M, 0], [M, M, M], [1, 0, 7], [7, M, 4], [M, 1, M], [0, 4, 5]]
     if "_one_token_slots" in kw:   # calls on the one-token path (<= 1 token on both ranks)
         seqs += [[1, 1], [0, 1], [1, M], [1, 0], [0, 0], [1, 1], [M, 1], [1, 1]]
-    if "_help" in kw:   # helped receives: own tokens <= G/2, the peer's <= G/4; then large
-        seqs += [[1, 1], [2, 1], [0, 2], [2, 2], [M, 2], [1, 0], [2, 2], [3, 1], [M, M], [2, 1]]
     errs = []
     for i, toks in enumerate(seqs):
         toks = ((toks + toks[::-1]) * 2)[:world]   # world 4: ranks 0-2 as listed, rank 3 as 2
@@ -576,16 +574,12 @@ def _concurrent_worker(rank, world, tmp, E_, kw, G, shift, seed, spread=False):
     (2, 8, {"_early_own": False}, 2, 0),  # own rows after the receive (before session 25)
     (2, 8, {"_claim_first": True, "_one_token_slots": True}, 8, 0),   # slots before the row
     (2, 8, {"_gate": False}, 8, 0),   # claims and placements masked off, not branched around
-    # deferred resets, and helpers placing half of a received token's rows (ts <= G / 4 = 2)
-    (2, 8, {"_help": True}, 8, 0),
-    (2, 8, {"_help": True}, 2, 0),   # G 2: G // 4 = 0, never helped; several iterations
     # the peers' tokens spread over the programs (_peer_spread, the default at EP > 2 on a
     # GPU): several units a program (G 2), and one a program with ranks of 0 tokens (G 8)
     (3, 6, {"_peer_spread": True}, 2, 0),
     (4, 8, {"_peer_spread": True}, 8, 0),
 ], ids=["w2-t4c2-G4s2", "w2-t1-G2s1", "w3-t2c4-G3s1", "w2-t1-G8", "w2-t1-G8-one",
-        "w2-t1-G8-noone", "w2-t1-G2-noearly", "w2-t1-G8-claim1-one", "w2-t1-G8-nogate", "w2-t1-G8-help", "w2-t1-G2-help",
-        "w3-t1-G2-spread", "w4-t1-G8-spread"])
+        "w2-t1-G8-noone", "w2-t1-G2-noearly", "w2-t1-G8-claim1-one", "w2-t1-G8-nogate", "w3-t1-G2-spread", "w4-t1-G8-spread"])
 def test_p2p_sim_lamport_concurrent_programs(world, E_, kw, G, shift):
     kw = dict(kw)
     spread = kw.pop("_peer_spread", False)   # set after construction, as shift

@@ -626,18 +626,10 @@ def _token_masks(ids, valid, RANK: tl.constexpr, L: tl.constexpr, K: tl.constexp
 
 @triton.jit
 def _token_claim(ids, valid, cursor, RANK: tl.constexpr, L: tl.constexpr, K: tl.constexpr,
-                 BLOCK_K: tl.constexpr, SPLIT: tl.constexpr = False, split=False, part=0):
+                 BLOCK_K: tl.constexpr):
     """:func:`_token_masks` + :func:`_claim_slots` for one token on 1-D vectors (``ids``
-    [BLOCK_K], ``valid`` a scalar): ``(slot, el, local, first, new)``, each [BLOCK_K].
-
-    ``SPLIT`` (``HELP``, session 26): where ``split``, two programs place the token, each
-    every other new local expert (by their order in ``new``); ``new`` is then this
-    ``part``'s (0 or 1) only, and only those slots are claimed."""
+    [BLOCK_K], ``valid`` a scalar): ``(slot, el, local, first, new)``, each [BLOCK_K]."""
     el, local, first, new = _token_masks(ids, valid, RANK, L, K, BLOCK_K)
-    if SPLIT:
-        n = new.to(tl.int32)
-        order = tl.cumsum(n, axis=0) - n
-        new = tl.where(split, new & ((order % 2) == part), new)
     slot = tl.atomic_add(cursor + tl.where(new, el, 0), tl.full([BLOCK_K], 1, tl.int32),
                          mask=new, sem="relaxed", scope="gpu")
     return slot, el, local, first, new
@@ -655,15 +647,12 @@ def _no_claim(BLOCK_K: tl.constexpr):
 @triton.jit
 def _token_place(row, valid, claim, srow, expert_x, slot_map, H: tl.constexpr,
                  K: tl.constexpr, CAP: tl.constexpr, BLOCK_H: tl.constexpr,
-                 BLOCK_K: tl.constexpr, SPLIT: tl.constexpr = False, part=0):
+                 BLOCK_K: tl.constexpr):
     """:func:`_place_rows` for one token: ``row`` [BLOCK_H] into the slots of ``claim`` (from
     :func:`_token_claim`), and its slot-map row ``slot_map[srow]``. (Each slot is picked out
     by a reduction over the ``[BLOCK_K]`` vector: warp shuffles, no barrier -- the PTX has
     none; session 26's one ``[BLOCK_K, BLOCK_H]`` store instead added 3 barriers a call site
-    for the slots' layout conversion.)
-
-    ``SPLIT``: ``claim`` is one part's (:func:`_token_claim`); this program writes the slot-map
-    entries whose first occurrence is its part's, and part 0 the -1 of the non-local ones."""
+    for the slots' layout conversion.)"""
     slot, el, local, first, new = claim
     offs_h = tl.arange(0, BLOCK_H)
     offs_k = tl.arange(0, BLOCK_K)
@@ -674,12 +663,8 @@ def _token_place(row, valid, claim, srow, expert_x, slot_map, H: tl.constexpr,
         e = tl.max(tl.where(offs_k == k, entry, -1), axis=0)
         tl.store(expert_x + tl.cast(tl.maximum(e, 0), tl.int64) * H + offs_h, row,
                  mask=offs_h < tl.where(e >= 0, H, 0))
-    sm_mask = tl.where(valid, K, 0) > offs_k
-    if SPLIT:   # the entries of this part's first occurrences; part 0 also the non-local -1
-        mine = tl.max(tl.where(offs_k[None, :] == first[:, None], new[None, :].to(tl.int32),
-                               0), axis=1) > 0
-        sm_mask = sm_mask & tl.where(local, mine, part == 0)
-    tl.store(slot_map + srow * K + offs_k, tl.where(local, shared, -1), mask=sm_mask)
+    tl.store(slot_map + srow * K + offs_k, tl.where(local, shared, -1),
+             mask=tl.where(valid, K, 0) > offs_k)
 
 
 @triton.jit
@@ -1813,7 +1798,7 @@ def _lamport_counts(ptrs, mask, dead, err_dev, err_host, timeout_ns, USE_TIMER: 
 @triton.jit
 def _recv_slots(ids, valid, kv, own, cursor, counts, c, ts, T, RANK: tl.constexpr,
                 L: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr,
-                ONE: tl.constexpr, SPLIT: tl.constexpr = False, split=False, part=0):
+                ONE: tl.constexpr):
     """The slots of a received token (``ids`` [BLOCK_K], landed): by the cursor atomics, or
     with ``ONE`` in a call of at most one token on each side (``T <= 1``, the peer's count
     ``ts <= 1``) after the own token's (:func:`_token_slots_after`), the receiver of token 0
@@ -1826,35 +1811,8 @@ def _recv_slots(ids, valid, kv, own, cursor, counts, c, ts, T, RANK: tl.constexp
         else:
             claim = _token_claim(ids, valid, cursor, RANK, L, K, BLOCK_K)
     else:
-        claim = _token_claim(ids, valid, cursor, RANK, L, K, BLOCK_K, SPLIT, split, part)
+        claim = _token_claim(ids, valid, cursor, RANK, L, K, BLOCK_K)
     return claim
-
-
-@triton.jit
-def _deferred_resets(pid, buf, lx, lmeta, last_ts, RANK: tl.constexpr, W: tl.constexpr,
-                     G: tl.constexpr, M: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
-                     BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr,
-                     BITS: tl.constexpr, NBUF: tl.constexpr):
-    """``DEFER``: the meta and rows of the tokens program ``pid`` received in the previous call
-    (tokens ``pid, pid + G, ...`` below the counts it kept in ``last_ts``, of buffer ``(buf -
-    1) mod NBUF``) back to the sentinel, whole rows (a row not sent is the sentinel already).
-    That buffer is written again in the call after next: after this call's dispatch, which
-    every peer's next dispatch waits for."""
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_k = tl.arange(0, BLOCK_K)
-    prev = (buf + NBUF - 1) % NBUF
-    sent = _sent_like(tl.zeros([BLOCK_H], lx[RANK].dtype.element_ty), BITS)
-    meta = tl.full([BLOCK_K], -2147483648, tl.int32)
-    for s in tl.static_range(W):
-        if s != RANK:
-            n = tl.load(last_ts + pid * BLOCK_W + s)
-            c = pid
-            while c < n:
-                base = (prev * W + s) * M + tl.cast(c, tl.int64)
-                tl.store(lmeta[RANK] + base * (2 * K) + offs_k, meta, mask=offs_k < K)
-                tl.store(lmeta[RANK] + base * (2 * K) + K + offs_k, meta, mask=offs_k < K)
-                tl.store(lx[RANK] + base * H + offs_h, sent, mask=offs_h < H)
-                c += G
 
 
 @triton.jit
@@ -1867,8 +1825,7 @@ def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_
                         BLOCK_L: tl.constexpr, ONE: tl.constexpr, TSPIN: tl.constexpr = False,
                         MSPIN: tl.constexpr = False, CLAIM1: tl.constexpr = False,
                         TRACE: tl.constexpr = False, trace=None, t0_trace=None,
-                        GATE: tl.constexpr = False, DEFER: tl.constexpr = False,
-                        HELP: tl.constexpr = False, n_small=False, part=0):
+                        GATE: tl.constexpr = False):
     """:func:`_lamport_recv_tile` of a one-token tile (token ``c`` of source ``s``) on 1-D
     vectors (session 13): the count, meta and row polled together until every thread's copies
     have landed (:func:`_lamport_poll_token`, session 14), then expanded from those values
@@ -1894,13 +1851,7 @@ def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_
 
     ``GATE`` (not with ``ONE`` or ``CLAIM1``): the claim and the placement run under a branch
     on the token being there (``c < ts``), so a program with nothing to receive skips them
-    instead of running them masked off (:func:`ep_dispatch_lamport_kernel`).
-
-    ``DEFER``: the meta and row are not reset here (the count is): the receiver resets them at
-    the start of the next call. ``HELP`` (with ``DEFER``): where ``n_small`` (this rank's own
-    tokens fit half the grid) and the peer's count fits a quarter of it, the token's new local
-    experts are split between this program (``part`` 0, the receiver: also ``wloc`` and the
-    non-local slot-map entries) and its helper a quarter grid away (``part`` 1)."""
+    instead of running them masked off (:func:`ep_dispatch_lamport_kernel`)."""
     SPIN: tl.constexpr = TSPIN and USE_TIMER and BITS <= 32 and BLOCK_H * BITS >= NT * 32
     META: tl.constexpr = SPIN and MSPIN
     offs_h = tl.arange(0, BLOCK_H)
@@ -1961,32 +1912,28 @@ def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_
                                  err_host, timeout_ns, BITS, NT)
         _stamp(trace, pid, 4, t0_trace, TRACE, USE_TIMER, NT)
         srow = s * M + tl.cast(tl.where(valid, c, 0), tl.int64)
-        split = False
-        if HELP:
-            split = n_small & (ts <= G // 4)
-        tl.store(wloc + srow * K + offs_k, wb.to(tl.float32, bitcast=True), mask=kv & (part == 0))
+        tl.store(wloc + srow * K + offs_k, wb.to(tl.float32, bitcast=True), mask=kv)
         if GATE and (not CLAIM1) and (not ONE):   # no token: no claim, no place at all
             if valid:
                 claim = _recv_slots(ids, valid, kv, own, cursor, counts, c, ts, T, RANK, L, K,
-                                    BLOCK_K, BLOCK_L, ONE, HELP, split, part)
+                                    BLOCK_K, BLOCK_L, ONE)
                 _stamp(trace, pid, 5, t0_trace, TRACE, USE_TIMER, NT)
                 _token_place(row, valid, claim, srow, expert_x, slot_map, H, K, CAP, BLOCK_H,
-                             BLOCK_K, HELP, part)
+                             BLOCK_K)
         else:
             if not CLAIM1:
                 claim = _recv_slots(ids, valid, kv, own, cursor, counts, c, ts, T, RANK, L, K,
-                                    BLOCK_K, BLOCK_L, ONE, HELP, split, part)
+                                    BLOCK_K, BLOCK_L, ONE)
                 _stamp(trace, pid, 5, t0_trace, TRACE, USE_TIMER, NT)
             _token_place(row, valid, claim, srow, expert_x, slot_map, H, K, CAP, BLOCK_H,
-                         BLOCK_K, HELP, part)
+                         BLOCK_K)
         _stamp(trace, pid, 6, t0_trace, TRACE, USE_TIMER, NT)
         tl.debug_barrier()   # every read of the received values done: no reset overtakes one
         if need:
             tl.store(cnt_ptr, -2147483648)
-        if not DEFER:   # (DEFER: the receiver resets them at its next call's start)
-            tl.store(mp1 + offs_k, tl.full([BLOCK_K], -2147483648, tl.int32), mask=kv)
-            tl.store(mp1 + K + offs_k, tl.full([BLOCK_K], -2147483648, tl.int32), mask=kv)
-            tl.store(rp + offs_h, _sent_like(row, BITS), mask=offs_h < tl.where(mine, H, 0))
+        tl.store(mp1 + offs_k, tl.full([BLOCK_K], -2147483648, tl.int32), mask=kv)
+        tl.store(mp1 + K + offs_k, tl.full([BLOCK_K], -2147483648, tl.int32), mask=kv)
+        tl.store(rp + offs_h, _sent_like(row, BITS), mask=offs_h < tl.where(mine, H, 0))
         _stamp(trace, pid, 7, t0_trace, TRACE, USE_TIMER, NT)
     else:
         ts = ts * 0
@@ -2008,8 +1955,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                TSPIN: tl.constexpr = False, MSPIN: tl.constexpr = False,
                                SPREAD: tl.constexpr = False, EARLY: tl.constexpr = False,
                                CLAIM1: tl.constexpr = False, GATE: tl.constexpr = False,
-                               DEFER: tl.constexpr = False, HELP: tl.constexpr = False,
-                               last_ts=None, TRACE: tl.constexpr = False, trace=None):
+                               TRACE: tl.constexpr = False, trace=None):
     """Lamport dispatch; see the module docstring. Tiles of ``TB`` tokens; program ``p`` sends
     own tiles ``p, p+G, ...`` and receives tiles ``q, q+G, ...`` (``q = (p + SHIFT) mod G``)
     of every peer, the own tile's rows copied after each receive (before it with ``EARLY``,
@@ -2039,29 +1985,11 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
     does not have (the other half of the grid places it) after its receive, on the critical
     path.
 
-    ``DEFER`` (EP=2, one-token tiles, not ``ONE`` / ``SPREAD``; session 26): a received
-    token's meta and row are not reset by its receive but by its receiver at the start of the
-    next call (after this call's own token is sent, while the peer's data is in flight): the
-    counts it saw are kept in ``last_ts`` (int32 [G, BLOCK_W], this program's row), and the
-    previous buffer ``(buf - 1) mod NBUF`` is written again by the peer only in the call after
-    next (every call of a backend must run ``DEFER`` alike). So the meta and row may be read
-    by more than one program. ``HELP`` (with ``DEFER``, at <= 8 warps): in a call where this
-    rank's own tokens fit half the grid and the peer's fit a quarter (``ts <= G // 4``), program
-    ``q`` in ``[G // 4, G // 2)`` -- neither a receiver nor an own-row placer then -- helps
-    receive token ``q - G // 4``: it places every other of its new local experts
-    (:func:`_token_claim` ``SPLIT``). One program writes ~63 GB/s (session 26,
-    ``benchmarks/probe_row_stores.py``: 0.23 us a 14 KB row), so a token's ~4 rows take ~0.9
-    us alone, ~0.45 us on two programs.
-
     ``TRACE`` (a diagnostic, off by default; the knob ``P2PBackend(_trace=True)``): each
     program stamps the stages of :data:`TRACE_STAGES` into ``trace`` (int64 [G, NS, 2]: ns
     since its entry after the PDL wait, summed, and how many times), :func:`_stamp`."""
     tl.static_assert((not SPREAD) or ((TB == 1) and (SHIFT == 0) and (not ONE)),
                      "SPREAD needs one-token tiles, SHIFT 0 and not ONE")
-    tl.static_assert((not DEFER) or ((TB == 1) and (SHIFT == 0) and (not ONE) and (not SPREAD)
-                                     and (W == 2)),
-                     "DEFER needs EP=2, one-token tiles, SHIFT 0, not ONE, not SPREAD")
-    tl.static_assert((not HELP) or DEFER, "HELP needs DEFER")
     if PDL:  # nothing is touched before the previous grid finished
         pdl_wait()
         pdl_launch_dependents()
@@ -2149,10 +2077,6 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                                    lx, lmeta, RANK, W, M, H, K, L, E, BLOCK_H,
                                                    BLOCK_K, TB)
             slot = _claim_slots(ids, vt, cursor, RANK, L, K, BLOCK_K)
-        if DEFER:   # the previous call's received meta and rows (this program's), reset now
-            if i == 0:
-                _deferred_resets(pid, buf, lx, lmeta, last_ts, RANK, W, G, M, H, K, BLOCK_H,
-                                 BLOCK_K, BLOCK_W, BITS, NBUF)
         cr = rbase + i * G
         if SPREAD:   # every peer's count at the first iteration, then the unit pid + i * G
             if i == 0:
@@ -2180,27 +2104,13 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                             slot_map, wloc, err_dev, err_host, timeout_ns, RANK, W, G, M, H,
                             K, L, CAP, BLOCK_H, BLOCK_K, BITS, USE_TIMER, NT, T, ids1, counts,
                             BLOCK_L, ONE, TSPIN, MSPIN, CLAIM1, TRACE, trace, t0_trace,
-                            GATE, DEFER, HELP, n_own <= G // 2, 0)
+                            GATE)
                     else:
                         ts, dead = _lamport_recv_tile(
                             cr, s, ts, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor,
                             slot_map, wloc, err_dev, err_host, timeout_ns, RANK, W, G, M, H,
                             K, L, CAP, BLOCK_H, BLOCK_K, TB, BITS, USE_TIMER, NT, TSPIN)
                     tsv = tl.where(offs_w == s, ts, tsv)
-        if HELP:   # a quarter grid away from a receiver: place half of its token's rows
-            if i == 0:
-                if (n_own <= G // 2) & (pid >= G // 4):
-                    for s in tl.static_range(W):
-                        if s != RANK:
-                            ts = tl.sum(tl.where(offs_w == s, tsv, 0), axis=0)
-                            h = pid - G // 4
-                            if (dead == 0) & (h < ts) & (ts <= G // 4):
-                                ts, dead = _lamport_recv_token(
-                                    h, s, ts, dead, pid, buf, lx, lmeta, lcnt, expert_x,
-                                    cursor, slot_map, wloc, err_dev, err_host, timeout_ns,
-                                    RANK, W, G, M, H, K, L, CAP, BLOCK_H, BLOCK_K, BITS,
-                                    USE_TIMER, NT, T, ids1, counts, BLOCK_L, ONE, TSPIN, MSPIN,
-                                    CLAIM1, TRACE, trace, t0_trace, GATE, DEFER, HELP, True, 1)
         if TB == 1:
             if ONE:
                 if T <= 1:   # the own token first: slots 0, or claimed when the peer has more
@@ -2236,8 +2146,6 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
             want_recv = (rbase + i * G < units) & (dead == 0)
         more = (pid + i * G < n_own) | want_recv   # (hp != pid only with one own tile)
     tl.store(peer_T + offs_w, tl.maximum(tsv, 0), mask=is_peer)
-    if DEFER:   # what this program received, for its resets at the next call's start
-        tl.store(last_ts + pid * BLOCK_W + offs_w, tl.maximum(tsv, 0), mask=is_peer)
     tl.store(buf_ptr + pid, (buf + 1) % NBUF)
     _stamp(trace, pid, 9, t0_trace, TRACE, USE_TIMER, NT)
     if ONE:   # counts written by the receiver of token 0 (_lamport_recv_token), no atomics

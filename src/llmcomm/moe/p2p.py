@@ -108,8 +108,6 @@ def _at_warps(kwargs: dict[str, Any], warps: int, sim: bool = False) -> dict[str
         kwargs = {**kwargs, "MSPIN": False}
     if kwargs.get("GATE") and warps > 8:
         kwargs = {**kwargs, "GATE": False}
-    if kwargs.get("HELP") and warps > 8:   # (DEFER stays: every launch must run it alike)
-        kwargs = {**kwargs, "HELP": False}
     if kwargs.get("SPREAD") and not sim:
         # at most 128 registers a thread: ptxas gives the SPREAD dispatch 192-200 at 8 warps
         # (triton 3.6, sm_90a; the other dispatch 128), one program an SM instead of two.
@@ -223,7 +221,7 @@ class P2PBackend(MoEBackend):
                  _thread_spin: bool | None = None, _meta_spin: bool | None = None,
                  _peer_spread: bool | None = None, _early_own: bool | None = None,
                  _claim_first: bool = False, _gate: bool | None = None,
-                 _help: bool = False, _trace: bool = False) -> None:
+                 _trace: bool = False) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -344,14 +342,6 @@ class P2PBackend(MoEBackend):
                 there, not masked off (``GATE`` in :mod:`llmcomm.kernels.moe`), in the
                 launches at <= 8 warps a program (the small batches; :func:`_at_warps`), not
                 on the one-token path's calls. ``False`` is the A/B against the masked form.
-            _help: ``"lamport"`` at EP=2 with one-token tiles, ``shift`` 0, neither
-                ``_one_token_slots`` nor ``_peer_spread`` (A/B knob, session 26, off): every
-                dispatch leaves its received meta and rows to be reset by their receiver at
-                the next call's start (``DEFER`` in :mod:`llmcomm.kernels.moe`), and at <= 8
-                warps a program a quarter grid away from each receiver of a small batch
-                places half of the received token's rows (``HELP``). The receive slots of
-                the last call's buffer then stay set until the next call
-                (:meth:`lamport_pending`).
             _trace: ``"lamport"`` (a diagnostic, off): the dispatch stamps its stages
                 (``TRACE`` in :mod:`llmcomm.kernels.moe`) into ``self.trace``; read them
                 with :meth:`trace_summary`, zero them with ``self.trace.zero_()``. Not for
@@ -576,14 +566,6 @@ class P2PBackend(MoEBackend):
             raise ValueError(f"_gate needs protocol='lamport' with tile_tokens=1; got "
                              f"protocol {protocol!r}, tile_tokens {self.tiles[0]}")
         self._gate = bool(_gate)
-        if _help and not (lamport and W == 2 and self.tiles[0] == 1 and not shift
-                          and not self._one and not self._spread):
-            raise ValueError(f"_help needs protocol='lamport' at EP=2 with tile_tokens=1, shift "
-                             f"0, and neither _one_token_slots nor _peer_spread; got protocol "
-                             f"{protocol!r}, EP={W}, tile_tokens {self.tiles[0]}, shift "
-                             f"{shift}, _one_token_slots {self._one}, _peer_spread "
-                             f"{self._spread}")
-        self._help = bool(_help)
         if _trace and not lamport:
             raise ValueError(f"_trace needs protocol='lamport' (the flags kernels have no "
                              f"stamps); got protocol {protocol!r}")
@@ -646,9 +628,6 @@ class P2PBackend(MoEBackend):
             self.epoch_d = torch.zeros(self.G, dtype=torch.int32, device=dev)
             # 2 G: one per program of the combine with roles (its grid is 2 Gc <= 2 G)
             self.epoch_c = torch.zeros(2 * self.G, dtype=torch.int32, device=dev)
-        self.last_ts = None   # _help: each program's received counts, int32 [G, BLOCK_W]
-        if self._help:
-            self.last_ts = torch.zeros(self.G, _next_pow2(W), dtype=torch.int32, device=dev)
         self.trace = None   # _trace: the lamport dispatch's stage stamps, int64 [G, NS, 2]
         if _trace:
             from ..kernels.moe import TRACE_STAGES
@@ -685,7 +664,7 @@ class P2PBackend(MoEBackend):
                 "one_token_slots": self._one, "ce_tokens": self._ce_tokens,
                 "thread_spin": self._tspin, "meta_spin": self._mspin,
                 "peer_spread": self._spread, "early_own": self._early,
-                "claim_first": self._claim1, "gate": self._gate, "help": self._help,
+                "claim_first": self._claim1, "gate": self._gate,
                 **{k.lower(): v for k, v in self.variants.items()}}
 
     def _consts(self) -> dict[str, Any]:
@@ -846,8 +825,7 @@ class P2PBackend(MoEBackend):
                 self.timeout_ns, CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts),
                 ONE=self._one and T <= 1 and not self.shift, TSPIN=self._tspin,
                 MSPIN=self._mspin, SPREAD=self._spread, EARLY=self._early,
-                CLAIM1=self._claim1, GATE=self._gate, **self._help_args(),
-                **self._trace_args())
+                CLAIM1=self._claim1, GATE=self._gate, **self._trace_args())
             return self.expert_x, self.counts, (topk_ids, topk_weights)
         ce = self._ce_tokens is not None and T >= self._ce_tokens
         side = self._ce_send(x, T) if ce and not self._compile_only else None
@@ -864,27 +842,6 @@ class P2PBackend(MoEBackend):
         if side is not None:   # the copies joined after the kernel's launch: they overlap it
             torch.cuda.current_stream(c.device).wait_stream(side)
         return self.expert_x, self.counts, (topk_ids, topk_weights)
-
-    def _help_args(self) -> dict[str, Any]:
-        """``_help``: ``DEFER`` in every dispatch launch (a call that reset nothing after one
-        that deferred would leave that buffer set), ``HELP`` too (dropped above 8 warps by
-        :func:`_at_warps`)."""
-        if not self._help:
-            return {}
-        return {"DEFER": True, "HELP": True, "last_ts": self.last_ts}
-
-    def lamport_pending(self) -> dict[str, list[tuple[int, ...]]]:
-        """``_help`` (``DEFER``): the receive slots the last dispatch left set for the next one
-        to reset -- ``{"lx": [(buf, src, token), ...], "lmeta": [...]}`` on this rank: the
-        previous buffer's rows of the tokens each peer sent (empty without ``_help``). For
-        sentinel checks on a quiet group (tests, the stress tool)."""
-        if not self._help:
-            return {"lx": [], "lmeta": []}
-        W, rank = self.cfg.world_size, self.cfg.rank
-        prev = (int(self.buf_d[0]) - 1) % NBUF
-        n = self.last_ts[0].tolist()
-        rows = [(prev, s, c) for s in range(W) if s != rank for c in range(int(n[s]))]
-        return {"lx": rows, "lmeta": rows}
 
     def _trace_args(self) -> dict[str, Any]:
         """The lamport dispatch's ``TRACE`` arguments: none by default (its PTX is then the same
