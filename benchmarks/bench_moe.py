@@ -90,8 +90,6 @@ SWEEP = {
     "lam_claim1": ({"protocol": "lamport", "_claim_first": True}, None),
     # claims and placements masked off where there is no token, as before session 26's GATE
     "lam_nogate": ({"protocol": "lamport", "_gate": False}, None),
-    # the first own token loaded beside the buffer index, sent before the loop (session 26)
-    "lam_pre": ({"protocol": "lamport", "_pre_send": True}, None),
     # the default lamport pair with the dispatch's stage stamps (a diagnostic, session 26): its
     # timing is of the stamped kernel, and each size prints the stage table of every rank
     "lam_trace": ({"protocol": "lamport", "_trace": True}, None),

@@ -81,8 +81,6 @@ CONFIGS = {
     "lamport128claim1": (128, {"_claim_first": True}),
     # claims and placements masked off where there is no token, as before session 26's GATE
     "lamport128nogate": (128, {"_gate": False}),
-    # the first own token loaded beside the buffer index, sent before the loop (_pre_send)
-    "lamport128pre": (128, {"_pre_send": True}),
     # A/B candidate (session 17): dispatches of 2048+ tokens send their rows by copy engine
     "ce4096": (4096, {"protocol": "flags", "_ce_tokens": 2048}),
 }

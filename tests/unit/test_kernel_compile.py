@@ -45,7 +45,7 @@ _MOE = dict(RANK=0, W=W, G=128, H=7168, K=8, L=128, E=256, BLOCK_H=8192, BLOCK_K
 _AR = dict(RANK=1, W=W, NORM=True, FP8=False, BLOCK=8192, PDL=True, NT=512)
 _FLAGS = dict(_MOE, M=4096, CHUNK=8, POSTED=True, INTERLEAVE=True, FUSE=True, CE=False, CE_MIN=0)
 _LAMPORT = dict(_MOE, BITS=16, NBUF=3, SHIFT=0, ONE=False, TSPIN=True, MSPIN=False,
-                SPREAD=False, EARLY=False, CLAIM1=False, GATE=False, PRE=False, TRACE=False,
+                SPREAD=False, EARLY=False, CLAIM1=False, GATE=False, TRACE=False,
                 trace=None)
 
 #: (module, kernel, constexprs, num_warps): the launchers' defaults at hidden 7168, EP/TP = 2
@@ -102,9 +102,6 @@ CASES = {
     "moe-lamport-dispatch-gate-spread-w8": ("moe", "ep_dispatch_lamport_kernel",
                                             dict(_LAMPORT, M=128, CAP=256, GATE=True,
                                                  SPREAD=True, MSPIN=True, NT=256), 8),
-    "moe-lamport-dispatch-pre-mspin-w8": ("moe", "ep_dispatch_lamport_kernel",
-                                          dict(_LAMPORT, M=128, CAP=256, EARLY=True, GATE=True,
-                                               MSPIN=True, NT=256, PRE=True), 8),
     "moe-lamport-dispatch-trace": ("moe", "ep_dispatch_lamport_kernel",
                                    dict(_LAMPORT, M=128, CAP=256, EARLY=True, TRACE=True,
                                         trace="*i64"), 16),

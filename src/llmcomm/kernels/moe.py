@@ -1955,8 +1955,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                TSPIN: tl.constexpr = False, MSPIN: tl.constexpr = False,
                                SPREAD: tl.constexpr = False, EARLY: tl.constexpr = False,
                                CLAIM1: tl.constexpr = False, GATE: tl.constexpr = False,
-                               PRE: tl.constexpr = False, TRACE: tl.constexpr = False,
-                               trace=None):
+                               TRACE: tl.constexpr = False, trace=None):
     """Lamport dispatch; see the module docstring. Tiles of ``TB`` tokens; program ``p`` sends
     own tiles ``p, p+G, ...`` and receives tiles ``q, q+G, ...`` (``q = (p + SHIFT) mod G``)
     of every peer, the own tile's rows copied after each receive (before it with ``EARLY``,
@@ -1986,11 +1985,6 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
     does not have (the other half of the grid places it) after its receive, on the critical
     path.
 
-    ``PRE`` (one-token tiles; session 26's A/B knob ``_pre_send``, as ``ONE`` does): own token
-    ``pid`` is loaded beside the buffer index, not after the count stores, and sent before the
-    loop (stamps: loading and sending it took ~1.0 us after the counts, on the chain the peer's
-    receive waits for).
-
     ``TRACE`` (a diagnostic, off by default; the knob ``P2PBackend(_trace=True)``): each
     program stamps the stages of :data:`TRACE_STAGES` into ``trace`` (int64 [G, NS, 2]: ns
     since its entry after the PDL wait, summed, and how many times), :func:`_stamp`."""
@@ -2002,8 +1996,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
     pid = tl.program_id(0)
     t0_trace = _clock(TRACE, USE_TIMER, NT)
     err_host = err_host_addr.to(tl.pointer_type(tl.int32))
-    P0: tl.constexpr = ONE or (PRE and (TB == 1))
-    if P0:   # own token pid loaded beside the buffer index, sent before the loop
+    if ONE:   # own token pid loaded beside the buffer index, sent before the loop
         row0, ids0, w0, v0, t0 = _own_token(pid, T, x_ptr, ids_ptr, w_ptr, H, K, E, BLOCK_H,
                                             BLOCK_K)
     buf = tl.load(buf_ptr + pid)
@@ -2021,7 +2014,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
         if d != RANK:
             tl.store(lcnt[d] + (buf * W + RANK) * G + pid, T)
     _stamp(trace, pid, 0, t0_trace, TRACE, USE_TIMER, NT)
-    if P0:
+    if ONE:
         _lamport_send_token(row0, ids0, w0, v0, t0, buf, lx, lmeta, RANK, W, M, H, K, L,
                             BLOCK_H, BLOCK_K)
     n_own = tl.cdiv(T, TB)
@@ -2049,7 +2042,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
         # to compile a loop-carried [TB, BLOCK_H] row here: RemoveLayoutConversions)
         if TB == 1:   # 1-D vectors (session 13); own token hp + i*G placed here (session 14)
             ts1 = pid + i * G
-            if P0:   # token pid went before the loop
+            if ONE:   # token pid went before the loop
                 ts1 = tl.where(i == 0, T, ts1)
             row1, ids1, w1, v1, t1 = _own_token(ts1, T, x_ptr, ids_ptr, w_ptr, H, K, E,
                                                 BLOCK_H, BLOCK_K)

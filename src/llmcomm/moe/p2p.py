@@ -221,7 +221,7 @@ class P2PBackend(MoEBackend):
                  _thread_spin: bool | None = None, _meta_spin: bool | None = None,
                  _peer_spread: bool | None = None, _early_own: bool | None = None,
                  _claim_first: bool = False, _gate: bool | None = None,
-                 _pre_send: bool = False, _trace: bool = False) -> None:
+                 _trace: bool = False) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -342,10 +342,6 @@ class P2PBackend(MoEBackend):
                 there, not masked off (``GATE`` in :mod:`llmcomm.kernels.moe`), in the
                 launches at <= 8 warps a program (the small batches; :func:`_at_warps`), not
                 on the one-token path's calls. ``False`` is the A/B against the masked form.
-            _pre_send: ``"lamport"`` with one-token tiles (A/B knob, session 26, off): the
-                dispatch loads its first own token beside the buffer index and sends it
-                before the loop (``PRE`` in :mod:`llmcomm.kernels.moe`, as the one-token
-                path does).
             _trace: ``"lamport"`` (a diagnostic, off): the dispatch stamps its stages
                 (``TRACE`` in :mod:`llmcomm.kernels.moe`) into ``self.trace``; read them
                 with :meth:`trace_summary`, zero them with ``self.trace.zero_()``. Not for
@@ -570,10 +566,6 @@ class P2PBackend(MoEBackend):
             raise ValueError(f"_gate needs protocol='lamport' with tile_tokens=1; got "
                              f"protocol {protocol!r}, tile_tokens {self.tiles[0]}")
         self._gate = bool(_gate)
-        if _pre_send and not (lamport and self.tiles[0] == 1):
-            raise ValueError(f"_pre_send needs protocol='lamport' with tile_tokens=1; got "
-                             f"protocol {protocol!r}, tile_tokens {self.tiles[0]}")
-        self._pre = bool(_pre_send)
         if _trace and not lamport:
             raise ValueError(f"_trace needs protocol='lamport' (the flags kernels have no "
                              f"stamps); got protocol {protocol!r}")
@@ -672,7 +664,7 @@ class P2PBackend(MoEBackend):
                 "one_token_slots": self._one, "ce_tokens": self._ce_tokens,
                 "thread_spin": self._tspin, "meta_spin": self._mspin,
                 "peer_spread": self._spread, "early_own": self._early,
-                "claim_first": self._claim1, "gate": self._gate, "pre_send": self._pre,
+                "claim_first": self._claim1, "gate": self._gate,
                 **{k.lower(): v for k, v in self.variants.items()}}
 
     def _consts(self) -> dict[str, Any]:
@@ -833,7 +825,7 @@ class P2PBackend(MoEBackend):
                 self.timeout_ns, CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts),
                 ONE=self._one and T <= 1 and not self.shift, TSPIN=self._tspin,
                 MSPIN=self._mspin, SPREAD=self._spread, EARLY=self._early,
-                CLAIM1=self._claim1, GATE=self._gate, PRE=self._pre, **self._trace_args())
+                CLAIM1=self._claim1, GATE=self._gate, **self._trace_args())
             return self.expert_x, self.counts, (topk_ids, topk_weights)
         ce = self._ce_tokens is not None and T >= self._ce_tokens
         side = self._ce_send(x, T) if ce and not self._compile_only else None
