@@ -155,7 +155,13 @@ class Loopback:
         if timeout_s is not None:
             for be in self.backends:
                 be.timeout_ns = int(timeout_s * 1e9)
-        self.streams = [torch.cuda.Stream(device) for _ in range(world_size)]
+        # High priority: torch hands out streams round-robin from a pool of 32 a priority, so a
+        # default-priority stream a caller takes later (a benchmark's capture stream, say) can
+        # be a rank's stream again. If the caller's current stream were rank r's, rank r's
+        # kernel would be enqueued before the ranks after it wait on that stream: they would
+        # wait for it while it spins for them (session 26: the 4th Loopback of a benchmark
+        # process hung in its first CUDA-graph timing). _each_rank refuses that case.
+        self.streams = [torch.cuda.Stream(device, priority=-1) for _ in range(world_size)]
         torch.cuda.synchronize(device)   # every workspace filled before any kernel runs
 
     def warmup(self, num_tokens: Sequence[int],
@@ -201,6 +207,12 @@ class Loopback:
             finally:
                 be._compile_only = False
         cur = torch.cuda.current_stream(self.device)
+        if any(s.cuda_stream == cur.cuda_stream for s in self.streams):
+            raise RuntimeError(
+                "Loopback: the current stream is one of the ranks' streams (torch's stream pool "
+                "handed it out twice); a rank launched on it would be waited on by the ranks "
+                "after it while it waits for them. Run the calls on a stream that is none of "
+                "Loopback.streams")
         out = []
         for r, s in enumerate(self.streams):
             s.wait_stream(cur)
