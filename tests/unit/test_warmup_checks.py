@@ -22,18 +22,14 @@ def _objects():
 
 
 @pytest.mark.parametrize("i", [0, 1])
-def test_warmup_refuses_torch_compile_tracing(monkeypatch, i):
+@pytest.mark.parametrize("where, exc, says", [
+    ((torch.compiler, "is_compiling"), RuntimeError, r"\.warmup\(\).*before torch.compile"),
+    ((torch.cuda, "is_current_stream_capturing"), CaptureError,
+     r"\.warmup\(\) must run before CUDA-graph")], ids=["compiling", "capturing"])
+def test_warmup_refuses_to_run_inside_tracing_or_capture(monkeypatch, i, where, exc, says):
     owner, obj, _ = _objects()[i]
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    with pytest.raises(RuntimeError, match=rf"{owner}\.warmup\(\).*before torch.compile"):
-        obj.warmup([1])
-
-
-@pytest.mark.parametrize("i", [0, 1])
-def test_warmup_refuses_a_capture(monkeypatch, i):
-    owner, obj, _ = _objects()[i]
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    with pytest.raises(CaptureError, match=rf"{owner}\.warmup\(\) must run before CUDA-graph"):
+    monkeypatch.setattr(*where, lambda: True)
+    with pytest.raises(exc, match=owner + says):
         obj.warmup([1])
 
 

@@ -1980,8 +1980,8 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
     ``GATE`` (one-token tiles, not ``ONE``; session 26): a token's slot claim and row
     placement run under a branch on the token being there, own or received, instead of
     masked off. Session 26's stage stamps (``TRACE``, loopback, one token) priced the masked-off
-    forms at ~0.3 us (claim) and ~0.45-0.8 us (placement: ``K`` reductions, each with its
-    barriers): the program receiving token 0 of a small batch ran both for an own token it
+    forms at ~0.3 us (claim) and ~0.45-0.8 us (placement: ``K`` slot reductions and ``K``
+    masked row stores): the program receiving token 0 of a small batch ran both for an own token it
     does not have (the other half of the grid places it) after its receive, on the critical
     path.
 

@@ -101,7 +101,7 @@ def _at_warps(kwargs: dict[str, Any], warps: int, sim: bool = False) -> dict[str
     measured it faster (at 16 the dispatch was 1 us slower: 512 threads spinning on the same
     few words, and the meta re-read after the reduction); ``GATE`` (claims and placements
     branched around where there is no token) only at <= 8 warps too, the small batches, where
-    session 26 measured it faster (loopback pair -0.8..-1.1 us at 1-8 tokens) -- at 16 warps
+    session 26 measured it faster (loopback pair -0.4..-1.3 us at 1-16 tokens) -- at 16 warps
     (64-128 tokens, a token in nearly every program) it only added 0.2-0.7 us; ``SPREAD`` with
     triton's ``maxnreg=128`` on a GPU (``sim`` False)."""
     if kwargs.get("MSPIN") and warps > 8:
