@@ -505,6 +505,13 @@ def test_errors_world2():
      "_peer_spread needs protocol='lamport' with tile_tokens=1, shift 0 and without "
      "_one_token_slots; got protocol 'flags'"),
     ({"protocol": "lamport", "tile_tokens": 2, "_peer_spread": True}, "tile_tokens 2"),
+    ({"protocol": "flags", "_early_own": True},
+     "_early_own needs protocol='lamport' with tile_tokens=1; got protocol 'flags'"),
+    ({"protocol": "lamport", "tile_tokens": 2, "_claim_first": True},
+     "_claim_first needs protocol='lamport' with tile_tokens=1; got protocol 'lamport', "
+     "tile_tokens 2"),
+    ({"protocol": "flags", "_gate": True}, "_gate needs protocol='lamport' with tile_tokens=1"),
+    ({"protocol": "flags", "_trace": True}, "_trace needs protocol='lamport'"),
     ({"_ce_tokens": 0}, "_ce_tokens must be an int >= 1 (or None: off), got 0"),
     ({"protocol": "lamport", "_ce_tokens": 8},
      "_ce_tokens needs protocol='flags' at EP=2 with interleave and the default rounds; got "

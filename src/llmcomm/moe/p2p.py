@@ -550,22 +550,21 @@ class P2PBackend(MoEBackend):
                              "program receives tokens another program of the peer sent): not "
                              "in the TRITON_INTERPRET simulation; leave it unset")
         self._spread = bool(_peer_spread)
-        if _early_own is None:
-            _early_own = lamport and self.tiles[0] == 1
-        if _early_own and not (lamport and self.tiles[0] == 1):
-            raise ValueError(f"_early_own needs protocol='lamport' with tile_tokens=1; got "
-                             f"protocol {protocol!r}, tile_tokens {self.tiles[0]}")
-        self._early = bool(_early_own)
-        if _claim_first and not (lamport and self.tiles[0] == 1):
-            raise ValueError(f"_claim_first needs protocol='lamport' with tile_tokens=1; got "
-                             f"protocol {protocol!r}, tile_tokens {self.tiles[0]}")
-        self._claim1 = bool(_claim_first)
-        if _gate is None:
-            _gate = lamport and self.tiles[0] == 1
-        if _gate and not (lamport and self.tiles[0] == 1):
-            raise ValueError(f"_gate needs protocol='lamport' with tile_tokens=1; got "
-                             f"protocol {protocol!r}, tile_tokens {self.tiles[0]}")
-        self._gate = bool(_gate)
+        one_tiles = lamport and self.tiles[0] == 1
+
+        def one_token_knob(name: str, value: bool | None) -> bool:
+            """A knob of the lamport one-token dispatch: on there unless told (None), refused
+            elsewhere."""
+            if value is None:
+                return one_tiles
+            if value and not one_tiles:
+                raise ValueError(f"{name} needs protocol='lamport' with tile_tokens=1; got "
+                                 f"protocol {protocol!r}, tile_tokens {self.tiles[0]}")
+            return bool(value)
+
+        self._early = one_token_knob("_early_own", _early_own)
+        self._claim1 = one_token_knob("_claim_first", _claim_first)
+        self._gate = one_token_knob("_gate", _gate)
         if _trace and not lamport:
             raise ValueError(f"_trace needs protocol='lamport' (the flags kernels have no "
                              f"stamps); got protocol {protocol!r}")
