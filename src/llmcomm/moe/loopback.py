@@ -208,7 +208,7 @@ class Loopback:
                 be._compile_only = False
         cur = torch.cuda.current_stream(self.device)
         if any(s.cuda_stream == cur.cuda_stream for s in self.streams):
-            raise RuntimeError(
+            raise ValueError(
                 "Loopback: the current stream is one of the ranks' streams (torch's stream pool "
                 "handed it out twice); a rank launched on it would be waited on by the ranks "
                 "after it while it waits for them. Run the calls on a stream that is none of "
