@@ -1955,7 +1955,8 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                TSPIN: tl.constexpr = False, MSPIN: tl.constexpr = False,
                                SPREAD: tl.constexpr = False, EARLY: tl.constexpr = False,
                                CLAIM1: tl.constexpr = False, GATE: tl.constexpr = False,
-                               TRACE: tl.constexpr = False, trace=None):
+                               TRACE: tl.constexpr = False, trace=None,
+                               DIRECT: tl.constexpr = False):
     """Lamport dispatch; see the module docstring. Tiles of ``TB`` tokens; program ``p`` sends
     own tiles ``p, p+G, ...`` and receives tiles ``q, q+G, ...`` (``q = (p + SHIFT) mod G``)
     of every peer, the own tile's rows copied after each receive (before it with ``EARLY``,
@@ -1987,9 +1988,18 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
 
     ``TRACE`` (a diagnostic, off by default; the knob ``P2PBackend(_trace=True)``): each
     program stamps the stages of :data:`TRACE_STAGES` into ``trace`` (int64 [G, NS, 2]: ns
-    since its entry after the PDL wait, summed, and how many times), :func:`_stamp`."""
+    since its entry after the PDL wait, summed, and how many times), :func:`_stamp`.
+
+    ``DIRECT`` (session 27; the knob ``P2PBackend(_direct_counts=...)``): the launcher passes
+    ``counts`` as ``cursor``, so the slot claims count the rows themselves and no "last program
+    out" publishes them (:func:`_publish_counts`: a barrier, the ``done`` atomic and the
+    cursor exchange on the last program's path, ~0.6 us at one token in the stage stamps).
+    ``counts`` must then be zero at entry: the combine zeroes it
+    (:func:`ep_combine_lamport_kernel` ``ZERO``), and a dispatch that follows a dispatch is
+    preceded by a memset (the launcher's)."""
     tl.static_assert((not SPREAD) or ((TB == 1) and (SHIFT == 0) and (not ONE)),
                      "SPREAD needs one-token tiles, SHIFT 0 and not ONE")
+    tl.static_assert((not DIRECT) or (not ONE), "DIRECT cannot run with ONE")
     if PDL:  # nothing is touched before the previous grid finished
         pdl_wait()
         pdl_launch_dependents()
@@ -2153,6 +2163,8 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
             last = _publish_counts(done, cursor, counts, G, L, BLOCK_L)
         else:
             last = pid < 0   # (a tensor, as the other branch's)
+    elif DIRECT:   # the claims were the counts: nothing to publish, no last program out
+        last = pid < 0
     else:
         last = _publish_counts(done, cursor, counts, G, L, BLOCK_L)
     if TRACE:
@@ -2335,17 +2347,26 @@ def ep_combine_lamport_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T, lcomb, slot_
                               BITS: tl.constexpr, NBUF: tl.constexpr, SHIFT: tl.constexpr,
                               SPLIT: tl.constexpr, USE_TIMER: tl.constexpr,
                               PDL: tl.constexpr = False, NT: tl.constexpr = 256,
-                              TSPIN: tl.constexpr = False):
+                              TSPIN: tl.constexpr = False, ZERO: tl.constexpr = False,
+                              zero_ptr=None, BLOCK_Z: tl.constexpr = 1):
     """Lamport combine; see the module docstring. When every rank's tiles times ``SPLIT`` fit
     the grid (a small batch), program ``p`` handles column chunk ``p mod SPLIT`` of tile
     ``p // SPLIT`` (push the peers', finish own tile ``q // SPLIT``, chunk ``q mod SPLIT``, ``q =
     (p + SHIFT) mod G``), so one token's K weighted expert rows are summed on SPLIT SMs instead
     of one. Otherwise program ``p`` pushes the peers' tiles ``p, p+G, ...`` (whole rows) and
-    finishes its own tiles one iteration behind."""
+    finishes its own tiles one iteration behind.
+
+    ``ZERO`` (with the dispatch's ``DIRECT``): program 0 zeroes the ``L`` int32 at ``zero_ptr``
+    (``BLOCK_Z`` >= L; the dispatch's ``counts``, read by the expert kernels before this one) for
+    the next dispatch's claims."""
     if PDL:  # nothing is touched before the previous grid finished
         pdl_wait()
         pdl_launch_dependents()
     pid = tl.program_id(0)
+    if ZERO:
+        if pid == 0:
+            offs_z = tl.arange(0, BLOCK_Z)
+            tl.store(zero_ptr + offs_z, tl.zeros([BLOCK_Z], tl.int32), mask=offs_z < L)
     err_host = err_host_addr.to(tl.pointer_type(tl.int32))
     offs_w = tl.arange(0, BLOCK_W)
     is_peer = (offs_w < W) & (offs_w != RANK)

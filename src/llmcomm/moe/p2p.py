@@ -221,7 +221,7 @@ class P2PBackend(MoEBackend):
                  _thread_spin: bool | None = None, _meta_spin: bool | None = None,
                  _peer_spread: bool | None = None, _early_own: bool | None = None,
                  _claim_first: bool = False, _gate: bool | None = None,
-                 _trace: bool = False) -> None:
+                 _trace: bool = False, _direct_counts: bool = False) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -346,6 +346,12 @@ class P2PBackend(MoEBackend):
                 (``TRACE`` in :mod:`llmcomm.kernels.moe`) into ``self.trace``; read them
                 with :meth:`trace_summary`, zero them with ``self.trace.zero_()``. Not for
                 timing runs: each stage adds two atomics.
+            _direct_counts: ``"lamport"`` without ``_one_token_slots`` (A/B knob, session
+                27, off): the dispatch's slot claims increment ``counts`` itself and no
+                "last program out" publishes it (``DIRECT`` in :mod:`llmcomm.kernels.moe`);
+                the combine zeroes ``counts`` for the next dispatch (so it reads 0 after
+                the combine), and a dispatch after a dispatch with no combine between
+                them zeroes it first by a memset.
             _ce_tokens: ``"flags"`` at EP=2, interleaved, default rounds (A/B knob, off: on
                 2 x H200 it was slower, 228.6 vs 217 us for the 4096-token dispatch, although
                 the peer copy ran on a copy engine; docs/moe_sessions.md, session 17): a
@@ -576,6 +582,12 @@ class P2PBackend(MoEBackend):
             raise ValueError(f"_one_token_slots needs protocol='lamport' at EP=2 with "
                              f"tile_tokens=1 and shift=0; got protocol {protocol!r} at "
                              f"EP={W}, tile_tokens {self.tiles[0]}, shift {shift}")
+        if _direct_counts and (not lamport or self._one):
+            raise ValueError(f"_direct_counts needs protocol='lamport' without "
+                             f"_one_token_slots; got protocol {protocol!r}, _one_token_slots "
+                             f"{self._one}")
+        self._direct = bool(_direct_counts)
+        self._counts_live = False   # _direct_counts: a dispatch's counts not yet zeroed
         dev = cfg.device if not self._sim else torch.device("cpu")
         off = 0
         layout = {}
@@ -664,6 +676,7 @@ class P2PBackend(MoEBackend):
                 "thread_spin": self._tspin, "meta_spin": self._mspin,
                 "peer_spread": self._spread, "early_own": self._early,
                 "claim_first": self._claim1, "gate": self._gate,
+                "direct_counts": self._direct,
                 **{k.lower(): v for k, v in self.variants.items()}}
 
     def _consts(self) -> dict[str, Any]:
@@ -817,14 +830,22 @@ class P2PBackend(MoEBackend):
             x, topk_ids, topk_weights = self._dummy_x, self._dummy_ids, self._dummy_w
         c = self.cfg
         if self.protocol == "lamport":
+            cursor = self.cursor
+            if self._direct:   # the claims count into `counts`, which must be zero now
+                cursor = self.counts
+                if not self._compile_only:   # (a warmup's compiles leave the state alone)
+                    if self._counts_live:
+                        self.counts.zero_()
+                    self._counts_live = True
             self._launch_lamport(ep_dispatch_lamport_kernel, T, self.tiles[0], topk_ids,
                 topk_weights, x, topk_ids, topk_weights, T, self.lx, self.lmeta, self.lcnt,
-                self.expert_x, self.counts, self.cursor, self.done, self.slot_map, self.wloc,
+                self.expert_x, self.counts, cursor, self.done, self.slot_map, self.wloc,
                 self.peer_T, self.buf_d, self.err_dev, self.err_host.data_ptr(),
                 self.timeout_ns, CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts),
                 ONE=self._one and T <= 1 and not self.shift, TSPIN=self._tspin,
                 MSPIN=self._mspin, SPREAD=self._spread, EARLY=self._early,
-                CLAIM1=self._claim1, GATE=self._gate, **self._trace_args())
+                CLAIM1=self._claim1, GATE=self._gate, DIRECT=self._direct,
+                **self._trace_args())
             return self.expert_x, self.counts, (topk_ids, topk_weights)
         ce = self._ce_tokens is not None and T >= self._ce_tokens
         side = self._ce_send(x, T) if ce and not self._compile_only else None
@@ -841,6 +862,16 @@ class P2PBackend(MoEBackend):
         if side is not None:   # the copies joined after the kernel's launch: they overlap it
             torch.cuda.current_stream(c.device).wait_stream(side)
         return self.expert_x, self.counts, (topk_ids, topk_weights)
+
+    def _zero_args(self) -> dict[str, Any]:
+        """``_direct_counts``: the lamport combine's ``ZERO`` arguments (it zeroes ``counts``
+        for the next dispatch); none otherwise (the same PTX as before the knob)."""
+        if not self._direct:
+            return {}
+        if not self._compile_only:
+            self._counts_live = False
+        return {"ZERO": True, "zero_ptr": self.counts,
+                "BLOCK_Z": _next_pow2(self.cfg.local_experts)}
 
     def _trace_args(self) -> dict[str, Any]:
         """The lamport dispatch's ``TRACE`` arguments: none by default (its PTX is then the same
@@ -926,7 +957,7 @@ class P2PBackend(MoEBackend):
                 expert_out, ids, w, y_arg, num_tokens, self.lcomb, self.slot_map, self.wloc,
                 self.peer_T, self.buf_c, self.err_dev, self.err_host.data_ptr(),
                 self.timeout_ns, SPLIT=min(self.combine_split, _next_pow2(c.hidden_size)),
-                TSPIN=self._tspin)
+                TSPIN=self._tspin, **self._zero_args())
             return y
         if self._roles:
             self._launch(ep_combine_roles_kernel,
