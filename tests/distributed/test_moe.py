@@ -585,13 +585,15 @@ def _concurrent_worker(rank, world, tmp, E_, kw, G, shift, seed, spread=False):
     (2, 8, {"_early_own": False}, 2, 0),  # own rows after the receive (before session 25)
     (2, 8, {"_claim_first": True, "_one_token_slots": True}, 8, 0),   # slots before the row
     (2, 8, {"_gate": False}, 8, 0),   # claims and placements masked off, not branched around
-    (2, 8, {"_direct_counts": True}, 8, 0),   # claims counted in counts, zeroed by combine
+    (2, 8, {"_direct_counts": "entry"}, 8, 0),   # claims counted in counts, zeroed at entry
+    (2, 8, {"_direct_counts": "combine"}, 8, 0),   # ... or by the combine
     # the peers' tokens spread over the programs (_peer_spread, the default at EP > 2 on a
     # GPU): several units a program (G 2), and one a program with ranks of 0 tokens (G 8)
     (3, 6, {"_peer_spread": True}, 2, 0),
     (4, 8, {"_peer_spread": True}, 8, 0),
 ], ids=["w2-t4c2-G4s2", "w2-t1-G2s1", "w3-t2c4-G3s1", "w2-t1-G8", "w2-t1-G8-one",
         "w2-t1-G8-noone", "w2-t1-G2-noearly", "w2-t1-G8-claim1-one", "w2-t1-G8-nogate", "w2-t1-G8-direct",
+        "w2-t1-G8-directc",
         "w3-t1-G2-spread", "w4-t1-G8-spread"])
 def test_p2p_sim_lamport_concurrent_programs(world, E_, kw, G, shift):
     kw = dict(kw)

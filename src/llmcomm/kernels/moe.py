@@ -164,8 +164,8 @@ import triton
 import triton.language as tl
 
 from .sync import (every_thread_max, globaltimer_threads, globaltimer_uniform, ld_acquire_sys,
-                   load_uniform, pdl_launch_dependents, pdl_wait, spin_landed, spin_meta,
-                   st_release_sys, uniform)
+                   load_uniform, pdl_launch_dependents, pdl_wait, spin_equal, spin_landed,
+                   spin_meta, st_release_sys, uniform)
 
 
 #: spins of a poll loop between two checks of the deadline and of this rank's error flag: each
@@ -1941,6 +1941,21 @@ def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_
 
 
 @triton.jit
+def _wait_zeroed(zflag, buf, err_dev, err_host, timeout_ns, RANK: tl.constexpr,
+                 USE_TIMER: tl.constexpr, NT: tl.constexpr):
+    """``DIRECT`` with ``ZP >= 0``: wait until ``*zflag == buf`` (program ``ZP`` zeroed
+    ``counts`` for this call), each thread by its own acquire loads (:func:`.sync.spin_equal`);
+    past the deadline the error names this rank. In the interpreter (``USE_TIMER`` off) a plain
+    volatile poll, no deadline (program ``ZP`` is 0 there, run first or concurrently)."""
+    if USE_TIMER:
+        spin_equal(zflag, buf, timeout_ns, err_dev, err_host, 65536 + RANK + 1, NT)
+    else:
+        v = tl.load(zflag, volatile=True)
+        while v != buf:
+            v = tl.load(zflag, volatile=True)
+
+
+@triton.jit
 def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                expert_x, counts, cursor, done, slot_map, wloc, peer_T, buf_ptr,
                                err_dev, err_host_addr, timeout_ns,
@@ -1956,7 +1971,8 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                SPREAD: tl.constexpr = False, EARLY: tl.constexpr = False,
                                CLAIM1: tl.constexpr = False, GATE: tl.constexpr = False,
                                TRACE: tl.constexpr = False, trace=None,
-                               DIRECT: tl.constexpr = False):
+                               DIRECT: tl.constexpr = False, ZP: tl.constexpr = -1,
+                               zflag=None):
     """Lamport dispatch; see the module docstring. Tiles of ``TB`` tokens; program ``p`` sends
     own tiles ``p, p+G, ...`` and receives tiles ``q, q+G, ...`` (``q = (p + SHIFT) mod G``)
     of every peer, the own tile's rows copied after each receive (before it with ``EARLY``,
@@ -1994,9 +2010,13 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
     ``counts`` as ``cursor``, so the slot claims count the rows themselves and no "last program
     out" publishes them (:func:`_publish_counts`: a barrier, the ``done`` atomic and the
     cursor exchange on the last program's path, ~0.6 us at one token in the stage stamps).
-    ``counts`` must then be zero at entry: the combine zeroes it
+    ``counts`` must then be zero before the first claim. ``ZP < 0``: the combine zeroes it
     (:func:`ep_combine_lamport_kernel` ``ZERO``), and a dispatch that follows a dispatch is
-    preceded by a memset (the launcher's)."""
+    preceded by a memset (the launcher's). ``ZP >= 0``: program ``ZP`` zeroes it at entry and
+    release-stores this call's buffer index ``buf`` into ``zflag`` (int32 [1]); every program
+    waits for that value (:func:`_wait_zeroed`) after sending its first tile, before its first
+    claim. ``counts`` then keeps its values until the next dispatch, as with the "last
+    program out"."""
     tl.static_assert((not SPREAD) or ((TB == 1) and (SHIFT == 0) and (not ONE)),
                      "SPREAD needs one-token tiles, SHIFT 0 and not ONE")
     tl.static_assert((not DIRECT) or (not ONE), "DIRECT cannot run with ONE")
@@ -2010,6 +2030,13 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
         row0, ids0, w0, v0, t0 = _own_token(pid, T, x_ptr, ids_ptr, w_ptr, H, K, E, BLOCK_H,
                                             BLOCK_K)
     buf = tl.load(buf_ptr + pid)
+    if DIRECT:
+        if ZP >= 0:
+            if pid == ZP:   # this call's claims count from zero; then the flag, released
+                offs_z = tl.arange(0, BLOCK_L)
+                tl.store(counts + offs_z, tl.zeros([BLOCK_L], tl.int32), mask=offs_z < L)
+                tl.debug_barrier()
+                tl.atomic_xchg(zflag, buf, sem="release", scope="gpu")
     # this rank's error flag is not read here but by the poll loops at their first deadline
     # check (SPIN_CHECK spins): a read at entry is a reduction whose barrier holds back
     # everything after it. Except with ONE, where the one-token dispatch measured 0.2-0.3 us
@@ -2059,6 +2086,11 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
             _lamport_send_token(row1, ids1, w1, v1, t1, buf, lx, lmeta, RANK, W, M, H, K, L,
                                 BLOCK_H, BLOCK_K)
             _stamp(trace, pid, 1, t0_trace, TRACE, USE_TIMER, NT)
+            if DIRECT:
+                if ZP >= 0:
+                    if i == 0:   # before this program's first claim
+                        _wait_zeroed(zflag, buf, err_dev, err_host, timeout_ns, RANK,
+                                     USE_TIMER, NT)
             if ONE:
                 ids1 = ids0   # own token 0's ids, for the program receiving token 0
             rowp, idsp, wp, vp, tp = _own_token(hp + i * G, T, x_ptr, ids_ptr, w_ptr, H, K, E,
@@ -2086,6 +2118,11 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
             row, ids, vt, t64 = _lamport_send_tile(pid + i * G, x_ptr, ids_ptr, w_ptr, T, buf,
                                                    lx, lmeta, RANK, W, M, H, K, L, E, BLOCK_H,
                                                    BLOCK_K, TB)
+            if DIRECT:
+                if ZP >= 0:
+                    if i == 0:
+                        _wait_zeroed(zflag, buf, err_dev, err_host, timeout_ns, RANK,
+                                     USE_TIMER, NT)
             slot = _claim_slots(ids, vt, cursor, RANK, L, K, BLOCK_K)
         cr = rbase + i * G
         if SPREAD:   # every peer's count at the first iteration, then the unit pid + i * G

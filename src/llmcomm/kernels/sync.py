@@ -19,7 +19,8 @@ returns a value (an NVLink round trip for a remote flag). These helpers emit the
   comparison) or the deadline passed; on expiry write an error record (see below) and return.
 * ``spin_landed(v, ptrs, mask, ...)``: each thread spins on its own elements of a lamport
   buffer until none is the sentinel (no reduction, no barrier inside the loop), with its own
-  deadline; see its docstring.
+  deadline; see its docstring. ``spin_equal(ptr, target, ...)``: the same per-thread spin (by
+  acquire loads) until one local int32 equals ``target``.
 
 Triton treats a scalar as uniform across the threads of a program, but a volatile scalar load
 (or a timer read) is executed by every thread, and while a peer's write is landing some threads
@@ -111,7 +112,22 @@ def _meta_asm() -> tuple[str, str]:
     return "\n".join(a), "=r,=r,=r,l,l,r,l,r,r,r,l,l,l,r"
 
 
+def _equal_asm() -> tuple[str, str]:
+    """PTX of :func:`spin_equal`, one element a thread: output the value seen; inputs the
+    flag's address, the target, timeout, error flag address, host mirror address, error
+    code."""
+    ptr, tgt, tmo, errd, errh, code = (f"${1 + i}" for i in range(6))
+    a = ["{", ".reg .pred %q, %w;", ".reg .b32 %v, %e;", ".reg .u32 %n;", ".reg .u64 %t0, %t1;",
+         "mov.u32 %n, 0;", "mov.u64 %t0, 0;", "SPIN:", f"ld.acquire.gpu.global.b32 %v, [{ptr}];",
+         f"setp.eq.s32 %q, %v, {tgt};", "@%q bra DONE;"]
+    a += _deadline_asm("SPIN", tmo, errd, errh, code)
+    a += ["FAIL:", f"st.volatile.global.b32 [{errd}], {code};",
+          f"st.volatile.global.b32 [{errh}], {code};", "DONE:", "mov.b32 $0, %v;", "}"]
+    return "\n".join(a), "=r,l,r,l,l,l,r"
+
+
 _SMETA, _CMETA = (tl.constexpr(x) for x in _meta_asm())
+_SEQ, _CEQ = (tl.constexpr(x) for x in _equal_asm())
 # module-level constexpr strings: a jit function can pass only those to inline asm
 (_S16_2, _C16_2), (_S16_4, _C16_4), (_S16_8, _C16_8) = (
     tuple(map(tl.constexpr, _spin_asm(16, p))) for p in (2, 4, 8))
@@ -310,6 +326,26 @@ def spin_landed(v, ptrs, mask, timeout_ns, err_dev, err_host, code, BITS: tl.con
             r = tl.inline_asm_elementwise(_S32_1, _C32_1, [vi] + args, dtype=tl.int32,
                                           is_pure=False, pack=1)
     return r.to(v.dtype, bitcast=True)
+
+
+@triton.jit
+def spin_equal(ptr, target, timeout_ns, err_dev, err_host, code, NT: tl.constexpr):
+    """Each thread spins, on its own, until the int32 at ``ptr`` (this GPU's memory) equals
+    ``target``, by ``ld.acquire.gpu`` loads (inline PTX, no reduction, no barrier): every
+    thread's later memory operations are ordered after the write it saw (the writer releases
+    it after its own writes). Reference semantics, per thread::
+
+        while acquire_load(ptr) != target: pass
+
+    Deadline and error flag as :func:`spin_landed` (``code`` recorded past it; the thread
+    then goes on and the launcher raises at its next check). Returns the values seen, int32
+    [NT]; GPU only."""
+    i = tl.arange(0, NT)
+    z = i.to(tl.int64) * 0
+    return tl.inline_asm_elementwise(
+        _SEQ, _CEQ, [(ptr + i * 0).to(tl.int64), (target + i * 0).to(tl.int32),
+                     timeout_ns + z, err_dev.to(tl.int64) + z, err_host.to(tl.int64) + z,
+                     (code + i * 0).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit

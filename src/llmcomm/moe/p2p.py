@@ -221,7 +221,7 @@ class P2PBackend(MoEBackend):
                  _thread_spin: bool | None = None, _meta_spin: bool | None = None,
                  _peer_spread: bool | None = None, _early_own: bool | None = None,
                  _claim_first: bool = False, _gate: bool | None = None,
-                 _trace: bool = False, _direct_counts: bool = False) -> None:
+                 _trace: bool = False, _direct_counts: bool | str = False) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -348,10 +348,12 @@ class P2PBackend(MoEBackend):
                 timing runs: each stage adds two atomics.
             _direct_counts: ``"lamport"`` without ``_one_token_slots`` (A/B knob, session
                 27, off): the dispatch's slot claims increment ``counts`` itself and no
-                "last program out" publishes it (``DIRECT`` in :mod:`llmcomm.kernels.moe`);
-                the combine zeroes ``counts`` for the next dispatch (so it reads 0 after
-                the combine), and a dispatch after a dispatch with no combine between
-                them zeroes it first by a memset.
+                "last program out" publishes it (``DIRECT`` in :mod:`llmcomm.kernels.moe`).
+                ``"combine"``: the combine zeroes ``counts`` for the next dispatch (so it
+                reads 0 after the combine), and a dispatch after a dispatch with no combine
+                between them zeroes it first by a memset. ``"entry"`` (or ``True``): the
+                dispatch's last program zeroes it at entry and the others wait for that
+                before their first claim (``ZP``); ``"entry0"``: its first program does.
             _ce_tokens: ``"flags"`` at EP=2, interleaved, default rounds (A/B knob, off: on
                 2 x H200 it was slower, 228.6 vs 217 us for the 4096-token dispatch, although
                 the peer copy ran on a copy engine; docs/moe_sessions.md, session 17): a
@@ -582,13 +584,20 @@ class P2PBackend(MoEBackend):
             raise ValueError(f"_one_token_slots needs protocol='lamport' at EP=2 with "
                              f"tile_tokens=1 and shift=0; got protocol {protocol!r} at "
                              f"EP={W}, tile_tokens {self.tiles[0]}, shift {shift}")
+        if _direct_counts is True:
+            _direct_counts = "entry"
+        if _direct_counts not in (False, None, "combine", "entry", "entry0"):
+            raise ValueError(f"_direct_counts must be False, True, 'combine', 'entry' or "
+                             f"'entry0'; got {_direct_counts!r}")
         if _direct_counts and (not lamport or self._one):
             raise ValueError(f"_direct_counts needs protocol='lamport' without "
                              f"_one_token_slots; got protocol {protocol!r}, _one_token_slots "
                              f"{self._one}")
-        self._direct = bool(_direct_counts)
-        self._counts_live = False   # _direct_counts: a dispatch's counts not yet zeroed
+        self._direct = _direct_counts or None   # None, "combine", "entry" or "entry0"
+        self._counts_live = False   # _direct_counts "combine": counts not yet zeroed
         dev = cfg.device if not self._sim else torch.device("cpu")
+        # _direct_counts "entry": the call's buffer index once counts are zeroed (-1: none yet)
+        self.zflag = torch.full((1,), -1, dtype=torch.int32, device=dev)
         off = 0
         layout = {}
         if lamport:
@@ -830,13 +839,18 @@ class P2PBackend(MoEBackend):
             x, topk_ids, topk_weights = self._dummy_x, self._dummy_ids, self._dummy_w
         c = self.cfg
         if self.protocol == "lamport":
-            cursor = self.cursor
-            if self._direct:   # the claims count into `counts`, which must be zero now
+            cursor, direct = self.cursor, {}
+            if self._direct:   # the claims count into `counts`, zeroed before them
                 cursor = self.counts
-                if not self._compile_only:   # (a warmup's compiles leave the state alone)
-                    if self._counts_live:
-                        self.counts.zero_()
-                    self._counts_live = True
+                zp = -1
+                if self._direct == "combine":
+                    if not self._compile_only:   # (a warmup's compiles leave the state alone)
+                        if self._counts_live:
+                            self.counts.zero_()
+                        self._counts_live = True
+                else:   # program 0 in the interpreter, which may run the programs in turn
+                    zp = 0 if self._direct == "entry0" or self._sim else self.G - 1
+                direct = {"DIRECT": True, "ZP": zp, "zflag": self.zflag}
             self._launch_lamport(ep_dispatch_lamport_kernel, T, self.tiles[0], topk_ids,
                 topk_weights, x, topk_ids, topk_weights, T, self.lx, self.lmeta, self.lcnt,
                 self.expert_x, self.counts, cursor, self.done, self.slot_map, self.wloc,
@@ -844,8 +858,7 @@ class P2PBackend(MoEBackend):
                 self.timeout_ns, CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts),
                 ONE=self._one and T <= 1 and not self.shift, TSPIN=self._tspin,
                 MSPIN=self._mspin, SPREAD=self._spread, EARLY=self._early,
-                CLAIM1=self._claim1, GATE=self._gate, DIRECT=self._direct,
-                **self._trace_args())
+                CLAIM1=self._claim1, GATE=self._gate, **direct, **self._trace_args())
             return self.expert_x, self.counts, (topk_ids, topk_weights)
         ce = self._ce_tokens is not None and T >= self._ce_tokens
         side = self._ce_send(x, T) if ce and not self._compile_only else None
@@ -864,9 +877,9 @@ class P2PBackend(MoEBackend):
         return self.expert_x, self.counts, (topk_ids, topk_weights)
 
     def _zero_args(self) -> dict[str, Any]:
-        """``_direct_counts``: the lamport combine's ``ZERO`` arguments (it zeroes ``counts``
+        """``_direct_counts="combine"``: the lamport combine's ``ZERO`` arguments (it zeroes ``counts``
         for the next dispatch); none otherwise (the same PTX as before the knob)."""
-        if not self._direct:
+        if self._direct != "combine":
             return {}
         if not self._compile_only:
             self._counts_live = False
