@@ -90,9 +90,8 @@ SWEEP = {
     "lam_claim1": ({"protocol": "lamport", "_claim_first": True}, None),
     # claims and placements masked off where there is no token, as before session 26's GATE
     "lam_nogate": ({"protocol": "lamport", "_gate": False}, None),
-    # the slot claims count into `counts` directly, no "last program out" (session 27's
-    # _direct_counts: the combine zeroes counts for the next dispatch)
-    "lam_direct": ({"protocol": "lamport", "_direct_counts": True}, None),
+    # counts published by a "last program out", as before session 27's _direct_counts
+    "lam_nodirect": ({"protocol": "lamport", "_direct_counts": False}, None),
     # the default lamport pair with the dispatch's stage stamps (a diagnostic, session 26): its
     # timing is of the stamped kernel, and each size prints the stage table of every rank
     "lam_trace": ({"protocol": "lamport", "_trace": True}, None),

@@ -81,11 +81,8 @@ CONFIGS = {
     "lamport128claim1": (128, {"_claim_first": True}),
     # claims and placements masked off where there is no token, as before session 26's GATE
     "lamport128nogate": (128, {"_gate": False}),
-    # the slot claims count into `counts` directly, no "last program out" (session 27):
-    # zeroed at entry by the last program / the first / by the combine
-    "lamport128direct": (128, {"_direct_counts": "entry"}),
-    "lamport128direct0": (128, {"_direct_counts": "entry0"}),
-    "lamport128directc": (128, {"_direct_counts": "combine"}),
+    # counts published by a "last program out", as before session 27's _direct_counts
+    "lamport128nodirect": (128, {"_direct_counts": False}),
     # A/B candidate (session 17): dispatches of 2048+ tokens send their rows by copy engine
     "ce4096": (4096, {"protocol": "flags", "_ce_tokens": 2048}),
 }

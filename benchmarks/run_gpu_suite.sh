@@ -27,6 +27,8 @@
 # STEPS="moe_ab_pdl": the lamport decode pair with and without PDL at 1-128 tokens, both orders.
 # STEPS="moe_ab_early": the same with and without session 25's early own rows (_early_own).
 # STEPS="moe_ab_gate": the lamport pair with session 26's GATE (default) against lam_nogate.
+# STEPS="moe_ab_direct": the lamport pair with session 27's direct counts (default) against
+#   lam_nodirect.
 # STEPS="trace": the lamport dispatch's stage stamps (lam_trace) at 1-128 tokens, per rank.
 # STEPS="tests_moe_default": only the default lamport dispatcher's 2-GPU tests (a short lease).
 # STEPS="floor_small" (~5 min cold): benchmarks/bench_moe_floor.py at 1, 64 and 128 tokens, the
@@ -129,6 +131,12 @@ case " $STEPS " in *" moe_ab_gate "*)   # session 26's GATE against the masked-o
     --sweep-only lam,lam_nogate --out "$OUT/ab_gate_a"
   step ab_gate_b 140 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1,8,64,128 \
     --sweep-only lam_nogate,lam --out "$OUT/ab_gate_b" ;; esac
+case " $STEPS " in *" moe_ab_direct "*)   # session 27's counts by direct claims, zeroed at
+  # entry, against the "last program out" (lam_nodirect)
+  step ab_direct_a 240 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1,8,64,128 \
+    --sweep-only lam,lam_nodirect --out "$OUT/ab_direct_a"
+  step ab_direct_b 140 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1,8,64,128 \
+    --sweep-only lam_nodirect,lam --out "$OUT/ab_direct_b" ;; esac
 case " $STEPS " in *" trace "*)   # session 26: the lamport dispatch's stage table on 2 GPUs
   # (lam_trace, P2PBackend(_trace=True)) beside the unstamped default (~3 min cold)
   step trace 200 python3 benchmarks/bench_moe.py --sweep --sweep-tokens 1,8,64,128 \

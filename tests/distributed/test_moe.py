@@ -512,6 +512,10 @@ def test_errors_world2():
      "tile_tokens 2"),
     ({"protocol": "flags", "_gate": True}, "_gate needs protocol='lamport' with tile_tokens=1"),
     ({"protocol": "flags", "_trace": True}, "_trace needs protocol='lamport'"),
+    ({"protocol": "flags", "_direct_counts": True},
+     "_direct_counts needs protocol='lamport' without _one_token_slots; got protocol 'flags'"),
+    ({"protocol": "lamport", "_one_token_slots": True, "_direct_counts": True},
+     "got protocol 'lamport', _one_token_slots True"),
     ({"_ce_tokens": 0}, "_ce_tokens must be an int >= 1 (or None: off), got 0"),
     ({"protocol": "lamport", "_ce_tokens": 8},
      "_ce_tokens needs protocol='flags' at EP=2 with interleave and the default rounds; got "
@@ -562,9 +566,9 @@ def _concurrent_worker(rank, world, tmp, E_, kw, G, shift, seed, spread=False):
         toks = ((toks + toks[::-1]) * 2)[:world]   # world 4: ranks 0-2 as listed, rank 3 as 2
         inputs = make_inputs(seed * 100 + i, world, toks, E_, K, H, torch.float32,
                              ("random", "dups", "one_expert")[i % 3])
-        if "_direct_counts" in kw and i % 2:   # a backend dispatch with no combine (as the
-            x, ids, w = inputs[rank]             # benchmarks' "dispatch alone"): the next
-            expert_x, counts, _ = ep._backend.dispatch(x, ids, w)   # zeroes its counts first
+        if i % 2:   # a backend dispatch with no combine (the benchmarks' "dispatch alone"),
+            x, ids, w = inputs[rank]   # then the same through the dispatcher: the counts of
+            expert_x, counts, _ = ep._backend.dispatch(x, ids, w)   # both from zero
             check_dispatch(rank, world, E_, inputs, expert_x, counts)
         errs.append(roundtrip(ep, rank, world, E_, inputs, torch.float32)[1])
         dist.barrier()
@@ -585,15 +589,13 @@ def _concurrent_worker(rank, world, tmp, E_, kw, G, shift, seed, spread=False):
     (2, 8, {"_early_own": False}, 2, 0),  # own rows after the receive (before session 25)
     (2, 8, {"_claim_first": True, "_one_token_slots": True}, 8, 0),   # slots before the row
     (2, 8, {"_gate": False}, 8, 0),   # claims and placements masked off, not branched around
-    (2, 8, {"_direct_counts": "entry"}, 8, 0),   # claims counted in counts, zeroed at entry
-    (2, 8, {"_direct_counts": "combine"}, 8, 0),   # ... or by the combine
+    (2, 8, {"_direct_counts": False}, 8, 0),   # counts published by the last program out
     # the peers' tokens spread over the programs (_peer_spread, the default at EP > 2 on a
     # GPU): several units a program (G 2), and one a program with ranks of 0 tokens (G 8)
     (3, 6, {"_peer_spread": True}, 2, 0),
     (4, 8, {"_peer_spread": True}, 8, 0),
 ], ids=["w2-t4c2-G4s2", "w2-t1-G2s1", "w3-t2c4-G3s1", "w2-t1-G8", "w2-t1-G8-one",
-        "w2-t1-G8-noone", "w2-t1-G2-noearly", "w2-t1-G8-claim1-one", "w2-t1-G8-nogate", "w2-t1-G8-direct",
-        "w2-t1-G8-directc",
+        "w2-t1-G8-noone", "w2-t1-G2-noearly", "w2-t1-G8-claim1-one", "w2-t1-G8-nogate", "w2-t1-G8-nodirect",
         "w3-t1-G2-spread", "w4-t1-G8-spread"])
 def test_p2p_sim_lamport_concurrent_programs(world, E_, kw, G, shift):
     kw = dict(kw)

@@ -46,8 +46,7 @@ _AR = dict(RANK=1, W=W, NORM=True, FP8=False, BLOCK=8192, PDL=True, NT=512)
 _FLAGS = dict(_MOE, M=4096, CHUNK=8, POSTED=True, INTERLEAVE=True, FUSE=True, CE=False, CE_MIN=0)
 _LAMPORT = dict(_MOE, BITS=16, NBUF=3, SHIFT=0, ONE=False, TSPIN=True, MSPIN=False,
                 SPREAD=False, EARLY=False, CLAIM1=False, GATE=False, TRACE=False,
-                trace=None, DIRECT=False, ZP=-1, zflag=None, ZERO=False, zero_ptr=None,
-                BLOCK_Z=1)
+                trace=None, DIRECT=False, zflag=None)
 
 def _dispatch(num_warps, **variant):
     """A lamport dispatch case (M 128, CAP 256) at ``num_warps`` (``NT`` to match) with the
@@ -93,12 +92,10 @@ CASES = {
     "moe-lamport-dispatch-gate-mspin-w8": _dispatch(8, MSPIN=True, EARLY=True, GATE=True),
     "moe-lamport-dispatch-gate-spread-w8": _dispatch(8, MSPIN=True, SPREAD=True, GATE=True),
     "moe-lamport-dispatch-direct-mspin-w8": _dispatch(8, MSPIN=True, EARLY=True, GATE=True,
-                                                      DIRECT=True, ZP=127, zflag="*i32"),
-    "moe-lamport-dispatch-direct": _dispatch(16, EARLY=True, DIRECT=True, ZP=127,
-                                             zflag="*i32"),
-    "moe-lamport-dispatch-direct-t2": _dispatch(16, TB=2, SHIFT=64, DIRECT=True, ZP=0,
+                                                      DIRECT=True, zflag="*i32"),
+    "moe-lamport-dispatch-direct": _dispatch(16, EARLY=True, DIRECT=True, zflag="*i32"),
+    "moe-lamport-dispatch-direct-t2": _dispatch(16, TB=2, SHIFT=64, DIRECT=True,
                                                 zflag="*i32"),
-    "moe-lamport-dispatch-directc": _dispatch(16, EARLY=True, DIRECT=True),
     "moe-lamport-dispatch-trace": _dispatch(16, EARLY=True, TRACE=True, trace="*i64"),
     "moe-lamport-dispatch-trace-one-mspin-w8": _dispatch(8, ONE=True, MSPIN=True, TRACE=True,
                                                          trace="*i64"),
@@ -113,9 +110,6 @@ CASES = {
                                    dict(_LAMPORT, M=128, SPLIT=1), 16),
     "moe-lamport-combine-split4-w8": ("moe", "ep_combine_lamport_kernel",
                                       dict(_LAMPORT, M=128, SPLIT=4, NT=256), 8),
-    "moe-lamport-combine-zero-w8": ("moe", "ep_combine_lamport_kernel",
-                                    dict(_LAMPORT, M=128, SPLIT=4, NT=256, ZERO=True,
-                                         zero_ptr="*i32", BLOCK_Z=128), 8),
     "moe-lamport-combine-notspin": ("moe", "ep_combine_lamport_kernel",
                                     dict(_LAMPORT, M=128, SPLIT=4, TSPIN=False), 16),
     "ar-lamport": ("allreduce", "lamport_kernel", dict(_AR, CHUNK=8 * 512, ELEM_BITS=16), 16),

@@ -1943,10 +1943,10 @@ def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_
 @triton.jit
 def _wait_zeroed(zflag, buf, err_dev, err_host, timeout_ns, RANK: tl.constexpr,
                  USE_TIMER: tl.constexpr, NT: tl.constexpr):
-    """``DIRECT`` with ``ZP >= 0``: wait until ``*zflag == buf`` (program ``ZP`` zeroed
-    ``counts`` for this call), each thread by its own acquire loads (:func:`.sync.spin_equal`);
-    past the deadline the error names this rank. In the interpreter (``USE_TIMER`` off) a plain
-    volatile poll, no deadline (program ``ZP`` is 0 there, run first or concurrently)."""
+    """``DIRECT``: wait until ``*zflag == buf`` (program 0 zeroed ``counts`` for this call),
+    each thread by its own acquire loads (:func:`.sync.spin_equal`); past the deadline the
+    error names this rank. In the interpreter (``USE_TIMER`` off) a plain volatile poll with
+    no deadline (program 0 runs first there, or concurrently)."""
     if USE_TIMER:
         spin_equal(zflag, buf, timeout_ns, err_dev, err_host, 65536 + RANK + 1, NT)
     else:
@@ -1971,8 +1971,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                SPREAD: tl.constexpr = False, EARLY: tl.constexpr = False,
                                CLAIM1: tl.constexpr = False, GATE: tl.constexpr = False,
                                TRACE: tl.constexpr = False, trace=None,
-                               DIRECT: tl.constexpr = False, ZP: tl.constexpr = -1,
-                               zflag=None):
+                               DIRECT: tl.constexpr = False, zflag=None):
     """Lamport dispatch; see the module docstring. Tiles of ``TB`` tokens; program ``p`` sends
     own tiles ``p, p+G, ...`` and receives tiles ``q, q+G, ...`` (``q = (p + SHIFT) mod G``)
     of every peer, the own tile's rows copied after each receive (before it with ``EARLY``,
@@ -2006,17 +2005,18 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
     program stamps the stages of :data:`TRACE_STAGES` into ``trace`` (int64 [G, NS, 2]: ns
     since its entry after the PDL wait, summed, and how many times), :func:`_stamp`.
 
-    ``DIRECT`` (session 27; the knob ``P2PBackend(_direct_counts=...)``): the launcher passes
-    ``counts`` as ``cursor``, so the slot claims count the rows themselves and no "last program
-    out" publishes them (:func:`_publish_counts`: a barrier, the ``done`` atomic and the
-    cursor exchange on the last program's path, ~0.6 us at one token in the stage stamps).
-    ``counts`` must then be zero before the first claim. ``ZP < 0``: the combine zeroes it
-    (:func:`ep_combine_lamport_kernel` ``ZERO``), and a dispatch that follows a dispatch is
-    preceded by a memset (the launcher's). ``ZP >= 0``: program ``ZP`` zeroes it at entry and
-    release-stores this call's buffer index ``buf`` into ``zflag`` (int32 [1]); every program
-    waits for that value (:func:`_wait_zeroed`) after sending its first tile, before its first
-    claim. ``counts`` then keeps its values until the next dispatch, as with the "last
-    program out"."""
+    ``DIRECT`` (session 27, the default without ``ONE``; ``P2PBackend(_direct_counts=False)``
+    is the A/B): the launcher passes ``counts`` as ``cursor``, so the slot claims count the rows
+    themselves and no "last program out" publishes them (:func:`_publish_counts`: a barrier,
+    the ``done`` atomic and the cursor exchange on the last program's path, ~0.6 us at one
+    token in the stage stamps). ``counts`` must then be zero before the first claim: program 0
+    zeroes it at entry and release-stores this call's buffer index ``buf`` into ``zflag``
+    (int32 [1], -1 before the first call); every program waits for that value
+    (:func:`_wait_zeroed`) after sending its first tile, before its first claim. So ``counts``
+    keeps its values until the next dispatch, as with the "last program out". (Program 0: the
+    first block dispatched, so no program waits on one that is not resident. Session 27 also
+    timed the last program as the zeroer, at par, and zeroing by the combine, 0.3 us faster at
+    1-16 tokens but ``counts`` read 0 after the combine: not kept.)"""
     tl.static_assert((not SPREAD) or ((TB == 1) and (SHIFT == 0) and (not ONE)),
                      "SPREAD needs one-token tiles, SHIFT 0 and not ONE")
     tl.static_assert((not DIRECT) or (not ONE), "DIRECT cannot run with ONE")
@@ -2031,12 +2031,11 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                             BLOCK_K)
     buf = tl.load(buf_ptr + pid)
     if DIRECT:
-        if ZP >= 0:
-            if pid == ZP:   # this call's claims count from zero; then the flag, released
-                offs_z = tl.arange(0, BLOCK_L)
-                tl.store(counts + offs_z, tl.zeros([BLOCK_L], tl.int32), mask=offs_z < L)
-                tl.debug_barrier()
-                tl.atomic_xchg(zflag, buf, sem="release", scope="gpu")
+        if pid == 0:   # this call's claims count from zero; then the flag, released
+            offs_z = tl.arange(0, BLOCK_L)
+            tl.store(counts + offs_z, tl.zeros([BLOCK_L], tl.int32), mask=offs_z < L)
+            tl.debug_barrier()
+            tl.atomic_xchg(zflag, buf, sem="release", scope="gpu")
     # this rank's error flag is not read here but by the poll loops at their first deadline
     # check (SPIN_CHECK spins): a read at entry is a reduction whose barrier holds back
     # everything after it. Except with ONE, where the one-token dispatch measured 0.2-0.3 us
@@ -2087,10 +2086,9 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                 BLOCK_H, BLOCK_K)
             _stamp(trace, pid, 1, t0_trace, TRACE, USE_TIMER, NT)
             if DIRECT:
-                if ZP >= 0:
-                    if i == 0:   # before this program's first claim
-                        _wait_zeroed(zflag, buf, err_dev, err_host, timeout_ns, RANK,
-                                     USE_TIMER, NT)
+                if i == 0:   # before this program's first claim
+                    _wait_zeroed(zflag, buf, err_dev, err_host, timeout_ns, RANK, USE_TIMER,
+                                 NT)
             if ONE:
                 ids1 = ids0   # own token 0's ids, for the program receiving token 0
             rowp, idsp, wp, vp, tp = _own_token(hp + i * G, T, x_ptr, ids_ptr, w_ptr, H, K, E,
@@ -2119,10 +2117,9 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                                    lx, lmeta, RANK, W, M, H, K, L, E, BLOCK_H,
                                                    BLOCK_K, TB)
             if DIRECT:
-                if ZP >= 0:
-                    if i == 0:
-                        _wait_zeroed(zflag, buf, err_dev, err_host, timeout_ns, RANK,
-                                     USE_TIMER, NT)
+                if i == 0:
+                    _wait_zeroed(zflag, buf, err_dev, err_host, timeout_ns, RANK, USE_TIMER,
+                                 NT)
             slot = _claim_slots(ids, vt, cursor, RANK, L, K, BLOCK_K)
         cr = rbase + i * G
         if SPREAD:   # every peer's count at the first iteration, then the unit pid + i * G
@@ -2384,26 +2381,17 @@ def ep_combine_lamport_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T, lcomb, slot_
                               BITS: tl.constexpr, NBUF: tl.constexpr, SHIFT: tl.constexpr,
                               SPLIT: tl.constexpr, USE_TIMER: tl.constexpr,
                               PDL: tl.constexpr = False, NT: tl.constexpr = 256,
-                              TSPIN: tl.constexpr = False, ZERO: tl.constexpr = False,
-                              zero_ptr=None, BLOCK_Z: tl.constexpr = 1):
+                              TSPIN: tl.constexpr = False):
     """Lamport combine; see the module docstring. When every rank's tiles times ``SPLIT`` fit
     the grid (a small batch), program ``p`` handles column chunk ``p mod SPLIT`` of tile
     ``p // SPLIT`` (push the peers', finish own tile ``q // SPLIT``, chunk ``q mod SPLIT``, ``q =
     (p + SHIFT) mod G``), so one token's K weighted expert rows are summed on SPLIT SMs instead
     of one. Otherwise program ``p`` pushes the peers' tiles ``p, p+G, ...`` (whole rows) and
-    finishes its own tiles one iteration behind.
-
-    ``ZERO`` (with the dispatch's ``DIRECT``): program 0 zeroes the ``L`` int32 at ``zero_ptr``
-    (``BLOCK_Z`` >= L; the dispatch's ``counts``, read by the expert kernels before this one) for
-    the next dispatch's claims."""
+    finishes its own tiles one iteration behind."""
     if PDL:  # nothing is touched before the previous grid finished
         pdl_wait()
         pdl_launch_dependents()
     pid = tl.program_id(0)
-    if ZERO:
-        if pid == 0:
-            offs_z = tl.arange(0, BLOCK_Z)
-            tl.store(zero_ptr + offs_z, tl.zeros([BLOCK_Z], tl.int32), mask=offs_z < L)
     err_host = err_host_addr.to(tl.pointer_type(tl.int32))
     offs_w = tl.arange(0, BLOCK_W)
     is_peer = (offs_w < W) & (offs_w != RANK)

@@ -221,7 +221,7 @@ class P2PBackend(MoEBackend):
                  _thread_spin: bool | None = None, _meta_spin: bool | None = None,
                  _peer_spread: bool | None = None, _early_own: bool | None = None,
                  _claim_first: bool = False, _gate: bool | None = None,
-                 _trace: bool = False, _direct_counts: bool | str = False) -> None:
+                 _trace: bool = False, _direct_counts: bool | None = None) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -346,14 +346,12 @@ class P2PBackend(MoEBackend):
                 (``TRACE`` in :mod:`llmcomm.kernels.moe`) into ``self.trace``; read them
                 with :meth:`trace_summary`, zero them with ``self.trace.zero_()``. Not for
                 timing runs: each stage adds two atomics.
-            _direct_counts: ``"lamport"`` without ``_one_token_slots`` (A/B knob, session
-                27, off): the dispatch's slot claims increment ``counts`` itself and no
-                "last program out" publishes it (``DIRECT`` in :mod:`llmcomm.kernels.moe`).
-                ``"combine"``: the combine zeroes ``counts`` for the next dispatch (so it
-                reads 0 after the combine), and a dispatch after a dispatch with no combine
-                between them zeroes it first by a memset. ``"entry"`` (or ``True``): the
-                dispatch's last program zeroes it at entry and the others wait for that
-                before their first claim (``ZP``); ``"entry0"``: its first program does.
+            _direct_counts: ``"lamport"`` without ``_one_token_slots`` (default on there,
+                session 27): the dispatch's slot claims increment ``counts`` itself and no
+                "last program out" publishes it; its program 0 zeroes ``counts`` at entry
+                and the others wait for that before their first claim (``DIRECT`` in
+                :mod:`llmcomm.kernels.moe`). Free-running loopback on one H100: the pair
+                -0.5..-0.9 us at 1-16 tokens, -0.4..-0.8 at 128. ``False`` is the A/B.
             _ce_tokens: ``"flags"`` at EP=2, interleaved, default rounds (A/B knob, off: on
                 2 x H200 it was slower, 228.6 vs 217 us for the 4096-token dispatch, although
                 the peer copy ran on a copy engine; docs/moe_sessions.md, session 17): a
@@ -584,19 +582,15 @@ class P2PBackend(MoEBackend):
             raise ValueError(f"_one_token_slots needs protocol='lamport' at EP=2 with "
                              f"tile_tokens=1 and shift=0; got protocol {protocol!r} at "
                              f"EP={W}, tile_tokens {self.tiles[0]}, shift {shift}")
-        if _direct_counts is True:
-            _direct_counts = "entry"
-        if _direct_counts not in (False, None, "combine", "entry", "entry0"):
-            raise ValueError(f"_direct_counts must be False, True, 'combine', 'entry' or "
-                             f"'entry0'; got {_direct_counts!r}")
+        if _direct_counts is None:
+            _direct_counts = lamport and not self._one
         if _direct_counts and (not lamport or self._one):
             raise ValueError(f"_direct_counts needs protocol='lamport' without "
                              f"_one_token_slots; got protocol {protocol!r}, _one_token_slots "
                              f"{self._one}")
-        self._direct = _direct_counts or None   # None, "combine", "entry" or "entry0"
-        self._counts_live = False   # _direct_counts "combine": counts not yet zeroed
+        self._direct = bool(_direct_counts)
         dev = cfg.device if not self._sim else torch.device("cpu")
-        # _direct_counts "entry": the call's buffer index once counts are zeroed (-1: none yet)
+        # _direct_counts: the call's buffer index once counts are zeroed (-1: none yet)
         self.zflag = torch.full((1,), -1, dtype=torch.int32, device=dev)
         off = 0
         layout = {}
@@ -839,18 +833,9 @@ class P2PBackend(MoEBackend):
             x, topk_ids, topk_weights = self._dummy_x, self._dummy_ids, self._dummy_w
         c = self.cfg
         if self.protocol == "lamport":
-            cursor, direct = self.cursor, {}
-            if self._direct:   # the claims count into `counts`, zeroed before them
-                cursor = self.counts
-                zp = -1
-                if self._direct == "combine":
-                    if not self._compile_only:   # (a warmup's compiles leave the state alone)
-                        if self._counts_live:
-                            self.counts.zero_()
-                        self._counts_live = True
-                else:   # program 0 in the interpreter, which may run the programs in turn
-                    zp = 0 if self._direct == "entry0" or self._sim else self.G - 1
-                direct = {"DIRECT": True, "ZP": zp, "zflag": self.zflag}
+            # _direct_counts: the claims count into `counts` (zeroed by program 0 first)
+            cursor = self.counts if self._direct else self.cursor
+            direct = {"DIRECT": True, "zflag": self.zflag} if self._direct else {}
             self._launch_lamport(ep_dispatch_lamport_kernel, T, self.tiles[0], topk_ids,
                 topk_weights, x, topk_ids, topk_weights, T, self.lx, self.lmeta, self.lcnt,
                 self.expert_x, self.counts, cursor, self.done, self.slot_map, self.wloc,
@@ -875,16 +860,6 @@ class P2PBackend(MoEBackend):
         if side is not None:   # the copies joined after the kernel's launch: they overlap it
             torch.cuda.current_stream(c.device).wait_stream(side)
         return self.expert_x, self.counts, (topk_ids, topk_weights)
-
-    def _zero_args(self) -> dict[str, Any]:
-        """``_direct_counts="combine"``: the lamport combine's ``ZERO`` arguments (it zeroes ``counts``
-        for the next dispatch); none otherwise (the same PTX as before the knob)."""
-        if self._direct != "combine":
-            return {}
-        if not self._compile_only:
-            self._counts_live = False
-        return {"ZERO": True, "zero_ptr": self.counts,
-                "BLOCK_Z": _next_pow2(self.cfg.local_experts)}
 
     def _trace_args(self) -> dict[str, Any]:
         """The lamport dispatch's ``TRACE`` arguments: none by default (its PTX is then the same
@@ -970,7 +945,7 @@ class P2PBackend(MoEBackend):
                 expert_out, ids, w, y_arg, num_tokens, self.lcomb, self.slot_map, self.wloc,
                 self.peer_T, self.buf_c, self.err_dev, self.err_host.data_ptr(),
                 self.timeout_ns, SPLIT=min(self.combine_split, _next_pow2(c.hidden_size)),
-                TSPIN=self._tspin, **self._zero_args())
+                TSPIN=self._tspin)
             return y
         if self._roles:
             self._launch(ep_combine_roles_kernel,
