@@ -121,8 +121,11 @@ dispatch, program p (own tiles ``p, p+G, ...``; received tiles ``q, q+G, ...`` w
     ``G // 2`` tiles, else ``p`` -- placing never waits, so this needs no residency.) Nothing
     is carried from one iteration to the next (with the decode grid a program has one tile
     anyway; triton 3.6 cannot compile a loop-carried row here).
-  * record the peers' counts (``peer_T``), advance ``buf``; the last program out publishes
-    ``counts`` and resets the cursors (as in ``"flags"``).
+  * record the peers' counts (``peer_T``), advance ``buf``. ``counts``: the slot claims
+    themselves, zeroed by program 0 at entry (``DIRECT``, the default since session 27: every
+    program waits for its released flag before its first claim); with ``ONE`` or
+    ``_direct_counts=False`` the last program out publishes them from the cursors and resets
+    those (as in ``"flags"``).
 combine, program p (small batches, when every rank's tiles times ``SPLIT`` -- else times
 ``SPLIT / 2`` -- fit the grid: tile ``p // S``, column chunk ``p mod S`` of it, pushed and
 finished in one step, see :func:`_lamport_split_combine`; otherwise whole rows; at EP=2 the
@@ -188,7 +191,7 @@ def _now(USE_TIMER: tl.constexpr, NT: tl.constexpr):
 #: of program ``p`` adds (ns since the program's entry, 1) to ``trace[p, s]`` (int64 [G, NS, 2])
 #: each time the program passes it. "peer ..." stages are per receive (a program with no token
 #: to receive still polls the count: "peer meta seen" is then its count's landing);
-#: "counts published" is the last program out's only.
+#: "counts published" is the last program out's only (none with ``DIRECT``, the default).
 TRACE_STAGES = ("counts sent", "own token sent", "own slots claimed", "peer meta seen",
                 "peer row seen", "peer slots claimed", "peer rows placed", "peer token reset",
                 "own rows placed", "loop done", "counts published", "end")
