@@ -92,8 +92,6 @@ SWEEP = {
     "lam_nogate": ({"protocol": "lamport", "_gate": False}, None),
     # counts published by a "last program out", as before session 27's _direct_counts
     "lam_nodirect": ({"protocol": "lamport", "_direct_counts": False}, None),
-    # a received row loaded during the count and meta spin (session 27's A/B knob _spec_row)
-    "lam_spec": ({"protocol": "lamport", "_spec_row": True}, None),
     # the default lamport pair with the dispatch's stage stamps (a diagnostic, session 26): its
     # timing is of the stamped kernel, and each size prints the stage table of every rank
     "lam_trace": ({"protocol": "lamport", "_trace": True}, None),

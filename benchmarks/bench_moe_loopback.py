@@ -83,8 +83,6 @@ CONFIGS = {
     "lamport128nogate": (128, {"_gate": False}),
     # counts published by a "last program out", as before session 27's _direct_counts
     "lamport128nodirect": (128, {"_direct_counts": False}),
-    # a received row loaded during the count and meta spin (session 27's _spec_row)
-    "lamport128spec": (128, {"_spec_row": True}),
     # A/B candidate (session 17): dispatches of 2048+ tokens send their rows by copy engine
     "ce4096": (4096, {"protocol": "flags", "_ce_tokens": 2048}),
 }

@@ -48,8 +48,6 @@ VARIANTS = {
     "lamport-nogate": (2, {"protocol": "lamport", "_gate": False}),
     # counts published by a "last program out" (before session 27's _direct_counts)
     "lamport-nodirect": (2, {"protocol": "lamport", "_direct_counts": False}),
-    # a received row loaded during the count and meta spin (session 27's _spec_row)
-    "lamport-spec": (2, {"protocol": "lamport", "_spec_row": True}),
     # lamport at EP=4, its peers' tokens spread over the programs (_peer_spread, the default
     # there; protocol="auto" keeps flags at EP > 2 until lamport is timed on 4 GPUs): 4 ranks
     # on one GPU, 33 programs a rank. Graph test only: the reference test's shapes and token
@@ -183,7 +181,7 @@ def _graph_worker(rank, world_size, name):
 
 @pytest.mark.parametrize("name", ["flags", "flags-g8", "flags-g8-roles", "flags-g8-ce",
                                   "lamport", "lamport-t4c2", "lamport-one", "lamport-notspin",
-                                  "lamport-nodirect", "lamport-spec", "lamport-w4",
+                                  "lamport-nodirect", "lamport-w4",
                                   pytest.param("lamport-w8", marks=pytest.mark.timeout(900))])
 def test_loopback_cuda_graph_replays_fresh_inputs(name):
     (errs,) = run_ranks(_graph_worker, 1, name, timeout=850 if name == "lamport-w8" else 400,

@@ -46,7 +46,7 @@ _AR = dict(RANK=1, W=W, NORM=True, FP8=False, BLOCK=8192, PDL=True, NT=512)
 _FLAGS = dict(_MOE, M=4096, CHUNK=8, POSTED=True, INTERLEAVE=True, FUSE=True, CE=False, CE_MIN=0)
 _LAMPORT = dict(_MOE, BITS=16, NBUF=3, SHIFT=0, ONE=False, TSPIN=True, MSPIN=False,
                 SPREAD=False, EARLY=False, CLAIM1=False, GATE=False, TRACE=False,
-                trace=None, DIRECT=False, zflag=None, SPEC=False)
+                trace=None, DIRECT=False, zflag=None)
 
 def _dispatch(num_warps, **variant):
     """A lamport dispatch case (M 128, CAP 256) at ``num_warps`` (``NT`` to match) with the
@@ -94,8 +94,6 @@ CASES = {
     "moe-lamport-dispatch-direct-mspin-w8": _dispatch(8, MSPIN=True, EARLY=True, GATE=True,
                                                       DIRECT=True, zflag="*i32"),
     "moe-lamport-dispatch-direct": _dispatch(16, EARLY=True, DIRECT=True, zflag="*i32"),
-    "moe-lamport-dispatch-spec-mspin-w8": _dispatch(8, MSPIN=True, EARLY=True, GATE=True,
-                                                    DIRECT=True, zflag="*i32", SPEC=True),
     "moe-lamport-dispatch-direct-t2": _dispatch(16, TB=2, SHIFT=64, DIRECT=True,
                                                 zflag="*i32"),
     "moe-lamport-dispatch-trace": _dispatch(16, EARLY=True, TRACE=True, trace="*i64"),
@@ -179,16 +177,15 @@ def test_thread_spin_is_not_duplicated(kernel, num_warps, spins):
     assert k.asm["ptx"].count("SPIN:") == spins
 
 
-@pytest.mark.parametrize("num_warps, spec", [(8, False), (16, False), (8, True)])
-def test_meta_spin_is_not_duplicated(num_warps, spec):
+@pytest.mark.parametrize("num_warps", [8, 16])
+def test_meta_spin_is_not_duplicated(num_warps):
     """``MSPIN``: the count-and-meta spin of the dispatch's one-token receive is one instance
-    (the [BLOCK_K] meta holds one element a thread), then the row's groups as without it
-    (also with ``SPEC``'s row loaded before the meta spin)."""
+    (the [BLOCK_K] meta holds one element a thread), then the row's groups as without it."""
     from llmcomm.kernels.moe import ep_dispatch_lamport_kernel
 
     k = _compile(ep_dispatch_lamport_kernel,
-                 dict(_LAMPORT, M=128, CAP=256, NT=32 * num_warps, MSPIN=True, SPEC=spec),
-                 _TYPES, num_warps)
+                 dict(_LAMPORT, M=128, CAP=256, NT=32 * num_warps, MSPIN=True), _TYPES,
+                 num_warps)
     ptx = k.asm["ptx"]
     assert (ptx.count("CNT:"), ptx.count("MSPIN:")) == (1, 1)
     assert ptx.count("\nSPIN:") == 8192 // (32 * num_warps) // 8

@@ -1828,7 +1828,7 @@ def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_
                         BLOCK_L: tl.constexpr, ONE: tl.constexpr, TSPIN: tl.constexpr = False,
                         MSPIN: tl.constexpr = False, CLAIM1: tl.constexpr = False,
                         TRACE: tl.constexpr = False, trace=None, t0_trace=None,
-                        GATE: tl.constexpr = False, SPEC: tl.constexpr = False):
+                        GATE: tl.constexpr = False):
     """:func:`_lamport_recv_tile` of a one-token tile (token ``c`` of source ``s``) on 1-D
     vectors (session 13): the count, meta and row polled together until every thread's copies
     have landed (:func:`_lamport_poll_token`, session 14), then expanded from those values
@@ -1854,13 +1854,7 @@ def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_
 
     ``GATE`` (not with ``ONE`` or ``CLAIM1``): the claim and the placement run under a branch
     on the token being there (``c < ts``), so a program with nothing to receive skips them
-    instead of running them masked off (:func:`ep_dispatch_lamport_kernel`).
-
-    ``SPEC`` (with ``MSPIN``; session 27): the row is loaded before the count and meta spin,
-    not after it: its load's latency overlaps the wait, and the per-thread row spin then
-    re-loads only the elements that were still the sentinel (a landed element is final: a
-    slot is written once between two resets). For a token with no local expert (no row sent)
-    that load is read and dropped."""
+    instead of running them masked off (:func:`ep_dispatch_lamport_kernel`)."""
     SPIN: tl.constexpr = TSPIN and USE_TIMER and BITS <= 32 and BLOCK_H * BITS >= NT * 32
     META: tl.constexpr = SPIN and MSPIN
     offs_h = tl.arange(0, BLOCK_H)
@@ -1871,9 +1865,6 @@ def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_
     mp1 = lmeta[RANK] + base * (2 * K)
     rp = lx[RANK] + base * H
     if META:
-        if SPEC:   # the row's load in flight during the count and meta spin
-            rowq = tl.load(rp + offs_h, mask=offs_h < tl.where((c < M) & (dead == 0), H, 0),
-                           other=0.0, volatile=True)
         # the spin's outputs feed this one reduction only: a consumer in another layout would
         # make triton rematerialise the asm there (session 20: 26 copies, one after another)
         sid, swb, tsv = spin_meta(mp1 + offs_k, mp1 + K + offs_k, offs_k < K, cnt_ptr, need,
@@ -1890,11 +1881,8 @@ def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_
         km = offs_k < tl.where((c < ts) & (dead == 0), K, 0)
         ids = tl.load(mp1 + offs_k, mask=km, other=-1, volatile=True)
         wb = tl.load(mp1 + K + offs_k, mask=km, other=0, volatile=True)
-        if SPEC:
-            row = rowq
-        else:
-            row = tl.load(rp + offs_h, mask=offs_h < tl.where(mine_m & (dead == 0), H, 0),
-                          other=0.0, volatile=True)
+        row = tl.load(rp + offs_h, mask=offs_h < tl.where(mine_m & (dead == 0), H, 0),
+                      other=0.0, volatile=True)
     else:
         bound = tl.where(need, M, ts_known)
         ts, bound, ids, wb, row, pending = _lamport_poll_token(
@@ -1986,8 +1974,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                SPREAD: tl.constexpr = False, EARLY: tl.constexpr = False,
                                CLAIM1: tl.constexpr = False, GATE: tl.constexpr = False,
                                TRACE: tl.constexpr = False, trace=None,
-                               DIRECT: tl.constexpr = False, zflag=None,
-                               SPEC: tl.constexpr = False):
+                               DIRECT: tl.constexpr = False, zflag=None):
     """Lamport dispatch; see the module docstring. Tiles of ``TB`` tokens; program ``p`` sends
     own tiles ``p, p+G, ...`` and receives tiles ``q, q+G, ...`` (``q = (p + SHIFT) mod G``)
     of every peer, the own tile's rows copied after each receive (before it with ``EARLY``,
@@ -2029,8 +2016,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
     zeroes it at entry and release-stores this call's buffer index ``buf`` into ``zflag``
     (int32 [1], -1 before the first call); every program waits for that value
     (:func:`_wait_zeroed`) after sending its first tile, before its first claim. So ``counts``
-    keeps its values until the next dispatch, as with the "last program out". ``SPEC``: see
-    :func:`_lamport_recv_token` (a received row loaded during the meta spin). (Program 0: the
+    keeps its values until the next dispatch, as with the "last program out". (Program 0: the
     first block dispatched, so no program waits on one that is not resident. Session 27 also
     timed the last program as the zeroer, at par, and zeroing by the combine, 0.3 us faster at
     1-16 tokens but ``counts`` read 0 after the combine: not kept.)"""
@@ -2154,7 +2140,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                     c, s, ts, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor, slot_map,
                     wloc, err_dev, err_host, timeout_ns, RANK, W, G, M, H, K, L, CAP, BLOCK_H,
                     BLOCK_K, BITS, USE_TIMER, NT, T, ids1, counts, BLOCK_L, False, TSPIN, MSPIN,
-                    CLAIM1, TRACE, trace, t0_trace, GATE, SPEC)
+                    CLAIM1, TRACE, trace, t0_trace, GATE)
         for s in tl.static_range(W):
             if (s != RANK) & (not SPREAD):
                 ts = tl.sum(tl.where(offs_w == s, tsv, 0), axis=0)
@@ -2165,7 +2151,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                             slot_map, wloc, err_dev, err_host, timeout_ns, RANK, W, G, M, H,
                             K, L, CAP, BLOCK_H, BLOCK_K, BITS, USE_TIMER, NT, T, ids1, counts,
                             BLOCK_L, ONE, TSPIN, MSPIN, CLAIM1, TRACE, trace, t0_trace,
-                            GATE, SPEC)
+                            GATE)
                     else:
                         ts, dead = _lamport_recv_tile(
                             cr, s, ts, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor,

@@ -221,8 +221,7 @@ class P2PBackend(MoEBackend):
                  _thread_spin: bool | None = None, _meta_spin: bool | None = None,
                  _peer_spread: bool | None = None, _early_own: bool | None = None,
                  _claim_first: bool = False, _gate: bool | None = None,
-                 _trace: bool = False, _direct_counts: bool | None = None,
-                 _spec_row: bool = False) -> None:
+                 _trace: bool = False, _direct_counts: bool | None = None) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -353,10 +352,6 @@ class P2PBackend(MoEBackend):
                 and the others wait for that before their first claim (``DIRECT`` in
                 :mod:`llmcomm.kernels.moe`). Free-running loopback on one H100: the pair
                 -0.5..-0.9 us at 1-16 tokens, -0.4..-0.8 at 128. ``False`` is the A/B.
-            _spec_row: ``"lamport"`` with one-token tiles (A/B knob, session 27, off): where
-                the count and meta are spun per thread (``MSPIN``, <= 8 warps), a received
-                row is loaded before that spin instead of after it (``SPEC`` in
-                :mod:`llmcomm.kernels.moe`).
             _ce_tokens: ``"flags"`` at EP=2, interleaved, default rounds (A/B knob, off: on
                 2 x H200 it was slower, 228.6 vs 217 us for the 4096-token dispatch, although
                 the peer copy ran on a copy engine; docs/moe_sessions.md, session 17): a
@@ -594,10 +589,6 @@ class P2PBackend(MoEBackend):
                              f"_one_token_slots; got protocol {protocol!r}, _one_token_slots "
                              f"{self._one}")
         self._direct = bool(_direct_counts)
-        if _spec_row and not one_tiles:
-            raise ValueError(f"_spec_row needs protocol='lamport' with tile_tokens=1; got "
-                             f"protocol {protocol!r}, tile_tokens {self.tiles[0]}")
-        self._spec = bool(_spec_row)
         dev = cfg.device if not self._sim else torch.device("cpu")
         # _direct_counts: the call's buffer index once counts are zeroed (-1: none yet)
         self.zflag = torch.full((1,), -1, dtype=torch.int32, device=dev)
@@ -688,7 +679,7 @@ class P2PBackend(MoEBackend):
                 "thread_spin": self._tspin, "meta_spin": self._mspin,
                 "peer_spread": self._spread, "early_own": self._early,
                 "claim_first": self._claim1, "gate": self._gate,
-                "direct_counts": self._direct, "spec_row": self._spec,
+                "direct_counts": self._direct,
                 **{k.lower(): v for k, v in self.variants.items()}}
 
     def _consts(self) -> dict[str, Any]:
@@ -852,8 +843,7 @@ class P2PBackend(MoEBackend):
                 self.timeout_ns, CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts),
                 ONE=self._one and T <= 1 and not self.shift, TSPIN=self._tspin,
                 MSPIN=self._mspin, SPREAD=self._spread, EARLY=self._early,
-                CLAIM1=self._claim1, GATE=self._gate, SPEC=self._spec, **direct,
-                **self._trace_args())
+                CLAIM1=self._claim1, GATE=self._gate, **direct, **self._trace_args())
             return self.expert_x, self.counts, (topk_ids, topk_weights)
         ce = self._ce_tokens is not None and T >= self._ce_tokens
         side = self._ce_send(x, T) if ce and not self._compile_only else None
