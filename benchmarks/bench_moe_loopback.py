@@ -83,6 +83,8 @@ CONFIGS = {
     "lamport128nogate": (128, {"_gate": False}),
     # counts published by a "last program out", as before session 27's _direct_counts
     "lamport128nodirect": (128, {"_direct_counts": False}),
+    # direct counts zeroed by program 0 (on the one-token critical path) instead of G // 4
+    "lamport128zp0": (128, {"_zero_program": 0}),
     # A/B candidate (session 17): dispatches of 2048+ tokens send their rows by copy engine
     "ce4096": (4096, {"protocol": "flags", "_ce_tokens": 2048}),
 }

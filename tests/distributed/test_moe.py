@@ -513,6 +513,8 @@ def test_errors_world2():
      "tile_tokens 2"),
     ({"protocol": "flags", "_gate": True}, "_gate needs protocol='lamport' with tile_tokens=1"),
     ({"protocol": "flags", "_trace": True}, "_trace needs protocol='lamport'"),
+    ({"protocol": "lamport", "_zero_program": 1}, "_zero_program must be an int in [0, 4) (0 in "
+     "the simulation), got 1"),
     ({"protocol": "flags", "_direct_counts": True},
      "_direct_counts needs protocol='lamport' without _one_token_slots; got protocol 'flags'"),
     ({"protocol": "lamport", "_one_token_slots": True, "_direct_counts": True},

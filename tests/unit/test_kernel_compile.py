@@ -46,7 +46,7 @@ _AR = dict(RANK=1, W=W, NORM=True, FP8=False, BLOCK=8192, PDL=True, NT=512)
 _FLAGS = dict(_MOE, M=4096, CHUNK=8, POSTED=True, INTERLEAVE=True, FUSE=True, CE=False, CE_MIN=0)
 _LAMPORT = dict(_MOE, BITS=16, NBUF=3, SHIFT=0, ONE=False, TSPIN=True, MSPIN=False,
                 SPREAD=False, EARLY=False, CLAIM1=False, GATE=False, TRACE=False,
-                trace=None, DIRECT=False, zflag=None)
+                trace=None, DIRECT=False, ZP=0, zflag=None)
 
 def _dispatch(num_warps, **variant):
     """A lamport dispatch case (M 128, CAP 256) at ``num_warps`` (``NT`` to match) with the
@@ -92,7 +92,7 @@ CASES = {
     "moe-lamport-dispatch-gate-mspin-w8": _dispatch(8, MSPIN=True, EARLY=True, GATE=True),
     "moe-lamport-dispatch-gate-spread-w8": _dispatch(8, MSPIN=True, SPREAD=True, GATE=True),
     "moe-lamport-dispatch-direct-mspin-w8": _dispatch(8, MSPIN=True, EARLY=True, GATE=True,
-                                                      DIRECT=True, zflag="*i32"),
+                                                      DIRECT=True, ZP=32, zflag="*i32"),
     "moe-lamport-dispatch-direct": _dispatch(16, EARLY=True, DIRECT=True, zflag="*i32"),
     "moe-lamport-dispatch-direct-t2": _dispatch(16, TB=2, SHIFT=64, DIRECT=True,
                                                 zflag="*i32"),

@@ -1946,10 +1946,10 @@ def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_
 @triton.jit
 def _wait_zeroed(zflag, buf, err_dev, err_host, timeout_ns, RANK: tl.constexpr,
                  USE_TIMER: tl.constexpr, NT: tl.constexpr):
-    """``DIRECT``: wait until ``*zflag == buf`` (program 0 zeroed ``counts`` for this call),
-    each thread by its own acquire loads (:func:`.sync.spin_equal`); past the deadline the
-    error names this rank. In the interpreter (``USE_TIMER`` off) a plain volatile poll with
-    no deadline (program 0 runs first there, or concurrently)."""
+    """``DIRECT``: wait until ``*zflag == buf`` (program ``ZP`` zeroed ``counts`` for this
+    call), each thread by its own acquire loads (:func:`.sync.spin_equal`); past the deadline
+    the error names this rank. In the interpreter (``USE_TIMER`` off) a plain volatile poll
+    with no deadline (``ZP`` is 0 there: run first, or concurrently)."""
     if USE_TIMER:
         spin_equal(zflag, buf, timeout_ns, err_dev, err_host, 65536 + RANK + 1, NT)
     else:
@@ -1974,7 +1974,8 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                SPREAD: tl.constexpr = False, EARLY: tl.constexpr = False,
                                CLAIM1: tl.constexpr = False, GATE: tl.constexpr = False,
                                TRACE: tl.constexpr = False, trace=None,
-                               DIRECT: tl.constexpr = False, zflag=None):
+                               DIRECT: tl.constexpr = False, ZP: tl.constexpr = 0,
+                               zflag=None):
     """Lamport dispatch; see the module docstring. Tiles of ``TB`` tokens; program ``p`` sends
     own tiles ``p, p+G, ...`` and receives tiles ``q, q+G, ...`` (``q = (p + SHIFT) mod G``)
     of every peer, the own tile's rows copied after each receive (before it with ``EARLY``,
@@ -2012,14 +2013,17 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
     is the A/B): the launcher passes ``counts`` as ``cursor``, so the slot claims count the rows
     themselves and no "last program out" publishes them (:func:`_publish_counts`: a barrier,
     the ``done`` atomic and the cursor exchange on the last program's path, ~0.6 us at one
-    token in the stage stamps). ``counts`` must then be zero before the first claim: program 0
-    zeroes it at entry and release-stores this call's buffer index ``buf`` into ``zflag``
-    (int32 [1], -1 before the first call); every program waits for that value
+    token in the stage stamps). ``counts`` must then be zero before the first claim: program
+    ``ZP`` zeroes it at entry and release-stores this call's buffer index ``buf`` into
+    ``zflag`` (int32 [1], -1 before the first call); every program waits for that value
     (:func:`_wait_zeroed`) after sending its first tile, before its first claim. So ``counts``
-    keeps its values until the next dispatch, as with the "last program out". (Program 0: the
-    first block dispatched, so no program waits on one that is not resident. Session 27 also
-    timed the last program as the zeroer, at par, and zeroing by the combine, 0.3 us faster at
-    1-16 tokens but ``counts`` read 0 after the combine: not kept.)"""
+    keeps its values until the next dispatch, as with the "last program out". The launcher's
+    ``ZP`` is ``G // 4``: a program with nothing to send, receive or place while both ranks'
+    batches fit a quarter of the grid (program 0, which sends and receives token 0, had the
+    zeroing on the one-token critical path: its send 0.5 us later), and dispatched early, so
+    the programs waiting on it need only the first quarter of the grid resident (0 in the
+    interpreter, which may run the programs in turn). Session 27 also timed zeroing by the
+    combine: 0.3 us faster at 1-16 tokens, but ``counts`` read 0 after the combine: not kept."""
     tl.static_assert((not SPREAD) or ((TB == 1) and (SHIFT == 0) and (not ONE)),
                      "SPREAD needs one-token tiles, SHIFT 0 and not ONE")
     tl.static_assert((not DIRECT) or (not ONE), "DIRECT cannot run with ONE")
@@ -2034,7 +2038,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                             BLOCK_K)
     buf = tl.load(buf_ptr + pid)
     if DIRECT:
-        if pid == 0:   # this call's claims count from zero; then the flag, released
+        if pid == ZP:   # this call's claims count from zero; then the flag, released
             offs_z = tl.arange(0, BLOCK_L)
             tl.store(counts + offs_z, tl.zeros([BLOCK_L], tl.int32), mask=offs_z < L)
             tl.debug_barrier()

@@ -221,7 +221,8 @@ class P2PBackend(MoEBackend):
                  _thread_spin: bool | None = None, _meta_spin: bool | None = None,
                  _peer_spread: bool | None = None, _early_own: bool | None = None,
                  _claim_first: bool = False, _gate: bool | None = None,
-                 _trace: bool = False, _direct_counts: bool | None = None) -> None:
+                 _trace: bool = False, _direct_counts: bool | None = None,
+                 _zero_program: int | None = None) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -352,6 +353,9 @@ class P2PBackend(MoEBackend):
                 and the others wait for that before their first claim (``DIRECT`` in
                 :mod:`llmcomm.kernels.moe`). Free-running loopback on one H100: the pair
                 -0.5..-0.9 us at 1-16 tokens, -0.4..-0.8 at 128. ``False`` is the A/B.
+            _zero_program: with ``_direct_counts``, the dispatch program that zeroes
+                ``counts`` (``ZP``; A/B knob): default ``G // 4`` on a GPU (idle at small
+                batches, dispatched early), 0 in the simulation.
             _ce_tokens: ``"flags"`` at EP=2, interleaved, default rounds (A/B knob, off: on
                 2 x H200 it was slower, 228.6 vs 217 us for the 4096-token dispatch, although
                 the peer copy ran on a copy engine; docs/moe_sessions.md, session 17): a
@@ -589,6 +593,11 @@ class P2PBackend(MoEBackend):
                              f"_one_token_slots; got protocol {protocol!r}, _one_token_slots "
                              f"{self._one}")
         self._direct = bool(_direct_counts)
+        zp = (0 if self._sim else self.G // 4) if _zero_program is None else _zero_program
+        if not (isinstance(zp, int) and 0 <= zp < self.G) or (self._sim and zp):
+            raise ValueError(f"_zero_program must be an int in [0, {self.G}) (0 in the "
+                             f"simulation), got {_zero_program!r}")
+        self._zp = zp
         dev = cfg.device if not self._sim else torch.device("cpu")
         # _direct_counts: the call's buffer index once counts are zeroed (-1: none yet)
         self.zflag = torch.full((1,), -1, dtype=torch.int32, device=dev)
@@ -679,7 +688,7 @@ class P2PBackend(MoEBackend):
                 "thread_spin": self._tspin, "meta_spin": self._mspin,
                 "peer_spread": self._spread, "early_own": self._early,
                 "claim_first": self._claim1, "gate": self._gate,
-                "direct_counts": self._direct,
+                "direct_counts": self._direct, "zero_program": self._zp,
                 **{k.lower(): v for k, v in self.variants.items()}}
 
     def _consts(self) -> dict[str, Any]:
@@ -835,7 +844,8 @@ class P2PBackend(MoEBackend):
         if self.protocol == "lamport":
             # _direct_counts: the claims count into `counts` (zeroed by program 0 first)
             cursor = self.counts if self._direct else self.cursor
-            direct = {"DIRECT": True, "zflag": self.zflag} if self._direct else {}
+            direct = {"DIRECT": True, "ZP": self._zp, "zflag": self.zflag} if self._direct \
+                else {}
             self._launch_lamport(ep_dispatch_lamport_kernel, T, self.tiles[0], topk_ids,
                 topk_weights, x, topk_ids, topk_weights, T, self.lx, self.lmeta, self.lcnt,
                 self.expert_x, self.counts, cursor, self.done, self.slot_map, self.wloc,
