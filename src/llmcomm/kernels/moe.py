@@ -2018,11 +2018,12 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
     ``zflag`` (int32 [1], -1 before the first call); every program waits for that value
     (:func:`_wait_zeroed`) after sending its first tile, before its first claim. So ``counts``
     keeps its values until the next dispatch, as with the "last program out". The launcher's
-    ``ZP`` is ``G // 4``: a program with nothing to send, receive or place while both ranks'
-    batches fit a quarter of the grid (program 0, which sends and receives token 0, had the
-    zeroing on the one-token critical path: its send 0.5 us later), and dispatched early, so
-    the programs waiting on it need only the first quarter of the grid resident (0 in the
-    interpreter, which may run the programs in turn). Session 27 also timed zeroing by the
+    ``ZP`` at <= 8 warps is ``G // 4``: a program with nothing to send, receive or place while
+    both ranks' batches fit a quarter of the grid (program 0, which sends and receives token
+    0, had the zeroing on the one-token critical path: its send 0.5 us later), and dispatched
+    early, so the programs waiting on it need only the first quarter of the grid resident; at
+    16 warps (every program has a token) 0, the first dispatched; in the interpreter, which may
+    run the programs in turn, 0. Session 27 also timed zeroing by the
     combine: 0.3 us faster at 1-16 tokens, but ``counts`` read 0 after the combine: not kept."""
     tl.static_assert((not SPREAD) or ((TB == 1) and (SHIFT == 0) and (not ONE)),
                      "SPREAD needs one-token tiles, SHIFT 0 and not ONE")

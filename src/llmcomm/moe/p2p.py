@@ -102,12 +102,17 @@ def _at_warps(kwargs: dict[str, Any], warps: int, sim: bool = False) -> dict[str
     few words, and the meta re-read after the reduction); ``GATE`` (claims and placements
     branched around where there is no token) only at <= 8 warps too, the small batches, where
     session 26 measured it faster (loopback pair -0.4..-1.3 us at 1-16 tokens) -- at 16 warps
-    (64-128 tokens, a token in nearly every program) it only added 0.2-0.7 us; ``SPREAD`` with
-    triton's ``maxnreg=128`` on a GPU (``sim`` False)."""
+    (64-128 tokens, a token in nearly every program) it only added 0.2-0.7 us; ``ZP`` given as
+    a pair (at <= 8 warps, above): the direct counts' zeroing program, ``G // 4`` for the small
+    batches (idle there) and 0 for the 16-warp launches (session 27: 0.3-0.4 us faster at 64
+    tokens than ``G // 4``, which has a token there too); ``SPREAD`` with triton's
+    ``maxnreg=128`` on a GPU (``sim`` False)."""
     if kwargs.get("MSPIN") and warps > 8:
         kwargs = {**kwargs, "MSPIN": False}
     if kwargs.get("GATE") and warps > 8:
         kwargs = {**kwargs, "GATE": False}
+    if isinstance(kwargs.get("ZP"), tuple):
+        kwargs = {**kwargs, "ZP": kwargs["ZP"][0 if warps <= 8 else 1]}
     if kwargs.get("SPREAD") and not sim:
         # at most 128 registers a thread: ptxas gives the SPREAD dispatch 192-200 at 8 warps
         # (triton 3.6, sm_90a; the other dispatch 128), one program an SM instead of two.
@@ -354,8 +359,9 @@ class P2PBackend(MoEBackend):
                 :mod:`llmcomm.kernels.moe`). Free-running loopback on one H100: the pair
                 -0.5..-0.9 us at 1-16 tokens, -0.4..-0.8 at 128. ``False`` is the A/B.
             _zero_program: with ``_direct_counts``, the dispatch program that zeroes
-                ``counts`` (``ZP``; A/B knob): default ``G // 4`` on a GPU (idle at small
-                batches, dispatched early), 0 in the simulation.
+                ``counts`` (``ZP``; A/B knob): by default ``G // 4`` in the launches at <= 8
+                warps (idle at those small batches, dispatched early) and 0 at 16 warps
+                (:func:`_at_warps`); 0 in the simulation.
             _ce_tokens: ``"flags"`` at EP=2, interleaved, default rounds (A/B knob, off: on
                 2 x H200 it was slower, 228.6 vs 217 us for the 4096-token dispatch, although
                 the peer copy ran on a copy engine; docs/moe_sessions.md, session 17): a
@@ -593,11 +599,13 @@ class P2PBackend(MoEBackend):
                              f"_one_token_slots; got protocol {protocol!r}, _one_token_slots "
                              f"{self._one}")
         self._direct = bool(_direct_counts)
-        zp = (0 if self._sim else self.G // 4) if _zero_program is None else _zero_program
-        if not (isinstance(zp, int) and 0 <= zp < self.G) or (self._sim and zp):
+        zp = _zero_program
+        if zp is not None and (not isinstance(zp, int) or not 0 <= zp < self.G
+                               or (self._sim and zp)):
             raise ValueError(f"_zero_program must be an int in [0, {self.G}) (0 in the "
                              f"simulation), got {_zero_program!r}")
-        self._zp = zp
+        # (at <= 8 warps, at 16): resolved per launch by _at_warps
+        self._zp = (zp, zp) if zp is not None else (0, 0) if self._sim else (self.G // 4, 0)
         dev = cfg.device if not self._sim else torch.device("cpu")
         # _direct_counts: the call's buffer index once counts are zeroed (-1: none yet)
         self.zflag = torch.full((1,), -1, dtype=torch.int32, device=dev)
