@@ -122,7 +122,7 @@ dispatch, program p (own tiles ``p, p+G, ...``; received tiles ``q, q+G, ...`` w
     is carried from one iteration to the next (with the decode grid a program has one tile
     anyway; triton 3.6 cannot compile a loop-carried row here).
   * record the peers' counts (``peer_T``), advance ``buf``. ``counts``: the slot claims
-    themselves, zeroed by program 0 at entry (``DIRECT``, the default since session 27: every
+    themselves, zeroed by one program at entry (``DIRECT``, the default since session 27: every
     program waits for its released flag before its first claim); with ``ONE`` or
     ``_direct_counts=False`` the last program out publishes them from the cursors and resets
     those (as in ``"flags"``).

@@ -354,8 +354,8 @@ class P2PBackend(MoEBackend):
                 timing runs: each stage adds two atomics.
             _direct_counts: ``"lamport"`` without ``_one_token_slots`` (default on there,
                 session 27): the dispatch's slot claims increment ``counts`` itself and no
-                "last program out" publishes it; its program 0 zeroes ``counts`` at entry
-                and the others wait for that before their first claim (``DIRECT`` in
+                "last program out" publishes it; one program (``_zero_program``) zeroes
+                ``counts`` at entry and the others wait for that before their first claim (``DIRECT`` in
                 :mod:`llmcomm.kernels.moe`). Free-running loopback on one H100: the pair
                 -0.5..-0.9 us at 1-16 tokens, -0.4..-0.8 at 128. ``False`` is the A/B.
             _zero_program: with ``_direct_counts``, the dispatch program that zeroes
@@ -850,7 +850,7 @@ class P2PBackend(MoEBackend):
             x, topk_ids, topk_weights = self._dummy_x, self._dummy_ids, self._dummy_w
         c = self.cfg
         if self.protocol == "lamport":
-            # _direct_counts: the claims count into `counts` (zeroed by program 0 first)
+            # _direct_counts: the claims count into `counts` (zeroed by program ZP first)
             cursor = self.counts if self._direct else self.cursor
             direct = {"DIRECT": True, "ZP": self._zp, "zflag": self.zflag} if self._direct \
                 else {}
