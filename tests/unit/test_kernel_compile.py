@@ -140,16 +140,33 @@ def test_kernel_compiles_for_sm90(case):
     assert "ld.global" in k.asm["ptx"] or "ld.volatile" in k.asm["ptx"]
 
 
+def _launch_attrs(fn, sig):
+    """The specialisation a launch gives its arguments on a GPU: 16-byte divisibility of every
+    pointer (each element of a tuple of pointers too) and of the i64 scalars (the launchers'
+    buffers and sizes all are). Without it triton cannot prove a row's alignment and the PTX
+    moves rows by scalar 2-byte loads and stores that no launch runs (session 28)."""
+    attrs = {}
+    for i, name in enumerate(fn.arg_names):
+        ty = sig[name]
+        for path, t in (((i, j), tj) for j, tj in enumerate(ty)) if isinstance(ty, tuple) \
+                else (((i,), ty),):
+            if t.startswith("*") or t == "i64":
+                attrs[path] = [["tt.divisibility", 16]]
+    return attrs
+
+
 def _compile(fn, consts, types, num_warps):
     """``fn`` compiled for sm_90 with the constexprs it takes from ``consts``, every other
-    argument typed by ``types``; skips where Triton has no bundled assembler."""
+    argument typed by ``types`` and specialised as a launch would (:func:`_launch_attrs`);
+    skips where Triton has no bundled assembler."""
     ASTSource, target = _cuda_target()
     ptrs = {k: v for k, v in consts.items() if isinstance(v, str) and v.startswith("*")}
     types = {**types, **ptrs}   # a pointer given its type here: an argument, not a constexpr
     consts = {k: v for k, v in consts.items() if k in fn.arg_names and k not in ptrs}
     sig = {n: "constexpr" if n in consts else types[n] for n in fn.arg_names}
     try:
-        return triton.compile(ASTSource(fn, sig, consts), target=target,
+        return triton.compile(ASTSource(fn, sig, consts, attrs=_launch_attrs(fn, sig)),
+                              target=target,
                               options={"num_warps": num_warps, "num_stages": 1,
                                        **LAUNCH_OPTIONS})
     except RuntimeError as e:
@@ -189,6 +206,25 @@ def test_meta_spin_is_not_duplicated(num_warps):
     ptx = k.asm["ptx"]
     assert (ptx.count("CNT:"), ptx.count("MSPIN:")) == (1, 1)
     assert ptx.count("\nSPIN:") == 8192 // (32 * num_warps) // 8
+
+
+@pytest.mark.parametrize("kernel, num_warps", [
+    ("ep_dispatch_lamport_kernel", 8), ("ep_dispatch_lamport_kernel", 16),
+    ("ep_combine_lamport_kernel", 8), ("ep_combine_lamport_kernel", 16)])
+def test_lamport_rows_move_in_16_byte_vectors(kernel, num_warps):
+    """With a launch's specialisation every row store of the lamport kernels (own and peer
+    rows, expert rows, partials, resets) is a 16-byte vector, and so are the row loads outside
+    the spins' re-polls: a mask or index pattern that hid a row's alignment from triton would
+    split them into 2-byte accesses (8x the instructions) without failing any other test."""
+    import importlib
+
+    fn = getattr(importlib.import_module("llmcomm.kernels.moe"), kernel)
+    ptx = _compile(fn, dict(_LAMPORT, M=128, CAP=256, SPLIT=4, NT=32 * num_warps,
+                            MSPIN=num_warps <= 8, GATE=num_warps <= 8, EARLY=True,
+                            DIRECT=kernel.startswith("ep_dispatch"), zflag="*i32"),
+                   _TYPES, num_warps).asm["ptx"]
+    assert ptx.count("st.global.v4") > 0 and ptx.count("st.global.b16") == 0
+    assert ptx.count("ld.global.b16") + ptx.count("ld.global.nc.b16") == 0
 
 
 @pytest.mark.parametrize("spread, receives", [(True, 1), (False, 3)])
