@@ -29,6 +29,20 @@ budgeted before it is written. Each kernel runs ``R`` dependent steps of one kin
   ``volatile`` (16-byte vectors, as the kernels' row polls compile), its sentinels counted (the
   next address depends on the count).
 
+Does a volatile load wait for an earlier atomic of the same thread (session 28: a received
+token's slot claim issued before the wait for its row never overlapped that wait)? Three kinds
+with one atomic a thread for the first 8 threads of an ``[NT]`` vector (no replication, so no
+broadcast right after the atomic) and a reduction over ``[NT]`` at the step's end:
+
+* ``nt_vload``: a dependent volatile load of the program's own, then the reduction (no atomic);
+* ``atomic_nt_vload``: the atomic, then the same load, then the reduction over the atomic's
+  results (nothing waits for the atomic before the load is issued);
+* ``atomic_nt_then_vload``: the atomic, the reduction over its results, then the load (in
+  series by construction).
+
+``atomic_nt_vload`` near ``nt_vload`` says the load overlaps the atomic's round trip; near
+``atomic_nt_then_vload`` that the load waits for it.
+
 CUDA-graph replays of ``--iters`` launches, median of ``--reps``. Usage (one GPU):
 ``python3 benchmarks/probe_chain_cost.py [--warps 8,16] [--steps 64] [--out DIR]``.
 """
@@ -43,7 +57,8 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 KINDS = ("alu", "sum8", "pick8", "all_threads", "barrier", "load_l1", "load_volatile",
-         "atomic8", "first8", "row_sum", "load_volatile_own", "poll_row")
+         "atomic8", "first8", "row_sum", "load_volatile_own", "poll_row", "nt_vload",
+         "atomic_nt_vload", "atomic_nt_then_vload")
 
 
 def _kernel():
@@ -93,6 +108,21 @@ def _kernel():
                 s = tl.sum(((row ^ s) < 0).to(tl.int32), axis=0)
             elif KIND == 10:
                 s = tl.load(row_ptr + pid * 64 + (s & (BLOCK_K - 1)), volatile=True)
+            elif KIND >= 12:   # one atomic a thread for the first BLOCK_K threads of [NT]
+                i = tl.arange(0, NT)
+                own = row_ptr + pid * 64 + (s & (BLOCK_K - 1))
+                if KIND == 12:
+                    s = tl.load(own, volatile=True)
+                    s = s + (tl.max(i * 0 + s, axis=0) & 1)
+                else:
+                    slot = tl.atomic_add(cnt + pid * BLOCK_K + (i & (BLOCK_K - 1)), i * 0 + 1,
+                                         mask=i < BLOCK_K, sem="relaxed", scope="gpu")
+                    if KIND == 13:
+                        s = tl.load(own, volatile=True)
+                        s = s + (tl.max(tl.where(i < BLOCK_K, slot, 0), axis=0) & 1)
+                    else:
+                        s = s + (tl.max(tl.where(i < BLOCK_K, slot, 0), axis=0) & 1)
+                        s = tl.load(row_ptr + pid * 64 + (s & (BLOCK_K - 1)), volatile=True)
             else:
                 r = tl.load(row_ptr + pid * BLOCK_H + (s & 1) * 16 + tl.arange(0, BLOCK_H),
                             volatile=True)
