@@ -65,6 +65,36 @@ LAMPORT_REGIONS = ("lx", "lmeta", "lcnt", "lcomb")   # "lamport": they start as 
 _OPS = {1: "EPDispatcher.dispatch (p2p)", 2: "EPDispatcher.combine (p2p)"}
 
 
+def _timeout_error(code: int, ranks: list[int], rank: int, timeout_s: float, G: int,
+                   ce_tokens: int | None, zp: tuple[int, int]) -> CollectiveTimeoutError:
+    """The error for a kernel's deadline record ``code`` (``op << 16 | missing group rank +
+    1``) on group rank ``rank`` of ``ranks`` (global ranks).
+
+    A dispatch that names this rank itself waited for its own zeroing program (``DIRECT``:
+    program ``ZP`` zeroes ``counts`` and releases a flag every program waits for before its
+    first claim), not for a peer: that program never ran beside the waiting ones."""
+    op, missing = code >> 16, (code & 0xFFFF) - 1
+    group = "[" + ",".join(map(str, ranks)) + "]"
+    what = _OPS.get(op, f"op {op}")
+    after = ("the p2p workspace is now unusable, create a new EPDispatcher after fixing the "
+             "cause")
+    if op == 1 and missing == rank:
+        return CollectiveTimeoutError(
+            what, group, [], timeout_s, detail=f"group rank {rank}'s own dispatch waited for "
+            f"its program {zp[0]} (launches at <= 8 warps a program) or {zp[1]} (16 warps) to "
+            f"zero `counts`, and that program did not run meanwhile: every program of the "
+            f"{G}-program grid must be resident at once -- pass a smaller num_programs if "
+            f"other kernels hold SMs beside the dispatch; {after}")
+    glob = ranks[missing] if 0 <= missing < len(ranks) else missing
+    return CollectiveTimeoutError(
+        what, group, [glob], timeout_s, detail=f"group rank {missing} did not signal; {after} "
+        f"(if it was that rank's first call at a new token count, it may have been compiling "
+        f"its kernels meanwhile: call EPDispatcher.warmup() on every rank before serving)" + (
+            f"; with _ce_tokens={ce_tokens} a dispatch's rows come by copy_ on a side stream, "
+            f"which the driver may run on SMs: if the grid ({G} programs) holds every SM, pass "
+            f"a smaller num_programs" if op == 1 and ce_tokens else ""))
+
+
 def _align(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
@@ -988,19 +1018,8 @@ class P2PBackend(MoEBackend):
         code = int(self.err_host[0])
         if code == 0:
             return
-        op, missing = code >> 16, (code & 0xFFFF) - 1
-        ranks = _ranks(self.group)
-        glob = ranks[missing] if 0 <= missing < len(ranks) else missing
-        self._failed = CollectiveTimeoutError(
-            _OPS.get(op, f"op {op}"), "[" + ",".join(map(str, ranks)) + "]", [glob],
-            self.timeout_s, detail=f"group rank {missing} did not signal; the p2p workspace is "
-            f"now unusable, create a new EPDispatcher after fixing the cause (if it was that "
-            f"rank's first call at a new token count, it may have been compiling its kernels "
-            f"meanwhile: call EPDispatcher.warmup() on every rank before serving)" + (
-                f"; with _ce_tokens={self._ce_tokens} a dispatch's rows come by copy_ on a side "
-                f"stream, which the driver may run on SMs: if the grid ({self.G} programs) "
-                f"holds every SM, pass a smaller num_programs" if op == 1 and self._ce_tokens
-                else ""))
+        self._failed = _timeout_error(code, _ranks(self.group), self.cfg.rank, self.timeout_s,
+                                      self.G, self._ce_tokens, self._zp)
         raise self._failed
 
     @property
