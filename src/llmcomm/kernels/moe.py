@@ -1949,8 +1949,8 @@ def _wait_zeroed(zflag, buf, err_dev, err_host, timeout_ns, RANK: tl.constexpr,
     """``DIRECT``: wait until ``*zflag == buf`` (program ``ZP`` zeroed ``counts`` for this
     call), each thread by its own acquire loads (:func:`.sync.spin_equal`); past the deadline
     the record names this rank, which ``p2p._timeout_error`` reads as "the own zeroing program
-    did not run", not as a missing peer. In the interpreter (``USE_TIMER`` off) a plain volatile poll
-    with no deadline (``ZP`` is 0 there: run first, or concurrently)."""
+    did not run", not as a missing peer. In the interpreter (``USE_TIMER`` off) a plain
+    volatile poll with no deadline (``ZP`` is 0 there: run first, or concurrently)."""
     if USE_TIMER:
         spin_equal(zflag, buf, timeout_ns, err_dev, err_host, 65536 + RANK + 1, NT)
     else:
