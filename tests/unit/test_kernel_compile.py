@@ -275,7 +275,9 @@ def test_floor_benchmark_kernels_compile(which, consts):
 
 @pytest.mark.parametrize("kind, pdl", [("sum8", False), ("all_threads", False),
                                        ("atomic8", False), ("first8", False),
-                                       ("row_sum", False), ("poll_row", False), ("alu", True)])
+                                       ("row_sum", False), ("poll_row", False), ("alu", True),
+                                       ("nt_vload", False), ("atomic_nt_vload", False),
+                                       ("atomic_nt_then_vload", False)])
 def test_chain_probe_kernel_compiles(kind, pdl):
     """``benchmarks/probe_chain_cost.py`` prices the small-batch kernels' dependent steps on a
     device: its kernel must compile first (the kinds with reductions, atomics and asm, and its
@@ -287,3 +289,28 @@ def test_chain_probe_kernel_compiles(kind, pdl):
                  {"buf": "*i32", "cnt": "*i32", "row_ptr": "*i32", "out": "*i32", "R": "i32"},
                  8)
     assert "ld.global" in k.asm["ptx"]
+
+
+@pytest.mark.parametrize("name", ["row", "claim", "serial", "split"])
+def test_warp_specialised_claim_probe_compiles(name):
+    """``benchmarks/probe_ws_claim.py`` (Gluon) times a receive step's claim and row wait in
+    one partition and in two (a worker warp claims): its kernels must compile for sm_90, the
+    ``split`` one with its mbarrier hand-over and the ``serial`` one with the claim's atomic
+    ahead of the row's volatile vector loads."""
+    gluon_runtime = pytest.importorskip("triton.experimental.gluon._runtime")
+    from benchmarks.probe_ws_claim import _kernels
+
+    _, target = _cuda_target()
+    sig = {"cnt": "*i32", "row_ptr": "*bf16", "out": "*i32", "R": "i32", "BLOCK": "constexpr"}
+    fn = _kernels()[name]
+    src = gluon_runtime.GluonASTSource(fn, sig, constexprs={"BLOCK": 8192},
+                                       attrs=_launch_attrs(fn, sig))
+    try:
+        ptx = triton.compile(src, target=target, options={"num_warps": 4}).asm["ptx"]
+    except RuntimeError as e:
+        if "ptxas" in str(e) and "not found" in str(e).lower():
+            pytest.skip(str(e))
+        raise
+    assert ("mbarrier" in ptx) == (name == "split")
+    if name == "serial":   # as the dispatch: the claim's atomic, then the row's loads
+        assert ptx.index("atom.global") < ptx.index("ld.volatile.global.v4")
