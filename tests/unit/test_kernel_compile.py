@@ -306,7 +306,8 @@ def test_warp_specialised_claim_probe_compiles(name):
     src = gluon_runtime.GluonASTSource(fn, sig, constexprs={"BLOCK": 8192},
                                        attrs=_launch_attrs(fn, sig))
     try:
-        ptx = triton.compile(src, target=target, options={"num_warps": 4}).asm["ptx"]
+        ptx = triton.compile(src, target=target,
+                             options={"num_warps": 4, **LAUNCH_OPTIONS}).asm["ptx"]
     except RuntimeError as e:
         if "ptxas" in str(e) and "not found" in str(e).lower():
             pytest.skip(str(e))
