@@ -121,6 +121,49 @@ def save_one_gpu_results(rows: list[dict], note: str, out: str | None, name: str
     print("wrote", *write_results(stem, rows, meta))
 
 
+def add_step_probe_args(ap) -> None:
+    """The options of the dependent-step probes (``probe_chain_cost.py``, ``probe_ws_claim.py``):
+    grid, steps a launch, CUDA-graph iterations and repeats, the results folder."""
+    import os
+
+    ap.add_argument("--programs", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                  "results"))
+
+
+def step_cost(run, steps: int, iters: int, reps: int) -> dict:
+    """A dependent step's cost: ``run(R)`` launches a kernel of ``R`` steps; each of ``R = 0``
+    and ``R = steps`` is compiled, then timed as CUDA-graph replays (:func:`time_graph`), and
+    the step costs ``(t(steps) - t(0)) / steps``. Returns ``{"us_at_0", "us_at_<steps>",
+    "ns_per_step"}``."""
+    import torch
+
+    t = {}
+    for R in (0, steps):
+        run(R)
+        torch.cuda.synchronize()
+        t[R] = time_graph(lambda R=R: run(R), iters=iters, reps=reps)
+    return {"us_at_0": round(t[0], 3), f"us_at_{steps}": round(t[steps], 3),
+            "ns_per_step": round(1000 * (t[steps] - t[0]) / steps, 1)}
+
+
+def write_probe_json(args, rows: list[dict], name: str) -> None:
+    """A probe's ``rows``, with :func:`environment`, argv and options, to
+    ``<args.out>/<name>.json``; prints the path."""
+    import os
+    import sys
+
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump({"meta": environment(), "argv": sys.argv, "args": vars(args), "rows": rows},
+                  f, indent=1)
+    print(f"wrote {path}")
+
+
 def progress(items, enabled: bool, desc: str):
     """``items`` wrapped in a tqdm progress bar (stderr) on the reporting rank, when tqdm is
     installed (``pip install llmcomm[bench]``); the plain iterable otherwise."""

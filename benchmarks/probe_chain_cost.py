@@ -56,6 +56,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from benchmarks._common import add_step_probe_args, step_cost, write_probe_json  # noqa: E402
+
 KINDS = ("alu", "sum8", "pick8", "all_threads", "barrier", "load_l1", "load_volatile",
          "atomic8", "first8", "row_sum", "load_volatile_own", "poll_row", "nt_vload",
          "atomic_nt_vload", "atomic_nt_then_vload")
@@ -140,19 +142,13 @@ def main() -> None:
                     help="launch with programmatic dependent launch (the kernel waits for the "
                          "previous grid first, as the p2p kernels' PDL variant): t(0) is then "
                          "the cost of a launch that overlaps the previous kernel's tail")
-    ap.add_argument("--programs", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=64)
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    add_step_probe_args(ap)
     args = ap.parse_args()
     unknown = [k for k in args.kinds.split(",") if k not in KINDS]
     if unknown:
         raise SystemExit(f"unknown --kinds {unknown}; expected some of {list(KINDS)}")
 
     import torch
-
-    from benchmarks._common import environment, time_graph
 
     kern = _kernel()
     G, K = args.programs, 8
@@ -171,22 +167,11 @@ def main() -> None:
                 kern[(G,)](buf, cnt, row, out, R, KIND=i, BLOCK_K=K, NT=32 * warps,
                            BLOCK_H=8192, PDL=args.pdl, num_warps=warps,
                            **({"launch_pdl": True} if args.pdl else {}))
-            t = {}
-            for R in (0, args.steps):
-                run(R)
-                torch.cuda.synchronize()
-                t[R] = time_graph(lambda R=R, run=run: run(R), iters=args.iters,
-                                  reps=args.reps)
-            res = {"warps": warps, "kind": kind, "pdl": args.pdl, "us_at_0": round(t[0], 3),
-                   f"us_at_{args.steps}": round(t[args.steps], 3),
-                   "ns_per_step": round(1000 * (t[args.steps] - t[0]) / args.steps, 1)}
+            res = {"warps": warps, "kind": kind, "pdl": args.pdl,
+                   **step_cost(run, args.steps, args.iters, args.reps)}
             rows.append(res)
             print(json.dumps(res), flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "probe_chain_cost.json")
-    with open(path, "w") as f:
-        json.dump({"meta": environment(), "argv": sys.argv, "args": vars(args), "rows": rows}, f, indent=1)
-    print(f"wrote {path}")
+    write_probe_json(args, rows, "probe_chain_cost")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from benchmarks._common import add_step_probe_args, step_cost, write_probe_json  # noqa: E402
+
 
 def _kernels():
     from triton.experimental import gluon
@@ -119,16 +121,10 @@ def _kernels():
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--programs", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=64)
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    add_step_probe_args(ap)
     args = ap.parse_args()
 
     import torch
-
-    from benchmarks._common import environment, time_graph
 
     kernels = _kernels()
     G, BLOCK = args.programs, 8192
@@ -140,21 +136,10 @@ def main() -> None:
         kern = kernels[name]
         def run(R, kern=kern):
             kern[(G,)](cnt, row, out, R, BLOCK=BLOCK, num_warps=4)
-        t = {}
-        for R in (0, args.steps):
-            run(R)
-            torch.cuda.synchronize()
-            t[R] = time_graph(lambda R=R, run=run: run(R), iters=args.iters, reps=args.reps)
-        res = {"kind": name, "us_at_0": round(t[0], 3), f"us_at_{args.steps}": round(t[args.steps], 3),
-               "ns_per_step": round(1000 * (t[args.steps] - t[0]) / args.steps, 1)}
+        res = {"kind": name, **step_cost(run, args.steps, args.iters, args.reps)}
         rows.append(res)
         print(json.dumps(res), flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "probe_ws_claim.json")
-    with open(path, "w") as f:
-        json.dump({"meta": environment(), "argv": sys.argv, "args": vars(args), "rows": rows}, f,
-                  indent=1)
-    print(f"wrote {path}")
+    write_probe_json(args, rows, "probe_ws_claim")
 
 
 if __name__ == "__main__":

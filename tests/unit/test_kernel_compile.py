@@ -164,11 +164,15 @@ def _compile(fn, consts, types, num_warps):
     types = {**types, **ptrs}   # a pointer given its type here: an argument, not a constexpr
     consts = {k: v for k, v in consts.items() if k in fn.arg_names and k not in ptrs}
     sig = {n: "constexpr" if n in consts else types[n] for n in fn.arg_names}
+    return _build(ASTSource(fn, sig, consts, attrs=_launch_attrs(fn, sig)), target,
+                  {"num_warps": num_warps, "num_stages": 1})
+
+
+def _build(src, target, options):
+    """``src`` compiled for ``target`` with the launchers' options; skips where Triton has no
+    bundled assembler."""
     try:
-        return triton.compile(ASTSource(fn, sig, consts, attrs=_launch_attrs(fn, sig)),
-                              target=target,
-                              options={"num_warps": num_warps, "num_stages": 1,
-                                       **LAUNCH_OPTIONS})
+        return triton.compile(src, target=target, options={**options, **LAUNCH_OPTIONS})
     except RuntimeError as e:
         if "ptxas" in str(e) and "not found" in str(e).lower():   # no bundled assembler
             pytest.skip(str(e))
@@ -305,13 +309,7 @@ def test_warp_specialised_claim_probe_compiles(name):
     fn = _kernels()[name]
     src = gluon_runtime.GluonASTSource(fn, sig, constexprs={"BLOCK": 8192},
                                        attrs=_launch_attrs(fn, sig))
-    try:
-        ptx = triton.compile(src, target=target,
-                             options={"num_warps": 4, **LAUNCH_OPTIONS}).asm["ptx"]
-    except RuntimeError as e:
-        if "ptxas" in str(e) and "not found" in str(e).lower():
-            pytest.skip(str(e))
-        raise
+    ptx = _build(src, target, {"num_warps": 4}).asm["ptx"]
     assert ("mbarrier" in ptx) == (name == "split")
     if name == "serial":   # as the dispatch: the claim's atomic, then the row's loads
         assert ptx.index("atom.global") < ptx.index("ld.volatile.global.v4")
