@@ -313,3 +313,62 @@ def test_warp_specialised_claim_probe_compiles(name):
     assert ("mbarrier" in ptx) == (name == "split")
     if name == "serial":   # as the dispatch: the claim's atomic, then the row's loads
         assert ptx.index("atom.global") < ptx.index("ld.volatile.global.v4")
+
+
+@pytest.mark.parametrize("name", ["serial", "split", "split2"])
+def test_warp_specialised_receive_probe_compiles(name):
+    """``benchmarks/probe_ws_recv.py`` (Gluon, session 29) times a whole one-token exchange
+    with the receive in one partition and in two: its kernels must compile for sm_90, the
+    split ones with their mbarrier hand-overs, each receiver with one slot atomic and the
+    row's volatile vector loads."""
+    gluon_runtime = pytest.importorskip("triton.experimental.gluon._runtime")
+    from benchmarks.probe_ws_recv import _kernels
+
+    _, target = _cuda_target()
+    ptrs = {n: "*i32" for n in ("ids_src", "meta", "cursor", "slot_map", "err")}
+    consts = dict(H=7168, K=8, L=8, CAP=64, BLOCK_H=8192, BLOCK_K=8)
+    sig = {"x": "*bf16", "rowbuf": "*bf16", "expert_x": "*bf16", **ptrs,
+           **{k: "constexpr" for k in consts}}
+    fn = _kernels()[name]
+    sig = {n: sig[n] for n in fn.arg_names}
+    src = gluon_runtime.GluonASTSource(fn, sig, constexprs=consts,
+                                       attrs=_launch_attrs(fn, sig))
+    ptx = _build(src, target, {"num_warps": 8}).asm["ptx"]
+    assert ("mbarrier" in ptx) == (name != "serial")
+    assert ptx.count("atom.global") == 1 and "ld.volatile.global.v4" in ptx
+
+
+@pytest.mark.parametrize("kind", ["tma", "tma_gl"])
+def test_row_store_probe_tma_kernels_compile(kind):
+    """``benchmarks/probe_row_stores.py``'s TMA kinds (session 29) store a row by bulk tensor
+    copies from shared memory: they must compile for sm_90 with a host tensor descriptor of
+    the probe's box."""
+    import torch
+    from triton.runtime.jit import mangle_type
+
+    from benchmarks import probe_row_stores as probe
+
+    dst = torch.empty(64, 7168, dtype=torch.bfloat16)
+    shape, strides, box = [64, 28, 256], [7168, 256, 1], [1, 32, 256]
+    consts = dict(H=7168, BLOCK_H=8192, ROWS=4, REPS=2, CW=256)
+    if kind == "tma":
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        fn, desc, make = probe._rows_tma_kernel, TensorDescriptor(dst, shape, strides, box), None
+    else:
+        gluon_runtime = pytest.importorskip("triton.experimental.gluon._runtime")
+        from triton.experimental.gluon import language as gl
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+        layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=3)
+        fn, desc = probe._gluon_kernel(), TensorDescriptor(dst, shape, strides, box, layout)
+        make = gluon_runtime.GluonASTSource
+    sig = {"src": "*bf16", "dst": mangle_type(desc), **{k: "constexpr" for k in consts}}
+    _, target = _cuda_target()
+    if make is None:
+        ptx = _compile(fn, {**consts, "src": "*bf16"}, {"dst": sig["dst"]}, 8).asm["ptx"]
+    else:
+        src = make(fn, sig, constexprs=consts, attrs=_launch_attrs(fn, sig))
+        ptx = _build(src, target, {"num_warps": 8}).asm["ptx"]
+    n = ptx.count("cp.async.bulk.tensor.3d.global.shared::cta")
+    assert n and n % 4 == 0   # the 4 rows of each unrolled token
