@@ -29,6 +29,9 @@
 # STEPS="moe_ab_gate": the lamport pair with session 26's GATE (default) against lam_nogate.
 # STEPS="moe_ab_direct": the lamport pair with session 27's direct counts (default) against
 #   lam_nodirect.
+# STEPS="decode_now" (session 29; the first call when a 2-GPU window opens, ~7 min cold): the
+#   lamport pair at 1-128 tokens with today's defaults beside NCCL a2a, and lam_nodirect,
+#   lam_nogate, lam_noearly in the same run, both orders.
 # STEPS="trace": the lamport dispatch's stage stamps (lam_trace) at 1-128 tokens, per rank.
 # STEPS="tests_moe_default": only the default lamport dispatcher's 2-GPU tests (a short lease).
 # STEPS="floor_small" (~5 min cold): benchmarks/bench_moe_floor.py at 1, 64 and 128 tokens, the
@@ -137,6 +140,13 @@ case " $STEPS " in *" moe_ab_direct "*)   # session 27's counts by direct claims
     --sweep-only lam,lam_nodirect --out "$OUT/ab_direct_a"
   step ab_direct_b 140 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1,8,64,128 \
     --sweep-only lam_nodirect,lam --out "$OUT/ab_direct_b" ;; esac
+case " $STEPS " in *" decode_now "*)   # session 29: the first call of a short 2-GPU window --
+  # the decode standing table with today's defaults (lam: DIRECT, GATE, EARLY) and, in the same
+  # run and both orders, the three A/Bs queued since sessions 25-27 (~7 min cold)
+  step decode_now_a 330 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1,8,64,128 \
+    --sweep-only lam,lam_nodirect,lam_nogate,lam_noearly --out "$OUT/decode_now_a"
+  step decode_now_b 200 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1,8,64,128 \
+    --sweep-only lam_noearly,lam_nogate,lam_nodirect,lam --out "$OUT/decode_now_b" ;; esac
 case " $STEPS " in *" trace "*)   # session 26: the lamport dispatch's stage table on 2 GPUs
   # (lam_trace, P2PBackend(_trace=True)) beside the unstamped default (~3 min cold)
   step trace 200 python3 benchmarks/bench_moe.py --sweep --sweep-tokens 1,8,64,128 \
