@@ -70,11 +70,6 @@ SWEEP = {
     "lam_cs1": ({"protocol": "lamport", "combine_split": 1}, None),
     "lam_cs2": ({"protocol": "lamport", "combine_split": 2}, None),
     "lam_cs8": ({"protocol": "lamport", "combine_split": 8}, None),
-    # lamport without session 16's one-token path (own token sent before the loop, slots and
-    # counts computed; the default: loopback dispatch 0.6 us faster at one token)
-    "lam_noone": ({"protocol": "lamport", "_one_token_slots": False}, None),
-    # ... and with it (off by default since session 17: a wrong count on 2 GPUs)
-    "lam_one": ({"protocol": "lamport", "_one_token_slots": True}, None),
     # lamport with / without programmatic dependent launch: the next kernel's launch overlaps
     # this one's tail (session 19: an empty kernel costs ~1.1-1.5 us a launch in a graph). On
     # for lamport by default since session 24 (2 x H200: -0.1..-1.4 us a pair at 1-128 tokens)

@@ -40,9 +40,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 #: name -> (max_tokens_per_rank, backend kwargs)
 CONFIGS = {
     "lamport128": (128, {}),
-    # without session 16's one-token path (P2PBackend._one_token_slots=False, the default
-    # again since session 17)
-    "lamport128noone": (128, {"_one_token_slots": False}),
     "flags128": (128, {"protocol": "flags"}),
     # lamport forced (protocol="auto" picks it at EP=2 only): for --world 4 / 8 (session 21)
     "lam128": (128, {"protocol": "lamport"}),
@@ -62,9 +59,6 @@ CONFIGS = {
     # lamport128nopdl the A/B against it
     "lamport128pdl": (128, {"pdl": True}),
     "lamport128nopdl": (128, {"pdl": False}),
-    # session 16's one-token path (off by default since session 17: a wrong count on 2 GPUs)
-    "lamport128one": (128, {"_one_token_slots": True}),
-    "lamport128onepdl": (128, {"_one_token_slots": True, "pdl": True}),
     # without session 20's per-thread spin (P2PBackend._thread_spin, the default on a GPU)
     "lamport128notspin": (128, {"_thread_spin": False}),
     # without the dispatch's per-thread count and meta spin (session 20; the default at <= 8
@@ -142,8 +136,8 @@ def _free_ok(be, T):
     current one leaves, and in loopback the ranks share one GPU's SMs, so with one program an
     SM that kernel can starve the peer rank's current one, which its own current one waits for.
     Session 19 ran into the deadline so at 64 tokens (16 warps a program) and with the one-token
-    path at one token (its dispatch needs 162 registers a thread at 8 warps, the default one 128:
-    one program an SM). On one GPU per rank it cannot happen. A grid small enough for two
+    path at one token (removed in session 29; its dispatch needed 162 registers a thread at 8
+    warps, the default one 128: one program an SM). On one GPU per rank it cannot happen. A grid small enough for two
     kernels of every rank at one program an SM (``--programs`` <= SMs / 4 at EP=2) is safe."""
     import torch
 
@@ -154,8 +148,6 @@ def _free_ok(be, T):
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     if 2 * be.cfg.world_size * be.G <= sms:
         return True
-    if be._one:
-        return False
     return all(_lamport_warps(T, tb, be.G, be.combine_split, be.num_warps, be._small_warps) < 16
                for tb in be.tiles)
 

@@ -256,41 +256,29 @@ def _kernels():
             gl.store(mp + offs_k, ids * 0 + (-2147483647 - 1), mask=offs_k < K)
             gl.store(mp + K + offs_k, ids * 0 + (-2147483647 - 1), mask=offs_k < K)
 
-    @gluon.jit
-    def split_kernel(x, ids_src, meta, rowbuf, cursor, expert_x, slot_map, err,
-                     H: gl.constexpr, K: gl.constexpr, L: gl.constexpr, CAP: gl.constexpr,
-                     BLOCK_H: gl.constexpr, BLOCK_K: gl.constexpr):
-        sl: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
-        sm = (gl.allocate_shared_memory(gl.int32, [BLOCK_K], sl),
-              gl.allocate_shared_memory(gl.int32, [BLOCK_K], sl))
-        bar_meta = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        bar_slot = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        mbarrier.init(bar_meta, count=1)
-        mbarrier.init(bar_slot, count=1)
-        bars = (bar_meta, bar_slot)
-        gl.warp_specialize([(_ws_default, (x, ids_src, meta, rowbuf, expert_x, slot_map, err,
-                                           sm, bars, H, K, L, CAP, BLOCK_H, BLOCK_K)),
-                            (_ws_worker, (meta, cursor, err, sm, bars, K, L, CAP, BLOCK_K))],
-                           [1], [48])
+    def _split(default_fn, worker_fn):
+        """A kernel whose receive is ``default_fn`` (the program's warps) beside ``worker_fn``
+        (one more warp), two int32 [BLOCK_K] shared buffers and two mbarriers between them."""
+        @gluon.jit
+        def kernel(x, ids_src, meta, rowbuf, cursor, expert_x, slot_map, err, H: gl.constexpr,
+                   K: gl.constexpr, L: gl.constexpr, CAP: gl.constexpr, BLOCK_H: gl.constexpr,
+                   BLOCK_K: gl.constexpr):
+            sl: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+            sm = (gl.allocate_shared_memory(gl.int32, [BLOCK_K], sl),
+                  gl.allocate_shared_memory(gl.int32, [BLOCK_K], sl))
+            bar_meta = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+            bar_slot = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+            mbarrier.init(bar_meta, count=1)
+            mbarrier.init(bar_slot, count=1)
+            bars = (bar_meta, bar_slot)
+            gl.warp_specialize([(default_fn, (x, ids_src, meta, rowbuf, expert_x, slot_map, err,
+                                              sm, bars, H, K, L, CAP, BLOCK_H, BLOCK_K)),
+                                (worker_fn, (meta, cursor, err, sm, bars, K, L, CAP, BLOCK_K))],
+                               [1], [48])
+        return kernel
 
-    @gluon.jit
-    def split2_kernel(x, ids_src, meta, rowbuf, cursor, expert_x, slot_map, err,
-                     H: gl.constexpr, K: gl.constexpr, L: gl.constexpr, CAP: gl.constexpr,
-                     BLOCK_H: gl.constexpr, BLOCK_K: gl.constexpr):
-        sl: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
-        sm = (gl.allocate_shared_memory(gl.int32, [BLOCK_K], sl),
-              gl.allocate_shared_memory(gl.int32, [BLOCK_K], sl))
-        bar_meta = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        bar_slot = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        mbarrier.init(bar_meta, count=1)
-        mbarrier.init(bar_slot, count=1)
-        bars = (bar_meta, bar_slot)
-        gl.warp_specialize([(_ws2_default, (x, ids_src, meta, rowbuf, expert_x, slot_map, err,
-                                           sm, bars, H, K, L, CAP, BLOCK_H, BLOCK_K)),
-                            (_ws2_worker, (meta, cursor, err, sm, bars, K, L, CAP, BLOCK_K))],
-                           [1], [48])
-
-    return {"serial": serial_kernel, "split": split_kernel, "split2": split2_kernel}
+    return {"serial": serial_kernel, "split": _split(_ws_default, _ws_worker),
+            "split2": _split(_ws2_default, _ws2_worker)}
 
 
 def main() -> None:

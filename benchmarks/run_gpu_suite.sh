@@ -14,15 +14,13 @@
 # two off-by-default knobs against the default at 1024 and 4096 tokens, dispatch / combine alone, in
 # both orders: flags rounds sized per call from the batch (rt), and the combine's push and finish
 # in separate programs (croles, croles_r8: min(G, SMs / 2) programs a role), ~6 min; then, in
-# a call of its own, STEPS="moe_ab_tests": the flags GPU tests. STEPS="moe_ab_decode": session
-# 16's one-token lamport path (the default) against the path before it (_one_token_slots=False)
-# at 1 and 8 tokens, both orders, then its 2-GPU tests (~6 min cold). STEPS="moe_ab_ce":
+# a call of its own, STEPS="moe_ab_tests": the flags GPU tests. STEPS="moe_ab_ce":
 # session 17's probe (does copy_ into a peer's buffer run beside kernels on every SM, i.e. on a
 # copy engine?), then the dispatch rows by copy_ (ce) against the default at 1024-4096 tokens,
 # both orders (with rounds of 4 too: ce_r4, and 112 programs: ce_g112); STEPS="moe_ab_ce_tests",
 # a call of its own: the ce 2-GPU tests.
 # STEPS="stress" (a call of its own): benchmarks/stress_moe_p2p.py, random sequences of calls
-# each checked against the reference (STRESS_VARIANTS=one, STRESS_SIZES=large, STRESS_S=400 s;
+# each checked against the reference (STRESS_VARIANTS=lam, STRESS_SIZES=large, STRESS_S=400 s;
 # STRESS_ARGS=--replay: the sentinel test's call sequence over and over instead).
 # STEPS="moe_ab_pdl": the lamport decode pair with and without PDL at 1-128 tokens, both orders.
 # STEPS="moe_ab_early": the same with and without session 25's early own rows (_early_own).
@@ -94,13 +92,6 @@ case " $STEPS " in *" moe_ab "*)
     --sweep-only default,rt,croles,croles_r8 --out "$OUT/ab_a"
   step ab_b 150 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1024,4096 \
     --sweep-only croles_r8,croles,rt,default --out "$OUT/ab_b" ;; esac
-case " $STEPS " in *" moe_ab_decode "*)   # session 16's one-token path against the one before
-  step ab_decode_a 200 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1,8 \
-    --sweep-only lam,lam_one --out "$OUT/ab_dec_a"
-  step ab_decode_b 100 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1,8 \
-    --sweep-only lam_one,lam --out "$OUT/ab_dec_b"
-  step gpu_tests_moe_one 250 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_moe_p2p.py \
-    -k "lamport-one" ;; esac
 case " $STEPS " in *" moe_ab_ce "*)   # session 17: the dispatch's rows by copy_ (ce), ~9 min
   step probe_copy_engine 90 python3 benchmarks/probe_copy_engine.py --peer --out "$OUT/probe_ce.json"
   step ab_ce_a 330 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1024,2048,4096 \
@@ -114,7 +105,7 @@ case " $STEPS " in *" moe_ab_tests "*)   # a call of its own: the flags GPU test
   step gpu_tests_moe_flags 300 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_moe_p2p.py \
     -k flags ;; esac
 case " $STEPS " in *" stress "*)   # session 18: random call sequences checked after each call
-  step stress_moe 570 python3 benchmarks/stress_moe_p2p.py --variants "${STRESS_VARIANTS:-one}" \
+  step stress_moe 570 python3 benchmarks/stress_moe_p2p.py --variants "${STRESS_VARIANTS:-lam}" \
     --sizes "${STRESS_SIZES:-large}" --seconds "${STRESS_S:-400}" ${STRESS_ARGS:-} --out "$OUT" ;; esac
 case " $STEPS " in *" moe_ab_pdl "*)   # the lamport pair without PDL (the default since
   # session 24) / without the per-thread spin (the default since session 20), both orders

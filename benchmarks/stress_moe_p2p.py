@@ -1,6 +1,7 @@
 """Stress the p2p MoE dispatch / combine on 2 GPUs with random sequences of calls, to find
 intermittent bugs that a fixed test sequence meets only sometimes (session 18: the lamport
-one-token path, ``_one_token_slots``, failed session 17's sentinel test once in two runs).
+one-token path, ``_one_token_slots``, failed session 17's sentinel test once in two runs; never
+reproduced, the path removed in session 29).
 
 Both ranks draw the same sequence of per-rank token counts (a shared seed) from a set that
 crosses the one-token path's boundaries (0, 1, 2, a few, ``M``). After every call (eager,
@@ -14,7 +15,7 @@ the first failure of each variant is reported with the calls before it.
 
 Usage (prints progressively, one JSON line per variant and size)::
 
-    python3 benchmarks/stress_moe_p2p.py [--variants one,lam] [--seconds 60] [--out DIR]
+    python3 benchmarks/stress_moe_p2p.py [--variants lam,flags] [--seconds 60] [--out DIR]
     python3 benchmarks/stress_moe_p2p.py --loopback ...   # one GPU: both ranks on it
     python3 benchmarks/stress_moe_p2p.py --sim ...        # CPU simulation: a smoke run
 
@@ -37,7 +38,6 @@ from benchmarks._common import set_safe_env  # noqa: E402
 
 #: name -> P2PBackend keyword arguments
 VARIANTS = {
-    "one": {"protocol": "lamport", "_one_token_slots": True},
     "lam": {"protocol": "lamport"},
     # 32 programs: with --loopback, two grids a rank fit one GPU (2 x 2 x 32 <= 132 SMs), so
     # the loopback keeps the lamport default's PDL on (llmcomm.moe.loopback.loopback_pdl)
@@ -130,7 +130,7 @@ def _stress(name: str, cfg: tuple, seconds: float, seed: int, call, state, agree
     fail = None
     t0 = time.monotonic()
     n = 0
-    fixed = sentinel_calls(M, one_token=True)
+    fixed = sentinel_calls(M)
     while not agree(time.monotonic() - t0 > seconds):
         if replay:
             toks, iseed, routing = fixed[n % len(fixed)], 70 + n % len(fixed), "random"
@@ -353,7 +353,7 @@ def _free_loopback(names: list[str], sizes: list[str], seconds: float, seed: int
 def main() -> None:
     set_safe_env()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variants", default="one,lam", help=f"of {sorted(VARIANTS)}")
+    ap.add_argument("--variants", default="lam", help=f"of {sorted(VARIANTS)}")
     ap.add_argument("--seconds", type=float, default=60.0, help="per variant and size")
     ap.add_argument("--sizes", default="small,large", help=f"of {sorted(CONFIGS)}")
     ap.add_argument("--seed", type=int, default=18)

@@ -123,16 +123,18 @@ def roundtrip(ep: Any, rank: int, world: int, num_experts: int, inputs, dtype,
 
 #: routings and per-rank token counts (EP=2) on the lamport dispatch's one-token path (both ranks
 #: hold at most one token: slots and counts computed, no atomics; session 16), for the GPU tests
-ONE_CASES = (("random", [1, 1]), ("dups", [1, 0]), ("random", [0, 1]), ("one_expert", [1, 1]))
+#: calls where both ranks hold at most one token: the lamport dispatch's smallest batches (own
+#: rows placed by the other half of the grid, most programs with nothing to send or receive);
+#: until session 29 they ran only on the removed one-token path (``_one_token_slots``)
+TINY_CASES = (("random", [1, 1]), ("dups", [1, 0]), ("random", [0, 1]), ("one_expert", [1, 1]))
 
 
-def sentinel_calls(M: int, one_token: bool) -> list[list[int]]:
+def sentinel_calls(M: int) -> list[list[int]]:
     """Per-rank token counts of the lamport sentinel test's consecutive calls (EP=2, ``M``
-    tokens at most), with the calls on the one-token path (both ranks <= 1 token) between
-    them when ``one_token``; call ``i`` draws ``make_inputs(70 + i, ...)``."""
-    seq = [[M, M], [1, 8], [37, 0], [M, 5], [0, M], [17, 33], [M, M]]
-    if one_token:
-        seq[2:2] = [[1, 1], [0, 1], [1, 0], [0, 0]]
+    tokens at most), calls with both ranks at <= 1 token among them; call ``i`` draws
+    ``make_inputs(70 + i, ...)``."""
+    seq = [[M, M], [1, 8], [1, 1], [0, 1], [1, 0], [0, 0], [37, 0], [M, 5], [0, M], [17, 33],
+           [M, M]]
     return [[min(t, M) for t in toks] for toks in seq]
 
 

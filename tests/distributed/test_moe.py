@@ -220,8 +220,7 @@ def _repeat_worker(rank, world, tmp):
     for ep in eps.values():
         ep.check_errors()
     return (max(errs), same, [str(ep.decision) for ep in eps.values()], len(hints),
-            eps["p2p-sim-auto"].describe(),
-            [ep._backend.fingerprint()["one_token_slots"] for ep in eps.values()])
+            eps["p2p-sim-auto"].describe())
 
 
 @NEEDS_TRITON
@@ -231,10 +230,7 @@ def test_p2p_sim_repeated_calls_both_protocols():
     assert [r[3] for r in res] == [3, 0]   # once per dispatcher on rank 0; rank 1 warmed up
     assert "warmup:   done (0 kernel variants" in res[1][4]     # the simulation compiles none
     assert "warmup:   not called" in res[0][4]
-    for err, same, decisions, _, text, one in res:
-        # the one-token lamport path is on by default for lamport at EP=2 (session 16), and part
-        # of the fingerprint (ranks agree on it)
-        assert one == [False, False, False], one   # off by default since session 17
+    for err, same, decisions, _, text in res:
         assert "protocol lamport" in text and "GB; symmetric workspace" in text, text
         assert err <= 2.5e-2
         assert same, "flags and lamport combine outputs differ bitwise"
@@ -497,14 +493,11 @@ def test_errors_world2():
      "_runtime_rounds needs protocol='flags' with interleave and the default rounds"),
     ({"protocol": "lamport", "_combine_roles": True},
      "_combine_roles needs protocol='flags' at EP=2, got protocol 'lamport'"),
-    ({"protocol": "lamport", "_one_token_slots": True, "tile_tokens": 2},
-     "_one_token_slots needs protocol='lamport' at EP=2 with tile_tokens=1 and shift=0"),
-    ({"protocol": "flags", "_one_token_slots": True}, "got protocol 'flags' at EP=2"),
     ({"protocol": "lamport", "_peer_spread": True},
      "_peer_spread needs every program of a grid running at once"),
     ({"protocol": "flags", "_peer_spread": True},
-     "_peer_spread needs protocol='lamport' with tile_tokens=1, shift 0 and without "
-     "_one_token_slots; got protocol 'flags'"),
+     "_peer_spread needs protocol='lamport' with tile_tokens=1 and shift 0; got protocol "
+     "'flags'"),
     ({"protocol": "lamport", "tile_tokens": 2, "_peer_spread": True}, "tile_tokens 2"),
     ({"protocol": "flags", "_early_own": True},
      "_early_own needs protocol='lamport' with tile_tokens=1; got protocol 'flags'"),
@@ -516,9 +509,7 @@ def test_errors_world2():
     ({"protocol": "lamport", "_zero_program": 1}, "_zero_program must be an int in [0, 4) (0 in "
      "the simulation), got 1"),
     ({"protocol": "flags", "_direct_counts": True},
-     "_direct_counts needs protocol='lamport' without _one_token_slots; got protocol 'flags'"),
-    ({"protocol": "lamport", "_one_token_slots": True, "_direct_counts": True},
-     "got protocol 'lamport', _one_token_slots True"),
+     "_direct_counts needs protocol='lamport'; got protocol 'flags'"),
     ({"_ce_tokens": 0}, "_ce_tokens must be an int >= 1 (or None: off), got 0"),
     ({"protocol": "lamport", "_ce_tokens": 8},
      "_ce_tokens needs protocol='flags' at EP=2 with interleave and the default rounds; got "
@@ -562,8 +553,6 @@ def _concurrent_worker(rank, world, tmp, E_, kw, G, shift, seed, spread=False):
     if spread:                  # and _peer_spread (the default at EP > 2 on a GPU)
         ep._backend._spread = True
     seqs = [[M, 5, 2], [3, M, 0], [M, M, M], [1, 0, 7], [7, M, 4], [M, 1, M], [0, 4, 5]]
-    if "_one_token_slots" in kw:   # calls on the one-token path (<= 1 token on both ranks)
-        seqs += [[1, 1], [0, 1], [1, M], [1, 0], [0, 0], [1, 1], [M, 1], [1, 1]]
     errs = []
     for i, toks in enumerate(seqs):
         toks = ((toks + toks[::-1]) * 2)[:world]   # world 4: ranks 0-2 as listed, rank 3 as 2
@@ -587,19 +576,17 @@ def _concurrent_worker(rank, world, tmp, E_, kw, G, shift, seed, spread=False):
     (2, 8, {}, 2, 1),                                             # several iterations/program
     (3, 6, {"tile_tokens": 2, "combine_tile_tokens": 4}, 3, 1),   # W=3
     (2, 8, {}, 8, 0),   # own rows placed by the other half of the grid at T <= 4, not above
-    (2, 8, {"_one_token_slots": True}, 8, 0),   # one-token calls (off by default) ...
-    (2, 8, {"_one_token_slots": False}, 8, 0),  # ... and the atomics they replace
     (2, 8, {"_early_own": False}, 2, 0),  # own rows after the receive (before session 25)
-    (2, 8, {"_claim_first": True, "_one_token_slots": True}, 8, 0),   # slots before the row
+    (2, 8, {"_claim_first": True}, 8, 0),   # slots claimed before the row's wait
     (2, 8, {"_gate": False}, 8, 0),   # claims and placements masked off, not branched around
     (2, 8, {"_direct_counts": False}, 8, 0),   # counts published by the last program out
     # the peers' tokens spread over the programs (_peer_spread, the default at EP > 2 on a
     # GPU): several units a program (G 2), and one a program with ranks of 0 tokens (G 8)
     (3, 6, {"_peer_spread": True}, 2, 0),
     (4, 8, {"_peer_spread": True}, 8, 0),
-], ids=["w2-t4c2-G4s2", "w2-t1-G2s1", "w3-t2c4-G3s1", "w2-t1-G8", "w2-t1-G8-one",
-        "w2-t1-G8-noone", "w2-t1-G2-noearly", "w2-t1-G8-claim1-one", "w2-t1-G8-nogate", "w2-t1-G8-nodirect",
-        "w3-t1-G2-spread", "w4-t1-G8-spread"])
+], ids=["w2-t4c2-G4s2", "w2-t1-G2s1", "w3-t2c4-G3s1", "w2-t1-G8", "w2-t1-G2-noearly",
+        "w2-t1-G8-claim1", "w2-t1-G8-nogate", "w2-t1-G8-nodirect", "w3-t1-G2-spread",
+        "w4-t1-G8-spread"])
 def test_p2p_sim_lamport_concurrent_programs(world, E_, kw, G, shift):
     kw = dict(kw)
     spread = kw.pop("_peer_spread", False)   # set after construction, as shift

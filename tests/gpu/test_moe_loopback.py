@@ -14,7 +14,7 @@ import importlib.util
 import pytest
 
 from tests._dist import run_ranks
-from tests.distributed._moe_cases import ONE_CASES
+from tests.distributed._moe_cases import TINY_CASES
 
 #: name -> (world, Loopback keyword arguments)
 VARIANTS = {
@@ -33,9 +33,6 @@ VARIANTS = {
     "lamport-t4c2": (2, {"protocol": "lamport", "tile_tokens": 4, "combine_tile_tokens": 2}),
     "lamport-shift": (2, {"protocol": "lamport", "tile_tokens": 2, "shift": 20,
                           "num_programs": 48}),
-    # the one-token path (opt-in: off by default since session 17), with the extra
-    # reference cases of ONE_CASES where both ranks hold at most one token
-    "lamport-one": (2, {"protocol": "lamport", "_one_token_slots": True}),
     # the polls that reduce over the program every spin, as before session 20's per-thread
     # spin (_thread_spin, the default on a GPU); fp32 (H 264) and bf16 rows
     "lamport-notspin": (2, {"protocol": "lamport", "_thread_spin": False}),
@@ -108,7 +105,7 @@ def _reference_worker(rank, world_size, name):
         lb = Loopback(world, E, K, H, M, dtype, **kw)
         cases = (("random", [37, 0]), ("random", [96, 95]), ("one_expert", [40, 17]),
                  ("dups", [5, 33]), ("low_experts", [1, 40]), ("random", [3, 9]),
-                 ("random", [M, M])) + (ONE_CASES if kw.get("_one_token_slots") else ())
+                 ("random", [M, M])) + (TINY_CASES if kw.get("protocol") == "lamport" else ())
         for i, (routing, toks) in enumerate(cases):
             toks = [min(toks[r % 2] + r // 2, M) for r in range(world)]
             inputs = make_inputs(50 + i, world, toks, E, K, H, dtype, routing)
@@ -125,8 +122,8 @@ def _reference_worker(rank, world_size, name):
 @pytest.mark.parametrize("name", [n for n in VARIANTS if n not in _GRAPH_ONLY])
 def test_loopback_matches_reference(name):
     (rows,) = run_ranks(_reference_worker, 1, name, timeout=850)
-    assert len(rows) == 2 * (7 + (len(ONE_CASES) if "_one_token_slots" in VARIANTS[name][1]
-                                  else 0))
+    assert len(rows) == 2 * (7 + (len(TINY_CASES) if VARIANTS[name][1].get("protocol") ==
+                                  "lamport" else 0))
     for H, routing, toks, n, err, left in rows:
         assert err < 2.5e-2, (H, routing, toks, err)
         assert not left, (H, routing, toks, left)
@@ -140,7 +137,7 @@ def _graph_worker(rank, world_size, name):
     from tests.distributed._moe_cases import capture_graph, make_inputs
 
     world, kw = VARIANTS[name]
-    E, K, H, M, T = 64, 6, 1024, 64, 1 if kw.get("_one_token_slots") else 50
+    E, K, H, M, T = 64, 6, 1024, 64, 50
     dtype = torch.bfloat16
     lb = Loopback(world, E, K, H, M, dtype, **kw)
     L = E // world
@@ -180,7 +177,7 @@ def _graph_worker(rank, world_size, name):
 
 
 @pytest.mark.parametrize("name", ["flags", "flags-g8", "flags-g8-roles", "flags-g8-ce",
-                                  "lamport", "lamport-t4c2", "lamport-one", "lamport-notspin",
+                                  "lamport", "lamport-t4c2", "lamport-notspin",
                                   "lamport-nodirect", "lamport-w4",
                                   pytest.param("lamport-w8", marks=pytest.mark.timeout(900))])
 def test_loopback_cuda_graph_replays_fresh_inputs(name):
@@ -265,7 +262,7 @@ def _missing_worker(rank, world_size, name):
     return None
 
 
-@pytest.mark.parametrize("name", ["flags", "lamport", "lamport-one", "lamport-notspin"])
+@pytest.mark.parametrize("name", ["flags", "lamport", "lamport-notspin"])
 def test_loopback_missing_rank_times_out_naming_it(name):
     (res,) = run_ranks(_missing_worker, 1, name, timeout=300)
     assert res is not None, "rank 0 did not raise CollectiveTimeoutError"

@@ -15,7 +15,7 @@ import importlib.util
 import pytest
 
 from tests._dist import run_ranks
-from tests.distributed._moe_cases import ONE_CASES
+from tests.distributed._moe_cases import TINY_CASES
 
 #: name -> P2PBackend keyword arguments
 P2P_VARIANTS = {
@@ -36,10 +36,6 @@ P2P_VARIANTS = {
     "p2p-lamport-t4c2": {"protocol": "lamport", "tile_tokens": 4, "combine_tile_tokens": 2},
     "p2p-lamport-t2-w16-shift20": {"protocol": "lamport", "tile_tokens": 2, "num_warps": 16,
                                    "shift": 20},
-    # the one-token path (opt-in: off by default since session 17), with the extra
-    # cases of ONE_CASES where both ranks hold at most one token, and the atomics where one
-    # has more
-    "p2p-lamport-one": {"protocol": "lamport", "_one_token_slots": True},
     # the polls that reduce over the program every spin, as before session 20's per-thread
     # spins (_thread_spin / _meta_spin, the default on a GPU since then)
     "p2p-lamport-notspin": {"protocol": "lamport", "_thread_spin": False},
@@ -66,11 +62,11 @@ def _correctness_worker(rank, world, names):
             ep = EPDispatcher(dist.group.WORLD, E, K, H, M, dtype, backend=backend,
                               _backend_kwargs=kw or None)
             assert ep.backend == backend
-            one = ONE_CASES if kw.get("_one_token_slots") else ()
+            tiny = TINY_CASES if "lamport" in name else ()   # both ranks at <= 1 token
             for i, (routing, toks) in enumerate((("random", [37, 0]), ("random", [96, 95]),
                                                  ("one_expert", [40, 17]), ("dups", [5, 33]),
                                                  ("low_experts", [1, 40]),
-                                                 ("random", [3, 9])) + one):   # lamport: split
+                                                 ("random", [3, 9])) + tiny):   # lamport: split
                 inputs = make_inputs(50 + i, world, [min(t, M) for t in toks], E, K, H, dtype,
                                      routing)
                 n, err = roundtrip(ep, rank, world, E, inputs, dtype, device="cuda")
@@ -87,7 +83,7 @@ def _correctness_worker(rank, world, names):
                          ids=lambda names: "+".join(names))
 def test_backends_match_reference_on_gpu(names):
     res = run_ranks(_correctness_worker, 2, names, backend="nccl", timeout=500)
-    extra = sum(len(ONE_CASES) for n in names if "_one_token_slots" in P2P_VARIANTS.get(n, {}))
+    extra = sum(len(TINY_CASES) for n in names if "lamport" in n)
     for rows, decision in res:
         assert len(rows) == 12 * len(names) + 2 * extra
         assert decision.startswith("p2p") and "protocol lamport" in decision, decision
@@ -102,7 +98,7 @@ def _graph_worker(rank, world, kw):
     from llmcomm.moe import EPDispatcher
     from tests.distributed._moe_cases import capture_graph, make_inputs
 
-    E, K, H, M, T = 64, 6, 1024, 64, 1 if kw.get("_one_token_slots") else 50
+    E, K, H, M, T = 64, 6, 1024, 64, 50
     dtype = torch.bfloat16
     ep = EPDispatcher(dist.group.WORLD, E, K, H, M, dtype, backend="p2p",
                       _backend_kwargs=kw or None)
@@ -143,7 +139,7 @@ def _check(rank, inputs, y, dtype):
 
 
 @pytest.mark.parametrize("variant", ["p2p-flags", "p2p-flags-g8-ce", "p2p-lamport",
-                                     "p2p-lamport-t4c2", "p2p-lamport-one"])
+                                     "p2p-lamport-t4c2"])
 def test_p2p_cuda_graph_replays_fresh_inputs(variant):
     res = run_ranks(_graph_worker, 2, P2P_VARIANTS[variant], backend="nccl", timeout=300)
     for errs in res:
@@ -200,7 +196,7 @@ def _sentinel_worker(rank, world, kw):
         # the 5 s deadline is shorter than a first call's compile, and the ranks meet token
         # classes at different calls (session 15: without this the run timed out on 2 GPUs)
         ep.warmup(topk_ids_dtype=torch.int64)
-        for i, toks in enumerate(sentinel_calls(M, bool(kw.get("_one_token_slots")))):
+        for i, toks in enumerate(sentinel_calls(M)):
             inputs = make_inputs(70 + i, world, toks, E, K, H, dtype, "random")
             try:
                 n, err = roundtrip(ep, rank, world, E, inputs, dtype, device="cuda")
@@ -216,13 +212,7 @@ def _sentinel_worker(rank, world, kw):
 
 
 @pytest.mark.timeout(500)   # run_ranks' own deadline (450 s) first: it names the ranks
-@pytest.mark.parametrize("variant", [
-    pytest.param(v, marks=pytest.mark.xfail(
-        reason="session 17, 2 x H200: rank 0 expert 0 count 2 != expected 3 (a received row "
-               "missing) with _one_token_slots=True; off by default since then; the bug is "
-               "not found yet (session 18: benchmarks/stress_moe_p2p.py did not reproduce it "
-               "in loopback nor, briefly, on 2 GPUs)",
-        strict=False)) if v == "p2p-lamport-one" else v for v in LAMPORT])
+@pytest.mark.parametrize("variant", LAMPORT)
 def test_p2p_lamport_slots_back_to_sentinel(variant):
     res = run_ranks(_sentinel_worker, 2, P2P_VARIANTS[variant], backend="nccl", timeout=450,
                     env={"LLMCOMM_TIMEOUT_S": "5"})

@@ -44,7 +44,7 @@ _MOE = dict(RANK=0, W=W, G=128, H=7168, K=8, L=128, E=256, BLOCK_H=8192, BLOCK_K
             RT=False)
 _AR = dict(RANK=1, W=W, NORM=True, FP8=False, BLOCK=8192, PDL=True, NT=512)
 _FLAGS = dict(_MOE, M=4096, CHUNK=8, POSTED=True, INTERLEAVE=True, FUSE=True, CE=False, CE_MIN=0)
-_LAMPORT = dict(_MOE, BITS=16, NBUF=3, SHIFT=0, ONE=False, TSPIN=True, MSPIN=False,
+_LAMPORT = dict(_MOE, BITS=16, NBUF=3, SHIFT=0, TSPIN=True, MSPIN=False,
                 SPREAD=False, EARLY=False, CLAIM1=False, GATE=False, TRACE=False,
                 trace=None, DIRECT=False, ZP=0, zflag=None)
 
@@ -80,10 +80,7 @@ CASES = {
                                  dict(_FLAGS, INTERLEAVE=False, FUSE=False), 16),
     "moe-lamport-dispatch": _dispatch(16),
     "moe-lamport-dispatch-t2": _dispatch(16, TB=2, SHIFT=64),
-    "moe-lamport-dispatch-one-w8": _dispatch(8, ONE=True),
-    "moe-lamport-dispatch-one": _dispatch(16, ONE=True),
     "moe-lamport-dispatch-mspin-w8": _dispatch(8, MSPIN=True),
-    "moe-lamport-dispatch-one-mspin-w8": _dispatch(8, ONE=True, MSPIN=True),
     "moe-lamport-dispatch-spread-mspin-w8": _dispatch(8, MSPIN=True, SPREAD=True),
     "moe-lamport-dispatch-spread": _dispatch(16, SPREAD=True),
     "moe-lamport-dispatch-early": _dispatch(16, EARLY=True),
@@ -97,8 +94,8 @@ CASES = {
     "moe-lamport-dispatch-direct-t2": _dispatch(16, TB=2, SHIFT=64, DIRECT=True,
                                                 zflag="*i32"),
     "moe-lamport-dispatch-trace": _dispatch(16, EARLY=True, TRACE=True, trace="*i64"),
-    "moe-lamport-dispatch-trace-one-mspin-w8": _dispatch(8, ONE=True, MSPIN=True, TRACE=True,
-                                                         trace="*i64"),
+    "moe-lamport-dispatch-trace-mspin-w8": _dispatch(8, MSPIN=True, GATE=True, TRACE=True,
+                                                     trace="*i64"),
     "moe-lamport-dispatch-claim1": _dispatch(16, CLAIM1=True),
     "moe-lamport-dispatch-claim1-mspin-w8": _dispatch(8, MSPIN=True, CLAIM1=True),
     "moe-lamport-dispatch-notspin": _dispatch(16, TSPIN=False),

@@ -25,9 +25,9 @@ def test_no_small_count_keeps_the_configured_warps():
 def test_meta_spin_only_at_small_warp_counts():
     """``MSPIN`` (session 20: faster at 8 warps, 1 us slower a dispatch at 16) is dropped from
     a launch at more than 8 warps; nothing else changes."""
-    kw = {"ONE": True, "TSPIN": True, "MSPIN": True}
+    kw = {"EARLY": True, "TSPIN": True, "MSPIN": True}
     assert _at_warps(kw, 8) == kw and _at_warps(kw, 4) == kw
-    assert _at_warps(kw, 16) == {"ONE": True, "TSPIN": True, "MSPIN": False}
+    assert _at_warps(kw, 16) == {"EARLY": True, "TSPIN": True, "MSPIN": False}
     assert _at_warps({"TSPIN": True}, 16) == {"TSPIN": True}
     assert kw["MSPIN"] is True   # not mutated
 

@@ -91,7 +91,7 @@ def test_replay_runs_the_sentinel_tests_calls_in_order():
         return "stop" if len(seen) == 14 else ""
 
     _stress("fake", (E, K, H, 40, "float32"), 60.0, 1, call, lambda: [], bool, replay=True)
-    want = sentinel_calls(40, one_token=True)
+    want = sentinel_calls(40)
     assert [toks for toks, _ in seen] == (want + want)[:14]
     # call i draws make_inputs(70 + i): the same ids each time round
     n = len(want)

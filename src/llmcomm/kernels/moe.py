@@ -123,7 +123,7 @@ dispatch, program p (own tiles ``p, p+G, ...``; received tiles ``q, q+G, ...`` w
     anyway; triton 3.6 cannot compile a loop-carried row here).
   * record the peers' counts (``peer_T``), advance ``buf``. ``counts``: the slot claims
     themselves, zeroed by one program at entry (``DIRECT``, the default since session 27: every
-    program waits for its released flag before its first claim); with ``ONE`` or
+    program waits for its released flag before its first claim); with
     ``_direct_counts=False`` the last program out publishes them from the cursors and resets
     those (as in ``"flags"``).
 combine, program p (small batches, when every rank's tiles times ``SPLIT`` -- else times
@@ -144,12 +144,11 @@ Switchable variants (``tl.constexpr``; see :class:`llmcomm.moe.p2p.P2PBackend` f
   (inline PTX); on by default there.
 * ``PDL``: programmatic dependent launch (sm_90+, launched with ``launch_pdl=True``):
   ``griddepcontrol.wait`` precedes every memory access, so semantics are unchanged.
-* ``ONE`` (lamport dispatch, EP=2, one-token tiles, ``SHIFT`` 0; session 16; the launcher sets
-  it per call, for ``T <= 1``): each program loads its first own token beside the buffer index
-  and sends it before the loop; when the peer's count is ``<= 1`` too, the slots are computed
-  (own token first, then the peer's: :func:`_token_slots_after`) instead of claimed, the
-  receiver of token 0 writes ``counts`` (:func:`_one_counts`) and no program takes part in the
-  "last program out"; otherwise the slots are claimed as by default.
+* (``ONE``, session 16's one-token path -- slots computed without atomics and ``counts``
+  written by the receiver of token 0 when both ranks hold <= 1 token -- was removed in session
+  29: off by default since session 17 for an intermittent wrong count on 2 GPUs never found,
+  no gain on top of PDL in loopback (session 20), and covered since by ``DIRECT``, with which
+  it could not run; ``docs/moe.md`` keeps its numbers, commit 9a70089 its code.)
 * ``TSPIN`` (lamport, GPU, 16/32-bit; session 20; ``P2PBackend(_thread_spin=True)``): the
   combine's wait for a peer's partial sums (:func:`_poll_rows`) and the dispatch's wait for a
   received row (:func:`_lamport_recv_token`, after the count and meta, which keep the
@@ -1732,34 +1731,6 @@ def _lamport_poll_token(cnt_ptr, need, ts_known, bound, mp1, rp, c, RANK: tl.con
 
 
 @triton.jit
-def _token_slots_after(ids, valid, prev, RANK: tl.constexpr, L: tl.constexpr,
-                       K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``ONE`` (session 16): :func:`_token_claim` without the atomic, for a call in which this
-    rank places at most one own token and one token of its one peer, in that order: a new
-    local id takes slot 1 where ``prev`` (the ids [BLOCK_K] of the token placed before it, -1
-    for none) has it too, else 0. Returns the same ``(slot, el, local, first, new)``."""
-    el, local, first, new = _token_masks(ids, valid, RANK, L, K, BLOCK_K)
-    hit = tl.sum(((ids[:, None] == prev[None, :]) & (prev >= 0)[None, :]).to(tl.int32), axis=1)
-    return tl.minimum(hit, 1), el, local, first, new
-
-
-@triton.jit
-def _one_counts(own, peer, counts, RANK: tl.constexpr, L: tl.constexpr, K: tl.constexpr,
-                BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr):
-    """``ONE``: ``counts[l]`` = whether the own token (ids ``own`` [BLOCK_K], -1 for none) has
-    local expert ``l``, plus whether the peer's (``peer``) has it."""
-    offs_l = tl.arange(0, BLOCK_L)
-    mk = tl.arange(0, BLOCK_K) < K
-    eo = own - RANK * L
-    ep = peer - RANK * L
-    ho = tl.sum(((eo[None, :] == offs_l[:, None]) & (own >= 0)[None, :] & mk[None, :]
-                 ).to(tl.int32), axis=1)
-    hp = tl.sum(((ep[None, :] == offs_l[:, None]) & (peer >= 0)[None, :] & mk[None, :]
-                 ).to(tl.int32), axis=1)
-    tl.store(counts + offs_l, tl.minimum(ho, 1) + tl.minimum(hp, 1), mask=offs_l < L)
-
-
-@triton.jit
 def _recv_row_spin(row, ptrs, mask, s, err_dev, err_host, timeout_ns, BITS: tl.constexpr,
                    NT: tl.constexpr):
     """``TSPIN``: a received row (``row``, the poll's last volatile load of ``ptrs``) once each
@@ -1799,33 +1770,12 @@ def _lamport_counts(ptrs, mask, dead, err_dev, err_host, timeout_ns, USE_TIMER: 
 
 
 @triton.jit
-def _recv_slots(ids, valid, kv, own, cursor, counts, c, ts, T, RANK: tl.constexpr,
-                L: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr,
-                ONE: tl.constexpr):
-    """The slots of a received token (``ids`` [BLOCK_K], landed): by the cursor atomics, or
-    with ``ONE`` in a call of at most one token on each side (``T <= 1``, the peer's count
-    ``ts <= 1``) after the own token's (:func:`_token_slots_after`), the receiver of token 0
-    then writing ``counts`` (:func:`_one_counts`). Returns :func:`_token_claim`'s tuple."""
-    if ONE:
-        if (T <= 1) & (ts <= 1):
-            claim = _token_slots_after(ids, valid, own, RANK, L, K, BLOCK_K)
-            if c == 0:
-                _one_counts(own, tl.where(kv, ids, -1), counts, RANK, L, K, BLOCK_K, BLOCK_L)
-        else:
-            claim = _token_claim(ids, valid, cursor, RANK, L, K, BLOCK_K)
-    else:
-        claim = _token_claim(ids, valid, cursor, RANK, L, K, BLOCK_K)
-    return claim
-
-
-@triton.jit
 def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor,
                         slot_map, wloc, err_dev, err_host, timeout_ns, RANK: tl.constexpr,
                         W: tl.constexpr, G: tl.constexpr, M: tl.constexpr, H: tl.constexpr,
                         K: tl.constexpr, L: tl.constexpr, CAP: tl.constexpr,
                         BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr,
-                        USE_TIMER: tl.constexpr, NT: tl.constexpr, T, own, counts,
-                        BLOCK_L: tl.constexpr, ONE: tl.constexpr, TSPIN: tl.constexpr = False,
+                        USE_TIMER: tl.constexpr, NT: tl.constexpr, TSPIN: tl.constexpr = False,
                         MSPIN: tl.constexpr = False, CLAIM1: tl.constexpr = False,
                         TRACE: tl.constexpr = False, trace=None, t0_trace=None,
                         GATE: tl.constexpr = False):
@@ -1833,11 +1783,6 @@ def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_
     vectors (session 13): the count, meta and row polled together until every thread's copies
     have landed (:func:`_lamport_poll_token`, session 14), then expanded from those values
     (:func:`_token_claim`, :func:`_token_place`); barrier; reset. Returns (count, dead).
-
-    ``ONE`` (EP=2): when this rank has ``T <= 1`` own tokens and the peer's count is ``<= 1``,
-    the peer's token takes slots after the own token (ids ``own``, the caller's token 0) with
-    no atomic (:func:`_token_slots_after`), and the receiver of token 0 writes ``counts``
-    (:func:`_one_counts`); the caller then skips the "last program out".
 
     ``TSPIN`` (GPU, 16/32-bit rows of at least 2 elements a thread): the poll loop waits for
     the count and meta only, then each thread waits for its own elements of the row
@@ -1852,7 +1797,7 @@ def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_
     ``TRACE``: stamps "peer meta seen", "peer row seen", "peer slots claimed", "peer rows
     placed", "peer token reset" (:func:`_stamp`; ``t0_trace`` the program's entry clock).
 
-    ``GATE`` (not with ``ONE`` or ``CLAIM1``): the claim and the placement run under a branch
+    ``GATE`` (not with ``CLAIM1``): the claim and the placement run under a branch
     on the token being there (``c < ts``), so a program with nothing to receive skips them
     instead of running them masked off (:func:`ep_dispatch_lamport_kernel`)."""
     SPIN: tl.constexpr = TSPIN and USE_TIMER and BITS <= 32 and BLOCK_H * BITS >= NT * 32
@@ -1907,8 +1852,7 @@ def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_
             mine = valid & (tl.sum((tl.where(ids >= 0, ids // L, -1) == RANK).to(tl.int32),
                                    axis=0) > 0)
         if CLAIM1:   # the slots' atomic round trip overlaps the wait for the row
-            claim = _recv_slots(ids, valid, kv, own, cursor, counts, c, ts, T, RANK, L, K,
-                                BLOCK_K, BLOCK_L, ONE)
+            claim = _token_claim(ids, valid, cursor, RANK, L, K, BLOCK_K)
             _stamp(trace, pid, 5, t0_trace, TRACE, USE_TIMER, NT)
         if SPIN:
             row = _recv_row_spin(row, rp + offs_h, offs_h < tl.where(mine, H, 0), s, err_dev,
@@ -1916,17 +1860,15 @@ def _lamport_recv_token(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_
         _stamp(trace, pid, 4, t0_trace, TRACE, USE_TIMER, NT)
         srow = s * M + tl.cast(tl.where(valid, c, 0), tl.int64)
         tl.store(wloc + srow * K + offs_k, wb.to(tl.float32, bitcast=True), mask=kv)
-        if GATE and (not CLAIM1) and (not ONE):   # no token: no claim, no place at all
+        if GATE and (not CLAIM1):   # no token: no claim, no place at all
             if valid:
-                claim = _recv_slots(ids, valid, kv, own, cursor, counts, c, ts, T, RANK, L, K,
-                                    BLOCK_K, BLOCK_L, ONE)
+                claim = _token_claim(ids, valid, cursor, RANK, L, K, BLOCK_K)
                 _stamp(trace, pid, 5, t0_trace, TRACE, USE_TIMER, NT)
                 _token_place(row, valid, claim, srow, expert_x, slot_map, H, K, CAP, BLOCK_H,
                              BLOCK_K)
         else:
             if not CLAIM1:
-                claim = _recv_slots(ids, valid, kv, own, cursor, counts, c, ts, T, RANK, L, K,
-                                    BLOCK_K, BLOCK_L, ONE)
+                claim = _token_claim(ids, valid, cursor, RANK, L, K, BLOCK_K)
                 _stamp(trace, pid, 5, t0_trace, TRACE, USE_TIMER, NT)
             _token_place(row, valid, claim, srow, expert_x, slot_map, H, K, CAP, BLOCK_H,
                          BLOCK_K)
@@ -1970,7 +1912,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                BLOCK_L: tl.constexpr, BLOCK_W: tl.constexpr, TB: tl.constexpr,
                                BITS: tl.constexpr, NBUF: tl.constexpr, SHIFT: tl.constexpr,
                                USE_TIMER: tl.constexpr, PDL: tl.constexpr = False,
-                               NT: tl.constexpr = 256, ONE: tl.constexpr = False,
+                               NT: tl.constexpr = 256,
                                TSPIN: tl.constexpr = False, MSPIN: tl.constexpr = False,
                                SPREAD: tl.constexpr = False, EARLY: tl.constexpr = False,
                                CLAIM1: tl.constexpr = False, GATE: tl.constexpr = False,
@@ -1982,7 +1924,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
     of every peer, the own tile's rows copied after each receive (before it with ``EARLY``,
     below).
 
-    ``SPREAD`` (one-token tiles, ``SHIFT`` 0, not ``ONE``; the launcher's default at EP > 2):
+    ``SPREAD`` (one-token tiles, ``SHIFT`` 0; the launcher's default at EP > 2):
     the peers' tokens are spread over the programs instead, one a program and iteration, so
     a program does not receive from the ``W - 1`` peers one after another. After sending its
     first own token every program polls every peer's count at once
@@ -1990,7 +1932,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
     order, ``u = sum of the counts of lower ranks + c``) and program ``p`` receives ``u = p,
     p + G, ...``. Every program still reads and resets its own count slot of every peer.
 
-    ``EARLY`` (one-token tiles, not ``ONE``; session 25): where a program places its own
+    ``EARLY`` (one-token tiles; session 25): where a program places its own
     token and receives one too (``hp == pid``: more own tokens than half the grid, e.g. 128
     tokens on 128 programs), the own rows go into the local experts right after their slots
     are claimed, before the receive, so their HBM writes overlap the peers' rows in flight
@@ -1998,7 +1940,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
     the other half of the grid after its count poll): placing first there measured 0.2-0.5
     us slower at 1-8 tokens (loopback).
 
-    ``GATE`` (one-token tiles, not ``ONE``; session 26): a token's slot claim and row
+    ``GATE`` (one-token tiles; session 26): a token's slot claim and row
     placement run under a branch on the token being there, own or received, instead of
     masked off. Session 26's stage stamps (``TRACE``, loopback, one token) priced the masked-off
     forms at ~0.3 us (claim) and ~0.45-0.8 us (placement: ``K`` slot reductions and ``K``
@@ -2010,7 +1952,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
     program stamps the stages of :data:`TRACE_STAGES` into ``trace`` (int64 [G, NS, 2]: ns
     since its entry after the PDL wait, summed, and how many times), :func:`_stamp`.
 
-    ``DIRECT`` (session 27, the default without ``ONE``; ``P2PBackend(_direct_counts=False)``
+    ``DIRECT`` (session 27, the default; ``P2PBackend(_direct_counts=False)``
     is the A/B): the launcher passes ``counts`` as ``cursor``, so the slot claims count the rows
     themselves and no "last program out" publishes them (:func:`_publish_counts`: a barrier,
     the ``done`` atomic and the cursor exchange on the last program's path, ~0.6 us at one
@@ -2026,18 +1968,14 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
     16 warps (every program has a token) 0, the first dispatched; in the interpreter, which may
     run the programs in turn, 0. Session 27 also timed zeroing by the
     combine: 0.3 us faster at 1-16 tokens, but ``counts`` read 0 after the combine: not kept."""
-    tl.static_assert((not SPREAD) or ((TB == 1) and (SHIFT == 0) and (not ONE)),
-                     "SPREAD needs one-token tiles, SHIFT 0 and not ONE")
-    tl.static_assert((not DIRECT) or (not ONE), "DIRECT cannot run with ONE")
+    tl.static_assert((not SPREAD) or ((TB == 1) and (SHIFT == 0)),
+                     "SPREAD needs one-token tiles and SHIFT 0")
     if PDL:  # nothing is touched before the previous grid finished
         pdl_wait()
         pdl_launch_dependents()
     pid = tl.program_id(0)
     t0_trace = _clock(TRACE, USE_TIMER, NT)
     err_host = err_host_addr.to(tl.pointer_type(tl.int32))
-    if ONE:   # own token pid loaded beside the buffer index, sent before the loop
-        row0, ids0, w0, v0, t0 = _own_token(pid, T, x_ptr, ids_ptr, w_ptr, H, K, E, BLOCK_H,
-                                            BLOCK_K)
     buf = tl.load(buf_ptr + pid)
     if DIRECT:
         if pid == ZP:   # this call's claims count from zero; then the flag, released
@@ -2047,21 +1985,14 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
             tl.atomic_xchg(zflag, buf, sem="release", scope="gpu")
     # this rank's error flag is not read here but by the poll loops at their first deadline
     # check (SPIN_CHECK spins): a read at entry is a reduction whose barrier holds back
-    # everything after it. Except with ONE, where the one-token dispatch measured 0.2-0.3 us
-    # faster with the read than without (session 16, calls 8-9)
-    if ONE:
-        dead = _dead(err_dev, NT)
-    else:
-        dead = tl.full([], 0, tl.int32)
+    # everything after it (session 16, calls 8-9)
+    dead = tl.full([], 0, tl.int32)
     offs_w = tl.arange(0, BLOCK_W)
     is_peer = (offs_w < W) & (offs_w != RANK)
     for d in tl.static_range(W):
         if d != RANK:
             tl.store(lcnt[d] + (buf * W + RANK) * G + pid, T)
     _stamp(trace, pid, 0, t0_trace, TRACE, USE_TIMER, NT)
-    if ONE:
-        _lamport_send_token(row0, ids0, w0, v0, t0, buf, lx, lmeta, RANK, W, M, H, K, L,
-                            BLOCK_H, BLOCK_K)
     n_own = tl.cdiv(T, TB)
     tsv = tl.full([BLOCK_W], -1, tl.int32)       # peers' token counts, -1 = not known yet
     rbase = (pid + SHIFT) % G                    # received tiles: rbase, rbase + G, ...
@@ -2071,8 +2002,8 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
     hp = pid
     if TB == 1:
         hp = tl.where(n_own <= G // 2, (pid + G // 2) % G, pid)
-    EO: tl.constexpr = EARLY and (TB == 1) and (not ONE)
-    GC: tl.constexpr = GATE and (TB == 1) and (not ONE)
+    EO: tl.constexpr = EARLY and (TB == 1)
+    GC: tl.constexpr = GATE and (TB == 1)
     i = tl.full([], 0, tl.int32)
     more = n_own > 0
     more = more | (W > 1)
@@ -2086,10 +2017,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
         # a program has one tile, and nothing is carried across iterations (triton 3.6 fails
         # to compile a loop-carried [TB, BLOCK_H] row here: RemoveLayoutConversions)
         if TB == 1:   # 1-D vectors (session 13); own token hp + i*G placed here (session 14)
-            ts1 = pid + i * G
-            if ONE:   # token pid went before the loop
-                ts1 = tl.where(i == 0, T, ts1)
-            row1, ids1, w1, v1, t1 = _own_token(ts1, T, x_ptr, ids_ptr, w_ptr, H, K, E,
+            row1, ids1, w1, v1, t1 = _own_token(pid + i * G, T, x_ptr, ids_ptr, w_ptr, H, K, E,
                                                 BLOCK_H, BLOCK_K)
             _lamport_send_token(row1, ids1, w1, v1, t1, buf, lx, lmeta, RANK, W, M, H, K, L,
                                 BLOCK_H, BLOCK_K)
@@ -2098,16 +2026,11 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                 if i == 0:   # before this program's first claim
                     _wait_zeroed(zflag, buf, err_dev, err_host, timeout_ns, RANK, USE_TIMER,
                                  NT)
-            if ONE:
-                ids1 = ids0   # own token 0's ids, for the program receiving token 0
             rowp, idsp, wp, vp, tp = _own_token(hp + i * G, T, x_ptr, ids_ptr, w_ptr, H, K, E,
                                                 BLOCK_H, BLOCK_K)
-            vc = vp
-            if ONE:   # at most one own token: its slots wait for the peer's count (below)
-                vc = vp & (T > 1)
             if GC:   # an own token to place: claim and (EARLY) place; else neither
                 if vp:
-                    claim = _token_claim(idsp, vc, cursor, RANK, L, K, BLOCK_K)
+                    claim = _token_claim(idsp, vp, cursor, RANK, L, K, BLOCK_K)
                     if EO:
                         if hp == pid:
                             _token_place(rowp, vp, claim, RANK * M + tp, expert_x, slot_map,
@@ -2115,7 +2038,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                 else:
                     claim = _no_claim(BLOCK_K)
             else:
-                claim = _token_claim(idsp, vc, cursor, RANK, L, K, BLOCK_K)
+                claim = _token_claim(idsp, vp, cursor, RANK, L, K, BLOCK_K)
                 if EO:   # the own rows now, overlapping the peers' rows in flight
                     if hp == pid:
                         _token_place(rowp, vp, claim, RANK * M + tp, expert_x, slot_map, H, K,
@@ -2145,8 +2068,8 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                 ts, dead = _lamport_recv_token(
                     c, s, ts, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor, slot_map,
                     wloc, err_dev, err_host, timeout_ns, RANK, W, G, M, H, K, L, CAP, BLOCK_H,
-                    BLOCK_K, BITS, USE_TIMER, NT, T, ids1, counts, BLOCK_L, False, TSPIN, MSPIN,
-                    CLAIM1, TRACE, trace, t0_trace, GATE)
+                    BLOCK_K, BITS, USE_TIMER, NT, TSPIN, MSPIN, CLAIM1, TRACE, trace, t0_trace,
+                    GATE)
         for s in tl.static_range(W):
             if (s != RANK) & (not SPREAD):
                 ts = tl.sum(tl.where(offs_w == s, tsv, 0), axis=0)
@@ -2155,9 +2078,8 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                         ts, dead = _lamport_recv_token(
                             cr, s, ts, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor,
                             slot_map, wloc, err_dev, err_host, timeout_ns, RANK, W, G, M, H,
-                            K, L, CAP, BLOCK_H, BLOCK_K, BITS, USE_TIMER, NT, T, ids1, counts,
-                            BLOCK_L, ONE, TSPIN, MSPIN, CLAIM1, TRACE, trace, t0_trace,
-                            GATE)
+                            K, L, CAP, BLOCK_H, BLOCK_K, BITS, USE_TIMER, NT, TSPIN, MSPIN,
+                            CLAIM1, TRACE, trace, t0_trace, GATE)
                     else:
                         ts, dead = _lamport_recv_tile(
                             cr, s, ts, dead, pid, buf, lx, lmeta, lcnt, expert_x, cursor,
@@ -2165,13 +2087,6 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                             K, L, CAP, BLOCK_H, BLOCK_K, TB, BITS, USE_TIMER, NT, TSPIN)
                     tsv = tl.where(offs_w == s, ts, tsv)
         if TB == 1:
-            if ONE:
-                if T <= 1:   # the own token first: slots 0, or claimed when the peer has more
-                    if tl.max(tl.where(is_peer, tsv, 0), axis=0) <= 1:
-                        claim = _token_slots_after(idsp, vp, tl.full([BLOCK_K], -1, tl.int32),
-                                                   RANK, L, K, BLOCK_K)
-                    else:
-                        claim = _token_claim(idsp, vp, cursor, RANK, L, K, BLOCK_K)
             if GC:
                 if vp:
                     if EO:
@@ -2201,12 +2116,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
     tl.store(peer_T + offs_w, tl.maximum(tsv, 0), mask=is_peer)
     tl.store(buf_ptr + pid, (buf + 1) % NBUF)
     _stamp(trace, pid, 9, t0_trace, TRACE, USE_TIMER, NT)
-    if ONE:   # counts written by the receiver of token 0 (_lamport_recv_token), no atomics
-        if (T > 1) | (tl.max(tl.where(is_peer, tsv, 0), axis=0) > 1):
-            last = _publish_counts(done, cursor, counts, G, L, BLOCK_L)
-        else:
-            last = pid < 0   # (a tensor, as the other branch's)
-    elif DIRECT:   # the claims were the counts: nothing to publish, no last program out
+    if DIRECT:   # the claims were the counts: nothing to publish, no last program out
         last = pid < 0
     else:
         last = _publish_counts(done, cursor, counts, G, L, BLOCK_L)

@@ -252,7 +252,7 @@ class P2PBackend(MoEBackend):
                  _runtime_rounds: bool = False,
                  _combine_roles: bool = False, _roles_warps: int = 16,
                  _roles_pair: int = 1, _roles_programs: int | None = None,
-                 _one_token_slots: bool | None = None, _ce_tokens: int | None = None,
+                 _ce_tokens: int | None = None,
                  _thread_spin: bool | None = None, _meta_spin: bool | None = None,
                  _peer_spread: bool | None = None, _early_own: bool | None = None,
                  _claim_first: bool = False, _gate: bool | None = None,
@@ -325,13 +325,6 @@ class P2PBackend(MoEBackend):
                 :mod:`llmcomm.kernels.moe`). Default on; off restores the phased rounds (send
                 the round, signal, copy own, then receive), which a data-movement ladder
                 measured at +80 us per kernel at 4096 tokens (docs/moe_sessions.md, session 7).
-            _one_token_slots: ``"lamport"`` at EP=2 with one-token tiles and ``shift`` 0: a
-                dispatch of at most one own token sends it before its loop and, when the peer
-                has at most one too, computes its slots and ``counts`` instead of taking them
-                with atomics (``ONE`` in :mod:`llmcomm.kernels.moe`). Off by default since
-                session 17: on 2 x H200 its sentinel test found a wrong count (a received row
-                missing) in a sequence of calls, and it was 0.75-1.0 us faster at one token
-                there (docs/moe_sessions.md, session 17).
             _thread_spin: ``"lamport"`` only (default on on a GPU, off in the simulation): the
                 combine waits for a peer's partial sums, and the dispatch for a received row
                 (after its count and meta), with every thread spinning on its own elements in
@@ -349,8 +342,8 @@ class P2PBackend(MoEBackend):
                 Session 20, free-running loopback on one H100: the pair -0.35..-0.5 us at one
                 token, -0.1..-0.3 at 8; at 16 warps (64 tokens) the dispatch was 1 us slower,
                 hence not there.
-            _peer_spread: ``"lamport"`` with one-token tiles, ``shift`` 0 and without
-                ``_one_token_slots`` (default: on at EP > 2, off at EP=2): every
+            _peer_spread: ``"lamport"`` with one-token tiles and ``shift`` 0 (default: on
+                at EP > 2, off at EP=2): every
                 program first polls every peer's count, then receives the peers' tokens
                 spread over the programs, one a program and iteration (``SPREAD`` in
                 :mod:`llmcomm.kernels.moe`), instead of each program receiving token ``p``
@@ -368,22 +361,20 @@ class P2PBackend(MoEBackend):
                 their HBM writes overlap the peers' rows in flight. Free-running loopback
                 on one H100: the pair -0.7..-1.5 us at 64 tokens and -1.3..-2.0 at 128 (66
                 programs a rank), par at 1-8 where it does not apply; 2 GPUs untimed
-                (``bench_moe.py`` ``lam_noearly`` is the A/B). Not with
-                ``_one_token_slots``' one-token calls, which keep their order.
+                (``bench_moe.py`` ``lam_noearly`` is the A/B).
             _claim_first: ``"lamport"`` with one-token tiles (A/B knob, session 25, off): a
                 received token's slots are claimed as soon as its meta has landed, before
                 the per-thread wait for its row (``CLAIM1`` in :mod:`llmcomm.kernels.moe`).
             _gate: ``"lamport"`` with one-token tiles (default on there, session 26): a
                 token's slot claim and row placement run under a branch on the token being
                 there, not masked off (``GATE`` in :mod:`llmcomm.kernels.moe`), in the
-                launches at <= 8 warps a program (the small batches; :func:`_at_warps`), not
-                on the one-token path's calls. ``False`` is the A/B against the masked form.
+                launches at <= 8 warps a program (the small batches; :func:`_at_warps`).
+                ``False`` is the A/B against the masked form.
             _trace: ``"lamport"`` (a diagnostic, off): the dispatch stamps its stages
                 (``TRACE`` in :mod:`llmcomm.kernels.moe`) into ``self.trace``; read them
                 with :meth:`trace_summary`, zero them with ``self.trace.zero_()``. Not for
                 timing runs: each stage adds two atomics.
-            _direct_counts: ``"lamport"`` without ``_one_token_slots`` (default on there,
-                session 27): the dispatch's slot claims increment ``counts`` itself and no
+            _direct_counts: ``"lamport"`` (default on there, session 27): the dispatch's slot claims increment ``counts`` itself and no
                 "last program out" publishes it; one program (``_zero_program``) zeroes
                 ``counts`` at entry and the others wait for that before their first claim (``DIRECT`` in
                 :mod:`llmcomm.kernels.moe`). Free-running loopback on one H100: the pair
@@ -552,18 +543,6 @@ class P2PBackend(MoEBackend):
         self._chunk_c = self.round_tokens if rounds_given or lamport else _round_tokens(
             M, self._Gc)
         self.shift = shift                   # None for "flags"
-        # ONE in llmcomm.kernels.moe (session 16): a lamport dispatch of at most one own token
-        # sends it before its loop and, when the peer has at most one too, computes its slots
-        # and counts instead of taking them with atomics. Set per call, for T <= 1 only
-        # (compiled into larger batches' kernels, the 64-token dispatch was 0.3-0.8 us slower
-        # in loopback). Default OFF since session 17: on 2 x H200 its sentinel test failed
-        # (a received row missing from counts, rank 0, in a sequence of calls with changing
-        # token counts; tests/gpu/test_moe_p2p.py -k lamport-one), though its reference and
-        # graph tests passed there and everything passed in loopback and the CPU simulation.
-        # It was 0.75-1.0 us faster at one token on 2 GPUs (docs/moe_sessions.md, session 17)
-        if _one_token_slots is None:
-            _one_token_slots = False
-        self._one = bool(_one_token_slots)
         if _ce_tokens is not None and (not isinstance(_ce_tokens, int) or _ce_tokens < 1):
             raise ValueError(f"_ce_tokens must be an int >= 1 (or None: off), got "
                              f"{_ce_tokens!r}")
@@ -583,14 +562,13 @@ class P2PBackend(MoEBackend):
                              "lamport protocol, on by default on a GPU): leave _thread_spin "
                              "unset or pass True")
         self._mspin = bool(_meta_spin)
-        spread_ok = lamport and self.tiles[0] == 1 and not shift and not self._one
+        spread_ok = lamport and self.tiles[0] == 1 and not shift
         if _peer_spread is None:
             _peer_spread = spread_ok and _spread_by_default(W, self._sim)
         if _peer_spread and not spread_ok:
-            raise ValueError(f"_peer_spread needs protocol='lamport' with tile_tokens=1, "
-                             f"shift 0 and without _one_token_slots; got protocol {protocol!r}, "
-                             f"tile_tokens {self.tiles[0]}, shift {shift}, "
-                             f"_one_token_slots {self._one}")
+            raise ValueError(f"_peer_spread needs protocol='lamport' with tile_tokens=1 and "
+                             f"shift 0; got protocol {protocol!r}, tile_tokens {self.tiles[0]}, "
+                             f"shift {shift}")
         if _peer_spread and self._sim:
             raise ValueError("_peer_spread needs every program of a grid running at once (a "
                              "program receives tokens another program of the peer sent): not "
@@ -618,16 +596,11 @@ class P2PBackend(MoEBackend):
         rounds = 1 + -(-max(-(-M // self.G) - (self.round_tokens or 1), 0)
                        // (self.round_tokens or 1))
         self._nce = rounds * W if _ce_tokens is not None else 0
-        if self._one and (not lamport or W != 2 or self.tiles[0] != 1 or shift):
-            raise ValueError(f"_one_token_slots needs protocol='lamport' at EP=2 with "
-                             f"tile_tokens=1 and shift=0; got protocol {protocol!r} at "
-                             f"EP={W}, tile_tokens {self.tiles[0]}, shift {shift}")
         if _direct_counts is None:
-            _direct_counts = lamport and not self._one
-        if _direct_counts and (not lamport or self._one):
-            raise ValueError(f"_direct_counts needs protocol='lamport' without "
-                             f"_one_token_slots; got protocol {protocol!r}, _one_token_slots "
-                             f"{self._one}")
+            _direct_counts = lamport
+        if _direct_counts and not lamport:
+            raise ValueError(f"_direct_counts needs protocol='lamport'; got protocol "
+                             f"{protocol!r}")
         self._direct = bool(_direct_counts)
         zp = _zero_program
         if zp is not None and (not isinstance(zp, int) or not 0 <= zp < self.G
@@ -722,7 +695,7 @@ class P2PBackend(MoEBackend):
                 "fuse": self._fuse,
                 "fuse_combine": self._fuse_combine, "combine_roles": self._roles,
                 "combine_roles_programs": self._Gc if self._roles else None,
-                "one_token_slots": self._one, "ce_tokens": self._ce_tokens,
+                "ce_tokens": self._ce_tokens,
                 "thread_spin": self._tspin, "meta_spin": self._mspin,
                 "peer_spread": self._spread, "early_own": self._early,
                 "claim_first": self._claim1, "gate": self._gate,
@@ -771,7 +744,7 @@ class P2PBackend(MoEBackend):
         that follows eager calls of the same sizes)."""
         warps = _lamport_warps(T, tb, self.G, self.combine_split, self.num_warps,
                                self._small_warps)
-        key = (kernel, T == 1, T % 16 == 0, ids.dtype, w.dtype, kwargs.get("ONE", False))
+        key = (kernel, T == 1, T % 16 == 0, ids.dtype, w.dtype)
         if self._small_warps is not None and not self._sim and key not in self._loaded:
             for nw in (self.num_warps, self._small_warps):
                 self._load(kernel, args, (self.G,), {**_at_warps(kwargs, nw, self._sim),
@@ -889,8 +862,7 @@ class P2PBackend(MoEBackend):
                 self.expert_x, self.counts, cursor, self.done, self.slot_map, self.wloc,
                 self.peer_T, self.buf_d, self.err_dev, self.err_host.data_ptr(),
                 self.timeout_ns, CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts),
-                ONE=self._one and T <= 1 and not self.shift, TSPIN=self._tspin,
-                MSPIN=self._mspin, SPREAD=self._spread, EARLY=self._early,
+                TSPIN=self._tspin, MSPIN=self._mspin, SPREAD=self._spread, EARLY=self._early,
                 CLAIM1=self._claim1, GATE=self._gate, **direct, **self._trace_args())
             return self.expert_x, self.counts, (topk_ids, topk_weights)
         ce = self._ce_tokens is not None and T >= self._ce_tokens
