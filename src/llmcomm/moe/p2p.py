@@ -374,9 +374,10 @@ class P2PBackend(MoEBackend):
                 (``TRACE`` in :mod:`llmcomm.kernels.moe`) into ``self.trace``; read them
                 with :meth:`trace_summary`, zero them with ``self.trace.zero_()``. Not for
                 timing runs: each stage adds two atomics.
-            _direct_counts: ``"lamport"`` (default on there, session 27): the dispatch's slot claims increment ``counts`` itself and no
-                "last program out" publishes it; one program (``_zero_program``) zeroes
-                ``counts`` at entry and the others wait for that before their first claim (``DIRECT`` in
+            _direct_counts: ``"lamport"`` (default on there, session 27): the dispatch's
+                slot claims increment ``counts`` itself and no "last program out" publishes
+                it; one program (``_zero_program``) zeroes ``counts`` at entry and the others
+                wait for that before their first claim (``DIRECT`` in
                 :mod:`llmcomm.kernels.moe`). Free-running loopback on one H100: the pair
                 -0.5..-0.9 us at 1-16 tokens, -0.4..-0.8 at 128. ``False`` is the A/B.
             _zero_program: with ``_direct_counts``, the dispatch program that zeroes
