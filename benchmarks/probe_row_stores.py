@@ -10,7 +10,8 @@ scale with ``P``, globally limited ones do not. Timed as CUDA-graph replays of 2
 (median of 7), less the same kernel with no repetition (launch and row load only).
 
 Kinds (``--kinds``, session 29): ``st``, the rows by plain vector stores from registers (as
-``_token_place``); ``tma``, by a triton tensor descriptor's ``store`` (a TMA bulk copy from
+``_token_place``); ``st_cg`` / ``st_cs`` / ``st_wt`` the same with that cache modifier,
+``st_ef`` / ``st_el`` with an ``evict_first`` / ``evict_last`` policy; ``tma``, by a triton tensor descriptor's ``store`` (a TMA bulk copy from
 shared memory: triton writes the row into shared memory once and waits for each copy's read of
 it before the next); ``tma_gl``, the same in Gluon with the ``ROWS`` copies of a token issued
 together and one wait for their reads (the row written into shared memory again every token,
@@ -29,12 +30,18 @@ import triton
 import triton.language as tl
 
 
+#: the plain-store kinds: (cache modifier, eviction policy) of the row stores
+STORE_HINTS = {"st": ("", ""), "st_cg": (".cg", ""), "st_cs": (".cs", ""), "st_wt": (".wt", ""),
+               "st_ef": ("", "evict_first"), "st_el": ("", "evict_last")}
+
+
 @triton.jit
 def _rows_kernel(src, dst, H: tl.constexpr, BLOCK_H: tl.constexpr, ROWS: tl.constexpr,
-                 REPS: tl.constexpr):
+                 REPS: tl.constexpr, CM: tl.constexpr = "", EVP: tl.constexpr = ""):
     """Program ``p`` loads row ``p`` of ``src`` once and stores it ``ROWS * REPS`` times into
     its own rows of ``dst`` ([P * ROWS * REPS, H]), ``ROWS`` stores an iteration (as a token's
-    placement: the same row into ``ROWS`` expert slots)."""
+    placement: the same row into ``ROWS`` expert slots), with cache modifier ``CM`` and
+    eviction policy ``EVP`` (``""``: the defaults, as ``_token_place``)."""
     pid = tl.program_id(0)
     offs = tl.arange(0, BLOCK_H)
     m = offs < H
@@ -42,7 +49,8 @@ def _rows_kernel(src, dst, H: tl.constexpr, BLOCK_H: tl.constexpr, ROWS: tl.cons
     base = pid.to(tl.int64) * ROWS * REPS
     for r in range(REPS):
         for k in tl.static_range(ROWS):
-            tl.store(dst + (base + r * ROWS + k) * H + offs, row, mask=m)
+            tl.store(dst + (base + r * ROWS + k) * H + offs, row, mask=m, cache_modifier=CM,
+                     eviction_policy=EVP)
 
 
 @triton.jit
@@ -97,8 +105,9 @@ def _gluon_kernel():
 
 def _launcher(kind, src, dst, H, BLOCK_H, rows, warps):
     """``f(R)``: one launch of ``kind`` storing ``R`` tokens' rows into ``dst`` ([n, H])."""
-    if kind == "st":
-        return lambda R: _rows_kernel[(src.shape[0],)](src, dst, H, BLOCK_H, rows, R,
+    if kind in STORE_HINTS:
+        cm, evp = STORE_HINTS[kind]
+        return lambda R: _rows_kernel[(src.shape[0],)](src, dst, H, BLOCK_H, rows, R, cm, evp,
                                                        num_warps=warps)
     CW = 256
     if H % CW:
@@ -128,7 +137,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=7168)
     ap.add_argument("--reps", type=int, default=64)
     ap.add_argument("--warps", type=int, default=8)
-    ap.add_argument("--kinds", default="st", help="comma-separated: st, tma, tma_gl")
+    ap.add_argument("--kinds", default="st",
+                    help=f"comma-separated: {', '.join(STORE_HINTS)}, tma, tma_gl")
     args = ap.parse_args()
     H, R = args.hidden, args.reps
     BLOCK_H = triton.next_power_of_2(H)
