@@ -27,7 +27,7 @@
 # STEPS="moe_ab_gate": the lamport pair with session 26's GATE (default) against lam_nogate.
 # STEPS="moe_ab_direct": the lamport pair with session 27's direct counts (default) against
 #   lam_nodirect.
-# STEPS="decode_now" (session 29; the first call when a 2-GPU window opens, ~7 min cold): the
+# STEPS="decode_now" (session 29; the first call when a 2-GPU window opens, ~3-4 min cold): the
 #   lamport pair at 1-128 tokens with today's defaults beside NCCL a2a, and lam_nodirect,
 #   lam_nogate, lam_noearly in the same run, both orders.
 # STEPS="trace": the lamport dispatch's stage stamps (lam_trace) at 1-128 tokens, per rank.
@@ -133,7 +133,8 @@ case " $STEPS " in *" moe_ab_direct "*)   # session 27's counts by direct claims
     --sweep-only lam_nodirect,lam --out "$OUT/ab_direct_b" ;; esac
 case " $STEPS " in *" decode_now "*)   # session 29: the first call of a short 2-GPU window --
   # the decode standing table with today's defaults (lam: DIRECT, GATE, EARLY) and, in the same
-  # run and both orders, the three A/Bs queued since sessions 25-27 (~7 min cold)
+  # run and both orders, the three A/Bs queued since sessions 25-27 (~3-4 min cold: session 24
+  # compiled and timed three configs in 108 s)
   step decode_now_a 330 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1,8,64,128 \
     --sweep-only lam,lam_nodirect,lam_nogate,lam_noearly --out "$OUT/decode_now_a"
   step decode_now_b 200 python3 benchmarks/bench_moe.py --sweep --split --sweep-tokens 1,8,64,128 \
