@@ -21,8 +21,12 @@ launch starts as this one did). Receivers, both in Gluon, the same loads and sto
   while a 1-warp worker polls the meta on its own and claims; the default partition waits for
   the slots (one mbarrier: the worker's meta reads are then done too), copies, and resets.
 
-The sender's program is the same in both (a sender's worker warp does nothing), so the
-kernels' difference is the receive's. Every spin stops after ``2**16`` polls and raises an
+Senders run before any partition (a split kernel's receivers only enter
+``gl.warp_specialize``). ``--both`` (two-way, as the dispatch at EP=2, where each program sends
+its own token and then receives one): every program sends its token, then receives its
+partner's (program ``q`` reads ``q ^ 1``'s), the split kernels' partitions entered after the
+send. (The first form of this probe, session 29 calls 2-3, ran the senders inside the
+partitions too, beside an idle worker warp; its split kernels were par or slower.) Every spin stops after ``2**16`` polls and raises an
 error flag the host checks; the first launch of each kind is checked against the inputs.
 
 Usage (one GPU): ``python3 benchmarks/probe_ws_recv.py [--pairs 1,32] [--order serial,split]``.
@@ -71,6 +75,17 @@ def _kernels():
                  mask=offs_h < H)
 
     @gluon.jit
+    def _roles(BOTH: gl.constexpr):
+        """A receiving program's (slot it reads, its own region of cursor / expert_x /
+        slot_map): one-way, receiver ``2p + 1`` reads sender ``2p``'s slot ``p``; two-way
+        (``BOTH``), program ``q`` reads its partner's slot ``q ^ 1``."""
+        pid = gl.program_id(0)
+        if BOTH:
+            return pid ^ 1, pid
+        else:
+            return pid // 2, pid // 2
+
+    @gluon.jit
     def _claim(p, ids, offs_k, cursor, L: gl.constexpr, K: gl.constexpr, CAP: gl.constexpr):
         local = (offs_k < K) & (ids >= 0) & (ids < L)
         slot = gl.atomic_add(cursor + p * L + gl.where(local, ids, 0), ids * 0 + 1, mask=local,
@@ -96,185 +111,210 @@ def _kernels():
         return gl.sum(((offs_h < n) & (bits == -32768)).to(gl.int32), axis=0)
 
     @gluon.jit
-    def _poll_token(mp, rp, offs_h, offs_k, err, pid, H: gl.constexpr, K: gl.constexpr,
-                    L: gl.constexpr):
-        """The meta and (speculatively) the row polled together until every part needed
-        has landed; returns (ids, row, mine)."""
+    def _meta_pending(ids, wb, mk):
+        sent = (ids == -2147483647 - 1) | (wb == -2147483647 - 1)
+        return gl.sum((mk & sent).to(gl.int32), axis=0)
+
+    @gluon.jit
+    def _mine(ids, mk, L: gl.constexpr):
+        return gl.sum((mk & (ids >= 0) & (ids < L)).to(gl.int32), axis=0) > 0
+
+    @gluon.jit
+    def _load_token(mp, rp, offs_h, offs_k, H: gl.constexpr, K: gl.constexpr, L: gl.constexpr):
+        """One poll of a token: (ids, row, mine, what is still the sentinel)."""
         mk = offs_k < K
         ids = gl.load(mp + offs_k, mask=mk, other=-1, volatile=True)
         wb = gl.load(mp + K + offs_k, mask=mk, other=0, volatile=True)
         row = gl.load(rp + offs_h, mask=offs_h < H, other=0.0, volatile=True)
-        mine = gl.sum((mk & (ids >= 0) & (ids < L)).to(gl.int32), axis=0) > 0
-        pend = gl.sum((mk & ((ids == -2147483647 - 1) | (wb == -2147483647 - 1))).to(gl.int32),
-                      axis=0) + gl.where(mine, _row_pending(row, offs_h, H), 0)
+        mine = _mine(ids, mk, L)
+        return ids, row, mine, _meta_pending(ids, wb, mk) + gl.where(
+            mine, _row_pending(row, offs_h, H), 0)
+
+    @gluon.jit
+    def _load_meta(mp, offs_k, K: gl.constexpr):
+        """One poll of a token's meta: (ids, what is still the sentinel)."""
+        mk = offs_k < K
+        ids = gl.load(mp + offs_k, mask=mk, other=-1, volatile=True)
+        wb = gl.load(mp + K + offs_k, mask=mk, other=0, volatile=True)
+        return ids, _meta_pending(ids, wb, mk)
+
+    @gluon.jit
+    def _poll_token(mp, rp, offs_h, offs_k, err, pid, H: gl.constexpr, K: gl.constexpr,
+                    L: gl.constexpr):
+        """The meta and (speculatively) the row polled together until every part needed
+        has landed; returns (ids, row, mine)."""
+        ids, row, mine, pend = _load_token(mp, rp, offs_h, offs_k, H, K, L)
         spins = 0
         while (pend > 0) & (spins < 65536):
-            ids = gl.load(mp + offs_k, mask=mk, other=-1, volatile=True)
-            wb = gl.load(mp + K + offs_k, mask=mk, other=0, volatile=True)
-            row = gl.load(rp + offs_h, mask=offs_h < H, other=0.0, volatile=True)
-            mine = gl.sum((mk & (ids >= 0) & (ids < L)).to(gl.int32), axis=0) > 0
-            pend = gl.sum((mk & ((ids == -2147483647 - 1) | (wb == -2147483647 - 1))
-                           ).to(gl.int32), axis=0) + gl.where(mine, _row_pending(row, offs_h, H),
-                                                               0)
+            ids, row, mine, pend = _load_token(mp, rp, offs_h, offs_k, H, K, L)
             spins += 1
         if pend > 0:
             gl.store(err + pid, 1)
         return ids, row, mine
 
     @gluon.jit
-    def _reset(mp, rp, offs_h, offs_k, mine, H: gl.constexpr, K: gl.constexpr):
-        mk = offs_k < K
-        gl.store(mp + offs_k, offs_k * 0 + (-2147483647 - 1), mask=mk)
-        gl.store(mp + K + offs_k, offs_k * 0 + (-2147483647 - 1), mask=mk)
-        gl.store(rp + offs_h, _sentinel_row(offs_h), mask=offs_h < gl.where(mine, H, 0))
-
-    @gluon.jit
-    def serial_kernel(x, ids_src, meta, rowbuf, cursor, expert_x, slot_map, err,
-                      H: gl.constexpr, K: gl.constexpr, L: gl.constexpr, CAP: gl.constexpr,
-                      BLOCK_H: gl.constexpr, BLOCK_K: gl.constexpr):
-        pid = gl.program_id(0)
-        p = pid // 2
-        if pid % 2 == 0:
-            _send(p, x, ids_src, meta, rowbuf, H, K, BLOCK_H, BLOCK_K)
-        else:
-            offs_h, offs_k = _layouts(BLOCK_H, BLOCK_K)
-            mp = meta + p * (2 * K)
-            rp = rowbuf + p * H
-            ids, row, mine = _poll_token(mp, rp, offs_h, offs_k, err, pid, H, K, L)
-            entry = _claim(p, ids, offs_k, cursor, L, K, CAP)
-            _place(p, row, entry, offs_h, offs_k, expert_x, slot_map, H, K, L, CAP)
-            thread_barrier()
-            _reset(mp, rp, offs_h, offs_k, mine, H, K)
-
-    @gluon.jit
-    def _ws2_default(x, ids_src, meta, rowbuf, expert_x, slot_map, err, sm, bars,
-                     H: gl.constexpr, K: gl.constexpr, L: gl.constexpr, CAP: gl.constexpr,
-                     BLOCK_H: gl.constexpr, BLOCK_K: gl.constexpr):
-        bar_meta, bar_slot = bars
-        sm_ids, sm_entry = sm
-        pid = gl.program_id(0)
-        p = pid // 2
-        if pid % 2 == 0:
-            _send(p, x, ids_src, meta, rowbuf, H, K, BLOCK_H, BLOCK_K)
-        else:
-            offs_h, offs_k = _layouts(BLOCK_H, BLOCK_K)
-            mp = meta + p * (2 * K)
-            rp = rowbuf + p * H
-            ids, row, mine = _poll_token(mp, rp, offs_h, offs_k, err, pid, H, K, L)
-            mbarrier.wait(bar_slot, 0)   # the worker's claim (and its meta reads) done
-            entry = sm_entry.load(offs_k.type.layout)
-            _place(p, row, entry, offs_h, offs_k, expert_x, slot_map, H, K, L, CAP)
-            thread_barrier()
-            _reset(mp, rp, offs_h, offs_k, mine, H, K)
-
-    @gluon.jit
-    def _ws2_worker(meta, cursor, err, sm, bars, K: gl.constexpr, L: gl.constexpr,
-                    CAP: gl.constexpr, BLOCK_K: gl.constexpr):
-        bar_meta, bar_slot = bars
-        sm_ids, sm_entry = sm
-        pid = gl.program_id(0)
-        p = pid // 2
-        if pid % 2 == 1:
-            lk: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
-            offs_k = gl.arange(0, BLOCK_K, layout=lk)
-            ids = _poll_meta(meta + p * (2 * K), offs_k, err, pid, K)
-            entry = _claim(p, ids, offs_k, cursor, L, K, CAP)
-            sm_entry.store(entry)
-            thread_barrier()
-            mbarrier.arrive(bar_slot, count=1)
-
-    @gluon.jit
     def _poll_meta(mp, offs_k, err, pid, K: gl.constexpr):
-        mk = offs_k < K
-        ids = gl.load(mp + offs_k, mask=mk, other=-1, volatile=True)
-        wb = gl.load(mp + K + offs_k, mask=mk, other=0, volatile=True)
-        pend = gl.sum((mk & ((ids == -2147483647 - 1) | (wb == -2147483647 - 1))).to(gl.int32),
-                      axis=0)
+        ids, pend = _load_meta(mp, offs_k, K)
         spins = 0
         while (pend > 0) & (spins < 65536):
-            ids = gl.load(mp + offs_k, mask=mk, other=-1, volatile=True)
-            wb = gl.load(mp + K + offs_k, mask=mk, other=0, volatile=True)
-            pend = gl.sum((mk & ((ids == -2147483647 - 1) | (wb == -2147483647 - 1))
-                           ).to(gl.int32), axis=0)
+            ids, pend = _load_meta(mp, offs_k, K)
             spins += 1
         if pend > 0:
             gl.store(err + pid, 3)
         return ids
 
     @gluon.jit
-    def _ws_default(x, ids_src, meta, rowbuf, expert_x, slot_map, err, sm, bars,
-                    H: gl.constexpr, K: gl.constexpr, L: gl.constexpr, CAP: gl.constexpr,
-                    BLOCK_H: gl.constexpr, BLOCK_K: gl.constexpr):
-        bar_meta, bar_slot = bars
-        sm_ids, sm_entry = sm
+    def _reset_meta(mp, offs_k, K: gl.constexpr):
+        mk = offs_k < K
+        gl.store(mp + offs_k, offs_k * 0 + (-2147483647 - 1), mask=mk)
+        gl.store(mp + K + offs_k, offs_k * 0 + (-2147483647 - 1), mask=mk)
+
+    @gluon.jit
+    def _recv_serial(meta, rowbuf, cursor, expert_x, slot_map, err, H: gl.constexpr,
+                     K: gl.constexpr, L: gl.constexpr, CAP: gl.constexpr,
+                     BLOCK_H: gl.constexpr, BLOCK_K: gl.constexpr, BOTH: gl.constexpr):
+        slot, p = _roles(BOTH)
+        offs_h, offs_k = _layouts(BLOCK_H, BLOCK_K)
+        mp = meta + slot * (2 * K)
+        rp = rowbuf + slot * H
+        ids, row, mine = _poll_token(mp, rp, offs_h, offs_k, err, gl.program_id(0), H, K, L)
+        entry = _claim(p, ids, offs_k, cursor, L, K, CAP)
+        _place(p, row, entry, offs_h, offs_k, expert_x, slot_map, H, K, L, CAP)
+        thread_barrier()
+        _reset_meta(mp, offs_k, K)
+        gl.store(rp + offs_h, _sentinel_row(offs_h), mask=offs_h < gl.where(mine, H, 0))
+
+    @gluon.jit
+    def serial_kernel(x, ids_src, meta, rowbuf, cursor, expert_x, slot_map, err,
+                      H: gl.constexpr, K: gl.constexpr, L: gl.constexpr, CAP: gl.constexpr,
+                      BLOCK_H: gl.constexpr, BLOCK_K: gl.constexpr, BOTH: gl.constexpr):
         pid = gl.program_id(0)
-        p = pid // 2
-        if pid % 2 == 0:
-            _send(p, x, ids_src, meta, rowbuf, H, K, BLOCK_H, BLOCK_K)
+        if BOTH:   # every program sends its token, then receives its partner's
+            _send(pid, x, ids_src, meta, rowbuf, H, K, BLOCK_H, BLOCK_K)
+            _recv_serial(meta, rowbuf, cursor, expert_x, slot_map, err, H, K, L, CAP,
+                         BLOCK_H, BLOCK_K, BOTH)
+        elif pid % 2 == 0:
+            _send(pid // 2, x, ids_src, meta, rowbuf, H, K, BLOCK_H, BLOCK_K)
         else:
-            offs_h, offs_k = _layouts(BLOCK_H, BLOCK_K)
-            mk = offs_k < K
-            rp = rowbuf + p * H
-            mbarrier.wait(bar_meta, 0)
-            ids = sm_ids.load(offs_k.type.layout)
-            mine = gl.sum((mk & (ids >= 0) & (ids < L)).to(gl.int32), axis=0) > 0
-            rmask = offs_h < gl.where(mine, H, 0)
+            _recv_serial(meta, rowbuf, cursor, expert_x, slot_map, err, H, K, L, CAP,
+                         BLOCK_H, BLOCK_K, BOTH)
+
+    # the receivers' partitions of the split kernels (slot read and own region from
+    # :func:`_roles`): the default one on the program's warps, the worker on one more warp;
+    # ``sm`` = shared int32 [BLOCK_K] buffers (ids, slot entries), ``bars`` = (meta handed
+    # over, slots handed over)
+
+    @gluon.jit
+    def _ws_default(meta, rowbuf, expert_x, slot_map, err, sm, bars, H: gl.constexpr,
+                    K: gl.constexpr, L: gl.constexpr, CAP: gl.constexpr, BLOCK_H: gl.constexpr,
+                    BLOCK_K: gl.constexpr, BOTH: gl.constexpr):
+        """``split``: wait for the meta, poll the row, wait for the slots, copy."""
+        pid = gl.program_id(0)
+        slot, p = _roles(BOTH)
+        offs_h, offs_k = _layouts(BLOCK_H, BLOCK_K)
+        rp = rowbuf + slot * H
+        mbarrier.wait(bars[0], 0)
+        ids = sm[0].load(offs_k.type.layout)
+        n = gl.where(_mine(ids, offs_k < K, L), H, 0)
+        rmask = offs_h < n
+        row = gl.load(rp + offs_h, mask=rmask, other=0.0, volatile=True)
+        pend = _row_pending(row, offs_h, n)
+        spins = 0
+        while (pend > 0) & (spins < 65536):
             row = gl.load(rp + offs_h, mask=rmask, other=0.0, volatile=True)
-            pend = _row_pending(row, offs_h, gl.where(mine, H, 0))
-            spins = 0
-            while (pend > 0) & (spins < 65536):
-                row = gl.load(rp + offs_h, mask=rmask, other=0.0, volatile=True)
-                pend = _row_pending(row, offs_h, gl.where(mine, H, 0))
-                spins += 1
-            if pend > 0:
-                gl.store(err + pid, 2)
-            mbarrier.wait(bar_slot, 0)
-            entry = sm_entry.load(offs_k.type.layout)
-            _place(p, row, entry, offs_h, offs_k, expert_x, slot_map, H, K, L, CAP)
-            thread_barrier()
-            gl.store(rp + offs_h, _sentinel_row(offs_h), mask=rmask)
+            pend = _row_pending(row, offs_h, n)
+            spins += 1
+        if pend > 0:
+            gl.store(err + pid, 2)
+        mbarrier.wait(bars[1], 0)
+        entry = sm[1].load(offs_k.type.layout)
+        _place(p, row, entry, offs_h, offs_k, expert_x, slot_map, H, K, L, CAP)
+        thread_barrier()
+        gl.store(rp + offs_h, _sentinel_row(offs_h), mask=rmask)
 
     @gluon.jit
     def _ws_worker(meta, cursor, err, sm, bars, K: gl.constexpr, L: gl.constexpr,
-                   CAP: gl.constexpr, BLOCK_K: gl.constexpr):
-        bar_meta, bar_slot = bars
-        sm_ids, sm_entry = sm
+                   CAP: gl.constexpr, BLOCK_K: gl.constexpr, BOTH: gl.constexpr):
+        """``split``: poll the meta, hand it over, claim, hand the slots over, reset the
+        meta."""
         pid = gl.program_id(0)
-        p = pid // 2
-        if pid % 2 == 1:
-            lk: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
-            offs_k = gl.arange(0, BLOCK_K, layout=lk)
-            mp = meta + p * (2 * K)
-            ids = _poll_meta(mp, offs_k, err, pid, K)
-            sm_ids.store(ids)
-            thread_barrier()
-            mbarrier.arrive(bar_meta, count=1)
-            entry = _claim(p, ids, offs_k, cursor, L, K, CAP)
-            sm_entry.store(entry)
-            thread_barrier()
-            mbarrier.arrive(bar_slot, count=1)
-            gl.store(mp + offs_k, ids * 0 + (-2147483647 - 1), mask=offs_k < K)
-            gl.store(mp + K + offs_k, ids * 0 + (-2147483647 - 1), mask=offs_k < K)
+        slot, p = _roles(BOTH)
+        offs_k = gl.arange(0, BLOCK_K, layout=gl.BlockedLayout([1], [32], [1], [0]))
+        mp = meta + slot * (2 * K)
+        ids = _poll_meta(mp, offs_k, err, pid, K)
+        sm[0].store(ids)
+        thread_barrier()
+        mbarrier.arrive(bars[0], count=1)
+        sm[1].store(_claim(p, ids, offs_k, cursor, L, K, CAP))
+        thread_barrier()
+        mbarrier.arrive(bars[1], count=1)
+        _reset_meta(mp, offs_k, K)
+
+    @gluon.jit
+    def _ws2_default(meta, rowbuf, expert_x, slot_map, err, sm, bars, H: gl.constexpr,
+                     K: gl.constexpr, L: gl.constexpr, CAP: gl.constexpr,
+                     BLOCK_H: gl.constexpr, BLOCK_K: gl.constexpr, BOTH: gl.constexpr):
+        """``split2``: poll meta and row together (as ``serial``), wait for the slots (the
+        worker's meta reads are then done too), copy, reset both."""
+        pid = gl.program_id(0)
+        slot, p = _roles(BOTH)
+        offs_h, offs_k = _layouts(BLOCK_H, BLOCK_K)
+        mp = meta + slot * (2 * K)
+        rp = rowbuf + slot * H
+        ids, row, mine = _poll_token(mp, rp, offs_h, offs_k, err, pid, H, K, L)
+        mbarrier.wait(bars[1], 0)
+        entry = sm[1].load(offs_k.type.layout)
+        _place(p, row, entry, offs_h, offs_k, expert_x, slot_map, H, K, L, CAP)
+        thread_barrier()
+        _reset_meta(mp, offs_k, K)
+        gl.store(rp + offs_h, _sentinel_row(offs_h), mask=offs_h < gl.where(mine, H, 0))
+
+    @gluon.jit
+    def _ws2_worker(meta, cursor, err, sm, bars, K: gl.constexpr, L: gl.constexpr,
+                    CAP: gl.constexpr, BLOCK_K: gl.constexpr, BOTH: gl.constexpr):
+        """``split2``: poll the meta, claim, hand the slots over."""
+        slot, p = _roles(BOTH)
+        offs_k = gl.arange(0, BLOCK_K, layout=gl.BlockedLayout([1], [32], [1], [0]))
+        ids = _poll_meta(meta + slot * (2 * K), offs_k, err, gl.program_id(0), K)
+        sm[1].store(_claim(p, ids, offs_k, cursor, L, K, CAP))
+        thread_barrier()
+        mbarrier.arrive(bars[1], count=1)
 
     def _split(default_fn, worker_fn):
-        """A kernel whose receive is ``default_fn`` (the program's warps) beside ``worker_fn``
-        (one more warp), two int32 [BLOCK_K] shared buffers and two mbarriers between them."""
+        """A kernel whose senders run as ``serial``'s (before the partitions, in two-way
+        mode too) and whose receives run ``default_fn`` (the program's warps) beside
+        ``worker_fn`` (one more warp)."""
         @gluon.jit
-        def kernel(x, ids_src, meta, rowbuf, cursor, expert_x, slot_map, err, H: gl.constexpr,
-                   K: gl.constexpr, L: gl.constexpr, CAP: gl.constexpr, BLOCK_H: gl.constexpr,
-                   BLOCK_K: gl.constexpr):
+        def recv(meta, rowbuf, cursor, expert_x, slot_map, err, H: gl.constexpr,
+                 K: gl.constexpr, L: gl.constexpr, CAP: gl.constexpr, BLOCK_H: gl.constexpr,
+                 BLOCK_K: gl.constexpr, BOTH: gl.constexpr):
             sl: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
             sm = (gl.allocate_shared_memory(gl.int32, [BLOCK_K], sl),
                   gl.allocate_shared_memory(gl.int32, [BLOCK_K], sl))
-            bar_meta = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-            bar_slot = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-            mbarrier.init(bar_meta, count=1)
-            mbarrier.init(bar_slot, count=1)
-            bars = (bar_meta, bar_slot)
-            gl.warp_specialize([(default_fn, (x, ids_src, meta, rowbuf, expert_x, slot_map, err,
-                                              sm, bars, H, K, L, CAP, BLOCK_H, BLOCK_K)),
-                                (worker_fn, (meta, cursor, err, sm, bars, K, L, CAP, BLOCK_K))],
-                               [1], [48])
+            bars = (gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout()),
+                    gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout()))
+            mbarrier.init(bars[0], count=1)
+            mbarrier.init(bars[1], count=1)
+            gl.warp_specialize(
+                [(default_fn, (meta, rowbuf, expert_x, slot_map, err, sm, bars, H, K, L, CAP,
+                               BLOCK_H, BLOCK_K, BOTH)),
+                 (worker_fn, (meta, cursor, err, sm, bars, K, L, CAP, BLOCK_K, BOTH))],
+                [1], [48])
+
+        @gluon.jit
+        def kernel(x, ids_src, meta, rowbuf, cursor, expert_x, slot_map, err, H: gl.constexpr,
+                   K: gl.constexpr, L: gl.constexpr, CAP: gl.constexpr, BLOCK_H: gl.constexpr,
+                   BLOCK_K: gl.constexpr, BOTH: gl.constexpr):
+            pid = gl.program_id(0)
+            if BOTH:
+                _send(pid, x, ids_src, meta, rowbuf, H, K, BLOCK_H, BLOCK_K)
+                recv(meta, rowbuf, cursor, expert_x, slot_map, err, H, K, L, CAP, BLOCK_H,
+                     BLOCK_K, BOTH)
+            elif pid % 2 == 0:
+                _send(pid // 2, x, ids_src, meta, rowbuf, H, K, BLOCK_H, BLOCK_K)
+            else:
+                recv(meta, rowbuf, cursor, expert_x, slot_map, err, H, K, L, CAP, BLOCK_H,
+                     BLOCK_K, BOTH)
         return kernel
 
     return {"serial": serial_kernel, "split": _split(_ws_default, _ws_worker),
@@ -288,6 +328,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--order", default="serial,split,split2,split2,split,serial")
+    ap.add_argument("--both", action="store_true",
+                    help="two-way: every program sends its token, then receives its partner's")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                   "results"))
     args = ap.parse_args()
@@ -300,41 +342,43 @@ def main() -> None:
     BLOCK_H, BLOCK_K = triton.next_power_of_2(H), triton.next_power_of_2(K)
     rows = []
     for P in (int(v) for v in args.pairs.split(",")):
-        x = torch.randn(P, H, device="cuda").to(torch.bfloat16)
+        n = 2 * P if args.both else P   # tokens: one a sender (one-way) or a program (two-way)
+        x = torch.randn(n, H, device="cuda").to(torch.bfloat16)
         # each token: K // 2 experts on the receiving rank ([0, L)), K // 2 elsewhere
-        loc = torch.stack([torch.randperm(L)[:K // 2] for _ in range(P)])
-        far = L + torch.stack([torch.randperm(L)[:K - K // 2] for _ in range(P)])
+        loc = torch.stack([torch.randperm(L)[:K // 2] for _ in range(n)])
+        far = L + torch.stack([torch.randperm(L)[:K - K // 2] for _ in range(n)])
         ids = torch.cat([loc, far], 1)[:, torch.randperm(K)].to(torch.int32).cuda()
         for kind in args.order.split(","):
-            meta = torch.full((P, 2 * K), -2 ** 31, dtype=torch.int32, device="cuda")
-            rowbuf = torch.full((P, H), -0.0, dtype=torch.bfloat16, device="cuda")
-            cursor = torch.zeros(P, L, dtype=torch.int32, device="cuda")
-            expert_x = torch.full((P, L * CAP_, H), float("nan"), dtype=torch.bfloat16,
+            meta = torch.full((n, 2 * K), -2 ** 31, dtype=torch.int32, device="cuda")
+            rowbuf = torch.full((n, H), -0.0, dtype=torch.bfloat16, device="cuda")
+            cursor = torch.zeros(n, L, dtype=torch.int32, device="cuda")
+            expert_x = torch.full((n, L * CAP_, H), float("nan"), dtype=torch.bfloat16,
                                   device="cuda")
-            slot_map = torch.full((P, K), -7, dtype=torch.int32, device="cuda")
+            slot_map = torch.full((n, K), -7, dtype=torch.int32, device="cuda")
             err = torch.zeros(2 * P, dtype=torch.int32, device="cuda")
 
             def run(kern=kernels[kind]):
                 kern[(2 * P,)](x, ids, meta, rowbuf, cursor, expert_x, slot_map, err, H, K, L,
-                               CAP_, BLOCK_H, BLOCK_K, num_warps=8)
+                               CAP_, BLOCK_H, BLOCK_K, args.both, num_warps=8)
             run()
             torch.cuda.synchronize()
             if int(err.max()):
                 raise SystemExit(f"{kind}, {P} pairs: a spin gave up (err {err.tolist()})")
-            for p in range(P):   # every local expert's slot holds the row, the rest -1
-                want = torch.where(ids[p] < L, ids[p] * CAP_, -1)
-                if not torch.equal(slot_map[p].cpu(), want.cpu()):
-                    raise SystemExit(f"{kind}: slot map {slot_map[p].tolist()} != "
+            for r in range(n):   # region r: its source token's local experts hold the row
+                src = r ^ 1 if args.both else r
+                want = torch.where(ids[src] < L, ids[src] * CAP_, -1)
+                if not torch.equal(slot_map[r].cpu(), want.cpu()):
+                    raise SystemExit(f"{kind}: slot map {slot_map[r].tolist()} != "
                                      f"{want.tolist()}")
                 for e in want[want >= 0].tolist():
-                    if not torch.equal(expert_x[p, e], x[p]):
-                        raise SystemExit(f"{kind}: pair {p}: wrong row in slot {e}")
+                    if not torch.equal(expert_x[r, e], x[src]):
+                        raise SystemExit(f"{kind}: region {r}: wrong row in slot {e}")
             if not (torch.all(meta == -2 ** 31) and torch.all(rowbuf.view(torch.int16) == -32768)):
                 raise SystemExit(f"{kind}: buffers not reset")
             us = time_graph(run, iters=args.iters, reps=args.reps)
             if int(err.max()):
                 raise SystemExit(f"{kind}, {P} pairs: a spin gave up while timed")
-            res = {"kind": kind, "pairs": P, "us_per_launch": round(us, 3)}
+            res = {"kind": kind, "pairs": P, "both": args.both, "us_per_launch": round(us, 3)}
             rows.append(res)
             print(json.dumps(res), flush=True)
     write_probe_json(args, rows, "probe_ws_recv")

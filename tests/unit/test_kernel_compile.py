@@ -312,8 +312,9 @@ def test_warp_specialised_claim_probe_compiles(name):
         assert ptx.index("atom.global") < ptx.index("ld.volatile.global.v4")
 
 
+@pytest.mark.parametrize("both", [False, True], ids=["one-way", "two-way"])
 @pytest.mark.parametrize("name", ["serial", "split", "split2"])
-def test_warp_specialised_receive_probe_compiles(name):
+def test_warp_specialised_receive_probe_compiles(name, both):
     """``benchmarks/probe_ws_recv.py`` (Gluon, session 29) times a whole one-token exchange
     with the receive in one partition and in two: its kernels must compile for sm_90, the
     split ones with their mbarrier hand-overs, each receiver with one slot atomic and the
@@ -323,7 +324,7 @@ def test_warp_specialised_receive_probe_compiles(name):
 
     _, target = _cuda_target()
     ptrs = {n: "*i32" for n in ("ids_src", "meta", "cursor", "slot_map", "err")}
-    consts = dict(H=7168, K=8, L=8, CAP=64, BLOCK_H=8192, BLOCK_K=8)
+    consts = dict(H=7168, K=8, L=8, CAP=64, BLOCK_H=8192, BLOCK_K=8, BOTH=both)
     sig = {"x": "*bf16", "rowbuf": "*bf16", "expert_x": "*bf16", **ptrs,
            **{k: "constexpr" for k in consts}}
     fn = _kernels()[name]
