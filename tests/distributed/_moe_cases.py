@@ -121,11 +121,10 @@ def roundtrip(ep: Any, rank: int, world: int, num_experts: int, inputs, dtype,
     return n, err
 
 
-#: routings and per-rank token counts (EP=2) on the lamport dispatch's one-token path (both ranks
-#: hold at most one token: slots and counts computed, no atomics; session 16), for the GPU tests
-#: calls where both ranks hold at most one token: the lamport dispatch's smallest batches (own
-#: rows placed by the other half of the grid, most programs with nothing to send or receive);
-#: until session 29 they ran only on the removed one-token path (``_one_token_slots``)
+#: routings and per-rank token counts (EP=2) of calls where both ranks hold at most one token,
+#: for the GPU tests: the lamport dispatch's smallest batches (own rows placed by the other half
+#: of the grid, most programs with nothing to send or receive); until session 29 they ran only
+#: on the removed one-token path (``_one_token_slots``)
 TINY_CASES = (("random", [1, 1]), ("dups", [1, 0]), ("random", [0, 1]), ("one_expert", [1, 1]))
 
 
