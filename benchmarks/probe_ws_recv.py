@@ -9,7 +9,7 @@ ids, stores the meta -- ``K`` ids and ``K`` weight bits -- then the row, ``-0.0`
 where the token has a local expert, the row have landed, claims a slot per local expert with
 a relaxed vector ``atomic_add`` on a cursor, copies the row into each slot's row of
 ``expert_x``, writes the slot map, then resets the meta and row to the sentinel, so the next
-launch starts as this one did). Receivers, both in Gluon, the same loads and stores:
+launch starts as this one did). Receivers, all in Gluon, the same loads and stores:
 
 * ``serial`` (as ``_lamport_recv_token`` today): meta and row polled together by every warp
   (the row speculatively), then the claim, then the copies;
@@ -26,10 +26,17 @@ Senders run before any partition (a split kernel's receivers only enter
 its own token and then receives one): every program sends its token, then receives its
 partner's (program ``q`` reads ``q ^ 1``'s), the split kernels' partitions entered after the
 send. (The first form of this probe, session 29 calls 2-3, ran the senders inside the
-partitions too, beside an idle worker warp; its split kernels were par or slower.) Every spin stops after ``2**16`` polls and raises an
-error flag the host checks; the first launch of each kind is checked against the inputs.
+partitions too, beside an idle worker warp; its split kernels were par or slower.) Every spin
+stops after ``2**16`` polls and raises an error flag the host checks; the mbarrier waits have
+no deadline (``split2`` hung two-way at 4 pairs in session 29, not understood: run it under
+``timeout``). The first launch of each kind is checked against the inputs.
 
-Usage (one GPU): ``python3 benchmarks/probe_ws_recv.py [--pairs 1,32] [--order serial,split]``.
+Session 29 (one H100, two-way, hidden 7168): ``split`` 4.10-4.21 us a launch against
+``serial`` 4.31-4.63 at one pair, 4.30-4.37 against 4.83-4.97 at 8 (calls 11-12 of
+``results/s29_20261125_gpu.log``).
+
+Usage (one GPU): ``python3 benchmarks/probe_ws_recv.py [--both] [--pairs 1,8]
+[--order serial,split,split,serial] [--hidden 4096]``.
 """
 
 from __future__ import annotations
