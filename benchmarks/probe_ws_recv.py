@@ -17,6 +17,9 @@ launch starts as this one did). Receivers, all in Gluon, the same loads and stor
   mbarrier), claims, hands the slots over (a second mbarrier) and resets the meta; the 8-warp
   default partition waits for the meta, polls the row (the claim's round trip in flight
   meanwhile), waits for the slots and copies;
+* ``serial_t`` / ``split_t`` (session 30): ``serial`` / ``split`` with the dispatch's
+  per-thread spins (inline PTX, :func:`llmcomm.kernels.sync.spin_landed`: each thread
+  re-loads its own words, no reduction a spin), as the triton dispatch polls since session 20;
 * ``split2``: the 8-warp default partition polls meta and row together as ``serial`` does,
   while a 1-warp worker polls the meta on its own and claims; the default partition waits for
   the slots (one mbarrier: the worker's meta reads are then done too), copies, and resets.
@@ -34,6 +37,18 @@ no deadline (``split2`` hung two-way at 4 pairs in session 29, not understood: r
 Session 29 (one H100, two-way, hidden 7168): ``split`` 4.10-4.21 us a launch against
 ``serial`` 4.31-4.63 at one pair, 4.30-4.37 against 4.83-4.97 at 8 (calls 11-12 of
 ``results/s29_20261125_gpu.log``).
+
+Session 30 (one H100, call 4 of ``results/s30_20261125_gpu.log``): with the dispatch's
+per-thread spins on both sides the worker partition does not pay in the dispatch's shape.
+Two-way, hidden 7168: ``serial_t`` 3.70-3.88 us against ``split_t`` 3.96-3.97 at one pair,
+3.93-3.97 against 4.07-4.09 at 4, 4.71-4.86 against 4.86-4.90 at 33 (at 8 one sample of each
+~5.1-5.4, the others 4.26 / 4.37); hidden 4096: 2.91-3.23 against 3.32-3.34 at one pair, par
+at 33. One-way ``split_t`` is ahead (3.60-3.76 against 3.85-3.89 at one pair, 3.96-4.03
+against 4.40-4.46 at 33), but no dispatch receives without sending. Session 29's gain of
+``split`` was over ``serial``'s reduction polls (``serial`` 4.52-5.41 in the same run).
+``split2`` two-way at 4 pairs with ``--iters 1 --reps 1`` ran, at 43 us a launch (no spin gave
+up); with the default 20 x 7 it passed 60 s (session 29). Not pursued: the direction is
+closed (``docs/moe.md``).
 
 Usage (one GPU): ``python3 benchmarks/probe_ws_recv.py [--both] [--pairs 1,8]
 [--order serial,split,split,serial] [--hidden 4096]``.
@@ -60,8 +75,13 @@ def _kernels():
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
+    from llmcomm.kernels.sync import _spin_asm
+
     # a CTA barrier: gl.thread_barrier in triton 3.6, gl.barrier from 3.7 on
     thread_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+    # the dispatch's per-thread spins (inline PTX): 8 bf16 row elements or one int32 a pack
+    S16, C16 = (gl.constexpr(v) for v in _spin_asm(16, 8))
+    S32, C32 = (gl.constexpr(v) for v in _spin_asm(32, 1))
 
     @gluon.jit
     def _layouts(BLOCK_H: gl.constexpr, BLOCK_K: gl.constexpr):
@@ -175,6 +195,107 @@ def _kernels():
         mk = offs_k < K
         gl.store(mp + offs_k, offs_k * 0 + (-2147483647 - 1), mask=mk)
         gl.store(mp + K + offs_k, offs_k * 0 + (-2147483647 - 1), mask=mk)
+
+    @gluon.jit
+    def _spin(v, ptrs, mask, errp, BITS: gl.constexpr):
+        """``*_t`` kinds: each thread re-loads its own masked elements of ``v`` until none is
+        the sentinel (:func:`llmcomm.kernels.sync.spin_landed`'s PTX; a 1 s deadline, code
+        4 at ``errp``)."""
+        z = ptrs.to(gl.int64) * 0
+        args = [ptrs.to(gl.int64), mask.to(gl.int32), z + 1000000000, errp.to(gl.int64) + z,
+                errp.to(gl.int64) + z, (z + 4).to(gl.int32)]
+        if BITS == 16:
+            r = gl.inline_asm_elementwise(S16, C16, [v.to(gl.int16, bitcast=True)] + args,
+                                          dtype=gl.int16, is_pure=False, pack=8)
+        else:
+            r = gl.inline_asm_elementwise(S32, C32, [v.to(gl.int32, bitcast=True)] + args,
+                                          dtype=gl.int32, is_pure=False, pack=1)
+        return r.to(v.dtype, bitcast=True)
+
+    @gluon.jit
+    def _spin_meta(mp, offs_k, errp, K: gl.constexpr):
+        """``*_t``: a token's ids and weight bits, each thread spinning on its own copies."""
+        mk = offs_k < K
+        ids = gl.load(mp + offs_k, mask=mk, other=-1, volatile=True)
+        wb = gl.load(mp + K + offs_k, mask=mk, other=0, volatile=True)
+        return _spin(ids, mp + offs_k, mk, errp, 32), _spin(wb, mp + K + offs_k, mk, errp, 32)
+
+    @gluon.jit
+    def _spin_token_row(rp, ids, offs_h, offs_k, errp, H: gl.constexpr, K: gl.constexpr,
+                        L: gl.constexpr):
+        """``*_t``: the row (where the token has a local expert), each thread spinning on its
+        own elements. Returns (row, row mask)."""
+        n = gl.where(_mine(ids, offs_k < K, L), H, 0)
+        rmask = offs_h < n
+        row = gl.load(rp + offs_h, mask=rmask, other=0.0, volatile=True)
+        return _spin(row, rp + offs_h, rmask, errp, 16), rmask
+
+    @gluon.jit
+    def _recv_serial_t(meta, rowbuf, cursor, expert_x, slot_map, err, H: gl.constexpr,
+                       K: gl.constexpr, L: gl.constexpr, CAP: gl.constexpr,
+                       BLOCK_H: gl.constexpr, BLOCK_K: gl.constexpr, BOTH: gl.constexpr):
+        """``serial_t``: ``serial`` with the dispatch's per-thread spins (meta, then row),
+        as ``_lamport_recv_token`` with TSPIN and MSPIN."""
+        slot, p = _roles(BOTH)
+        offs_h, offs_k = _layouts(BLOCK_H, BLOCK_K)
+        mp = meta + slot * (2 * K)
+        rp = rowbuf + slot * H
+        errp = err + gl.program_id(0)
+        ids, wb = _spin_meta(mp, offs_k, errp, K)
+        row, rmask = _spin_token_row(rp, ids, offs_h, offs_k, errp, H, K, L)
+        entry = _claim(p, ids, offs_k, cursor, L, K, CAP)
+        _place(p, row, entry, offs_h, offs_k, expert_x, slot_map, H, K, L, CAP)
+        thread_barrier()
+        _reset_meta(mp, offs_k, K)
+        gl.store(rp + offs_h, _sentinel_row(offs_h), mask=rmask)
+
+    @gluon.jit
+    def serial_t_kernel(x, ids_src, meta, rowbuf, cursor, expert_x, slot_map, err,
+                        H: gl.constexpr, K: gl.constexpr, L: gl.constexpr, CAP: gl.constexpr,
+                        BLOCK_H: gl.constexpr, BLOCK_K: gl.constexpr, BOTH: gl.constexpr):
+        pid = gl.program_id(0)
+        if BOTH:
+            _send(pid, x, ids_src, meta, rowbuf, H, K, BLOCK_H, BLOCK_K)
+            _recv_serial_t(meta, rowbuf, cursor, expert_x, slot_map, err, H, K, L, CAP,
+                           BLOCK_H, BLOCK_K, BOTH)
+        elif pid % 2 == 0:
+            _send(pid // 2, x, ids_src, meta, rowbuf, H, K, BLOCK_H, BLOCK_K)
+        else:
+            _recv_serial_t(meta, rowbuf, cursor, expert_x, slot_map, err, H, K, L, CAP,
+                           BLOCK_H, BLOCK_K, BOTH)
+
+    @gluon.jit
+    def _wst_default(meta, rowbuf, expert_x, slot_map, err, sm, bars, H: gl.constexpr,
+                     K: gl.constexpr, L: gl.constexpr, CAP: gl.constexpr,
+                     BLOCK_H: gl.constexpr, BLOCK_K: gl.constexpr, BOTH: gl.constexpr):
+        """``split_t``: ``split``'s default partition with the per-thread row spin."""
+        slot, p = _roles(BOTH)
+        offs_h, offs_k = _layouts(BLOCK_H, BLOCK_K)
+        rp = rowbuf + slot * H
+        mbarrier.wait(bars[0], 0)
+        ids = sm[0].load(offs_k.type.layout)
+        row, rmask = _spin_token_row(rp, ids, offs_h, offs_k, err + gl.program_id(0), H, K, L)
+        mbarrier.wait(bars[1], 0)
+        entry = sm[1].load(offs_k.type.layout)
+        _place(p, row, entry, offs_h, offs_k, expert_x, slot_map, H, K, L, CAP)
+        thread_barrier()
+        gl.store(rp + offs_h, _sentinel_row(offs_h), mask=rmask)
+
+    @gluon.jit
+    def _wst_worker(meta, cursor, err, sm, bars, K: gl.constexpr, L: gl.constexpr,
+                    CAP: gl.constexpr, BLOCK_K: gl.constexpr, BOTH: gl.constexpr):
+        """``split_t``: ``split``'s worker with the per-thread meta spin."""
+        slot, p = _roles(BOTH)
+        offs_k = gl.arange(0, BLOCK_K, layout=gl.BlockedLayout([1], [32], [1], [0]))
+        mp = meta + slot * (2 * K)
+        ids, wb = _spin_meta(mp, offs_k, err + gl.program_id(0), K)
+        sm[0].store(ids)
+        thread_barrier()
+        mbarrier.arrive(bars[0], count=1)
+        sm[1].store(_claim(p, ids, offs_k, cursor, L, K, CAP))
+        thread_barrier()
+        mbarrier.arrive(bars[1], count=1)
+        _reset_meta(mp, offs_k, K)
 
     @gluon.jit
     def _recv_serial(meta, rowbuf, cursor, expert_x, slot_map, err, H: gl.constexpr,
@@ -325,7 +446,8 @@ def _kernels():
         return kernel
 
     return {"serial": serial_kernel, "split": _split(_ws_default, _ws_worker),
-            "split2": _split(_ws2_default, _ws2_worker)}
+            "split2": _split(_ws2_default, _ws2_worker), "serial_t": serial_t_kernel,
+            "split_t": _split(_wst_default, _wst_worker)}
 
 
 def main() -> None:

@@ -313,7 +313,7 @@ def test_warp_specialised_claim_probe_compiles(name):
 
 
 @pytest.mark.parametrize("both", [False, True], ids=["one-way", "two-way"])
-@pytest.mark.parametrize("name", ["serial", "split", "split2"])
+@pytest.mark.parametrize("name", ["serial", "split", "split2", "serial_t", "split_t"])
 def test_warp_specialised_receive_probe_compiles(name, both):
     """``benchmarks/probe_ws_recv.py`` (Gluon, session 29) times a whole one-token exchange
     with the receive in one partition and in two: its kernels must compile for sm_90, the
@@ -332,8 +332,10 @@ def test_warp_specialised_receive_probe_compiles(name, both):
     src = gluon_runtime.GluonASTSource(fn, sig, constexprs=consts,
                                        attrs=_launch_attrs(fn, sig))
     ptx = _build(src, target, {"num_warps": 8}).asm["ptx"]
-    assert ("mbarrier" in ptx) == (name != "serial")
+    assert ("mbarrier" in ptx) == (not name.startswith("serial"))
     assert ptx.count("atom.global") == 1 and "ld.volatile.global.v4" in ptx
+    if name.endswith("_t"):   # per-thread spins: ids and weights, the row in 4 packs of 8
+        assert ptx.count("CHECK:") == 2 + 4
 
 
 @pytest.mark.parametrize("kind", ["tma", "tma_gl"])
