@@ -250,21 +250,6 @@ def _kernels():
         gl.store(rp + offs_h, _sentinel_row(offs_h), mask=rmask)
 
     @gluon.jit
-    def serial_t_kernel(x, ids_src, meta, rowbuf, cursor, expert_x, slot_map, err,
-                        H: gl.constexpr, K: gl.constexpr, L: gl.constexpr, CAP: gl.constexpr,
-                        BLOCK_H: gl.constexpr, BLOCK_K: gl.constexpr, BOTH: gl.constexpr):
-        pid = gl.program_id(0)
-        if BOTH:
-            _send(pid, x, ids_src, meta, rowbuf, H, K, BLOCK_H, BLOCK_K)
-            _recv_serial_t(meta, rowbuf, cursor, expert_x, slot_map, err, H, K, L, CAP,
-                           BLOCK_H, BLOCK_K, BOTH)
-        elif pid % 2 == 0:
-            _send(pid // 2, x, ids_src, meta, rowbuf, H, K, BLOCK_H, BLOCK_K)
-        else:
-            _recv_serial_t(meta, rowbuf, cursor, expert_x, slot_map, err, H, K, L, CAP,
-                           BLOCK_H, BLOCK_K, BOTH)
-
-    @gluon.jit
     def _wst_default(meta, rowbuf, expert_x, slot_map, err, sm, bars, H: gl.constexpr,
                      K: gl.constexpr, L: gl.constexpr, CAP: gl.constexpr,
                      BLOCK_H: gl.constexpr, BLOCK_K: gl.constexpr, BOTH: gl.constexpr):
@@ -311,21 +296,6 @@ def _kernels():
         thread_barrier()
         _reset_meta(mp, offs_k, K)
         gl.store(rp + offs_h, _sentinel_row(offs_h), mask=offs_h < gl.where(mine, H, 0))
-
-    @gluon.jit
-    def serial_kernel(x, ids_src, meta, rowbuf, cursor, expert_x, slot_map, err,
-                      H: gl.constexpr, K: gl.constexpr, L: gl.constexpr, CAP: gl.constexpr,
-                      BLOCK_H: gl.constexpr, BLOCK_K: gl.constexpr, BOTH: gl.constexpr):
-        pid = gl.program_id(0)
-        if BOTH:   # every program sends its token, then receives its partner's
-            _send(pid, x, ids_src, meta, rowbuf, H, K, BLOCK_H, BLOCK_K)
-            _recv_serial(meta, rowbuf, cursor, expert_x, slot_map, err, H, K, L, CAP,
-                         BLOCK_H, BLOCK_K, BOTH)
-        elif pid % 2 == 0:
-            _send(pid // 2, x, ids_src, meta, rowbuf, H, K, BLOCK_H, BLOCK_K)
-        else:
-            _recv_serial(meta, rowbuf, cursor, expert_x, slot_map, err, H, K, L, CAP,
-                         BLOCK_H, BLOCK_K, BOTH)
 
     # the receivers' partitions of the split kernels (slot read and own region from
     # :func:`_roles`): the default one on the program's warps, the worker on one more warp;
@@ -408,27 +378,9 @@ def _kernels():
         thread_barrier()
         mbarrier.arrive(bars[1], count=1)
 
-    def _split(default_fn, worker_fn):
-        """A kernel whose senders run as ``serial``'s (before the partitions, in two-way
-        mode too) and whose receives run ``default_fn`` (the program's warps) beside
-        ``worker_fn`` (one more warp)."""
-        @gluon.jit
-        def recv(meta, rowbuf, cursor, expert_x, slot_map, err, H: gl.constexpr,
-                 K: gl.constexpr, L: gl.constexpr, CAP: gl.constexpr, BLOCK_H: gl.constexpr,
-                 BLOCK_K: gl.constexpr, BOTH: gl.constexpr):
-            sl: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
-            sm = (gl.allocate_shared_memory(gl.int32, [BLOCK_K], sl),
-                  gl.allocate_shared_memory(gl.int32, [BLOCK_K], sl))
-            bars = (gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout()),
-                    gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout()))
-            mbarrier.init(bars[0], count=1)
-            mbarrier.init(bars[1], count=1)
-            gl.warp_specialize(
-                [(default_fn, (meta, rowbuf, expert_x, slot_map, err, sm, bars, H, K, L, CAP,
-                               BLOCK_H, BLOCK_K, BOTH)),
-                 (worker_fn, (meta, cursor, err, sm, bars, K, L, CAP, BLOCK_K, BOTH))],
-                [1], [48])
-
+    def _with_senders(recv):
+        """A kernel whose senders run before any receive: two-way (``BOTH``) every program
+        sends its token, then runs ``recv``; one-way even programs send, odd ones receive."""
         @gluon.jit
         def kernel(x, ids_src, meta, rowbuf, cursor, expert_x, slot_map, err, H: gl.constexpr,
                    K: gl.constexpr, L: gl.constexpr, CAP: gl.constexpr, BLOCK_H: gl.constexpr,
@@ -445,9 +397,30 @@ def _kernels():
                      BLOCK_K, BOTH)
         return kernel
 
-    return {"serial": serial_kernel, "split": _split(_ws_default, _ws_worker),
-            "split2": _split(_ws2_default, _ws2_worker), "serial_t": serial_t_kernel,
-            "split_t": _split(_wst_default, _wst_worker)}
+    def _split(default_fn, worker_fn):
+        """The receive as ``default_fn`` (the program's warps) beside ``worker_fn`` (one more
+        warp)."""
+        @gluon.jit
+        def recv(meta, rowbuf, cursor, expert_x, slot_map, err, H: gl.constexpr,
+                 K: gl.constexpr, L: gl.constexpr, CAP: gl.constexpr, BLOCK_H: gl.constexpr,
+                 BLOCK_K: gl.constexpr, BOTH: gl.constexpr):
+            sl: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+            sm = (gl.allocate_shared_memory(gl.int32, [BLOCK_K], sl),
+                  gl.allocate_shared_memory(gl.int32, [BLOCK_K], sl))
+            bars = (gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout()),
+                    gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout()))
+            mbarrier.init(bars[0], count=1)
+            mbarrier.init(bars[1], count=1)
+            gl.warp_specialize(
+                [(default_fn, (meta, rowbuf, expert_x, slot_map, err, sm, bars, H, K, L, CAP,
+                               BLOCK_H, BLOCK_K, BOTH)),
+                 (worker_fn, (meta, cursor, err, sm, bars, K, L, CAP, BLOCK_K, BOTH))],
+                [1], [48])
+        return _with_senders(recv)
+
+    return {"serial": _with_senders(_recv_serial), "split": _split(_ws_default, _ws_worker),
+            "split2": _split(_ws2_default, _ws2_worker),
+            "serial_t": _with_senders(_recv_serial_t), "split_t": _split(_wst_default, _wst_worker)}
 
 
 def main() -> None:
