@@ -250,6 +250,32 @@ def _kernels():
         gl.store(rp + offs_h, _sentinel_row(offs_h), mask=rmask)
 
     @gluon.jit
+    def _place_handed_slots(p, row, rmask, rp, offs_h, offs_k, sm, bars, expert_x, slot_map,
+                            H: gl.constexpr, K: gl.constexpr, L: gl.constexpr,
+                            CAP: gl.constexpr):
+        """``split`` / ``split_t``'s default partition once the row has landed: wait for the
+        worker's slots, copy, reset the row."""
+        mbarrier.wait(bars[1], 0)
+        entry = sm[1].load(offs_k.type.layout)
+        _place(p, row, entry, offs_h, offs_k, expert_x, slot_map, H, K, L, CAP)
+        thread_barrier()
+        gl.store(rp + offs_h, _sentinel_row(offs_h), mask=rmask)
+
+    @gluon.jit
+    def _hand_over(p, ids, mp, offs_k, cursor, sm, bars, K, L, CAP):
+        """``split`` / ``split_t``'s worker once the meta has landed: hand the ids over,
+        claim, hand the slots over, reset the meta (``K``, ``L``, ``CAP`` the callers'
+        constexprs; no annotation: the body does not name ``gl``, so the jit could not
+        resolve it)."""
+        sm[0].store(ids)
+        thread_barrier()
+        mbarrier.arrive(bars[0], count=1)
+        sm[1].store(_claim(p, ids, offs_k, cursor, L, K, CAP))
+        thread_barrier()
+        mbarrier.arrive(bars[1], count=1)
+        _reset_meta(mp, offs_k, K)
+
+    @gluon.jit
     def _wst_default(meta, rowbuf, expert_x, slot_map, err, sm, bars, H: gl.constexpr,
                      K: gl.constexpr, L: gl.constexpr, CAP: gl.constexpr,
                      BLOCK_H: gl.constexpr, BLOCK_K: gl.constexpr, BOTH: gl.constexpr):
@@ -260,11 +286,8 @@ def _kernels():
         mbarrier.wait(bars[0], 0)
         ids = sm[0].load(offs_k.type.layout)
         row, rmask = _spin_token_row(rp, ids, offs_h, offs_k, err + gl.program_id(0), H, K, L)
-        mbarrier.wait(bars[1], 0)
-        entry = sm[1].load(offs_k.type.layout)
-        _place(p, row, entry, offs_h, offs_k, expert_x, slot_map, H, K, L, CAP)
-        thread_barrier()
-        gl.store(rp + offs_h, _sentinel_row(offs_h), mask=rmask)
+        _place_handed_slots(p, row, rmask, rp, offs_h, offs_k, sm, bars, expert_x, slot_map, H,
+                            K, L, CAP)
 
     @gluon.jit
     def _wst_worker(meta, cursor, err, sm, bars, K: gl.constexpr, L: gl.constexpr,
@@ -274,13 +297,7 @@ def _kernels():
         offs_k = gl.arange(0, BLOCK_K, layout=gl.BlockedLayout([1], [32], [1], [0]))
         mp = meta + slot * (2 * K)
         ids, wb = _spin_meta(mp, offs_k, err + gl.program_id(0), K)
-        sm[0].store(ids)
-        thread_barrier()
-        mbarrier.arrive(bars[0], count=1)
-        sm[1].store(_claim(p, ids, offs_k, cursor, L, K, CAP))
-        thread_barrier()
-        mbarrier.arrive(bars[1], count=1)
-        _reset_meta(mp, offs_k, K)
+        _hand_over(p, ids, mp, offs_k, cursor, sm, bars, K, L, CAP)
 
     @gluon.jit
     def _recv_serial(meta, rowbuf, cursor, expert_x, slot_map, err, H: gl.constexpr,
@@ -324,11 +341,8 @@ def _kernels():
             spins += 1
         if pend > 0:
             gl.store(err + pid, 2)
-        mbarrier.wait(bars[1], 0)
-        entry = sm[1].load(offs_k.type.layout)
-        _place(p, row, entry, offs_h, offs_k, expert_x, slot_map, H, K, L, CAP)
-        thread_barrier()
-        gl.store(rp + offs_h, _sentinel_row(offs_h), mask=rmask)
+        _place_handed_slots(p, row, rmask, rp, offs_h, offs_k, sm, bars, expert_x, slot_map, H,
+                            K, L, CAP)
 
     @gluon.jit
     def _ws_worker(meta, cursor, err, sm, bars, K: gl.constexpr, L: gl.constexpr,
@@ -340,13 +354,7 @@ def _kernels():
         offs_k = gl.arange(0, BLOCK_K, layout=gl.BlockedLayout([1], [32], [1], [0]))
         mp = meta + slot * (2 * K)
         ids = _poll_meta(mp, offs_k, err, pid, K)
-        sm[0].store(ids)
-        thread_barrier()
-        mbarrier.arrive(bars[0], count=1)
-        sm[1].store(_claim(p, ids, offs_k, cursor, L, K, CAP))
-        thread_barrier()
-        mbarrier.arrive(bars[1], count=1)
-        _reset_meta(mp, offs_k, K)
+        _hand_over(p, ids, mp, offs_k, cursor, sm, bars, K, L, CAP)
 
     @gluon.jit
     def _ws2_default(meta, rowbuf, expert_x, slot_map, err, sm, bars, H: gl.constexpr,
