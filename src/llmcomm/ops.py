@@ -15,8 +15,11 @@ mode. The fake implementations give output shapes and dtypes::
     llmcomm::all_reduce_add_rms_norm_fp8(x, residual, weight, eps, quant_scale [1], key)
         -> (normed_fp8 [T, H] float8_e4m3fn, residual_out, normed)
     llmcomm::moe_dispatch(x [T, H], topk_ids [T, K], topk_weights [T, K], key)
-        -> (expert_x [L, capacity, H], counts [L] int32)
-    llmcomm::moe_combine(expert_out [L, capacity, H], num_tokens, key) -> y [num_tokens, H]
+        -> (expert_x [L, capacity, H] (packed: [rows, H]), counts [L] int32)
+    llmcomm::moe_combine(expert_out (expert_x's shape), num_tokens, key) -> y [num_tokens, H]
+
+(A packed dispatcher's ``offsets`` are computed from ``counts`` in the traced graph,
+:func:`llmcomm.moe.backends.packed_offsets`.)
 
 ``moe_combine`` combines the dispatch in flight on that dispatcher (one at a time, as in eager
 mode; the dispatcher keeps its handle between the two ops). Every op is registered as an ORDERED
@@ -113,7 +116,7 @@ def moe_dispatch(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Te
 @moe_dispatch.register_fake
 def _(x, topk_ids, topk_weights, key):
     ep = _lookup(key)
-    return (x.new_empty(ep.local_experts, ep.capacity, ep.hidden_size),
+    return (x.new_empty(ep.expert_x_shape),
             torch.empty(ep.local_experts, dtype=torch.int32, device=x.device))
 
 

@@ -44,26 +44,57 @@ def make_inputs(seed: int, world: int, tokens: list[int], num_experts: int, top_
     return out
 
 
+def expert_rows(expert_x: torch.Tensor, counts: list[int], offsets: list[int] | None,
+                le: int) -> torch.Tensor:
+    """Local expert ``le``'s valid rows: ``expert_x[le, :counts[le]]`` (padded) or
+    ``expert_x[offsets[le]:offsets[le] + counts[le]]`` (packed, ``offsets`` given)."""
+    if offsets is None:
+        return expert_x[le, :counts[le]]
+    return expert_x[offsets[le]:offsets[le] + counts[le]]
+
+
+def check_offsets(counts: torch.Tensor, offsets: torch.Tensor, expert_x: torch.Tensor
+                  ) -> list[int]:
+    """A packed dispatch's ``offsets``: int32 ``[L + 1]``, ``[0, *cumsum(counts)]`` exactly,
+    within ``expert_x``'s rows; returned as a list."""
+    L = counts.shape[0]
+    assert offsets.dtype == torch.int32 and tuple(offsets.shape) == (L + 1,), \
+        (offsets.dtype, offsets.shape)
+    got = offsets.cpu().tolist()
+    want = [0, *torch.cumsum(counts.cpu().long(), 0).tolist()]
+    assert got == want, f"offsets {got} != [0, *cumsum(counts)] {want}"
+    assert expert_x.dim() == 2 and got[-1] <= expert_x.shape[0], (expert_x.shape, got[-1])
+    return got
+
+
 def check_dispatch(rank: int, world: int, num_experts: int, inputs, expert_x: torch.Tensor,
-                   counts: torch.Tensor) -> int:
-    """Every received row is checked against its source row; the multiset must be exact."""
+                   counts: torch.Tensor, offsets: torch.Tensor | None = None) -> int:
+    """Every received row is checked against its source row; the multiset must be exact.
+    ``offsets``: a packed dispatch's (checked against ``counts`` too)."""
     expected = reference_dispatch([ids for _, ids, _ in inputs], num_experts, rank)
     L = num_experts // world
     counts = counts.cpu()
     assert counts.dtype == torch.int32, counts.dtype
     assert tuple(counts.shape) == (L,), counts.shape
-    ex = expert_x[:, :max(1, int(counts.max()))].cpu()   # only the rows counted: fast on a GPU
+    if offsets is None:
+        ex = expert_x[:, :max(1, int(counts.max()))].cpu()   # only the rows counted: fast
+        offs = None
+    else:
+        offs = check_offsets(counts, offsets, expert_x)
+        ex = expert_x[:max(1, offs[-1])].cpu()
+    cnt = counts.tolist()
     n = 0
     for le in range(L):
-        c = int(counts[le])
+        c = cnt[le]
         want = expected[le]
         assert c == len(want), f"rank {rank} expert {le}: count {c} != expected {len(want)}"
-        rows = ex[le, :c].float()
+        mine = expert_rows(ex, cnt, offs, le)
+        rows = mine.float()
         got = []
         for i in range(c):
             src, t = int(rows[i, 0]), int(rows[i, 1]) + 128 * int(rows[i, 2])
             assert 0 <= src < world and 0 <= t < inputs[src][0].shape[0], (src, t)
-            assert torch.equal(ex[le, i], inputs[src][0][t]), \
+            assert torch.equal(mine[i], inputs[src][0][t]), \
                 f"rank {rank} expert {le} row {i}: content differs from source ({src}, {t})"
             got.append((src, t))
         assert sorted(got) == want, f"rank {rank} expert {le}: got {sorted(got)} want {want}"
@@ -72,15 +103,18 @@ def check_dispatch(rank: int, world: int, num_experts: int, inputs, expert_x: to
 
 
 def run_experts(rank: int, num_experts: int, world: int, expert_x: torch.Tensor,
-                counts: torch.Tensor) -> torch.Tensor:
-    """expert_out: the affine test expert on valid rows, NaN (poison) everywhere else."""
+                counts: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """expert_out: the affine test expert on valid rows, NaN (poison) everywhere else
+    (``offsets``: a packed ``expert_x``'s)."""
     L = num_experts // world
     out = torch.full_like(expert_x, float("nan"))
     cnt = counts.cpu().tolist()
+    offs = None if offsets is None else offsets.cpu().tolist()
     for le in range(L):
-        c = cnt[le]
-        if c:
-            out[le, :c] = affine_expert(rank * L + le, expert_x[le, :c].double()).to(out.dtype)
+        if cnt[le]:
+            rows = expert_rows(expert_x, cnt, offs, le)
+            expert_rows(out, cnt, offs, le).copy_(
+                affine_expert(rank * L + le, rows.double()).to(out.dtype))
     return out
 
 
@@ -114,8 +148,9 @@ def roundtrip(ep: Any, rank: int, world: int, num_experts: int, inputs, dtype,
               device="cpu") -> tuple[int, float]:
     x, ids, w = (t.to(device) for t in inputs[rank])
     d = ep.dispatch(x, ids, w)
-    n = check_dispatch(rank, world, num_experts, inputs, d.expert_x, d.counts)
-    out = run_experts(rank, num_experts, world, d.expert_x, d.counts)
+    assert (d.offsets is not None) == ep.packed, (ep.packed, d.offsets)
+    n = check_dispatch(rank, world, num_experts, inputs, d.expert_x, d.counts, d.offsets)
+    out = run_experts(rank, num_experts, world, d.expert_x, d.counts, d.offsets)
     y = ep.combine(out, d)
     err = check_combine(rank, inputs, y, dtype, what=f"{ep.backend} combine")
     return n, err

@@ -79,12 +79,19 @@ P2P_SIM = {"p2p-sim": {"protocol": "flags"},
 P2P_SIM_AUTO = {"p2p-sim-auto": {}}
 
 
+#: the packed layout (``EPDispatcher(packed=True)``) for a name ending in this
+PACKED = "-packed"
+
+
 def _make(backend, K, M, tmp, group=None, layout=None, **kw):
     import torch.distributed as dist
 
     from llmcomm.moe import EPDispatcher
 
     group = group if group is not None else dist.group.WORLD
+    if backend.endswith(PACKED):
+        backend = backend[:-len(PACKED)]
+        kw["packed"] = True
     if backend in P2P_SIM or backend in P2P_SIM_AUTO:
         from llmcomm.moe.p2p import P2PBackend
 
@@ -113,8 +120,16 @@ NEEDS_TRITON = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                          "triton (pip install triton; `make test` installs it)")
 
 
+#: the packed layout: both collective backends, and the flags dispatch's three placement paths
+#: (slots claimed a round at a time, per token, and per tile)
+PACKED_CASES = ["torch-packed", "allgather-packed",
+                *(pytest.param(n + PACKED, marks=NEEDS_TRITON)
+                  for n in ("p2p-sim", "p2p-sim-r17", "p2p-sim-t4c2r3"))]
+
+
 @pytest.mark.parametrize("backend", ["torch", "allgather",
-                                     *(pytest.param(n, marks=NEEDS_TRITON) for n in P2P_SIM)])
+                                     *(pytest.param(n, marks=NEEDS_TRITON) for n in P2P_SIM),
+                                     *PACKED_CASES])
 def test_contract_every_backend_world2(backend):
     """THE contract test: each backend vs the dense single-process reference."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -123,7 +138,7 @@ def test_contract_every_backend_world2(backend):
 
             os.makedirs(f"{tmp}/k{k}")
         res = run_ranks(_cases_worker, 2, backend, tmp, 100, timeout=150,
-                        env=SIM if backend in P2P_SIM else None)
+                        env=SIM if backend.startswith("p2p") else None)
     for rank_res in res:
         assert len(rank_res) == len(CASES)
         for routing, n, err in rank_res:
@@ -168,7 +183,7 @@ def _p2p_sim_world4_worker(rank, world, tmp, backend):
 
 
 @NEEDS_TRITON
-@pytest.mark.parametrize("backend", ["p2p-sim", "p2p-sim-lamport"])
+@pytest.mark.parametrize("backend", ["p2p-sim", "p2p-sim-lamport", "p2p-sim" + PACKED])
 def test_world4_p2p_sim(backend):
     with tempfile.TemporaryDirectory() as tmp:
         res = run_ranks(_p2p_sim_world4_worker, 4, tmp, backend, timeout=150, env=SIM)
@@ -177,8 +192,9 @@ def test_world4_p2p_sim(backend):
 
 def _repeat_worker(rank, world, tmp):
     """Both protocols, one dispatcher each (flags explicitly, lamport as the default
-    protocol="auto" picks it here, and lamport with the column-split combine on 8 programs),
-    8 consecutive dispatch/combine pairs with changing token counts (0 and M included; the split
+    protocol="auto" picks it here, lamport with the column-split combine on 8 programs, and
+    flags with a packed ``expert_x``: its count exchange alternates two buffers by parity and
+    its cursors start biased), 8 consecutive dispatch/combine pairs with changing token counts (0 and M included; the split
     path in 4 chunks for at most 2 tokens per rank, in 2 chunks for 3-4, whole rows otherwise):
     every receive buffer of the lamport rotation is used twice and its sentinel reset is
     exercised across the combine paths; the combine outputs must be bitwise equal (fixed-order
@@ -197,7 +213,7 @@ def _repeat_worker(rank, world, tmp):
     log.setLevel(logging.INFO)
     log.addHandler(Hints())
     eps = {}
-    for b in ("p2p-sim", "p2p-sim-auto", "p2p-sim-lamport-cs4"):
+    for b in ("p2p-sim", "p2p-sim-auto", "p2p-sim-lamport-cs4", "p2p-sim-auto" + PACKED):
         os.makedirs(f"{tmp}/{b}", exist_ok=True)
         eps[b] = _make(b, 3, 9, f"{tmp}/{b}", dtype=torch.bfloat16)
     if rank == 1:   # local and a no-op in the simulation (nothing compiles ahead there)
@@ -211,8 +227,8 @@ def _repeat_worker(rank, world, tmp):
         for b, ep in eps.items():
             x, ids, w = inputs[rank]
             d = ep.dispatch(x, ids, w)
-            check_dispatch(rank, world, E, inputs, d.expert_x, d.counts)
-            y = ep.combine(run_experts(rank, E, world, d.expert_x, d.counts), d)
+            check_dispatch(rank, world, E, inputs, d.expert_x, d.counts, d.offsets)
+            y = ep.combine(run_experts(rank, E, world, d.expert_x, d.counts, d.offsets), d)
             errs.append(check_combine(rank, inputs, y, torch.bfloat16, what=b))
             ys.append(y)
         same = same and all(torch.equal(ys[0].view(torch.int16), y.view(torch.int16))
@@ -227,7 +243,7 @@ def _repeat_worker(rank, world, tmp):
 def test_p2p_sim_repeated_calls_both_protocols():
     with tempfile.TemporaryDirectory() as tmp:
         res = run_ranks(_repeat_worker, 2, tmp, timeout=150, env=SIM)
-    assert [r[3] for r in res] == [3, 0]   # once per dispatcher on rank 0; rank 1 warmed up
+    assert [r[3] for r in res] == [4, 0]   # once per dispatcher on rank 0; rank 1 warmed up
     assert "warmup:   done (0 kernel variants" in res[1][4]     # the simulation compiles none
     assert "warmup:   not called" in res[0][4]
     for err, same, decisions, _, text in res:
@@ -236,6 +252,7 @@ def test_p2p_sim_repeated_calls_both_protocols():
         assert same, "flags and lamport combine outputs differ bitwise"
         assert "protocol flags (requested explicitly)" in decisions[0], decisions
         assert "protocol lamport (max_tokens_per_rank 9 <= 128 at EP=2" in decisions[1], decisions
+        assert "protocol flags (packed expert_x" in decisions[3], decisions
 
 
 def _trace_worker(rank, world, tmp):
@@ -346,6 +363,7 @@ def _missing_combine_worker(rank, world, tmp, backend):
 @NEEDS_TRITON
 @pytest.mark.parametrize("op, backend", [("dispatch", "p2p-sim"), ("dispatch", "p2p-sim-lamport"),
                                          ("dispatch", "p2p-sim-ce"),
+                                         ("dispatch", "p2p-sim" + PACKED),
                                          ("combine", "p2p-sim"), ("combine", "p2p-sim-lamport"),
                                          ("combine", "p2p-sim-roles")])
 def test_p2p_sim_missing_peer_times_out(op, backend):
@@ -415,6 +433,15 @@ def _errors_worker(rank, world, tmp):
     y = ep.combine(d.expert_x.clone(), d)
     expect("handle_reuse", ValueError, lambda: ep.combine(d.expert_x, d))
     assert y.shape == (3, H)
+    pk = _make("torch" + PACKED, 2, 5, tmp)
+    d = pk.dispatch(x, ids, w)
+    seen["packed_shapes"] = (tuple(d.expert_x.shape), pk.expert_x_shape, repr(pk),
+                             pk.describe())
+    expect("packed_expert_out_shape", ValueError,
+           lambda: pk.combine(torch.zeros(4, 10, H), d))   # the padded shape [L, W*M, H]
+    pk.combine(d.expert_x.clone(), d)
+    expect("packed_not_bool", TypeError,
+           lambda: EPDispatcher(dist.group.WORLD, E, 2, H, 5, torch.float32, packed=1))
     expect("not_divisible", ValueError,
            lambda: EPDispatcher(dist.group.WORLD, 7, 2, H, 5, torch.float32))
     expect("top_k", ValueError, lambda: EPDispatcher(dist.group.WORLD, 8, 9, H, 5, torch.float32))
@@ -457,6 +484,13 @@ def test_errors_world2():
         assert "divisible" in seen["not_divisible"]
         assert "[0, max_tokens_per_rank=5]" in seen["warm_counts"]
         assert "integer" in seen["warm_ids_dtype"] and "floating" in seen["warm_weights_dtype"]
+        # packed: W * M * min(K, L) = 2 * 5 * 2 rows; the padded shape is refused, named
+        shape, want, text, described = seen["packed_shapes"]
+        assert shape == want == (20, H), (shape, want)
+        assert text.endswith("packed)") and f"expert_x [20, {H}] packed" in described, described
+        assert f"(20, {H}) ([rows, hidden], packed), got (4, 10, {H})" in \
+            seen["packed_expert_out_shape"]
+        assert "packed must be a bool" in seen["packed_not_bool"]
     assert res[0]["warm_torch"] == 0      # the torch backend has no kernels of its own
     # E = 8 experts over 2 ranks, capacity 2 x 5, fp32: 4 x 10 x H x 4 bytes
     assert f"expert_x [4, 10, {H}] {4 * 10 * H * 4 / 1e9:.3g} GB" in res[0]["describe"]
@@ -519,6 +553,10 @@ def test_errors_world2():
     ({"_combine_roles": True, "_roles_pair": 3}, "_roles_pair (tokens a step) must be 1 or 2"),
     ({"_combine_roles": True, "_roles_programs": 67},
      "_roles_programs must be in [1, 66] (2 x that many programs of 16 warps fit 132 SMs)"),
+    # "packed" goes into the EPConfig (EPDispatcher(packed=True)), not to P2PBackend
+    ({"packed": True, "protocol": "lamport"},
+     "a packed expert_x (EPDispatcher(packed=True)) needs the p2p protocol 'flags'"),
+    ({"packed": True, "shift": 0}, "leave protocol and shift unset, or pass protocol='flags'"),
 ])
 def test_p2p_knob_validation(kw, words, tmp_path):
     """Bad P2PBackend knobs are refused before any workspace or collective, naming the fix."""
@@ -527,8 +565,10 @@ def test_p2p_knob_validation(kw, words, tmp_path):
     from llmcomm.moe.backends import EPConfig
     from llmcomm.moe.p2p import P2PBackend
 
+    kw = dict(kw)
     cfg = EPConfig(rank=0, world_size=2, num_experts=E, top_k=2, hidden_size=H,
-                   max_tokens_per_rank=4, dtype=torch.float32, device=torch.device("cpu"))
+                   max_tokens_per_rank=4, dtype=torch.float32, device=torch.device("cpu"),
+                   packed=kw.pop("packed", False))
     with pytest.raises(ValueError, match=re.escape(words)):
         P2PBackend(None, cfg, simulate_dir=str(tmp_path), **kw)
 

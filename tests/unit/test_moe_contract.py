@@ -7,7 +7,7 @@ import torch
 
 from llmcomm.moe import EP_BACKENDS, resolve_ep_backend
 from llmcomm.moe.backends import (AllGatherBackend, EPConfig, MoEBackend, TorchA2ABackend,
-                                  expand_to_experts, weighted_partial)
+                                  expand_to_experts, packed_offsets, weighted_partial)
 from llmcomm.moe.dispatcher import check_layout, validate_config, validate_dispatch_args
 from llmcomm.moe.reference import (affine_expert, check_combine_output, reference_combine,
                                    reference_dispatch)
@@ -74,24 +74,33 @@ def test_checker_accepts_correct_and_rejects_wrong_reductions(dtype):
         check_combine_output(bad.to(dtype), ref, dtype)
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("world", [1, 2, 4])
-def test_local_steps_reproduce_reference_single_process(world):
-    """expand_to_experts + weighted_partial summed over ranks == dense reference (incl. repeats)."""
+def test_local_steps_reproduce_reference_single_process(world, packed):
+    """expand_to_experts + weighted_partial summed over ranks == dense reference (incl.
+    repeats), in the padded and the packed layout (each expert's rows at its offset)."""
     E, K, H, T = 16, 4, 8, 29
     x, ids, w = _case(T=T, E=E, K=K, H=H, seed=world)
     ids[::5, 1] = ids[::5, 0]                         # repeated ids inside a token
     y = torch.zeros(T, H, dtype=torch.float32)
     for r in range(world):
-        cfg = EPConfig(r, world, E, K, H, T, torch.float32, torch.device("cpu"))
-        ex = torch.full((cfg.local_experts * cfg.capacity + 1, H), float("nan"))
+        cfg = EPConfig(r, world, E, K, H, T, torch.float32, torch.device("cpu"), packed)
+        assert cfg.rows == (T * world * min(K, E // world) if packed
+                            else cfg.local_experts * cfg.capacity)
+        ex = torch.full((cfg.rows + 1, H), float("nan"))
         counts, slot = expand_to_experts(x, ids, cfg, ex)
         want = reference_dispatch([ids] + [ids[:0]] * (world - 1), E, r) if r == 0 else None
         if want is not None:
             assert counts.tolist() == [len(v) for v in want.values()]
-        out = ex[:-1].view(cfg.local_experts, cfg.capacity, H).clone()
+        out = ex[:-1].view(cfg.expert_x_shape).clone()
+        offs = packed_offsets(counts).tolist()
+        assert offs[0] == 0 and offs[1:] == torch.cumsum(counts, 0).tolist()
         for le in range(cfg.local_experts):
             c = int(counts[le])
-            out[le, :c] = affine_expert(r * cfg.local_experts + le, out[le, :c].double()).float()
+            rows = out[offs[le]:offs[le] + c] if packed else out[le, :c]
+            rows.copy_(affine_expert(r * cfg.local_experts + le, rows.double()).float())
+        if packed:   # nothing valid past offsets[L]; every valid row was written
+            assert not out[:offs[-1]].isnan().any()
         y += weighted_partial(out, slot, w)
     check_combine_output(y, reference_combine(x, ids, w), torch.float32)
 
@@ -114,6 +123,9 @@ def test_validate_config_errors():
         validate_config(**{**ok, "backend": "nccl"})
     with pytest.raises(ValueError, match="max_tokens_per_rank"):
         validate_config(**{**ok, "max_tokens_per_rank": 0})
+    validate_config(**{**ok, "packed": True})
+    with pytest.raises(TypeError, match="packed must be a bool"):
+        validate_config(**{**ok, "packed": "yes"})
 
 
 def test_validate_dispatch_args_errors():

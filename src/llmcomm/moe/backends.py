@@ -5,10 +5,18 @@ place, ``MoEBackend.output_is_reduced = True``: ``combine`` returns the final
 ``y[t] = sum_k w[t, k] * expert_out(t, k)``, weights applied once and the top-k sum done once.
 A subclass may not override it; the dispatcher refuses a backend class that does.
 
-Layout shared by all backends (``W`` ranks, ``L`` local experts, ``M = max_tokens_per_rank``):
-``expert_x`` is ``[L, capacity, H]`` with ``capacity = W * M`` (the worst case: every token of
-every rank routed to one expert; a token reaches an expert at most once), rows
-``[:counts[l]]`` valid, in an unspecified order. ``combine`` takes ``expert_out`` of the same shape.
+Layouts shared by all backends (``W`` ranks, ``L`` local experts, ``M = max_tokens_per_rank``):
+
+* padded (the default): ``expert_x`` is ``[L, capacity, H]`` with ``capacity = W * M`` (the
+  worst case: every token of every rank routed to one expert; a token reaches an expert at most
+  once), rows ``[:counts[l]]`` valid, in an unspecified order;
+* packed (``EPConfig.packed``): ``expert_x`` is ``[rows, H]`` with ``rows = W * M * min(K, L)``
+  (the worst case of all experts together: a received token fills at most ``min(K, L)`` local
+  experts' rows), expert ``l``'s rows at ``[offsets[l], offsets[l] + counts[l])`` with
+  ``offsets`` the exclusive prefix sum of ``counts`` (:func:`packed_offsets`), in an
+  unspecified order; rows past ``offsets[L]`` undefined.
+
+``combine`` takes ``expert_out`` of ``expert_x``'s shape.
 
 Backends here:
 
@@ -45,6 +53,7 @@ class EPConfig:
     max_tokens_per_rank: int
     dtype: torch.dtype
     device: torch.device
+    packed: bool = False
 
     @property
     def local_experts(self) -> int:
@@ -53,6 +62,29 @@ class EPConfig:
     @property
     def capacity(self) -> int:
         return self.world_size * self.max_tokens_per_rank
+
+    @property
+    def rows(self) -> int:
+        """Rows of ``expert_x`` over all local experts: ``L * capacity`` padded, ``W * M *
+        min(K, L)`` packed."""
+        if self.packed:
+            return self.capacity * min(self.top_k, self.local_experts)
+        return self.local_experts * self.capacity
+
+    @property
+    def expert_x_shape(self) -> tuple[int, ...]:
+        """``(L, capacity, H)`` padded, ``(rows, H)`` packed."""
+        if self.packed:
+            return (self.rows, self.hidden_size)
+        return (self.local_experts, self.capacity, self.hidden_size)
+
+
+def packed_offsets(counts: torch.Tensor) -> torch.Tensor:
+    """``[0, *cumsum(counts)]`` as int32 ``[L + 1]``: where each local expert's rows start in a
+    packed ``expert_x`` (and ``offsets[L]``, where the valid rows end). Device ops only (no host
+    sync, capturable, traceable by ``torch.compile``)."""
+    zero = torch.zeros(1, dtype=torch.int32, device=counts.device)
+    return torch.cat([zero, torch.cumsum(counts, 0, dtype=torch.int32)])
 
 
 class MoEBackend:
@@ -75,8 +107,14 @@ class MoEBackend:
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """Return ``(expert_x [L, cap, H], counts [L] int32, state for combine)``."""
+        """Return ``(expert_x, counts [L] int32, state for combine)``; ``expert_x`` of shape
+        ``cfg.expert_x_shape`` (padded or packed, see the module doc)."""
         raise NotImplementedError
+
+    def offsets(self, counts: torch.Tensor) -> torch.Tensor:
+        """A packed dispatch's ``offsets [L + 1]`` int32 for the ``counts`` it returned (device
+        ops, no sync). Backends whose kernels compute them return their own."""
+        return packed_offsets(counts)
 
     def combine(self, expert_out: torch.Tensor, state: Any, num_tokens: int) -> torch.Tensor:
         """Return ``y [num_tokens, H]`` in the dispatcher's dtype, fully reduced."""
@@ -102,15 +140,16 @@ class MoEBackend:
 
 def expand_to_experts(rows: torch.Tensor, ids: torch.Tensor, cfg: EPConfig,
                       expert_x_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Copy received rows into the per-expert layout.
+    """Copy received rows into the per-expert layout (padded or packed, ``cfg.packed``).
 
     ``rows [N, H]`` and ``ids [N, K]`` (global expert ids, ``-1`` = nothing) are the rows that
-    reached this rank; ``expert_x_rows`` is ``[L * cap + 1, H]`` (the last row is a scratch row
+    reached this rank; ``expert_x_rows`` is ``[cfg.rows + 1, H]`` (the last row is a scratch row
     that absorbs writes of non-local entries, so no boolean indexing and no host sync is needed).
     Returns ``counts [L] int32`` and ``slot [N, K] int64``: the flat row of ``expert_x`` that
-    holds ``(n, k)``, or ``-1`` when ``ids[n, k]`` is not a local expert. A repeated id in one row
-    gets one slot; every repeat points at it (so its weights add up in ``combine``).
-    Slots within an expert follow the order of ``rows`` (deterministic).
+    holds ``(n, k)`` (padded: ``l * cap + i``; packed: ``offsets[l] + i``), or ``-1`` when
+    ``ids[n, k]`` is not a local expert. A repeated id in one row gets one slot; every repeat
+    points at it (so its weights add up in ``combine``). Slots within an expert follow the
+    order of ``rows`` (deterministic).
     """
     n, k = ids.shape
     L, cap = cfg.local_experts, cfg.capacity
@@ -132,7 +171,8 @@ def expand_to_experts(rows: torch.Tensor, ids: torch.Tensor, cfg: EPConfig,
     rank_in_key = torch.arange(key.numel(), device=dev) - starts[sorted_key]
     slot_in_expert = torch.empty_like(key)
     slot_in_expert[order] = rank_in_key
-    flat = torch.where(first.flatten(), key * cap + slot_in_expert, L * cap)  # scratch row
+    start = starts[key] if cfg.packed else key * cap
+    flat = torch.where(first.flatten(), start + slot_in_expert, cfg.rows)  # else: scratch row
     src_row = torch.arange(n, device=dev).repeat_interleave(k)
     if flat.numel():
         expert_x_rows.index_copy_(0, flat, rows.index_select(0, src_row))
@@ -158,8 +198,8 @@ def weighted_partial(expert_out: torch.Tensor, slot: torch.Tensor, weights: torc
 
 
 def _new_expert_x(cfg: EPConfig) -> torch.Tensor:
-    L, cap, H = cfg.local_experts, cfg.capacity, cfg.hidden_size
-    return torch.empty(L * cap + 1, H, dtype=cfg.dtype, device=cfg.device)
+    """``[cfg.rows + 1, H]``: ``expert_x``'s rows and the scratch row of :func:`expand_to_experts`."""
+    return torch.empty(cfg.rows + 1, cfg.hidden_size, dtype=cfg.dtype, device=cfg.device)
 
 
 def _pack_meta(ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -225,8 +265,8 @@ class TorchA2ABackend(_CollectiveBackend):
         recv_ids, recv_w = _unpack_meta(recv_meta, cfg.top_k)
         ex = _new_expert_x(cfg)
         counts, slot = expand_to_experts(recv_x, recv_ids, cfg, ex)
-        expert_x = ex[:-1].view(L, cfg.capacity, cfg.hidden_size)
-        return expert_x, counts, _A2AState(send_idx, send_splits, recv_splits, slot, recv_w)
+        return ex[:-1].view(cfg.expert_x_shape), counts, _A2AState(send_idx, send_splits,
+                                                                   recv_splits, slot, recv_w)
 
     def combine(self, expert_out, state: _A2AState, num_tokens):
         cfg = self.cfg
@@ -287,7 +327,7 @@ class AllGatherBackend(_CollectiveBackend):
         ids, w = _unpack_meta(all_meta, K)
         ex = _new_expert_x(cfg)
         counts, slot = expand_to_experts(all_x, ids, cfg, ex)
-        return ex[:-1].view(L, cfg.capacity, H), counts, _AGState(slot, w)
+        return ex[:-1].view(cfg.expert_x_shape), counts, _AGState(slot, w)
 
     def combine(self, expert_out, state: _AGState, num_tokens):
         cfg = self.cfg

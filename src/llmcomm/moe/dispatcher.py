@@ -8,10 +8,16 @@ Experts are split evenly over the EP ranks in contiguous blocks: rank ``r`` owns
     expert_out = my_experts(d.expert_x, d.counts)  # same shape as expert_x
     y = ep.combine(expert_out, d)                  # y [T, H] = sum_k w[t,k] * expert(x[t])
 
+With ``packed=True``, ``d.expert_x`` is ``[rows, H]`` (``rows = capacity * min(top_k, L)``, the
+worst case of all local experts together) and expert ``l``'s tokens are rows
+``d.offsets[l] : d.offsets[l + 1]`` -- the layout grouped-GEMM kernels take.
+
 Contract (all backends): ``combine`` returns the final reduced output -- weights applied once,
 the top-k sum done once (``MoEBackend.output_is_reduced``; the dispatcher refuses a backend class
 that says otherwise). A token crosses the wire once per destination *rank*. ``capacity`` is the
-static worst case ``group_size * max_tokens_per_rank``. One dispatch is in flight at a time: call
+static worst case ``group_size * max_tokens_per_rank``; the packed layout needs
+``min(top_k, L)`` times that, not ``L`` times (16x less memory at 256 experts, top-8, EP=2).
+One dispatch is in flight at a time: call
 ``combine`` for a result before the next ``dispatch`` (the p2p backend reuses its receive buffers,
 so this is enforced for every backend alike). ``expert_x`` stays valid until the next dispatch.
 
@@ -37,7 +43,7 @@ from ..agree import CallChecker, agree, group_label, group_ranks
 from ..config import get_config
 from ..errors import BackendUnavailableError, CaptureError, ConfigMismatchError  # noqa: F401
 from ..policy import Decision
-from .backends import AllGatherBackend, EPConfig, MoEBackend, TorchA2ABackend
+from .backends import AllGatherBackend, EPConfig, MoEBackend, TorchA2ABackend, packed_offsets
 
 logger = logging.getLogger(__name__)
 
@@ -64,15 +70,21 @@ class DispatchResult:
     """Result of :meth:`EPDispatcher.dispatch`.
 
     Attributes:
-        expert_x: ``[local_experts, capacity, hidden]``; rows ``[:counts[l]]`` of expert ``l``
-            hold its tokens (order unspecified), the rest is undefined.
+        expert_x: padded (the default): ``[local_experts, capacity, hidden]``; rows
+            ``[:counts[l]]`` of expert ``l`` hold its tokens (order unspecified), the rest is
+            undefined. Packed (``EPDispatcher(packed=True)``): ``[rows, hidden]``, expert
+            ``l``'s tokens in rows ``[offsets[l], offsets[l + 1])`` (order unspecified), rows
+            from ``offsets[-1]`` on undefined.
         counts: ``[local_experts]`` int32 on the device: tokens per local expert.
         handle: pass it (or this whole result) to :meth:`EPDispatcher.combine`.
+        offsets: packed only, ``[local_experts + 1]`` int32 on the device: ``[0,
+            *cumsum(counts)]``; ``None`` for the padded layout.
     """
 
     expert_x: torch.Tensor
     counts: torch.Tensor
     handle: DispatchHandle
+    offsets: torch.Tensor | None = None
 
 
 def resolve_ep_backend(requested: str, facts: Any, hidden_size: int) -> Decision:
@@ -132,6 +144,13 @@ class EPDispatcher:
             engine's prefill chunk), and use a second dispatcher with a small value for decode.
         dtype: activation dtype of ``x`` / ``expert_x`` / ``expert_out`` / ``y``.
         backend: ``"auto" | "torch" | "allgather" | "p2p"``.
+        packed: ``expert_x`` as ``[rows, hidden]`` with every local expert's tokens in one
+            segment (``DispatchResult.offsets``), ``rows = group_size * max_tokens_per_rank *
+            min(top_k, local_experts)``: ``L / min(top_k, L)`` times less memory than the
+            padded ``[L, capacity, hidden]`` (0.94 instead of 15 GB at 256 experts, top-8,
+            4096 tokens, hidden 7168, EP=2). For prefill-sized dispatchers. The p2p backend
+            then uses its ``"flags"`` protocol, and a dispatch first exchanges per-expert token
+            counts with every peer (one more kernel, one more round trip).
         layout: optional :class:`~llmcomm.ParallelLayout`; its ``ep_size`` (and, when given, its EP
             rank lists) must match ``group`` -- a workspace sized to another group is the bug of
             seed 002, caught here at creation.
@@ -144,6 +163,7 @@ class EPDispatcher:
     def __init__(self, group: Any, num_experts: int, top_k: int, hidden_size: int,
                  max_tokens_per_rank: int, dtype: torch.dtype, backend: str = "auto",
                  layout: Any = None, device: torch.device | str | None = None,
+                 packed: bool = False,
                  _backend_cls: type[MoEBackend] | None = None,
                  _backend_kwargs: dict[str, Any] | None = None) -> None:
         if not dist.is_initialized():
@@ -159,7 +179,7 @@ class EPDispatcher:
                              f"layout.ep_groups() only")
         validate_config(num_experts=num_experts, top_k=top_k, hidden_size=hidden_size,
                         max_tokens_per_rank=max_tokens_per_rank, dtype=dtype,
-                        group_size=world, backend=backend)
+                        group_size=world, backend=backend, packed=packed)
         check_layout(layout, group_ranks(group), world)
         if device is None:
             device = (torch.device("cuda", torch.cuda.current_device())
@@ -173,6 +193,7 @@ class EPDispatcher:
         self.max_tokens_per_rank, self.dtype, self.device = max_tokens_per_rank, dtype, device
         self.local_experts = num_experts // world
         self.capacity = world * max_tokens_per_rank
+        self.packed = packed
         self.expert_offset = rank * self.local_experts
 
         from ..topology import gather_topology
@@ -193,7 +214,8 @@ class EPDispatcher:
                 f"inherit MoEBackend.output_is_reduced = True unchanged")
         cfg = EPConfig(rank=rank, world_size=world, num_experts=num_experts, top_k=top_k,
                        hidden_size=hidden_size, max_tokens_per_rank=max_tokens_per_rank,
-                       dtype=dtype, device=device)
+                       dtype=dtype, device=device, packed=packed)
+        self._cfg = cfg
         self._backend: MoEBackend = cls(group, cfg, **(_backend_kwargs or {}))
         sub = getattr(self._backend, "protocol_decision", None)
         if sub is not None:      # the p2p backend's protocol and why, in the same record
@@ -201,6 +223,7 @@ class EPDispatcher:
                 f"protocol {sub}",))
         fp = {"num_experts": num_experts, "top_k": top_k, "hidden_size": hidden_size,
               "max_tokens_per_rank": max_tokens_per_rank, "capacity": self.capacity,
+              "packed": packed,
               "dtype": str(dtype), "backend": self._backend.name, "group_size": world,
               "device_type": device.type}
         fp.update({f"backend.{k}": v for k, v in self._backend.fingerprint().items()})
@@ -226,6 +249,12 @@ class EPDispatcher:
         return self._backend.name
 
     @property
+    def expert_x_shape(self) -> tuple[int, ...]:
+        """``expert_x``'s (and ``expert_out``'s) shape: ``(local_experts, capacity, hidden)``,
+        or ``(rows, hidden)`` with ``packed=True``."""
+        return self._cfg.expert_x_shape
+
+    @property
     def graph_safe(self) -> bool:
         """Whether dispatch/combine may be captured in a CUDA graph."""
         return self._backend.graph_safe
@@ -239,7 +268,8 @@ class EPDispatcher:
             expert_x, counts = torch.ops.llmcomm.moe_dispatch(x, topk_ids, topk_weights,
                                                               self._op_key)
             return DispatchResult(expert_x, counts,
-                                  DispatchHandle(x.shape[0], _COMPILED, None))
+                                  DispatchHandle(x.shape[0], _COMPILED, None),
+                                  packed_offsets(counts) if self.packed else None)
         validate_dispatch_args(x, topk_ids, topk_weights, top_k=self.top_k,
                                hidden_size=self.hidden_size, num_experts=self.num_experts,
                                max_tokens=self.max_tokens_per_rank, dtype=self.dtype,
@@ -263,7 +293,8 @@ class EPDispatcher:
         self._generation += 1
         self._in_flight = self._generation
         return DispatchResult(expert_x, counts, DispatchHandle(x.shape[0], self._generation,
-                                                               state))
+                                                               state),
+                              self._backend.offsets(counts) if self.packed else None)
 
     def combine(self, expert_out: torch.Tensor, handle: DispatchResult | DispatchHandle
                 ) -> torch.Tensor:
@@ -284,13 +315,14 @@ class EPDispatcher:
                 f"combine() got the handle of dispatch generation {handle.generation}, but the "
                 f"dispatch in flight is {self._in_flight}; combine each dispatch once, with its "
                 f"own handle")
-        shape = (self.local_experts, self.capacity, self.hidden_size)
+        shape = self.expert_x_shape
         if not isinstance(expert_out, torch.Tensor):
             raise TypeError(f"expert_out must be a tensor of shape {shape}, got "
                             f"{_type_name(expert_out)}")
         if tuple(expert_out.shape) != shape:
-            raise ValueError(f"expert_out must have the shape of expert_x {shape} "
-                             f"[local_experts, capacity, hidden], got {tuple(expert_out.shape)}")
+            what = "[rows, hidden], packed" if self.packed else "[local_experts, capacity, hidden]"
+            raise ValueError(f"expert_out must have the shape of expert_x {shape} ({what}), "
+                             f"got {tuple(expert_out.shape)}")
         if expert_out.dtype != self.dtype:
             raise TypeError(f"expert_out must be {self.dtype} (the dispatcher's dtype), got "
                             f"{expert_out.dtype}; cast it with .to({self.dtype})")
@@ -366,13 +398,14 @@ class EPDispatcher:
         """Multi-line, human-readable account of this dispatcher: its shape, the backend (and
         p2p protocol) chosen and why, the memory its static capacity costs, and warm-up."""
         esize = torch.empty(0, dtype=self.dtype).element_size()
-        gb = self.local_experts * self.capacity * self.hidden_size * esize / 1e9
+        gb = self._cfg.rows * self.hidden_size * esize / 1e9
+        shape = ", ".join(map(str, self.expert_x_shape))
         ws = self._backend.fingerprint().get("workspace_bytes")
         lines = [repr(self),
                  f"  topology: {self.facts.describe()}",
                  f"  backend:  {self.decision}",
-                 f"  memory:   expert_x [{self.local_experts}, {self.capacity}, "
-                 f"{self.hidden_size}] {gb:.3g} GB" + (
+                 f"  memory:   expert_x [{shape}]{' packed' if self.packed else ''} "
+                 f"{gb:.3g} GB" + (
                      "" if ws is None else f"; symmetric workspace {ws / 1e9:.3g} GB"),
                  "  warmup:   " + (f"done ({self._warmed} kernel variants loaded)"
                                    if self._warmed is not None else "not called")]
@@ -389,7 +422,8 @@ class EPDispatcher:
         return (f"EPDispatcher(backend={self.backend}, group={group_label(self.group)}, "
                 f"experts={self.num_experts} ({self.local_experts}/rank), top_k={self.top_k}, "
                 f"hidden={self.hidden_size}, max_tokens_per_rank={self.max_tokens_per_rank}, "
-                f"capacity={self.capacity}, dtype={self.dtype})")
+                f"capacity={self.capacity}, dtype={self.dtype}"
+                + (", packed)" if self.packed else ")"))
 
     def _check_capture(self) -> None:
         if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing() \
@@ -423,7 +457,7 @@ def _backend_class(name: str) -> type[MoEBackend]:
 # ---------------------------------------------------------------------- validation (pure)
 
 def validate_config(*, num_experts: int, top_k: int, hidden_size: int, max_tokens_per_rank: int,
-                    dtype: Any, group_size: int, backend: str) -> None:
+                    dtype: Any, group_size: int, backend: str, packed: Any = False) -> None:
     """Check the constructor arguments; raise TypeError/ValueError saying how to fix them."""
     for name, v in (("num_experts", num_experts), ("top_k", top_k), ("hidden_size", hidden_size),
                     ("max_tokens_per_rank", max_tokens_per_rank)):
@@ -450,6 +484,9 @@ def validate_config(*, num_experts: int, top_k: int, hidden_size: int, max_token
         raise TypeError(f"dtype must be one of {[str(d) for d in _FLOAT_DTYPES]}, got {dtype!r}")
     if not isinstance(backend, str) or backend not in ("auto",) + EP_BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + EP_BACKENDS}, got {backend!r}")
+    if not isinstance(packed, bool):
+        raise TypeError(f"EPDispatcher packed must be a bool (True: expert_x as [rows, hidden] "
+                        f"with per-expert offsets), got {type(packed).__name__} {packed!r}")
 
 
 def check_layout(layout: Any, ranks: list[int], group_size: int) -> None:

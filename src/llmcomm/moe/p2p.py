@@ -14,6 +14,9 @@ programs), for ``protocol="flags"`` (zero-initialised)::
     flags_d [G, W], flags_c [G, W] int32   monotonic per-program epochs (dispatch / combine)
     ce_flag [R * W]   int32   with ``_ce_tokens`` only: per (round, source rank), the epoch of
                               the source's copied rows (``R``: rounds at capacity)
+    hist    [2, W, L] int32   packed ``expert_x`` only: each source's token count per local
+                              expert, two copies by call parity (``ep_packed_offsets_kernel``)
+    hflag   [W]       int32   packed only: the source's call counter, releasing its ``hist``
 
 and for ``protocol="lamport"`` (``NBUF = 3`` rotating copies, every element initialised to the
 sentinel bit pattern, sign bit only; each receiver resets what it consumed)::
@@ -23,7 +26,8 @@ sentinel bit pattern, sign bit only; each receiver resets what it consumed)::
     lcnt  [NBUF, W, G]     int32  the source's token count, one slot per receiving program
     lcomb [NBUF, W, M, H]  dtype  weighted partial sums pushed back by each expert rank
 
-Local: ``expert_x [L, W*M, H]``, counts, slot cursors, the slot map ``[W, M, K]``, per-program
+Local: ``expert_x [L, W*M, H]`` (packed: ``[W*M*min(K, L), H]`` and ``offsets [L + 1]``),
+counts, slot cursors, the slot map ``[W, M, K]``, per-program
 epochs (``"flags"``) or buffer indices (``"lamport"``, plus the peers' weights ``wloc [W, M, K]``
 and token counts ``peer_T [W]`` kept for the combine), and a 4-int error record (device, plus a
 pinned host mirror the host reads without a sync). The grid ``G`` and every launch knob
@@ -405,8 +409,16 @@ class P2PBackend(MoEBackend):
         if protocol not in ("auto", "flags", "lamport"):
             raise ValueError(f"protocol must be 'auto', 'flags' or 'lamport', got {protocol!r}")
         esize = torch.empty(0, dtype=cfg.dtype).element_size()
+        if cfg.packed and (protocol == "lamport" or shift is not None):
+            raise ValueError("a packed expert_x (EPDispatcher(packed=True)) needs the p2p "
+                             "protocol 'flags' (only its dispatch places rows into per-expert "
+                             "segments): leave protocol and shift unset, or pass "
+                             "protocol='flags'")
         if protocol != "auto":
             self.protocol_decision = Decision(protocol, ("requested explicitly",))
+        elif cfg.packed:
+            self.protocol_decision = Decision("flags", (
+                "packed expert_x: only the flags dispatch places rows into per-expert segments",))
         elif (round_tokens, posted_flags, interleave, _ce_tokens) != (None,) * 4 \
                 or _runtime_rounds or _combine_roles:
             self.protocol_decision = Decision("flags", ("a flags-only knob given",))
@@ -630,6 +642,8 @@ class P2PBackend(MoEBackend):
                        ("flags_c", (self.G, W), torch.int32))
             if self._nce:
                 regions += (("ce_flag", (self._nce,), torch.int32),)
+            if cfg.packed:
+                regions += (("hist", (2, W, L), torch.int32), ("hflag", (W,), torch.int32))
         for name, shape, dt in regions:
             n = 1
             for s in shape:
@@ -649,8 +663,12 @@ class P2PBackend(MoEBackend):
             # no peer may write into this rank's buffer before the fill (the backend must be
             # safe on its own, not only behind EPDispatcher's agree())
             _arrive(group, "p2p EP lamport workspace")
-        self.expert_x = torch.empty(L, cfg.capacity, H, dtype=cfg.dtype, device=dev)
+        self.expert_x = torch.empty(cfg.expert_x_shape, dtype=cfg.dtype, device=dev)
         self.counts = torch.zeros(L, dtype=torch.int32, device=dev)
+        if cfg.packed:   # ep_packed_offsets_kernel's outputs; the dispatch's biased counts
+            self.offsets_d = torch.zeros(L + 1, dtype=torch.int32, device=dev)
+            self.hepoch = torch.zeros(1, dtype=torch.int32, device=dev)
+            self._biased = torch.zeros(L, dtype=torch.int32, device=dev)
         self.cursor = torch.zeros(L, dtype=torch.int32, device=dev)
         self.done = torch.zeros(1, dtype=torch.int32, device=dev)
         self.slot_map = torch.full((W, M, K), -1, dtype=torch.int32, device=dev)
@@ -701,6 +719,7 @@ class P2PBackend(MoEBackend):
                 "peer_spread": self._spread, "early_own": self._early,
                 "claim_first": self._claim1, "gate": self._gate,
                 "direct_counts": self._direct, "zero_program": self._zp,
+                "packed": self.cfg.packed,
                 **{k.lower(): v for k, v in self.variants.items()}}
 
     def _consts(self) -> dict[str, Any]:
@@ -844,8 +863,12 @@ class P2PBackend(MoEBackend):
         else:
             kernel[g](*args, **kwargs)
 
+    def offsets(self, counts: torch.Tensor) -> torch.Tensor:
+        return self.offsets_d   # written by ep_packed_offsets_kernel
+
     def dispatch(self, x, topk_ids, topk_weights):
-        from ..kernels.moe import ep_dispatch_kernel, ep_dispatch_lamport_kernel
+        from ..kernels.moe import (ep_dispatch_kernel, ep_dispatch_lamport_kernel,
+                                   ep_packed_offsets_kernel)
 
         if self._failed is not None:
             raise self._failed
@@ -866,6 +889,17 @@ class P2PBackend(MoEBackend):
                 TSPIN=self._tspin, MSPIN=self._mspin, SPREAD=self._spread, EARLY=self._early,
                 CLAIM1=self._claim1, GATE=self._gate, **direct, **self._trace_args())
             return self.expert_x, self.counts, (topk_ids, topk_weights)
+        if c.packed:   # offsets + cursors from every rank's per-expert counts: one program
+            nw = 4
+            self._launch(ep_packed_offsets_kernel,
+                topk_ids, T, self.hist, self.hflag, self.hepoch, self.cursor, self.counts,
+                self.offsets_d, self.err_dev, self.err_host.data_ptr(), self.timeout_ns,
+                grid=1, RANK=c.rank, W=c.world_size, K=c.top_k, L=c.local_experts,
+                E=c.num_experts, CAP=c.capacity, BT=32, BLOCK_K=_next_pow2(c.top_k),
+                BLOCK_E=_next_pow2(c.num_experts), BLOCK_L=_next_pow2(c.local_experts),
+                BLOCK_W=_next_pow2(c.world_size), USE_TIMER=not self._sim,
+                POSTED=self.variants["POSTED"], PDL=self.variants["PDL"], num_warps=nw,
+                NT=32 * nw, **({"launch_pdl": True} if self.variants["PDL"] else {}))
         ce = self._ce_tokens is not None and T >= self._ce_tokens
         side = self._ce_send(x, T) if ce and not self._compile_only else None
         self._launch(ep_dispatch_kernel,
@@ -873,7 +907,8 @@ class P2PBackend(MoEBackend):
             self.recv_x, self.recv_ids, self.recv_w, self.recv_T, self.flags_d,
             self.ce_flag if self._nce else self.flags_d,
             self._ce_next if self._nce else self.epoch_d,
-            self.expert_x, self.counts, self.cursor, self.done, self.slot_map, self.epoch_d,
+            self.expert_x, self._biased if c.packed else self.counts, self.cursor, self.done,
+            self.slot_map, self.epoch_d,
             self.err_dev, self.err_host.data_ptr(), self.timeout_ns,
             CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts), TB=self.tiles[0],
             INTERLEAVE=self.interleave, FUSE=self._fuse, CLAIM_RB=self._claim_rb, RT=self._rt,
