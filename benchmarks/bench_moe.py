@@ -110,6 +110,10 @@ SWEEP = {
     # par with the interleaved combine (4096 tokens 387.0 vs 386.6 us, 1024 110.3 vs 106.7),
     # untimed on 2 GPUs. Rounds by the default rule at the combine's share / of 8
     "croles": ({"protocol": "flags", "_combine_roles": True}, None),
+    # the packed expert_x (EPDispatcher(packed=True), session 31; "packed" is the dispatcher's
+    # argument, not the backend's): the per-expert count exchange kernel before the flags
+    # dispatch, 16x less expert_x memory at 256 experts
+    "packed": ({"protocol": "flags", "packed": True}, None),
     "croles_r8": ({"protocol": "flags", "_combine_roles": True, "round_tokens": 8}, None),
     # the dispatch's rows by copy engine, a round of every program (8 x 128 = 1024 tokens at
     # 4096 per rank) a copy, for batches of 2048+ tokens (session 17, P2PBackend._ce_tokens,
@@ -261,9 +265,11 @@ def _sweep_worker(rank, world, tokens, names, split_halves=False):
     errors = {}
     for name in names:
         kw, max_t = SWEEP[name]
+        kw = dict(kw)
+        packed = kw.pop("packed", False)
         try:
             ep = EPDispatcher(dist.group.WORLD, E, K, H, M, dtype, backend="p2p",
-                              _backend_kwargs=kw)
+                              packed=packed, _backend_kwargs=kw)
         except Exception as e:  # noqa: BLE001 - identical on every rank (creation is agreed)
             errors[name] = repr(e)[:300]
             continue

@@ -29,6 +29,10 @@ VARIANTS = {
     # rows by copy_ from 9 tokens (an A/B knob): most reference cases have one rank at
     # 9+ tokens and one below, so one copies its rows and the other stores them from its kernel
     "flags-g8-ce": (2, {"protocol": "flags", "num_programs": 8, "_ce_tokens": 9}),
+    # the packed expert_x (EPDispatcher(packed=True)): the count exchange kernel before the
+    # flags dispatch, its cursors biased to the experts' offsets; and with few programs
+    "flags-packed": (2, {"packed": True}),
+    "flags-g8-packed": (2, {"packed": True, "num_programs": 8}),
     "lamport": (2, {"protocol": "lamport"}),
     "lamport-t4c2": (2, {"protocol": "lamport", "tile_tokens": 4, "combine_tile_tokens": 2}),
     "lamport-shift": (2, {"protocol": "lamport", "tile_tokens": 2, "shift": 20,
@@ -74,9 +78,10 @@ def _roundtrip(lb, world, E, inputs, dtype, check_rows=True):
     xs, ids, ws = ([t.to("cuda") for t in col] for col in zip(*inputs))
     outs = lb.dispatch(xs, ids, ws)
     lb.check_errors()
-    n = sum(check_dispatch(r, world, E, inputs, o[0], o[1]) for r, o in enumerate(outs)) \
-        if check_rows else -1
-    expert_out = [run_experts(r, E, world, o[0], o[1]) for r, o in enumerate(outs)]
+    offs = [lb.backends[r].offsets(o[1]) if lb.packed else None for r, o in enumerate(outs)]
+    n = sum(check_dispatch(r, world, E, inputs, o[0], o[1], offs[r])
+            for r, o in enumerate(outs)) if check_rows else -1
+    expert_out = [run_experts(r, E, world, o[0], o[1], offs[r]) for r, o in enumerate(outs)]
     ys = lb.combine(expert_out, outs, [x.shape[0] for x in xs])
     lb.check_errors()
     errs = [check_combine(r, inputs, ys[r], dtype, what="loopback combine")
@@ -143,13 +148,21 @@ def _graph_worker(rank, world_size, name):
     L = E // world
     scales = [(1.0 + (torch.arange(L, device="cuda") + r * L) / 8.0).to(dtype).view(L, 1, 1)
               for r in range(world)]
+
+    def expert(r, o):   # expert e scales its rows by 1 + e / 8 (packed: e from the offsets)
+        if not lb.packed:
+            return o[0] * scales[r]
+        offs = lb.backends[r].offsets(o[1])
+        rows = torch.arange(o[0].shape[0], device="cuda")
+        e = torch.searchsorted(offs[1:], rows.to(torch.int32), right=True).clamp_max(L - 1)
+        return o[0] * scales[r].view(L)[e].view(-1, 1)
     xs = [torch.empty(T, H, dtype=dtype, device="cuda") for _ in range(world)]
     ids = [torch.empty(T, K, dtype=torch.long, device="cuda") for _ in range(world)]
     ws = [torch.empty(T, K, dtype=torch.float32, device="cuda") for _ in range(world)]
 
     def step():
         outs = lb.dispatch(xs, ids, ws)
-        return lb.combine([o[0] * scales[r] for r, o in enumerate(outs)], outs, [T] * world)
+        return lb.combine([expert(r, o) for r, o in enumerate(outs)], outs, [T] * world)
 
     def load(seed):
         inputs = make_inputs(seed, world, [T] * world, E, K, H, dtype)
@@ -177,7 +190,7 @@ def _graph_worker(rank, world_size, name):
 
 
 @pytest.mark.parametrize("name", ["flags", "flags-g8", "flags-g8-roles", "flags-g8-ce",
-                                  "lamport", "lamport-t4c2", "lamport-notspin",
+                                  "flags-packed", "lamport", "lamport-t4c2", "lamport-notspin",
                                   "lamport-nodirect", "lamport-w4",
                                   pytest.param("lamport-w8", marks=pytest.mark.timeout(900))])
 def test_loopback_cuda_graph_replays_fresh_inputs(name):
@@ -262,7 +275,7 @@ def _missing_worker(rank, world_size, name):
     return None
 
 
-@pytest.mark.parametrize("name", ["flags", "lamport", "lamport-notspin"])
+@pytest.mark.parametrize("name", ["flags", "lamport", "lamport-notspin", "flags-packed"])
 def test_loopback_missing_rank_times_out_naming_it(name):
     (res,) = run_ranks(_missing_worker, 1, name, timeout=300)
     assert res is not None, "rank 0 did not raise CollectiveTimeoutError"
@@ -360,7 +373,7 @@ def _warmup_worker(rank, world_size, name):
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("name", ["flags", "lamport", "flags-g8-ce"])
+@pytest.mark.parametrize("name", ["flags", "lamport", "flags-g8-ce", "flags-packed"])
 def test_loopback_warmup_leaves_nothing_to_compile(name):
     (res,) = run_ranks(_warmup_worker, 1, name, timeout=850)
     loaded, warm_s, after_warmup, control_compiles, err = res

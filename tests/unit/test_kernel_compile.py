@@ -32,7 +32,8 @@ _TYPES = {
     "recv_T": ("*i32",) * W, "flags": ("*i32",) * W, "ce_flag": ("*i32",) * W,
     "ce_next": "*i32", "comb": ("*bf16",) * W,
     "lx": ("*bf16",) * W, "lmeta": ("*i32",) * W, "lcnt": ("*i32",) * W,
-    "lcomb": ("*bf16",) * W,
+    "lcomb": ("*bf16",) * W, "hist": ("*i32",) * W, "hflag": ("*i32",) * W, "hepoch": "*i32",
+    "offsets": "*i32", "part": "*i32",
     # allreduce + epilogue
     "res_ptr": "*bf16", "out_ptr": "*bf16", "rout_ptr": "*bf16", "q_ptr": "*fp8e4nv",
     "scale_ptr": "*fp32", "state_ptr": "*i32", "s_ptr": "*bf16", "eps": "fp32", "H": "i32",
@@ -67,6 +68,8 @@ CASES = {
                               16),
     "moe-flags-dispatch-phased": ("moe", "ep_dispatch_kernel",
                                   dict(_FLAGS, CAP=8192, INTERLEAVE=False, FUSE=False), 16),
+    "moe-flags-packed-offsets": ("moe", "ep_packed_offsets_kernel",
+                                 dict(_FLAGS, CAP=8192, BT=32, BLOCK_E=256, NT=128), 4),
     "moe-flags-combine": ("moe", "ep_combine_kernel", _FLAGS, 16),
     "moe-flags-combine-rt": ("moe", "ep_combine_kernel", dict(_FLAGS, RT=True), 16),
     "moe-flags-combine-t2-h4096": ("moe", "ep_combine_kernel",

@@ -28,7 +28,8 @@ def test_fake_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     ep = _Obj()
-    ep.local_experts, ep.capacity, ep.hidden_size = 4, 26, 16
+    ep.local_experts, ep.hidden_size = 4, 16
+    ep.expert_x_shape = (4, 26, 16)   # EPDispatcher's: (L, capacity, H), or (rows, H) packed
     key = ops.register(ep)
     with FakeTensorMode():
         x = torch.empty(13, 16, dtype=torch.bfloat16)

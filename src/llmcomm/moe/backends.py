@@ -311,8 +311,7 @@ class AllGatherBackend(_CollectiveBackend):
 
     def dispatch(self, x, topk_ids, topk_weights):
         cfg = self.cfg
-        W, M, K, H, L = (cfg.world_size, cfg.max_tokens_per_rank, cfg.top_k, cfg.hidden_size,
-                         cfg.local_experts)
+        W, M, K, H = cfg.world_size, cfg.max_tokens_per_rank, cfg.top_k, cfg.hidden_size
         T = x.shape[0]
         xp = torch.empty(M, H, dtype=x.dtype, device=x.device)
         xp[:T] = x

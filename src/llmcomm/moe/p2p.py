@@ -665,8 +665,12 @@ class P2PBackend(MoEBackend):
             _arrive(group, "p2p EP lamport workspace")
         self.expert_x = torch.empty(cfg.expert_x_shape, dtype=cfg.dtype, device=dev)
         self.counts = torch.zeros(L, dtype=torch.int32, device=dev)
-        if cfg.packed:   # ep_packed_offsets_kernel's outputs; the dispatch's biased counts
+        if cfg.packed:   # ep_packed_offsets_kernel's outputs and state (its programs'
+            # histograms, last-out counter, call counter); the dispatch's biased counts
             self.offsets_d = torch.zeros(L + 1, dtype=torch.int32, device=dev)
+            self.hpart = torch.zeros(self.G, _next_pow2(cfg.num_experts), dtype=torch.int32,
+                                     device=dev)
+            self.hdone = torch.zeros(1, dtype=torch.int32, device=dev)
             self.hepoch = torch.zeros(1, dtype=torch.int32, device=dev)
             self._biased = torch.zeros(L, dtype=torch.int32, device=dev)
         self.cursor = torch.zeros(L, dtype=torch.int32, device=dev)
@@ -889,12 +893,13 @@ class P2PBackend(MoEBackend):
                 TSPIN=self._tspin, MSPIN=self._mspin, SPREAD=self._spread, EARLY=self._early,
                 CLAIM1=self._claim1, GATE=self._gate, **direct, **self._trace_args())
             return self.expert_x, self.counts, (topk_ids, topk_weights)
-        if c.packed:   # offsets + cursors from every rank's per-expert counts: one program
+        if c.packed:   # offsets + cursors from every rank's per-expert counts
             nw = 4
             self._launch(ep_packed_offsets_kernel,
-                topk_ids, T, self.hist, self.hflag, self.hepoch, self.cursor, self.counts,
-                self.offsets_d, self.err_dev, self.err_host.data_ptr(), self.timeout_ns,
-                grid=1, RANK=c.rank, W=c.world_size, K=c.top_k, L=c.local_experts,
+                topk_ids, T, self.hist, self.hflag, self.hepoch, self.hpart, self.hdone,
+                self.cursor, self.counts, self.offsets_d, self.err_dev,
+                self.err_host.data_ptr(), self.timeout_ns,
+                RANK=c.rank, W=c.world_size, G=self.G, K=c.top_k, L=c.local_experts,
                 E=c.num_experts, CAP=c.capacity, BT=32, BLOCK_K=_next_pow2(c.top_k),
                 BLOCK_E=_next_pow2(c.num_experts), BLOCK_L=_next_pow2(c.local_experts),
                 BLOCK_W=_next_pow2(c.world_size), USE_TIMER=not self._sim,
