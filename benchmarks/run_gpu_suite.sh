@@ -34,6 +34,9 @@
 # STEPS="tests_moe_default": only the default lamport dispatcher's 2-GPU tests (a short lease).
 # STEPS="floor_small" (~5 min cold): benchmarks/bench_moe_floor.py at 1, 64 and 128 tokens, the
 # floor the decode target sits on (docs/moe.md, "Why the targets are missed").
+# STEPS="packed" (session 31, ~6 min cold): the packed expert_x (EPDispatcher(packed=True)) on
+# 2 GPUs: its 2-GPU test (p2p / torch / allgather packed against the reference) and the flags
+# dispatcher with and without it at 128-4096 tokens, both orders.
 # WORLD (default 2) is the TP / EP size of the benchmarks; tests/gpu picks its own (gpu4 tests,
 # e.g. PP=2 x TP=2, run when 4 GPUs are visible).
 # FlashInfer is benchmarked and tested when importable (install the wheels first; CUDA_HOME set).
@@ -143,6 +146,12 @@ case " $STEPS " in *" trace "*)   # session 26: the lamport dispatch's stage tab
   # (lam_trace, P2PBackend(_trace=True)) beside the unstamped default (~3 min cold)
   step trace 200 python3 benchmarks/bench_moe.py --sweep --sweep-tokens 1,8,64,128 \
     --sweep-only lam,lam_trace --out "$OUT/trace" ;; esac
+case " $STEPS " in *" packed "*)   # session 31: the packed expert_x on NVLink
+  step packed_tests 300 python3 -m pytest -q tests/gpu/test_moe_p2p.py -k "packed"
+  step packed_a 150 python3 benchmarks/bench_moe.py --sweep --sweep-tokens 128,1024,4096 \
+    --sweep-only default,packed --out "$OUT/packed_a"
+  step packed_b 150 python3 benchmarks/bench_moe.py --sweep --sweep-tokens 128,1024,4096 \
+    --sweep-only packed,default --out "$OUT/packed_b" ;; esac
 case " $STEPS " in *" floor_small "*)   # session 19: the data-movement floor at decode sizes
   for t in 1 64 128; do
     step "floor_t$t" 150 python3 benchmarks/bench_moe_floor.py --tokens "$t" --programs 128 \
