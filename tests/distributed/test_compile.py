@@ -98,19 +98,29 @@ def _moe_worker(rank, world, backend, tmp):
 
     E, K, H, M = 8, 3, 24, 13
     L = E // world
+    packed = backend.endswith("-packed")   # offsets traced from counts in the graph
+    backend = backend.removesuffix("-packed")
     if backend == "p2p-sim":
         from llmcomm.moe.p2p import P2PBackend
 
         ep = EPDispatcher(dist.group.WORLD, E, K, H, M, torch.float32, _backend_cls=P2PBackend,
-                          _backend_kwargs={"simulate_dir": tmp, "num_programs": 3})
+                          _backend_kwargs={"simulate_dir": tmp, "num_programs": 3},
+                          packed=packed)
     else:
-        ep = EPDispatcher(dist.group.WORLD, E, K, H, M, torch.float32, backend=backend)
+        ep = EPDispatcher(dist.group.WORLD, E, K, H, M, torch.float32, backend=backend,
+                          packed=packed)
     e = (torch.arange(L) + rank * L).double().view(L, 1, 1)
 
     def moe(x, ids, w):
         d = ep.dispatch(x, ids, w)
+        if packed:   # each row's expert from the offsets
+            rows = torch.arange(d.expert_x.shape[0], dtype=torch.int32)
+            el = torch.searchsorted(d.offsets[1:], rows, right=True).clamp_max(L - 1)
+            er = (el + rank * L).double().view(-1, 1)
+            out = (d.expert_x.double() * (1.0 + er / 8.0) + er / 16.0).float()
+            return ep.combine(out, d), d.expert_x.clone(), d.counts.clone(), d.offsets.clone()
         out = (d.expert_x.double() * (1.0 + e / 8.0) + e / 16.0).float()  # affine_expert
-        return ep.combine(out, d), d.expert_x.clone(), d.counts.clone()
+        return ep.combine(out, d), d.expert_x.clone(), d.counts.clone(), None
 
     rec = _Recorder()
     compiled = torch.compile(moe, backend=rec, fullgraph=True, dynamic=True)
@@ -120,19 +130,20 @@ def _moe_worker(rank, world, backend, tmp):
         if i == 3:
             graphs_after_3 = len(rec.graphs)
         inputs = make_inputs(300 + i, world, tokens, E, K, H, torch.float32, "random")
-        y, expert_x, counts = compiled(*inputs[rank])
-        check_dispatch(rank, world, E, inputs, expert_x, counts)
+        y, expert_x, counts, offsets = compiled(*inputs[rank])
+        check_dispatch(rank, world, E, inputs, expert_x, counts, offsets)
         errs.append(check_combine(rank, inputs, y, torch.float32, what=f"compiled {backend}"))
     return errs, rec.graphs, graphs_after_3
 
 
 @pytest.mark.parametrize("backend", [
-    "torch", "allgather",
-    pytest.param("p2p-sim", marks=pytest.mark.skipif(
-        importlib.util.find_spec("triton") is None, reason="the p2p simulation needs triton"))])
+    "torch", "allgather", "torch-packed",
+    *(pytest.param(b, marks=pytest.mark.skipif(
+        importlib.util.find_spec("triton") is None, reason="the p2p simulation needs triton"))
+      for b in ("p2p-sim", "p2p-sim-packed"))])
 def test_ep_dispatcher_under_torch_compile(backend, tmp_path):
     res = run_ranks(_moe_worker, 2, backend, str(tmp_path), timeout=240,
-                    env=SIM if backend == "p2p-sim" else None)
+                    env=SIM if backend.startswith("p2p-sim") else None)
     for errs, graphs, after_3 in res:
         assert max(errs) <= 2e-5, errs
         assert after_3 == 1, f"expected one graph for 3 token counts, got {after_3}"

@@ -33,7 +33,7 @@ _TYPES = {
     "ce_next": "*i32", "comb": ("*bf16",) * W,
     "lx": ("*bf16",) * W, "lmeta": ("*i32",) * W, "lcnt": ("*i32",) * W,
     "lcomb": ("*bf16",) * W, "hist": ("*i32",) * W, "hflag": ("*i32",) * W, "hepoch": "*i32",
-    "offsets": "*i32", "part": "*i32",
+    "offsets": "*i32", "hsum": "*i32",
     # allreduce + epilogue
     "res_ptr": "*bf16", "out_ptr": "*bf16", "rout_ptr": "*bf16", "q_ptr": "*fp8e4nv",
     "scale_ptr": "*fp32", "state_ptr": "*i32", "s_ptr": "*bf16", "eps": "fp32", "H": "i32",

@@ -665,11 +665,10 @@ class P2PBackend(MoEBackend):
             _arrive(group, "p2p EP lamport workspace")
         self.expert_x = torch.empty(cfg.expert_x_shape, dtype=cfg.dtype, device=dev)
         self.counts = torch.zeros(L, dtype=torch.int32, device=dev)
-        if cfg.packed:   # ep_packed_offsets_kernel's outputs and state (its programs'
-            # histograms, last-out counter, call counter); the dispatch's biased counts
+        if cfg.packed:   # ep_packed_offsets_kernel's outputs and state (the programs'
+            # summed histogram, last-out counter, call counter); the dispatch's biased counts
             self.offsets_d = torch.zeros(L + 1, dtype=torch.int32, device=dev)
-            self.hpart = torch.zeros(self.G, _next_pow2(cfg.num_experts), dtype=torch.int32,
-                                     device=dev)
+            self.hsum = torch.zeros(_next_pow2(cfg.num_experts), dtype=torch.int32, device=dev)
             self.hdone = torch.zeros(1, dtype=torch.int32, device=dev)
             self.hepoch = torch.zeros(1, dtype=torch.int32, device=dev)
             self._biased = torch.zeros(L, dtype=torch.int32, device=dev)
@@ -896,7 +895,7 @@ class P2PBackend(MoEBackend):
         if c.packed:   # offsets + cursors from every rank's per-expert counts
             nw = 4
             self._launch(ep_packed_offsets_kernel,
-                topk_ids, T, self.hist, self.hflag, self.hepoch, self.hpart, self.hdone,
+                topk_ids, T, self.hist, self.hflag, self.hepoch, self.hsum, self.hdone,
                 self.cursor, self.counts, self.offsets_d, self.err_dev,
                 self.err_host.data_ptr(), self.timeout_ns,
                 RANK=c.rank, W=c.world_size, G=self.G, K=c.top_k, L=c.local_experts,
