@@ -114,6 +114,8 @@ SWEEP = {
     # argument, not the backend's): the per-expert count exchange kernel before the flags
     # dispatch, 16x less expert_x memory at 256 experts
     "packed": ({"protocol": "flags", "packed": True}, None),
+    # ... each expert's segment at a multiple of 128 rows (packed_align, for block-tiled GEMMs)
+    "packed_a128": ({"protocol": "flags", "packed": True, "packed_align": 128}, None),
     "croles_r8": ({"protocol": "flags", "_combine_roles": True, "round_tokens": 8}, None),
     # the dispatch's rows by copy engine, a round of every program (8 x 128 = 1024 tokens at
     # 4096 per rank) a copy, for batches of 2048+ tokens (session 17, P2PBackend._ce_tokens,
@@ -267,9 +269,10 @@ def _sweep_worker(rank, world, tokens, names, split_halves=False):
         kw, max_t = SWEEP[name]
         kw = dict(kw)
         packed = kw.pop("packed", False)
+        align = kw.pop("packed_align", 1)
         try:
             ep = EPDispatcher(dist.group.WORLD, E, K, H, M, dtype, backend="p2p",
-                              packed=packed, _backend_kwargs=kw)
+                              packed=packed, packed_align=align, _backend_kwargs=kw)
         except Exception as e:  # noqa: BLE001 - identical on every rank (creation is agreed)
             errors[name] = repr(e)[:300]
             continue

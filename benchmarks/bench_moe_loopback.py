@@ -51,6 +51,8 @@ CONFIGS = {
     "flags4096": (4096, {"protocol": "flags"}),
     # the packed expert_x (session 31): the count exchange kernel before the flags dispatch
     "packed4096": (4096, {"protocol": "flags", "packed": True}),
+    # ... each expert's segment at a multiple of 128 rows (packed_align)
+    "packed4096a128": (4096, {"protocol": "flags", "packed": True, "packed_align": 128}),
     # A/B candidate: the combine's push and finish in separate programs (16 warps, one token
     # a step; 2 x SMs // (2 * world) programs a rank, the dispatch keeps its grid), rounds of 8
     "croles4096r8": (4096, {"protocol": "flags", "_combine_roles": True, "round_tokens": 8}),

@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._common import set_safe_env  # noqa: E402
 
-#: name -> P2PBackend keyword arguments
+#: name -> P2PBackend keyword arguments ("packed": the dispatcher's, EPDispatcher(packed=True))
 VARIANTS = {
     "lam": {"protocol": "lamport"},
     # 32 programs: with --loopback, two grids a rank fit one GPU (2 x 2 x 32 <= 132 SMs), so
@@ -45,6 +45,8 @@ VARIANTS = {
     "flags": {"protocol": "flags"},
     # 8 programs: several tokens a program, in rounds (the large-batch shape at small sizes)
     "flags-g8": {"protocol": "flags", "num_programs": 8},
+    # the packed expert_x (session 31): the count exchange before the flags dispatch
+    "flags-packed": {"protocol": "flags", "packed": True},
 }
 #: size -> (experts, top_k, hidden, max tokens per rank, dtype name): "small" and "large" are
 #: session 17's sentinel test sizes; "large64" is the large size at 64 tokens, whose grid (64
@@ -68,19 +70,25 @@ def _state(be, rank: int, lamport: bool) -> list[str]:
     if cur.any():
         nz = cur.nonzero().flatten()[:6].tolist()
         bad.append(f"rank {rank} cursor not 0 at experts {nz}: {cur[nz].tolist()}")
+    if getattr(getattr(be, "cfg", None), "packed", False):   # the count exchange's state
+        if be.hsum.any() or int(be.hdone.item()):
+            bad.append(f"rank {rank} packed exchange state not reset: hdone "
+                       f"{int(be.hdone.item())}, hsum nonzero at "
+                       f"{be.hsum.nonzero().flatten()[:6].tolist()}")
     if lamport:
         bad += lamport_left(be, rank)
     return bad
 
 
 def _check_dispatch(rank: int, world: int, E: int, inputs, d) -> str:
-    """Rank ``rank``'s dispatch ``d`` (expert_x, counts) against the reference; what failed
-    (every expert whose count is off, not only the first), "" if nothing."""
+    """Rank ``rank``'s dispatch ``d`` (expert_x, counts[, offsets: a packed one's]) against
+    the reference; what failed (every expert whose count is off, not only the first), "" if
+    nothing."""
     from llmcomm.moe.reference import reference_dispatch
     from tests.distributed._moe_cases import check_dispatch
 
     try:
-        check_dispatch(rank, world, E, inputs, d[0], d[1])
+        check_dispatch(rank, world, E, inputs, d[0], d[1], d[2] if len(d) > 2 else None)
     except AssertionError as e:
         ref = reference_dispatch([i for _, i, _ in inputs], E, rank)
         want = [len(ref[le]) for le in range(len(ref))]
@@ -178,6 +186,7 @@ def _worker(rank: int, world: int, names: list[str], sizes: list[str], seconds: 
     results = []
     for name in names:
         kw = dict(VARIANTS[name])
+        packed = kw.pop("packed", False)
         for ci, cfg in enumerate(SIM_CONFIGS if sim_dir else [CONFIGS[z] for z in sizes]):
             E, K, H, M, dt = cfg
             dtype = getattr(torch, dt)
@@ -187,10 +196,11 @@ def _worker(rank: int, world: int, names: list[str], sizes: list[str], seconds: 
                 d = os.path.join(sim_dir, f"{name}{ci}")
                 os.makedirs(d, exist_ok=True)
                 ep = EPDispatcher(dist.group.WORLD, E, K, H, M, dtype, _backend_cls=P2PBackend,
-                                  _backend_kwargs={"num_programs": 3, **kw, "simulate_dir": d})
+                                  _backend_kwargs={"num_programs": 3, **kw, "simulate_dir": d},
+                                  packed=packed)
             else:
                 ep = EPDispatcher(dist.group.WORLD, E, K, H, M, dtype, backend="p2p",
-                                  _backend_kwargs=kw)
+                                  _backend_kwargs=kw, packed=packed)
                 ep.warmup(topk_ids_dtype=torch.int64)
 
             def call(inputs):
@@ -200,8 +210,10 @@ def _worker(rank: int, world: int, names: list[str], sizes: list[str], seconds: 
                     # checked before the combine, as the tests' roundtrip does (its host time
                     # between the two kernels differs per rank); the combine runs whatever
                     # the dispatch gave: the peer's waits for it
-                    msg = _check_dispatch(rank, world, E, inputs, (d.expert_x, d.counts))
-                    y = ep.combine(run_experts(rank, E, world, d.expert_x, d.counts), d)
+                    msg = _check_dispatch(rank, world, E, inputs,
+                                          (d.expert_x, d.counts, d.offsets))
+                    y = ep.combine(run_experts(rank, E, world, d.expert_x, d.counts, d.offsets),
+                                   d)
                     if device != "cpu":
                         torch.cuda.synchronize()
                     msg = msg or _check_combine(rank, inputs, dtype, y)
@@ -256,11 +268,13 @@ def _loopback(names: list[str], sizes: list[str], seconds: float, seed: int,
         def call(inputs):
             xs, ids, ws = ([t.cuda() for t in z] for z in zip(*inputs))
             outs = lb.dispatch(xs, ids, ws)
-            ys = lb.combine([run_experts(r, E, 2, o[0], o[1]) for r, o in enumerate(outs)],
+            ds = [(o[0], o[1], lb.backends[r].offsets(o[1]) if lb.packed else None)
+                  for r, o in enumerate(outs)]
+            ys = lb.combine([run_experts(r, E, 2, *d) for r, d in enumerate(ds)],
                             outs, [x.shape[0] for x in xs])
             lb.check_errors()
             return "; ".join(m for r in range(2)
-                             if (m := _check(r, 2, E, inputs, dtype, outs[r], ys[r])))
+                             if (m := _check(r, 2, E, inputs, dtype, ds[r], ys[r])))
 
         res = _stress(name, cfg, seconds, seed, call,
                       lambda: [b for r, be in enumerate(lb.backends)

@@ -53,24 +53,27 @@ def expert_rows(expert_x: torch.Tensor, counts: list[int], offsets: list[int] | 
     return expert_x[offsets[le]:offsets[le] + counts[le]]
 
 
-def check_offsets(counts: torch.Tensor, offsets: torch.Tensor, expert_x: torch.Tensor
-                  ) -> list[int]:
-    """A packed dispatch's ``offsets``: int32 ``[L + 1]``, ``[0, *cumsum(counts)]`` exactly,
-    within ``expert_x``'s rows; returned as a list."""
+def check_offsets(counts: torch.Tensor, offsets: torch.Tensor, expert_x: torch.Tensor,
+                  align: int = 1) -> list[int]:
+    """A packed dispatch's ``offsets``: int32 ``[L + 1]``, ``[0, *cumsum(counts rounded up to
+    align)]`` exactly, within ``expert_x``'s rows; returned as a list."""
     L = counts.shape[0]
     assert offsets.dtype == torch.int32 and tuple(offsets.shape) == (L + 1,), \
         (offsets.dtype, offsets.shape)
     got = offsets.cpu().tolist()
-    want = [0, *torch.cumsum(counts.cpu().long(), 0).tolist()]
-    assert got == want, f"offsets {got} != [0, *cumsum(counts)] {want}"
+    want = [0]
+    for c in counts.cpu().tolist():
+        want.append(want[-1] + -(-c // align) * align)
+    assert got == want, f"offsets {got} != [0, *cumsum(counts up to {align})] {want}"
     assert expert_x.dim() == 2 and got[-1] <= expert_x.shape[0], (expert_x.shape, got[-1])
     return got
 
 
 def check_dispatch(rank: int, world: int, num_experts: int, inputs, expert_x: torch.Tensor,
-                   counts: torch.Tensor, offsets: torch.Tensor | None = None) -> int:
+                   counts: torch.Tensor, offsets: torch.Tensor | None = None,
+                   align: int = 1) -> int:
     """Every received row is checked against its source row; the multiset must be exact.
-    ``offsets``: a packed dispatch's (checked against ``counts`` too)."""
+    ``offsets``: a packed dispatch's (checked against ``counts`` and ``align`` too)."""
     expected = reference_dispatch([ids for _, ids, _ in inputs], num_experts, rank)
     L = num_experts // world
     counts = counts.cpu()
@@ -80,7 +83,7 @@ def check_dispatch(rank: int, world: int, num_experts: int, inputs, expert_x: to
         ex = expert_x[:, :max(1, int(counts.max()))].cpu()   # only the rows counted: fast
         offs = None
     else:
-        offs = check_offsets(counts, offsets, expert_x)
+        offs = check_offsets(counts, offsets, expert_x, align)
         ex = expert_x[:max(1, offs[-1])].cpu()
     cnt = counts.tolist()
     n = 0
@@ -149,7 +152,8 @@ def roundtrip(ep: Any, rank: int, world: int, num_experts: int, inputs, dtype,
     x, ids, w = (t.to(device) for t in inputs[rank])
     d = ep.dispatch(x, ids, w)
     assert (d.offsets is not None) == ep.packed, (ep.packed, d.offsets)
-    n = check_dispatch(rank, world, num_experts, inputs, d.expert_x, d.counts, d.offsets)
+    n = check_dispatch(rank, world, num_experts, inputs, d.expert_x, d.counts, d.offsets,
+                       ep.packed_align)
     out = run_experts(rank, num_experts, world, d.expert_x, d.counts, d.offsets)
     y = ep.combine(out, d)
     err = check_combine(rank, inputs, y, dtype, what=f"{ep.backend} combine")

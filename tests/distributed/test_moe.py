@@ -79,7 +79,8 @@ P2P_SIM = {"p2p-sim": {"protocol": "flags"},
 P2P_SIM_AUTO = {"p2p-sim-auto": {}}
 
 
-#: the packed layout (``EPDispatcher(packed=True)``) for a name ending in this
+#: the packed layout (``EPDispatcher(packed=True)``) for a name ending in this, and
+#: ``packed_align=N`` for one ending in it and ``N``
 PACKED = "-packed"
 
 
@@ -89,9 +90,10 @@ def _make(backend, K, M, tmp, group=None, layout=None, **kw):
     from llmcomm.moe import EPDispatcher
 
     group = group if group is not None else dist.group.WORLD
-    if backend.endswith(PACKED):
-        backend = backend[:-len(PACKED)]
-        kw["packed"] = True
+    base, sep, align = backend.rpartition(PACKED)
+    if sep and align.isdigit() or sep and not align:
+        backend = base
+        kw.update(packed=True, packed_align=int(align or 1))
     if backend in P2P_SIM or backend in P2P_SIM_AUTO:
         from llmcomm.moe.p2p import P2PBackend
 
@@ -122,9 +124,11 @@ NEEDS_TRITON = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
 
 #: the packed layout: both collective backends, and the flags dispatch's three placement paths
 #: (slots claimed a round at a time, per token, and per tile)
-PACKED_CASES = ["torch-packed", "allgather-packed",
-                *(pytest.param(n + PACKED, marks=NEEDS_TRITON)
-                  for n in ("p2p-sim", "p2p-sim-r17", "p2p-sim-t4c2r3"))]
+#: (segments aligned to 4 rows: torch, and the p2p-sim per-token claims and tiles)
+PACKED_CASES = ["torch-packed", "allgather-packed", "torch-packed4",
+                *(pytest.param(n, marks=NEEDS_TRITON)
+                  for n in ("p2p-sim-packed", "p2p-sim-r17-packed", "p2p-sim-t4c2r3-packed",
+                            "p2p-sim-r17-packed4", "p2p-sim-t4c2r3-packed3"))]
 
 
 @pytest.mark.parametrize("backend", ["torch", "allgather",

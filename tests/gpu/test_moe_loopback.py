@@ -33,6 +33,8 @@ VARIANTS = {
     # flags dispatch, its cursors biased to the experts' offsets; and with few programs
     "flags-packed": (2, {"packed": True}),
     "flags-g8-packed": (2, {"packed": True, "num_programs": 8}),
+    # ... each expert's segment starting at a multiple of 16 rows (packed_align)
+    "flags-g8-packed-a16": (2, {"packed": True, "packed_align": 16, "num_programs": 8}),
     "lamport": (2, {"protocol": "lamport"}),
     "lamport-t4c2": (2, {"protocol": "lamport", "tile_tokens": 4, "combine_tile_tokens": 2}),
     "lamport-shift": (2, {"protocol": "lamport", "tile_tokens": 2, "shift": 20,
@@ -79,7 +81,7 @@ def _roundtrip(lb, world, E, inputs, dtype, check_rows=True):
     outs = lb.dispatch(xs, ids, ws)
     lb.check_errors()
     offs = [lb.backends[r].offsets(o[1]) if lb.packed else None for r, o in enumerate(outs)]
-    n = sum(check_dispatch(r, world, E, inputs, o[0], o[1], offs[r])
+    n = sum(check_dispatch(r, world, E, inputs, o[0], o[1], offs[r], lb.packed_align)
             for r, o in enumerate(outs)) if check_rows else -1
     expert_out = [run_experts(r, E, world, o[0], o[1], offs[r]) for r, o in enumerate(outs)]
     ys = lb.combine(expert_out, outs, [x.shape[0] for x in xs])

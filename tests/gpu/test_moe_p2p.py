@@ -56,13 +56,15 @@ def _correctness_worker(rank, world, names):
 
     out = []
     for name in names:
-        packed = name.endswith("-packed")   # EPDispatcher(packed=True)
-        base = name[:-len("-packed")] if packed else name
+        base, sep, align = name.rpartition("-packed")   # EPDispatcher(packed=True, ...)
+        packed = bool(sep)
+        base = base if packed else name
         backend, kw = ("p2p", P2P_VARIANTS[base]) if base in P2P_VARIANTS else (base, {})
         for (E, K, H, M, dtype) in ((16, 3, 264, 40, torch.float32),
                                     (256, 8, 7168, 96, torch.bfloat16)):
             ep = EPDispatcher(dist.group.WORLD, E, K, H, M, dtype, backend=backend,
-                              packed=packed, _backend_kwargs=kw or None)
+                              packed=packed, packed_align=int(align or 1),
+                              _backend_kwargs=kw or None)
             assert ep.backend == backend
             tiny = TINY_CASES if "lamport" in name else ()   # both ranks at <= 1 token
             for i, (routing, toks) in enumerate((("random", [37, 0]), ("random", [96, 95]),
@@ -81,7 +83,8 @@ def _correctness_worker(rank, world, names):
 @pytest.mark.parametrize("names", [("p2p", "torch", "allgather"), ("p2p-flags",),
                                    ("p2p-flags-g8",), ("p2p-flags-g8-rt",),
                                    ("p2p-flags-g8-roles",),
-                                   ("p2p-packed", "torch-packed", "allgather-packed"),
+                                   ("p2p-packed", "torch-packed", "allgather-packed",
+                                    "p2p-packed16"),
                                    *((n,) for n in LAMPORT)],
                          ids=lambda names: "+".join(names))
 def test_backends_match_reference_on_gpu(names):

@@ -151,7 +151,8 @@ def test_warm_child_builds_one_rank_backend_at_a_time(monkeypatch, caplog):
     monkeypatch.setattr(loopback, "_rank_backend", FakeBackend)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
     monkeypatch.setattr(torch.cuda, "empty_cache", gc.collect)
-    spec = ((4, 16, 2, 64, 4, torch.bfloat16, False), {"num_programs": 2, "protocol": "lamport"})
+    spec = ((4, 16, 2, 64, 4, torch.bfloat16, False, 1),
+            {"num_programs": 2, "protocol": "lamport"})
     task = (spec, 0, [(2, [1]), (0, [8, 3])], (torch.int64,), torch.float32)
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(pickle.dumps(task))))
     with caplog.at_level(logging.INFO, logger="llmcomm.moe.loopback"):

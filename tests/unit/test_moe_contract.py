@@ -74,33 +74,40 @@ def test_checker_accepts_correct_and_rejects_wrong_reductions(dtype):
         check_combine_output(bad.to(dtype), ref, dtype)
 
 
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("packed, align", [(False, 1), (True, 1), (True, 4)])
 @pytest.mark.parametrize("world", [1, 2, 4])
-def test_local_steps_reproduce_reference_single_process(world, packed):
+def test_local_steps_reproduce_reference_single_process(world, packed, align):
     """expand_to_experts + weighted_partial summed over ranks == dense reference (incl.
-    repeats), in the padded and the packed layout (each expert's rows at its offset)."""
+    repeats), in the padded and the packed layout (each expert's rows at its offset; segments
+    rounded up to ``align`` rows)."""
     E, K, H, T = 16, 4, 8, 29
     x, ids, w = _case(T=T, E=E, K=K, H=H, seed=world)
     ids[::5, 1] = ids[::5, 0]                         # repeated ids inside a token
     y = torch.zeros(T, H, dtype=torch.float32)
     for r in range(world):
-        cfg = EPConfig(r, world, E, K, H, T, torch.float32, torch.device("cpu"), packed)
-        assert cfg.rows == (T * world * min(K, E // world) if packed
-                            else cfg.local_experts * cfg.capacity)
+        cfg = EPConfig(r, world, E, K, H, T, torch.float32, torch.device("cpu"), packed, align)
+        L = cfg.local_experts
+        assert cfg.rows == (T * world * min(K, L) + L * (align - 1) if packed
+                            else L * cfg.capacity)
         ex = torch.full((cfg.rows + 1, H), float("nan"))
         counts, slot = expand_to_experts(x, ids, cfg, ex)
         want = reference_dispatch([ids] + [ids[:0]] * (world - 1), E, r) if r == 0 else None
         if want is not None:
             assert counts.tolist() == [len(v) for v in want.values()]
         out = ex[:-1].view(cfg.expert_x_shape).clone()
-        offs = packed_offsets(counts).tolist()
-        assert offs[0] == 0 and offs[1:] == torch.cumsum(counts, 0).tolist()
+        offs = packed_offsets(counts, align).tolist()
+        seg = [-(-c // align) * align for c in counts.tolist()]
+        assert offs[0] == 0 and offs[1:] == torch.cumsum(torch.tensor(seg), 0).tolist()
+        assert offs[-1] <= cfg.rows
         for le in range(cfg.local_experts):
             c = int(counts[le])
             rows = out[offs[le]:offs[le] + c] if packed else out[le, :c]
             rows.copy_(affine_expert(r * cfg.local_experts + le, rows.double()).float())
-        if packed:   # nothing valid past offsets[L]; every valid row was written
-            assert not out[:offs[-1]].isnan().any()
+        if packed:   # every valid row was written; a segment's padding never is
+            valid = torch.zeros(cfg.rows, dtype=torch.bool)
+            for le in range(L):
+                valid[offs[le]:offs[le] + int(counts[le])] = True
+            assert not out[valid].isnan().any() and out[~valid].isnan().all()
         y += weighted_partial(out, slot, w)
     check_combine_output(y, reference_combine(x, ids, w), torch.float32)
 
@@ -123,9 +130,15 @@ def test_validate_config_errors():
         validate_config(**{**ok, "backend": "nccl"})
     with pytest.raises(ValueError, match="max_tokens_per_rank"):
         validate_config(**{**ok, "max_tokens_per_rank": 0})
-    validate_config(**{**ok, "packed": True})
+    validate_config(**{**ok, "packed": True, "packed_align": 128})
     with pytest.raises(TypeError, match="packed must be a bool"):
         validate_config(**{**ok, "packed": "yes"})
+    with pytest.raises(ValueError, match="packed_align=4 applies to the packed layout only"):
+        validate_config(**{**ok, "packed_align": 4})
+    with pytest.raises(ValueError, match="packed_align must be >= 1"):
+        validate_config(**{**ok, "packed": True, "packed_align": 0})
+    with pytest.raises(TypeError, match="packed_align must be an int"):
+        validate_config(**{**ok, "packed": True, "packed_align": 2.0})
 
 
 def test_validate_dispatch_args_errors():

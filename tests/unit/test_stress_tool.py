@@ -60,6 +60,30 @@ def test_state_reports_last_out_leftovers():
                                  cursor=torch.tensor([0, 0, 2, 0], dtype=torch.int32))
     msgs = _state(left, 1, lamport=False)
     assert any("done = 3" in m for m in msgs) and any("[2]: [2]" in m for m in msgs), msgs
+    # a packed backend: the count exchange's summed histogram and counter must be back at 0
+    packed = types.SimpleNamespace(done=torch.zeros(1, dtype=torch.int32),
+                                   cursor=torch.zeros(8, dtype=torch.int32),
+                                   cfg=types.SimpleNamespace(packed=True),
+                                   hsum=torch.zeros(16, dtype=torch.int32),
+                                   hdone=torch.zeros(1, dtype=torch.int32))
+    assert _state(packed, 0, lamport=False) == []
+    packed.hsum[5] = 2
+    msgs = _state(packed, 0, lamport=False)
+    assert any("packed exchange state not reset" in m and "[5]" in m for m in msgs), msgs
+
+
+def test_check_reads_a_packed_dispatch_by_its_offsets():
+    """The same correct call, its rows packed (expert l at offsets[l]); a wrong offset fails."""
+    from llmcomm.moe.backends import packed_offsets
+
+    inputs = make_inputs(6, 2, [6, 7], E, K, H, torch.float32)
+    ex, counts, y = _dispatched(inputs)
+    offsets = packed_offsets(counts)
+    rows = torch.cat([ex[le, :int(c)] for le, c in enumerate(counts)] + [ex[0, -3:]])
+    assert _check(0, 2, E, inputs, torch.float32, (rows, counts, offsets), y) == ""
+    shifted = offsets.clone()
+    shifted[1:] += 1
+    assert _check(0, 2, E, inputs, torch.float32, (rows, counts, shifted), y) != ""
 
 
 def test_stress_stops_at_the_first_failure_with_its_history():

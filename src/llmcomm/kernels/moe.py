@@ -1012,7 +1012,8 @@ def ep_packed_offsets_kernel(ids_ptr, T, hist, hflag, hepoch, hsum, done, cursor
                              offsets, err_dev, err_host_addr, timeout_ns, RANK: tl.constexpr,
                              W: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
                              L: tl.constexpr, E: tl.constexpr, CAP: tl.constexpr,
-                             BT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+                             ALIGN: tl.constexpr, BT: tl.constexpr, BLOCK_K: tl.constexpr,
+                             BLOCK_E: tl.constexpr,
                              BLOCK_L: tl.constexpr, BLOCK_W: tl.constexpr,
                              USE_TIMER: tl.constexpr, POSTED: tl.constexpr = False,
                              PDL: tl.constexpr = False, NT: tl.constexpr = 256):
@@ -1022,14 +1023,15 @@ def ep_packed_offsets_kernel(ids_ptr, T, hist, hflag, hepoch, hsum, done, cursor
     once; ``el`` a local expert index)::
 
         counts[el]  = sum(hist_s[RANK * L + el] for s in range(W))
-        offsets     = [0, *cumsum(counts)]          # [L + 1]: expert el's rows of expert_x are
-                                                    #   offsets[el] : offsets[el + 1]
+        seg         = [ceil(c / ALIGN) * ALIGN for c in counts]
+        offsets     = [0, *cumsum(seg)]             # [L + 1]: expert el's rows of expert_x are
+                                                    #   offsets[el] : offsets[el] + counts[el]
         cursor[el]  = offsets[el] - el * CAP        # the flags dispatch claims slot = cursor++
 
     The dispatch kernel is unchanged: it places a row at ``el * CAP + slot``, which with these
     cursors is ``offsets[el] + i`` for its ``i``-th claim on ``el``, inside the expert's packed
-    segment (its ``slot < CAP`` guard holds: ``offsets[el] + i < offsets[el + 1] <= (el + 1)
-    * CAP``). Its own ``counts`` (the cursors at the end, biased) go to a scratch buffer; these
+    segment (its ``slot < CAP`` guard holds: ``offsets[el] + i < offsets[el] + counts[el] <=
+    (el + 1) * CAP``, with ``CAP = W * M + ALIGN - 1``, ``EPConfig.slot_cap``). Its own ``counts`` (the cursors at the end, biased) go to a scratch buffer; these
     are the call's. The cursors must be 0 on entry (the previous dispatch's last program out
     reset them).
 
@@ -1092,11 +1094,12 @@ def ep_packed_offsets_kernel(ids_ptr, T, hist, hflag, hepoch, hsum, done, cursor
         got = tl.load(src, mask=(offs_w < W)[:, None] & ml[None, :], other=0, volatile=True)
         got = tl.where(dead == 0, got, 0)   # a missing peer: zeros (the error is raised anyway)
         cnt = tl.sum(got, axis=0)
-        end = tl.cumsum(cnt, axis=0)
+        seg = (cnt + (ALIGN - 1)) // ALIGN * ALIGN
+        end = tl.cumsum(seg, axis=0)
         tl.store(counts + offs_l, cnt, mask=ml)
         tl.store(offsets + 1 + offs_l, end, mask=ml)
         tl.store(offsets + offs_l, tl.zeros([BLOCK_L], tl.int32), mask=offs_l == 0)
-        tl.store(cursor + offs_l, end - cnt - offs_l * CAP, mask=ml)
+        tl.store(cursor + offs_l, end - seg - offs_l * CAP, mask=ml)
         tl.store(hepoch, epoch)
 
 

@@ -10,11 +10,12 @@ Layouts shared by all backends (``W`` ranks, ``L`` local experts, ``M = max_toke
 * padded (the default): ``expert_x`` is ``[L, capacity, H]`` with ``capacity = W * M`` (the
   worst case: every token of every rank routed to one expert; a token reaches an expert at most
   once), rows ``[:counts[l]]`` valid, in an unspecified order;
-* packed (``EPConfig.packed``): ``expert_x`` is ``[rows, H]`` with ``rows = W * M * min(K, L)``
-  (the worst case of all experts together: a received token fills at most ``min(K, L)`` local
-  experts' rows), expert ``l``'s rows at ``[offsets[l], offsets[l] + counts[l])`` with
-  ``offsets`` the exclusive prefix sum of ``counts`` (:func:`packed_offsets`), in an
-  unspecified order; rows past ``offsets[L]`` undefined.
+* packed (``EPConfig.packed``): ``expert_x`` is ``[rows, H]`` with ``rows = W * M * min(K, L)
+  + L * (packed_align - 1)`` (the worst case of all experts together: a received token fills
+  at most ``min(K, L)`` local experts' rows; plus each segment's padding), expert ``l``'s rows
+  at ``[offsets[l], offsets[l] + counts[l])`` with ``offsets`` the exclusive prefix sum of the
+  counts rounded up to ``packed_align`` (:func:`packed_offsets`), in an unspecified order; the
+  other rows undefined.
 
 ``combine`` takes ``expert_out`` of ``expert_x``'s shape.
 
@@ -54,6 +55,7 @@ class EPConfig:
     dtype: torch.dtype
     device: torch.device
     packed: bool = False
+    packed_align: int = 1
 
     @property
     def local_experts(self) -> int:
@@ -66,10 +68,19 @@ class EPConfig:
     @property
     def rows(self) -> int:
         """Rows of ``expert_x`` over all local experts: ``L * capacity`` padded, ``W * M *
-        min(K, L)`` packed."""
+        min(K, L) + L * (packed_align - 1)`` packed."""
         if self.packed:
-            return self.capacity * min(self.top_k, self.local_experts)
+            return (self.capacity * min(self.top_k, self.local_experts)
+                    + self.local_experts * (self.packed_align - 1))
         return self.local_experts * self.capacity
+
+    @property
+    def slot_cap(self) -> int:
+        """The p2p kernels' ``CAP`` (row ``el * CAP + slot``, a slot below ``CAP``):
+        ``capacity``, plus ``packed_align - 1`` packed (the cursors start at ``offsets[el] - el *
+        CAP``, and ``offsets[el] + counts[el] <= (el + 1) * CAP`` needs that much room when every
+        earlier segment is padded)."""
+        return self.capacity + (self.packed_align - 1 if self.packed else 0)
 
     @property
     def expert_x_shape(self) -> tuple[int, ...]:
@@ -79,12 +90,14 @@ class EPConfig:
         return (self.local_experts, self.capacity, self.hidden_size)
 
 
-def packed_offsets(counts: torch.Tensor) -> torch.Tensor:
-    """``[0, *cumsum(counts)]`` as int32 ``[L + 1]``: where each local expert's rows start in a
-    packed ``expert_x`` (and ``offsets[L]``, where the valid rows end). Device ops only (no host
-    sync, capturable, traceable by ``torch.compile``)."""
+def packed_offsets(counts: torch.Tensor, align: int = 1) -> torch.Tensor:
+    """``[0, *cumsum(ceil(counts / align) * align)]`` as int32 ``[L + 1]``: where each local
+    expert's segment starts in a packed ``expert_x`` (its tokens are the first ``counts[l]``
+    rows of it; ``offsets[L]``: where the last segment ends). Device ops only (no host sync,
+    capturable, traceable by ``torch.compile``)."""
     zero = torch.zeros(1, dtype=torch.int32, device=counts.device)
-    return torch.cat([zero, torch.cumsum(counts, 0, dtype=torch.int32)])
+    seg = counts if align == 1 else (counts + (align - 1)) // align * align
+    return torch.cat([zero, torch.cumsum(seg, 0, dtype=torch.int32)])
 
 
 class MoEBackend:
@@ -114,7 +127,7 @@ class MoEBackend:
     def offsets(self, counts: torch.Tensor) -> torch.Tensor:
         """A packed dispatch's ``offsets [L + 1]`` int32 for the ``counts`` it returned (device
         ops, no sync). Backends whose kernels compute them return their own."""
-        return packed_offsets(counts)
+        return packed_offsets(counts, self.cfg.packed_align)
 
     def combine(self, expert_out: torch.Tensor, state: Any, num_tokens: int) -> torch.Tensor:
         """Return ``y [num_tokens, H]`` in the dispatcher's dtype, fully reduced."""
@@ -167,11 +180,14 @@ def expand_to_experts(rows: torch.Tensor, ids: torch.Tensor, cfg: EPConfig,
     counts_ext.scatter_add_(0, key, torch.ones_like(key))
     order = torch.sort(key, stable=True).indices
     starts = torch.cumsum(counts_ext, 0) - counts_ext
+    seg = counts_ext.clone()             # packed: each segment rounded up to packed_align
+    seg[:L] = (seg[:L] + (cfg.packed_align - 1)) // cfg.packed_align * cfg.packed_align
+    seg_starts = torch.cumsum(seg, 0) - seg
     sorted_key = key[order]
     rank_in_key = torch.arange(key.numel(), device=dev) - starts[sorted_key]
     slot_in_expert = torch.empty_like(key)
     slot_in_expert[order] = rank_in_key
-    start = starts[key] if cfg.packed else key * cap
+    start = seg_starts[key] if cfg.packed else key * cap
     flat = torch.where(first.flatten(), start + slot_in_expert, cfg.rows)  # else: scratch row
     src_row = torch.arange(n, device=dev).repeat_interleave(k)
     if flat.numel():

@@ -73,12 +73,13 @@ class DispatchResult:
         expert_x: padded (the default): ``[local_experts, capacity, hidden]``; rows
             ``[:counts[l]]`` of expert ``l`` hold its tokens (order unspecified), the rest is
             undefined. Packed (``EPDispatcher(packed=True)``): ``[rows, hidden]``, expert
-            ``l``'s tokens in rows ``[offsets[l], offsets[l + 1])`` (order unspecified), rows
-            from ``offsets[-1]`` on undefined.
+            ``l``'s tokens in rows ``[offsets[l], offsets[l] + counts[l])`` (order
+            unspecified; ``offsets[l + 1]`` with ``packed_align=1``), the other rows undefined.
         counts: ``[local_experts]`` int32 on the device: tokens per local expert.
         handle: pass it (or this whole result) to :meth:`EPDispatcher.combine`.
         offsets: packed only, ``[local_experts + 1]`` int32 on the device: ``[0,
-            *cumsum(counts)]``; ``None`` for the padded layout.
+            *cumsum(counts)]``, each count first rounded up to ``packed_align``; ``None`` for
+            the padded layout.
     """
 
     expert_x: torch.Tensor
@@ -151,6 +152,11 @@ class EPDispatcher:
             4096 tokens, hidden 7168, EP=2). For prefill-sized dispatchers. The p2p backend
             then uses its ``"flags"`` protocol, and a dispatch first exchanges per-expert token
             counts with every peer (one more kernel, one more round trip).
+        packed_align: with ``packed=True``, each expert's segment starts at a multiple of this
+            many rows (``offsets[l + 1] - offsets[l]`` is ``counts[l]`` rounded up; the rows
+            past ``counts[l]`` are undefined), for grouped GEMMs that tile experts' rows in
+            blocks (e.g. 64 or 128); ``rows`` grows by ``local_experts * (packed_align - 1)``.
+            Default 1.
         layout: optional :class:`~llmcomm.ParallelLayout`; its ``ep_size`` (and, when given, its EP
             rank lists) must match ``group`` -- a workspace sized to another group is the bug of
             seed 002, caught here at creation.
@@ -163,7 +169,7 @@ class EPDispatcher:
     def __init__(self, group: Any, num_experts: int, top_k: int, hidden_size: int,
                  max_tokens_per_rank: int, dtype: torch.dtype, backend: str = "auto",
                  layout: Any = None, device: torch.device | str | None = None,
-                 packed: bool = False,
+                 packed: bool = False, packed_align: int = 1,
                  _backend_cls: type[MoEBackend] | None = None,
                  _backend_kwargs: dict[str, Any] | None = None) -> None:
         if not dist.is_initialized():
@@ -179,7 +185,8 @@ class EPDispatcher:
                              f"layout.ep_groups() only")
         validate_config(num_experts=num_experts, top_k=top_k, hidden_size=hidden_size,
                         max_tokens_per_rank=max_tokens_per_rank, dtype=dtype,
-                        group_size=world, backend=backend, packed=packed)
+                        group_size=world, backend=backend, packed=packed,
+                        packed_align=packed_align)
         check_layout(layout, group_ranks(group), world)
         if device is None:
             device = (torch.device("cuda", torch.cuda.current_device())
@@ -193,7 +200,7 @@ class EPDispatcher:
         self.max_tokens_per_rank, self.dtype, self.device = max_tokens_per_rank, dtype, device
         self.local_experts = num_experts // world
         self.capacity = world * max_tokens_per_rank
-        self.packed = packed
+        self.packed, self.packed_align = packed, packed_align
         self.expert_offset = rank * self.local_experts
 
         from ..topology import gather_topology
@@ -214,7 +221,7 @@ class EPDispatcher:
                 f"inherit MoEBackend.output_is_reduced = True unchanged")
         cfg = EPConfig(rank=rank, world_size=world, num_experts=num_experts, top_k=top_k,
                        hidden_size=hidden_size, max_tokens_per_rank=max_tokens_per_rank,
-                       dtype=dtype, device=device, packed=packed)
+                       dtype=dtype, device=device, packed=packed, packed_align=packed_align)
         self._cfg = cfg
         self._backend: MoEBackend = cls(group, cfg, **(_backend_kwargs or {}))
         sub = getattr(self._backend, "protocol_decision", None)
@@ -223,7 +230,7 @@ class EPDispatcher:
                 f"protocol {sub}",))
         fp = {"num_experts": num_experts, "top_k": top_k, "hidden_size": hidden_size,
               "max_tokens_per_rank": max_tokens_per_rank, "capacity": self.capacity,
-              "packed": packed,
+              "packed": packed, "packed_align": packed_align,
               "dtype": str(dtype), "backend": self._backend.name, "group_size": world,
               "device_type": device.type}
         fp.update({f"backend.{k}": v for k, v in self._backend.fingerprint().items()})
@@ -269,7 +276,8 @@ class EPDispatcher:
                                                               self._op_key)
             return DispatchResult(expert_x, counts,
                                   DispatchHandle(x.shape[0], _COMPILED, None),
-                                  packed_offsets(counts) if self.packed else None)
+                                  packed_offsets(counts, self.packed_align) if self.packed
+                                  else None)
         validate_dispatch_args(x, topk_ids, topk_weights, top_k=self.top_k,
                                hidden_size=self.hidden_size, num_experts=self.num_experts,
                                max_tokens=self.max_tokens_per_rank, dtype=self.dtype,
@@ -457,7 +465,8 @@ def _backend_class(name: str) -> type[MoEBackend]:
 # ---------------------------------------------------------------------- validation (pure)
 
 def validate_config(*, num_experts: int, top_k: int, hidden_size: int, max_tokens_per_rank: int,
-                    dtype: Any, group_size: int, backend: str, packed: Any = False) -> None:
+                    dtype: Any, group_size: int, backend: str, packed: Any = False,
+                    packed_align: Any = 1) -> None:
     """Check the constructor arguments; raise TypeError/ValueError saying how to fix them."""
     for name, v in (("num_experts", num_experts), ("top_k", top_k), ("hidden_size", hidden_size),
                     ("max_tokens_per_rank", max_tokens_per_rank)):
@@ -487,6 +496,15 @@ def validate_config(*, num_experts: int, top_k: int, hidden_size: int, max_token
     if not isinstance(packed, bool):
         raise TypeError(f"EPDispatcher packed must be a bool (True: expert_x as [rows, hidden] "
                         f"with per-expert offsets), got {type(packed).__name__} {packed!r}")
+    if not is_int(packed_align):
+        raise TypeError(f"EPDispatcher packed_align must be an int, got "
+                        f"{type(packed_align).__name__} {packed_align!r}")
+    if packed_align < 1:
+        raise ValueError(f"packed_align must be >= 1 (rows a segment is rounded up to), got "
+                         f"{packed_align}")
+    if packed_align != 1 and not packed:
+        raise ValueError(f"packed_align={packed_align} applies to the packed layout only: pass "
+                         f"packed=True too, or leave packed_align at 1")
 
 
 def check_layout(layout: Any, ranks: list[int], group_size: int) -> None:

@@ -103,15 +103,16 @@ class Loopback:
             ``SMs // (2 W)``).
         timeout_s: device deadline of every wait (default ``LLMCOMM_TIMEOUT_S``, as for a
             real group).
-        packed: the packed ``expert_x`` (``EPDispatcher(packed=True)``); a rank's ``offsets``
-            are ``backends[r].offsets(counts)``.
+        packed, packed_align: the packed ``expert_x`` (``EPDispatcher(packed=True,
+            packed_align=...)``); a rank's ``offsets`` are ``backends[r].offsets(counts)``.
         **backend_kwargs: passed to every :class:`~llmcomm.moe.p2p.P2PBackend`.
     """
 
     def __init__(self, world_size: int, num_experts: int, top_k: int, hidden_size: int,
                  max_tokens_per_rank: int, dtype: torch.dtype, device: Any = None,
                  num_programs: int | None = None, timeout_s: float | None = None,
-                 packed: bool = False, **backend_kwargs: Any) -> None:
+                 packed: bool = False, packed_align: int = 1,
+                 **backend_kwargs: Any) -> None:
         if not isinstance(world_size, int) or world_size < 2:
             raise ValueError(f"world_size must be an int >= 2, got {world_size!r}")
         if num_experts % world_size:
@@ -149,8 +150,8 @@ class Loopback:
             backend_kwargs["pdl"] = False
         #: what a child process of :meth:`warmup` needs to build one of these ranks
         self._spec = ((world_size, num_experts, top_k, hidden_size, max_tokens_per_rank, dtype,
-                       packed), dict(num_programs=num_programs, **backend_kwargs))
-        self.packed = packed
+                       packed, packed_align), dict(num_programs=num_programs, **backend_kwargs))
+        self.packed, self.packed_align = packed, packed_align
         self.group = LoopbackGroup(world_size, device)
         self.world_size = world_size
         self.device = device
@@ -272,10 +273,10 @@ def _rank_backend(group: LoopbackGroup, rank: int, spec: tuple) -> Any:
     from .backends import EPConfig
     from .p2p import P2PBackend
 
-    (world_size, num_experts, top_k, hidden_size, max_tokens_per_rank, dtype, packed), kwargs = \
-        spec
+    (world_size, num_experts, top_k, hidden_size, max_tokens_per_rank, dtype, packed, align), \
+        kwargs = spec
     return P2PBackend(group, EPConfig(rank, world_size, num_experts, top_k, hidden_size,
-                                      max_tokens_per_rank, dtype, group.device, packed),
+                                      max_tokens_per_rank, dtype, group.device, packed, align),
                       **kwargs)
 
 

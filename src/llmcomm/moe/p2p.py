@@ -899,7 +899,8 @@ class P2PBackend(MoEBackend):
                 self.cursor, self.counts, self.offsets_d, self.err_dev,
                 self.err_host.data_ptr(), self.timeout_ns,
                 RANK=c.rank, W=c.world_size, G=self.G, K=c.top_k, L=c.local_experts,
-                E=c.num_experts, CAP=c.capacity, BT=32, BLOCK_K=_next_pow2(c.top_k),
+                E=c.num_experts, CAP=c.slot_cap, ALIGN=c.packed_align, BT=32,
+                BLOCK_K=_next_pow2(c.top_k),
                 BLOCK_E=_next_pow2(c.num_experts), BLOCK_L=_next_pow2(c.local_experts),
                 BLOCK_W=_next_pow2(c.world_size), USE_TIMER=not self._sim,
                 POSTED=self.variants["POSTED"], PDL=self.variants["PDL"], num_warps=nw,
@@ -914,7 +915,7 @@ class P2PBackend(MoEBackend):
             self.expert_x, self._biased if c.packed else self.counts, self.cursor, self.done,
             self.slot_map, self.epoch_d,
             self.err_dev, self.err_host.data_ptr(), self.timeout_ns,
-            CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts), TB=self.tiles[0],
+            CAP=c.slot_cap, BLOCK_L=_next_pow2(c.local_experts), TB=self.tiles[0],
             INTERLEAVE=self.interleave, FUSE=self._fuse, CLAIM_RB=self._claim_rb, RT=self._rt,
             CE=ce, CE_MIN=self._ce_tokens or 0, **self._consts())
         if side is not None:   # the copies joined after the kernel's launch: they overlap it
