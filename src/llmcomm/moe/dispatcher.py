@@ -9,8 +9,9 @@ Experts are split evenly over the EP ranks in contiguous blocks: rank ``r`` owns
     y = ep.combine(expert_out, d)                  # y [T, H] = sum_k w[t,k] * expert(x[t])
 
 With ``packed=True``, ``d.expert_x`` is ``[rows, H]`` (``rows = capacity * min(top_k, L)``, the
-worst case of all local experts together) and expert ``l``'s tokens are rows
-``d.offsets[l] : d.offsets[l + 1]`` -- the layout grouped-GEMM kernels take.
+worst case of all local experts together, plus ``L * (packed_align - 1)``) and expert ``l``'s
+tokens are rows ``d.offsets[l] : d.offsets[l] + d.counts[l]`` (``d.offsets[l + 1]`` unless
+segments are padded to ``packed_align``) -- the layout grouped-GEMM kernels take.
 
 Contract (all backends): ``combine`` returns the final reduced output -- weights applied once,
 the top-k sum done once (``MoEBackend.output_is_reduced``; the dispatcher refuses a backend class

@@ -26,7 +26,7 @@ sentinel bit pattern, sign bit only; each receiver resets what it consumed)::
     lcnt  [NBUF, W, G]     int32  the source's token count, one slot per receiving program
     lcomb [NBUF, W, M, H]  dtype  weighted partial sums pushed back by each expert rank
 
-Local: ``expert_x [L, W*M, H]`` (packed: ``[W*M*min(K, L), H]`` and ``offsets [L + 1]``),
+Local: ``expert_x [L, W*M, H]`` (packed: ``[EPConfig.rows, H]`` and ``offsets [L + 1]``),
 counts, slot cursors, the slot map ``[W, M, K]``, per-program
 epochs (``"flags"``) or buffer indices (``"lamport"``, plus the peers' weights ``wloc [W, M, K]``
 and token counts ``peer_T [W]`` kept for the combine), and a 4-int error record (device, plus a
