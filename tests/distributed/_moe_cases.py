@@ -37,6 +37,12 @@ def make_inputs(seed: int, world: int, tokens: list[int], num_experts: int, top_
                 ids[:, 1] = ids[:, 0]
         elif routing == "low_experts":         # only the first expert block: others get nothing
             ids = torch.randint(0, max(1, num_experts // world), (T, top_k), generator=g)
+        elif routing == "first_two":           # every token to experts 0 and 1 (+ others):
+            # both fill to capacity on rank 0, so a packed layout's second segment starts at
+            # its latest (the first one rounded up to packed_align)
+            ids = torch.stack([torch.cat([torch.tensor([0, 1]), 2 + torch.randperm(
+                num_experts - 2, generator=g)[:top_k - 2]]) for _ in range(T)]) if T \
+                else torch.empty(0, top_k, dtype=torch.long)
         else:
             raise ValueError(routing)
         w = torch.rand(T, top_k, generator=g) + 0.1

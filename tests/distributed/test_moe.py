@@ -179,6 +179,26 @@ def test_world4_tp2_dp2_layout():
         assert wrong is not None and "ep_size=4" in wrong and "2 ranks" in wrong, wrong
 
 
+def _full_segments_worker(rank, world, tmp, backend):
+    """Both ranks at capacity, every token to experts 0 and 1: rank 0's two segments are full,
+    the second starting past ``capacity`` when the first is rounded up to ``packed_align``."""
+    ep = _make(backend, 3, 13, tmp)
+    inputs = make_inputs(8, world, [13, 13], E, 3, H, torch.float32, "first_two")
+    return roundtrip(ep, rank, world, E, inputs, torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["torch-packed4", pytest.param("p2p-sim-packed4",
+                                                                   marks=NEEDS_TRITON)])
+def test_packed_full_segments_with_alignment(backend):
+    """The p2p kernels' ``CAP`` grows by ``packed_align - 1`` (``EPConfig.slot_cap``); without
+    that the dispatch's ``slot < CAP`` guard drops the last rows of expert 1 here."""
+    with tempfile.TemporaryDirectory() as tmp:
+        res = run_ranks(_full_segments_worker, 2, tmp, backend, timeout=150,
+                        env=SIM if backend.startswith("p2p") else None)
+    assert res[0][0] >= 2 * 26, res   # rank 0's rows, each checked: experts 0 and 1 full
+    assert max(err for _, err in res) <= 2e-5
+
+
 def _p2p_sim_world4_worker(rank, world, tmp, backend):
     ep = _make(backend, 2, 13, tmp)
     routing, toks, K = CASES[0]
