@@ -113,10 +113,8 @@ def _moe_worker(rank, world, backend, tmp):
 
     def moe(x, ids, w):
         d = ep.dispatch(x, ids, w)
-        if packed:   # each row's expert from the offsets
-            rows = torch.arange(d.expert_x.shape[0], dtype=torch.int32)
-            el = torch.searchsorted(d.offsets[1:], rows, right=True).clamp_max(L - 1)
-            er = (el + rank * L).double().view(-1, 1)
+        if packed:   # each row's expert (-1: no token there; any value does for those rows)
+            er = (d.row_experts().clamp_min(0) + rank * L).double().view(-1, 1)
             out = (d.expert_x.double() * (1.0 + er / 8.0) + er / 16.0).float()
             return ep.combine(out, d), d.expert_x.clone(), d.counts.clone(), d.offsets.clone()
         out = (d.expert_x.double() * (1.0 + e / 8.0) + e / 16.0).float()  # affine_expert

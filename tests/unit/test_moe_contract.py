@@ -7,7 +7,8 @@ import torch
 
 from llmcomm.moe import EP_BACKENDS, resolve_ep_backend
 from llmcomm.moe.backends import (AllGatherBackend, EPConfig, MoEBackend, TorchA2ABackend,
-                                  expand_to_experts, packed_offsets, weighted_partial)
+                                  expand_to_experts, packed_offsets, packed_row_experts,
+                                  weighted_partial)
 from llmcomm.moe.dispatcher import check_layout, validate_config, validate_dispatch_args
 from llmcomm.moe.reference import (affine_expert, check_combine_output, reference_combine,
                                    reference_dispatch)
@@ -104,9 +105,12 @@ def test_local_steps_reproduce_reference_single_process(world, packed, align):
             rows = out[offs[le]:offs[le] + c] if packed else out[le, :c]
             rows.copy_(affine_expert(r * cfg.local_experts + le, rows.double()).float())
         if packed:   # every valid row was written; a segment's padding never is
-            valid = torch.zeros(cfg.rows, dtype=torch.bool)
+            want = torch.full((cfg.rows,), -1, dtype=torch.int32)
             for le in range(L):
-                valid[offs[le]:offs[le] + int(counts[le])] = True
+                want[offs[le]:offs[le] + int(counts[le])] = le
+            got = packed_row_experts(counts, packed_offsets(counts, align), cfg.rows)
+            assert torch.equal(got, want), (got, want)
+            valid = want >= 0
             assert not out[valid].isnan().any() and out[~valid].isnan().all()
         y += weighted_partial(out, slot, w)
     check_combine_output(y, reference_combine(x, ids, w), torch.float32)
@@ -189,3 +193,16 @@ def test_resolve_backend():
     with pytest.raises(BackendUnavailableError, match="cpu"):
         resolve_ep_backend("p2p", cpu, 64)
     assert resolve_ep_backend("allgather", two, 64).choice == "allgather"
+
+
+def test_row_experts_is_for_packed_dispatches_only():
+    """A padded dispatch has no ``row_experts``: the error says where its rows are instead."""
+    from llmcomm.moe.dispatcher import DispatchHandle, DispatchResult
+
+    counts = torch.tensor([2, 0, 3], dtype=torch.int32)
+    padded = DispatchResult(torch.zeros(3, 4, 8), counts, DispatchHandle(2, 1, None))
+    with pytest.raises(ValueError, match=r"expert_x\[l, :counts\[l\]\]"):
+        padded.row_experts()
+    packed = DispatchResult(torch.zeros(7, 8), counts, DispatchHandle(2, 1, None),
+                            packed_offsets(counts))
+    assert packed.row_experts().tolist() == [0, 0, 2, 2, 2, -1, -1]

@@ -100,6 +100,24 @@ def packed_offsets(counts: torch.Tensor, align: int = 1) -> torch.Tensor:
     return torch.cat([zero, torch.cumsum(seg, 0, dtype=torch.int32)])
 
 
+def packed_row_experts(counts: torch.Tensor, offsets: torch.Tensor, rows: int) -> torch.Tensor:
+    """``[rows]`` int32: the local expert whose token each row of a packed ``expert_x`` holds,
+    ``-1`` for the others (a segment's padding, the rows past the last segment) -- the per-row
+    expert index some grouped GEMMs take. In reference code::
+
+        out = [-1] * rows
+        for l in range(L):
+            out[offsets[l]:offsets[l] + counts[l]] = [l] * counts[l]
+
+    Device ops only (no host sync, capturable, traceable by ``torch.compile``)."""
+    L = counts.shape[0]
+    r = torch.arange(rows, dtype=torch.int32, device=counts.device)
+    seg = torch.searchsorted(offsets[1:].contiguous(), r, right=True)   # L past the last one
+    el = seg.clamp_max(L - 1)
+    valid = (seg < L) & (r < offsets.index_select(0, el) + counts.index_select(0, el))
+    return torch.where(valid, el, -1).to(torch.int32)
+
+
 class MoEBackend:
     """Base class of every EP backend. Instances belong to one :class:`EPDispatcher`."""
 

@@ -44,7 +44,8 @@ from ..agree import CallChecker, agree, group_label, group_ranks
 from ..config import get_config
 from ..errors import BackendUnavailableError, CaptureError, ConfigMismatchError  # noqa: F401
 from ..policy import Decision
-from .backends import AllGatherBackend, EPConfig, MoEBackend, TorchA2ABackend, packed_offsets
+from .backends import (AllGatherBackend, EPConfig, MoEBackend, TorchA2ABackend, packed_offsets,
+                       packed_row_experts)
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,15 @@ class DispatchResult:
     counts: torch.Tensor
     handle: DispatchHandle
     offsets: torch.Tensor | None = None
+
+    def row_experts(self) -> torch.Tensor:
+        """Packed only: ``[rows]`` int32, the local expert of each row of ``expert_x``, ``-1``
+        where a row holds no token (:func:`~llmcomm.moe.backends.packed_row_experts`; device
+        ops, no sync)."""
+        if self.offsets is None:
+            raise ValueError("row_experts() is for a packed dispatch (EPDispatcher(packed=True)); "
+                             "in the padded layout expert l's rows are expert_x[l, :counts[l]]")
+        return packed_row_experts(self.counts, self.offsets, self.expert_x.shape[0])
 
 
 def resolve_ep_backend(requested: str, facts: Any, hidden_size: int) -> Decision:
