@@ -91,7 +91,7 @@ def _make(backend, K, M, tmp, group=None, layout=None, **kw):
 
     group = group if group is not None else dist.group.WORLD
     base, sep, align = backend.rpartition(PACKED)
-    if sep and align.isdigit() or sep and not align:
+    if sep and (align.isdigit() or not align):
         backend = base
         kw.update(packed=True, packed_align=int(align or 1))
     if backend in P2P_SIM or backend in P2P_SIM_AUTO:

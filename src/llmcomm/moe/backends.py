@@ -198,14 +198,12 @@ def expand_to_experts(rows: torch.Tensor, ids: torch.Tensor, cfg: EPConfig,
     counts_ext.scatter_add_(0, key, torch.ones_like(key))
     order = torch.sort(key, stable=True).indices
     starts = torch.cumsum(counts_ext, 0) - counts_ext
-    seg = counts_ext.clone()             # packed: each segment rounded up to packed_align
-    seg[:L] = (seg[:L] + (cfg.packed_align - 1)) // cfg.packed_align * cfg.packed_align
-    seg_starts = torch.cumsum(seg, 0) - seg
     sorted_key = key[order]
     rank_in_key = torch.arange(key.numel(), device=dev) - starts[sorted_key]
     slot_in_expert = torch.empty_like(key)
     slot_in_expert[order] = rank_in_key
-    start = seg_starts[key] if cfg.packed else key * cap
+    # packed: the expert's segment start (key L, "none", reads offsets[L]: a scratch-row entry)
+    start = packed_offsets(counts_ext[:L], cfg.packed_align)[key] if cfg.packed else key * cap
     flat = torch.where(first.flatten(), start + slot_in_expert, cfg.rows)  # else: scratch row
     src_row = torch.arange(n, device=dev).repeat_interleave(k)
     if flat.numel():
