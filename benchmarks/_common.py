@@ -194,3 +194,18 @@ def format_trace(summaries: dict, title: str) -> str:
             f"{f(summaries[r][stage]['max'])}".rjust(24) for r in ranks)
         lines.append(f"  {stage:<20}{cells}")
     return "\n".join(lines)
+
+
+def dequant_expert_rows(q, scale, counts, offsets, out):
+    """An fp8 dispatch's valid rows dequantised into ``out`` (``expert_x``'s shape, the
+    dispatcher's dtype; zeroed first): the identity experts' ``expert_out`` of a benchmark's
+    check. ``offsets``: a packed dispatch's, else ``None``. A host loop over the local experts
+    (checks only, never timed)."""
+    from llmcomm.moe.fp8 import FP8_BLOCK
+
+    out.zero_()
+    offs = None if offsets is None else offsets.tolist()
+    for le, c in enumerate(counts.tolist()):
+        sl = (le, slice(0, c)) if offs is None else (slice(offs[le], offs[le] + c),)
+        out[sl] = (q[sl].float() * scale[sl].repeat_interleave(FP8_BLOCK, dim=-1)).to(out.dtype)
+    return out

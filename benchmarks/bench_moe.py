@@ -116,6 +116,13 @@ SWEEP = {
     "packed": ({"protocol": "flags", "packed": True}, None),
     # ... each expert's segment at a multiple of 128 rows (packed_align, for block-tiled GEMMs)
     "packed_a128": ({"protocol": "flags", "packed": True, "packed_align": 128}, None),
+    # the fp8 dispatch (EPDispatcher(fp8=True), session 32): tokens quantised (one triton
+    # kernel, inside the timed pair) and sent as float8_e4m3fn + a float32 scale per 128
+    # channels (3696 instead of 7168 bf16 elements a row at hidden 7168); the combine in bf16.
+    # Checked against the reference of the quantised tokens; the pair's combine takes a fixed
+    # bf16 expert_out (the identity experts' dequantised rows of the checked call)
+    "fp8": ({"protocol": "flags", "fp8": True}, None),
+    "packed_fp8": ({"protocol": "flags", "packed": True, "fp8": True}, None),
     "croles_r8": ({"protocol": "flags", "_combine_roles": True, "round_tokens": 8}, None),
     # the dispatch's rows by copy engine, a round of every program (8 x 128 = 1024 tokens at
     # 4096 per rank) a copy, for batches of 2048+ tokens (session 17, P2PBackend._ce_tokens,
@@ -233,8 +240,9 @@ def _sweep_worker(rank, world, tokens, names, split_halves=False):
     import torch
     import torch.distributed as dist
 
-    from benchmarks._common import format_trace, time_graph
+    from benchmarks._common import dequant_expert_rows, format_trace, time_graph
     from llmcomm.moe import EPDispatcher
+    from llmcomm.moe.reference import dequantize_fp8_blocks, quantize_fp8_blocks
 
     H, E, K = SWEEP_CONFIG
     dtype, M, L = torch.bfloat16, max(tokens), E // world
@@ -270,9 +278,12 @@ def _sweep_worker(rank, world, tokens, names, split_halves=False):
         kw = dict(kw)
         packed = kw.pop("packed", False)
         align = kw.pop("packed_align", 1)
+        fp8 = kw.pop("fp8", False)
         try:
             ep = EPDispatcher(dist.group.WORLD, E, K, H, M, dtype, backend="p2p",
-                              packed=packed, packed_align=align, _backend_kwargs=kw)
+                              packed=packed, packed_align=align, fp8=fp8, _backend_kwargs=kw)
+            # fp8: the identity experts' bf16 outputs (expert_x is float8_e4m3fn)
+            eo = torch.zeros(ep.expert_x_shape, dtype=dtype, device="cuda") if fp8 else None
         except Exception as e:  # noqa: BLE001 - identical on every rank (creation is agreed)
             errors[name] = repr(e)[:300]
             continue
@@ -284,10 +295,17 @@ def _sweep_worker(rank, world, tokens, names, split_halves=False):
 
             def p2p(x=x, ids=ids, w=w, ep=ep):
                 d = ep.dispatch(x, ids, w)
-                return d, ep.combine(d.expert_x, d)
+                return d, ep.combine(d.expert_x if eo is None else eo, d)
 
             try:  # a device timeout kills this entry (its dispatcher), not the sweep
-                d, y = p2p()
+                if fp8:   # checked call: the dispatched rows dequantised as expert_out
+                    d = ep.dispatch(x, ids, w)
+                    y = ep.combine(dequant_expert_rows(d.expert_x, d.expert_x_scale, d.counts,
+                                                       d.offsets, eo), d)
+                    y_ref = dequantize_fp8_blocks(*quantize_fp8_blocks(x)).to(y.device) * \
+                        w.double().sum(dim=1, keepdim=True)
+                else:
+                    d, y = p2p()
                 ep.check_errors(sync=True)
                 cnt_ok = bool(torch.equal(d.counts.long(), want))
                 err = float(((y.double() - y_ref).norm() / y_ref.norm().clamp_min(1e-30))
@@ -325,7 +343,8 @@ def _sweep_worker(rank, world, tokens, names, split_halves=False):
                     print(format_trace(row[f"{name}.trace"], f"  {name} T={T} dispatch stages"),
                           flush=True)
             split = ""
-            if split_halves:   # each half alone, through the backend (as _worker)
+            if split_halves and not fp8:   # each half alone, through the backend (as _worker;
+                # fp8: the backend's dispatch takes wire rows, not x)
                 be = ep._backend
                 ex, _, state = be.dispatch(x, ids, w)
                 row[f"{name}.dispatch"] = round(time_graph(

@@ -31,6 +31,7 @@ the command.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -53,6 +54,12 @@ CONFIGS = {
     "packed4096": (4096, {"protocol": "flags", "packed": True}),
     # ... each expert's segment at a multiple of 128 rows (packed_align)
     "packed4096a128": (4096, {"protocol": "flags", "packed": True, "packed_align": 128}),
+    # the fp8 dispatch (session 32, EPDispatcher(fp8=True)): tokens quantised (one triton
+    # kernel, timed with the dispatch) and moved as float8_e4m3fn + a scale per 128 channels;
+    # the combine in bf16 as before. Padded and packed, against flags4096 / packed4096
+    "fp8_4096": (4096, {"protocol": "flags", "fp8": True}),
+    "packedfp8_4096": (4096, {"protocol": "flags", "packed": True, "fp8": True}),
+    "fp8_128": (128, {"protocol": "flags", "fp8": True}),
     # A/B candidate: the combine's push and finish in separate programs (16 warps, one token
     # a step; 2 x SMs // (2 * world) programs a rank, the dispatch keeps its grid), rounds of 8
     "croles4096r8": (4096, {"protocol": "flags", "_combine_roles": True, "round_tokens": 8}),
@@ -98,19 +105,38 @@ def _inputs(world, T, E, K, H, seed):
     return xs, ids, ws
 
 
-def _check(lb, xs, ids, ws):
-    """One call of every rank against the dense reference (identity experts); max rel. error."""
+def _expert_outs(lb, outs, eos):
+    """Identity experts' ``expert_out`` of every rank: ``expert_x`` itself, or with ``fp8`` its
+    valid rows dequantised into ``eos`` (checks only)."""
+    from benchmarks._common import dequant_expert_rows
+    from llmcomm.moe.fp8 import split_wire
+
+    if not lb.fp8:
+        return [o[0] for o in outs]
+    for r, (o, eo) in enumerate(zip(outs, eos)):
+        be = lb.backends[r]
+        dequant_expert_rows(*split_wire(o[0], be.cfg.hidden_size), o[1],
+                            be.offsets(o[1]) if lb.packed else None, eo)
+    return eos
+
+
+def _check(lb, xs, ids, ws, eos=None):
+    """One call of every rank against the dense reference (identity experts; with ``fp8`` of
+    the reference-quantised tokens); max rel. error."""
     import torch
 
-    from llmcomm.moe.reference import check_combine_output, reference_combine
+    from llmcomm.moe.reference import (check_combine_output, dequantize_fp8_blocks,
+                                       quantize_fp8_blocks, reference_combine)
 
     outs = lb.dispatch(xs, ids, ws)
-    ys = lb.combine([o[0] for o in outs], outs, [x.shape[0] for x in xs])
+    ys = lb.combine(_expert_outs(lb, outs, eos), outs, [x.shape[0] for x in xs])
     lb.check_errors()
     errs = []
     for r, y in enumerate(ys):
-        ref = reference_combine(xs[r].cpu(), ids[r].cpu(), ws[r].cpu(),
-                                expert_fn=lambda e, rows: rows)
+        x = xs[r].cpu()
+        if lb.fp8:
+            x = dequantize_fp8_blocks(*quantize_fp8_blocks(x))
+        ref = reference_combine(x, ids[r].cpu(), ws[r].cpu(), expert_fn=lambda e, rows: rows)
         errs.append(check_combine_output(y.cpu(), ref, torch.bfloat16, what="loopback"))
     return max(errs)
 
@@ -147,6 +173,8 @@ def _free_ok(be, T):
 
     from llmcomm.moe.p2p import _lamport_warps
 
+    if getattr(be.cfg, "fp8", False):   # be.dispatch would get x, not the wire rows
+        return False
     if not be.variants["PDL"]:
         return True
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
@@ -169,6 +197,11 @@ def run(args) -> list[dict]:
         M, kw = CONFIGS[name]
         if args.trace:
             kw = {**kw, "_trace": True}
+        # the previous config's buffers first (15 GB a rank at M 4096; its last dispatch's
+        # outputs hold its expert_x)
+        lb = be0 = eos = outs = None
+        gc.collect()
+        torch.cuda.empty_cache()
         lb = Loopback(W, E, K, H, M, torch.bfloat16, num_programs=args.programs, **kw)
         be0 = lb.backends[0]
         if args.warm_rank is not None:   # compile rank R's kernels into triton's cache only
@@ -183,12 +216,16 @@ def run(args) -> list[dict]:
                           [torch.int64], torch.float32, processes=args.warm_processes)
             print(f"{name:>10}: {n} kernels compiled ({args.warm_processes} processes) and "
                   f"loaded in {time.perf_counter() - t0:.0f} s", flush=True)
+        # fp8: the combine takes bf16 expert outputs (expert_x is fp8 wire rows), one a rank
+        # (after the warm-up children, which build their own ranks' buffers)
+        eos = [torch.zeros(be.cfg.expert_x_shape, dtype=torch.bfloat16, device="cuda")
+               for be in lb.backends] if lb.fp8 else None
         for T in (int(t) for t in args.tokens.split(",")):
             if T > M:
                 continue
             xs, ids, ws = _inputs(W, T, E, K, H, seed=T)
             try:
-                err = _check(lb, xs, ids, ws)
+                err = _check(lb, xs, ids, ws, eos)
             except CollectiveTimeoutError as e:   # the workspace is unusable: next config
                 print(f"{name:>10} T={T:<5} CHECK TIMED OUT: {e}", flush=True)
                 break
@@ -207,7 +244,7 @@ def run(args) -> list[dict]:
 
             def pair():
                 outs = lb.dispatch(xs, ids, ws)
-                lb.combine([o[0] for o in outs], outs, Ts)
+                lb.combine(eos or [o[0] for o in outs], outs, Ts)
 
             t_pair = time_graph(pair, iters=iters)
             t_free = None
@@ -231,7 +268,8 @@ def run(args) -> list[dict]:
             outs = lb.dispatch(xs, ids, ws)
             t_disp = time_graph(lambda: lb.dispatch(xs, ids, ws), iters=iters)
             outs = lb.dispatch(xs, ids, ws)
-            t_comb = time_graph(lambda: lb.combine([o[0] for o in outs], outs, Ts), iters=iters)
+            t_comb = time_graph(lambda: lb.combine(eos or [o[0] for o in outs], outs, Ts),
+                                iters=iters)
             try:
                 lb.check_errors()
             except CollectiveTimeoutError as e:   # the workspace is unusable: next config

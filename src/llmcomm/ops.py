@@ -14,12 +14,15 @@ mode. The fake implementations give output shapes and dtypes::
         -> (normed [T, H], residual_out [T, H])
     llmcomm::all_reduce_add_rms_norm_fp8(x, residual, weight, eps, quant_scale [1], key)
         -> (normed_fp8 [T, H] float8_e4m3fn, residual_out, normed)
-    llmcomm::moe_dispatch(x [T, H], topk_ids [T, K], topk_weights [T, K], key)
+    llmcomm::moe_dispatch(x [T, H], topk_ids [T, K], topk_weights [T, K], key, x_scale=None)
         -> (expert_x [L, capacity, H] (packed: [rows, H]), counts [L] int32)
     llmcomm::moe_combine(expert_out (expert_x's shape), num_tokens, key) -> y [num_tokens, H]
 
 (A packed dispatcher's ``offsets`` are computed from ``counts`` in the traced graph,
-:func:`llmcomm.moe.backends.packed_offsets`.)
+:func:`llmcomm.moe.backends.packed_offsets`. An fp8 dispatcher's op returns the wire rows,
+``[..., EPConfig.row_width]`` of its dtype, which the traced graph views as ``expert_x`` and
+``expert_x_scale``, :func:`llmcomm.moe.fp8.split_wire`; ``x_scale``: the caller's scales when
+it passed ``(q, scale)``.)
 
 ``moe_combine`` combines the dispatch in flight on that dispatcher (one at a time, as in eager
 mode; the dispatcher keeps its handle between the two ops). Every op is registered as an ORDERED
@@ -106,17 +109,18 @@ def _(x, residual, weight, eps, quant_scale, key):
 
 @torch.library.custom_op("llmcomm::moe_dispatch", mutates_args=())
 def moe_dispatch(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                 key: str) -> tuple[torch.Tensor, torch.Tensor]:
+                 key: str, x_scale: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     ep = _lookup(key)
-    d = ep.dispatch(x, topk_ids, topk_weights)
-    ep._compiled_in_flight = d   # for moe_combine
-    return d.expert_x, d.counts
+    expert_x, counts, handle = ep._dispatch(x, x_scale, topk_ids, topk_weights)
+    ep._compiled_in_flight = handle   # for moe_combine
+    return expert_x, counts
 
 
 @moe_dispatch.register_fake
-def _(x, topk_ids, topk_weights, key):
+def _(x, topk_ids, topk_weights, key, x_scale=None):
     ep = _lookup(key)
-    return (x.new_empty(ep.expert_x_shape),
+    return (torch.empty(ep._cfg.wire_shape, dtype=ep.dtype, device=x.device),
             torch.empty(ep.local_experts, dtype=torch.int32, device=x.device))
 
 

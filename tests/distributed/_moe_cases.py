@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from llmcomm.moe.reference import (affine_expert, check_combine_output, reference_combine,
-                                   reference_dispatch)
+from llmcomm.moe.reference import (affine_expert, check_combine_output, dequantize_fp8_blocks,
+                                   quantize_fp8_blocks, reference_combine, reference_dispatch)
 
 
 def make_inputs(seed: int, world: int, tokens: list[int], num_experts: int, top_k: int,
@@ -15,8 +15,10 @@ def make_inputs(seed: int, world: int, tokens: list[int], num_experts: int, top_
                 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Every rank's (x, topk_ids, topk_weights) from one seed, so each rank knows them all.
 
-    x rows are rank-tagged: x[t, 0] = source rank, x[t, 1] = t % 128, x[t, 2] = t // 128
-    (integers exact in bf16), the rest random.
+    x rows are rank-tagged: x[t, 0] = source rank, x[t, 1:4] = t in base 16 (t % 16,
+    t // 16 % 16, t // 256): integers of at most 4 significant bits, exact in bf16 and, as
+    power-of-two multiples of a block scale, in the fp8 dispatch's float8_e4m3fn too; the
+    rest random.
     """
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -24,8 +26,9 @@ def make_inputs(seed: int, world: int, tokens: list[int], num_experts: int, top_
         T = tokens[r]
         x = torch.randn(T, hidden, generator=g)
         x[:, 0] = r
-        x[:, 1] = torch.arange(T) % 128
-        x[:, 2] = torch.arange(T) // 128
+        x[:, 1] = torch.arange(T) % 16
+        x[:, 2] = torch.arange(T) // 16 % 16
+        x[:, 3] = torch.arange(T) // 256
         if routing == "random":
             ids = torch.stack([torch.randperm(num_experts, generator=g)[:top_k]
                                for _ in range(T)]) if T else torch.empty(0, top_k, dtype=torch.long)
@@ -77,9 +80,11 @@ def check_offsets(counts: torch.Tensor, offsets: torch.Tensor, expert_x: torch.T
 
 def check_dispatch(rank: int, world: int, num_experts: int, inputs, expert_x: torch.Tensor,
                    counts: torch.Tensor, offsets: torch.Tensor | None = None,
-                   align: int = 1) -> int:
+                   align: int = 1, scale: torch.Tensor | None = None) -> int:
     """Every received row is checked against its source row; the multiset must be exact.
-    ``offsets``: a packed dispatch's (checked against ``counts`` and ``align`` too)."""
+    ``offsets``: a packed dispatch's (checked against ``counts`` and ``align`` too).
+    ``scale``: an fp8 dispatch's ``expert_x_scale``; each row's fp8 bytes and scales must be
+    the float64 reference quantisation of its source row, bit for bit."""
     expected = reference_dispatch([ids for _, ids, _ in inputs], num_experts, rank)
     L = num_experts // world
     counts = counts.cpu()
@@ -87,10 +92,17 @@ def check_dispatch(rank: int, world: int, num_experts: int, inputs, expert_x: to
     assert tuple(counts.shape) == (L,), counts.shape
     if offsets is None:
         ex = expert_x[:, :max(1, int(counts.max()))].cpu()   # only the rows counted: fast
+        sc = None if scale is None else scale[:, :ex.shape[1]].cpu()
         offs = None
     else:
         offs = check_offsets(counts, offsets, expert_x, align)
         ex = expert_x[:max(1, offs[-1])].cpu()
+        sc = None if scale is None else scale[:ex.shape[0]].cpu()
+    if scale is not None:
+        assert expert_x.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32, \
+            (expert_x.dtype, scale.dtype)
+        assert tuple(scale.shape) == tuple(expert_x.shape[:-1]) + (expert_x.shape[-1] // 128,)
+        quant = [quantize_fp8_blocks(x) for x, _, _ in inputs]
     cnt = counts.tolist()
     n = 0
     for le in range(L):
@@ -98,12 +110,23 @@ def check_dispatch(rank: int, world: int, num_experts: int, inputs, expert_x: to
         want = expected[le]
         assert c == len(want), f"rank {rank} expert {le}: count {c} != expected {len(want)}"
         mine = expert_rows(ex, cnt, offs, le)
-        rows = mine.float()
+        if scale is None:
+            rows = mine.float()
+        else:
+            mine_s = expert_rows(sc, cnt, offs, le)
+            rows = dequantize_fp8_blocks(mine, mine_s)
         got = []
         for i in range(c):
-            src, t = int(rows[i, 0]), int(rows[i, 1]) + 128 * int(rows[i, 2])
+            src = int(rows[i, 0])
+            t = int(rows[i, 1]) + 16 * int(rows[i, 2]) + 256 * int(rows[i, 3])
             assert 0 <= src < world and 0 <= t < inputs[src][0].shape[0], (src, t)
-            assert torch.equal(mine[i], inputs[src][0][t]), \
+            if scale is None:
+                same = torch.equal(mine[i], inputs[src][0][t])
+            else:
+                q, s = quant[src]
+                same = torch.equal(mine[i].view(torch.uint8), q[t].view(torch.uint8)) and \
+                    torch.equal(mine_s[i], s[t])
+            assert same, \
                 f"rank {rank} expert {le} row {i}: content differs from source ({src}, {t})"
             got.append((src, t))
         assert sorted(got) == want, f"rank {rank} expert {le}: got {sorted(got)} want {want}"
@@ -112,24 +135,33 @@ def check_dispatch(rank: int, world: int, num_experts: int, inputs, expert_x: to
 
 
 def run_experts(rank: int, num_experts: int, world: int, expert_x: torch.Tensor,
-                counts: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
+                counts: torch.Tensor, offsets: torch.Tensor | None = None,
+                scale: torch.Tensor | None = None, dtype: torch.dtype | None = None
+                ) -> torch.Tensor:
     """expert_out: the affine test expert on valid rows, NaN (poison) everywhere else
-    (``offsets``: a packed ``expert_x``'s)."""
+    (``offsets``: a packed ``expert_x``'s; ``scale``: an fp8 one's scales, its rows
+    dequantised first, ``expert_out`` in ``dtype``)."""
     L = num_experts // world
-    out = torch.full_like(expert_x, float("nan"))
+    out = torch.full(expert_x.shape, float("nan"), dtype=dtype or expert_x.dtype,
+                     device=expert_x.device)
     cnt = counts.cpu().tolist()
     offs = None if offsets is None else offsets.cpu().tolist()
     for le in range(L):
         if cnt[le]:
             rows = expert_rows(expert_x, cnt, offs, le)
+            rows = rows.double() if scale is None else \
+                dequantize_fp8_blocks(rows, expert_rows(scale, cnt, offs, le)).to(rows.device)
             expert_rows(out, cnt, offs, le).copy_(
-                affine_expert(rank * L + le, rows.double()).to(out.dtype))
+                affine_expert(rank * L + le, rows).to(out.dtype))
     return out
 
 
 def check_combine(rank: int, inputs, y: torch.Tensor, dtype: torch.dtype,
-                  what: str = "combine") -> float:
+                  what: str = "combine", fp8: bool = False) -> float:
+    """``y`` against the dense reference; ``fp8``: of the reference-quantised tokens."""
     x, ids, w = inputs[rank]
+    if fp8:
+        x = dequantize_fp8_blocks(*quantize_fp8_blocks(x))
     return check_combine_output(y, reference_combine(x, ids, w), dtype, what=what)
 
 
@@ -154,15 +186,21 @@ def check_identity_call(rank: int, num_experts: int, dtype: torch.dtype, inputs,
 
 
 def roundtrip(ep: Any, rank: int, world: int, num_experts: int, inputs, dtype,
-              device="cpu") -> tuple[int, float]:
+              device="cpu", pair: bool = False) -> tuple[int, float]:
+    """One dispatch + combine of ``inputs[rank]``, every row and the output checked.
+    ``pair``: an fp8 dispatcher gets ``x`` already quantised, as the reference's ``(q, s)``."""
     x, ids, w = (t.to(device) for t in inputs[rank])
+    if pair:
+        x = tuple(t.to(device) for t in quantize_fp8_blocks(x))
     d = ep.dispatch(x, ids, w)
     assert (d.offsets is not None) == ep.packed, (ep.packed, d.offsets)
+    assert (d.expert_x_scale is not None) == ep.fp8, (ep.fp8, d.expert_x_scale)
     n = check_dispatch(rank, world, num_experts, inputs, d.expert_x, d.counts, d.offsets,
-                       ep.packed_align)
-    out = run_experts(rank, num_experts, world, d.expert_x, d.counts, d.offsets)
+                       ep.packed_align, d.expert_x_scale)
+    out = run_experts(rank, num_experts, world, d.expert_x, d.counts, d.offsets,
+                      d.expert_x_scale, ep.dtype)
     y = ep.combine(out, d)
-    err = check_combine(rank, inputs, y, dtype, what=f"{ep.backend} combine")
+    err = check_combine(rank, inputs, y, dtype, what=f"{ep.backend} combine", fp8=ep.fp8)
     return n, err
 
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from llmcomm import reference
+from llmcomm.moe.reference import quantize_fp8_blocks
 from tests._dist import run_ranks
 from tests.distributed._moe_cases import check_combine, check_dispatch, make_inputs
 
@@ -98,6 +99,11 @@ def _moe_worker(rank, world, backend, tmp):
 
     E, K, H, M = 8, 3, 24, 13
     L = E // world
+    # fp8: the wire rows viewed as expert_x / expert_x_scale in the graph; the caller's own
+    # (q, scale) in the last two calls
+    fp8 = backend.endswith("-fp8")
+    backend = backend.removesuffix("-fp8")
+    H = 128 if fp8 else H
     packed = backend.endswith("-packed")   # offsets traced from counts in the graph
     backend = backend.removesuffix("-packed")
     if backend == "p2p-sim":
@@ -105,20 +111,26 @@ def _moe_worker(rank, world, backend, tmp):
 
         ep = EPDispatcher(dist.group.WORLD, E, K, H, M, torch.float32, _backend_cls=P2PBackend,
                           _backend_kwargs={"simulate_dir": tmp, "num_programs": 3},
-                          packed=packed)
+                          packed=packed, fp8=fp8)
     else:
         ep = EPDispatcher(dist.group.WORLD, E, K, H, M, torch.float32, backend=backend,
-                          packed=packed)
+                          packed=packed, fp8=fp8)
     e = (torch.arange(L) + rank * L).double().view(L, 1, 1)
 
     def moe(x, ids, w):
         d = ep.dispatch(x, ids, w)
+        rows = d.expert_x.double()
+        scale = None
+        if fp8:
+            scale = d.expert_x_scale.clone()
+            rows = rows * d.expert_x_scale.double().repeat_interleave(128, dim=-1)
         if packed:   # each row's expert (-1: no token there; any value does for those rows)
             er = (d.row_experts().clamp_min(0) + rank * L).double().view(-1, 1)
-            out = (d.expert_x.double() * (1.0 + er / 8.0) + er / 16.0).float()
-            return ep.combine(out, d), d.expert_x.clone(), d.counts.clone(), d.offsets.clone()
-        out = (d.expert_x.double() * (1.0 + e / 8.0) + e / 16.0).float()  # affine_expert
-        return ep.combine(out, d), d.expert_x.clone(), d.counts.clone(), None
+            out = (rows * (1.0 + er / 8.0) + er / 16.0).float()
+            return (ep.combine(out, d), d.expert_x.clone(), d.counts.clone(), d.offsets.clone(),
+                    scale)
+        out = (rows * (1.0 + e / 8.0) + e / 16.0).float()  # affine_expert
+        return ep.combine(out, d), d.expert_x.clone(), d.counts.clone(), None, scale
 
     rec = _Recorder()
     compiled = torch.compile(moe, backend=rec, fullgraph=True, dynamic=True)
@@ -128,17 +140,21 @@ def _moe_worker(rank, world, backend, tmp):
         if i == 3:
             graphs_after_3 = len(rec.graphs)
         inputs = make_inputs(300 + i, world, tokens, E, K, H, torch.float32, "random")
-        y, expert_x, counts, offsets = compiled(*inputs[rank])
-        check_dispatch(rank, world, E, inputs, expert_x, counts, offsets)
-        errs.append(check_combine(rank, inputs, y, torch.float32, what=f"compiled {backend}"))
+        x, ids, w = inputs[rank]
+        if fp8 and i >= 3:   # the 0/1-token graphs: with the caller's (q, scale)
+            x = quantize_fp8_blocks(x)
+        y, expert_x, counts, offsets, scale = compiled(x, ids, w)
+        check_dispatch(rank, world, E, inputs, expert_x, counts, offsets, scale=scale)
+        errs.append(check_combine(rank, inputs, y, torch.float32, what=f"compiled {backend}",
+                                  fp8=fp8))
     return errs, rec.graphs, graphs_after_3
 
 
 @pytest.mark.parametrize("backend", [
-    "torch", "allgather", "torch-packed",
+    "torch", "allgather", "torch-packed", "allgather-fp8",
     *(pytest.param(b, marks=pytest.mark.skipif(
         importlib.util.find_spec("triton") is None, reason="the p2p simulation needs triton"))
-      for b in ("p2p-sim", "p2p-sim-packed"))])
+      for b in ("p2p-sim", "p2p-sim-packed", "p2p-sim-packed-fp8"))])
 def test_ep_dispatcher_under_torch_compile(backend, tmp_path):
     res = run_ranks(_moe_worker, 2, backend, str(tmp_path), timeout=240,
                     env=SIM if backend.startswith("p2p-sim") else None)

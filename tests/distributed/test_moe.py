@@ -84,12 +84,20 @@ P2P_SIM_AUTO = {"p2p-sim-auto": {}}
 PACKED = "-packed"
 
 
-def _make(backend, K, M, tmp, group=None, layout=None, **kw):
+#: the fp8 dispatch (``EPDispatcher(fp8=True)``) for a name ending in this (after any
+#: packed suffix is taken off: ``torch-packed-fp8``)
+FP8 = "-fp8"
+
+
+def _make(backend, K, M, tmp, group=None, layout=None, hidden=H, **kw):
     import torch.distributed as dist
 
     from llmcomm.moe import EPDispatcher
 
     group = group if group is not None else dist.group.WORLD
+    if backend.endswith(FP8):
+        backend = backend[:-len(FP8)]
+        kw["fp8"] = True
     base, sep, align = backend.rpartition(PACKED)
     if sep and (align.isdigit() or not align):
         backend = base
@@ -97,12 +105,13 @@ def _make(backend, K, M, tmp, group=None, layout=None, **kw):
     if backend in P2P_SIM or backend in P2P_SIM_AUTO:
         from llmcomm.moe.p2p import P2PBackend
 
-        return EPDispatcher(group, E, K, H, M, kw.pop("dtype", torch.float32), layout=layout,
-                            _backend_cls=P2PBackend,
+        return EPDispatcher(group, E, K, hidden, M, kw.pop("dtype", torch.float32),
+                            layout=layout, _backend_cls=P2PBackend,
                             _backend_kwargs=dict(simulate_dir=tmp, **{
                                 "num_programs": 3, **{**P2P_SIM, **P2P_SIM_AUTO}[backend]}),
                             **kw)
-    return EPDispatcher(group, E, K, H, M, torch.float32, backend=backend, layout=layout, **kw)
+    return EPDispatcher(group, E, K, hidden, M, kw.pop("dtype", torch.float32), backend=backend,
+                        layout=layout, **kw)
 
 
 def _cases_worker(rank, world, backend, tmp, seed):
@@ -147,6 +156,52 @@ def test_contract_every_backend_world2(backend):
         assert len(rank_res) == len(CASES)
         for routing, n, err in rank_res:
             assert err <= 2e-5, (routing, err)
+    assert sum(n for r in res for _, n, _ in r) > 0
+
+
+#: the fp8 dispatch: both collective backends, a packed layout, and the flags dispatch's
+#: placement paths (rounds, per-token claims, tiles; packed); the dtype the wire rows are
+#: viewed as (fp32: 66 elements a row at hidden 256, bf16: 132)
+FP8_CASES = {"torch-fp8": torch.float32, "allgather-fp8": torch.bfloat16,
+             "torch-packed4-fp8": torch.bfloat16, "p2p-sim-fp8": torch.float32,
+             "p2p-sim-r17-fp8": torch.bfloat16, "p2p-sim-t4c2r3-packed-fp8": torch.float32}
+H_FP8 = 256   # two scales a token
+
+
+def _fp8_worker(rank, world, backend, tmp, seed):
+    dtype = FP8_CASES[backend]
+    out = []
+    by_k: dict[int, object] = {}
+    for i, (routing, toks, K) in enumerate(CASES):
+        if K not in by_k:
+            by_k[K] = _make(backend, K, 13, f"{tmp}/k{K}", hidden=H_FP8, dtype=dtype)
+        ep = by_k[K]
+        assert ep.fp8 and "fp8" in repr(ep)
+        inputs = make_inputs(seed + i, world, toks[:world], E, K, H_FP8, dtype, routing)
+        # every other call: the caller's own (q, scale), as the reference quantised them
+        out.append((routing, *roundtrip(ep, rank, world, E, inputs, dtype, pair=i % 2 == 1)))
+    return out
+
+
+@pytest.mark.parametrize("backend", [n if not n.startswith("p2p") else
+                                     pytest.param(n, marks=NEEDS_TRITON) for n in FP8_CASES])
+def test_contract_fp8_dispatch(backend):
+    """The fp8 dispatch: every received row's fp8 bytes and scales are the float64 reference
+    quantisation of its source row, bit for bit (``check_dispatch``), and the combine of the
+    experts on the dequantised rows matches the dense reference of the quantised tokens."""
+    from llmcomm.moe.reference import RTOL
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in (1, 2, 3):
+            import os
+
+            os.makedirs(f"{tmp}/k{k}")
+        res = run_ranks(_fp8_worker, 2, backend, tmp, 300, timeout=200,
+                        env=SIM if backend.startswith("p2p") else None)
+    for rank_res in res:
+        assert len(rank_res) == len(CASES)
+        for routing, n, err in rank_res:
+            assert err <= RTOL[FP8_CASES[backend]], (routing, err)
     assert sum(n for r in res for _, n, _ in r) > 0
 
 
@@ -466,6 +521,28 @@ def _errors_worker(rank, world, tmp):
     pk.combine(d.expert_x.clone(), d)
     expect("packed_not_bool", TypeError,
            lambda: EPDispatcher(dist.group.WORLD, E, 2, H, 5, torch.float32, packed=1))
+    # fp8: creation, then a pair for a dispatcher without fp8, then bad pairs and expert_out
+    expect("fp8_not_bool", TypeError,
+           lambda: EPDispatcher(dist.group.WORLD, E, 2, 128, 5, torch.float32, fp8=1))
+    expect("fp8_hidden", ValueError,
+           lambda: EPDispatcher(dist.group.WORLD, E, 2, H, 5, torch.float32, fp8=True))
+    expect("fp8_float64", ValueError,
+           lambda: EPDispatcher(dist.group.WORLD, E, 2, 128, 5, torch.float64, fp8=True))
+    expect("pair_without_fp8", TypeError, lambda: ep.dispatch((x, x), ids, w))
+    f8 = _make("torch-fp8", 2, 5, tmp, hidden=128)
+    x8 = torch.randn(3, 128)
+    q8 = x8.to(torch.float8_e4m3fn)
+    expect("pair_q_dtype", TypeError, lambda: f8.dispatch((x8, torch.ones(3, 1)), ids, w))
+    expect("pair_scale_dtype", TypeError,
+           lambda: f8.dispatch((q8, torch.ones(3, 1, dtype=torch.float64)), ids, w))
+    expect("pair_scale_shape", ValueError, lambda: f8.dispatch((q8, torch.ones(3, 2)), ids, w))
+    expect("pair_three", TypeError, lambda: f8.dispatch((q8, q8, q8), ids, w))
+    d = f8.dispatch(x8, ids, w)
+    seen["fp8_result"] = (d.expert_x.dtype, tuple(d.expert_x.shape),
+                          tuple(d.expert_x_scale.shape), repr(f8), f8.describe())
+    expect("fp8_expert_out_dtype", TypeError,
+           lambda: f8.combine(d.expert_x.clone(), d))   # fp8 in: combine wants float32
+    f8.combine(torch.zeros(f8.expert_x_shape), d)
     expect("not_divisible", ValueError,
            lambda: EPDispatcher(dist.group.WORLD, 7, 2, H, 5, torch.float32))
     expect("top_k", ValueError, lambda: EPDispatcher(dist.group.WORLD, 8, 9, H, 5, torch.float32))
@@ -500,6 +577,18 @@ def test_errors_world2():
         res = run_ranks(_errors_worker, 2, tmp, timeout=120)
     for seen in res:
         assert "max_tokens_per_rank=5" in seen["too_many_tokens"]
+        assert "fp8 must be a bool" in seen["fp8_not_bool"]
+        assert "divisible by 128" in seen["fp8_hidden"] and f"got {H}" in seen["fp8_hidden"]
+        assert "bf16 / fp16 / fp32" in seen["fp8_float64"]
+        assert "fp8=True" in seen["pair_without_fp8"]
+        assert "float8_e4m3fn" in seen["pair_q_dtype"] and "float32" in seen["pair_q_dtype"]
+        assert "float32 tensor [T, 1]" in seen["pair_scale_dtype"]
+        assert "[3, 1]" in seen["pair_scale_shape"] and "[3, 2]" in seen["pair_scale_shape"]
+        assert "got 3 items" in seen["pair_three"]
+        dt, shape, sshape, text, described = seen["fp8_result"]
+        assert dt == torch.float8_e4m3fn and shape == (4, 10, 128) and sshape == (4, 10, 1)
+        assert text.endswith(", fp8)") and "fp8 + scales" in described, (text, described)
+        assert "must be torch.float32" in seen["fp8_expert_out_dtype"]
         assert "[0, num_experts=8)" in seen["ids_range"]
         assert "previous dispatch" in seen["in_flight"]
         assert "top_k" in seen["fingerprint"] and "rank 1=3" in seen["fingerprint"]
@@ -581,6 +670,9 @@ def test_errors_world2():
     ({"packed": True, "protocol": "lamport"},
      "a packed expert_x (EPDispatcher(packed=True)) needs the p2p protocol 'flags'"),
     ({"packed": True, "shift": 0}, "leave protocol and shift unset, or pass protocol='flags'"),
+    # so does "fp8" (EPDispatcher(fp8=True))
+    ({"fp8": True, "protocol": "lamport"},
+     "an fp8 dispatch (EPDispatcher(fp8=True)) needs the p2p protocol 'flags'"),
 ])
 def test_p2p_knob_validation(kw, words, tmp_path):
     """Bad P2PBackend knobs are refused before any workspace or collective, naming the fix."""
@@ -590,9 +682,10 @@ def test_p2p_knob_validation(kw, words, tmp_path):
     from llmcomm.moe.p2p import P2PBackend
 
     kw = dict(kw)
-    cfg = EPConfig(rank=0, world_size=2, num_experts=E, top_k=2, hidden_size=H,
-                   max_tokens_per_rank=4, dtype=torch.float32, device=torch.device("cpu"),
-                   packed=kw.pop("packed", False))
+    fp8 = kw.pop("fp8", False)
+    cfg = EPConfig(rank=0, world_size=2, num_experts=E, top_k=2,
+                   hidden_size=128 if fp8 else H, max_tokens_per_rank=4, dtype=torch.float32,
+                   device=torch.device("cpu"), packed=kw.pop("packed", False), fp8=fp8)
     with pytest.raises(ValueError, match=re.escape(words)):
         P2PBackend(None, cfg, simulate_dir=str(tmp_path), **kw)
 

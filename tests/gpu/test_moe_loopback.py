@@ -35,6 +35,10 @@ VARIANTS = {
     "flags-g8-packed": (2, {"packed": True, "num_programs": 8}),
     # ... each expert's segment starting at a multiple of 16 rows (packed_align)
     "flags-g8-packed-a16": (2, {"packed": True, "packed_align": 16, "num_programs": 8}),
+    # the fp8 dispatch (EPDispatcher(fp8=True)): x quantised by the triton kernel into wire
+    # rows, which the flags dispatch moves; padded, and packed with few programs
+    "flags-fp8": (2, {"fp8": True}),
+    "flags-g8-packed-fp8": (2, {"fp8": True, "packed": True, "num_programs": 8}),
     "lamport": (2, {"protocol": "lamport"}),
     "lamport-t4c2": (2, {"protocol": "lamport", "tile_tokens": 4, "combine_tile_tokens": 2}),
     "lamport-shift": (2, {"protocol": "lamport", "tile_tokens": 2, "shift": 20,
@@ -75,18 +79,24 @@ pytestmark = [pytest.mark.gpu,
 def _roundtrip(lb, world, E, inputs, dtype, check_rows=True):
     import torch
 
+    from llmcomm.moe.fp8 import split_wire
     from tests.distributed._moe_cases import check_combine, check_dispatch, run_experts
 
     xs, ids, ws = ([t.to("cuda") for t in col] for col in zip(*inputs))
     outs = lb.dispatch(xs, ids, ws)
     lb.check_errors()
     offs = [lb.backends[r].offsets(o[1]) if lb.packed else None for r, o in enumerate(outs)]
-    n = sum(check_dispatch(r, world, E, inputs, o[0], o[1], offs[r], lb.packed_align)
+    # fp8: (q, scale) views of each rank's wire rows (EPDispatcher.dispatch's split)
+    H = xs[0].shape[1]
+    exs = [split_wire(o[0], H) if lb.fp8 else (o[0], None) for o in outs]
+    n = sum(check_dispatch(r, world, E, inputs, exs[r][0], o[1], offs[r], lb.packed_align,
+                           exs[r][1])
             for r, o in enumerate(outs)) if check_rows else -1
-    expert_out = [run_experts(r, E, world, o[0], o[1], offs[r]) for r, o in enumerate(outs)]
+    expert_out = [run_experts(r, E, world, exs[r][0], o[1], offs[r], exs[r][1], dtype)
+                  for r, o in enumerate(outs)]
     ys = lb.combine(expert_out, outs, [x.shape[0] for x in xs])
     lb.check_errors()
-    errs = [check_combine(r, inputs, ys[r], dtype, what="loopback combine")
+    errs = [check_combine(r, inputs, ys[r], dtype, what="loopback combine", fp8=lb.fp8)
             for r in range(world)]
     torch.cuda.synchronize()
     return n, max(errs)
@@ -109,6 +119,7 @@ def _reference_worker(rank, world_size, name):
     for (E, K, H, M, dtype) in ((16, 3, 264, 40, torch.float32),
                                 (256, 8, 7168, 96, torch.bfloat16)):
         E = max(E, world)
+        H = H // 128 * 128 if kw.get("fp8") else H   # fp8: a scale per 128 channels
         lb = Loopback(world, E, K, H, M, dtype, **kw)
         cases = (("random", [37, 0]), ("random", [96, 95]), ("one_expert", [40, 17]),
                  ("dups", [5, 33]), ("low_experts", [1, 40]), ("random", [3, 9]),
@@ -139,8 +150,10 @@ def test_loopback_matches_reference(name):
 def _graph_worker(rank, world_size, name):
     import torch
 
+    from llmcomm.moe.fp8 import split_wire
     from llmcomm.moe.loopback import Loopback
-    from llmcomm.moe.reference import check_combine_output, reference_combine
+    from llmcomm.moe.reference import (check_combine_output, dequantize_fp8_blocks,
+                                       quantize_fp8_blocks, reference_combine)
     from tests.distributed._moe_cases import capture_graph, make_inputs
 
     world, kw = VARIANTS[name]
@@ -151,13 +164,17 @@ def _graph_worker(rank, world_size, name):
     scales = [(1.0 + (torch.arange(L, device="cuda") + r * L) / 8.0).to(dtype).view(L, 1, 1)
               for r in range(world)]
 
-    def expert(r, o):   # expert e scales its rows by 1 + e / 8 (packed: e from the offsets)
+    def expert(r, o):   # expert e scales its rows by 1 + e / 8 (packed: e from the offsets;
+        ex = o[0]       # fp8: the rows dequantised first)
+        if lb.fp8:
+            q, s = split_wire(ex, H)
+            ex = (q.float() * s.repeat_interleave(128, dim=-1)).to(dtype)
         if not lb.packed:
-            return o[0] * scales[r]
+            return ex * scales[r]
         offs = lb.backends[r].offsets(o[1])
-        rows = torch.arange(o[0].shape[0], device="cuda")
+        rows = torch.arange(ex.shape[0], device="cuda")
         e = torch.searchsorted(offs[1:], rows.to(torch.int32), right=True).clamp_max(L - 1)
-        return o[0] * scales[r].view(L)[e].view(-1, 1)
+        return ex * scales[r].view(L)[e].view(-1, 1)
     xs = [torch.empty(T, H, dtype=dtype, device="cuda") for _ in range(world)]
     ids = [torch.empty(T, K, dtype=torch.long, device="cuda") for _ in range(world)]
     ws = [torch.empty(T, K, dtype=torch.float32, device="cuda") for _ in range(world)]
@@ -185,6 +202,8 @@ def _graph_worker(rank, world_size, name):
         torch.cuda.synchronize()
         for r in range(world):
             x, i, w = inputs[r]
+            if lb.fp8:
+                x = dequantize_fp8_blocks(*quantize_fp8_blocks(x))
             ref = reference_combine(x, i, w, expert_fn=lambda e, rows: rows * (1.0 + e / 8.0))
             errs.append(check_combine_output(ys[r], ref, dtype, what="loopback graph replay"))
     lb.check_errors()
@@ -192,7 +211,8 @@ def _graph_worker(rank, world_size, name):
 
 
 @pytest.mark.parametrize("name", ["flags", "flags-g8", "flags-g8-roles", "flags-g8-ce",
-                                  "flags-packed", "lamport", "lamport-t4c2", "lamport-notspin",
+                                  "flags-packed", "flags-fp8", "flags-g8-packed-fp8",
+                                  "lamport", "lamport-t4c2", "lamport-notspin",
                                   "lamport-nodirect", "lamport-w4",
                                   pytest.param("lamport-w8", marks=pytest.mark.timeout(900))])
 def test_loopback_cuda_graph_replays_fresh_inputs(name):
@@ -354,6 +374,10 @@ def _warmup_worker(rank, world_size, name):
     t0 = time.perf_counter()
     loaded = [be.warmup(warm_token_counts(M), (torch.int32, torch.int64), torch.float32)
               for be in lb.backends]
+    if lb.fp8:   # what Loopback.warmup adds to the backends': the quantisation kernel
+        from llmcomm.moe.fp8 import warm_quantize
+
+        loaded.append(warm_quantize(H, dtype, lb.device))
     warm_s = time.perf_counter() - t0
     with record_compiles() as compiled:
         errs = []
@@ -369,19 +393,23 @@ def _warmup_worker(rank, world_size, name):
         ids = [torch.randint(0, E, (T, K), device="cuda") for _ in range(world)]
         ws = [torch.rand(T, K, device="cuda") for _ in range(world)]
         outs = lb.dispatch(xs, ids, ws)
-        lb.combine([o[0] for o in outs], outs, [T] * world)
+        lb.combine([torch.zeros(be.cfg.expert_x_shape, dtype=dtype, device="cuda")
+                    for be in lb.backends], outs, [T] * world)
         lb.check_errors()
     return loaded, warm_s, after_warmup, len(compiled) - len(after_warmup), max(errs)
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("name", ["flags", "lamport", "flags-g8-ce", "flags-packed"])
+@pytest.mark.parametrize("name", ["flags", "lamport", "flags-g8-ce", "flags-packed",
+                                  "flags-fp8"])
 def test_loopback_warmup_leaves_nothing_to_compile(name):
     (res,) = run_ranks(_warmup_worker, 1, name, timeout=850)
     loaded, warm_s, after_warmup, control_compiles, err = res
     print(f"{name}: warmup loaded {loaded} kernel variants per rank in {warm_s:.1f} s")
     # dispatch + combine, 3 token classes, 2 ids dtypes; lamport at two warp counts
-    assert all(n >= (24 if name == "lamport" else 12) for n in loaded), loaded
+    # (fp8: the quantisation kernel last)
+    assert all(n >= (24 if name == "lamport" else 12) for n in loaded[:2]), loaded
+    assert len(loaded) == 2 + VARIANTS[name][1].get("fp8", False), loaded
     assert after_warmup == [], after_warmup
     assert control_compiles > 0, "the compile hook saw nothing: the check above proves nothing"
     assert err < 2.5e-2

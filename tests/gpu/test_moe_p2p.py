@@ -56,14 +56,17 @@ def _correctness_worker(rank, world, names):
 
     out = []
     for name in names:
-        base, sep, align = name.rpartition("-packed")   # EPDispatcher(packed=True, ...)
+        fp8 = name.endswith("-fp8")                      # EPDispatcher(fp8=True)
+        unfp8 = name[:-len("-fp8")] if fp8 else name
+        base, sep, align = unfp8.rpartition("-packed")  # EPDispatcher(packed=True, ...)
         packed = bool(sep)
-        base = base if packed else name
+        base = base if packed else unfp8
         backend, kw = ("p2p", P2P_VARIANTS[base]) if base in P2P_VARIANTS else (base, {})
         for (E, K, H, M, dtype) in ((16, 3, 264, 40, torch.float32),
                                     (256, 8, 7168, 96, torch.bfloat16)):
+            H = H // 128 * 128 if fp8 else H   # fp8: a scale per 128 channels
             ep = EPDispatcher(dist.group.WORLD, E, K, H, M, dtype, backend=backend,
-                              packed=packed, packed_align=int(align or 1),
+                              packed=packed, packed_align=int(align or 1), fp8=fp8,
                               _backend_kwargs=kw or None)
             assert ep.backend == backend
             tiny = TINY_CASES if "lamport" in name else ()   # both ranks at <= 1 token
@@ -85,6 +88,8 @@ def _correctness_worker(rank, world, names):
                                    ("p2p-flags-g8-roles",),
                                    ("p2p-packed", "torch-packed", "allgather-packed",
                                     "p2p-packed16"),
+                                   ("p2p-fp8", "torch-fp8", "allgather-fp8",
+                                    "p2p-packed-fp8"),
                                    *((n,) for n in LAMPORT)],
                          ids=lambda names: "+".join(names))
 def test_backends_match_reference_on_gpu(names):

@@ -71,6 +71,12 @@ CASES = {
     "moe-flags-packed-offsets": ("moe", "ep_packed_offsets_kernel",
                                  dict(_FLAGS, CAP=8192 + 127, ALIGN=128, BT=32, BLOCK_E=256,
                                       NT=128), 4),
+    # the fp8 dispatch's wire rows at hidden 7168: 3696 bf16 elements (7168 fp8 bytes and 56
+    # float32 scales), and its quantisation kernel (launcher: llmcomm.moe.fp8)
+    "moe-flags-dispatch-fp8": ("moe", "ep_dispatch_kernel",
+                               dict(_FLAGS, CAP=8192, CLAIM_RB=8, H=3696, BLOCK_H=4096), 16),
+    "fp8-block-quant": ("quant", "fp8_block_quant_kernel",
+                        dict(H=7168, Q_STRIDE=7392, S_STRIDE=1848, BB=8, s_ptr="*fp32"), 4),
     "moe-flags-combine": ("moe", "ep_combine_kernel", _FLAGS, 16),
     "moe-flags-combine-rt": ("moe", "ep_combine_kernel", dict(_FLAGS, RT=True), 16),
     "moe-flags-combine-t2-h4096": ("moe", "ep_combine_kernel",

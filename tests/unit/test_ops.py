@@ -27,11 +27,23 @@ def test_registry_holds_objects_weakly_and_names_a_dead_one():
 def test_fake_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from llmcomm.moe.backends import EPConfig
+
     ep = _Obj()
-    ep.local_experts, ep.hidden_size = 4, 16
-    ep.expert_x_shape = (4, 26, 16)   # EPDispatcher's: (L, capacity, H), or (rows, H) packed
+    ep.local_experts, ep.hidden_size, ep.dtype = 4, 16, torch.bfloat16
+    # EPDispatcher's: expert_x (L, capacity, H), or (rows, H) packed
+    ep._cfg = EPConfig(0, 2, 8, 2, 16, 13, torch.bfloat16, torch.device("cpu"))
     key = ops.register(ep)
+    # fp8: the op returns wire rows, (L, capacity, (H + 4 H / 128) / 2) bf16 elements
+    ep8 = _Obj()
+    ep8.local_experts, ep8.hidden_size, ep8.dtype = 4, 256, torch.bfloat16
+    ep8._cfg = EPConfig(0, 2, 8, 2, 256, 13, torch.bfloat16, torch.device("cpu"), fp8=True)
+    key8 = ops.register(ep8)
     with FakeTensorMode():
+        wire, _ = torch.ops.llmcomm.moe_dispatch(torch.empty(13, 256, dtype=torch.bfloat16),
+                                                 torch.empty(13, 2, dtype=torch.int64),
+                                                 torch.empty(13, 2), key8)
+        assert wire.shape == (4, 26, 132) and wire.dtype == torch.bfloat16
         x = torch.empty(13, 16, dtype=torch.bfloat16)
         ids = torch.empty(13, 2, dtype=torch.int64)
         w = torch.empty(13, 2)

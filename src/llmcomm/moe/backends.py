@@ -17,7 +17,9 @@ Layouts shared by all backends (``W`` ranks, ``L`` local experts, ``M = max_toke
   counts rounded up to ``packed_align`` (:func:`packed_offsets`), in an unspecified order; the
   other rows undefined.
 
-``combine`` takes ``expert_out`` of ``expert_x``'s shape.
+``combine`` takes ``expert_out`` of ``expert_x``'s shape. With ``EPConfig.fp8`` a dispatched
+row is a *wire row* of ``row_width`` elements (the token's fp8 bytes and scales,
+:mod:`llmcomm.moe.fp8`) and ``expert_x`` has rows of that width; ``expert_out`` keeps ``H``.
 
 Backends here:
 
@@ -56,6 +58,7 @@ class EPConfig:
     device: torch.device
     packed: bool = False
     packed_align: int = 1
+    fp8: bool = False
 
     @property
     def local_experts(self) -> int:
@@ -84,10 +87,26 @@ class EPConfig:
 
     @property
     def expert_x_shape(self) -> tuple[int, ...]:
-        """``(L, capacity, H)`` padded, ``(rows, H)`` packed."""
+        """``(L, capacity, H)`` padded, ``(rows, H)`` packed (``expert_out``'s shape too)."""
         if self.packed:
             return (self.rows, self.hidden_size)
         return (self.local_experts, self.capacity, self.hidden_size)
+
+    @property
+    def row_width(self) -> int:
+        """Elements of ``dtype`` in a dispatched row: ``H``, or with ``fp8`` the width of a wire
+        row (its fp8 bytes and scales, :func:`llmcomm.moe.fp8.wire_width`)."""
+        if self.fp8:
+            from .fp8 import wire_width
+
+            return wire_width(self.hidden_size, self.dtype)
+        return self.hidden_size
+
+    @property
+    def wire_shape(self) -> tuple[int, ...]:
+        """What a backend's ``dispatch`` returns as ``expert_x``: :attr:`expert_x_shape` with
+        rows of :attr:`row_width` elements of ``dtype``."""
+        return self.expert_x_shape[:-1] + (self.row_width,)
 
 
 def packed_offsets(counts: torch.Tensor, align: int = 1) -> torch.Tensor:
@@ -139,7 +158,9 @@ class MoEBackend:
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """Return ``(expert_x, counts [L] int32, state for combine)``; ``expert_x`` of shape
-        ``cfg.expert_x_shape`` (padded or packed, see the module doc)."""
+        ``cfg.wire_shape`` (padded or packed, see the module doc). ``x`` is ``[T,
+        cfg.row_width]``: the tokens, or with ``cfg.fp8`` their wire rows, which a backend
+        moves as it moves any row (bit copies)."""
         raise NotImplementedError
 
     def offsets(self, counts: torch.Tensor) -> torch.Tensor:
@@ -230,8 +251,9 @@ def weighted_partial(expert_out: torch.Tensor, slot: torch.Tensor, weights: torc
 
 
 def _new_expert_x(cfg: EPConfig) -> torch.Tensor:
-    """``[cfg.rows + 1, H]``: ``expert_x``'s rows and the scratch row of :func:`expand_to_experts`."""
-    return torch.empty(cfg.rows + 1, cfg.hidden_size, dtype=cfg.dtype, device=cfg.device)
+    """``[cfg.rows + 1, row_width]``: ``expert_x``'s rows and the scratch row of
+    :func:`expand_to_experts`."""
+    return torch.empty(cfg.rows + 1, cfg.row_width, dtype=cfg.dtype, device=cfg.device)
 
 
 def _pack_meta(ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -289,7 +311,7 @@ class TorchA2ABackend(_CollectiveBackend):
         send_x = x.index_select(0, idx)
         send_meta = _pack_meta(topk_ids.index_select(0, idx), topk_weights.index_select(0, idx))
         n_recv = sum(recv_splits)
-        recv_x = torch.empty(n_recv, cfg.hidden_size, dtype=x.dtype, device=x.device)
+        recv_x = torch.empty(n_recv, cfg.row_width, dtype=x.dtype, device=x.device)
         recv_meta = torch.empty(n_recv, 2 * cfg.top_k, dtype=torch.int32, device=x.device)
         self._run("dispatch", dist.all_to_all_single, recv_x, send_x, recv_splits, send_splits)
         self._run("dispatch", dist.all_to_all_single, recv_meta, send_meta, recv_splits,
@@ -297,7 +319,7 @@ class TorchA2ABackend(_CollectiveBackend):
         recv_ids, recv_w = _unpack_meta(recv_meta, cfg.top_k)
         ex = _new_expert_x(cfg)
         counts, slot = expand_to_experts(recv_x, recv_ids, cfg, ex)
-        return ex[:-1].view(cfg.expert_x_shape), counts, _A2AState(send_idx, send_splits,
+        return ex[:-1].view(cfg.wire_shape), counts, _A2AState(send_idx, send_splits,
                                                                    recv_splits, slot, recv_w)
 
     def combine(self, expert_out, state: _A2AState, num_tokens):
@@ -343,7 +365,7 @@ class AllGatherBackend(_CollectiveBackend):
 
     def dispatch(self, x, topk_ids, topk_weights):
         cfg = self.cfg
-        W, M, K, H = cfg.world_size, cfg.max_tokens_per_rank, cfg.top_k, cfg.hidden_size
+        W, M, K, H = cfg.world_size, cfg.max_tokens_per_rank, cfg.top_k, cfg.row_width
         T = x.shape[0]
         xp = torch.empty(M, H, dtype=x.dtype, device=x.device)
         xp[:T] = x
@@ -358,7 +380,7 @@ class AllGatherBackend(_CollectiveBackend):
         ids, w = _unpack_meta(all_meta, K)
         ex = _new_expert_x(cfg)
         counts, slot = expand_to_experts(all_x, ids, cfg, ex)
-        return ex[:-1].view(cfg.expert_x_shape), counts, _AGState(slot, w)
+        return ex[:-1].view(cfg.wire_shape), counts, _AGState(slot, w)
 
     def combine(self, expert_out, state: _AGState, num_tokens):
         cfg = self.cfg

@@ -13,6 +13,11 @@ worst case of all local experts together, plus ``L * (packed_align - 1)``) and e
 tokens are rows ``d.offsets[l] : d.offsets[l] + d.counts[l]`` (``d.offsets[l + 1]`` unless
 segments are padded to ``packed_align``) -- the layout grouped-GEMM kernels take.
 
+With ``fp8=True`` tokens cross the wire as float8_e4m3fn with one float32 scale per 128
+channels (half the bytes; :mod:`llmcomm.moe.fp8`): ``d.expert_x`` is float8_e4m3fn of the same
+shape and ``d.expert_x_scale`` holds the scales (``[..., H / 128]``); ``dispatch`` quantises a
+``dtype`` ``x``, or takes the caller's ``(q, scale)``. ``expert_out`` and ``y`` stay in ``dtype``.
+
 Contract (all backends): ``combine`` returns the final reduced output -- weights applied once,
 the top-k sum done once (``MoEBackend.output_is_reduced``; the dispatcher refuses a backend class
 that says otherwise). A token crosses the wire once per destination *rank*. ``capacity`` is the
@@ -46,6 +51,8 @@ from ..errors import BackendUnavailableError, CaptureError, ConfigMismatchError 
 from ..policy import Decision
 from .backends import (AllGatherBackend, EPConfig, MoEBackend, TorchA2ABackend, packed_offsets,
                        packed_row_experts)
+from .fp8 import (FP8_BLOCK, FP8_DTYPE, check_fp8_config, pack_to_wire, quantize_to_wire,
+                  split_wire, warm_quantize)
 
 logger = logging.getLogger(__name__)
 
@@ -82,12 +89,18 @@ class DispatchResult:
         offsets: packed only, ``[local_experts + 1]`` int32 on the device: ``[0,
             *cumsum(counts)]``, each count first rounded up to ``packed_align``; ``None`` for
             the padded layout.
+        expert_x_scale: ``fp8=True`` only (else ``None``): float32 ``[..., hidden / 128]``,
+            ``expert_x``'s shape with one scale per 128 channels; a row's values are
+            ``expert_x.float() * scale`` repeated over its block. With ``fp8=True``
+            ``expert_x`` is float8_e4m3fn; both are views of the received wire rows (rows not
+            contiguous: ``.contiguous()`` them where a kernel needs that).
     """
 
     expert_x: torch.Tensor
     counts: torch.Tensor
     handle: DispatchHandle
     offsets: torch.Tensor | None = None
+    expert_x_scale: torch.Tensor | None = None
 
     def row_experts(self) -> torch.Tensor:
         """Packed only: ``[rows]`` int32, the local expert of each row of ``expert_x``, ``-1``
@@ -97,6 +110,15 @@ class DispatchResult:
             raise ValueError("row_experts() is for a packed dispatch (EPDispatcher(packed=True)); "
                              "in the padded layout expert l's rows are expert_x[l, :counts[l]]")
         return packed_row_experts(self.counts, self.offsets, self.expert_x.shape[0])
+
+
+def _as_wire(expert_x: torch.Tensor, hidden_size: int, fp8: bool
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(expert_x, expert_x_scale)`` of a backend's ``expert_x``: the fp8 views of its wire
+    rows with ``fp8``, else ``(expert_x, None)``."""
+    if not fp8:
+        return expert_x, None
+    return split_wire(expert_x, hidden_size)
 
 
 def resolve_ep_backend(requested: str, facts: Any, hidden_size: int) -> Decision:
@@ -168,6 +190,14 @@ class EPDispatcher:
             past ``counts[l]`` are undefined), for grouped GEMMs that tile experts' rows in
             blocks (e.g. 64 or 128); ``rows`` grows by ``local_experts * (packed_align - 1)``.
             Default 1.
+        fp8: dispatch tokens as float8_e4m3fn with one float32 scale per 128 channels
+            (:mod:`llmcomm.moe.fp8`; DeepSeek-V3's activation format): half the bytes on the
+            wire and in ``expert_x`` (``DispatchResult.expert_x_scale`` holds the scales).
+            ``dispatch`` quantises ``x`` (power-of-two scales, exact) or takes an already
+            quantised ``(q [T, H] float8_e4m3fn, scale [T, H / 128] float32)``. Needs
+            ``hidden_size % 128 == 0`` and a bf16 / fp16 / fp32 ``dtype``; the combine, its
+            ``expert_out`` and ``y`` stay in ``dtype``. The p2p backend then uses its
+            ``"flags"`` protocol.
         layout: optional :class:`~llmcomm.ParallelLayout`; its ``ep_size`` (and, when given, its EP
             rank lists) must match ``group`` -- a workspace sized to another group is the bug of
             seed 002, caught here at creation.
@@ -180,7 +210,7 @@ class EPDispatcher:
     def __init__(self, group: Any, num_experts: int, top_k: int, hidden_size: int,
                  max_tokens_per_rank: int, dtype: torch.dtype, backend: str = "auto",
                  layout: Any = None, device: torch.device | str | None = None,
-                 packed: bool = False, packed_align: int = 1,
+                 packed: bool = False, packed_align: int = 1, fp8: bool = False,
                  _backend_cls: type[MoEBackend] | None = None,
                  _backend_kwargs: dict[str, Any] | None = None) -> None:
         if not dist.is_initialized():
@@ -197,7 +227,7 @@ class EPDispatcher:
         validate_config(num_experts=num_experts, top_k=top_k, hidden_size=hidden_size,
                         max_tokens_per_rank=max_tokens_per_rank, dtype=dtype,
                         group_size=world, backend=backend, packed=packed,
-                        packed_align=packed_align)
+                        packed_align=packed_align, fp8=fp8)
         check_layout(layout, group_ranks(group), world)
         if device is None:
             device = (torch.device("cuda", torch.cuda.current_device())
@@ -211,7 +241,7 @@ class EPDispatcher:
         self.max_tokens_per_rank, self.dtype, self.device = max_tokens_per_rank, dtype, device
         self.local_experts = num_experts // world
         self.capacity = world * max_tokens_per_rank
-        self.packed, self.packed_align = packed, packed_align
+        self.packed, self.packed_align, self.fp8 = packed, packed_align, fp8
         self.expert_offset = rank * self.local_experts
 
         from ..topology import gather_topology
@@ -232,7 +262,8 @@ class EPDispatcher:
                 f"inherit MoEBackend.output_is_reduced = True unchanged")
         cfg = EPConfig(rank=rank, world_size=world, num_experts=num_experts, top_k=top_k,
                        hidden_size=hidden_size, max_tokens_per_rank=max_tokens_per_rank,
-                       dtype=dtype, device=device, packed=packed, packed_align=packed_align)
+                       dtype=dtype, device=device, packed=packed, packed_align=packed_align,
+                       fp8=fp8)
         self._cfg = cfg
         self._backend: MoEBackend = cls(group, cfg, **(_backend_kwargs or {}))
         sub = getattr(self._backend, "protocol_decision", None)
@@ -241,7 +272,7 @@ class EPDispatcher:
                 f"protocol {sub}",))
         fp = {"num_experts": num_experts, "top_k": top_k, "hidden_size": hidden_size,
               "max_tokens_per_rank": max_tokens_per_rank, "capacity": self.capacity,
-              "packed": packed, "packed_align": packed_align,
+              "packed": packed, "packed_align": packed_align, "fp8": fp8,
               "dtype": str(dtype), "backend": self._backend.name, "group_size": world,
               "device_type": device.type}
         fp.update({f"backend.{k}": v for k, v in self._backend.fingerprint().items()})
@@ -256,7 +287,7 @@ class EPDispatcher:
         from .. import ops
 
         self._op_key = ops.register(self)      # what torch.compile'd graphs call (llmcomm.ops)
-        self._compiled_in_flight: DispatchResult | None = None
+        self._compiled_in_flight: DispatchHandle | None = None
         self._warm_hint = self._backend.name == "p2p"   # say once if dispatch runs unwarmed
         self._warmed: int | None = None    # warmup(): the kernel variants it loaded
         logger.info("EPDispatcher on %s: %s", group_label(group), self.decision)
@@ -278,20 +309,53 @@ class EPDispatcher:
         return self._backend.graph_safe
 
     # ------------------------------------------------------------------ calls
-    def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor,
+    def dispatch(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor], topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> DispatchResult:
         """Send each token once to every rank owning one of its experts; see the module doc.
-        Under ``torch.compile`` one opaque op (:mod:`llmcomm.ops`)."""
+        With ``fp8=True``, ``x`` is a ``dtype`` ``[T, H]`` (quantised here) or the caller's
+        ``(q [T, H] float8_e4m3fn, scale [T, H / 128] float32)``. Under ``torch.compile`` one
+        opaque op (:mod:`llmcomm.ops`)."""
+        x, x_scale = self._input_pair(x)
         if torch.compiler.is_compiling():
-            expert_x, counts = torch.ops.llmcomm.moe_dispatch(x, topk_ids, topk_weights,
-                                                              self._op_key)
-            return DispatchResult(expert_x, counts,
-                                  DispatchHandle(x.shape[0], _COMPILED, None),
-                                  packed_offsets(counts, self.packed_align) if self.packed
-                                  else None)
+            wire, counts = torch.ops.llmcomm.moe_dispatch(x, topk_ids, topk_weights,
+                                                          self._op_key, x_scale)
+            return self._result(wire, counts, DispatchHandle(x.shape[0], _COMPILED, None),
+                                packed_offsets(counts, self.packed_align) if self.packed
+                                else None)
+        wire, counts, handle = self._dispatch(x, x_scale, topk_ids, topk_weights)
+        return self._result(wire, counts, handle,
+                            self._backend.offsets(counts) if self.packed else None)
+
+    def _input_pair(self, x: Any) -> tuple[Any, torch.Tensor | None]:
+        """``(x, None)``, or an fp8 dispatcher's ``(q, scale)`` pair taken apart."""
+        if not isinstance(x, (tuple, list)):
+            return x, None
+        if not self.fp8:
+            raise TypeError(f"dispatch: x must be a tensor [T, hidden_size={self.hidden_size}] "
+                            f"of {self.dtype}, got a {type(x).__name__}; a (q, scale) pair is "
+                            f"for dispatchers created with fp8=True")
+        if len(x) != 2:
+            raise TypeError(f"dispatch: an fp8 x given as a pair must be (q [T, H] "
+                            f"float8_e4m3fn, scale [T, H / {FP8_BLOCK}] float32), got "
+                            f"{len(x)} items")
+        return x[0], x[1]
+
+    def _result(self, wire: torch.Tensor, counts: torch.Tensor, handle: DispatchHandle,
+                offsets: torch.Tensor | None) -> DispatchResult:
+        expert_x, scale = _as_wire(wire, self.hidden_size, self.fp8)
+        return DispatchResult(expert_x, counts, handle, offsets, scale)
+
+    def _dispatch(self, x: torch.Tensor, x_scale: torch.Tensor | None, topk_ids: torch.Tensor,
+                  topk_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                       DispatchHandle]:
+        """Validate, quantise (fp8), run the backend's dispatch: ``(its expert_x -- wire rows
+        with fp8 --, counts, handle)``. ``llmcomm::moe_dispatch`` calls this."""
+        if x_scale is not None:
+            _check_fp8_pair(x, x_scale, self.hidden_size)
         validate_dispatch_args(x, topk_ids, topk_weights, top_k=self.top_k,
                                hidden_size=self.hidden_size, num_experts=self.num_experts,
-                               max_tokens=self.max_tokens_per_rank, dtype=self.dtype,
+                               max_tokens=self.max_tokens_per_rank,
+                               dtype=self.dtype if x_scale is None else FP8_DTYPE,
                                device=self.device)
         self._check_capture()
         self._call_check("dispatch")  # token counts may differ per rank; op and order may not
@@ -308,12 +372,18 @@ class EPDispatcher:
                         "it -- call warmup() on every rank after creation", group_label(self.group))
         if x.device.type == "cpu" or self._backend.name == "torch" or get_config().check:
             _check_id_range(topk_ids, self.num_experts)
+        if self.fp8:
+            wire = torch.empty(x.shape[0], self._cfg.row_width, dtype=self.dtype,
+                               device=x.device)
+            if x_scale is None:
+                quantize_to_wire(x.contiguous(), wire)
+            else:
+                pack_to_wire(x, x_scale, wire)
+            x = wire
         expert_x, counts, state = self._backend.dispatch(x, topk_ids, topk_weights)
         self._generation += 1
         self._in_flight = self._generation
-        return DispatchResult(expert_x, counts, DispatchHandle(x.shape[0], self._generation,
-                                                               state),
-                              self._backend.offsets(counts) if self.packed else None)
+        return expert_x, counts, DispatchHandle(x.shape[0], self._generation, state)
 
     def combine(self, expert_out: torch.Tensor, handle: DispatchResult | DispatchHandle
                 ) -> torch.Tensor:
@@ -407,6 +477,8 @@ class EPDispatcher:
         self._warm_hint = False
         t0 = time.perf_counter()
         n = self._backend.warmup(sorted(set(counts)), id_dtypes, topk_weights_dtype)
+        if self.fp8 and self.device.type == "cuda":
+            n += warm_quantize(self.hidden_size, self.dtype, self.device)
         logger.info("EPDispatcher.warmup: %d kernel variants loaded for token counts %s, ids "
                     "%s, in %.1f s", n, sorted(set(counts)),
                     [str(d) for d in id_dtypes], time.perf_counter() - t0)
@@ -417,13 +489,14 @@ class EPDispatcher:
         """Multi-line, human-readable account of this dispatcher: its shape, the backend (and
         p2p protocol) chosen and why, the memory its static capacity costs, and warm-up."""
         esize = torch.empty(0, dtype=self.dtype).element_size()
-        gb = self._cfg.rows * self.hidden_size * esize / 1e9
+        gb = self._cfg.rows * self._cfg.row_width * esize / 1e9
         shape = ", ".join(map(str, self.expert_x_shape))
         ws = self._backend.fingerprint().get("workspace_bytes")
         lines = [repr(self),
                  f"  topology: {self.facts.describe()}",
                  f"  backend:  {self.decision}",
-                 f"  memory:   expert_x [{shape}]{' packed' if self.packed else ''} "
+                 f"  memory:   expert_x [{shape}]{' packed' if self.packed else ''}"
+                 f"{' fp8 + scales' if self.fp8 else ''} "
                  f"{gb:.3g} GB" + (
                      "" if ws is None else f"; symmetric workspace {ws / 1e9:.3g} GB"),
                  "  warmup:   " + (f"done ({self._warmed} kernel variants loaded)"
@@ -442,7 +515,7 @@ class EPDispatcher:
                 f"experts={self.num_experts} ({self.local_experts}/rank), top_k={self.top_k}, "
                 f"hidden={self.hidden_size}, max_tokens_per_rank={self.max_tokens_per_rank}, "
                 f"capacity={self.capacity}, dtype={self.dtype}"
-                + (", packed)" if self.packed else ")"))
+                + (", packed" if self.packed else "") + (", fp8" if self.fp8 else "") + ")")
 
     def _check_capture(self) -> None:
         if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing() \
@@ -477,7 +550,7 @@ def _backend_class(name: str) -> type[MoEBackend]:
 
 def validate_config(*, num_experts: int, top_k: int, hidden_size: int, max_tokens_per_rank: int,
                     dtype: Any, group_size: int, backend: str, packed: Any = False,
-                    packed_align: Any = 1) -> None:
+                    packed_align: Any = 1, fp8: Any = False) -> None:
     """Check the constructor arguments; raise TypeError/ValueError saying how to fix them."""
     for name, v in (("num_experts", num_experts), ("top_k", top_k), ("hidden_size", hidden_size),
                     ("max_tokens_per_rank", max_tokens_per_rank)):
@@ -516,6 +589,11 @@ def validate_config(*, num_experts: int, top_k: int, hidden_size: int, max_token
     if packed_align != 1 and not packed:
         raise ValueError(f"packed_align={packed_align} applies to the packed layout only: pass "
                          f"packed=True too, or leave packed_align at 1")
+    if not isinstance(fp8, bool):
+        raise TypeError(f"EPDispatcher fp8 must be a bool (True: tokens cross the wire as "
+                        f"float8_e4m3fn + scales), got {type(fp8).__name__} {fp8!r}")
+    if fp8:
+        check_fp8_config(hidden_size, dtype)
 
 
 def check_layout(layout: Any, ranks: list[int], group_size: int) -> None:
@@ -537,6 +615,24 @@ def check_layout(layout: Any, ranks: list[int], group_size: int) -> None:
         raise ValueError(f"the group's ranks {ranks} are not an EP group of {layout} "
                          f"(EP groups: {ep_groups()}); pass groups.ep from "
                          f"layout.create_groups()")
+
+
+def _check_fp8_pair(q: Any, scale: Any, hidden_size: int) -> None:
+    """An fp8 dispatcher's ``(q, scale)`` input: q's dtype, scale's type, dtype and shape."""
+    if not isinstance(q, torch.Tensor) or q.dtype != FP8_DTYPE:
+        raise TypeError(f"dispatch: q of an fp8 (q, scale) pair must be a float8_e4m3fn tensor "
+                        f"[T, {hidden_size}], got {_type_name(q)}")
+    want = (q.shape[0], hidden_size // FP8_BLOCK) if q.dim() == 2 else None
+    if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32:
+        raise TypeError(f"dispatch: scale of an fp8 (q, scale) pair must be a float32 tensor "
+                        f"[T, {hidden_size // FP8_BLOCK}] (one per {FP8_BLOCK} channels), got "
+                        f"{_type_name(scale)}")
+    if want is not None and tuple(scale.shape) != want:
+        raise ValueError(f"dispatch: scale must have shape [T, hidden_size / {FP8_BLOCK}] = "
+                         f"{list(want)} for q of shape {list(q.shape)}, got {list(scale.shape)}")
+    if scale.device != q.device:
+        raise ValueError(f"dispatch: scale is on {scale.device}, q on {q.device}; put both on "
+                         f"the dispatcher's device")
 
 
 def validate_dispatch_args(x: Any, topk_ids: Any, topk_weights: Any, *, top_k: int,

@@ -62,6 +62,8 @@ from typing import Any, Sequence
 
 import torch
 
+from .fp8 import quantize_to_wire, warm_quantize
+
 log = logging.getLogger(__name__)
 
 
@@ -105,13 +107,17 @@ class Loopback:
             real group).
         packed, packed_align: the packed ``expert_x`` (``EPDispatcher(packed=True,
             packed_align=...)``); a rank's ``offsets`` are ``backends[r].offsets(counts)``.
+        fp8: the fp8 dispatch (``EPDispatcher(fp8=True)``): :meth:`dispatch` quantises each
+            rank's ``x`` into wire rows on that rank's stream (timed with the dispatch, as the
+            dispatcher runs it), and a rank's ``expert_x`` is wire rows
+            (:func:`llmcomm.moe.fp8.split_wire` views them).
         **backend_kwargs: passed to every :class:`~llmcomm.moe.p2p.P2PBackend`.
     """
 
     def __init__(self, world_size: int, num_experts: int, top_k: int, hidden_size: int,
                  max_tokens_per_rank: int, dtype: torch.dtype, device: Any = None,
                  num_programs: int | None = None, timeout_s: float | None = None,
-                 packed: bool = False, packed_align: int = 1,
+                 packed: bool = False, packed_align: int = 1, fp8: bool = False,
                  **backend_kwargs: Any) -> None:
         if not isinstance(world_size, int) or world_size < 2:
             raise ValueError(f"world_size must be an int >= 2, got {world_size!r}")
@@ -150,8 +156,9 @@ class Loopback:
             backend_kwargs["pdl"] = False
         #: what a child process of :meth:`warmup` needs to build one of these ranks
         self._spec = ((world_size, num_experts, top_k, hidden_size, max_tokens_per_rank, dtype,
-                       packed, packed_align), dict(num_programs=num_programs, **backend_kwargs))
-        self.packed, self.packed_align = packed, packed_align
+                       packed, packed_align, fp8), dict(num_programs=num_programs,
+                                                        **backend_kwargs))
+        self.packed, self.packed_align, self.fp8 = packed, packed_align, fp8
         self.group = LoopbackGroup(world_size, device)
         self.world_size = world_size
         self.device = device
@@ -197,7 +204,11 @@ class Loopback:
                                  weights_dtype, n, timeout_s)
             log.info("loopback warmup: %d (rank, token class) pairs compiled in %d processes "
                      "in %.0f s", len(tasks), n, time.monotonic() - t0)
-        return sum(be.warmup(tokens, ids_dtypes, weights_dtype) for be in self.backends)
+        n = sum(be.warmup(tokens, ids_dtypes, weights_dtype) for be in self.backends)
+        if self.fp8:
+            c = self.backends[0].cfg
+            n += warm_quantize(c.hidden_size, c.dtype, self.device)
+        return n
 
     def _each_rank(self, call) -> list[Any]:
         """``call(r)`` for every rank on stream ``r``, concurrently; joined into the current
@@ -228,9 +239,18 @@ class Loopback:
 
     def dispatch(self, xs: Sequence[torch.Tensor], topk_ids: Sequence[torch.Tensor],
                  topk_weights: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
-        """Every rank's dispatch; per rank ``(expert_x, counts, state)`` (its backend's)."""
-        return self._each_rank(lambda r: self.backends[r].dispatch(xs[r], topk_ids[r],
-                                                                   topk_weights[r]))
+        """Every rank's dispatch; per rank ``(expert_x, counts, state)`` (its backend's; with
+        ``fp8`` ``xs`` are quantised first and ``expert_x`` is wire rows)."""
+        def one(r: int) -> tuple[torch.Tensor, ...]:
+            x = xs[r]
+            if self.fp8:
+                cfg = self.backends[r].cfg
+                wire = torch.empty(x.shape[0], cfg.row_width, dtype=cfg.dtype, device=x.device)
+                quantize_to_wire(x, wire)
+                x = wire
+            return self.backends[r].dispatch(x, topk_ids[r], topk_weights[r])
+
+        return self._each_rank(one)
 
     def combine(self, expert_outs: Sequence[torch.Tensor], dispatched: Sequence[tuple],
                 num_tokens: Sequence[int]) -> list[torch.Tensor]:
@@ -273,11 +293,11 @@ def _rank_backend(group: LoopbackGroup, rank: int, spec: tuple) -> Any:
     from .backends import EPConfig
     from .p2p import P2PBackend
 
-    (world_size, num_experts, top_k, hidden_size, max_tokens_per_rank, dtype, packed, align), \
-        kwargs = spec
+    (world_size, num_experts, top_k, hidden_size, max_tokens_per_rank, dtype, packed, align,
+     fp8), kwargs = spec
     return P2PBackend(group, EPConfig(rank, world_size, num_experts, top_k, hidden_size,
-                                      max_tokens_per_rank, dtype, group.device, packed, align),
-                      **kwargs)
+                                      max_tokens_per_rank, dtype, group.device, packed, align,
+                                      fp8), **kwargs)
 
 
 def _warm_tasks(world_size: int, tokens: Sequence[int]) -> list[tuple[int, list[int]]]:

@@ -6,7 +6,8 @@ group and rendezvouses it once. Two protocols (``protocol=``, see :mod:`llmcomm.
 Regions of that buffer, per rank (``W`` ranks, ``M`` max tokens per rank, ``K`` top-k, ``G``
 programs), for ``protocol="flags"`` (zero-initialised)::
 
-    recv_x  [W, M, H] dtype   rows pushed by each source rank (one per token and destination)
+    recv_x  [W, M, R] dtype   rows pushed by each source rank (one per token and destination);
+                              ``R = EPConfig.row_width``: ``H``, or an fp8 dispatch's wire rows
     recv_ids[W, M, K] int32   the source token's expert ids (written for every token)
     recv_w  [W, M, K] fp32    its weights
     recv_T  [W]       int32   the source's token count
@@ -26,7 +27,7 @@ sentinel bit pattern, sign bit only; each receiver resets what it consumed)::
     lcnt  [NBUF, W, G]     int32  the source's token count, one slot per receiving program
     lcomb [NBUF, W, M, H]  dtype  weighted partial sums pushed back by each expert rank
 
-Local: ``expert_x [L, W*M, H]`` (packed: ``[EPConfig.rows, H]`` and ``offsets [L + 1]``),
+Local: ``expert_x [L, W*M, R]`` (packed: ``[EPConfig.rows, R]`` and ``offsets [L + 1]``),
 counts, slot cursors, the slot map ``[W, M, K]``, per-program
 epochs (``"flags"``) or buffer indices (``"lamport"``, plus the peers' weights ``wloc [W, M, K]``
 and token counts ``peer_T [W]`` kept for the combine), and a 4-int error record (device, plus a
@@ -414,11 +415,19 @@ class P2PBackend(MoEBackend):
                              "protocol 'flags' (only its dispatch places rows into per-expert "
                              "segments): leave protocol and shift unset, or pass "
                              "protocol='flags'")
+        if cfg.fp8 and (protocol == "lamport" or shift is not None):
+            raise ValueError("an fp8 dispatch (EPDispatcher(fp8=True)) needs the p2p protocol "
+                             "'flags': lamport marks an unwritten slot by a bit pattern that "
+                             "fp8 bytes and scales may hold; leave protocol and shift unset, "
+                             "or pass protocol='flags'")
         if protocol != "auto":
             self.protocol_decision = Decision(protocol, ("requested explicitly",))
         elif cfg.packed:
             self.protocol_decision = Decision("flags", (
                 "packed expert_x: only the flags dispatch places rows into per-expert segments",))
+        elif cfg.fp8:
+            self.protocol_decision = Decision("flags", (
+                "fp8 dispatch: lamport's empty-slot bit pattern may occur in fp8 wire rows",))
         elif (round_tokens, posted_flags, interleave, _ce_tokens) != (None,) * 4 \
                 or _runtime_rounds or _combine_roles:
             self.protocol_decision = Decision("flags", ("a flags-only knob given",))
@@ -633,7 +642,7 @@ class P2PBackend(MoEBackend):
                        ("lcnt", (NBUF, W, self.G), torch.int32),
                        ("lcomb", (NBUF, W, M, H), cfg.dtype))
         else:
-            regions = (("recv_x", (W, M, H), cfg.dtype),
+            regions = (("recv_x", (W, M, cfg.row_width), cfg.dtype),
                        ("recv_ids", (W, M, K), torch.int32),
                        ("recv_w", (W, M, K), torch.float32),
                        ("recv_T", (W,), torch.int32),
@@ -663,7 +672,7 @@ class P2PBackend(MoEBackend):
             # no peer may write into this rank's buffer before the fill (the backend must be
             # safe on its own, not only behind EPDispatcher's agree())
             _arrive(group, "p2p EP lamport workspace")
-        self.expert_x = torch.empty(cfg.expert_x_shape, dtype=cfg.dtype, device=dev)
+        self.expert_x = torch.empty(cfg.wire_shape, dtype=cfg.dtype, device=dev)
         self.counts = torch.zeros(L, dtype=torch.int32, device=dev)
         if cfg.packed:   # ep_packed_offsets_kernel's outputs and state (the programs'
             # summed histogram, last-out counter, call counter); the dispatch's biased counts
@@ -690,7 +699,7 @@ class P2PBackend(MoEBackend):
             self.trace = torch.zeros(self.G, len(TRACE_STAGES), 2, dtype=torch.int64, device=dev)
         self.err_dev = torch.zeros(4, dtype=torch.int32, device=dev)
         self.err_host = torch.zeros(4, dtype=torch.int32, pin_memory=not self._sim)
-        self._dummy_x = torch.zeros(1, H, dtype=cfg.dtype, device=dev)
+        self._dummy_x = torch.zeros(1, cfg.row_width, dtype=cfg.dtype, device=dev)
         self._dummy_ids = torch.full((1, K), -1, dtype=torch.int32, device=dev)
         self._dummy_w = torch.zeros(1, K, dtype=torch.float32, device=dev)
         if self._nce:
@@ -725,12 +734,15 @@ class P2PBackend(MoEBackend):
                 "packed": self.cfg.packed,
                 **{k.lower(): v for k, v in self.variants.items()}}
 
-    def _consts(self) -> dict[str, Any]:
+    def _consts(self, width: int | None = None) -> dict[str, Any]:
+        """The flags kernels' constants; ``width``: their rows' (``H``), the hidden size by
+        default (the dispatch passes ``cfg.row_width``: an fp8 dispatch moves wire rows)."""
         c = self.cfg
         extra = {"launch_pdl": True} if self.variants["PDL"] else {}
+        width = c.hidden_size if width is None else width
         return dict(RANK=c.rank, W=c.world_size, G=self.G, M=c.max_tokens_per_rank,
-                    H=c.hidden_size, K=c.top_k, L=c.local_experts, E=c.num_experts,
-                    BLOCK_H=_next_pow2(c.hidden_size), BLOCK_K=_next_pow2(c.top_k),
+                    H=width, K=c.top_k, L=c.local_experts, E=c.num_experts,
+                    BLOCK_H=_next_pow2(width), BLOCK_K=_next_pow2(c.top_k),
                     BLOCK_W=_next_pow2(c.world_size), CHUNK=self.round_tokens,
                     USE_TIMER=not self._sim, num_warps=self.num_warps,
                     NT=32 * self.num_warps, **self.variants, **extra)
@@ -834,7 +846,7 @@ class P2PBackend(MoEBackend):
             with torch.cuda.device(c.device):
                 for T in counts:
                     for ids_dtype in ids_dtypes:
-                        x = torch.empty(T, c.hidden_size, dtype=c.dtype, device=c.device)
+                        x = torch.empty(T, c.row_width, dtype=c.dtype, device=c.device)
                         ids = torch.empty(T, c.top_k, dtype=ids_dtype, device=c.device)
                         w = torch.empty(T, c.top_k, dtype=weights_dtype, device=c.device)
                         _, _, state = self.dispatch(x, ids, w)
@@ -917,7 +929,7 @@ class P2PBackend(MoEBackend):
             self.err_dev, self.err_host.data_ptr(), self.timeout_ns,
             CAP=c.slot_cap, BLOCK_L=_next_pow2(c.local_experts), TB=self.tiles[0],
             INTERLEAVE=self.interleave, FUSE=self._fuse, CLAIM_RB=self._claim_rb, RT=self._rt,
-            CE=ce, CE_MIN=self._ce_tokens or 0, **self._consts())
+            CE=ce, CE_MIN=self._ce_tokens or 0, **self._consts(c.row_width))
         if side is not None:   # the copies joined after the kernel's launch: they overlap it
             torch.cuda.current_stream(c.device).wait_stream(side)
         return self.expert_x, self.counts, (topk_ids, topk_weights)

@@ -35,6 +35,25 @@ def affine_expert(e: int, rows: torch.Tensor) -> torch.Tensor:
     return rows * (1.0 + e / 8.0) + e / 16.0
 
 
+def quantize_fp8_blocks(x: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FP8 dispatch's quantisation, computed in float64 (see :mod:`llmcomm.moe.fp8`):
+    ``x [T, H]`` -> ``(q [T, H] float8_e4m3fn, s [T, H / block] float32)``, ``s`` the smallest
+    power of two with ``amax <= 448 * s`` over each block (at least ``2**-126``)."""
+    T, H = x.shape
+    xb = x.detach().to("cpu", torch.float64).view(T, H // block, block)
+    amax = xb.abs().amax(-1)
+    k = torch.ceil(torch.log2(amax / 448.0)).clamp_min(-126.0)     # log2(0) = -inf: clamped
+    s = torch.pow(2.0, k)
+    q = (xb / s.unsqueeze(-1)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return q.view(T, H), s.to(torch.float32)
+
+
+def dequantize_fp8_blocks(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``q.double() * s`` with each scale over its block of channels: ``[..., H]`` float64."""
+    block = q.shape[-1] // s.shape[-1]
+    return (q.to(torch.float64) * s.to(torch.float64).repeat_interleave(block, dim=-1))
+
+
 def expert_owner(topk_ids: torch.Tensor, num_experts: int, world_size: int) -> torch.Tensor:
     """Rank owning each routed expert (same shape as ``topk_ids``)."""
     return topk_ids.long() // (num_experts // world_size)
