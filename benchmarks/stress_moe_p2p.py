@@ -36,7 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._common import set_safe_env  # noqa: E402
 
-#: name -> P2PBackend keyword arguments ("packed": the dispatcher's, EPDispatcher(packed=True))
+#: name -> P2PBackend keyword arguments ("packed", "fp8": the dispatcher's,
+#: EPDispatcher(packed=True, fp8=True))
 VARIANTS = {
     "lam": {"protocol": "lamport"},
     # 32 programs: with --loopback, two grids a rank fit one GPU (2 x 2 x 32 <= 132 SMs), so
@@ -47,6 +48,10 @@ VARIANTS = {
     "flags-g8": {"protocol": "flags", "num_programs": 8},
     # the packed expert_x (session 31): the count exchange before the flags dispatch
     "flags-packed": {"protocol": "flags", "packed": True},
+    # the fp8 dispatch (session 32): wire rows of fp8 bytes + scales; hidden rounded down to
+    # a multiple of 128 (264 -> 256 at the small size). Not with --free (its identity experts
+    # would combine the wire rows)
+    "flags-fp8": {"protocol": "flags", "fp8": True},
 }
 #: size -> (experts, top_k, hidden, max tokens per rank, dtype name): "small" and "large" are
 #: session 17's sentinel test sizes; "large64" is the large size at 64 tokens, whose grid (64
@@ -80,15 +85,21 @@ def _state(be, rank: int, lamport: bool) -> list[str]:
     return bad
 
 
+def _hidden(H: int, kw: dict) -> int:
+    """A config's hidden size for variant keywords ``kw``: fp8 needs a multiple of 128."""
+    return max(128, H // 128 * 128) if kw.get("fp8") else H
+
+
 def _check_dispatch(rank: int, world: int, E: int, inputs, d) -> str:
-    """Rank ``rank``'s dispatch ``d`` (expert_x, counts[, offsets: a packed one's]) against
-    the reference; what failed (every expert whose count is off, not only the first), "" if
-    nothing."""
+    """Rank ``rank``'s dispatch ``d`` (expert_x, counts[, offsets: a packed one's[, scale: an
+    fp8 one's]]) against the reference; what failed (every expert whose count is off, not only
+    the first), "" if nothing."""
     from llmcomm.moe.reference import reference_dispatch
     from tests.distributed._moe_cases import check_dispatch
 
     try:
-        check_dispatch(rank, world, E, inputs, d[0], d[1], d[2] if len(d) > 2 else None)
+        check_dispatch(rank, world, E, inputs, d[0], d[1], d[2] if len(d) > 2 else None,
+                       scale=d[3] if len(d) > 3 else None)
     except AssertionError as e:
         ref = reference_dispatch([i for _, i, _ in inputs], E, rank)
         want = [len(ref[le]) for le in range(len(ref))]
@@ -98,13 +109,13 @@ def _check_dispatch(rank: int, world: int, E: int, inputs, d) -> str:
     return ""
 
 
-def _check_combine(rank: int, inputs, dtype, y) -> str:
-    """Rank ``rank``'s combine output ``y`` against the reference; what failed, "" if
-    nothing."""
+def _check_combine(rank: int, inputs, dtype, y, fp8: bool = False) -> str:
+    """Rank ``rank``'s combine output ``y`` against the reference (``fp8``: of the quantised
+    tokens); what failed, "" if nothing."""
     from tests.distributed._moe_cases import check_combine
 
     try:
-        check_combine(rank, inputs, y, dtype, what="combine")
+        check_combine(rank, inputs, y, dtype, what="combine", fp8=fp8)
     except AssertionError as e:
         return str(e)
     return ""
@@ -112,7 +123,8 @@ def _check_combine(rank: int, inputs, dtype, y) -> str:
 
 def _check(rank: int, world: int, E: int, inputs, dtype, d, y) -> str:
     """:func:`_check_dispatch`, then (if it passed) :func:`_check_combine`."""
-    return _check_dispatch(rank, world, E, inputs, d) or _check_combine(rank, inputs, dtype, y)
+    return _check_dispatch(rank, world, E, inputs, d) or \
+        _check_combine(rank, inputs, dtype, y, fp8=len(d) > 3 and d[3] is not None)
 
 
 def _stress(name: str, cfg: tuple, seconds: float, seed: int, call, state, agree,
@@ -187,8 +199,11 @@ def _worker(rank: int, world: int, names: list[str], sizes: list[str], seconds: 
     for name in names:
         kw = dict(VARIANTS[name])
         packed = kw.pop("packed", False)
+        fp8 = kw.pop("fp8", False)
         for ci, cfg in enumerate(SIM_CONFIGS if sim_dir else [CONFIGS[z] for z in sizes]):
             E, K, H, M, dt = cfg
+            H = _hidden(H, {"fp8": fp8})
+            cfg = (E, K, H, M, dt)
             dtype = getattr(torch, dt)
             if sim_dir:
                 from llmcomm.moe.p2p import P2PBackend
@@ -197,10 +212,10 @@ def _worker(rank: int, world: int, names: list[str], sizes: list[str], seconds: 
                 os.makedirs(d, exist_ok=True)
                 ep = EPDispatcher(dist.group.WORLD, E, K, H, M, dtype, _backend_cls=P2PBackend,
                                   _backend_kwargs={"num_programs": 3, **kw, "simulate_dir": d},
-                                  packed=packed)
+                                  packed=packed, fp8=fp8)
             else:
                 ep = EPDispatcher(dist.group.WORLD, E, K, H, M, dtype, backend="p2p",
-                                  _backend_kwargs=kw, packed=packed)
+                                  _backend_kwargs=kw, packed=packed, fp8=fp8)
                 ep.warmup(topk_ids_dtype=torch.int64)
 
             def call(inputs):
@@ -211,12 +226,12 @@ def _worker(rank: int, world: int, names: list[str], sizes: list[str], seconds: 
                     # between the two kernels differs per rank); the combine runs whatever
                     # the dispatch gave: the peer's waits for it
                     msg = _check_dispatch(rank, world, E, inputs,
-                                          (d.expert_x, d.counts, d.offsets))
-                    y = ep.combine(run_experts(rank, E, world, d.expert_x, d.counts, d.offsets),
-                                   d)
+                                          (d.expert_x, d.counts, d.offsets, d.expert_x_scale))
+                    y = ep.combine(run_experts(rank, E, world, d.expert_x, d.counts, d.offsets,
+                                               d.expert_x_scale, dtype), d)
                     if device != "cpu":
                         torch.cuda.synchronize()
-                    msg = msg or _check_combine(rank, inputs, dtype, y)
+                    msg = msg or _check_combine(rank, inputs, dtype, y, fp8)
                 except Exception:   # a deadline and the like: still meet the peer below
                     msg = "raised: " + traceback.format_exc(limit=3)
                 dist.barrier()   # both ranks idle before the state is read
@@ -245,6 +260,8 @@ def _warm_loopbacks(names: list[str], sizes: list[str], what: str):
         kw = dict(VARIANTS[name])
         for cfg in [CONFIGS[z] for z in sizes]:
             E, K, H, M, dt = cfg
+            H = _hidden(H, kw)
+            cfg = (E, K, H, M, dt)
             dtype = getattr(torch, dt)
             lb = Loopback(2, E, K, H, M, dtype, **kw)
             t0 = time.monotonic()
@@ -259,6 +276,7 @@ def _loopback(names: list[str], sizes: list[str], seconds: float, seed: int,
               replay: bool = False) -> list[dict]:
     """Both ranks on one GPU (:class:`llmcomm.moe.loopback.Loopback`), every backend warmed
     up first (:func:`_warm_loopbacks`), each call checked as it returns."""
+    from llmcomm.moe.fp8 import split_wire
     from tests.distributed._moe_cases import run_experts
 
     results = []
@@ -268,9 +286,12 @@ def _loopback(names: list[str], sizes: list[str], seconds: float, seed: int,
         def call(inputs):
             xs, ids, ws = ([t.cuda() for t in z] for z in zip(*inputs))
             outs = lb.dispatch(xs, ids, ws)
-            ds = [(o[0], o[1], lb.backends[r].offsets(o[1]) if lb.packed else None)
-                  for r, o in enumerate(outs)]
-            ys = lb.combine([run_experts(r, E, 2, *d) for r, d in enumerate(ds)],
+            ds = []   # (expert_x, counts, offsets, scale): fp8 wire rows split as the
+            for r, o in enumerate(outs):   # dispatcher does
+                ex, scale = split_wire(o[0], H) if lb.fp8 else (o[0], None)
+                ds.append((ex, o[1], lb.backends[r].offsets(o[1]) if lb.packed else None,
+                           scale))
+            ys = lb.combine([run_experts(r, E, 2, *d, dtype) for r, d in enumerate(ds)],
                             outs, [x.shape[0] for x in xs])
             lb.check_errors()
             return "; ".join(m for r in range(2)
@@ -395,6 +416,9 @@ def main() -> None:
     env = {"LLMCOMM_TIMEOUT_S": a.timeout_s}
     if a.free and not a.loopback:
         raise SystemExit("--free needs --loopback (on 2 GPUs the ranks run free already)")
+    if a.free and any(VARIANTS[n].get("fp8") for n in names):
+        raise SystemExit("--free combines with identity experts, the dispatched rows as they "
+                         "came: not an fp8 variant's wire rows; run it without --free")
     if a.loopback:
         os.environ.setdefault("LLMCOMM_TIMEOUT_S", a.timeout_s)
         res = [_free_loopback(names, sizes, a.seconds, a.seed) if a.free

@@ -86,6 +86,34 @@ def test_check_reads_a_packed_dispatch_by_its_offsets():
     assert _check(0, 2, E, inputs, torch.float32, (rows, counts, shifted), y) != ""
 
 
+def test_check_reads_an_fp8_dispatch_by_its_scales():
+    """The same check of an fp8 dispatch: the rows as the reference quantises them (fp8 bytes
+    and scales), the combine of the quantised tokens; one scale off fails it."""
+    from llmcomm.moe.reference import dequantize_fp8_blocks, quantize_fp8_blocks
+
+    Hq = 128
+    inputs = make_inputs(7, 2, [6, 7], E, K, Hq, torch.float32)
+    quant = [quantize_fp8_blocks(x) for x, _, _ in inputs]
+    ref = reference_dispatch([i for _, i, _ in inputs], E, 0)
+    L = E // 2
+    q = torch.zeros(L, 16, Hq, dtype=torch.float8_e4m3fn)
+    sc = torch.full((L, 16, 1), float("nan"))
+    counts = torch.zeros(L, dtype=torch.int32)
+    for le in range(L):
+        for j, (src, t) in enumerate(ref[le]):
+            q[le, j], sc[le, j] = quant[src][0][t], quant[src][1][t]
+        counts[le] = len(ref[le])
+    x, ids, w = inputs[0]
+    xq = dequantize_fp8_blocks(*quant[0])
+    y = sum(w[:, k:k + 1].double() * torch.stack([affine_expert(int(ids[t, k]), xq[t])
+                                                  for t in range(x.shape[0])])
+            for k in range(K)).float()
+    assert _check(0, 2, E, inputs, torch.float32, (q, counts, None, sc), y) == ""
+    le = int(torch.nonzero(counts).flatten()[0])
+    sc[le, 0] *= 2
+    assert "content differs" in _check(0, 2, E, inputs, torch.float32, (q, counts, None, sc), y)
+
+
 def test_stress_stops_at_the_first_failure_with_its_history():
     seen = []
 
