@@ -114,16 +114,36 @@ def _make(backend, K, M, tmp, group=None, layout=None, hidden=H, **kw):
                         layout=layout, **kw)
 
 
-def _cases_worker(rank, world, backend, tmp, seed):
+def _cases_worker(rank, world, backend, tmp, seed, hidden=H, dtype=torch.float32):
+    """Every routing case of ``CASES`` through one dispatcher per top_k (buffer reuse); an fp8
+    dispatcher gets the caller's own ``(q, scale)`` in every other call."""
     out = []
     by_k: dict[int, object] = {}
     for i, (routing, toks, K) in enumerate(CASES):
         if K not in by_k:   # one dispatcher per top_k, reused across calls (buffer reuse)
-            by_k[K] = _make(backend, K, 13, f"{tmp}/k{K}")
+            by_k[K] = _make(backend, K, 13, f"{tmp}/k{K}", hidden=hidden, dtype=dtype)
         ep = by_k[K]
-        inputs = make_inputs(seed + i, world, toks[:world], E, K, H, torch.float32, routing)
-        out.append((routing, *roundtrip(ep, rank, world, E, inputs, torch.float32)))
+        inputs = make_inputs(seed + i, world, toks[:world], E, K, hidden, dtype, routing)
+        out.append((routing, *roundtrip(ep, rank, world, E, inputs, dtype,
+                                        pair=ep.fp8 and i % 2 == 1)))
     return out
+
+
+def _run_cases(backend, seed, tol, timeout, hidden=H, dtype=torch.float32):
+    """``_cases_worker`` on two ranks (the p2p simulation under the interpreter); every case
+    within ``tol`` of the reference and some rows received."""
+    import os
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in (1, 2, 3):
+            os.makedirs(f"{tmp}/k{k}")
+        res = run_ranks(_cases_worker, 2, backend, tmp, seed, hidden, dtype, timeout=timeout,
+                        env=SIM if backend.startswith("p2p") else None)
+    for rank_res in res:
+        assert len(rank_res) == len(CASES)
+        for routing, n, err in rank_res:
+            assert err <= tol, (routing, err)
+    assert sum(n for r in res for _, n, _ in r) > 0
 
 
 NEEDS_TRITON = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
@@ -145,18 +165,7 @@ PACKED_CASES = ["torch-packed", "allgather-packed", "torch-packed4",
                                      *PACKED_CASES])
 def test_contract_every_backend_world2(backend):
     """THE contract test: each backend vs the dense single-process reference."""
-    with tempfile.TemporaryDirectory() as tmp:
-        for k in (1, 2, 3):
-            import os
-
-            os.makedirs(f"{tmp}/k{k}")
-        res = run_ranks(_cases_worker, 2, backend, tmp, 100, timeout=150,
-                        env=SIM if backend.startswith("p2p") else None)
-    for rank_res in res:
-        assert len(rank_res) == len(CASES)
-        for routing, n, err in rank_res:
-            assert err <= 2e-5, (routing, err)
-    assert sum(n for r in res for _, n, _ in r) > 0
+    _run_cases(backend, 100, 2e-5, 150)
 
 
 #: the fp8 dispatch: both collective backends, a packed layout, and the flags dispatch's
@@ -168,21 +177,6 @@ FP8_CASES = {"torch-fp8": torch.float32, "allgather-fp8": torch.bfloat16,
 H_FP8 = 256   # two scales a token
 
 
-def _fp8_worker(rank, world, backend, tmp, seed):
-    dtype = FP8_CASES[backend]
-    out = []
-    by_k: dict[int, object] = {}
-    for i, (routing, toks, K) in enumerate(CASES):
-        if K not in by_k:
-            by_k[K] = _make(backend, K, 13, f"{tmp}/k{K}", hidden=H_FP8, dtype=dtype)
-        ep = by_k[K]
-        assert ep.fp8 and "fp8" in repr(ep)
-        inputs = make_inputs(seed + i, world, toks[:world], E, K, H_FP8, dtype, routing)
-        # every other call: the caller's own (q, scale), as the reference quantised them
-        out.append((routing, *roundtrip(ep, rank, world, E, inputs, dtype, pair=i % 2 == 1)))
-    return out
-
-
 @pytest.mark.parametrize("backend", [n if not n.startswith("p2p") else
                                      pytest.param(n, marks=NEEDS_TRITON) for n in FP8_CASES])
 def test_contract_fp8_dispatch(backend):
@@ -191,18 +185,8 @@ def test_contract_fp8_dispatch(backend):
     experts on the dequantised rows matches the dense reference of the quantised tokens."""
     from llmcomm.moe.reference import RTOL
 
-    with tempfile.TemporaryDirectory() as tmp:
-        for k in (1, 2, 3):
-            import os
-
-            os.makedirs(f"{tmp}/k{k}")
-        res = run_ranks(_fp8_worker, 2, backend, tmp, 300, timeout=200,
-                        env=SIM if backend.startswith("p2p") else None)
-    for rank_res in res:
-        assert len(rank_res) == len(CASES)
-        for routing, n, err in rank_res:
-            assert err <= RTOL[FP8_CASES[backend]], (routing, err)
-    assert sum(n for r in res for _, n, _ in r) > 0
+    dtype = FP8_CASES[backend]
+    _run_cases(backend, 300, RTOL[dtype], 200, hidden=H_FP8, dtype=dtype)
 
 
 def _layout_worker(rank, world, tmp):
