@@ -20,7 +20,8 @@ Quantisation of a bf16 / fp16 / fp32 ``x`` (:func:`quantize_to_wire`), in refere
 
 Power-of-two scales (DeepEP's ``round_scale`` / UE8M0 form) make the quantisation exact to
 reproduce: the GPU kernel, the torch path and the reference agree bit for bit; they use at least
-half of the fp8 range (``amax / s`` in (224, 448]). A caller that quantised already (its own
+half of the fp8 range (``amax / s`` in (224, 448] for any block with ``amax > 448 * 2**-126``).
+``x`` must be finite (a block with an inf or nan quantises to unspecified values). A caller that quantised already (its own
 scales, any float32 values) passes ``(q, s)`` to ``dispatch`` instead of ``x``: the pair is
 packed into wire rows unchanged.
 """
