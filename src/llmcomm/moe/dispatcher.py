@@ -51,8 +51,7 @@ from ..errors import BackendUnavailableError, CaptureError, ConfigMismatchError 
 from ..policy import Decision
 from .backends import (AllGatherBackend, EPConfig, MoEBackend, TorchA2ABackend, packed_offsets,
                        packed_row_experts)
-from .fp8 import (FP8_BLOCK, FP8_DTYPE, check_fp8_config, pack_to_wire, quantize_to_wire,
-                  split_wire, warm_quantize)
+from .fp8 import FP8_BLOCK, FP8_DTYPE, check_fp8_config, split_wire, to_wire, warm_quantize
 
 logger = logging.getLogger(__name__)
 
@@ -373,13 +372,7 @@ class EPDispatcher:
         if x.device.type == "cpu" or self._backend.name == "torch" or get_config().check:
             _check_id_range(topk_ids, self.num_experts)
         if self.fp8:
-            wire = torch.empty(x.shape[0], self._cfg.row_width, dtype=self.dtype,
-                               device=x.device)
-            if x_scale is None:
-                quantize_to_wire(x.contiguous(), wire)
-            else:
-                pack_to_wire(x, x_scale, wire)
-            x = wire
+            x = to_wire(x, x_scale, self.dtype)
         expert_x, counts, state = self._backend.dispatch(x, topk_ids, topk_weights)
         self._generation += 1
         self._in_flight = self._generation

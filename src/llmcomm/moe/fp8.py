@@ -111,6 +111,18 @@ def warm_quantize(hidden_size: int, dtype: torch.dtype, device: torch.device) ->
     return 1
 
 
+def to_wire(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """New wire rows ``[T, wire_width(H, dtype)]`` of ``dtype``: ``x [T, H]`` quantised
+    (:func:`quantize_to_wire`; ``scale`` None), or the caller's quantised ``(x, scale)`` packed
+    (:func:`pack_to_wire`)."""
+    wire = torch.empty(x.shape[0], wire_width(x.shape[1], dtype), dtype=dtype, device=x.device)
+    if scale is None:
+        quantize_to_wire(x.contiguous(), wire)
+    else:
+        pack_to_wire(x, scale, wire)
+    return wire
+
+
 def pack_to_wire(q: torch.Tensor, s: torch.Tensor, wire: torch.Tensor) -> None:
     """Copy a caller's quantised ``(q [T, H] float8_e4m3fn, s [T, H / 128] float32)`` into wire
     rows (two strided copies, no arithmetic)."""

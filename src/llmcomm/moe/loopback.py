@@ -62,7 +62,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .fp8 import quantize_to_wire, warm_quantize
+from .fp8 import to_wire, warm_quantize
 
 log = logging.getLogger(__name__)
 
@@ -242,12 +242,7 @@ class Loopback:
         """Every rank's dispatch; per rank ``(expert_x, counts, state)`` (its backend's; with
         ``fp8`` ``xs`` are quantised first and ``expert_x`` is wire rows)."""
         def one(r: int) -> tuple[torch.Tensor, ...]:
-            x = xs[r]
-            if self.fp8:
-                cfg = self.backends[r].cfg
-                wire = torch.empty(x.shape[0], cfg.row_width, dtype=cfg.dtype, device=x.device)
-                quantize_to_wire(x, wire)
-                x = wire
+            x = to_wire(xs[r], None, self.backends[r].cfg.dtype) if self.fp8 else xs[r]
             return self.backends[r].dispatch(x, topk_ids[r], topk_weights[r])
 
         return self._each_rank(one)
