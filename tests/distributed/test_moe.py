@@ -239,14 +239,16 @@ def test_packed_full_segments_with_alignment(backend):
 
 
 def _p2p_sim_world4_worker(rank, world, tmp, backend):
-    ep = _make(backend, 2, 13, tmp)
+    hidden = H_FP8 if backend.endswith(FP8) else H
+    ep = _make(backend, 2, 13, tmp, hidden=hidden)
     routing, toks, K = CASES[0]
-    inputs = make_inputs(3, 4, toks, E, 2, H, torch.float32, routing)
+    inputs = make_inputs(3, 4, toks, E, 2, hidden, torch.float32, routing)
     return roundtrip(ep, rank, 4, E, inputs, torch.float32)[1]
 
 
 @NEEDS_TRITON
-@pytest.mark.parametrize("backend", ["p2p-sim", "p2p-sim-lamport", "p2p-sim" + PACKED])
+@pytest.mark.parametrize("backend", ["p2p-sim", "p2p-sim-lamport", "p2p-sim" + PACKED,
+                                     "p2p-sim" + FP8])
 def test_world4_p2p_sim(backend):
     with tempfile.TemporaryDirectory() as tmp:
         res = run_ranks(_p2p_sim_world4_worker, 4, tmp, backend, timeout=150, env=SIM)
