@@ -195,7 +195,8 @@ def expand_to_experts(rows: torch.Tensor, ids: torch.Tensor, cfg: EPConfig,
     """Copy received rows into the per-expert layout (padded or packed, ``cfg.packed``).
 
     ``rows [N, H]`` and ``ids [N, K]`` (global expert ids, ``-1`` = nothing) are the rows that
-    reached this rank; ``expert_x_rows`` is ``[cfg.rows + 1, H]`` (the last row is a scratch row
+    reached this rank (``H``: ``cfg.row_width``, an fp8 dispatch's wire rows included);
+    ``expert_x_rows`` is ``[cfg.rows + 1, H]`` (the last row is a scratch row
     that absorbs writes of non-local entries, so no boolean indexing and no host sync is needed).
     Returns ``counts [L] int32`` and ``slot [N, K] int64``: the flat row of ``expert_x`` that
     holds ``(n, k)`` (padded: ``l * cap + i``; packed: ``offsets[l] + i``), or ``-1`` when
