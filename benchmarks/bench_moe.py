@@ -123,6 +123,9 @@ SWEEP = {
     # bf16 expert_out (the identity experts' dequantised rows of the checked call)
     "fp8": ({"protocol": "flags", "fp8": True}, None),
     "packed_fp8": ({"protocol": "flags", "packed": True, "fp8": True}, None),
+    # ... through the lamport dispatch (session 33; protocol="auto"'s pick for an fp8 decode
+    # dispatcher at EP=2)
+    "lam_fp8": ({"protocol": "lamport", "fp8": True}, None),
     "croles_r8": ({"protocol": "flags", "_combine_roles": True, "round_tokens": 8}, None),
     # the dispatch's rows by copy engine, a round of every program (8 x 128 = 1024 tokens at
     # 4096 per rank) a copy, for batches of 2048+ tokens (session 17, P2PBackend._ce_tokens,

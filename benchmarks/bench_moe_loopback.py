@@ -60,6 +60,9 @@ CONFIGS = {
     "fp8_4096": (4096, {"protocol": "flags", "fp8": True}),
     "packedfp8_4096": (4096, {"protocol": "flags", "packed": True, "fp8": True}),
     "fp8_128": (128, {"protocol": "flags", "fp8": True}),
+    # ... through lamport (session 33; what protocol="auto" picks for an fp8 decode dispatcher
+    # at EP=2 now), against lamport128
+    "lamfp8_128": (128, {"protocol": "lamport", "fp8": True}),
     # A/B candidate: the combine's push and finish in separate programs (16 warps, one token
     # a step; 2 x SMs // (2 * world) programs a rank, the dispatch keeps its grid), rounds of 8
     "croles4096r8": (4096, {"protocol": "flags", "_combine_roles": True, "round_tokens": 8}),

@@ -52,6 +52,8 @@ VARIANTS = {
     # a multiple of 128 (264 -> 256 at the small size). Not with --free (its identity experts
     # would combine the wire rows)
     "flags-fp8": {"protocol": "flags", "fp8": True},
+    # ... through the lamport dispatch (session 33): the sentinel bit pattern in wire rows
+    "lam-fp8": {"protocol": "lamport", "fp8": True},
 }
 #: size -> (experts, top_k, hidden, max tokens per rank, dtype name): "small" and "large" are
 #: session 17's sentinel test sizes; "large64" is the large size at 64 tokens, whose grid (64

@@ -17,8 +17,13 @@ def make_inputs(seed: int, world: int, tokens: list[int], num_experts: int, top_
 
     x rows are rank-tagged: x[t, 0] = source rank, x[t, 1:4] = t in base 16 (t % 16,
     t // 16 % 16, t // 256): integers of at most 4 significant bits, exact in bf16 and, as
-    power-of-two multiples of a block scale, in the fp8 dispatch's float8_e4m3fn too; the
-    rest random.
+    power-of-two multiples of a block scale, in the fp8 dispatch's float8_e4m3fn too. At
+    ``hidden >= 16``, x[t, 8:14] = (0, 0, 0, -0.0, 1, 0): in an fp8 dispatch's wire rows
+    (:mod:`llmcomm.moe.fp8`, fp8 bytes packed into ``dtype`` elements) bytes 8-11 then hold
+    lamport's empty-slot sentinel (the sign bit alone) both as a 16-bit element (10, 11) and
+    as a 32-bit one, and bytes 12-13 a bf16/fp16 denormal (a nonzero low byte); rows that a
+    float compare to zero would flush or a sentinel test would wait on forever. The rest is
+    random.
     """
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -29,6 +34,8 @@ def make_inputs(seed: int, world: int, tokens: list[int], num_experts: int, top_
         x[:, 1] = torch.arange(T) % 16
         x[:, 2] = torch.arange(T) // 16 % 16
         x[:, 3] = torch.arange(T) // 256
+        if hidden >= 16:
+            x[:, 8:14] = torch.tensor([0.0, 0.0, 0.0, -0.0, 1.0, 0.0])
         if routing == "random":
             ids = torch.stack([torch.randperm(num_experts, generator=g)[:top_k]
                                for _ in range(T)]) if T else torch.empty(0, top_k, dtype=torch.long)
@@ -84,7 +91,8 @@ def check_dispatch(rank: int, world: int, num_experts: int, inputs, expert_x: to
     """Every received row is checked against its source row; the multiset must be exact.
     ``offsets``: a packed dispatch's (checked against ``counts`` and ``align`` too).
     ``scale``: an fp8 dispatch's ``expert_x_scale``; each row's fp8 bytes and scales must be
-    the float64 reference quantisation of its source row, bit for bit."""
+    the float64 reference quantisation of its source row, bit for bit but for the sign of a
+    zero (lamport sends an fp8 ``-0`` as ``+0`` where its byte pair reads as the sentinel)."""
     expected = reference_dispatch([ids for _, ids, _ in inputs], num_experts, rank)
     L = num_experts // world
     counts = counts.cpu()
@@ -124,7 +132,7 @@ def check_dispatch(rank: int, world: int, num_experts: int, inputs, expert_x: to
                 same = torch.equal(mine[i], inputs[src][0][t])
             else:
                 q, s = quant[src]
-                same = torch.equal(mine[i].view(torch.uint8), q[t].view(torch.uint8)) and \
+                same = torch.equal(_fp8_bits(mine[i]), _fp8_bits(q[t])) and \
                     torch.equal(mine_s[i], s[t])
             assert same, \
                 f"rank {rank} expert {le} row {i}: content differs from source ({src}, {t})"
@@ -132,6 +140,12 @@ def check_dispatch(rank: int, world: int, num_experts: int, inputs, expert_x: to
         assert sorted(got) == want, f"rank {rank} expert {le}: got {sorted(got)} want {want}"
         n += c
     return n
+
+
+def _fp8_bits(q: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn ``q``'s bytes with ``-0`` (0x80) as ``+0`` (0x00)."""
+    b = q.view(torch.uint8)
+    return torch.where(b == 0x80, torch.zeros_like(b), b)
 
 
 def run_experts(rank: int, num_experts: int, world: int, expert_x: torch.Tensor,

@@ -168,12 +168,14 @@ def test_contract_every_backend_world2(backend):
     _run_cases(backend, 100, 2e-5, 150)
 
 
-#: the fp8 dispatch: both collective backends, a packed layout, and the flags dispatch's
-#: placement paths (rounds, per-token claims, tiles; packed); the dtype the wire rows are
+#: the fp8 dispatch: both collective backends, a packed layout, the flags dispatch's
+#: placement paths (rounds, per-token claims, tiles; packed) and lamport's (one-token and
+#: 4-token tiles; its sentinel in the wire rows: ``make_inputs``); the dtype the wire rows are
 #: viewed as (fp32: 66 elements a row at hidden 256, bf16: 132)
 FP8_CASES = {"torch-fp8": torch.float32, "allgather-fp8": torch.bfloat16,
              "torch-packed4-fp8": torch.bfloat16, "p2p-sim-fp8": torch.float32,
-             "p2p-sim-r17-fp8": torch.bfloat16, "p2p-sim-t4c2r3-packed-fp8": torch.float32}
+             "p2p-sim-r17-fp8": torch.bfloat16, "p2p-sim-t4c2r3-packed-fp8": torch.float32,
+             "p2p-sim-lamport-fp8": torch.bfloat16, "p2p-sim-lamport-t4c2-fp8": torch.float32}
 H_FP8 = 256   # two scales a token
 
 
@@ -187,6 +189,52 @@ def test_contract_fp8_dispatch(backend):
 
     dtype = FP8_CASES[backend]
     _run_cases(backend, 300, RTOL[dtype], 200, hidden=H_FP8, dtype=dtype)
+
+
+def _caller_scales_worker(rank, world, backend, tmp):
+    """An fp8 dispatch (bf16 wire view) of the caller's own ``(q, scale)`` whose second
+    block's scales have low 16 bits 0x8000 (in a bf16 view, lamport's sentinel); per received
+    row: (the sent scale bits, the received ones, whether the fp8 bytes are the sent ones but
+    for the sign of zeros)."""
+    from llmcomm.moe.reference import dequantize_fp8_blocks, quantize_fp8_blocks
+    from tests.distributed._moe_cases import _fp8_bits
+
+    ep = _make(backend, 2, 13, tmp, hidden=H_FP8, dtype=torch.bfloat16)
+    inputs = make_inputs(7, world, [13, 11], E, 2, H_FP8, torch.bfloat16, "random")
+    pairs = []
+    for x, _, _ in inputs:
+        q, s = quantize_fp8_blocks(x)
+        s[:, 1] = (s[:, 1].view(torch.int32) | 0x8000).view(torch.float32)
+        pairs.append((q, s))
+    _, ids, w = inputs[rank]
+    d = ep.dispatch(pairs[rank], ids, w)
+    rows = []
+    for le, c in enumerate(d.counts.tolist()):
+        q, s = d.expert_x[le, :c], d.expert_x_scale[le, :c]
+        tag = dequantize_fp8_blocks(q[:, :128], s[:, :1])   # block 0: the reference's scales
+        for i in range(c):
+            src = int(tag[i, 0])
+            t = int(tag[i, 1]) + 16 * int(tag[i, 2]) + 256 * int(tag[i, 3])
+            rows.append((pairs[src][1][t].view(torch.int32).tolist(),
+                         s[i].view(torch.int32).tolist(),
+                         torch.equal(_fp8_bits(q[i]), _fp8_bits(pairs[src][0][t]))))
+    return rows
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("backend, bump", [("p2p-sim-lamport-fp8", 1),
+                                           ("p2p-sim-lamport-t4c2-fp8", 1), ("p2p-sim-fp8", 0)])
+def test_fp8_caller_scale_with_sentinel_bits(backend, bump):
+    """A caller's scale whose low 16 bits are 0x8000: lamport sends it one ulp larger (its
+    sentinel rewrite of the scale columns, ``_no_sentinel`` in :mod:`llmcomm.kernels.moe`),
+    flags unchanged; the fp8 bytes arrive as sent either way, and the other scales too."""
+    with tempfile.TemporaryDirectory() as tmp:
+        res = run_ranks(_caller_scales_worker, 2, backend, tmp, timeout=150, env=SIM)
+    rows = [r for rank_rows in res for r in rank_rows]
+    assert len(rows) >= 20, len(rows)
+    for sent, got, same_q in rows:
+        assert same_q
+        assert got == [sent[0], sent[1] + bump], (sent, got)
 
 
 def _layout_worker(rank, world, tmp):
@@ -656,9 +704,6 @@ def test_errors_world2():
     ({"packed": True, "protocol": "lamport"},
      "a packed expert_x (EPDispatcher(packed=True)) needs the p2p protocol 'flags'"),
     ({"packed": True, "shift": 0}, "leave protocol and shift unset, or pass protocol='flags'"),
-    # so does "fp8" (EPDispatcher(fp8=True))
-    ({"fp8": True, "protocol": "lamport"},
-     "an fp8 dispatch (EPDispatcher(fp8=True)) needs the p2p protocol 'flags'"),
 ])
 def test_p2p_knob_validation(kw, words, tmp_path):
     """Bad P2PBackend knobs are refused before any workspace or collective, naming the fix."""
@@ -668,7 +713,7 @@ def test_p2p_knob_validation(kw, words, tmp_path):
     from llmcomm.moe.p2p import P2PBackend
 
     kw = dict(kw)
-    fp8 = kw.pop("fp8", False)
+    fp8 = kw.pop("fp8", False)   # (no entry sets it since session 33: lamport takes fp8 too)
     cfg = EPConfig(rank=0, world_size=2, num_experts=E, top_k=2,
                    hidden_size=128 if fp8 else H, max_tokens_per_rank=4, dtype=torch.float32,
                    device=torch.device("cpu"), packed=kw.pop("packed", False), fp8=fp8)

@@ -36,9 +36,14 @@ VARIANTS = {
     # ... each expert's segment starting at a multiple of 16 rows (packed_align)
     "flags-g8-packed-a16": (2, {"packed": True, "packed_align": 16, "num_programs": 8}),
     # the fp8 dispatch (EPDispatcher(fp8=True)): x quantised by the triton kernel into wire
-    # rows, which the flags dispatch moves; padded, and packed with few programs
-    "flags-fp8": (2, {"fp8": True}),
+    # rows, which the flags dispatch moves; padded, and packed with few programs; and the
+    # lamport dispatch (session 33: its sentinel rewrite compares bits; make_inputs puts the
+    # sentinel and bf16-denormal byte pairs into every wire row), one-token and 4-token tiles
+    "flags-fp8": (2, {"protocol": "flags", "fp8": True}),
     "flags-g8-packed-fp8": (2, {"fp8": True, "packed": True, "num_programs": 8}),
+    "lamport-fp8": (2, {"protocol": "lamport", "fp8": True}),
+    "lamport-t4c2-fp8": (2, {"protocol": "lamport", "fp8": True, "tile_tokens": 4,
+                             "combine_tile_tokens": 2}),
     "lamport": (2, {"protocol": "lamport"}),
     "lamport-t4c2": (2, {"protocol": "lamport", "tile_tokens": 4, "combine_tile_tokens": 2}),
     "lamport-shift": (2, {"protocol": "lamport", "tile_tokens": 2, "shift": 20,
@@ -212,6 +217,7 @@ def _graph_worker(rank, world_size, name):
 
 @pytest.mark.parametrize("name", ["flags", "flags-g8", "flags-g8-roles", "flags-g8-ce",
                                   "flags-packed", "flags-fp8", "flags-g8-packed-fp8",
+                                  "lamport-fp8",
                                   "lamport", "lamport-t4c2", "lamport-notspin",
                                   "lamport-nodirect", "lamport-w4",
                                   pytest.param("lamport-w8", marks=pytest.mark.timeout(900))])
@@ -401,14 +407,14 @@ def _warmup_worker(rank, world_size, name):
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("name", ["flags", "lamport", "flags-g8-ce", "flags-packed",
-                                  "flags-fp8"])
+                                  "flags-fp8", "lamport-fp8"])
 def test_loopback_warmup_leaves_nothing_to_compile(name):
     (res,) = run_ranks(_warmup_worker, 1, name, timeout=850)
     loaded, warm_s, after_warmup, control_compiles, err = res
     print(f"{name}: warmup loaded {loaded} kernel variants per rank in {warm_s:.1f} s")
     # dispatch + combine, 3 token classes, 2 ids dtypes; lamport at two warp counts
     # (fp8: the quantisation kernel last)
-    assert all(n >= (24 if name == "lamport" else 12) for n in loaded[:2]), loaded
+    assert all(n >= (24 if name.startswith("lamport") else 12) for n in loaded[:2]), loaded
     assert len(loaded) == 2 + VARIANTS[name][1].get("fp8", False), loaded
     assert after_warmup == [], after_warmup
     assert control_compiles > 0, "the compile hook saw nothing: the check above proves nothing"

@@ -88,8 +88,8 @@ def _correctness_worker(rank, world, names):
                                    ("p2p-flags-g8-roles",),
                                    ("p2p-packed", "torch-packed", "allgather-packed",
                                     "p2p-packed16"),
-                                   ("p2p-fp8", "torch-fp8", "allgather-fp8",
-                                    "p2p-packed-fp8"),
+                                   ("p2p-fp8", "p2p-flags-fp8", "torch-fp8",
+                                    "allgather-fp8", "p2p-packed-fp8"),
                                    *((n,) for n in LAMPORT)],
                          ids=lambda names: "+".join(names))
 def test_backends_match_reference_on_gpu(names):

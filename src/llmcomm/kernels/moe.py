@@ -84,8 +84,10 @@ Protocol ``"lamport"`` (``ep_dispatch_lamport_kernel`` / ``ep_combine_lamport_ke
 no system-scope fence, no waiting for a whole program's sends. Every receive slot of the workspace
 starts as a *sentinel* (the sign bit alone: ``-0.0`` for float rows, ``INT_MIN`` for int32 meta and
 counts); senders write ``-0.0`` as ``+0.0`` (the only value change, invisible to every arithmetic
-use), so a receiver knows an element has landed when it is no longer the sentinel, polls with
-volatile loads until no element of what it needs is, and then writes the sentinel back. Receive
+use; :func:`_no_sentinel` compares bits, so an fp8 dispatch's wire rows, fp8 bytes packed into
+``dtype`` elements, keep their values too: a ``+0, -0`` byte pair goes as ``+0, +0``), so a
+receiver knows an element has landed when it is no longer the sentinel, polls with volatile loads
+until no element of what it needs is, and then writes the sentinel back. Receive
 buffers come in ``NBUF = 3`` copies, selected by a per-program index in device memory that advances
 every call (``buf = call mod 3``): a slot is reset in call ``e`` and written again only in call
 ``e + 3``, which the peer cannot start before this rank has started call ``e + 2`` (the peer's
@@ -1606,13 +1608,42 @@ def _sent_like(v, BITS: tl.constexpr):
 
 
 @triton.jit
+def _no_sentinel(v, cols, BITS: tl.constexpr, QW: tl.constexpr = 0):
+    """``v`` (elements at row columns ``cols``, broadcast against ``v``) with the sentinel bit
+    pattern (:func:`_is_sent`) rewritten, so that a sent value never reads as unwritten:
+
+        QW == 0 (rows of values):   sentinel (-0.0) -> +0 (all bits clear)
+        QW > 0 (an fp8 dispatch's wire rows, :mod:`llmcomm.moe.fp8`: columns < QW hold the
+                fp8 bytes, the rest the float32 scales):
+            column < QW:   sentinel -> +0: a (+0, -0) fp8 byte pair (or 4 bytes) -> all +0
+            column >= QW:  sentinel -> sentinel + 1: in a 16-bit view the low half of a
+                           positive scale, which becomes one ulp (2**-23 relative) larger
+                           (own scales, powers of two, have zero low halves: only a caller's
+                           own (q, scale) can meet this; a 32-bit one would be -0.0, no scale)
+
+    Compared as integers, not as floats (session 33; the float compare ``v == 0`` before it
+    would flush a denormal to zero where compares flush, and a bf16 "denormal" in a wire row
+    is a pair of fp8 values)."""
+    z = tl.zeros_like(v)
+    if QW > 0:
+        if BITS == 16:
+            up = tl.full(v.shape, -32767, tl.int16).to(v.dtype, bitcast=True)
+        else:
+            up = tl.full(v.shape, -2147483647, tl.int32).to(v.dtype, bitcast=True)
+        z = tl.where(cols < QW, z, up)
+    return tl.where(_is_sent(v, BITS), z, v)
+
+
+@triton.jit
 def _lamport_send_tile(c, x_ptr, ids_ptr, w_ptr, T, buf, lx, lmeta, RANK: tl.constexpr,
                        W: tl.constexpr, M: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
                        L: tl.constexpr, E: tl.constexpr, BLOCK_H: tl.constexpr,
-                       BLOCK_K: tl.constexpr, TB: tl.constexpr):
+                       BLOCK_K: tl.constexpr, TB: tl.constexpr, BITS: tl.constexpr,
+                       QW: tl.constexpr):
     """Own tokens ``[c*TB, c*TB+TB)`` (none when ``c*TB >= T``): meta to every peer, the row to
     peers owning one of its experts (``-0.0`` sent as ``+0.0``). Returns ``(row, ids, vt,
-    t64)`` for the local copies, which the caller makes later."""
+    t64)`` for the local copies, which the caller makes later (``QW`` > 0: the rows as sent,
+    so that every rank's expert gets a token's wire row alike, :func:`_no_sentinel`)."""
     offs_h = tl.arange(0, BLOCK_H)
     mh = offs_h < H
     offs_k = tl.arange(0, BLOCK_K)
@@ -1622,7 +1653,7 @@ def _lamport_send_tile(c, x_ptr, ids_ptr, w_ptr, T, buf, lx, lmeta, RANK: tl.con
     m2, ids, w, row, owner = _own_tokens(t64, vt, x_ptr, ids_ptr, w_ptr, H, K, L, E, BLOCK_H,
                                          BLOCK_K)
     wbits = tl.where(w == 0, 0.0, w).to(tl.int32, bitcast=True)
-    rowc = tl.where(row == 0, tl.zeros_like(row), row)
+    rowc = _no_sentinel(row, offs_h[None, :], BITS, QW)
     base = (buf * W + RANK) * M + t64
     for d in tl.static_range(W):
         if d != RANK:
@@ -1632,6 +1663,8 @@ def _lamport_send_tile(c, x_ptr, ids_ptr, w_ptr, T, buf, lx, lmeta, RANK: tl.con
             to_d = vt & (tl.sum((owner == d).to(tl.int32), axis=1) > 0)
             tl.store(lx[d] + base[:, None] * H + offs_h[None, :], rowc,
                      mask=to_d[:, None] & mh[None, :])
+    if QW > 0:
+        row = rowc
     return row, ids, vt, t64
 
 
@@ -1747,9 +1780,11 @@ def _lamport_recv_tile(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_x
 
 @triton.jit
 def _own_token(t, T, x_ptr, ids_ptr, w_ptr, H: tl.constexpr, K: tl.constexpr, E: tl.constexpr,
-               BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+               BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr,
+               QW: tl.constexpr):
     """Own token ``t`` on 1-D vectors (none when ``t >= T``): ``(row [BLOCK_H], ids [BLOCK_K]
-    (-1 beyond ``K`` or out of range), w [BLOCK_K] fp32, valid, t as int64)``."""
+    (-1 beyond ``K`` or out of range), w [BLOCK_K] fp32, valid, t as int64)``; ``QW`` > 0 (an
+    fp8 wire row): the row as it is sent (:func:`_no_sentinel`), for the local copies too."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_k = tl.arange(0, BLOCK_K)
     valid = t < T
@@ -1759,13 +1794,16 @@ def _own_token(t, T, x_ptr, ids_ptr, w_ptr, H: tl.constexpr, K: tl.constexpr, E:
     ids = tl.where(kv & (ids >= 0) & (ids < E), ids, -1)
     w = tl.load(w_ptr + ti * K + offs_k, mask=kv, other=0.0).to(tl.float32)
     row = tl.load(x_ptr + ti * H + offs_h, mask=offs_h < tl.where(valid, H, 0))
+    if QW > 0:
+        row = _no_sentinel(row, offs_h, BITS, QW)
     return row, ids, w, valid, ti
 
 
 @triton.jit
 def _lamport_send_token(row, ids, w, valid, ti, buf, lx, lmeta, RANK: tl.constexpr,
                         W: tl.constexpr, M: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
-                        L: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+                        L: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                        BITS: tl.constexpr, QW: tl.constexpr):
     """:func:`_lamport_send_tile` of a one-token tile on 1-D vectors (session 13): own token
     ``ti`` as :func:`_own_token` loaded it, its meta to every peer and its row to the peers
     owning one of its experts."""
@@ -1773,7 +1811,7 @@ def _lamport_send_token(row, ids, w, valid, ti, buf, lx, lmeta, RANK: tl.constex
     offs_k = tl.arange(0, BLOCK_K)
     kv = offs_k < tl.where(valid, K, 0)
     wbits = tl.where(w == 0, 0.0, w).to(tl.int32, bitcast=True)
-    rowc = tl.where(row == 0, tl.zeros_like(row), row)
+    rowc = _no_sentinel(row, offs_h, BITS, QW)
     base = (buf * W + RANK) * M + ti
     for d in tl.static_range(W):
         if d != RANK:
@@ -2013,7 +2051,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                CLAIM1: tl.constexpr = False, GATE: tl.constexpr = False,
                                TRACE: tl.constexpr = False, trace=None,
                                DIRECT: tl.constexpr = False, ZP: tl.constexpr = 0,
-                               zflag=None):
+                               zflag=None, QW: tl.constexpr = 0):
     """Lamport dispatch; see the module docstring. Tiles of ``TB`` tokens; program ``p`` sends
     own tiles ``p, p+G, ...`` and receives tiles ``q, q+G, ...`` (``q = (p + SHIFT) mod G``)
     of every peer, the own tile's rows copied after each receive (before it with ``EARLY``,
@@ -2062,7 +2100,11 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
     early, so the programs waiting on it need only the first quarter of the grid resident; at
     16 warps (every program has a token) 0, the first dispatched; in the interpreter, which may
     run the programs in turn, 0. Session 27 also timed zeroing by the
-    combine: 0.3 us faster at 1-16 tokens, but ``counts`` read 0 after the combine: not kept."""
+    combine: 0.3 us faster at 1-16 tokens, but ``counts`` read 0 after the combine: not kept.
+
+    ``QW`` (session 33): an fp8 dispatch's wire rows, ``QW`` leading elements of fp8 bytes
+    (``hidden_size / esize``), the scales after them; :func:`_no_sentinel` (0: rows of
+    values)."""
     tl.static_assert((not SPREAD) or ((TB == 1) and (SHIFT == 0)),
                      "SPREAD needs one-token tiles and SHIFT 0")
     if PDL:  # nothing is touched before the previous grid finished
@@ -2113,16 +2155,16 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
         # to compile a loop-carried [TB, BLOCK_H] row here: RemoveLayoutConversions)
         if TB == 1:   # 1-D vectors (session 13); own token hp + i*G placed here (session 14)
             row1, ids1, w1, v1, t1 = _own_token(pid + i * G, T, x_ptr, ids_ptr, w_ptr, H, K, E,
-                                                BLOCK_H, BLOCK_K)
+                                                BLOCK_H, BLOCK_K, BITS, QW)
             _lamport_send_token(row1, ids1, w1, v1, t1, buf, lx, lmeta, RANK, W, M, H, K, L,
-                                BLOCK_H, BLOCK_K)
+                                BLOCK_H, BLOCK_K, BITS, QW)
             _stamp(trace, pid, 1, t0_trace, TRACE, USE_TIMER, NT)
             if DIRECT:
                 if i == 0:   # before this program's first claim
                     _wait_zeroed(zflag, buf, err_dev, err_host, timeout_ns, RANK, USE_TIMER,
                                  NT)
             rowp, idsp, wp, vp, tp = _own_token(hp + i * G, T, x_ptr, ids_ptr, w_ptr, H, K, E,
-                                                BLOCK_H, BLOCK_K)
+                                                BLOCK_H, BLOCK_K, BITS, QW)
             if GC:   # an own token to place: claim and (EARLY) place; else neither
                 if vp:
                     claim = _token_claim(idsp, vp, cursor, RANK, L, K, BLOCK_K)
@@ -2142,7 +2184,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
         else:
             row, ids, vt, t64 = _lamport_send_tile(pid + i * G, x_ptr, ids_ptr, w_ptr, T, buf,
                                                    lx, lmeta, RANK, W, M, H, K, L, E, BLOCK_H,
-                                                   BLOCK_K, TB)
+                                                   BLOCK_K, TB, BITS, QW)
             if DIRECT:
                 if i == 0:
                     _wait_zeroed(zflag, buf, err_dev, err_host, timeout_ns, RANK, USE_TIMER,
@@ -2287,7 +2329,8 @@ def _push_routing(c, s, slot_map, wloc, M: tl.constexpr, K: tl.constexpr,
 def _lamport_push(c, col0, tsv, buf, expert_out, lcomb, slot_map, wloc, pre,
                   RANK: tl.constexpr, W: tl.constexpr, M: tl.constexpr, H: tl.constexpr,
                   K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-                  BLOCK_W: tl.constexpr, TB: tl.constexpr, PRE: tl.constexpr):
+                  BLOCK_W: tl.constexpr, TB: tl.constexpr, PRE: tl.constexpr,
+                  BITS: tl.constexpr):
     """Columns ``[col0, col0 + BLOCK_C)`` of the partial sums of every peer's tile ``c``, pushed
     once per (token, peer) into ``lcomb[s][buf, RANK]`` (tokens with a local expert only;
     ``-0.0`` sent as ``+0.0``). ``PRE`` (one peer): ``pre`` is that peer's
@@ -2315,7 +2358,7 @@ def _lamport_push(c, col0, tsv, buf, expert_out, lcomb, slot_map, wloc, pre,
                 accp = _partial_tile(expert_out, sm, wv, col0, H, K, BLOCK_C, BLOCK_K)
                 has = vt & (tl.max(sm, axis=1) >= 0)
                 out = accp.to(lcomb[s].dtype.element_ty)
-                out = tl.where(out == 0, tl.zeros_like(out), out)
+                out = _no_sentinel(out, offs_h[None, :], BITS)
                 dst = lcomb[s] + ((buf * W + RANK) * M + t64)[:, None] * H + offs_h[None, :]
                 tl.store(dst, out, mask=has[:, None] & mh[None, :])
 
@@ -2376,7 +2419,7 @@ def _lamport_split_combine(pid, obase, n_own, T, dead, tsv, buf, expert_out, ids
     finishes chunk ``obase mod S`` of its own tile ``obase // S``. Returns ``dead``."""
     if dead == 0:
         _lamport_push(pid // S, (pid % S) * CW, tsv, buf, expert_out, lcomb, slot_map, wloc, pre,
-                      RANK, W, M, H, K, CW, BLOCK_K, BLOCK_W, TB, PRE)
+                      RANK, W, M, H, K, CW, BLOCK_K, BLOCK_W, TB, PRE, BITS)
     if obase // S < n_own:
         dead = _lamport_finish(obase // S, (obase % S) * CW, T, dead, buf, expert_out, ids_ptr,
                                w_ptr, y_ptr, lcomb, slot_map, err_dev, err_host, timeout_ns,
@@ -2441,7 +2484,7 @@ def ep_combine_lamport_kernel(expert_out, ids_ptr, w_ptr, y_ptr, T, lcomb, slot_
         while more:
             if dead == 0:
                 _lamport_push(pid + i * G, 0, tsv, buf, expert_out, lcomb, slot_map, wloc, pre,
-                              RANK, W, M, H, K, BLOCK_H, BLOCK_K, BLOCK_W, TB, False)
+                              RANK, W, M, H, K, BLOCK_H, BLOCK_K, BLOCK_W, TB, False, BITS)
             co = obase + (i - 1) * G
             if (i > 0) & (co < n_own):
                 dead = _lamport_finish(co, 0, T, dead, buf, expert_out, ids_ptr, w_ptr, y_ptr,

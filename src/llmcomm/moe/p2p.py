@@ -22,7 +22,9 @@ programs), for ``protocol="flags"`` (zero-initialised)::
 and for ``protocol="lamport"`` (``NBUF = 3`` rotating copies, every element initialised to the
 sentinel bit pattern, sign bit only; each receiver resets what it consumed)::
 
-    lx    [NBUF, W, M, H]  dtype  rows pushed by each source rank
+    lx    [NBUF, W, M, R]  dtype  rows pushed by each source rank (fp8 wire rows too: a sent
+                                  element with the sentinel's bits goes as +0, which in a wire
+                                  row only turns an fp8 -0 byte into +0; ``_no_sentinel``)
     lmeta [NBUF, W, M, 2K] int32  ids, then the fp32 weight bits, of every source token
     lcnt  [NBUF, W, G]     int32  the source's token count, one slot per receiving program
     lcomb [NBUF, W, M, H]  dtype  weighted partial sums pushed back by each expert rank
@@ -410,24 +412,18 @@ class P2PBackend(MoEBackend):
         if protocol not in ("auto", "flags", "lamport"):
             raise ValueError(f"protocol must be 'auto', 'flags' or 'lamport', got {protocol!r}")
         esize = torch.empty(0, dtype=cfg.dtype).element_size()
+        # lamport: an fp8 wire row's leading elements of fp8 bytes (the scales after them)
+        self._qw = cfg.hidden_size // esize if cfg.fp8 else 0
         if cfg.packed and (protocol == "lamport" or shift is not None):
             raise ValueError("a packed expert_x (EPDispatcher(packed=True)) needs the p2p "
                              "protocol 'flags' (only its dispatch places rows into per-expert "
                              "segments): leave protocol and shift unset, or pass "
                              "protocol='flags'")
-        if cfg.fp8 and (protocol == "lamport" or shift is not None):
-            raise ValueError("an fp8 dispatch (EPDispatcher(fp8=True)) needs the p2p protocol "
-                             "'flags': lamport marks an unwritten slot by a bit pattern that "
-                             "fp8 bytes and scales may hold; leave protocol and shift unset, "
-                             "or pass protocol='flags'")
         if protocol != "auto":
             self.protocol_decision = Decision(protocol, ("requested explicitly",))
         elif cfg.packed:
             self.protocol_decision = Decision("flags", (
                 "packed expert_x: only the flags dispatch places rows into per-expert segments",))
-        elif cfg.fp8:
-            self.protocol_decision = Decision("flags", (
-                "fp8 dispatch: lamport's empty-slot bit pattern may occur in fp8 wire rows",))
         elif (round_tokens, posted_flags, interleave, _ce_tokens) != (None,) * 4 \
                 or _runtime_rounds or _combine_roles:
             self.protocol_decision = Decision("flags", ("a flags-only knob given",))
@@ -637,7 +633,7 @@ class P2PBackend(MoEBackend):
         off = 0
         layout = {}
         if lamport:
-            regions = (("lx", (NBUF, W, M, H), cfg.dtype),
+            regions = (("lx", (NBUF, W, M, cfg.row_width), cfg.dtype),
                        ("lmeta", (NBUF, W, M, 2 * K), torch.int32),
                        ("lcnt", (NBUF, W, self.G), torch.int32),
                        ("lcomb", (NBUF, W, M, H), cfg.dtype))
@@ -757,19 +753,23 @@ class P2PBackend(MoEBackend):
                 "num_warps": self._roles_warps, "NT": 32 * self._roles_warps,
                 "PAIR": self._roles_pair, **extra}
 
-    def _lamport_consts(self, tb: int, warps: int) -> dict[str, Any]:
+    def _lamport_consts(self, tb: int, warps: int, width: int | None = None) -> dict[str, Any]:
+        """The lamport kernels' constants at ``warps`` a program; ``width`` as in
+        :meth:`_consts`."""
         c = self.cfg
         extra = {"launch_pdl": True} if self.variants["PDL"] else {}
+        width = c.hidden_size if width is None else width
         return dict(RANK=c.rank, W=c.world_size, G=self.G, M=c.max_tokens_per_rank,
-                    H=c.hidden_size, K=c.top_k, L=c.local_experts, E=c.num_experts,
-                    BLOCK_H=_next_pow2(c.hidden_size), BLOCK_K=_next_pow2(c.top_k),
+                    H=width, K=c.top_k, L=c.local_experts, E=c.num_experts,
+                    BLOCK_H=_next_pow2(width), BLOCK_K=_next_pow2(c.top_k),
                     BLOCK_W=_next_pow2(c.world_size), TB=tb,
                     BITS=8 * torch.empty(0, dtype=c.dtype).element_size(), NBUF=NBUF,
                     SHIFT=self.shift, USE_TIMER=not self._sim, PDL=self.variants["PDL"],
                     num_warps=warps, NT=32 * warps, **extra)
 
     def _launch_lamport(self, kernel: Any, T: int, tb: int, ids: torch.Tensor,
-                        w: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+                        w: torch.Tensor, *args: Any, width: int | None = None,
+                        **kwargs: Any) -> None:
         """:meth:`_launch` of a lamport kernel for ``T`` own tokens in tiles of ``tb``, at the
         warps :func:`_lamport_warps` picks. Where it can pick two, the first call of each class
         of arguments that triton compiles apart (``T == 1``, ``T`` a multiple of 16, any other;
@@ -783,10 +783,10 @@ class P2PBackend(MoEBackend):
         if self._small_warps is not None and not self._sim and key not in self._loaded:
             for nw in (self.num_warps, self._small_warps):
                 self._load(kernel, args, (self.G,), {**_at_warps(kwargs, nw, self._sim),
-                                                     **self._lamport_consts(tb, nw)})
+                                                     **self._lamport_consts(tb, nw, width)})
             self._loaded.add(key)
         self._launch(kernel, *args, **_at_warps(kwargs, warps, self._sim),
-                     **self._lamport_consts(tb, warps))
+                     **self._lamport_consts(tb, warps, width))
 
     def _load(self, kernel: Any, args: tuple, grid: tuple, kwargs: dict[str, Any]) -> None:
         """Compile ``kernel`` for these arguments and load its module; launch nothing. Then make
@@ -902,7 +902,8 @@ class P2PBackend(MoEBackend):
                 self.peer_T, self.buf_d, self.err_dev, self.err_host.data_ptr(),
                 self.timeout_ns, CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts),
                 TSPIN=self._tspin, MSPIN=self._mspin, SPREAD=self._spread, EARLY=self._early,
-                CLAIM1=self._claim1, GATE=self._gate, **direct, **self._trace_args())
+                CLAIM1=self._claim1, GATE=self._gate, **direct, **self._trace_args(),
+                QW=self._qw, width=c.row_width)
             return self.expert_x, self.counts, (topk_ids, topk_weights)
         if c.packed:   # offsets + cursors from every rank's per-expert counts
             nw = 4
