@@ -39,7 +39,9 @@
 # dispatcher with and without it at 128-4096 tokens, both orders.
 # STEPS="fp8" (session 32, ~6 min cold): the fp8 dispatch (EPDispatcher(fp8=True)) on 2 GPUs:
 # its 2-GPU test (p2p / torch / allgather / p2p packed against the reference) and the flags
-# dispatcher with and without it (padded and packed) at 128-4096 tokens, both orders.
+# dispatcher with and without it (padded and packed) at 128-4096 tokens, both orders; and
+# (session 33) the decode dispatcher (protocol="auto": lamport) with and without it at 1-128
+# tokens, both orders.
 # WORLD (default 2) is the TP / EP size of the benchmarks; tests/gpu picks its own (gpu4 tests,
 # e.g. PP=2 x TP=2, run when 4 GPUs are visible).
 # FlashInfer is benchmarked and tested when importable (install the wheels first; CUDA_HOME set).
@@ -160,7 +162,11 @@ case " $STEPS " in *" fp8 "*)   # session 32: the fp8 dispatch on NVLink
   step fp8_a 200 python3 benchmarks/bench_moe.py --sweep --sweep-tokens 128,1024,4096 \
     --sweep-only default,fp8,packed,packed_fp8 --out "$OUT/fp8_a"
   step fp8_b 200 python3 benchmarks/bench_moe.py --sweep --sweep-tokens 128,1024,4096 \
-    --sweep-only packed_fp8,packed,fp8,default --out "$OUT/fp8_b" ;; esac
+    --sweep-only packed_fp8,packed,fp8,default --out "$OUT/fp8_b"
+  step fp8_lam_a 150 python3 benchmarks/bench_moe.py --sweep --sweep-tokens 1,8,64,128 \
+    --sweep-only default,lam_fp8 --out "$OUT/fp8_lam_a"
+  step fp8_lam_b 150 python3 benchmarks/bench_moe.py --sweep --sweep-tokens 1,8,64,128 \
+    --sweep-only lam_fp8,default --out "$OUT/fp8_lam_b" ;; esac
 case " $STEPS " in *" floor_small "*)   # session 19: the data-movement floor at decode sizes
   for t in 1 64 128; do
     step "floor_t$t" 150 python3 benchmarks/bench_moe_floor.py --tokens "$t" --programs 128 \
