@@ -63,6 +63,9 @@ CONFIGS = {
     # ... through lamport (session 33; what protocol="auto" picks for an fp8 decode dispatcher
     # at EP=2 now), against lamport128
     "lamfp8_128": (128, {"protocol": "lamport", "fp8": True}),
+    # ... with the quantisation as a kernel of its own before the dispatch (the A/B of
+    # session 33's default: lamport's one-token dispatch quantises as it loads, _fused_quant)
+    "lamfp8sep_128": (128, {"protocol": "lamport", "fp8": True, "_fused_quant": False}),
     # A/B candidate: the combine's push and finish in separate programs (16 warps, one token
     # a step; 2 x SMs // (2 * world) programs a rank, the dispatch keeps its grid), rounds of 8
     "croles4096r8": (4096, {"protocol": "flags", "_combine_roles": True, "round_tokens": 8}),
