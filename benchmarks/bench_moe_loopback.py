@@ -66,6 +66,7 @@ CONFIGS = {
     # ... with the quantisation as a kernel of its own before the dispatch (the A/B of
     # session 33's default: lamport's one-token dispatch quantises as it loads, _fused_quant)
     "lamfp8sep_128": (128, {"protocol": "lamport", "fp8": True, "_fused_quant": False}),
+    "lamfp8fq_128": (128, {"protocol": "lamport", "fp8": True, "_fused_quant": True}),
     # A/B candidate: the combine's push and finish in separate programs (16 warps, one token
     # a step; 2 x SMs // (2 * world) programs a rank, the dispatch keeps its grid), rounds of 8
     "croles4096r8": (4096, {"protocol": "flags", "_combine_roles": True, "round_tokens": 8}),
@@ -147,21 +148,27 @@ def _check(lb, xs, ids, ws, eos=None):
     return max(errs)
 
 
-def _free_pairs(lb, xs, ids, ws, n):
+def _free_pairs(lb, xs, ids, ws, n, eos=None):
     """``n`` dispatch + combine pairs of every rank on its own stream, forked once before them
     and joined once after (``Loopback`` forks and joins around every call): the rank streams run
     free, as on one GPU per rank, and a rank's kernels follow each other on one stream, so PDL
-    can overlap them. Identity experts (``expert_out = expert_x``)."""
+    can overlap them. Identity experts (``expert_out = expert_x``); with ``fp8`` the tokens
+    quantised first as ``Loopback.dispatch`` does (unless the backend's dispatch quantises) and
+    the combine on ``eos`` (bf16 outputs, as the timed pair)."""
     import torch
+
+    from llmcomm.moe.fp8 import to_wire
 
     cur = torch.cuda.current_stream()
     for s in lb.streams:
         s.wait_stream(cur)
     for r, (be, s) in enumerate(zip(lb.backends, lb.streams)):
+        quant = lb.fp8 and not be.fuses_fp8_quant
         with torch.cuda.stream(s):
             for _ in range(n):
-                ex, _, state = be.dispatch(xs[r], ids[r], ws[r])
-                be.combine(ex, state, xs[r].shape[0])
+                x = to_wire(xs[r], None, be.cfg.dtype) if quant else xs[r]
+                ex, _, state = be.dispatch(x, ids[r], ws[r])
+                be.combine(ex if eos is None else eos[r], state, xs[r].shape[0])
     for s in lb.streams:
         cur.wait_stream(s)
 
@@ -179,8 +186,6 @@ def _free_ok(be, T):
 
     from llmcomm.moe.p2p import _lamport_warps
 
-    if getattr(be.cfg, "fp8", False):   # be.dispatch would get x, not the wire rows
-        return False
     if not be.variants["PDL"]:
         return True
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
@@ -255,7 +260,8 @@ def run(args) -> list[dict]:
             t_pair = time_graph(pair, iters=iters)
             t_free = None
             if _free_ok(be0, T):
-                t_free = time_graph(lambda: _free_pairs(lb, xs, ids, ws, iters), iters=1) / iters
+                t_free = time_graph(lambda: _free_pairs(lb, xs, ids, ws, iters, eos),
+                                    iters=1) / iters
             if args.trace:   # the stages of the pairs just timed (free-running where it can):
                 # zeroed before each replay, so the table is of the last replay's calls only
                 # (not of the eager warm-up calls, launched rank after rank)
@@ -263,7 +269,7 @@ def run(args) -> list[dict]:
                     for be in lb.backends:
                         be.trace.zero_()
                 if t_free is not None:
-                    time_graph(lambda: _free_pairs(lb, xs, ids, ws, iters), iters=1,
+                    time_graph(lambda: _free_pairs(lb, xs, ids, ws, iters, eos), iters=1,
                                before_replay=zero)
                 else:
                     time_graph(pair, iters=iters, before_replay=zero)
