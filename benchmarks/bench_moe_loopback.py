@@ -63,10 +63,6 @@ CONFIGS = {
     # ... through lamport (session 33; what protocol="auto" picks for an fp8 decode dispatcher
     # at EP=2 now), against lamport128
     "lamfp8_128": (128, {"protocol": "lamport", "fp8": True}),
-    # ... with the quantisation as a kernel of its own before the dispatch (the A/B of
-    # session 33's default: lamport's one-token dispatch quantises as it loads, _fused_quant)
-    "lamfp8sep_128": (128, {"protocol": "lamport", "fp8": True, "_fused_quant": False}),
-    "lamfp8fq_128": (128, {"protocol": "lamport", "fp8": True, "_fused_quant": True}),
     # A/B candidate: the combine's push and finish in separate programs (16 warps, one token
     # a step; 2 x SMs // (2 * world) programs a rank, the dispatch keeps its grid), rounds of 8
     "croles4096r8": (4096, {"protocol": "flags", "_combine_roles": True, "round_tokens": 8}),
@@ -153,8 +149,8 @@ def _free_pairs(lb, xs, ids, ws, n, eos=None):
     and joined once after (``Loopback`` forks and joins around every call): the rank streams run
     free, as on one GPU per rank, and a rank's kernels follow each other on one stream, so PDL
     can overlap them. Identity experts (``expert_out = expert_x``); with ``fp8`` the tokens
-    quantised first as ``Loopback.dispatch`` does (unless the backend's dispatch quantises) and
-    the combine on ``eos`` (bf16 outputs, as the timed pair)."""
+    quantised first as ``Loopback.dispatch`` does and the combine on ``eos`` (bf16 outputs, as
+    the timed pair)."""
     import torch
 
     from llmcomm.moe.fp8 import to_wire
@@ -163,10 +159,9 @@ def _free_pairs(lb, xs, ids, ws, n, eos=None):
     for s in lb.streams:
         s.wait_stream(cur)
     for r, (be, s) in enumerate(zip(lb.backends, lb.streams)):
-        quant = lb.fp8 and not be.fuses_fp8_quant
         with torch.cuda.stream(s):
             for _ in range(n):
-                x = to_wire(xs[r], None, be.cfg.dtype) if quant else xs[r]
+                x = to_wire(xs[r], None, be.cfg.dtype) if lb.fp8 else xs[r]
                 ex, _, state = be.dispatch(x, ids[r], ws[r])
                 be.combine(ex if eos is None else eos[r], state, xs[r].shape[0])
     for s in lb.streams:

@@ -380,9 +380,7 @@ def _warmup_worker(rank, world_size, name):
     t0 = time.perf_counter()
     loaded = [be.warmup(warm_token_counts(M), (torch.int32, torch.int64), torch.float32)
               for be in lb.backends]
-    if lb.fp8 and not lb.backends[0].fuses_fp8_quant:
-        # what Loopback.warmup adds to the backends': the quantisation kernel (lamport's
-        # one-token dispatch quantises in its own kernel: fuses_fp8_quant)
+    if lb.fp8:   # what Loopback.warmup adds to the backends': the quantisation kernel
         from llmcomm.moe.fp8 import warm_quantize
 
         loaded.append(warm_quantize(H, dtype, lb.device))
@@ -415,11 +413,9 @@ def test_loopback_warmup_leaves_nothing_to_compile(name):
     loaded, warm_s, after_warmup, control_compiles, err = res
     print(f"{name}: warmup loaded {loaded} kernel variants per rank in {warm_s:.1f} s")
     # dispatch + combine, 3 token classes, 2 ids dtypes; lamport at two warp counts
-    # (fp8: the quantisation kernel last, unless lamport's dispatch quantises: lamport-fp8)
-    kw = VARIANTS[name][1]
+    # (fp8: the quantisation kernel last)
     assert all(n >= (24 if name.startswith("lamport") else 12) for n in loaded[:2]), loaded
-    assert len(loaded) == 2 + (kw.get("fp8", False) and kw.get("protocol") != "lamport"), \
-        loaded
+    assert len(loaded) == 2 + VARIANTS[name][1].get("fp8", False), loaded
     assert after_warmup == [], after_warmup
     assert control_compiles > 0, "the compile hook saw nothing: the check above proves nothing"
     assert err < 2.5e-2

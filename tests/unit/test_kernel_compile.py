@@ -47,7 +47,7 @@ _AR = dict(RANK=1, W=W, NORM=True, FP8=False, BLOCK=8192, PDL=True, NT=512)
 _FLAGS = dict(_MOE, M=4096, CHUNK=8, POSTED=True, INTERLEAVE=True, FUSE=True, CE=False, CE_MIN=0)
 _LAMPORT = dict(_MOE, BITS=16, NBUF=3, SHIFT=0, TSPIN=True, MSPIN=False,
                 SPREAD=False, EARLY=False, CLAIM1=False, GATE=False, TRACE=False,
-                trace=None, DIRECT=False, ZP=0, zflag=None, QW=0, FQ=False, FQ_HW=True)
+                trace=None, DIRECT=False, ZP=0, zflag=None, QW=0)
 
 def _dispatch(num_warps, **variant):
     """A lamport dispatch case (M 128, CAP 256) at ``num_warps`` (``NT`` to match) with the
@@ -114,12 +114,6 @@ CASES = {
     "moe-lamport-dispatch-fp8-w8": _dispatch(8, H=3696, BLOCK_H=4096, MSPIN=True, GATE=True,
                                              DIRECT=True, zflag="*i32", QW=3584),
     "moe-lamport-dispatch-fp8-t2": _dispatch(16, TB=2, H=3696, BLOCK_H=4096, QW=3584),
-    # ... quantised in the dispatch (FQ, session 33: lamport's one-token default for fp8), at
-    # both warp counts
-    "moe-lamport-dispatch-fq-w8": _dispatch(8, H=3696, BLOCK_H=4096, MSPIN=True, GATE=True,
-                                            DIRECT=True, zflag="*i32", QW=3584, FQ=True),
-    "moe-lamport-dispatch-fq": _dispatch(16, H=3696, BLOCK_H=4096, EARLY=True, DIRECT=True,
-                                         zflag="*i32", QW=3584, FQ=True),
     "moe-lamport-dispatch-m4096": ("moe", "ep_dispatch_lamport_kernel",
                                    dict(_LAMPORT, M=4096, CAP=8192), 16),
     "moe-lamport-combine-split4": ("moe", "ep_combine_lamport_kernel",

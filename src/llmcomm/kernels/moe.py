@@ -167,7 +167,6 @@ are masked loads (no branch per k), so they overlap.
 import triton
 import triton.language as tl
 
-from .quant import quant_wire_row
 from .sync import (every_thread_max, globaltimer_threads, globaltimer_uniform, ld_acquire_sys,
                    load_uniform, pdl_launch_dependents, pdl_wait, spin_equal, spin_landed,
                    spin_meta, st_release_sys, uniform)
@@ -1782,13 +1781,10 @@ def _lamport_recv_tile(c, s, ts_known, dead, pid, buf, lx, lmeta, lcnt, expert_x
 @triton.jit
 def _own_token(t, T, x_ptr, ids_ptr, w_ptr, H: tl.constexpr, K: tl.constexpr, E: tl.constexpr,
                BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr,
-               QW: tl.constexpr, FQ: tl.constexpr = False, FQ_HW: tl.constexpr = True):
+               QW: tl.constexpr):
     """Own token ``t`` on 1-D vectors (none when ``t >= T``): ``(row [BLOCK_H], ids [BLOCK_K]
     (-1 beyond ``K`` or out of range), w [BLOCK_K] fp32, valid, t as int64)``; ``QW`` > 0 (an
-    fp8 wire row): the row as it is sent (:func:`_no_sentinel`), for the local copies too.
-    ``FQ`` (session 33): ``x_ptr`` holds the tokens (``QW * BITS / 8`` channels a row), and
-    the wire row is built from its channels in registers (:func:`.quant.quant_wire_row`;
-    ``FQ_HW``: the GPU's fp8 conversion, else integer ops for the interpreter)."""
+    fp8 wire row): the row as it is sent (:func:`_no_sentinel`), for the local copies too."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_k = tl.arange(0, BLOCK_K)
     valid = t < T
@@ -1797,14 +1793,7 @@ def _own_token(t, T, x_ptr, ids_ptr, w_ptr, H: tl.constexpr, K: tl.constexpr, E:
     ids = tl.load(ids_ptr + ti * K + offs_k, mask=kv, other=-1).to(tl.int32)
     ids = tl.where(kv & (ids >= 0) & (ids < E), ids, -1)
     w = tl.load(w_ptr + ti * K + offs_k, mask=kv, other=0.0).to(tl.float32)
-    if FQ:
-        XH: tl.constexpr = QW * (BITS // 8)
-        words = quant_wire_row(x_ptr + ti * XH, valid, XH, QW, BLOCK_H, BITS // 8, FQ_HW)
-        if BITS == 16:
-            words = words.to(tl.int16)
-        row = words.to(x_ptr.dtype.element_ty, bitcast=True)
-    else:
-        row = tl.load(x_ptr + ti * H + offs_h, mask=offs_h < tl.where(valid, H, 0))
+    row = tl.load(x_ptr + ti * H + offs_h, mask=offs_h < tl.where(valid, H, 0))
     if QW > 0:
         row = _no_sentinel(row, offs_h, BITS, QW)
     return row, ids, w, valid, ti
@@ -2062,8 +2051,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                                CLAIM1: tl.constexpr = False, GATE: tl.constexpr = False,
                                TRACE: tl.constexpr = False, trace=None,
                                DIRECT: tl.constexpr = False, ZP: tl.constexpr = 0,
-                               zflag=None, QW: tl.constexpr = 0, FQ: tl.constexpr = False,
-                               FQ_HW: tl.constexpr = True):
+                               zflag=None, QW: tl.constexpr = 0):
     """Lamport dispatch; see the module docstring. Tiles of ``TB`` tokens; program ``p`` sends
     own tiles ``p, p+G, ...`` and receives tiles ``q, q+G, ...`` (``q = (p + SHIFT) mod G``)
     of every peer, the own tile's rows copied after each receive (before it with ``EARLY``,
@@ -2116,10 +2104,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
 
     ``QW`` (session 33): an fp8 dispatch's wire rows, ``QW`` leading elements of fp8 bytes
     (``hidden_size / esize``), the scales after them; :func:`_no_sentinel` (0: rows of
-    values). ``FQ`` (one-token tiles, session 33): ``x_ptr`` holds the tokens themselves
-    (``[T, QW * esize]``), quantised into wire rows as they are loaded (:func:`_own_token`).
-    """
-    tl.static_assert((not FQ) or (TB == 1), "FQ needs one-token tiles")
+    values)."""
     tl.static_assert((not SPREAD) or ((TB == 1) and (SHIFT == 0)),
                      "SPREAD needs one-token tiles and SHIFT 0")
     if PDL:  # nothing is touched before the previous grid finished
@@ -2170,7 +2155,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
         # to compile a loop-carried [TB, BLOCK_H] row here: RemoveLayoutConversions)
         if TB == 1:   # 1-D vectors (session 13); own token hp + i*G placed here (session 14)
             row1, ids1, w1, v1, t1 = _own_token(pid + i * G, T, x_ptr, ids_ptr, w_ptr, H, K, E,
-                                                BLOCK_H, BLOCK_K, BITS, QW, FQ, FQ_HW)
+                                                BLOCK_H, BLOCK_K, BITS, QW)
             _lamport_send_token(row1, ids1, w1, v1, t1, buf, lx, lmeta, RANK, W, M, H, K, L,
                                 BLOCK_H, BLOCK_K, BITS, QW)
             _stamp(trace, pid, 1, t0_trace, TRACE, USE_TIMER, NT)
@@ -2179,7 +2164,7 @@ def ep_dispatch_lamport_kernel(x_ptr, ids_ptr, w_ptr, T, lx, lmeta, lcnt,
                     _wait_zeroed(zflag, buf, err_dev, err_host, timeout_ns, RANK, USE_TIMER,
                                  NT)
             rowp, idsp, wp, vp, tp = _own_token(hp + i * G, T, x_ptr, ids_ptr, w_ptr, H, K, E,
-                                                BLOCK_H, BLOCK_K, BITS, QW, FQ, FQ_HW)
+                                                BLOCK_H, BLOCK_K, BITS, QW)
             if GC:   # an own token to place: claim and (EARLY) place; else neither
                 if vp:
                     claim = _token_claim(idsp, vp, cursor, RANK, L, K, BLOCK_K)

@@ -146,10 +146,6 @@ class MoEBackend:
     #: may ``dispatch``/``combine`` be captured in a CUDA graph (no host sync, static shapes)
     graph_safe: ClassVar[bool] = False
     name: ClassVar[str] = "?"
-    #: an fp8 dispatch (``cfg.fp8``) whose ``dispatch`` takes the tokens themselves (``[T, H]``
-    #: in ``cfg.dtype``) and quantises them in its kernel; it still takes wire rows (``[T,
-    #: cfg.row_width]``, a caller's own ``(q, scale)`` packed), told apart by their width
-    fuses_fp8_quant: bool = False
 
     def __init__(self, group: Any, cfg: EPConfig) -> None:
         self.group = group
@@ -164,8 +160,7 @@ class MoEBackend:
         """Return ``(expert_x, counts [L] int32, state for combine)``; ``expert_x`` of shape
         ``cfg.wire_shape`` (padded or packed, see the module doc). ``x`` is ``[T,
         cfg.row_width]``: the tokens, or with ``cfg.fp8`` their wire rows, which a backend
-        moves as it moves any row (bit copies); with ``fuses_fp8_quant`` also ``[T, H]``
-        tokens to quantise."""
+        moves as it moves any row (bit copies)."""
         raise NotImplementedError
 
     def offsets(self, counts: torch.Tensor) -> torch.Tensor:

@@ -371,10 +371,8 @@ class EPDispatcher:
                         "it -- call warmup() on every rank after creation", group_label(self.group))
         if x.device.type == "cpu" or self._backend.name == "torch" or get_config().check:
             _check_id_range(topk_ids, self.num_experts)
-        if self.fp8 and (x_scale is not None or not self._backend.fuses_fp8_quant):
+        if self.fp8:
             x = to_wire(x, x_scale, self.dtype)
-        elif self.fp8:   # quantised by the backend's dispatch kernel (fuses_fp8_quant)
-            x = x.contiguous()
         expert_x, counts, state = self._backend.dispatch(x, topk_ids, topk_weights)
         self._generation += 1
         self._in_flight = self._generation
@@ -472,7 +470,7 @@ class EPDispatcher:
         self._warm_hint = False
         t0 = time.perf_counter()
         n = self._backend.warmup(sorted(set(counts)), id_dtypes, topk_weights_dtype)
-        if self.fp8 and self.device.type == "cuda" and not self._backend.fuses_fp8_quant:
+        if self.fp8 and self.device.type == "cuda":
             n += warm_quantize(self.hidden_size, self.dtype, self.device)
         logger.info("EPDispatcher.warmup: %d kernel variants loaded for token counts %s, ids "
                     "%s, in %.1f s", n, sorted(set(counts)),

@@ -205,7 +205,7 @@ class Loopback:
             log.info("loopback warmup: %d (rank, token class) pairs compiled in %d processes "
                      "in %.0f s", len(tasks), n, time.monotonic() - t0)
         n = sum(be.warmup(tokens, ids_dtypes, weights_dtype) for be in self.backends)
-        if self.fp8 and not self.backends[0].fuses_fp8_quant:
+        if self.fp8:
             c = self.backends[0].cfg
             n += warm_quantize(c.hidden_size, c.dtype, self.device)
         return n
@@ -242,9 +242,7 @@ class Loopback:
         """Every rank's dispatch; per rank ``(expert_x, counts, state)`` (its backend's; with
         ``fp8`` ``xs`` are quantised first and ``expert_x`` is wire rows)."""
         def one(r: int) -> tuple[torch.Tensor, ...]:
-            be = self.backends[r]
-            x = to_wire(xs[r], None, be.cfg.dtype) if self.fp8 and not be.fuses_fp8_quant \
-                else xs[r].contiguous()
+            x = to_wire(xs[r], None, self.backends[r].cfg.dtype) if self.fp8 else xs[r]
             return self.backends[r].dispatch(x, topk_ids[r], topk_weights[r])
 
         return self._each_rank(one)

@@ -264,7 +264,7 @@ class P2PBackend(MoEBackend):
                  _peer_spread: bool | None = None, _early_own: bool | None = None,
                  _claim_first: bool = False, _gate: bool | None = None,
                  _trace: bool = False, _direct_counts: bool | None = None,
-                 _zero_program: int | None = None, _fused_quant: bool | None = None) -> None:
+                 _zero_program: int | None = None) -> None:
         """Allocate and rendezvous the workspace (collective over ``group``).
 
         Args:
@@ -387,12 +387,6 @@ class P2PBackend(MoEBackend):
                 wait for that before their first claim (``DIRECT`` in
                 :mod:`llmcomm.kernels.moe`). Free-running loopback on one H100: the pair
                 -0.5..-0.9 us at 1-16 tokens, -0.4..-0.8 at 128. ``False`` is the A/B.
-            _fused_quant: an fp8 dispatch (``cfg.fp8``) with ``"lamport"`` one-token tiles
-                (default on there, session 33): the dispatch kernel quantises each own token
-                as it loads it (``FQ`` in :mod:`llmcomm.kernels.moe`,
-                :func:`llmcomm.kernels.quant.quant_wire_row`) and the dispatcher passes the
-                tokens unquantised (``fuses_fp8_quant``): no quantisation kernel before it.
-                ``False`` is the A/B (the separate kernel, as the other backends).
             _zero_program: with ``_direct_counts``, the dispatch program that zeroes
                 ``counts`` (``ZP``; A/B knob): by default ``G // 4`` in the launches at <= 8
                 warps (idle at those small batches, dispatched early) and 0 at 16 warps
@@ -613,10 +607,6 @@ class P2PBackend(MoEBackend):
         self._early = one_token_knob("_early_own", _early_own)
         self._claim1 = one_token_knob("_claim_first", _claim_first)
         self._gate = one_token_knob("_gate", _gate)
-        if _fused_quant and not cfg.fp8:
-            raise ValueError("_fused_quant needs an fp8 dispatch (EPDispatcher(fp8=True)); "
-                             "leave it unset")
-        self.fuses_fp8_quant = cfg.fp8 and one_token_knob("_fused_quant", _fused_quant)
         if _trace and not lamport:
             raise ValueError(f"_trace needs protocol='lamport' (the flags kernels have no "
                              f"stamps); got protocol {protocol!r}")
@@ -856,10 +846,7 @@ class P2PBackend(MoEBackend):
             with torch.cuda.device(c.device):
                 for T in counts:
                     for ids_dtype in ids_dtypes:
-                        # fuses_fp8_quant: the tokens' variant (a caller's (q, scale): its
-                        # first call compiles)
-                        x = torch.empty(T, c.hidden_size if self.fuses_fp8_quant
-                                        else c.row_width, dtype=c.dtype, device=c.device)
+                        x = torch.empty(T, c.row_width, dtype=c.dtype, device=c.device)
                         ids = torch.empty(T, c.top_k, dtype=ids_dtype, device=c.device)
                         w = torch.empty(T, c.top_k, dtype=weights_dtype, device=c.device)
                         _, _, state = self.dispatch(x, ids, w)
@@ -901,12 +888,9 @@ class P2PBackend(MoEBackend):
         if self._failed is not None:
             raise self._failed
         T = x.shape[0]
-        c = self.cfg
-        # fuses_fp8_quant: tokens to quantise ([T, H]), or wire rows ([T, row_width]: a
-        # caller's (q, scale)); the widths never agree (row_width = H * 33 / 32 / esize)
-        fq = self.fuses_fp8_quant and x.shape[-1] == c.hidden_size
         if T == 0:
             x, topk_ids, topk_weights = self._dummy_x, self._dummy_ids, self._dummy_w
+        c = self.cfg
         if self.protocol == "lamport":
             # _direct_counts: the claims count into `counts` (zeroed by program ZP first)
             cursor = self.counts if self._direct else self.cursor
@@ -919,7 +903,7 @@ class P2PBackend(MoEBackend):
                 self.timeout_ns, CAP=c.capacity, BLOCK_L=_next_pow2(c.local_experts),
                 TSPIN=self._tspin, MSPIN=self._mspin, SPREAD=self._spread, EARLY=self._early,
                 CLAIM1=self._claim1, GATE=self._gate, **direct, **self._trace_args(),
-                QW=self._qw, FQ=fq, FQ_HW=not self._sim, width=c.row_width)
+                QW=self._qw, width=c.row_width)
             return self.expert_x, self.counts, (topk_ids, topk_weights)
         if c.packed:   # offsets + cursors from every rank's per-expert counts
             nw = 4
