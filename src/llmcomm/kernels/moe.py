@@ -85,8 +85,8 @@ no system-scope fence, no waiting for a whole program's sends. Every receive slo
 starts as a *sentinel* (the sign bit alone: ``-0.0`` for float rows, ``INT_MIN`` for int32 meta and
 counts); senders write ``-0.0`` as ``+0.0`` (the only value change, invisible to every arithmetic
 use; :func:`_no_sentinel` compares bits, so an fp8 dispatch's wire rows, fp8 bytes packed into
-``dtype`` elements, keep their values too: a ``+0, -0`` byte pair goes as ``+0, +0``), so a
-receiver knows an element has landed when it is no longer the sentinel, polls with volatile loads
+``dtype`` elements, keep their values too: a ``+0, -0`` byte pair goes as ``+0, +0``, and a
+caller's scale whose low half is the sentinel one ulp up), so a receiver knows an element has landed when it is no longer the sentinel, polls with volatile loads
 until no element of what it needs is, and then writes the sentinel back. Receive
 buffers come in ``NBUF = 3`` copies, selected by a per-program index in device memory that advances
 every call (``buf = call mod 3``): a slot is reset in call ``e`` and written again only in call

@@ -23,8 +23,8 @@ and for ``protocol="lamport"`` (``NBUF = 3`` rotating copies, every element init
 sentinel bit pattern, sign bit only; each receiver resets what it consumed)::
 
     lx    [NBUF, W, M, R]  dtype  rows pushed by each source rank (fp8 wire rows too: a sent
-                                  element with the sentinel's bits goes as +0, which in a wire
-                                  row only turns an fp8 -0 byte into +0; ``_no_sentinel``)
+                                  element with the sentinel's bits is rewritten, see
+                                  ``_no_sentinel`` in llmcomm.kernels.moe)
     lmeta [NBUF, W, M, 2K] int32  ids, then the fp32 weight bits, of every source token
     lcnt  [NBUF, W, G]     int32  the source's token count, one slot per receiving program
     lcomb [NBUF, W, M, H]  dtype  weighted partial sums pushed back by each expert rank
