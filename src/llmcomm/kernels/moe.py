@@ -83,11 +83,12 @@ still misses: at zero every copy has landed, and a value written once is then th
 Protocol ``"lamport"`` (``ep_dispatch_lamport_kernel`` / ``ep_combine_lamport_kernel``): no flags,
 no system-scope fence, no waiting for a whole program's sends. Every receive slot of the workspace
 starts as a *sentinel* (the sign bit alone: ``-0.0`` for float rows, ``INT_MIN`` for int32 meta and
-counts); senders write ``-0.0`` as ``+0.0`` (the only value change, invisible to every arithmetic
-use; :func:`_no_sentinel` compares bits, so an fp8 dispatch's wire rows, fp8 bytes packed into
-``dtype`` elements, keep their values too: a ``+0, -0`` byte pair goes as ``+0, +0``, and a
-caller's scale whose low half is the sentinel one ulp up), so a receiver knows an element has landed when it is no longer the sentinel, polls with volatile loads
-until no element of what it needs is, and then writes the sentinel back. Receive
+counts); senders write ``-0.0`` as ``+0.0`` (invisible to every arithmetic use; compared by
+bits, :func:`_no_sentinel`, so in an fp8 dispatch's wire rows -- fp8 bytes packed into ``dtype``
+elements -- a ``+0, -0`` byte pair goes as ``+0, +0``, and a caller's scale whose low half is the
+sentinel goes one ulp up), so a receiver knows an element has landed when it is no longer the
+sentinel, polls with volatile loads until no element of what it needs is, and then writes the
+sentinel back. Receive
 buffers come in ``NBUF = 3`` copies, selected by a per-program index in device memory that advances
 every call (``buf = call mod 3``): a slot is reset in call ``e`` and written again only in call
 ``e + 3``, which the peer cannot start before this rank has started call ``e + 2`` (the peer's
