@@ -32,6 +32,20 @@ def test_demo_tp2_dp2_ep4_matches_reference():
     assert results[0]["ep_group"] == [0, 1, 2, 3]
 
 
+def test_demo_moe_fp8_matches_reference():
+    """``--moe-fp8``: tokens dispatched as fp8 (EPDispatcher(fp8=True)), the routed experts on
+    the dequantised rows, against a reference whose experts see ``n`` quantised the same way
+    (one without the quantisation is 1.4e-2 off, over the 3e-3 tolerance)."""
+    from llmcomm.demo.run import tolerance
+
+    cfg = DemoConfig(preset="tiny128", tp=2, dp=1, batch=3, prompt=7, decode_steps=3,
+                     moe_fp8=True)
+    results = run(cfg, timeout=240)
+    ok, text = summarize(cfg, results)
+    assert ok, text
+    assert "MoE dispatch in fp8" in text and tolerance(cfg) == 3e-3
+
+
 def test_summary_flags_a_mismatch():
     cfg = DemoConfig(preset="tiny")
     fake = [{"rank": r, "device": "cpu", "dtype": "float32", "allreduce": "torch",

@@ -58,3 +58,12 @@ def test_bench_finds_the_sweeps_in_the_source_tree():
 
     assert find_sweep("allreduce").name == "bench_allreduce.py"
     assert find_sweep("moe").name == "bench_moe.py"
+
+
+@pytest.mark.parametrize("preset, words", [("tiny", "tiny has hidden 64"),
+                                           ("llama-8b", "and no MoE layer")])
+def test_demo_moe_fp8_needs_an_moe_preset_of_hidden_128k(preset, words):
+    """``demo --moe-fp8`` refuses a preset it cannot run before any process starts."""
+    with pytest.raises(SystemExit, match=words) as e:
+        main(["demo", "--moe-fp8", "--preset", preset])
+    assert "use --preset tiny128 (cpu) or deepseek-v3" in str(e.value)

@@ -9,7 +9,9 @@ Layer ``l`` (``h`` is the residual stream, ``n`` its normalised value)::
 
 The MoE layer: every TP rank holds the same tokens, so each rank dispatches its own contiguous
 shard of them over the EP group; the combined rows land in that rank's shard of the partial sum,
-and the fused allreduce of the TP group adds them to the shared expert's partial sums.
+and the fused allreduce of the TP group adds them to the shared expert's partial sums. With an
+fp8 dispatcher (``EPDispatcher(fp8=True)``) the routed experts run on the dequantised fp8 rows,
+and the reference (``fp8=True``) on ``n`` quantised and dequantised the same way.
 Attention has no rotary embedding (it does not touch communication).
 """
 
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
+from ..moe.reference import dequantize_fp8_blocks, quantize_fp8_blocks
 from .presets import Preset
 
 EPS = 1e-6
@@ -105,8 +108,8 @@ def attention(n, L, cache: KVCache, batch: int, pos: torch.Tensor | None, heads:
 class ReferenceModel:
     """The whole model in one process, computed in float32 from the same weights."""
 
-    def __init__(self, p: Preset, w: dict, batch: int, max_len: int, device):
-        self.p, self.batch = p, batch
+    def __init__(self, p: Preset, w: dict, batch: int, max_len: int, device, fp8: bool = False):
+        self.p, self.batch, self.fp8 = p, batch, fp8
         f = lambda t: t.float()  # noqa: E731
         self.w = {"embed": f(w["embed"]), "in_norm": f(w["in_norm"]),
                   "layers": [{k: f(v) for k, v in L.items()} for L in w["layers"]]}
@@ -128,10 +131,12 @@ class ReferenceModel:
                 if forced_routing is not None and li in forced_routing:
                     ids_k, wts = forced_routing[li]
                 m = swiglu(n, L["s_gate"], L["s_up"], L["s_down"])
+                # the routed experts' input: what an fp8 dispatch delivers
+                nx = dequantize_fp8_blocks(*quantize_fp8_blocks(n)).float() if self.fp8 else n
                 for e in range(p.experts):
                     rows, slot = (ids_k == e).nonzero(as_tuple=True)
                     if rows.numel():
-                        y = swiglu(n[rows], L["e_gate"][e], L["e_up"][e], L["e_down"][e])
+                        y = swiglu(nx[rows], L["e_gate"][e], L["e_up"][e], L["e_down"][e])
                         m = m.index_add(0, rows, y * wts[rows, slot].unsqueeze(1).float())
             else:
                 m = swiglu(n, L["gate"], L["up"], L["down"])
@@ -206,6 +211,9 @@ class ShardedModel:
         d = self.ep.dispatch(n[sl].contiguous(), ids[sl].contiguous(),
                              wts[sl].to(torch.float32).contiguous())
         x = d.expert_x  # [local_experts, capacity, H]; rows past counts[e] are ignored
+        if d.expert_x_scale is not None:   # fp8: dequantised (a scale per 128 channels)
+            x = (x.float().unflatten(-1, (-1, 128)) * d.expert_x_scale.unsqueeze(-1)) \
+                .flatten(-2).to(n.dtype)
         y = torch.bmm(F.silu(torch.bmm(x, L["e_gate"])) * torch.bmm(x, L["e_up"]), L["e_down"])
         routed = self.ep.combine(y, d)  # [shard, H], weighted and summed over top-k
         m[sl] += routed.to(m.dtype)

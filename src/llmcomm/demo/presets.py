@@ -27,6 +27,10 @@ PRESETS = {
     "tiny": Preset("tiny", hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128,
                    layers=2, moe_layers=(1,), experts=8, top_k=2, moe_intermediate=32,
                    shared_intermediate=32),
+    # "tiny" at hidden 128: the fp8 dispatch's smallest (a scale per 128 channels; --moe-fp8)
+    "tiny128": Preset("tiny128", hidden=128, heads=4, kv_heads=2, head_dim=32, intermediate=256,
+                      layers=2, moe_layers=(1,), experts=8, top_k=2, moe_intermediate=64,
+                      shared_intermediate=64),
     # Llama-3-8B: hidden 4096, 32 heads / 8 KV heads of 128, MLP 14336 (dense, no MoE)
     "llama-8b": Preset("llama-8b", hidden=4096, heads=32, kv_heads=8, head_dim=128,
                        intermediate=14336, layers=2, vocab=1024),
