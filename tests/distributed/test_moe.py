@@ -721,6 +721,18 @@ def test_p2p_knob_validation(kw, words, tmp_path):
         P2PBackend(None, cfg, simulate_dir=str(tmp_path), **kw)
 
 
+def test_p2p_refuses_an_ep_group_of_one(tmp_path):
+    """EP=1 (TP = DP = 1): the p2p kernels pair ranks, so the backend refuses it at creation
+    (``auto`` picks torch there: ``resolve_ep_backend``)."""
+    from llmcomm.moe.backends import EPConfig
+    from llmcomm.moe.p2p import P2PBackend
+
+    cfg = EPConfig(rank=0, world_size=1, num_experts=E, top_k=2, hidden_size=H,
+                   max_tokens_per_rank=4, dtype=torch.float32, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="at least 2 ranks .* got 1; use backend='torch'"):
+        P2PBackend(None, cfg, simulate_dir=str(tmp_path))
+
+
 def _concurrent_worker(rank, world, tmp, E_, kw, G, shift, seed, spread=False):
     """The lamport kernels with every program of a grid running concurrently (one thread each,
     ``_interp_threads``), so ``shift != 0`` (program p waits for program p - shift of the peer)

@@ -193,6 +193,13 @@ def test_resolve_backend():
     with pytest.raises(BackendUnavailableError, match="cpu"):
         resolve_ep_backend("p2p", cpu, 64)
     assert resolve_ep_backend("allgather", two, 64).choice == "allgather"
+    # an EP group of one rank (TP = DP = 1 on one GPU): nothing to exchange, torch's
+    # collectives are local copies; p2p's kernels need a peer
+    lone = TopologyFacts.simulated(1, num_nodes=1)
+    d = resolve_ep_backend("auto", lone, 7168)
+    assert d.choice == "torch" and "one rank has no peer" in str(d)
+    with pytest.raises(BackendUnavailableError, match="one rank has no peer"):
+        resolve_ep_backend("p2p", lone, 7168)
 
 
 def test_row_experts_is_for_packed_dispatches_only():

@@ -130,6 +130,10 @@ def resolve_ep_backend(requested: str, facts: Any, hidden_size: int) -> Decision
         why_not_p2p = f"needs CUDA devices, the group is on {facts.device_type}"
     elif facts.num_nodes > 1:
         why_not_p2p = f"works within one node, the EP group spans {facts.num_nodes} nodes"
+    elif facts.world_size < 2:
+        # its kernels pair this rank with a peer (session 33: at EP=1 the flags dispatch
+        # failed to compile, found by the demo at --tp 1 on one H100)
+        why_not_p2p = "an EP group of one rank has no peer to exchange with"
     elif not facts.peer_access:
         why_not_p2p = "not every pair of GPUs in the group has peer access"
     elif not facts.triton_available:

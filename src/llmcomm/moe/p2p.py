@@ -409,6 +409,10 @@ class P2PBackend(MoEBackend):
         """
         super().__init__(group, cfg)
         self._sim = simulate_dir is not None
+        if cfg.world_size < 2:
+            raise ValueError(f"the p2p EP backend needs an EP group of at least 2 ranks (its "
+                             f"kernels pair each rank with its peers), got {cfg.world_size}; "
+                             f"use backend='torch' (or 'auto', which picks it)")
         if protocol not in ("auto", "flags", "lamport"):
             raise ValueError(f"protocol must be 'auto', 'flags' or 'lamport', got {protocol!r}")
         esize = torch.empty(0, dtype=cfg.dtype).element_size()
