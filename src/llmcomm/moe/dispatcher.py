@@ -29,7 +29,7 @@ so this is enforced for every backend alike). ``expert_x`` stays valid until the
 
 Backends (``backend=``): ``"torch"`` (all_to_all; spans nodes; host sync), ``"allgather"``
 (all_gather + reduce_scatter; graph-safe), ``"p2p"`` (Triton over symmetric memory on one node;
-graph-safe, no host sync), ``"auto"`` (p2p on one node of peer-connected GPUs, else torch).
+graph-safe, no host sync), ``"auto"`` (p2p on one node of 2+ peer-connected GPUs, else torch).
 ``ep.decision`` says what was chosen and why.
 """
 
