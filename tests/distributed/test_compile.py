@@ -154,7 +154,9 @@ def _moe_worker(rank, world, backend, tmp):
     "torch", "allgather", "torch-packed", "allgather-fp8",
     *(pytest.param(b, marks=pytest.mark.skipif(
         importlib.util.find_spec("triton") is None, reason="the p2p simulation needs triton"))
-      for b in ("p2p-sim", "p2p-sim-packed", "p2p-sim-packed-fp8"))])
+      # (p2p-sim: protocol auto, lamport here; packed: flags; -fp8: lamport with fp8 since
+      # session 33)
+      for b in ("p2p-sim", "p2p-sim-packed", "p2p-sim-packed-fp8", "p2p-sim-fp8"))])
 def test_ep_dispatcher_under_torch_compile(backend, tmp_path):
     res = run_ranks(_moe_worker, 2, backend, str(tmp_path), timeout=240,
                     env=SIM if backend.startswith("p2p-sim") else None)
