@@ -91,7 +91,10 @@ case " $STEPS " in *" demo "*)
   step demo_llama 120 python3 -m llmcomm.cli demo --device cuda --preset llama-8b
   step demo_dsv3 150 python3 -m llmcomm.cli demo --device cuda --preset deepseek-v3
   step demo_dsv3_compile 200 python3 -m llmcomm.cli demo --device cuda --preset deepseek-v3 \
-    --compile ;; esac
+    --compile
+  # session 33: the MoE dispatch in fp8 (lamport for the decode steps' dispatcher sizes)
+  step demo_dsv3_fp8 150 python3 -m llmcomm.cli demo --device cuda --preset deepseek-v3 \
+    --moe-fp8 ;; esac
 case " $STEPS " in *" bench "*)
   step bench_allreduce 240 python3 benchmarks/bench_allreduce.py --check --strategies --world "$WORLD" --out "$OUT"
   step bench_moe 300 python3 benchmarks/bench_moe.py --world "$WORLD" --out "$OUT" ;; esac
