@@ -734,18 +734,22 @@ class P2PBackend(MoEBackend):
                 "packed": self.cfg.packed,
                 **{k.lower(): v for k, v in self.variants.items()}}
 
-    def _consts(self, width: int | None = None) -> dict[str, Any]:
-        """The flags kernels' constants; ``width``: their rows' (``H``), the hidden size by
-        default (the dispatch passes ``cfg.row_width``: an fp8 dispatch moves wire rows)."""
+    def _shape_consts(self, width: int | None) -> dict[str, Any]:
+        """Both protocols' shape constants (and PDL's launch option); ``width``: the rows'
+        (``H``), the hidden size by default (the dispatches pass ``cfg.row_width``: an fp8
+        dispatch moves wire rows)."""
         c = self.cfg
-        extra = {"launch_pdl": True} if self.variants["PDL"] else {}
         width = c.hidden_size if width is None else width
+        extra = {"launch_pdl": True} if self.variants["PDL"] else {}
         return dict(RANK=c.rank, W=c.world_size, G=self.G, M=c.max_tokens_per_rank,
                     H=width, K=c.top_k, L=c.local_experts, E=c.num_experts,
                     BLOCK_H=_next_pow2(width), BLOCK_K=_next_pow2(c.top_k),
-                    BLOCK_W=_next_pow2(c.world_size), CHUNK=self.round_tokens,
-                    USE_TIMER=not self._sim, num_warps=self.num_warps,
-                    NT=32 * self.num_warps, **self.variants, **extra)
+                    BLOCK_W=_next_pow2(c.world_size), USE_TIMER=not self._sim, **extra)
+
+    def _consts(self, width: int | None = None) -> dict[str, Any]:
+        """The flags kernels' constants (``width``: :meth:`_shape_consts`)."""
+        return dict(self._shape_consts(width), CHUNK=self.round_tokens,
+                    num_warps=self.num_warps, NT=32 * self.num_warps, **self.variants)
 
     def _roles_consts(self) -> dict[str, Any]:
         """:meth:`_consts` for the combine with roles: its warps, at most 128 registers. Keep
@@ -758,18 +762,11 @@ class P2PBackend(MoEBackend):
                 "PAIR": self._roles_pair, **extra}
 
     def _lamport_consts(self, tb: int, warps: int, width: int | None = None) -> dict[str, Any]:
-        """The lamport kernels' constants at ``warps`` a program; ``width`` as in
-        :meth:`_consts`."""
-        c = self.cfg
-        extra = {"launch_pdl": True} if self.variants["PDL"] else {}
-        width = c.hidden_size if width is None else width
-        return dict(RANK=c.rank, W=c.world_size, G=self.G, M=c.max_tokens_per_rank,
-                    H=width, K=c.top_k, L=c.local_experts, E=c.num_experts,
-                    BLOCK_H=_next_pow2(width), BLOCK_K=_next_pow2(c.top_k),
-                    BLOCK_W=_next_pow2(c.world_size), TB=tb,
-                    BITS=8 * torch.empty(0, dtype=c.dtype).element_size(), NBUF=NBUF,
-                    SHIFT=self.shift, USE_TIMER=not self._sim, PDL=self.variants["PDL"],
-                    num_warps=warps, NT=32 * warps, **extra)
+        """The lamport kernels' constants at ``warps`` a program (``width``:
+        :meth:`_shape_consts`)."""
+        return dict(self._shape_consts(width), TB=tb,
+                    BITS=8 * torch.empty(0, dtype=self.cfg.dtype).element_size(), NBUF=NBUF,
+                    SHIFT=self.shift, PDL=self.variants["PDL"], num_warps=warps, NT=32 * warps)
 
     def _launch_lamport(self, kernel: Any, T: int, tb: int, ids: torch.Tensor,
                         w: torch.Tensor, *args: Any, width: int | None = None,
