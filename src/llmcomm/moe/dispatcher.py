@@ -199,8 +199,9 @@ class EPDispatcher:
             ``dispatch`` quantises ``x`` (power-of-two scales, exact) or takes an already
             quantised ``(q [T, H] float8_e4m3fn, scale [T, H / 128] float32)``. Needs
             ``hidden_size % 128 == 0`` and a bf16 / fp16 / fp32 ``dtype``; the combine, its
-            ``expert_out`` and ``y`` stay in ``dtype``. The p2p backend then uses its
-            ``"flags"`` protocol.
+            ``expert_out`` and ``y`` stay in ``dtype``. Both p2p protocols carry it (lamport
+            since session 33: a caller's scale whose low 16 bits are ``0x8000`` arrives one
+            ulp up there, see ``_no_sentinel`` in :mod:`llmcomm.kernels.moe`).
         layout: optional :class:`~llmcomm.ParallelLayout`; its ``ep_size`` (and, when given, its EP
             rank lists) must match ``group`` -- a workspace sized to another group is the bug of
             seed 002, caught here at creation.
